@@ -1,0 +1,311 @@
+"""Five-namespace test topology for polevpn end-to-end tests, demo and benchmark.
+
+    hostA --LAN A-- gwA ==underlay== router ==underlay== gwB --LAN B-- hostB
+
+Addresses (documentation/benchmark ranges only):
+
+* LAN A:    hostA 198.18.10.2/24, 2001:db8:10::2/64; gwA 198.18.10.1/24, 2001:db8:10::1/64
+* LAN B:    hostB 198.18.20.2/24, 2001:db8:20::2/64; gwB 198.18.20.1/24, 2001:db8:20::1/64
+* Underlay: gwA 198.19.0.2/30 <-> router 198.19.0.1/30
+            gwB 198.19.0.6/30 <-> router 198.19.0.5/30
+
+Every namespace name carries a per-instance random prefix (``pv<4 hex>-``), so
+parallel or leftover runs never collide.  ``teardown()`` kills every process
+started through :meth:`Topology.popen` by PID and deletes every namespace
+(deleting a namespace removes the veth pairs inside it).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+NODES = ("hostA", "gwA", "router", "gwB", "hostB")
+
+HOST_A = "198.18.10.2"
+GW_A_LAN = "198.18.10.1"
+HOST_B = "198.18.20.2"
+GW_B_LAN = "198.18.20.1"
+HOST_A6 = "2001:db8:10::2"
+GW_A_LAN6 = "2001:db8:10::1"
+HOST_B6 = "2001:db8:20::2"
+GW_B_LAN6 = "2001:db8:20::1"
+LAN_A = "198.18.10.0/24"
+LAN_B = "198.18.20.0/24"
+LAN_A6 = "2001:db8:10::/64"
+LAN_B6 = "2001:db8:20::/64"
+
+GW_A_UL = "198.19.0.2"
+ROUTER_UL_A = "198.19.0.1"
+GW_B_UL = "198.19.0.6"
+ROUTER_UL_B = "198.19.0.5"
+
+# (namespace, route) pairs for plain-routing mode (no tunnel).
+PLAIN_ROUTES = (
+    ("gwA", f"{LAN_B} via {ROUTER_UL_A}"),
+    ("router", f"{LAN_A} via {GW_A_UL}"),
+    ("router", f"{LAN_B} via {GW_B_UL}"),
+    ("gwB", f"{LAN_A} via {ROUTER_UL_B}"),
+)
+
+
+class TopologyError(RuntimeError):
+    pass
+
+
+def have_netns_support() -> tuple[bool, str]:
+    """Return (ok, reason) telling whether this machine can build a Topology."""
+    if os.geteuid() != 0:
+        return False, "needs root (network namespaces, TUN devices)"
+    if shutil.which("ip") is None:
+        return False, "iproute2 'ip' command not found"
+    return True, ""
+
+
+class Topology:
+    """Builds and tears down hostA / gwA / router / gwB / hostB namespaces."""
+
+    def __init__(self, prefix: str | None = None, log_dir: str | os.PathLike | None = None):
+        self.prefix = prefix or f"pv{secrets.token_hex(2)}"
+        self.ns = {node: f"{self.prefix}-{node}" for node in NODES}
+        self.log_dir = Path(log_dir) if log_dir else Path(f"/tmp/{self.prefix}-logs")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._created: list[str] = []
+        self._procs: list[subprocess.Popen] = []
+        self._log_files: list = []
+        self.plain_routing = False
+        # Interface names (inside their namespaces; short to fit IFNAMSIZ).
+        self.if_hosta = "eth0"  # in hostA, peer of gwA's "lan0"
+        self.if_hostb = "eth0"
+
+    # ------------------------------------------------------------------ helpers
+    def name(self, node: str) -> str:
+        return self.ns[node]
+
+    def _ip(self, *args: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["ip", *args], check=check, capture_output=True, text=True, timeout=timeout
+        )
+
+    def run(
+        self,
+        node: str,
+        cmd: Sequence[str],
+        *,
+        check: bool = True,
+        timeout: float = 30,
+        input: str | bytes | None = None,
+        text: bool = True,
+    ) -> subprocess.CompletedProcess:
+        """Run ``cmd`` inside ``node``'s namespace and wait (bounded by ``timeout``)."""
+        full = ["ip", "netns", "exec", self.ns[node], *cmd]
+        if input is not None and not text and isinstance(input, str):
+            input = input.encode()
+        res = subprocess.run(
+            full, capture_output=True, text=text, timeout=timeout, input=input
+        )
+        if check and res.returncode != 0:
+            raise TopologyError(
+                f"[{node}] {' '.join(cmd)} -> rc={res.returncode}\n"
+                f"stdout: {res.stdout}\nstderr: {res.stderr}"
+            )
+        return res
+
+    def popen(
+        self,
+        node: str,
+        cmd: Sequence[str],
+        log_name: str | None = None,
+        env: dict | None = None,
+        cwd: str | os.PathLike | None = None,
+    ) -> subprocess.Popen:
+        """Start ``cmd`` in the background in ``node``'s namespace.
+
+        stdout and stderr go to ``<log_dir>/<log_name>.log``; the process is
+        tracked and killed by PID on teardown.  ``proc.log_path`` is set.
+        """
+        log_name = log_name or f"{node}-{Path(cmd[0]).name}"
+        log_path = self.log_dir / f"{log_name}.log"
+        fh = open(log_path, "ab")  # noqa: SIM115 - closed in teardown
+        self._log_files.append(fh)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.ns[node], *cmd],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+        proc.log_path = log_path  # type: ignore[attr-defined]
+        self._procs.append(proc)
+        return proc
+
+    @staticmethod
+    def stop(proc: subprocess.Popen, timeout: float = 5, sig: int = signal.SIGTERM) -> int | None:
+        """Stop one process by PID: ``sig`` first, SIGKILL if it lingers."""
+        if proc.poll() is None:
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                try:
+                    proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+        return proc.returncode
+
+    # ------------------------------------------------------------------- build
+    def setup(self) -> Topology:
+        try:
+            self._setup()
+        except BaseException:
+            self.teardown()
+            raise
+        return self
+
+    def _add_ns(self, node: str) -> None:
+        ns = self.ns[node]
+        self._ip("netns", "add", ns)
+        self._created.append(ns)
+        self.run(node, ["ip", "link", "set", "lo", "up"])
+
+    def _veth(self, a: str, a_if: str, b: str, b_if: str) -> None:
+        # Create both ends in a's namespace with final names, then move b's end.
+        tmp = f"{self.prefix}t{secrets.token_hex(2)}"[:15]
+        self.run(a, ["ip", "link", "add", a_if, "type", "veth", "peer", "name", tmp])
+        self.run(a, ["ip", "link", "set", tmp, "netns", self.ns[b]])
+        self.run(b, ["ip", "link", "set", tmp, "name", b_if])
+        self.run(a, ["ip", "link", "set", a_if, "up"])
+        self.run(b, ["ip", "link", "set", b_if, "up"])
+
+    def _addr(self, node: str, ifname: str, cidr: str) -> None:
+        cmd = ["ip", "addr", "add", cidr, "dev", ifname]
+        if ":" in cidr:
+            cmd.append("nodad")
+        self.run(node, cmd)
+
+    def _sysctl(self, node: str, key: str, value: str) -> None:
+        self.run(node, ["sysctl", "-q", "-w", f"{key}={value}"])
+
+    def _setup(self) -> None:
+        for node in NODES:
+            self._add_ns(node)
+
+        # LAN A
+        self._veth("gwA", "lan0", "hostA", "eth0")
+        self._addr("gwA", "lan0", f"{GW_A_LAN}/24")
+        self._addr("gwA", "lan0", f"{GW_A_LAN6}/64")
+        self._addr("hostA", "eth0", f"{HOST_A}/24")
+        self._addr("hostA", "eth0", f"{HOST_A6}/64")
+        self.run("hostA", ["ip", "route", "add", "default", "via", GW_A_LAN])
+        self.run("hostA", ["ip", "-6", "route", "add", "default", "via", GW_A_LAN6])
+
+        # LAN B
+        self._veth("gwB", "lan0", "hostB", "eth0")
+        self._addr("gwB", "lan0", f"{GW_B_LAN}/24")
+        self._addr("gwB", "lan0", f"{GW_B_LAN6}/64")
+        self._addr("hostB", "eth0", f"{HOST_B}/24")
+        self._addr("hostB", "eth0", f"{HOST_B6}/64")
+        self.run("hostB", ["ip", "route", "add", "default", "via", GW_B_LAN])
+        self.run("hostB", ["ip", "-6", "route", "add", "default", "via", GW_B_LAN6])
+
+        # Underlay
+        self._veth("gwA", "wan0", "router", "ul-a")
+        self._addr("gwA", "wan0", f"{GW_A_UL}/30")
+        self._addr("router", "ul-a", f"{ROUTER_UL_A}/30")
+        self._veth("gwB", "wan0", "router", "ul-b")
+        self._addr("gwB", "wan0", f"{GW_B_UL}/30")
+        self._addr("router", "ul-b", f"{ROUTER_UL_B}/30")
+
+        for gw in ("gwA", "gwB"):
+            self._sysctl(gw, "net.ipv4.ip_forward", "1")
+            self._sysctl(gw, "net.ipv6.conf.all.forwarding", "1")
+
+    # ------------------------------------------------------------ plain routes
+    def enable_plain_routing(self) -> None:
+        """Route LAN A <-> LAN B over the underlay without any tunnel (IPv4 only)."""
+        if self.plain_routing:
+            return
+        self._sysctl("router", "net.ipv4.ip_forward", "1")
+        for node, route in PLAIN_ROUTES:
+            self.run(node, ["ip", "route", "replace", *route.split()])
+        self.plain_routing = True
+
+    def disable_plain_routing(self) -> None:
+        for node, route in PLAIN_ROUTES:
+            self.run(node, ["ip", "route", "del", *route.split()], check=False)
+        self._sysctl("router", "net.ipv4.ip_forward", "0")
+        self.plain_routing = False
+
+    # ------------------------------------------------------------------ checks
+    def ping(
+        self, node: str, dst: str, count: int = 3, wait: int = 2, timeout: float | None = None
+    ) -> subprocess.CompletedProcess:
+        """Bounded ping; returns the CompletedProcess (check ``returncode``)."""
+        cmd = ["ping", "-n", "-c", str(count), "-W", str(wait), "-w", str(count * wait + 2)]
+        if ":" in dst:
+            cmd.insert(1, "-6")
+        cmd.append(dst)
+        return self.run(node, cmd, check=False, timeout=timeout or count * wait + 10)
+
+    def wait_ping(self, node: str, dst: str, deadline: float = 10.0) -> float | None:
+        """Ping once a second until it answers; return seconds taken or None."""
+        start = time.monotonic()
+        while time.monotonic() - start < deadline:
+            if self.ping(node, dst, count=1, wait=1).returncode == 0:
+                return time.monotonic() - start
+            time.sleep(0.2)
+        return None
+
+    # ---------------------------------------------------------------- teardown
+    def teardown(self) -> None:
+        for proc in reversed(self._procs):
+            try:
+                self.stop(proc, timeout=3)
+            except Exception:  # noqa: BLE001 - keep tearing down
+                pass
+        self._procs.clear()
+        for fh in self._log_files:
+            try:
+                fh.close()
+            except Exception:  # noqa: BLE001
+                pass
+        self._log_files.clear()
+        for ns in reversed(self._created):
+            self._ip("netns", "del", ns, check=False)
+        self._created.clear()
+
+    def __enter__(self) -> Topology:
+        return self.setup()
+
+    def __exit__(self, *exc) -> None:
+        self.teardown()
+
+
+def leftover_namespaces(prefix: str) -> list[str]:
+    res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    return [line.split()[0] for line in res.stdout.splitlines() if line.startswith(prefix)]
+
+
+if __name__ == "__main__":  # manual smoke test: plain routing only
+    with Topology() as topo:
+        topo.enable_plain_routing()
+        for src, dst in (("hostA", HOST_B), ("hostB", HOST_A), ("hostA", GW_A_LAN6)):
+            r = topo.ping(src, dst, count=2, wait=1)
+            print(f"{src} -> {dst}: rc={r.returncode}")
+        topo.disable_plain_routing()
+        r = topo.ping("hostA", HOST_B, count=1, wait=1)
+        print(f"after disable hostA -> {HOST_B}: rc={r.returncode} (expected != 0)")
+        left = topo.prefix
+    print("leftover:", leftover_namespaces(left))
