@@ -17,11 +17,14 @@ started through :meth:`Topology.popen` by PID and deletes every namespace
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +56,50 @@ PLAIN_ROUTES = (
     ("router", f"{LAN_B} via {GW_B_UL}"),
     ("gwB", f"{LAN_A} via {ROUTER_UL_B}"),
 )
+
+
+# Bounded TCP sender / receiver, run with sys.executable inside a namespace.
+_RECEIVER = r"""
+import hashlib, json, socket, sys, time
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+srv = socket.socket(fam, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, port)); srv.listen(1); srv.settimeout(timeout)
+print("ready", flush=True)
+conn, peer = srv.accept(); conn.settimeout(timeout)
+h = hashlib.sha256(); n = 0; t0 = time.monotonic()
+while True:
+    b = conn.recv(1 << 16)
+    if not b:
+        break
+    h.update(b); n += len(b)
+dt = time.monotonic() - t0
+print(json.dumps({"bytes": n, "sha256": h.hexdigest(), "seconds": dt}), flush=True)
+"""
+
+_SENDER = r"""
+import hashlib, json, os, socket, sys, time
+host, port, size, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+deadline = time.monotonic() + 10
+while True:
+    try:
+        s = socket.create_connection((host, port), timeout=timeout); break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+h = hashlib.sha256(); sent = 0; t0 = time.monotonic()
+while sent < size:
+    b = os.urandom(min(1 << 16, size - sent))
+    s.sendall(b); h.update(b); sent += len(b)
+s.shutdown(socket.SHUT_WR)
+s.settimeout(timeout)
+while s.recv(4096):
+    pass
+dt = time.monotonic() - t0
+print(json.dumps({"bytes": sent, "sha256": h.hexdigest(), "seconds": dt}), flush=True)
+"""
 
 
 class TopologyError(RuntimeError):
@@ -88,7 +135,9 @@ class Topology:
     def name(self, node: str) -> str:
         return self.ns[node]
 
-    def _ip(self, *args: str, check: bool = True, timeout: float = 10) -> subprocess.CompletedProcess:
+    def _ip(
+        self, *args: str, check: bool = True, timeout: float = 10
+    ) -> subprocess.CompletedProcess:
         return subprocess.run(
             ["ip", *args], check=check, capture_output=True, text=True, timeout=timeout
         )
@@ -151,18 +200,14 @@ class Topology:
     def stop(proc: subprocess.Popen, timeout: float = 5, sig: int = signal.SIGTERM) -> int | None:
         """Stop one process by PID: ``sig`` first, SIGKILL if it lingers."""
         if proc.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    pass
         return proc.returncode
 
     # ------------------------------------------------------------------- build
@@ -268,19 +313,89 @@ class Topology:
             time.sleep(0.2)
         return None
 
+    # ---------------------------------------------------------------- traffic
+    def transfer(
+        self,
+        src: str,
+        dst: str,
+        dst_addr: str,
+        size: int,
+        port: int = 5099,
+        timeout: float = 120,
+    ) -> dict:
+        """Send ``size`` random bytes over TCP from ``src`` to ``dst_addr`` (in ``dst``).
+
+        Returns ``{"sent": {...}, "received": {...}, "ok": bool, "mbit_s": float}``
+        where each side reports bytes, sha256 and seconds.
+        """
+        rx = self.popen(
+            dst,
+            [sys.executable, "-c", _RECEIVER, dst_addr, str(port), str(timeout)],
+            log_name=f"xfer-rx-{secrets.token_hex(2)}",
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while b"ready" not in rx.log_path.read_bytes():
+                if rx.poll() is not None or time.monotonic() > deadline:
+                    raise TopologyError(
+                        f"receiver did not start: {rx.log_path.read_text(errors='replace')}"
+                    )
+                time.sleep(0.05)
+            tx = self.run(
+                src,
+                [sys.executable, "-c", _SENDER, dst_addr, str(port), str(size), str(timeout)],
+                timeout=timeout + 15,
+            )
+            sent = json.loads(tx.stdout.strip().splitlines()[-1])
+            rx.wait(timeout=timeout)
+            lines = rx.log_path.read_text(errors="replace").strip().splitlines()
+            received = json.loads(lines[-1])
+        finally:
+            self.stop(rx, timeout=2)
+        ok = sent["sha256"] == received["sha256"] and sent["bytes"] == received["bytes"] == size
+        mbit_s = size * 8 / max(sent["seconds"], 1e-9) / 1e6
+        return {"sent": sent, "received": received, "ok": ok, "mbit_s": mbit_s}
+
+    def iperf3(
+        self, client: str, server: str, server_addr: str, seconds: int = 10, port: int = 5201
+    ) -> dict:
+        """Bounded iperf3 TCP run (client -> server); returns parsed JSON result."""
+        srv = self.popen(
+            server,
+            ["iperf3", "-s", "-1", "-B", server_addr, "-p", str(port)],
+            log_name=f"iperf3-server-{secrets.token_hex(2)}",
+        )
+        try:
+            time.sleep(0.5)
+            res = None
+            for _ in range(10):  # server may need a moment to bind
+                res = self.run(
+                    client,
+                    ["iperf3", "-c", server_addr, "-p", str(port), "-t", str(seconds), "-J",
+                     "--connect-timeout", "3000"],
+                    check=False,
+                    timeout=seconds + 30,
+                )
+                if res.returncode == 0:
+                    break
+                time.sleep(0.5)
+            if res is None or res.returncode != 0:
+                detail = f"{res.stdout} {res.stderr}" if res else ""
+                raise TopologyError(f"iperf3 failed: {detail}")
+            data = json.loads(res.stdout)
+        finally:
+            self.stop(srv, timeout=2)
+        return data
+
     # ---------------------------------------------------------------- teardown
     def teardown(self) -> None:
         for proc in reversed(self._procs):
-            try:
+            with contextlib.suppress(Exception):  # keep tearing down
                 self.stop(proc, timeout=3)
-            except Exception:  # noqa: BLE001 - keep tearing down
-                pass
         self._procs.clear()
         for fh in self._log_files:
-            try:
+            with contextlib.suppress(Exception):
                 fh.close()
-            except Exception:  # noqa: BLE001
-                pass
         self._log_files.clear()
         for ns in reversed(self._created):
             self._ip("netns", "del", ns, check=False)
@@ -304,6 +419,10 @@ if __name__ == "__main__":  # manual smoke test: plain routing only
         for src, dst in (("hostA", HOST_B), ("hostB", HOST_A), ("hostA", GW_A_LAN6)):
             r = topo.ping(src, dst, count=2, wait=1)
             print(f"{src} -> {dst}: rc={r.returncode}")
+        x = topo.transfer("hostA", "hostB", HOST_B, 5_000_000)
+        print("transfer ok:", x["ok"], f"{x['mbit_s']:.0f} Mbit/s")
+        d = topo.iperf3("hostA", "hostB", HOST_B, seconds=2)
+        print("iperf3:", d["end"]["sum_received"]["bits_per_second"] / 1e6, "Mbit/s")
         topo.disable_plain_routing()
         r = topo.ping("hostA", HOST_B, count=1, wait=1)
         print(f"after disable hostA -> {HOST_B}: rc={r.returncode} (expected != 0)")
