@@ -1,0 +1,72 @@
+# polevpn developer targets.  Everything runs from the repo root.
+#
+#   make venv            create .venv and install polevpn (+ test extras)
+#   make keys            create keys/ (CA, router cert, shared key) if missing; FORCE=1 regenerates
+#   make test            ruff + pytest (unit tests and netns end-to-end tests; needs root)
+#   make demo            five-namespace demo using config.json / gateway.json / gateway/gateway-b.json
+#   make bench           iperf3 plain routing vs. tunnel; writes docs/benchmarks.{md,json}
+#   make lint            ruff only
+#   make clean           remove .venv, caches and build artefacts (keeps keys/)
+
+SHELL      := /bin/bash
+PYTHON     ?= python3
+VENV       := .venv
+VPY        := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+KEYS_DIR   := keys
+# Extra subjectAltNames for the router certificate (DNS polevpn-router, localhost,
+# 127.0.0.1 and ::1 are always included by polevpn-keygen).
+SAN        ?= 198.19.0.1 198.19.0.5
+SAN_ARGS   := $(foreach s,$(SAN),--san $(s))
+FORCE      ?=
+
+# command -> Debian package, installed only when the command is missing.
+SYSDEPS    := ip:iproute2 iperf3:iperf3 ping:iputils-ping nft:nftables
+
+.PHONY: all venv sysdeps keys test demo bench lint clean
+
+all: test
+
+venv: $(STAMP) sysdeps
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+sysdeps:
+	@missing=""; \
+	for pair in $(SYSDEPS); do \
+	  cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
+	fi
+
+keys: $(STAMP)
+	@if [ -n "$(FORCE)" ] || [ ! -f $(KEYS_DIR)/ca.crt ]; then \
+	  echo "$(VENV)/bin/polevpn-keygen --out $(KEYS_DIR) $(SAN_ARGS) $(if $(FORCE),--force)"; \
+	  $(VENV)/bin/polevpn-keygen --out $(KEYS_DIR) $(SAN_ARGS) $(if $(FORCE),--force); \
+	else \
+	  echo "$(KEYS_DIR)/ca.crt exists; use 'make keys FORCE=1' to regenerate"; \
+	fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check polevpn tests
+
+test: venv
+	$(VENV)/bin/ruff check polevpn tests
+	$(VENV)/bin/pytest -q
+
+demo: venv keys
+	$(VPY) tests/demo.py
+
+bench: venv keys
+	$(VPY) tests/bench.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
