@@ -176,12 +176,16 @@ class Topology:
     ) -> subprocess.Popen:
         """Start ``cmd`` in the background in ``node``'s namespace.
 
-        stdout and stderr go to ``<log_dir>/<log_name>.log``; the process is
-        tracked and killed by PID on teardown.  ``proc.log_path`` is set.
+        stdout and stderr go to ``<log_dir>/<log_name>[-N].log`` (a new file per
+        start); the process is tracked and killed by PID on teardown.  ``proc.log_path`` is set.
         """
         log_name = log_name or f"{node}-{Path(cmd[0]).name}"
         log_path = self.log_dir / f"{log_name}.log"
-        fh = open(log_path, "ab")  # noqa: SIM115 - closed in teardown
+        n = 1
+        while log_path.exists():  # a restart gets a fresh log: no stale matches
+            n += 1
+            log_path = self.log_dir / f"{log_name}-{n}.log"
+        fh = open(log_path, "wb")  # noqa: SIM115 - closed in teardown
         self._log_files.append(fh)
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.ns[node], *cmd],
@@ -411,6 +415,154 @@ class Topology:
 def leftover_namespaces(prefix: str) -> list[str]:
     res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
     return [line.split()[0] for line in res.stdout.splitlines() if line.startswith(prefix)]
+
+
+# --------------------------------------------------------------------------
+# polevpn daemon helpers shared by test_e2e.py, demo.py and bench.py
+# --------------------------------------------------------------------------
+GW_A_TUN4 = "169.254.0.1"
+GW_B_TUN4 = "169.254.0.2"
+GW_A_TUN6 = "2001:db8:ff::1"
+GW_B_TUN6 = "2001:db8:ff::2"
+
+
+def console_script(name: str) -> str | None:
+    """Path of a console script installed next to the running interpreter."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if os.access(path, os.X_OK):
+        return path
+    return shutil.which(name)
+
+
+def log_tail(path: str | os.PathLike, lines: int = 40) -> str:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def find_log_line(path: str | os.PathLike, *needles: str) -> str | None:
+    """First line of the log containing every needle (case-insensitive)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    low = [n.lower() for n in needles]
+    for line in text.splitlines():
+        ll = line.lower()
+        if all(n in ll for n in low):
+            return line
+    return None
+
+
+def wait_for_log(
+    proc: subprocess.Popen, *needles: str, timeout: float = 15.0, allow_exit: bool = False
+) -> str:
+    """Poll ``proc.log_path`` until one line contains all ``needles``; bounded."""
+    deadline = time.monotonic() + timeout
+    while True:
+        line = find_log_line(proc.log_path, *needles)
+        if line is not None:
+            return line
+        if proc.poll() is not None and not allow_exit:
+            raise TopologyError(
+                f"process exited (rc={proc.returncode}) before logging {needles!r}; "
+                f"log {proc.log_path}:\n{log_tail(proc.log_path)}"
+            )
+        if time.monotonic() > deadline:
+            raise TopologyError(
+                f"timeout ({timeout}s) waiting for {needles!r}; "
+                f"log {proc.log_path}:\n{log_tail(proc.log_path)}"
+            )
+        time.sleep(0.1)
+
+
+def router_config(keys_dir: str | os.PathLike, **overrides) -> dict:
+    keys = Path(keys_dir)
+    cfg = {
+        "tls": {
+            "listen": "0.0.0.0:443",
+            "enable": True,
+            "cert_file": str(keys / "server.crt"),
+            "key_file": str(keys / "server.key"),
+        },
+        "kcp": {
+            "listen": "0.0.0.0:443",
+            "enable": False,
+            "cert_file": str(keys / "server.crt"),
+            "key_file": str(keys / "server.key"),
+        },
+        "key_file": str(keys / "shared.key"),
+        "log_level": "info",
+        "idle_timeout": 60,
+        "auth_timeout": 10,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def gateway_config(side: str, keys_dir: str | os.PathLike, **overrides) -> dict:
+    """Gateway config for office ``"A"`` (gwA) or ``"B"`` (gwB)."""
+    keys = Path(keys_dir)
+    if side == "A":
+        server, gw4, gw6 = ROUTER_UL_A, GW_A_TUN4, GW_A_TUN6
+        local, remote = [LAN_A, LAN_A6], [LAN_B, LAN_B6]
+    elif side == "B":
+        server, gw4, gw6 = ROUTER_UL_B, GW_B_TUN4, GW_B_TUN6
+        local, remote = [LAN_B, LAN_B6], [LAN_A, LAN_A6]
+    else:
+        raise ValueError(side)
+    cfg = {
+        "route_server": f"tls://{server}:443",
+        "key_file": str(keys / "shared.key"),
+        "gateway": gw4,
+        "gateway6": gw6,
+        "local_networks": local,
+        "route_networks": remote,
+        "acls": [*remote, "169.254.0.0/16", "2001:db8:ff::/64"],
+        "ca_file": str(keys / "ca.crt"),
+        "server_name": "polevpn-router",
+        "tun_name": "polevpn0",
+        "mtu": 1400,
+        "heartbeat_interval": 10,
+        "heartbeat_timeout": 20,
+        "reconnect_min_delay": 0.2,
+        "reconnect_max_delay": 2,
+        "log_level": "info",
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def write_json(path: str | os.PathLike, obj: dict) -> Path:
+    path = Path(path)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
+
+
+def start_router(topo: Topology, config: str | os.PathLike, log_name: str = "router",
+                 timeout: float = 15.0) -> subprocess.Popen:
+    """Start polevpn-router in the router namespace and wait for its listening line."""
+    exe = console_script("polevpn-router")
+    if exe is None:
+        raise TopologyError("polevpn-router console script not found")
+    proc = topo.popen("router", [exe, f"-configPath={config}"], log_name=log_name)
+    wait_for_log(proc, "listening", "tls", timeout=timeout)
+    return proc
+
+
+def start_gateway(topo: Topology, node: str, config: str | os.PathLike,
+                  log_name: str | None = None, wait: bool = True,
+                  timeout: float = 20.0) -> subprocess.Popen:
+    """Start polevpn-gateway in ``node`` and (optionally) wait until registered."""
+    exe = console_script("polevpn-gateway")
+    if exe is None:
+        raise TopologyError("polevpn-gateway console script not found")
+    proc = topo.popen(node, [exe, f"-configPath={config}"], log_name=log_name or node)
+    if wait:
+        wait_for_log(proc, "registered", timeout=timeout)
+    return proc
 
 
 if __name__ == "__main__":  # manual smoke test: plain routing only
