@@ -1,0 +1,236 @@
+"""End-to-end tests: router + two gateways in five network namespaces.
+
+    hostA -- gwA ==tls==> router <==tls== gwB -- hostB
+
+Needs root and iproute2.  Every namespace, interface and process is created
+here and removed again, also on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import topology as t
+
+_ok, _reason = t.have_netns_support()
+if _ok and shutil.which("ping") is None:
+    _ok, _reason = False, "'ping' (iputils-ping) not found"
+if _ok and (t.console_script("polevpn-router") is None
+            or t.console_script("polevpn-gateway") is None):
+    _ok, _reason = False, "polevpn console scripts not installed (run 'make venv')"
+
+pytestmark = [pytest.mark.netns, pytest.mark.skipif(not _ok, reason=_reason)]
+
+TRANSFER_BYTES = 50 * 1024 * 1024
+
+
+class Vpn:
+    """The running system: topology, config files and daemon processes."""
+
+    def __init__(self, topo: t.Topology, work: Path, keys: Path):
+        self.topo = topo
+        self.work = work
+        self.keys = keys
+        self.router_cfg = t.write_json(work / "config.json", t.router_config(keys))
+        self.gw_cfg = {
+            "gwA": t.write_json(work / "gateway-a.json", t.gateway_config("A", keys)),
+            "gwB": t.write_json(work / "gateway-b.json", t.gateway_config("B", keys)),
+        }
+        self.router: subprocess.Popen | None = None
+        self.gw: dict[str, subprocess.Popen] = {}
+
+    def start_router(self) -> None:
+        self.router = t.start_router(self.topo, self.router_cfg)
+
+    def start_gateway(self, node: str, config: Path | None = None) -> subprocess.Popen:
+        proc = t.start_gateway(self.topo, node, config or self.gw_cfg[node])
+        self.gw[node] = proc
+        return proc
+
+    def stop_gateway(self, node: str) -> None:
+        proc = self.gw.pop(node)
+        rc = t.Topology.stop(proc, timeout=5)
+        assert rc is not None, f"{node} gateway did not stop"
+
+    def logs(self) -> str:
+        parts = []
+        for path in sorted(self.topo.log_dir.glob("*.log")):
+            parts.append(f"----- {path.name} -----\n{t.log_tail(path, 25)}")
+        return "\n".join(parts)
+
+    def wait_ping(self, src: str, dst: str, deadline: float = 10.0) -> float | None:
+        return self.topo.wait_ping(src, dst, deadline=deadline)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("keys")
+    res = subprocess.run(
+        [sys.executable, "-m", "polevpn.keygen", "--out", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 0, f"keygen failed: {res.stdout}\n{res.stderr}"
+    for name in ("ca.crt", "server.crt", "server.key", "shared.key"):
+        assert (out / name).is_file(), f"keygen did not write {name}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def vpn(tmp_path_factory, keys):
+    work = tmp_path_factory.mktemp("vpn")
+    topo = t.Topology(log_dir=work / "logs")
+    try:
+        topo.setup()
+        v = Vpn(topo, work, keys)
+        v.start_router()
+        v.start_gateway("gwA")
+        v.start_gateway("gwB")
+        waited = v.wait_ping("hostA", t.HOST_B, deadline=15)
+        assert waited is not None, f"no connectivity after start\n{v.logs()}"
+        yield v
+    finally:
+        prefix = topo.prefix
+        topo.teardown()
+        left = t.leftover_namespaces(prefix)
+        assert not left, f"namespaces left behind: {left}"
+
+
+# ------------------------------------------------------------------- pings
+@pytest.mark.parametrize(
+    "src,dst",
+    [
+        ("hostA", t.HOST_B),
+        ("hostB", t.HOST_A),
+        ("hostA", t.HOST_B6),
+        ("hostB", t.HOST_A6),
+    ],
+    ids=["v4-A-to-B", "v4-B-to-A", "v6-A-to-B", "v6-B-to-A"],
+)
+def test_ping(vpn, src, dst):
+    res = vpn.topo.ping(src, dst, count=3, wait=2)
+    assert res.returncode == 0, f"ping {src} -> {dst} failed:\n{res.stdout}\n{vpn.logs()}"
+
+
+def test_traffic_goes_through_tunnel(vpn):
+    """No plain routes exist: LAN B is reachable from gwA only via the TUN device."""
+    res = vpn.topo.run("gwA", ["ip", "route", "get", t.HOST_B])
+    assert "polevpn0" in res.stdout, res.stdout
+    res = vpn.topo.run("gwA", ["ip", "-6", "route", "get", t.HOST_B6])
+    assert "polevpn0" in res.stdout, res.stdout
+
+
+# ---------------------------------------------------------------- transfer
+def test_tcp_transfer_50mb_sha256(vpn):
+    res = vpn.topo.transfer("hostA", "hostB", t.HOST_B, TRANSFER_BYTES, timeout=120)
+    assert res["received"]["bytes"] == TRANSFER_BYTES, (res, vpn.logs())
+    assert res["ok"], f"SHA-256 mismatch: {res}"
+    print(f"50 MB hostA->hostB through the tunnel: {res['mbit_s']:.1f} Mbit/s")
+
+
+def test_tcp_transfer_ipv6(vpn):
+    res = vpn.topo.transfer("hostB", "hostA", t.HOST_A6, 5 * 1024 * 1024, timeout=60)
+    assert res["ok"], f"IPv6 transfer failed: {res}\n{vpn.logs()}"
+
+
+# --------------------------------------------------------------------- ACL
+def test_acl_drops_unlisted_source(vpn):
+    """gwB restarted with acls lacking LAN A's IPv4 net: v4 from A dropped, v6 passes."""
+    acls = [t.LAN_A6, "169.254.0.0/16", "2001:db8:ff::/64"]
+    cfg = t.write_json(
+        vpn.work / "gateway-b-acl.json", t.gateway_config("B", vpn.keys, acls=acls)
+    )
+    vpn.stop_gateway("gwB")
+    try:
+        vpn.start_gateway("gwB", cfg)
+        assert vpn.wait_ping("hostA", t.HOST_B6, deadline=10) is not None, (
+            f"IPv6 (allowed) does not pass after gwB restart\n{vpn.logs()}"
+        )
+        res = vpn.topo.ping("hostA", t.HOST_B, count=3, wait=1)
+        assert res.returncode != 0, f"ACL did not drop hostA -> hostB v4:\n{res.stdout}"
+        res = vpn.topo.ping("hostB", t.HOST_A, count=2, wait=1)
+        assert res.returncode != 0, f"replies from LAN A v4 not dropped:\n{res.stdout}"
+        res = vpn.topo.ping("hostB", t.HOST_A6, count=2, wait=2)
+        assert res.returncode == 0, f"IPv6 hostB -> hostA failed:\n{res.stdout}"
+    finally:
+        if "gwB" in vpn.gw:
+            vpn.stop_gateway("gwB")
+        vpn.start_gateway("gwB")
+    assert vpn.wait_ping("hostA", t.HOST_B, deadline=10) is not None, (
+        f"v4 not restored after gwB restart with full acls\n{vpn.logs()}"
+    )
+
+
+# --------------------------------------------------------------- wrong key
+def test_wrong_key_rejected(vpn):
+    bad_key = vpn.work / "wrong.key"
+    bad_key.write_text("definitely-not-the-shared-key\n")
+    cfg = t.write_json(
+        vpn.work / "gateway-bad.json",
+        t.gateway_config(
+            "A", vpn.keys,
+            key_file=str(bad_key),
+            tun_name="pvbad0",
+            gateway="169.254.0.9",
+            gateway6="2001:db8:ff::9",
+            local_networks=["198.18.31.0/24"],
+            route_networks=["198.18.30.0/24"],
+            reconnect_min_delay=0.2,
+            reconnect_max_delay=0.5,
+        ),
+    )
+    proc = t.start_gateway(vpn.topo, "gwA", cfg, log_name="gw-wrong-key", wait=False)
+    try:
+        rc = proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        t.Topology.stop(proc)
+        pytest.fail(f"gateway with wrong key did not exit\n{t.log_tail(proc.log_path)}")
+    assert rc == 1, f"exit status {rc}, expected 1\n{t.log_tail(proc.log_path)}"
+    line = t.find_log_line(proc.log_path, "authentication rejected by router: invalid key")
+    assert line, f"no clear rejection line in gateway log:\n{t.log_tail(proc.log_path)}"
+    line = t.find_log_line(vpn.router.log_path, "auth rejected", "invalid key")
+    assert line, f"router did not log the rejection:\n{t.log_tail(vpn.router.log_path)}"
+    # The good gateways are unaffected.
+    res = vpn.topo.ping("hostA", t.HOST_B, count=2, wait=2)
+    assert res.returncode == 0, f"tunnel broken after wrong-key attempt\n{vpn.logs()}"
+
+
+def test_key_inline_in_config(vpn):
+    """"key" given inline instead of key_file: the gateway registers."""
+    shared = (vpn.keys / "shared.key").read_text().strip()
+    cfg = t.gateway_config("B", vpn.keys, key=shared)
+    cfg.pop("key_file")
+    path = t.write_json(vpn.work / "gateway-b-inline.json", cfg)
+    vpn.stop_gateway("gwB")
+    try:
+        vpn.start_gateway("gwB", path)
+        assert vpn.wait_ping("hostA", t.HOST_B, deadline=10) is not None, vpn.logs()
+    finally:
+        vpn.stop_gateway("gwB")
+        vpn.start_gateway("gwB")
+    assert vpn.wait_ping("hostA", t.HOST_B, deadline=10) is not None, vpn.logs()
+
+
+# ---------------------------------------------------------- router restart
+def test_router_sigkill_and_restart(vpn):
+    old = vpn.router
+    assert old is not None and old.poll() is None
+    os.kill(old.pid, signal.SIGKILL)
+    old.wait(timeout=5)
+    res = vpn.topo.ping("hostA", t.HOST_B, count=1, wait=1)
+    assert res.returncode != 0, "ping succeeded with the router dead?"
+    t0 = time.monotonic()
+    vpn.start_router()
+    waited = vpn.wait_ping("hostA", t.HOST_B, deadline=20)
+    total = time.monotonic() - t0
+    assert waited is not None, f"ping did not resume within 20 s\n{vpn.logs()}"
+    assert total <= 10.0, f"ping resumed only after {total:.1f} s (want <= 10 s)"
+    res = vpn.topo.ping("hostB", t.HOST_A6, count=2, wait=2)
+    assert res.returncode == 0, f"IPv6 did not resume\n{vpn.logs()}"
+    print(f"ping resumed {total:.1f} s after router restart")
