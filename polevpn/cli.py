@@ -1,0 +1,130 @@
+"""Command-line entry points: ``polevpn-router`` and ``polevpn-gateway``.
+
+Both accept PoleVPN's Go-style flags (``-configPath=FILE``, ``-config FILE``) as well as
+``--config FILE``. A bad config ends start-up with one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, configure_logging, load_gateway_config, load_router_config
+
+EXIT_CONFIG = 2
+
+
+def _parse(prog: str, argv: list[str] | None, default: str) -> str:
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False)
+    parser.add_argument(
+        "-configPath",
+        "-config",
+        "--config",
+        "--configPath",
+        dest="config",
+        default=default,
+        metavar="FILE",
+        help=f"configuration file (default: {default})",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv).config
+
+
+def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        return asyncio.run(main())
+    return uvloop.run(main())
+
+
+def _install_stop(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+def router_main(argv: list[str] | None = None) -> int:
+    path = _parse("polevpn-router", argv, "config.json")
+    try:
+        cfg = load_router_config(path)
+    except ConfigError as exc:
+        print(f"polevpn-router: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(cfg.log_level)
+    from .router import Router
+
+    async def main() -> int:
+        router = Router(cfg)
+        done = asyncio.Event()
+        try:
+            await router.start()
+        except OSError as exc:
+            logging.getLogger("polevpn.router").error(
+                "cannot listen on %s: %s", cfg.tls.address, exc.strerror or exc
+            )
+            return 1
+        _install_stop(done.set)
+        await done.wait()
+        await router.stop()
+        return 0
+
+    return _run(main)
+
+
+def gateway_main(argv: list[str] | None = None) -> int:
+    path = _parse("polevpn-gateway", argv, "gateway.json")
+    try:
+        cfg = load_gateway_config(path)
+    except ConfigError as exc:
+        print(f"polevpn-gateway: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(cfg.log_level)
+    from .gateway import FatalError, Gateway
+
+    log = logging.getLogger("polevpn.gateway")
+
+    async def main() -> int:
+        gw = Gateway(cfg)
+        _install_stop(gw.stop)
+        try:
+            await gw.run()
+        except PermissionError as exc:
+            log.error(
+                "cannot set up the TUN device %s: %s (run as root or with CAP_NET_ADMIN)",
+                cfg.tun_name,
+                exc.strerror or exc,
+            )
+            return 1
+        except FatalError as exc:
+            log.error("%s", exc)
+            return 1
+        return 0
+
+    return _run(main)
+
+
+def router_entry() -> None:
+    raise SystemExit(router_main())
+
+
+def gateway_entry() -> None:
+    raise SystemExit(gateway_main())
+
+
+def main() -> None:  # pragma: no cover - ``python -m polevpn.cli router|gateway``
+    if len(sys.argv) < 2 or sys.argv[1] not in ("router", "gateway"):
+        print("usage: python -m polevpn.cli router|gateway -configPath=FILE", file=sys.stderr)
+        raise SystemExit(2)
+    which = sys.argv.pop(1)
+    raise SystemExit(router_main() if which == "router" else gateway_main())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""Typed configuration for router and gateway, parsed and validated once at start-up.
+
+Field names and shapes follow PoleVPN's config.json; additions are optional. Every error
+names the file, the field and the problem, so an operator can fix it from one log line.
+Relative paths inside a config file are resolved against that file's directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    def __init__(self, path: Path | str, field_name: str, problem: str) -> None:
+        self.path = str(path)
+        self.field = field_name
+        self.problem = problem
+        super().__init__(f"{self.path}: {field_name}: {problem}")
+
+
+@dataclass(frozen=True)
+class Listener:
+    enable: bool
+    host: str
+    port: int
+    cert_file: Path | None
+    key_file: Path | None
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    path: Path
+    tls: Listener
+    kcp: Listener
+    key: str
+    log_level: str = "info"
+    idle_timeout: float = 60.0
+    auth_timeout: float = 10.0
+    send_queue_bytes: int = 4 * 1024 * 1024
+    stats_interval: float = 300.0
+
+
+@dataclass(frozen=True)
+class RouteServer:
+    scheme: str
+    host: str
+    port: int
+    url: str
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    path: Path
+    route_server: RouteServer
+    key: str
+    gateway: ipaddress.IPv4Address
+    gateway6: ipaddress.IPv6Address | None
+    local_networks: tuple[IPNetwork, ...]
+    route_networks: tuple[IPNetwork, ...]
+    acls: tuple[IPNetwork, ...]
+    ca_file: Path | None = None
+    cert_pin: bytes | None = None
+    insecure_skip_verify: bool = False
+    server_name: str | None = None
+    tun_name: str = "polevpn0"
+    mtu: int = 1400
+    heartbeat_interval: float = 10.0
+    heartbeat_timeout: float = 20.0
+    reconnect_min_delay: float = 0.5
+    reconnect_max_delay: float = 30.0
+    send_queue_bytes: int = 4 * 1024 * 1024
+    log_level: str = "info"
+    stats_interval: float = 300.0
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def announced(self) -> list[str]:
+        return [str(n) for n in self.local_networks]
+
+
+class _Reader:
+    """Typed accessors over one JSON object that raise ConfigError with the field path."""
+
+    def __init__(self, path: Path, obj: dict[str, Any], prefix: str = "") -> None:
+        self.path = path
+        self.obj = obj
+        self.prefix = prefix
+
+    def name(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, self.name(key), problem)
+
+    def has(self, key: str) -> bool:
+        return key in self.obj and self.obj[key] is not None
+
+    def section(self, key: str, required: bool = True) -> _Reader | None:
+        if not self.has(key):
+            if required:
+                raise self.fail(key, "missing (expected an object)")
+            return None
+        val = self.obj[key]
+        if not isinstance(val, dict):
+            raise self.fail(key, f"expected an object, got {type(val).__name__}")
+        return _Reader(self.path, val, f"{self.name(key)}.")
+
+    def string(self, key: str, default: str | None = None) -> str:
+        if not self.has(key):
+            if default is None:
+                raise self.fail(key, "missing")
+            return default
+        val = self.obj[key]
+        if not isinstance(val, str):
+            raise self.fail(key, f"expected a string, got {type(val).__name__}")
+        return val
+
+    def boolean(self, key: str, default: bool) -> bool:
+        if not self.has(key):
+            return default
+        val = self.obj[key]
+        if not isinstance(val, bool):
+            raise self.fail(key, f"expected true or false, got {json.dumps(val)}")
+        return val
+
+    def number(self, key: str, default: float, minimum: float, maximum: float) -> float:
+        if not self.has(key):
+            return default
+        val = self.obj[key]
+        if isinstance(val, bool) or not isinstance(val, int | float):
+            raise self.fail(key, f"expected a number, got {json.dumps(val)}")
+        if not minimum <= val <= maximum:
+            raise self.fail(key, f"{val} is outside {minimum:g}..{maximum:g}")
+        return float(val)
+
+    def integer(self, key: str, default: int, minimum: int, maximum: int) -> int:
+        val = self.number(key, default, minimum, maximum)
+        if val != int(val):
+            raise self.fail(key, f"expected a whole number, got {val}")
+        return int(val)
+
+    def file(self, key: str, required: bool) -> Path | None:
+        if not self.has(key):
+            if required:
+                raise self.fail(key, "missing (expected a file path)")
+            return None
+        p = Path(self.string(key)).expanduser()
+        if not p.is_absolute():
+            p = self.path.parent / p
+        try:
+            with open(p, "rb"):
+                pass
+        except OSError as exc:
+            raise self.fail(key, f"cannot read {p}: {exc.strerror or exc}") from None
+        return p
+
+    def networks(self, key: str, required: bool = True) -> tuple[IPNetwork, ...]:
+        if not self.has(key):
+            if required:
+                raise self.fail(key, "missing (expected a list of CIDR strings)")
+            return ()
+        val = self.obj[key]
+        if isinstance(val, str):
+            val = [val]
+        if not isinstance(val, list):
+            raise self.fail(key, f"expected a list of CIDR strings, got {type(val).__name__}")
+        out: list[IPNetwork] = []
+        for i, item in enumerate(val):
+            if not isinstance(item, str):
+                raise ConfigError(self.path, f"{self.name(key)}[{i}]", "expected a CIDR string")
+            try:
+                net = ipaddress.ip_network(item.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(
+                    self.path, f"{self.name(key)}[{i}]", f"{item!r} is not a valid CIDR network"
+                ) from None
+            out.append(net)
+        return tuple(out)
+
+    def log_level(self) -> str:
+        level = self.string("log_level", "info").lower()
+        if level not in LOG_LEVELS:
+            raise self.fail("log_level", f"{level!r} is not one of {', '.join(LOG_LEVELS)}")
+        return level
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, "(file)", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            path, "(file)", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
+    if not isinstance(obj, dict):
+        raise ConfigError(path, "(file)", "expected a JSON object at the top level")
+    return obj
+
+
+def _split_host_port(text: str) -> tuple[str, int]:
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError("expected [host]:port")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise ValueError("expected host:port")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not a number 0..65535")
+    return host, int(port)
+
+
+def _key(r: _Reader) -> str:
+    """`key` inline, as PoleVPN has it, or `key_file` (what `make keys` writes)."""
+    if r.has("key_file"):
+        p = r.file("key_file", required=True)
+        assert p is not None
+        key = p.read_text(encoding="utf-8").strip()
+        if not key:
+            raise r.fail("key_file", f"{p} is empty")
+        return key
+    key = r.string("key")
+    if not key:
+        raise r.fail("key", "is empty")
+    return key
+
+
+def _listener(r: _Reader, name: str, required: bool) -> Listener:
+    sec = r.section(name, required=required)
+    if sec is None:
+        return Listener(False, "0.0.0.0", 443, None, None)
+    enable = sec.boolean("enable", True)
+    try:
+        host, port = _split_host_port(sec.string("listen", "0.0.0.0:443"))
+    except ValueError as exc:
+        raise sec.fail("listen", str(exc)) from None
+    if host in ("", "*"):
+        host = "0.0.0.0"
+    if host:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise sec.fail("listen", f"{host!r} is not an IP address") from None
+    cert = sec.file("cert_file", required=enable)
+    key = sec.file("key_file", required=enable)
+    if enable and cert and key:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise sec.fail("cert_file", f"cannot load {cert} with {key}: {exc}") from None
+    return Listener(enable, host, port, cert, key)
+
+
+def load_router_config(path: str | Path) -> RouterConfig:
+    path = Path(path)
+    r = _Reader(path, _load_json(path))
+    tls = _listener(r, "tls", required=True)
+    kcp = _listener(r, "kcp", required=False)
+    if not tls.enable:
+        # kcp is accepted for PoleVPN compatibility but cannot carry traffic yet
+        raise r.fail("tls.enable", "must be true: kcp is not available yet in this version")
+    return RouterConfig(
+        path=path,
+        tls=tls,
+        kcp=kcp,
+        key=_key(r),
+        log_level=r.log_level(),
+        idle_timeout=r.number("idle_timeout", 60.0, 0.1, 86400),
+        auth_timeout=r.number("auth_timeout", 10.0, 0.1, 3600),
+        send_queue_bytes=r.integer("send_queue_bytes", 4 * 1024 * 1024, 65536, 1 << 30),
+        stats_interval=r.number("stats_interval", 300.0, 0, 86400),
+    )
+
+
+def _route_server(r: _Reader) -> RouteServer:
+    url = r.string("route_server")
+    parts = urlsplit(url)
+    if parts.scheme not in ("tls", "kcp"):
+        raise r.fail("route_server", f"{url!r}: scheme must be tls:// or kcp://")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise r.fail("route_server", f"{url!r}: {exc}") from None
+    if not host or port is None:
+        raise r.fail("route_server", f"{url!r}: expected scheme://host:port")
+    return RouteServer(parts.scheme, host, port, url)
+
+
+def _pin(r: _Reader) -> bytes | None:
+    if not r.has("cert_pin"):
+        return None
+    text = r.string("cert_pin").replace(":", "").strip().lower()
+    if text.startswith("sha256/"):
+        text = text[len("sha256/") :]
+    try:
+        pin = bytes.fromhex(text)
+    except ValueError:
+        pin = b""
+    if len(pin) != hashlib.sha256().digest_size:
+        raise r.fail("cert_pin", "expected the SHA-256 of the router certificate as 64 hex digits")
+    return pin
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    path = Path(path)
+    r = _Reader(path, _load_json(path))
+    server = _route_server(r)
+    gw_text = r.string("gateway")
+    try:
+        gateway = ipaddress.IPv4Address(gw_text)
+    except ValueError:
+        raise r.fail("gateway", f"{gw_text!r} is not an IPv4 address") from None
+    gateway6 = None
+    if r.has("gateway6"):
+        g6 = r.string("gateway6")
+        try:
+            gateway6 = ipaddress.IPv6Address(g6)
+        except ValueError:
+            raise r.fail("gateway6", f"{g6!r} is not an IPv6 address") from None
+    warnings: list[str] = []
+    acls = r.networks("acls", required=False)
+    if not acls:
+        warnings.append("acls is empty: every packet arriving from the tunnel will be dropped")
+    ca_file = r.file("ca_file", required=False)
+    pin = _pin(r)
+    insecure = r.boolean("insecure_skip_verify", False)
+    if server.scheme == "tls" and not (ca_file or pin or insecure):
+        raise r.fail(
+            "ca_file",
+            "missing: set ca_file or cert_pin to verify the router "
+            "(or insecure_skip_verify: true to skip verification as PoleVPN does)",
+        )
+    if insecure:
+        warnings.append(
+            "insecure_skip_verify is set: the router's certificate is not verified and "
+            "anyone on the path can impersonate it"
+        )
+    if ca_file:
+        try:
+            ssl.create_default_context(cafile=str(ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            raise r.fail("ca_file", f"cannot load {ca_file}: {exc}") from None
+    tun_name = r.string("tun_name", "polevpn0")
+    if not 0 < len(tun_name.encode()) < 16 or "/" in tun_name or " " in tun_name:
+        raise r.fail("tun_name", f"{tun_name!r} is not a valid interface name (1-15 characters)")
+    hb_interval = r.number("heartbeat_interval", 10.0, 0.05, 3600)
+    hb_timeout = r.number("heartbeat_timeout", 20.0, 0.1, 86400)
+    if hb_timeout <= hb_interval:
+        raise r.fail("heartbeat_timeout", "must be longer than heartbeat_interval")
+    rmin = r.number("reconnect_min_delay", 0.5, 0.0, 3600)
+    rmax = r.number("reconnect_max_delay", 30.0, 0.0, 86400)
+    if rmax < rmin:
+        raise r.fail("reconnect_max_delay", "must not be smaller than reconnect_min_delay")
+    if server.scheme == "kcp":
+        raise r.fail("route_server", "kcp:// is not available yet in this version; use tls://")
+    return GatewayConfig(
+        path=path,
+        route_server=server,
+        key=_key(r),
+        gateway=gateway,
+        gateway6=gateway6,
+        local_networks=r.networks("local_networks", required=False),
+        route_networks=r.networks("route_networks", required=False),
+        acls=acls,
+        ca_file=ca_file,
+        cert_pin=pin,
+        insecure_skip_verify=insecure,
+        server_name=r.string("server_name") if r.has("server_name") else None,
+        tun_name=tun_name,
+        mtu=r.integer("mtu", 1400, 576, 65535 - 8),
+        heartbeat_interval=hb_interval,
+        heartbeat_timeout=hb_timeout,
+        reconnect_min_delay=rmin,
+        reconnect_max_delay=rmax,
+        send_queue_bytes=r.integer("send_queue_bytes", 4 * 1024 * 1024, 65536, 1 << 30),
+        log_level=r.log_level(),
+        stats_interval=r.number("stats_interval", 300.0, 0, 86400),
+        warnings=tuple(warnings),
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )

@@ -1,0 +1,375 @@
+"""The gateway (office side): a TUN device on one end, the router connection on the other.
+
+``session.ClientSession`` holds the protocol; this module owns the TUN reader, the TLS
+connection with reconnect and backoff, and the ACL check on packets coming from the tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass, fields
+
+from . import netconf, wire
+from .config import GatewayConfig
+from .routing import NetworkSet
+from .session import (
+    AuthSucceeded,
+    ClientSession,
+    ConnectionLost,
+    Registered,
+    Rejected,
+    State,
+)
+from .tlsconf import client_context, pin_matches, server_hostname
+from .tun import TunDevice
+
+log = logging.getLogger("polevpn.gateway")
+
+_C2S = wire.C2S_IPDATA
+_HDR = wire.HEADER_LEN
+_pack = wire.HEADER.pack
+_from_bytes = int.from_bytes
+
+
+class FatalError(Exception):
+    """The router refused us for a reason that retrying will not change (wrong key)."""
+
+
+@dataclass
+class GatewayStats:
+    connects: int = 0
+    reconnects: int = 0
+    packets_to_router: int = 0
+    bytes_to_router: int = 0
+    packets_from_router: int = 0
+    bytes_from_router: int = 0
+    dropped_no_link: int = 0
+    dropped_acl: int = 0
+    dropped_malformed: int = 0
+    dropped_too_big: int = 0
+    dropped_queue_full: int = 0
+    tun_write_errors: int = 0
+
+    def summary(self) -> str:
+        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+class RouterLink(asyncio.Protocol):
+    """One TLS connection to the router. Lives until the connection is lost."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+        cfg = gw.cfg
+        self.session = ClientSession(
+            cfg.key,
+            str(cfg.gateway),
+            cfg.announced,
+            time.monotonic(),
+            cfg.heartbeat_interval,
+            cfg.heartbeat_timeout,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_running_loop().create_future()
+        self.paused = False
+        self.rejected: Rejected | None = None
+        self.registered_once = False
+
+    @property
+    def ready(self) -> bool:
+        return self.session.state is State.REGISTERED and not self.paused
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        limit = self.gw.cfg.send_queue_bytes
+        transport.set_write_buffer_limits(high=limit // 4, low=limit // 8)
+        cfg = self.gw.cfg
+        if cfg.cert_pin is not None:
+            ssl_obj = transport.get_extra_info("ssl_object")
+            der = ssl_obj.getpeercert(binary_form=True) if ssl_obj else None
+            if not pin_matches(der, cfg.cert_pin):
+                log.error("router certificate does not match cert_pin in %s; closing", cfg.path)
+                self.session.state = State.CLOSED
+                transport.abort()
+                return
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        packets, events = session.receive(data, time.monotonic())
+        if events:
+            for ev in events:
+                self._on_event(ev)
+        if packets:
+            self.gw.to_tun(packets)
+        if session.outbox:
+            self.flush()
+        if session.state is State.CLOSED and self.transport is not None:
+            self.transport.close()
+
+    def _on_event(self, ev: object) -> None:
+        if isinstance(ev, AuthSucceeded):
+            log.debug("authenticated with router")
+        elif isinstance(ev, Registered):
+            self.registered_once = True
+            self.gw.on_registered(self)
+        elif isinstance(ev, Rejected):
+            self.rejected = ev
+        elif isinstance(ev, ConnectionLost):
+            log.warning("closing connection to router: %s", ev.reason)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session.state = State.CLOSED
+        if not self.closed.done():
+            self.closed.set_result(exc)
+        self.gw.on_link_lost(self)
+
+    def pause_writing(self) -> None:
+        # stop reading the TUN: the kernel queues and then drops, which TCP inside reads as
+        # congestion, instead of our buffer growing
+        self.paused = True
+        self.gw.pause_tun()
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.gw.resume_tun()
+
+    def flush(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            out = self.session.data_to_send()
+            if out:
+                self.transport.write(b"".join(out))
+
+    def tick(self, now: float) -> None:
+        lost = self.session.tick(now)
+        if lost is not None:
+            log.warning("closing connection to router: %s", lost.reason)
+            if self.transport is not None:
+                self.transport.abort()
+            return
+        if self.session.outbox:
+            self.flush()
+
+    def send_packets(self, packets: list[bytes]) -> None:
+        stats = self.gw.stats
+        out: list[bytes] = []
+        nbytes = 0
+        for pkt in packets:
+            n = len(pkt)
+            if n > wire.MAX_BODY:
+                stats.dropped_too_big += 1
+                continue
+            out.append(_pack(n + _HDR, _C2S, 0))
+            out.append(pkt)
+            nbytes += n
+        if out:
+            stats.packets_to_router += len(out) // 2
+            stats.bytes_to_router += nbytes
+            assert self.transport is not None
+            self.transport.write(b"".join(out))
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.stats = GatewayStats()
+        self.acl = NetworkSet(cfg.acls)
+        self.tun: TunDevice | None = None
+        self.link: RouterLink | None = None
+        self._reading = False
+        self._stopping = asyncio.Event()
+        self.registered = asyncio.Event()
+
+    # -- TUN side
+
+    def open_tun(self) -> None:
+        cfg = self.cfg
+        self.tun = TunDevice(cfg.tun_name)
+        log.info("opened tun device %s mtu=%d", self.tun.name, cfg.mtu)
+
+    async def configure_tun(self) -> None:
+        cfg = self.cfg
+        assert self.tun is not None
+        addrs = [cfg.gateway] + ([cfg.gateway6] if cfg.gateway6 else [])
+        await asyncio.to_thread(
+            netconf.configure_tun, self.tun.name, cfg.mtu, addrs, list(cfg.route_networks)
+        )
+        log.info(
+            "tun %s up address=%s routes=%s",
+            self.tun.name,
+            ",".join(str(a) for a in addrs),
+            ",".join(str(n) for n in cfg.route_networks) or "-",
+        )
+
+    def resume_tun(self) -> None:
+        if not self._reading and self.tun is not None:
+            asyncio.get_running_loop().add_reader(self.tun.fd, self._on_tun_readable)
+            self._reading = True
+
+    def pause_tun(self) -> None:
+        if self._reading and self.tun is not None:
+            asyncio.get_running_loop().remove_reader(self.tun.fd)
+            self._reading = False
+
+    def _on_tun_readable(self) -> None:
+        assert self.tun is not None
+        packets = self.tun.read_batch()
+        if not packets:
+            return
+        link = self.link
+        if link is None or not link.ready:
+            self.stats.dropped_no_link += len(packets)
+            return
+        link.send_packets(packets)
+
+    def to_tun(self, packets: list[memoryview]) -> None:
+        """Packets from the router: only sources within ``acls`` reach the TUN."""
+        tun = self.tun
+        assert tun is not None
+        acl4 = self.acl.contains_v4
+        acl6 = self.acl.contains_v6
+        stats = self.stats
+        write = tun.write
+        delivered = 0
+        nbytes = 0
+        for pkt in packets:
+            n = len(pkt)
+            if n < 20:
+                stats.dropped_malformed += 1
+                continue
+            version = pkt[0] >> 4
+            if version == 4:
+                allowed = acl4(_from_bytes(pkt[12:16], "big"))
+            elif version == 6 and n >= 40:
+                allowed = acl6(_from_bytes(pkt[8:24], "big"))
+            else:
+                stats.dropped_malformed += 1
+                continue
+            if not allowed:
+                stats.dropped_acl += 1
+                continue
+            write(pkt)
+            delivered += 1
+            nbytes += n
+        stats.packets_from_router += delivered
+        stats.bytes_from_router += nbytes
+
+    # -- router side
+
+    def on_registered(self, link: RouterLink) -> None:
+        cfg = self.cfg
+        log.info(
+            "registered with router %s gateway=%s networks=%s",
+            cfg.route_server.url,
+            cfg.gateway,
+            ",".join(cfg.announced) or "-",
+        )
+        self.registered.set()
+
+    def on_link_lost(self, link: RouterLink) -> None:
+        if self.link is link:
+            self.link = None
+            self.resume_tun()
+            self.registered.clear()
+
+    async def _connect_once(self) -> RouterLink:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        link = RouterLink(self)
+        server = cfg.route_server
+        # create_connection resolves the name again on every attempt, so a router that
+        # moved to a new address is found
+        await asyncio.wait_for(
+            loop.create_connection(
+                lambda: link,
+                host=server.host,
+                port=server.port,
+                ssl=client_context(cfg),
+                server_hostname=server_hostname(cfg),
+                ssl_handshake_timeout=cfg.heartbeat_timeout,
+            ),
+            timeout=cfg.heartbeat_timeout,
+        )
+        return link
+
+    async def _run_link(self, link: RouterLink) -> None:
+        self.link = link
+        tick = min(1.0, self.cfg.heartbeat_interval / 2)
+        while not link.closed.done():
+            await asyncio.wait([link.closed], timeout=tick)
+            link.tick(time.monotonic())
+        if link.rejected is not None:
+            rej = link.rejected
+            raise FatalError(
+                f"{'authentication' if rej.stage == 'AUTH' else 'registration'} "
+                f"rejected by router: {rej.error}"
+            )
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
+        self.open_tun()
+        try:
+            await self.configure_tun()
+            self.resume_tun()
+            stats_task = asyncio.create_task(self._stats_loop())
+            try:
+                await self._connect_loop()
+            finally:
+                stats_task.cancel()
+        finally:
+            self.pause_tun()
+            if self.link is not None and self.link.transport is not None:
+                self.link.transport.close()
+            if self.tun is not None:
+                self.tun.close()
+            log.info("stopped %s", self.stats.summary())
+
+    async def _connect_loop(self) -> None:
+        cfg = self.cfg
+        delay = cfg.reconnect_min_delay
+        attempt = 0
+        while not self._stopping.is_set():
+            attempt += 1
+            try:
+                log.info("connecting to %s", cfg.route_server.url)
+                link = await self._connect_once()
+            except (TimeoutError, OSError) as exc:
+                log.warning("cannot connect to %s: %s", cfg.route_server.url, exc or "timeout")
+            else:
+                self.stats.connects += 1
+                if self.stats.connects > 1:
+                    self.stats.reconnects += 1
+                await self._run_link(link)
+                if link.registered_once:
+                    delay = cfg.reconnect_min_delay
+                log.warning("connection to router %s lost", cfg.route_server.url)
+            if self._stopping.is_set():
+                break
+            # full jitter spreads reconnecting offices apart after a router restart
+            sleep = random.uniform(cfg.reconnect_min_delay, max(delay, cfg.reconnect_min_delay))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=sleep)
+            delay = min(cfg.reconnect_max_delay, max(delay * 2, 0.1))
+
+    async def _stats_loop(self) -> None:
+        interval = self.cfg.stats_interval
+        if not interval:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            tun = self.tun
+            if tun is not None:
+                self.stats.tun_write_errors = tun.write_errors
+                self.stats.dropped_queue_full = tun.write_dropped
+            log.info("stats %s", self.stats.summary())
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self.link is not None and self.link.transport is not None:
+            self.link.transport.close()

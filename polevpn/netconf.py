@@ -1,0 +1,59 @@
+"""Addresses and routes on the gateway's TUN device, through netlink (pyroute2).
+
+pyroute2's asyncio API failed under uvloop on our machines, so these are plain blocking
+calls that the gateway runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+IFA_F_NODAD = 0x02
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def configure_tun(
+    ifname: str,
+    mtu: int,
+    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    routes: list[IPNetwork],
+) -> None:
+    """Bring the device up with ``mtu``, host addresses and routes into it (idempotent)."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise RuntimeError(f"interface {ifname} does not exist")
+        idx = found[0]
+        ipr.link("set", index=idx, mtu=mtu)
+        ipr.link("set", index=idx, state="up")
+        for addr in addresses:
+            family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+            plen = 32 if addr.version == 4 else 128
+            try:
+                # no duplicate address detection: a point-to-point TUN has no neighbours, and
+                # DAD would hold the address tentative for a second or more
+                ipr.addr(
+                    "add",
+                    index=idx,
+                    address=str(addr),
+                    prefixlen=plen,
+                    family=family,
+                    flags=IFA_F_NODAD if addr.version == 6 else 0,
+                )
+            except NetlinkError as exc:
+                if exc.code != 17:  # EEXIST: already there from an earlier run
+                    raise
+        for net in routes:
+            family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+            ipr.route(
+                "replace",
+                dst=str(net.network_address),
+                dst_len=net.prefixlen,
+                oif=idx,
+                family=family,
+            )

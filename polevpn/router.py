@@ -1,0 +1,363 @@
+"""The router (hub): accepts gateways over TLS and forwards IP packets between them.
+
+The protocol logic lives in ``session.ServerSession`` and the table in ``routing``; this
+module wires them to asyncio transports. The forwarding loop is the hot path: it reads the
+destination straight out of the packet, batches frames per destination connection and
+writes each batch with one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, fields
+
+from . import wire
+from .config import RouterConfig
+from .routing import RouteTable
+from .session import (
+    AuthFailed,
+    ConnectionLost,
+    RegisterRequested,
+    ServerSession,
+    State,
+    keys_equal,
+)
+from .tlsconf import server_context
+
+log = logging.getLogger("polevpn.router")
+
+_S2C = wire.S2C_IPDATA
+_HDR = wire.HEADER_LEN
+_pack = wire.HEADER.pack
+_from_bytes = int.from_bytes
+
+
+@dataclass
+class RouterStats:
+    connections_accepted: int = 0
+    connections_closed: int = 0
+    auth_failures: int = 0
+    registrations: int = 0
+    replaced: int = 0
+    timeouts: int = 0
+    malformed_frames: int = 0
+    packets_forwarded: int = 0
+    bytes_forwarded: int = 0
+    dropped_no_route: int = 0
+    dropped_malformed: int = 0
+    dropped_queue_full: int = 0
+    dropped_hairpin: int = 0
+    dropped_unregistered: int = 0
+
+    def summary(self) -> str:
+        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+
+class GatewayConnection(asyncio.Protocol):
+    """One gateway's TLS connection, as seen by the router."""
+
+    def __init__(self, router: Router, transport_name: str) -> None:
+        self.router = router
+        self.transport_name = transport_name
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.session: ServerSession | None = None
+        self.gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self.prefixes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        self.pending: list[bytes | memoryview] = []
+        self.connected_at = 0.0
+        self.packets_in = 0
+        self.packets_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.closing = False
+
+    def __repr__(self) -> str:
+        return f"<gateway {self.gateway or '-'} {self.peer}>"
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        now = time.monotonic()
+        self.connected_at = now
+        self.session = ServerSession(self.router.check_key, now)
+        limit = self.router.cfg.send_queue_bytes
+        transport.set_write_buffer_limits(high=limit, low=limit // 2)
+        self.router.on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        packets, events = session.receive(data, time.monotonic())
+        if events:
+            for ev in events:
+                self.router.on_event(self, ev)
+        if packets:
+            self.packets_in += len(packets)
+            self.router.forward(self, packets)
+        if session.outbox:
+            self._write_control(session.data_to_send())
+        if session.state is State.CLOSED and not self.closing:
+            self.close(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.router.on_disconnect(self, exc)
+
+    # -- output
+
+    def _write_control(self, frames: list[bytes]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(frames))
+
+    def flush(self) -> None:
+        """Write the frames batched by ``Router.forward`` with one call, or drop them."""
+        pending = self.pending
+        transport = self.transport
+        if transport is None or self.closing:
+            self.router.stats.dropped_queue_full += len(pending) // 2
+        elif transport.get_write_buffer_size() >= self.router.cfg.send_queue_bytes:
+            # a slow gateway loses its own packets; it never holds up anyone else
+            self.router.stats.dropped_queue_full += len(pending) // 2
+        else:
+            # one write means one TLS record stream instead of a record per frame
+            data = b"".join(pending)
+            count = len(pending) // 2
+            self.bytes_out += len(data)
+            self.packets_out += count
+            stats = self.router.stats
+            stats.packets_forwarded += count
+            stats.bytes_forwarded += len(data) - count * _HDR
+            transport.write(data)
+        pending.clear()
+
+    def close(self, reason: str | None) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        if reason:
+            log.info(
+                "closing connection peer=%s gateway=%s reason=%s", self.peer, self.gateway, reason
+            )
+        if self.session is not None and self.session.outbox:
+            self._write_control(self.session.data_to_send())
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.cfg = cfg
+        self.routes: RouteTable[GatewayConnection] = RouteTable()
+        self.by_gateway: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, GatewayConnection] = {}
+        self.connections: set[GatewayConnection] = set()
+        self.stats = RouterStats()
+        self.servers: list[asyncio.AbstractServer] = []
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        tls = self.cfg.tls
+        if self.cfg.kcp.enable:
+            log.warning(
+                "kcp is enabled in %s but kcp:// is not available yet in this version; "
+                "only tls:// is served",
+                self.cfg.path,
+            )
+        assert tls.cert_file is not None and tls.key_file is not None
+        ctx = server_context(tls.cert_file, tls.key_file)
+        server = await loop.create_server(
+            lambda: GatewayConnection(self, "tls"),
+            host=tls.host,
+            port=tls.port,
+            ssl=ctx,
+            ssl_handshake_timeout=self.cfg.auth_timeout,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self.servers.append(server)
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            log.info("listening transport=tls address=%s port=%d", host, port)
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    @property
+    def tls_port(self) -> int:
+        return self.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.close("router shutting down")
+        for task in self._tasks:
+            task.cancel()
+        for server in self.servers:
+            await server.wait_closed()
+        log.info("stopped %s", self.stats.summary())
+        self._stopped.set()
+
+    async def _housekeeping(self) -> None:
+        cfg = self.cfg
+        period = max(0.05, min(1.0, cfg.idle_timeout / 4, cfg.auth_timeout / 4))
+        next_stats = time.monotonic() + cfg.stats_interval if cfg.stats_interval else None
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.session is None or conn.closing:
+                    continue
+                reason = conn.session.check_timeouts(now, cfg.auth_timeout, cfg.idle_timeout)
+                if reason:
+                    self.stats.timeouts += 1
+                    conn.close(reason)
+            if next_stats is not None and now >= next_stats:
+                next_stats = now + cfg.stats_interval
+                log.info(
+                    "stats connections=%d routes=%d %s",
+                    len(self.connections),
+                    len(self.routes),
+                    self.stats.summary(),
+                )
+
+    # -- control plane
+
+    def check_key(self, key: str) -> bool:
+        return keys_equal(key, self.cfg.key)
+
+    def on_connect(self, conn: GatewayConnection) -> None:
+        self.stats.connections_accepted += 1
+        self.connections.add(conn)
+        log.debug("connection from %s", conn.peer)
+
+    def on_event(self, conn: GatewayConnection, ev: object) -> None:
+        if isinstance(ev, RegisterRequested):
+            self._register(conn, ev)
+        elif isinstance(ev, AuthFailed):
+            self.stats.auth_failures += 1
+            log.warning("auth rejected peer=%s reason=%s", conn.peer, ev.reason)
+        elif isinstance(ev, ConnectionLost):
+            self.stats.malformed_frames += 1
+            log.warning("protocol error peer=%s reason=%s", conn.peer, ev.reason)
+
+    def _register(self, conn: GatewayConnection, ev: RegisterRequested) -> None:
+        req = ev.request
+        old = self.by_gateway.get(req.gateway)
+        if old is not None and old is not conn:
+            self.stats.replaced += 1
+            log.info(
+                "gateway %s re-registered from %s, replacing connection from %s",
+                req.gateway,
+                conn.peer,
+                old.peer,
+            )
+            self._withdraw(old)
+            old.close("replaced by a new registration")
+        if conn.gateway is not None:
+            # a second REGISTER on the same connection replaces what it announced before
+            self._withdraw(conn)
+        host = ipaddress.ip_network(req.gateway)
+        prefixes = [host, *req.networks]
+        for net in prefixes:
+            self.routes.add(net, conn)
+        conn.gateway = req.gateway
+        conn.prefixes = prefixes
+        self.by_gateway[req.gateway] = conn
+        assert conn.session is not None
+        conn.session.accept_register(ev.seq)
+        self.stats.registrations += 1
+        log.info(
+            "registered gateway=%s peer=%s transport=%s networks=%s",
+            req.gateway,
+            conn.peer,
+            conn.transport_name,
+            ",".join(str(n) for n in req.networks) or "-",
+        )
+
+    def _withdraw(self, conn: GatewayConnection) -> None:
+        for net in conn.prefixes:
+            self.routes.remove(net, conn)
+        conn.prefixes = []
+        if conn.gateway is not None and self.by_gateway.get(conn.gateway) is conn:
+            del self.by_gateway[conn.gateway]
+
+    def on_disconnect(self, conn: GatewayConnection, exc: Exception | None) -> None:
+        self.connections.discard(conn)
+        self.stats.connections_closed += 1
+        if conn.session is not None:
+            self.stats.dropped_unregistered += conn.session.dropped_unregistered
+        if conn.gateway is not None:
+            self._withdraw(conn)
+            log.info(
+                "gateway disconnected gateway=%s peer=%s%s",
+                conn.gateway,
+                conn.peer,
+                f" error={exc}" if exc else "",
+            )
+
+    # -- data plane
+
+    def forward(self, src: GatewayConnection, packets: list[memoryview]) -> None:
+        lookup4 = self.routes.lookup_v4
+        lookup6 = self.routes.lookup_v6
+        stats = self.stats
+        touched: list[GatewayConnection] = []
+        nbytes = 0
+        for pkt in packets:
+            n = len(pkt)
+            if n < 20:
+                stats.dropped_malformed += 1
+                continue
+            version = pkt[0] >> 4
+            if version == 4:
+                dst = lookup4(_from_bytes(pkt[16:20], "big"))
+            elif version == 6 and n >= 40:
+                dst = lookup6(_from_bytes(pkt[24:40], "big"))
+            else:
+                stats.dropped_malformed += 1
+                continue
+            if dst is None:
+                stats.dropped_no_route += 1
+                continue
+            if dst is src:
+                # sending it back would loop between gateway and router until TTL ran out
+                stats.dropped_hairpin += 1
+                continue
+            pending = dst.pending
+            if not pending:
+                touched.append(dst)
+            pending.append(_pack(n + _HDR, _S2C, 0))
+            pending.append(pkt)
+            nbytes += n
+        src.bytes_in += nbytes
+        for dst in touched:
+            dst.flush()
+
+    # -- status
+
+    def status(self) -> list[dict[str, object]]:
+        now = time.monotonic()
+        out = []
+        for conn in self.connections:
+            out.append(
+                {
+                    "gateway": str(conn.gateway) if conn.gateway else None,
+                    "peer": conn.peer,
+                    "transport": conn.transport_name,
+                    "networks": [str(n) for n in conn.prefixes[1:]],
+                    "uptime": round(now - conn.connected_at, 1),
+                    "packets_in": conn.packets_in,
+                    "packets_out": conn.packets_out,
+                }
+            )
+        return out

@@ -1,0 +1,134 @@
+"""Longest-prefix-match table for IPv4 and IPv6, keyed by integer addresses. No I/O.
+
+Lookups walk the distinct prefix lengths present, longest first, with one dict probe each.
+Real tables hold a handful of distinct lengths, so this beats a bit-by-bit trie in Python.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _Family(Generic[T]):
+    __slots__ = ("bits", "levels", "by_len", "owners")
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        # (mask, {masked address: value}) for each prefix length present, longest first
+        self.levels: list[tuple[int, dict[int, T]]] = []
+        self.by_len: dict[int, dict[int, T]] = {}
+        # every claimant of a prefix in registration order; the last one is active, and an
+        # earlier one takes over again when a later one leaves
+        self.owners: dict[tuple[int, int], list[T]] = {}
+
+    def _rebuild(self) -> None:
+        full = (1 << self.bits) - 1
+        self.levels = [
+            (full ^ ((1 << (self.bits - plen)) - 1), self.by_len[plen])
+            for plen in sorted(self.by_len, reverse=True)
+        ]
+
+    def add(self, addr: int, plen: int, value: T) -> None:
+        key = (addr, plen)
+        claim = self.owners.setdefault(key, [])
+        if value in claim:
+            claim.remove(value)
+        claim.append(value)
+        level = self.by_len.get(plen)
+        if level is None:
+            level = self.by_len[plen] = {}
+            level[addr] = value
+            self._rebuild()
+        else:
+            level[addr] = value
+
+    def remove(self, addr: int, plen: int, value: T) -> bool:
+        key = (addr, plen)
+        claim = self.owners.get(key)
+        if not claim or value not in claim:
+            return False
+        claim.remove(value)
+        level = self.by_len[plen]
+        if claim:
+            level[addr] = claim[-1]
+            return True
+        del self.owners[key]
+        del level[addr]
+        if not level:
+            del self.by_len[plen]
+            self._rebuild()
+        return True
+
+    def lookup(self, addr: int) -> T | None:
+        for mask, level in self.levels:
+            value = level.get(addr & mask)
+            if value is not None:
+                return value
+        return None
+
+
+class RouteTable(Generic[T]):
+    """Maps prefixes to values (gateway connections); ``lookup_*`` take integer addresses."""
+
+    __slots__ = ("_v4", "_v6")
+
+    def __init__(self) -> None:
+        self._v4: _Family[T] = _Family(32)
+        self._v6: _Family[T] = _Family(128)
+
+    def _family(self, net: IPNetwork) -> _Family[T]:
+        return self._v4 if net.version == 4 else self._v6
+
+    def add(self, net: IPNetwork, value: T) -> None:
+        self._family(net).add(int(net.network_address), net.prefixlen, value)
+
+    def remove(self, net: IPNetwork, value: T) -> bool:
+        """Withdraw ``value``'s claim on ``net``; an earlier claimant becomes active again."""
+        return self._family(net).remove(int(net.network_address), net.prefixlen, value)
+
+    def lookup_v4(self, addr: int) -> T | None:
+        return self._v4.lookup(addr)
+
+    def lookup_v6(self, addr: int) -> T | None:
+        return self._v6.lookup(addr)
+
+    def lookup(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> T | None:
+        fam = self._v4 if addr.version == 4 else self._v6
+        return fam.lookup(int(addr))
+
+    def routes(self) -> list[tuple[IPNetwork, T]]:
+        """Active routes, for status output and tests."""
+        out: list[tuple[IPNetwork, T]] = []
+        for fam, cls in ((self._v4, ipaddress.IPv4Network), (self._v6, ipaddress.IPv6Network)):
+            for (addr, plen), claim in fam.owners.items():
+                out.append((cls((addr, plen)), claim[-1]))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._v4.owners) + len(self._v6.owners)
+
+
+class NetworkSet:
+    """Membership test for a fixed list of networks (ACLs)."""
+
+    __slots__ = ("_table", "networks")
+
+    def __init__(self, networks: list[IPNetwork] | tuple[IPNetwork, ...]) -> None:
+        self.networks = tuple(networks)
+        self._table: RouteTable[bool] = RouteTable()
+        for net in self.networks:
+            self._table.add(net, True)
+
+    def contains_v4(self, addr: int) -> bool:
+        return self._table.lookup_v4(addr) is not None
+
+    def contains_v6(self, addr: int) -> bool:
+        return self._table.lookup_v6(addr) is not None
+
+    def __contains__(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        return self._table.lookup(addr) is not None

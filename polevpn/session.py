@@ -1,0 +1,358 @@
+"""Connection state machines for both ends of a PoleVPN link. No sockets, no clocks.
+
+Each session takes received bytes and the current time, and returns the IP packets carried
+and a list of control events; what it wants sent accumulates in ``outbox`` until the I/O
+layer collects it with ``data_to_send``. IP packets are returned as memoryviews in a list of
+their own because they are the hot path and must not be wrapped in an object each.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from . import messages, wire
+from .messages import MessageError, RegisterRequest
+from .wire import FrameDecoder, ProtocolError, encode_frame
+
+
+class State(Enum):
+    AWAIT_AUTH = "await-auth"
+    AUTHENTICATED = "authenticated"
+    REGISTERED = "registered"
+    CLOSED = "closed"
+
+
+# ---- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSucceeded:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailed:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterRequested:
+    request: RegisterRequest
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The router refused AUTH or REGISTER; retrying with the same config will not help."""
+
+    stage: str
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReceived:
+    rtt: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLost:
+    """The session is over: protocol violation or timeout. The I/O layer closes the link."""
+
+    reason: str
+
+
+Event = (
+    AuthSucceeded
+    | AuthFailed
+    | RegisterRequested
+    | Registered
+    | Rejected
+    | HeartbeatReceived
+    | ConnectionLost
+)
+
+Packets = list[memoryview]
+
+
+def keys_equal(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+# ---- router side --------------------------------------------------------------------------
+
+
+class ServerSession:
+    """The router's view of one gateway connection.
+
+    AUTH must come first. REGISTER is reported as an event and answered by the orchestrator
+    through ``accept_register`` or ``reject_register``, because only it knows the routing
+    table. IP data before a successful REGISTER is dropped and counted.
+    """
+
+    __slots__ = (
+        "state",
+        "_decoder",
+        "_check_key",
+        "outbox",
+        "last_heard",
+        "opened_at",
+        "dropped_unregistered",
+        "unknown_commands",
+    )
+
+    def __init__(self, check_key: Callable[[str], bool], now: float) -> None:
+        self.state = State.AWAIT_AUTH
+        self._decoder = FrameDecoder()
+        self._check_key = check_key
+        self.outbox: list[bytes] = []
+        self.last_heard = now
+        self.opened_at = now
+        self.dropped_unregistered = 0
+        self.unknown_commands = 0
+
+    def data_to_send(self) -> list[bytes]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def receive(self, data: bytes, now: float) -> tuple[Packets, list[Event]]:
+        packets: Packets = []
+        events: list[Event] = []
+        if self.state is State.CLOSED:
+            return packets, events
+        self.last_heard = now
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            return packets, self._lose(events, f"malformed frame: {exc}")
+        registered = self.state is State.REGISTERED
+        for command, seq, body in frames:
+            if command == wire.C2S_IPDATA:
+                if registered:
+                    packets.append(body)
+                else:
+                    self.dropped_unregistered += 1
+                continue
+            self._control(command, seq, body, events)
+            if self.state is State.CLOSED:
+                break
+            registered = self.state is State.REGISTERED
+        return packets, events
+
+    def _control(self, command: int, seq: int, body: memoryview, events: list[Event]) -> None:
+        if self.state is State.AWAIT_AUTH and command != wire.AUTH:
+            self._lose(events, f"command {command} before AUTH")
+            return
+        if command == wire.AUTH:
+            if self.state is not State.AWAIT_AUTH:
+                # a repeated AUTH changes nothing; answer it so a confused peer can go on
+                self.outbox.append(encode_frame(wire.AUTH, messages.OK_BODY, seq))
+                return
+            try:
+                auth = messages.parse_auth(body)
+            except MessageError as exc:
+                self._lose(events, f"bad AUTH: {exc}")
+                return
+            if not self._check_key(auth.key):
+                self.outbox.append(
+                    encode_frame(wire.AUTH, messages.encode_error("invalid key"), seq)
+                )
+                self.state = State.CLOSED
+                events.append(AuthFailed("invalid key"))
+                return
+            self.state = State.AUTHENTICATED
+            self.outbox.append(encode_frame(wire.AUTH, messages.OK_BODY, seq))
+            events.append(AuthSucceeded())
+        elif command == wire.REGISTER:
+            try:
+                req = messages.parse_register(body)
+            except MessageError as exc:
+                self.outbox.append(
+                    encode_frame(wire.REGISTER, messages.encode_error(str(exc)), seq)
+                )
+                self._lose(events, f"bad REGISTER: {exc}")
+                return
+            if not self._check_key(req.key):
+                self.outbox.append(
+                    encode_frame(wire.REGISTER, messages.encode_error("invalid key"), seq)
+                )
+                self.state = State.CLOSED
+                events.append(AuthFailed("invalid key in REGISTER"))
+                return
+            events.append(RegisterRequested(req, seq))
+        elif command == wire.HEART_BEAT:
+            # echoed as is, sequence included, as PoleVPN's router does
+            self.outbox.append(wire.frame_header(wire.HEART_BEAT, 0, seq))
+            events.append(HeartbeatReceived())
+        else:
+            # S2C_IPDATA from a gateway or a command from a newer protocol: ignore, count
+            self.unknown_commands += 1
+
+    def accept_register(self, seq: int) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.state = State.REGISTERED
+        self.outbox.append(encode_frame(wire.REGISTER, messages.OK_BODY, seq))
+
+    def reject_register(self, seq: int, error: str) -> None:
+        if self.state is State.CLOSED:
+            return
+        self.outbox.append(encode_frame(wire.REGISTER, messages.encode_error(error), seq))
+        self.state = State.CLOSED
+
+    def check_timeouts(self, now: float, auth_timeout: float, idle_timeout: float) -> str | None:
+        """Reason to close the connection, or None while it is within its deadlines."""
+        if self.state is State.CLOSED:
+            return None
+        if self.state is not State.REGISTERED and now - self.opened_at > auth_timeout:
+            self.state = State.CLOSED
+            return f"no AUTH/REGISTER within {auth_timeout:g}s"
+        if now - self.last_heard > idle_timeout:
+            self.state = State.CLOSED
+            return f"idle for {idle_timeout:g}s"
+        return None
+
+    def _lose(self, events: list[Event], reason: str) -> list[Event]:
+        self.state = State.CLOSED
+        events.append(ConnectionLost(reason))
+        return events
+
+
+# ---- gateway side -------------------------------------------------------------------------
+
+
+class ClientSession:
+    """The gateway's side of one connection: AUTH, then REGISTER, then data and heartbeats."""
+
+    __slots__ = (
+        "state",
+        "_decoder",
+        "key",
+        "gateway",
+        "networks",
+        "heartbeat_interval",
+        "heartbeat_timeout",
+        "outbox",
+        "last_heard",
+        "started_at",
+        "_next_heartbeat",
+        "_hb_seq",
+        "_hb_sent",
+        "rtt",
+        "unknown_commands",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        gateway: str,
+        networks: list[str],
+        now: float,
+        heartbeat_interval: float = 10.0,
+        heartbeat_timeout: float = 20.0,
+    ) -> None:
+        self.state = State.AWAIT_AUTH
+        self._decoder = FrameDecoder()
+        self.key = key
+        self.gateway = gateway
+        self.networks = networks
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.outbox: list[bytes] = [encode_frame(wire.AUTH, messages.encode_auth(key), 0)]
+        self.last_heard = now
+        self.started_at = now
+        self._next_heartbeat = now + heartbeat_interval
+        self._hb_seq = 0
+        self._hb_sent: dict[int, float] = {}
+        self.rtt: float | None = None
+        self.unknown_commands = 0
+
+    def data_to_send(self) -> list[bytes]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.REGISTERED
+
+    def receive(self, data: bytes, now: float) -> tuple[Packets, list[Event]]:
+        packets: Packets = []
+        events: list[Event] = []
+        if self.state is State.CLOSED:
+            return packets, events
+        self.last_heard = now
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self.state = State.CLOSED
+            events.append(ConnectionLost(f"malformed frame: {exc}"))
+            return packets, events
+        for command, seq, body in frames:
+            if command == wire.S2C_IPDATA:
+                if self.state is State.REGISTERED:
+                    packets.append(body)
+                continue
+            self._control(command, seq, body, now, events)
+            if self.state is State.CLOSED:
+                break
+        return packets, events
+
+    def _control(
+        self, command: int, seq: int, body: memoryview, now: float, events: list[Event]
+    ) -> None:
+        if command == wire.HEART_BEAT:
+            sent = self._hb_sent.pop(seq, None)
+            rtt = None if sent is None else now - sent
+            if rtt is not None:
+                self.rtt = rtt
+            events.append(HeartbeatReceived(rtt))
+            return
+        if command not in (wire.AUTH, wire.REGISTER):
+            self.unknown_commands += 1
+            return
+        stage = "AUTH" if command == wire.AUTH else "REGISTER"
+        try:
+            reply = messages.parse_reply(body)
+        except MessageError as exc:
+            self.state = State.CLOSED
+            events.append(ConnectionLost(f"bad {stage} reply: {exc}"))
+            return
+        if reply.error is not None:
+            self.state = State.CLOSED
+            events.append(Rejected(stage, reply.error))
+            return
+        if command == wire.AUTH and self.state is State.AWAIT_AUTH:
+            self.state = State.AUTHENTICATED
+            body_out = messages.encode_register(self.gateway, self.key, self.networks)
+            self.outbox.append(encode_frame(wire.REGISTER, body_out, 0))
+            events.append(AuthSucceeded())
+        elif command == wire.REGISTER and self.state is State.AUTHENTICATED:
+            self.state = State.REGISTERED
+            events.append(Registered())
+
+    def tick(self, now: float) -> ConnectionLost | None:
+        """Queue a heartbeat when one is due; report a dead link. Call about once a second."""
+        if self.state is State.CLOSED:
+            return None
+        if self.state is not State.REGISTERED and now - self.started_at > self.heartbeat_timeout:
+            self.state = State.CLOSED
+            return ConnectionLost(f"not registered within {self.heartbeat_timeout:g}s")
+        if now - self.last_heard > self.heartbeat_timeout:
+            self.state = State.CLOSED
+            return ConnectionLost(f"nothing heard from the router for {self.heartbeat_timeout:g}s")
+        if self.state is State.REGISTERED and now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.heartbeat_interval
+            self._hb_seq = (self._hb_seq + 1) & 0xFFFFFFFF
+            # keep only recent probes: a router that never echoes must not grow this
+            if len(self._hb_sent) > 16:
+                self._hb_sent.clear()
+            self._hb_sent[self._hb_seq] = now
+            self.outbox.append(wire.frame_header(wire.HEART_BEAT, 0, self._hb_seq))
+        return None

@@ -1,0 +1,124 @@
+"""PoleVPN frame codec: bytes in, frames out, and frames to bytes. No I/O.
+
+A frame is an 8-byte big-endian header ``[u16 length incl. header][u16 command][u32 seq]``
+followed by the body. The decoder is the only place that trusts nothing about its input.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+HEADER = struct.Struct(">HHI")
+HEADER_LEN = HEADER.size
+MAX_FRAME = 0xFFFF
+MAX_BODY = MAX_FRAME - HEADER_LEN
+
+
+class Command(IntEnum):
+    AUTH = 0
+    REGISTER = 1
+    S2C_IPDATA = 2
+    C2S_IPDATA = 3
+    HEART_BEAT = 4
+
+
+AUTH = int(Command.AUTH)
+REGISTER = int(Command.REGISTER)
+S2C_IPDATA = int(Command.S2C_IPDATA)
+C2S_IPDATA = int(Command.C2S_IPDATA)
+HEART_BEAT = int(Command.HEART_BEAT)
+
+_pack = HEADER.pack
+_unpack_from = HEADER.unpack_from
+
+
+class ProtocolError(Exception):
+    """The peer sent bytes that cannot be a frame; the connection must be closed."""
+
+
+def encode_frame(command: int, body: bytes | bytearray | memoryview = b"", seq: int = 0) -> bytes:
+    n = len(body)
+    if n > MAX_BODY:
+        raise ValueError(f"frame body of {n} bytes exceeds {MAX_BODY}")
+    return _pack(n + HEADER_LEN, command, seq) + bytes(body)
+
+
+def frame_header(command: int, body_len: int, seq: int = 0) -> bytes:
+    """Header alone, so the data path can write header and payload without joining them."""
+    return _pack(body_len + HEADER_LEN, command, seq)
+
+
+Frame = tuple[int, int, memoryview]
+"""(command, seq, body). The body is a view into the bytes passed to ``feed``."""
+
+
+class FrameDecoder:
+    """Incremental frame parser for a byte stream.
+
+    ``feed`` returns complete frames; a partial frame at the end is kept for the next call.
+    Bodies are memoryviews over immutable bytes, so callers may hold on to them.
+    """
+
+    __slots__ = ("_pending", "_need")
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        # bytes still needed to finish the pending frame (0 when nothing is pending)
+        self._need = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._pending)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        frames: list[Frame] = []
+        pos = 0
+        end = len(data)
+        if self._pending:
+            pos = self._complete_pending(data, frames)
+            if self._pending:
+                return frames
+        mv = memoryview(data)
+        append = frames.append
+        while end - pos >= HEADER_LEN:
+            length, command, seq = _unpack_from(data, pos)
+            if length < HEADER_LEN:
+                raise ProtocolError(f"frame length {length} is shorter than the header")
+            stop = pos + length
+            if stop > end:
+                break
+            append((command, seq, mv[pos + HEADER_LEN : stop]))
+            pos = stop
+        if pos < end:
+            self._pending += mv[pos:]
+            self._need = self._pending_need()
+        return frames
+
+    def _pending_need(self) -> int:
+        p = self._pending
+        if len(p) < HEADER_LEN:
+            return HEADER_LEN - len(p)
+        length = (p[0] << 8) | p[1]
+        if length < HEADER_LEN:
+            raise ProtocolError(f"frame length {length} is shorter than the header")
+        return length - len(p)
+
+    def _complete_pending(self, data: bytes, frames: list[Frame]) -> int:
+        """Finish the pending frame from the head of ``data``; return bytes consumed."""
+        pos = 0
+        end = len(data)
+        while True:
+            take = min(self._need, end - pos)
+            self._pending += data[pos : pos + take]
+            pos += take
+            # once the header is complete this re-reads the real frame length
+            self._need = self._pending_need()
+            if self._need == 0:
+                _, command, seq = _unpack_from(self._pending, 0)
+                frame = bytes(self._pending)
+                self._pending.clear()
+                frames.append((command, seq, memoryview(frame)[HEADER_LEN:]))
+                return pos
+            if pos == end:
+                return pos
