@@ -1,0 +1,323 @@
+"""A real router on loopback, driven by protocol-level test gateways (no root, no TUN).
+
+The router runs in-process on the test's event loop so its counters can be inspected; the
+gateways are plain TLS clients speaking the wire protocol byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import ssl
+import struct
+from pathlib import Path
+
+import pytest
+
+from polevpn.config import Listener, RouterConfig
+from polevpn.keygen import generate
+from polevpn.router import Router
+
+KEY = "123456"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory):
+    return generate(tmp_path_factory.mktemp("keys"))
+
+
+def router_config(keys, **overrides) -> RouterConfig:
+    listener = Listener(True, "127.0.0.1", 0, keys.server_cert, keys.server_key)
+    off = Listener(False, "127.0.0.1", 0, None, None)
+    args = dict(path=Path("test.json"), tls=listener, kcp=off, key=KEY, stats_interval=0)
+    args.update(overrides)
+    return RouterConfig(**args)
+
+
+def frame(cmd: int, body: bytes = b"", seq: int = 0) -> bytes:
+    return struct.pack(">HHI", len(body) + 8, cmd, seq) + body
+
+
+def ipv4_packet(src: str, dst: str, payload: bytes = b"x" * 32) -> bytes:
+    total = 20 + len(payload)
+    hdr = struct.pack(
+        ">BBHHHBBH4s4s",
+        0x45,
+        0,
+        total,
+        0,
+        0,
+        64,
+        17,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
+    return hdr + payload
+
+
+def ipv6_packet(src: str, dst: str, payload: bytes = b"y" * 16) -> bytes:
+    hdr = struct.pack(
+        ">IHBB16s16s",
+        6 << 28,
+        len(payload),
+        17,
+        64,
+        ipaddress.IPv6Address(src).packed,
+        ipaddress.IPv6Address(dst).packed,
+    )
+    return hdr + payload
+
+
+class ProtoGateway:
+    """A protocol-level gateway: TLS client, frames in and out, no TUN."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def connect(cls, router: Router) -> ProtoGateway:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", router.tls_port, ssl=ctx, server_hostname="polevpn.com"
+        )
+        return cls(reader, writer)
+
+    async def send(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def recv_frame(self, timeout: float = 3.0) -> tuple[int, int, bytes]:
+        hdr = await asyncio.wait_for(self.reader.readexactly(8), timeout)
+        length, cmd, seq = struct.unpack(">HHI", hdr)
+        body = await asyncio.wait_for(self.reader.readexactly(length - 8), timeout)
+        return cmd, seq, body
+
+    async def login(self, gateway: str, networks: list[str], key: str = KEY) -> None:
+        await self.send(frame(0, json.dumps({"key": key}).encode()))
+        assert await self.recv_frame() == (0, 0, b"{}")
+        body = json.dumps({"gateway": gateway, "key": key, "network": networks}).encode()
+        await self.send(frame(1, body, 7))
+        assert await self.recv_frame() == (1, 7, b"{}")
+
+    async def closed_by_peer(self, timeout: float = 3.0) -> bool:
+        try:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+        except (ConnectionError, ssl.SSLError):
+            return True
+        while data:
+            try:
+                data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            except (ConnectionError, ssl.SSLError):
+                return True
+        return True
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def started(cfg: RouterConfig) -> Router:
+    router = Router(cfg)
+    await router.start()
+    return router
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+def test_go_gateway_auth_and_register_bytes(keys):
+    """The exact bytes the Go gateway sends are accepted and answered as Go's router does."""
+
+    async def scenario():
+        router = await started(router_config(keys))
+        gw = await ProtoGateway.connect(router)
+        auth = bytes.fromhex("0018000000000000") + b'{"key":"123456"}'
+        await gw.send(auth)
+        hdr = await gw.reader.readexactly(10)
+        assert hdr == bytes.fromhex("000a000000000000") + b"{}"
+        register = bytes.fromhex("004d000100000000") + (
+            b'{"gateway":"169.254.0.1","key":"123456","network":["198.18.10.0/24"]}'
+        )
+        assert len(register) == 0x4D
+        await gw.send(register)
+        assert await gw.reader.readexactly(10) == bytes.fromhex("000a000100000000") + b"{}"
+        # heartbeat: an empty frame, echoed as is with its sequence
+        await gw.send(bytes.fromhex("0008000400000005"))
+        assert await gw.reader.readexactly(8) == bytes.fromhex("0008000400000005")
+        routes = {str(n) for n, _ in router.routes.routes()}
+        assert routes == {"169.254.0.1/32", "198.18.10.0/24"}
+        gw.close()
+        await router.stop()
+
+    run(scenario())
+
+
+def test_wrong_key_gets_error_and_close(keys, caplog):
+    async def scenario():
+        router = await started(router_config(keys))
+        gw = await ProtoGateway.connect(router)
+        await gw.send(frame(0, b'{"key":"wrong"}', 3))
+        cmd, seq, body = await gw.recv_frame()
+        assert (cmd, seq) == (0, 3)
+        assert json.loads(body) == {"error": "invalid key"}
+        assert await gw.closed_by_peer()
+        assert router.stats.auth_failures == 1
+        await router.stop()
+
+    with caplog.at_level("WARNING", logger="polevpn.router"):
+        run(scenario())
+    assert any("auth rejected" in r.message and "invalid key" in r.message for r in caplog.records)
+    assert "wrong" not in caplog.text, "the rejected key must not be logged"
+
+
+def test_frames_before_auth_and_malformed_frames_close_only_that_connection(keys):
+    async def scenario():
+        router = await started(router_config(keys))
+        a = await ProtoGateway.connect(router)
+        b = await ProtoGateway.connect(router)
+        await a.login("169.254.0.1", ["198.18.10.0/24"])
+        await b.login("169.254.0.2", ["198.18.20.0/24"])
+        bad1 = await ProtoGateway.connect(router)
+        await bad1.send(frame(1, b'{"gateway":"169.254.0.9","key":"123456"}'))
+        assert await bad1.closed_by_peer()
+        bad2 = await ProtoGateway.connect(router)
+        await bad2.login("169.254.0.3", [])
+        await bad2.send(b"\x00\x03\x00\x03\x00\x00\x00\x00garbage")
+        assert await bad2.closed_by_peer()
+        bad3 = await ProtoGateway.connect(router)
+        await bad3.send(frame(0, b"not json"))
+        assert await bad3.closed_by_peer()
+        # the good gateways still pass traffic both ways
+        await a.send(frame(3, ipv4_packet("198.18.10.2", "198.18.20.2")))
+        cmd, _, body = await b.recv_frame()
+        assert cmd == 2 and body == ipv4_packet("198.18.10.2", "198.18.20.2")
+        await b.send(frame(3, ipv4_packet("198.18.20.2", "198.18.10.2")))
+        cmd, _, body = await a.recv_frame()
+        assert cmd == 2 and body[16:20] == ipaddress.IPv4Address("198.18.10.2").packed
+        assert router.stats.malformed_frames >= 2
+        await router.stop()
+
+    run(scenario())
+
+
+def test_longest_prefix_forwarding_v4_v6_and_default(keys):
+    async def scenario():
+        router = await started(router_config(keys))
+        wide = await ProtoGateway.connect(router)
+        narrow = await ProtoGateway.connect(router)
+        default = await ProtoGateway.connect(router)
+        await wide.login("169.254.0.1", ["198.18.0.0/15", "2001:db8::/32"])
+        await narrow.login("169.254.0.2", ["198.18.20.0/24", "2001:db8:20::/64"])
+        await default.login("169.254.0.3", ["0.0.0.0/0", "::/0"])
+
+        async def expect(sender, pkt, receiver):
+            await sender.send(frame(3, pkt))
+            cmd, _, body = await receiver.recv_frame()
+            assert (cmd, body) == (2, pkt)
+
+        # registered in the order wide, narrow: the narrower prefix still wins
+        await expect(default, ipv4_packet("198.51.100.1", "198.18.20.7"), narrow)
+        await expect(default, ipv4_packet("198.51.100.1", "198.18.21.7"), wide)
+        await expect(narrow, ipv4_packet("198.18.20.7", "203.0.113.9"), default)
+        await expect(default, ipv4_packet("198.51.100.1", "169.254.0.2"), narrow)
+        await expect(default, ipv6_packet("2001:db8:ff::1", "2001:db8:20::5"), narrow)
+        await expect(default, ipv6_packet("2001:db8:ff::1", "2001:db8:21::5"), wide)
+        await expect(wide, ipv6_packet("2001:db8:ff::1", "2001:db9::1"), default)
+        await router.stop()
+
+    run(scenario())
+
+
+def test_no_route_dropped_and_counted(keys):
+    async def scenario():
+        router = await started(router_config(keys))
+        a = await ProtoGateway.connect(router)
+        await a.login("169.254.0.1", ["198.18.10.0/24"])
+        await a.send(frame(3, ipv4_packet("198.18.10.2", "198.18.99.1")))
+        await a.send(frame(3, ipv4_packet("198.18.10.2", "198.18.10.9")))  # back to itself
+        await a.send(frame(3, b"\x45short"))
+        for _ in range(50):
+            if router.stats.dropped_no_route and router.stats.dropped_hairpin:
+                break
+            await asyncio.sleep(0.02)
+        assert router.stats.dropped_no_route == 1
+        assert router.stats.dropped_hairpin == 1
+        assert router.stats.dropped_malformed == 1
+        await router.stop()
+
+    run(scenario())
+
+
+def test_reregister_replaces_old_connection(keys):
+    async def scenario():
+        router = await started(router_config(keys))
+        old = await ProtoGateway.connect(router)
+        other = await ProtoGateway.connect(router)
+        await old.login("169.254.0.1", ["198.18.10.0/24"])
+        await other.login("169.254.0.2", ["198.18.20.0/24"])
+        new = await ProtoGateway.connect(router)
+        await new.login("169.254.0.1", ["198.18.11.0/24"])
+        assert await old.closed_by_peer()
+        await other.send(frame(3, ipv4_packet("198.18.20.2", "198.18.11.5")))
+        cmd, _, body = await new.recv_frame()
+        assert cmd == 2
+        routes = {str(n) for n, _ in router.routes.routes()}
+        assert "198.18.10.0/24" not in routes and "198.18.11.0/24" in routes
+        assert router.stats.replaced == 1
+        await router.stop()
+
+    run(scenario())
+
+
+def test_idle_and_auth_timeouts(keys):
+    async def scenario():
+        router = await started(router_config(keys, idle_timeout=0.6, auth_timeout=0.4))
+        silent = await ProtoGateway.connect(router)  # never authenticates
+        idle = await ProtoGateway.connect(router)
+        await idle.login("169.254.0.1", ["198.18.10.0/24"])
+        alive = await ProtoGateway.connect(router)
+        await alive.login("169.254.0.2", ["198.18.20.0/24"])
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        idle_closed = asyncio.create_task(idle.closed_by_peer(5))
+        while loop.time() - start < 1.5:
+            await alive.send(frame(4))
+            assert (await alive.recv_frame())[0] == 4
+            await asyncio.sleep(0.2)
+        assert await silent.closed_by_peer(3)
+        assert await idle_closed
+        assert {str(n) for n, _ in router.routes.routes()} == {"169.254.0.2/32", "198.18.20.0/24"}
+        assert router.stats.timeouts >= 2
+        await router.stop()
+
+    run(scenario())
+
+
+def test_slow_gateway_does_not_stall_others(keys):
+    """A gateway that stops reading loses its own packets; the others keep flowing."""
+
+    async def scenario():
+        router = await started(router_config(keys, send_queue_bytes=65536))
+        src = await ProtoGateway.connect(router)
+        slow = await ProtoGateway.connect(router)
+        fast = await ProtoGateway.connect(router)
+        await src.login("169.254.0.1", ["198.18.10.0/24"])
+        await slow.login("169.254.0.2", ["198.18.20.0/24"])
+        await fast.login("169.254.0.3", ["198.18.30.0/24"])
+        to_slow = frame(3, ipv4_packet("198.18.10.2", "198.18.20.2", b"z" * 1300))
+        # far more than the socket buffers and the router's queue can hold
+        for _ in range(200):
+            await src.send(to_slow * 100)
+        to_fast = ipv4_packet("198.18.10.2", "198.18.30.2")
+        await src.send(frame(3, to_fast))
+        cmd, _, body = await fast.recv_frame(5)
+        assert (cmd, body) == (2, to_fast)
+        assert router.stats.dropped_queue_full > 0
+        await router.stop()
+
+    run(scenario())
