@@ -83,8 +83,8 @@ class RouterLink(asyncio.Protocol):
         return self.session.state is State.REGISTERED and not self.paused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, only alike
+        self.transport = transport  # type: ignore[assignment]
         limit = self.gw.cfg.send_queue_bytes
         transport.set_write_buffer_limits(high=limit // 4, low=limit // 8)
         cfg = self.gw.cfg
