@@ -1,0 +1,267 @@
+"""AUTH / REGISTER / reply bodies: Go shapes, leniency about extras, strictness about types."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from polevpn import messages
+from polevpn.messages import MessageError, parse_auth, parse_register, parse_reply
+
+GO_AUTH_BODY = b'{"key":"123456"}'
+GO_REGISTER_BODY = b'{"gateway":"169.254.0.1","key":"123456","network":["198.18.10.0/24"]}'
+
+
+# ---- AUTH -------------------------------------------------------------------------------
+
+
+def test_parse_go_auth() -> None:
+    assert parse_auth(GO_AUTH_BODY) == messages.AuthRequest(key="123456")
+    assert parse_auth(memoryview(GO_AUTH_BODY)).key == "123456"
+
+
+def test_auth_missing_key_is_empty() -> None:
+    assert parse_auth(b"{}").key == ""
+
+
+def test_auth_extra_fields_ignored() -> None:
+    body = b'{"key":"k","version":3,"features":["kcp"],"nested":{"a":null}}'
+    assert parse_auth(body).key == "k"
+
+
+def test_auth_unicode_key_round_trip() -> None:
+    assert parse_auth(messages.encode_auth("kéy-\u2603")).key == "kéy-\u2603"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"key":123456}',
+        b'{"key":["123456"]}',
+        b'{"key":{"k":1}}',
+        b'{"key":true}',
+        b"[]",
+        b'"123456"',
+        b"123",
+        b"null",
+        b"",
+        b"{",
+        b"not json",
+        b"\xff\xfe\x00garbage",
+        b'{"key":"\xff"}',
+    ],
+)
+def test_auth_bad_bodies(body: bytes) -> None:
+    with pytest.raises(MessageError):
+        parse_auth(body)
+
+
+# ---- REGISTER ---------------------------------------------------------------------------
+
+
+def test_parse_go_register() -> None:
+    req = parse_register(GO_REGISTER_BODY)
+    assert req.gateway == ipaddress.IPv4Address("169.254.0.1")
+    assert req.key == "123456"
+    assert req.networks == (ipaddress.IPv4Network("198.18.10.0/24"),)
+
+
+def test_register_round_trip() -> None:
+    body = messages.encode_register(
+        "169.254.0.9", "secret", ["198.18.10.0/24", "2001:db8:10::/64", "10.0.0.0/8"]
+    )
+    req = parse_register(body)
+    assert req.gateway == ipaddress.ip_address("169.254.0.9")
+    assert req.key == "secret"
+    assert [str(n) for n in req.networks] == ["198.18.10.0/24", "2001:db8:10::/64", "10.0.0.0/8"]
+
+
+def test_register_network_as_single_string() -> None:
+    body = b'{"gateway":"169.254.0.1","key":"k","network":"198.18.10.0/24"}'
+    assert parse_register(body).networks == (ipaddress.ip_network("198.18.10.0/24"),)
+
+
+@pytest.mark.parametrize("network", ['""', "null", "[]"])
+def test_register_empty_networks(network: str) -> None:
+    body = f'{{"gateway":"169.254.0.1","key":"k","network":{network}}}'.encode()
+    assert parse_register(body).networks == ()
+
+
+def test_register_network_missing_is_empty() -> None:
+    assert parse_register(b'{"gateway":"169.254.0.1","key":"k"}').networks == ()
+
+
+def test_register_host_bits_are_masked() -> None:
+    body = b'{"gateway":"169.254.0.1","network":["198.18.10.7/24"]}'
+    assert parse_register(body).networks == (ipaddress.ip_network("198.18.10.0/24"),)
+
+
+def test_register_ipv6_gateway() -> None:
+    body = b'{"gateway":"2001:db8:ff::1","key":"k","network":["2001:db8:10::/64"]}'
+    req = parse_register(body)
+    assert req.gateway == ipaddress.IPv6Address("2001:db8:ff::1")
+    assert req.networks == (ipaddress.IPv6Network("2001:db8:10::/64"),)
+
+
+def test_register_extra_fields_ignored() -> None:
+    obj = json.loads(GO_REGISTER_BODY)
+    obj.update({"gateway6": "2001:db8::1", "mtu": 1400, "future": {"x": [1, 2]}})
+    req = parse_register(json.dumps(obj).encode())
+    assert req == parse_register(GO_REGISTER_BODY)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"key": "k", "network": []},  # gateway missing
+        {"gateway": None, "key": "k"},
+        {"gateway": 169, "key": "k"},
+        {"gateway": ["169.254.0.1"], "key": "k"},
+        {"gateway": "169.254.0", "key": "k"},
+        {"gateway": "not-an-ip", "key": "k"},
+        {"gateway": "", "key": "k"},
+        {"gateway": "169.254.0.1", "key": 5},
+        {"gateway": "169.254.0.1", "key": "k", "network": 5},
+        {"gateway": "169.254.0.1", "key": "k", "network": {"a": "10.0.0.0/8"}},
+        {"gateway": "169.254.0.1", "key": "k", "network": [5]},
+        {"gateway": "169.254.0.1", "key": "k", "network": [None]},
+        {"gateway": "169.254.0.1", "key": "k", "network": ["10.0.0.0/33"]},
+        {"gateway": "169.254.0.1", "key": "k", "network": ["10.0.0.0/8", "bogus"]},
+        {"gateway": "169.254.0.1", "key": "k", "network": "bogus"},
+        {"gateway": "169.254.0.1", "key": "k", "network": [["10.0.0.0/8"]]},
+    ],
+)
+def test_register_bad_types(obj: dict) -> None:
+    with pytest.raises(MessageError):
+        parse_register(json.dumps(obj).encode())
+
+
+@pytest.mark.parametrize("body", [b"[]", b"", b"{", b'"x"', b"\x80"])
+def test_register_not_an_object(body: bytes) -> None:
+    with pytest.raises(MessageError):
+        parse_register(body)
+
+
+# ---- replies ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body", [b"{}", b'{"error":""}', b'{"error":null}', b'{"other":"x"}', messages.OK_BODY]
+)
+def test_reply_success(body: bytes) -> None:
+    assert parse_reply(body) == messages.Reply(error=None)
+
+
+def test_reply_error() -> None:
+    assert parse_reply(b'{"error":"invalid key"}').error == "invalid key"
+    assert parse_reply(messages.encode_error('bad "network"')).error == 'bad "network"'
+
+
+def test_reply_error_non_string_is_stringified() -> None:
+    reply = parse_reply(b'{"error":42}')
+    assert reply.error == "42"
+
+
+@pytest.mark.parametrize("body", [b"", b"[]", b"null", b"nope", b'"error"', b"\xc3"])
+def test_reply_bad(body: bytes) -> None:
+    with pytest.raises(MessageError):
+        parse_reply(body)
+
+
+def test_encode_error_is_compact_json() -> None:
+    assert messages.encode_error("invalid key") == b'{"error":"invalid key"}'
+
+
+def test_message_error_is_value_error() -> None:
+    # callers that only know ValueError still catch it
+    assert issubclass(MessageError, ValueError)
+
+
+# ---- fuzz -------------------------------------------------------------------------------
+
+PARSERS = [parse_auth, parse_register, parse_reply]
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20)
+    | st.sampled_from(["169.254.0.1", "::1", "10.0.0.0/8", "2001:db8::/32", "1.2.3.4/33"]),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=25,
+)
+
+# objects that put arbitrary values into the fields the parsers actually read
+shaped_objects = st.fixed_dictionaries(
+    {},
+    optional={
+        "key": json_values,
+        "gateway": json_values,
+        "network": json_values,
+        "error": json_values,
+    },
+)
+
+
+def only_message_errors(parse, body: bytes) -> None:
+    with contextlib.suppress(MessageError):
+        parse(body)
+
+
+@given(st.binary(max_size=300))
+def test_fuzz_bytes(body: bytes) -> None:
+    for parse in PARSERS:
+        only_message_errors(parse, body)
+
+
+@given(json_values)
+def test_fuzz_json_values(value: object) -> None:
+    body = json.dumps(value).encode()
+    for parse in PARSERS:
+        only_message_errors(parse, body)
+
+
+@given(shaped_objects, st.dictionaries(st.text(max_size=8), json_values, max_size=3))
+def test_fuzz_shaped_objects(obj: dict, extra: dict) -> None:
+    merged = {**extra, **obj}
+    body = json.dumps(merged).encode()
+    for parse in PARSERS:
+        only_message_errors(parse, body)
+
+
+@given(st.text(max_size=200))
+def test_fuzz_text(text: str) -> None:
+    for parse in PARSERS:
+        only_message_errors(parse, text.encode("utf-8", "surrogatepass"))
+
+
+@given(
+    st.ip_addresses(),
+    st.text(),
+    st.lists(st.ip_addresses().map(lambda a: f"{a}/{a.max_prefixlen}"), max_size=5),
+)
+def test_register_round_trip_any(addr, key: str, nets: list[str]) -> None:
+    req = parse_register(messages.encode_register(str(addr), key, nets))
+    assert req.gateway == addr
+    assert req.key == key
+    assert [str(n) for n in req.networks] == nets
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: deeply nested JSON raises RecursionError out of parse_*, not MessageError",
+)
+@pytest.mark.parametrize("parse", PARSERS)
+def test_deeply_nested_json_is_a_message_error(parse) -> None:
+    # fits in one frame (MAX_BODY is 65527); an unauthenticated peer can send it as AUTH
+    body = b'{"key":' + b"[" * 60000 + b"]" * 60000 + b"}"
+    with pytest.raises(MessageError):
+        parse(body)
