@@ -92,7 +92,14 @@ class GatewayConfig:
 
     @property
     def announced(self) -> list[str]:
-        return [str(n) for n in self.local_networks]
+        """REGISTER's network list: the office networks, and the IPv6 gateway address as a
+        /128 because REGISTER has a field only for the IPv4 one."""
+        nets = [str(n) for n in self.local_networks]
+        if self.gateway6 is not None:
+            host = f"{self.gateway6}/128"
+            if host not in nets:
+                nets.append(host)
+        return nets
 
 
 class _Reader:
