@@ -17,7 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-import topology as t
+
+try:  # tests/ is on sys.path (pytest rootdir-less import mode) ...
+    import topology as t
+except ImportError:  # ... or tests/ is a package
+    from tests import topology as t
 
 _ok, _reason = t.have_netns_support()
 if _ok and shutil.which("ping") is None:
