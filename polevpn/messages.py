@@ -44,6 +44,9 @@ def _load_object(body: bytes | memoryview) -> dict:
         obj = json.loads(bytes(body))
     except (ValueError, UnicodeDecodeError) as exc:
         raise MessageError(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        # an unauthenticated peer can nest brackets tens of thousands deep in one frame
+        raise MessageError("body is nested too deeply") from None
     if not isinstance(obj, dict):
         raise MessageError("body is not a JSON object")
     return obj
