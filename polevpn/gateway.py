@@ -99,6 +99,15 @@ class RouterLink(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._received(data)
+        except Exception:
+            # drop this connection and reconnect rather than let the daemon die
+            log.exception("internal error handling data from the router; reconnecting")
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _received(self, data: bytes) -> None:
         session = self.session
         packets, events = session.receive(data, time.monotonic())
         if events:

@@ -93,6 +93,15 @@ class GatewayConnection(asyncio.Protocol):
         self.router.on_connect(self)
 
     def data_received(self, data: bytes) -> None:
+        try:
+            self._received(data)
+        except Exception:
+            # a bug reached by one peer's bytes costs that peer its connection, nothing more
+            log.exception("internal error handling data from peer=%s; closing it", self.peer)
+            self.router.stats.malformed_frames += 1
+            self.close(None)
+
+    def _received(self, data: bytes) -> None:
         session = self.session
         assert session is not None
         packets, events = session.receive(data, time.monotonic())

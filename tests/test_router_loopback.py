@@ -321,3 +321,24 @@ def test_slow_gateway_does_not_stall_others(keys):
         await router.stop()
 
     run(scenario())
+
+
+def test_router_listens_on_ipv6(keys):
+    async def scenario():
+        listener = Listener(True, "::1", 0, keys.server_cert, keys.server_key)
+        router = await started(router_config(keys, tls=listener))
+        assert router.servers[0].sockets[0].family.name == "AF_INET6"
+        ctx = ssl.create_default_context(cafile=str(keys.ca_cert))
+        reader, writer = await asyncio.open_connection(
+            "::1", router.tls_port, ssl=ctx, server_hostname="polevpn-router"
+        )
+        gw = ProtoGateway(reader, writer)
+        await gw.login("169.254.0.1", ["2001:db8:10::/64"])
+        assert {str(n) for n, _ in router.routes.routes()} == {
+            "169.254.0.1/32",
+            "2001:db8:10::/64",
+        }
+        gw.close()
+        await router.stop()
+
+    run(scenario())
