@@ -95,13 +95,6 @@ def gateway_main(argv: list[str] | None = None) -> int:
         _install_stop(gw.stop)
         try:
             await gw.run()
-        except PermissionError as exc:
-            log.error(
-                "cannot set up the TUN device %s: %s (run as root or with CAP_NET_ADMIN)",
-                cfg.tun_name,
-                exc.strerror or exc,
-            )
-            return 1
         except FatalError as exc:
             log.error("%s", exc)
             return 1

@@ -39,6 +39,10 @@ class FatalError(Exception):
     """The router refused us for a reason that retrying will not change (wrong key)."""
 
 
+class SetupError(FatalError):
+    """The host would not give us the TUN device, its addresses or its routes."""
+
+
 @dataclass
 class GatewayStats:
     connects: int = 0
@@ -322,9 +326,21 @@ class Gateway:
         cfg = self.cfg
         for warning in cfg.warnings:
             log.warning("%s", warning)
-        self.open_tun()
         try:
-            await self.configure_tun()
+            self.open_tun()
+        except OSError as exc:
+            hint = (
+                " (run as root or with CAP_NET_ADMIN)" if isinstance(exc, PermissionError) else ""
+            )
+            raise SetupError(
+                f"cannot create TUN device {cfg.tun_name}: {exc.strerror or exc}{hint}"
+            ) from None
+        try:
+            try:
+                await self.configure_tun()
+            except Exception as exc:
+                assert self.tun is not None
+                raise SetupError(f"cannot configure TUN device {self.tun.name}: {exc}") from None
             self.resume_tun()
             stats_task = asyncio.create_task(self._stats_loop())
             try:
