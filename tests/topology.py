@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -121,7 +122,10 @@ class Topology:
     def __init__(self, prefix: str | None = None, log_dir: str | os.PathLike | None = None):
         self.prefix = prefix or f"pv{secrets.token_hex(2)}"
         self.ns = {node: f"{self.prefix}-{node}" for node in NODES}
-        self.log_dir = Path(log_dir) if log_dir else Path(f"/tmp/{self.prefix}-logs")
+        # Without an explicit log_dir the logs go to a private temp dir that
+        # teardown() removes again.
+        self._own_log_dir = log_dir is None
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix=f"{self.prefix}-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._created: list[str] = []
         self._procs: list[subprocess.Popen] = []
@@ -404,6 +408,8 @@ class Topology:
         for ns in reversed(self._created):
             self._ip("netns", "del", ns, check=False)
         self._created.clear()
+        if self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> Topology:
         return self.setup()
