@@ -168,7 +168,13 @@ class _Reader:
             if required:
                 raise self.fail(key, "missing (expected a file path)")
             return None
-        p = Path(self.string(key)).expanduser()
+        text = self.string(key)
+        if "\0" in text:
+            raise self.fail(key, "contains a NUL character")
+        try:
+            p = Path(text).expanduser()
+        except RuntimeError as exc:  # ~user with no such user
+            raise self.fail(key, f"cannot expand {text!r}: {exc}") from None
         if not p.is_absolute():
             p = self.path.parent / p
         try:
@@ -213,12 +219,18 @@ def _load_json(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(path, "(file)", f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            path, "(file)", f"not UTF-8 text: {exc.reason} at byte {exc.start}"
+        ) from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             path, "(file)", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
         ) from None
+    except RecursionError:
+        raise ConfigError(path, "(file)", "JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ConfigError(path, "(file)", "expected a JSON object at the top level")
     return obj
@@ -233,7 +245,7 @@ def _split_host_port(text: str) -> tuple[str, int]:
         host, sep, port = text.rpartition(":")
         if not sep:
             raise ValueError("expected host:port")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"port {port!r} is not a number 0..65535")
     return host, int(port)
 

@@ -137,9 +137,11 @@ class ServerSession:
             if command == wire.C2S_IPDATA:
                 if registered:
                     packets.append(body)
-                else:
+                    continue
+                if self.state is not State.AWAIT_AUTH:
+                    # between AUTH and REGISTER: harmless, PoleVPN gateways race this
                     self.dropped_unregistered += 1
-                continue
+                    continue
             self._control(command, seq, body, events)
             if self.state is State.CLOSED:
                 break

@@ -8,9 +8,11 @@ here and removed again, also on failure.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -26,8 +28,9 @@ except ImportError:  # ... or tests/ is a package
 _ok, _reason = t.have_netns_support()
 if _ok and shutil.which("ping") is None:
     _ok, _reason = False, "'ping' (iputils-ping) not found"
-if _ok and (t.console_script("polevpn-router") is None
-            or t.console_script("polevpn-gateway") is None):
+if _ok and (
+    t.console_script("polevpn-router") is None or t.console_script("polevpn-gateway") is None
+):
     _ok, _reason = False, "polevpn console scripts not installed (run 'make venv')"
 
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(not _ok, reason=_reason)]
@@ -78,7 +81,9 @@ def keys(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("keys")
     res = subprocess.run(
         [sys.executable, "-m", "polevpn.keygen", "--out", str(out)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 0, f"keygen failed: {res.stdout}\n{res.stderr}"
     for name in ("ca.crt", "server.crt", "server.key", "shared.key"):
@@ -147,9 +152,7 @@ def test_tcp_transfer_ipv6(vpn):
 def test_acl_drops_unlisted_source(vpn):
     """gwB restarted with acls lacking LAN A's IPv4 net: v4 from A dropped, v6 passes."""
     acls = [t.LAN_A6, "169.254.0.0/16", "2001:db8:ff::/64"]
-    cfg = t.write_json(
-        vpn.work / "gateway-b-acl.json", t.gateway_config("B", vpn.keys, acls=acls)
-    )
+    cfg = t.write_json(vpn.work / "gateway-b-acl.json", t.gateway_config("B", vpn.keys, acls=acls))
     vpn.stop_gateway("gwB")
     try:
         vpn.start_gateway("gwB", cfg)
@@ -178,7 +181,8 @@ def test_wrong_key_rejected(vpn):
     cfg = t.write_json(
         vpn.work / "gateway-bad.json",
         t.gateway_config(
-            "A", vpn.keys,
+            "A",
+            vpn.keys,
             key_file=str(bad_key),
             tun_name="pvbad0",
             gateway="169.254.0.9",
@@ -206,7 +210,7 @@ def test_wrong_key_rejected(vpn):
 
 
 def test_key_inline_in_config(vpn):
-    """"key" given inline instead of key_file: the gateway registers."""
+    """ "key" given inline instead of key_file: the gateway registers."""
     shared = (vpn.keys / "shared.key").read_text().strip()
     cfg = t.gateway_config("B", vpn.keys, key=shared)
     cfg.pop("key_file")
@@ -238,3 +242,60 @@ def test_router_sigkill_and_restart(vpn):
     res = vpn.topo.ping("hostB", t.HOST_A6, count=2, wait=2)
     assert res.returncode == 0, f"IPv6 did not resume\n{vpn.logs()}"
     print(f"ping resumed {total:.1f} s after router restart")
+
+
+# ------------------------------------------------- router certificate checks
+def _extra_gateway(vpn, name: str, **overrides) -> Path:
+    cfg = t.gateway_config(
+        "A",
+        vpn.keys,
+        tun_name=f"pv{name}0",
+        gateway="169.254.0.10",
+        gateway6="2001:db8:ff::10",
+        local_networks=["198.18.41.0/24"],
+        route_networks=["198.18.40.0/24"],
+        reconnect_min_delay=0.2,
+        reconnect_max_delay=0.5,
+    )
+    for key, value in overrides.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    return t.write_json(vpn.work / f"gateway-{name}.json", cfg)
+
+
+def _run_until_log(vpn, cfg: Path, name: str, *needles: str) -> str | None:
+    """Start a gateway in gwA, wait (bounded) for a log line, stop it by PID."""
+    proc = t.start_gateway(vpn.topo, "gwA", cfg, log_name=f"gw-{name}", wait=False)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            line = t.find_log_line(proc.log_path, *needles)
+            if line or proc.poll() is not None:
+                return line
+            time.sleep(0.1)
+        return None
+    finally:
+        t.Topology.stop(proc, timeout=5)
+
+
+def test_router_certificate_is_verified(vpn, tmp_path):
+    from polevpn.keygen import generate
+
+    other = generate(tmp_path / "other-ca")
+    wrong_ca = _extra_gateway(vpn, "badca", ca_file=str(other.ca_cert))
+    line = _run_until_log(vpn, wrong_ca, "badca", "cannot connect", "CERTIFICATE_VERIFY_FAILED")
+    assert line, "a router certificate from another CA was accepted"
+
+    der = ssl.PEM_cert_to_DER_cert((vpn.keys / "server.crt").read_text())
+    good_pin = hashlib.sha256(der).hexdigest()
+    pinned = _extra_gateway(vpn, "pin", ca_file=None, cert_pin=good_pin)
+    assert _run_until_log(vpn, pinned, "pin", "registered with router"), "pinned gateway failed"
+
+    bad_pin = _extra_gateway(vpn, "badpin", ca_file=None, cert_pin="00" * 32)
+    line = _run_until_log(vpn, bad_pin, "badpin", "does not match cert_pin")
+    assert line, "a router certificate not matching the pin was accepted"
+    assert t.find_log_line(vpn.topo.log_dir / "gw-badpin.log", "registered") is None
+    # the office gateways were not disturbed
+    assert vpn.topo.ping("hostA", t.HOST_B, count=2, wait=2).returncode == 0

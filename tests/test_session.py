@@ -125,12 +125,22 @@ def test_server_requires_auth_first(frame: bytes) -> None:
     assert s.data_to_send() == []
 
 
-def test_server_ip_data_before_auth_dropped_and_counted() -> None:
+def test_server_ip_data_before_auth_is_a_protocol_violation() -> None:
     s = ServerSession(check_key, 0.0)
+    packets, events = s.receive(encode_frame(wire.C2S_IPDATA, b"\x45" + bytes(19)), 0.0)
+    assert packets == []
+    assert len(events) == 1 and isinstance(events[0], ConnectionLost)
+    assert "before AUTH" in events[0].reason
+    assert s.state is State.CLOSED
+
+
+def test_server_ip_data_between_auth_and_register_dropped_and_counted() -> None:
+    s = ServerSession(check_key, 0.0)
+    s.receive(encode_frame(wire.AUTH, b'{"key":"123456"}'), 0.0)
     packets, events = s.receive(encode_frame(wire.C2S_IPDATA, b"\x45" + bytes(19)), 0.0)
     assert (packets, events) == ([], [])
     assert s.dropped_unregistered == 1
-    assert s.state is State.AWAIT_AUTH
+    assert s.state is State.AUTHENTICATED
 
 
 @pytest.mark.parametrize("body", [b"", b"[]", b'{"key":1}', b"\xff"])
