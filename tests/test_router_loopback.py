@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from polevpn.config import Listener, RouterConfig
 from polevpn.keygen import generate
@@ -127,7 +128,8 @@ async def started(cfg: RouterConfig) -> Router:
 
 
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 30))
+    # the daemons run on uvloop, whose transports differ from asyncio's in buffering and SSL
+    return uvloop.run(asyncio.wait_for(coro, 30))
 
 
 def test_go_gateway_auth_and_register_bytes(keys):
