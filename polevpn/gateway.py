@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 
 from . import netconf, wire
 from .config import GatewayConfig
+from .ippacket import src_addr
 from .routing import NetworkSet
 from .session import (
     AuthSucceeded,
@@ -32,7 +33,6 @@ log = logging.getLogger("polevpn.gateway")
 _C2S = wire.C2S_IPDATA
 _HDR = wire.HEADER_LEN
 _pack = wire.HEADER.pack
-_from_bytes = int.from_bytes
 
 
 class FatalError(Exception):
@@ -250,15 +250,11 @@ class Gateway:
         delivered = 0
         nbytes = 0
         for pkt in packets:
-            n = len(pkt)
-            if n < 20:
-                stats.dropped_malformed += 1
-                continue
-            version = pkt[0] >> 4
+            version, addr = src_addr(pkt)
             if version == 4:
-                allowed = acl4(_from_bytes(pkt[12:16], "big"))
-            elif version == 6 and n >= 40:
-                allowed = acl6(_from_bytes(pkt[8:24], "big"))
+                allowed = acl4(addr)
+            elif version == 6:
+                allowed = acl6(addr)
             else:
                 stats.dropped_malformed += 1
                 continue
@@ -267,7 +263,7 @@ class Gateway:
                 continue
             write(pkt)
             delivered += 1
-            nbytes += n
+            nbytes += len(pkt)
         stats.packets_from_router += delivered
         stats.bytes_from_router += nbytes
 

@@ -6,8 +6,6 @@ ipaddress objects; callers get the version and integer addresses.
 
 from __future__ import annotations
 
-import ipaddress
-
 _from_bytes = int.from_bytes
 
 
@@ -33,11 +31,3 @@ def src_addr(pkt: bytes | memoryview) -> tuple[int, int]:
         if v == 6 and n >= 40:
             return 6, _from_bytes(pkt[8:24], "big")
     return 0, 0
-
-
-def format_addr(version: int, addr: int) -> str:
-    if version == 4:
-        return str(ipaddress.IPv4Address(addr))
-    if version == 6:
-        return str(ipaddress.IPv6Address(addr))
-    return "?"

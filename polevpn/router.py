@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 from . import wire
 from .config import RouterConfig
+from .ippacket import dst_addr
 from .routing import RouteTable
 from .session import (
     AuthFailed,
@@ -32,7 +33,6 @@ log = logging.getLogger("polevpn.router")
 _S2C = wire.S2C_IPDATA
 _HDR = wire.HEADER_LEN
 _pack = wire.HEADER.pack
-_from_bytes = int.from_bytes
 
 
 @dataclass
@@ -323,15 +323,11 @@ class Router:
         touched: list[GatewayConnection] = []
         nbytes = 0
         for pkt in packets:
-            n = len(pkt)
-            if n < 20:
-                stats.dropped_malformed += 1
-                continue
-            version = pkt[0] >> 4
+            version, addr = dst_addr(pkt)
             if version == 4:
-                dst = lookup4(_from_bytes(pkt[16:20], "big"))
-            elif version == 6 and n >= 40:
-                dst = lookup6(_from_bytes(pkt[24:40], "big"))
+                dst = lookup4(addr)
+            elif version == 6:
+                dst = lookup6(addr)
             else:
                 stats.dropped_malformed += 1
                 continue
@@ -345,28 +341,10 @@ class Router:
             pending = dst.pending
             if not pending:
                 touched.append(dst)
+            n = len(pkt)
             pending.append(_pack(n + _HDR, _S2C, 0))
             pending.append(pkt)
             nbytes += n
         src.bytes_in += nbytes
         for dst in touched:
             dst.flush()
-
-    # -- status
-
-    def status(self) -> list[dict[str, object]]:
-        now = time.monotonic()
-        out = []
-        for conn in self.connections:
-            out.append(
-                {
-                    "gateway": str(conn.gateway) if conn.gateway else None,
-                    "peer": conn.peer,
-                    "transport": conn.transport_name,
-                    "networks": [str(n) for n in conn.prefixes[1:]],
-                    "uptime": round(now - conn.connected_at, 1),
-                    "packets_in": conn.packets_in,
-                    "packets_out": conn.packets_out,
-                }
-            )
-        return out
