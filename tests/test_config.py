@@ -212,10 +212,10 @@ def test_gateway_key_file_and_relative_ca(tmp_path: Path, keys: keygen.KeygenRes
 
 
 def test_gateway_network_as_single_string(tmp_path: Path, keys: keygen.KeygenResult) -> None:
-    obj = gateway_obj(keys, local_networks="198.18.10.0/24", route_networks=" 10.0.0.0/8 ")
+    obj = gateway_obj(keys, local_networks="198.18.10.0/24", route_networks=" 198.18.0.0/15 ")
     cfg = load_gateway_config(write(tmp_path / "g.json", obj))
     assert cfg.local_networks == (ipaddress.ip_network("198.18.10.0/24"),)
-    assert cfg.route_networks == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert cfg.route_networks == (ipaddress.ip_network("198.18.0.0/15"),)
 
 
 def test_gateway_cert_pin_forms(tmp_path: Path, keys: keygen.KeygenResult) -> None:
@@ -449,7 +449,7 @@ def test_gateway_cidr_not_string(tmp_path: Path, keys: keygen.KeygenResult) -> N
 
 
 def test_gateway_networks_not_list(tmp_path: Path, keys: keygen.KeygenResult) -> None:
-    obj = gateway_obj(keys, route_networks={"a": "10.0.0.0/8"})
+    obj = gateway_obj(keys, route_networks={"a": "198.18.0.0/15"})
     path = write(tmp_path / "gateway.json", obj)
     assert_config_error(gateway_error(path), path, "route_networks", "list")
 

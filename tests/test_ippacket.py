@@ -56,11 +56,11 @@ def test_ipv6_addresses() -> None:
 
 
 def test_memoryview_input() -> None:
-    v4 = ipv4_packet("10.0.0.1", "10.0.0.2")
+    v4 = ipv4_packet("198.18.0.1", "198.18.0.2")
     v6 = ipv6_packet("::1", "::2")
     buf = memoryview(b"\x00" * 8 + v4 + v6)
-    assert dst_addr(buf[8 : 8 + len(v4)]) == (4, 0x0A000002)
-    assert src_addr(buf[8 : 8 + len(v4)]) == (4, 0x0A000001)
+    assert dst_addr(buf[8 : 8 + len(v4)]) == (4, 0xC6120002)
+    assert src_addr(buf[8 : 8 + len(v4)]) == (4, 0xC6120001)
     assert dst_addr(buf[8 + len(v4) :]) == (6, 2)
     assert src_addr(buf[8 + len(v4) :]) == (6, 1)
 
@@ -76,7 +76,7 @@ def test_minimal_headers_are_enough() -> None:
 
 @pytest.mark.parametrize("n", [0, 1, 10, 19])
 def test_short_ipv4_is_version_0(n: int) -> None:
-    pkt = ipv4_packet("10.0.0.1", "10.0.0.2")[:n]
+    pkt = ipv4_packet("198.18.0.1", "198.18.0.2")[:n]
     assert dst_addr(pkt) == (0, 0)
     assert src_addr(pkt) == (0, 0)
 

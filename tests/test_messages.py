@@ -73,12 +73,12 @@ def test_parse_go_register() -> None:
 
 def test_register_round_trip() -> None:
     body = messages.encode_register(
-        "169.254.0.9", "secret", ["198.18.10.0/24", "2001:db8:10::/64", "10.0.0.0/8"]
+        "169.254.0.9", "secret", ["198.18.10.0/24", "2001:db8:10::/64", "198.18.0.0/15"]
     )
     req = parse_register(body)
     assert req.gateway == ipaddress.ip_address("169.254.0.9")
     assert req.key == "secret"
-    assert [str(n) for n in req.networks] == ["198.18.10.0/24", "2001:db8:10::/64", "10.0.0.0/8"]
+    assert [str(n) for n in req.networks] == ["198.18.10.0/24", "2001:db8:10::/64", "198.18.0.0/15"]
 
 
 def test_register_network_as_single_string() -> None:
@@ -127,13 +127,13 @@ def test_register_extra_fields_ignored() -> None:
         {"gateway": "", "key": "k"},
         {"gateway": "169.254.0.1", "key": 5},
         {"gateway": "169.254.0.1", "key": "k", "network": 5},
-        {"gateway": "169.254.0.1", "key": "k", "network": {"a": "10.0.0.0/8"}},
+        {"gateway": "169.254.0.1", "key": "k", "network": {"a": "198.18.0.0/15"}},
         {"gateway": "169.254.0.1", "key": "k", "network": [5]},
         {"gateway": "169.254.0.1", "key": "k", "network": [None]},
-        {"gateway": "169.254.0.1", "key": "k", "network": ["10.0.0.0/33"]},
-        {"gateway": "169.254.0.1", "key": "k", "network": ["10.0.0.0/8", "bogus"]},
+        {"gateway": "169.254.0.1", "key": "k", "network": ["198.18.0.0/33"]},
+        {"gateway": "169.254.0.1", "key": "k", "network": ["198.18.0.0/15", "bogus"]},
         {"gateway": "169.254.0.1", "key": "k", "network": "bogus"},
-        {"gateway": "169.254.0.1", "key": "k", "network": [["10.0.0.0/8"]]},
+        {"gateway": "169.254.0.1", "key": "k", "network": [["198.18.0.0/15"]]},
     ],
 )
 def test_register_bad_types(obj: dict) -> None:
@@ -192,7 +192,7 @@ json_values = st.recursive(
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=20)
-    | st.sampled_from(["169.254.0.1", "::1", "10.0.0.0/8", "2001:db8::/32", "1.2.3.4/33"]),
+    | st.sampled_from(["169.254.0.1", "::1", "198.18.0.0/15", "2001:db8::/32", "1.2.3.4/33"]),
     lambda children: (
         st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
     ),

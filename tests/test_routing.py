@@ -44,7 +44,7 @@ class Reference:
 
 
 # Addresses drawn from a small neighbourhood so that prefixes overlap and nest often.
-v4_addrs = st.integers(0, 0xFF).map(lambda b: IPv4Address(0x0A000000 | (b << 16) | b))
+v4_addrs = st.integers(0, 0xFF).map(lambda b: IPv4Address(0xC6120000 | (b << 8) | b))
 v4_addrs = v4_addrs | st.integers(0, 2**32 - 1).map(IPv4Address)
 v6_addrs = st.integers(0, 0xFF).map(lambda b: IPv6Address((0x20010DB8 << 96) | (b << 80) | b))
 v6_addrs = v6_addrs | st.integers(0, 2**128 - 1).map(IPv6Address)
@@ -118,14 +118,14 @@ def test_adds_and_removes_match_brute_force(pool: list, ops: list, probes: list)
 
 def test_longest_prefix_wins() -> None:
     table: RouteTable[str] = RouteTable()
-    table.add(ip_network("10.0.0.0/8"), "wide")
-    table.add(ip_network("10.1.0.0/16"), "mid")
-    table.add(ip_network("10.1.2.0/24"), "narrow")
-    table.add(ip_network("10.1.2.3/32"), "host")
-    assert table.lookup(ip_address("10.1.2.3")) == "host"
-    assert table.lookup(ip_address("10.1.2.4")) == "narrow"
-    assert table.lookup(ip_address("10.1.3.4")) == "mid"
-    assert table.lookup(ip_address("10.2.0.0")) == "wide"
+    table.add(ip_network("198.18.0.0/15"), "wide")
+    table.add(ip_network("198.19.0.0/16"), "mid")
+    table.add(ip_network("198.19.2.0/24"), "narrow")
+    table.add(ip_network("198.19.2.3/32"), "host")
+    assert table.lookup(ip_address("198.19.2.3")) == "host"
+    assert table.lookup(ip_address("198.19.2.4")) == "narrow"
+    assert table.lookup(ip_address("198.19.3.4")) == "mid"
+    assert table.lookup(ip_address("198.18.2.0")) == "wide"
     assert table.lookup(ip_address("11.0.0.0")) is None
     assert table.lookup(ip_address("9.255.255.255")) is None
 
@@ -163,21 +163,21 @@ def test_reclaim_moves_owner_to_top() -> None:
 
 def test_remove_unknown_returns_false() -> None:
     table: RouteTable[str] = RouteTable()
-    table.add(ip_network("10.0.0.0/8"), "a")
-    assert not table.remove(ip_network("10.0.0.0/8"), "b")
-    assert not table.remove(ip_network("10.0.0.0/9"), "a")
+    table.add(ip_network("198.18.0.0/15"), "a")
+    assert not table.remove(ip_network("198.18.0.0/15"), "b")
+    assert not table.remove(ip_network("198.18.0.0/16"), "a")
     assert not table.remove(ip_network("::/0"), "a")
-    assert table.lookup(ip_address("10.9.9.9")) == "a"
+    assert table.lookup(ip_address("198.18.9.9")) == "a"
 
 
 def test_removing_last_of_a_length_keeps_other_lengths() -> None:
     table: RouteTable[str] = RouteTable()
-    table.add(ip_network("10.0.0.0/8"), "wide")
-    table.add(ip_network("10.1.0.0/16"), "narrow")
-    table.remove(ip_network("10.1.0.0/16"), "narrow")
-    assert table.lookup(ip_address("10.1.0.1")) == "wide"
-    table.add(ip_network("10.1.0.0/16"), "again")
-    assert table.lookup(ip_address("10.1.0.1")) == "again"
+    table.add(ip_network("198.18.0.0/15"), "wide")
+    table.add(ip_network("198.19.0.0/16"), "narrow")
+    table.remove(ip_network("198.19.0.0/16"), "narrow")
+    assert table.lookup(ip_address("198.19.0.1")) == "wide"
+    table.add(ip_network("198.19.0.0/16"), "again")
+    assert table.lookup(ip_address("198.19.0.1")) == "again"
 
 
 def test_default_routes() -> None:
@@ -200,36 +200,36 @@ def test_default_routes() -> None:
 def test_v4_and_v6_are_independent() -> None:
     table: RouteTable[str] = RouteTable()
     # the same integer value in both families must not collide
-    table.add(ip_network("10.0.0.0/8"), "v4")
-    assert table.lookup_v6(0x0A000001) is None
-    assert table.lookup(ip_address("::a00:1")) is None
+    table.add(ip_network("198.18.0.0/15"), "v4")
+    assert table.lookup_v6(0xC6120001) is None
+    assert table.lookup(ip_address("::c612:1")) is None
     table.add(ip_network("::/96"), "v6")
-    assert table.lookup_v4(0x0A000001) == "v4"
-    assert table.lookup_v6(0x0A000001) == "v6"
+    assert table.lookup_v4(0xC6120001) == "v4"
+    assert table.lookup_v6(0xC6120001) == "v6"
     assert table.lookup(ip_address("1.2.3.4")) is None
     table.add(ip_network("0.0.0.0/0"), "v4-default")
     assert table.lookup(ip_address("2001:db8::1")) is None
     table.remove(ip_network("::/96"), "v6")
-    assert table.lookup_v4(0x0A000001) == "v4"
-    assert table.lookup_v6(0x0A000001) is None
+    assert table.lookup_v4(0xC6120001) == "v4"
+    assert table.lookup_v6(0xC6120001) is None
 
 
 def test_ipv4_mapped_ipv6_is_not_ipv4() -> None:
     table: RouteTable[str] = RouteTable()
     table.add(ip_network("0.0.0.0/0"), "v4")
-    assert table.lookup(ip_address("::ffff:10.0.0.1")) is None
+    assert table.lookup(ip_address("::ffff:198.18.0.1")) is None
 
 
 def test_routes_and_len() -> None:
     table: RouteTable[str] = RouteTable()
     assert len(table) == 0
     assert table.routes() == []
-    table.add(ip_network("10.0.0.0/8"), "a")
-    table.add(ip_network("10.0.0.0/8"), "b")
+    table.add(ip_network("198.18.0.0/15"), "a")
+    table.add(ip_network("198.18.0.0/15"), "b")
     table.add(ip_network("2001:db8::/32"), "c")
     assert len(table) == 2
     assert sorted(table.routes(), key=str) == sorted(
-        [(ip_network("10.0.0.0/8"), "b"), (ip_network("2001:db8::/32"), "c")], key=str
+        [(ip_network("198.18.0.0/15"), "b"), (ip_network("2001:db8::/32"), "c")], key=str
     )
 
 
@@ -248,7 +248,7 @@ def test_network_set_membership() -> None:
     assert ip_address("2001:db8:20::1") in acl
     assert ip_address("2001:db8:21::1") not in acl
     assert acl.contains_v4(int(ip_address("198.18.20.9")))
-    assert not acl.contains_v4(int(ip_address("10.0.0.1")))
+    assert not acl.contains_v4(int(ip_address("198.18.0.1")))
     assert acl.contains_v6(int(ip_address("2001:db8:20::ffff")))
     assert not acl.contains_v6(int(ip_address("2001:db8:20:1::")))
     assert len(acl.networks) == 3
