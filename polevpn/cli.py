@@ -12,10 +12,17 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from . import __version__
-from .config import ConfigError, configure_logging, load_gateway_config, load_router_config
+from .config import (
+    ConfigError,
+    GatewayConfig,
+    RouterConfig,
+    configure_logging,
+    load_gateway_config,
+    load_router_config,
+)
 
 EXIT_CONFIG = 2
 
@@ -36,6 +43,21 @@ def _parse(prog: str, argv: list[str] | None, default: str) -> str:
     return parser.parse_args(argv).config
 
 
+C = TypeVar("C", RouterConfig, GatewayConfig)
+
+
+def _load(prog: str, argv: list[str] | None, default: str, loader: Callable[[str], C]) -> C | None:
+    """Parse flags and config; on a bad config print one line and return None."""
+    path = _parse(prog, argv, default)
+    try:
+        cfg = loader(path)
+    except ConfigError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return None
+    configure_logging(cfg.log_level)
+    return cfg
+
+
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
     try:
         import uvloop
@@ -51,13 +73,9 @@ def _install_stop(stop: Callable[[], None]) -> None:
 
 
 def router_main(argv: list[str] | None = None) -> int:
-    path = _parse("polevpn-router", argv, "config.json")
-    try:
-        cfg = load_router_config(path)
-    except ConfigError as exc:
-        print(f"polevpn-router: {exc}", file=sys.stderr)
+    cfg = _load("polevpn-router", argv, "config.json", load_router_config)
+    if cfg is None:
         return EXIT_CONFIG
-    configure_logging(cfg.log_level)
     from .router import Router
 
     async def main() -> int:
@@ -79,13 +97,9 @@ def router_main(argv: list[str] | None = None) -> int:
 
 
 def gateway_main(argv: list[str] | None = None) -> int:
-    path = _parse("polevpn-gateway", argv, "gateway.json")
-    try:
-        cfg = load_gateway_config(path)
-    except ConfigError as exc:
-        print(f"polevpn-gateway: {exc}", file=sys.stderr)
+    cfg = _load("polevpn-gateway", argv, "gateway.json", load_gateway_config)
+    if cfg is None:
         return EXIT_CONFIG
-    configure_logging(cfg.log_level)
     from .gateway import FatalError, Gateway
 
     log = logging.getLogger("polevpn.gateway")

@@ -11,10 +11,11 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from . import netconf, wire
 from .config import GatewayConfig
+from .counters import Counters
 from .ippacket import src_addr
 from .routing import NetworkSet
 from .session import (
@@ -44,7 +45,7 @@ class SetupError(FatalError):
 
 
 @dataclass
-class GatewayStats:
+class GatewayStats(Counters):
     connects: int = 0
     reconnects: int = 0
     packets_to_router: int = 0
@@ -57,9 +58,6 @@ class GatewayStats:
     dropped_too_big: int = 0
     dropped_queue_full: int = 0
     tun_write_errors: int = 0
-
-    def summary(self) -> str:
-        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
 
 
 class RouterLink(asyncio.Protocol):

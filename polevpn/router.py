@@ -12,10 +12,11 @@ import asyncio
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from . import wire
 from .config import RouterConfig
+from .counters import Counters
 from .ippacket import dst_addr
 from .routing import RouteTable
 from .session import (
@@ -36,7 +37,7 @@ _pack = wire.HEADER.pack
 
 
 @dataclass
-class RouterStats:
+class RouterStats(Counters):
     connections_accepted: int = 0
     connections_closed: int = 0
     auth_failures: int = 0
@@ -51,9 +52,6 @@ class RouterStats:
     dropped_queue_full: int = 0
     dropped_hairpin: int = 0
     dropped_unregistered: int = 0
-
-    def summary(self) -> str:
-        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
 
 
 class GatewayConnection(asyncio.Protocol):

@@ -86,10 +86,43 @@ def keys_equal(given: str, expected: str) -> bool:
     return hmac.compare_digest(given.encode(), expected.encode())
 
 
+class _FramedSession:
+    """What both ends share: the frame decoder, the outbox and the liveness clock."""
+
+    __slots__ = ("state", "_decoder", "outbox", "last_heard", "unknown_commands")
+
+    def __init__(self, now: float) -> None:
+        self.state = State.AWAIT_AUTH
+        self._decoder = FrameDecoder()
+        self.outbox: list[bytes] = []
+        self.last_heard = now
+        self.unknown_commands = 0
+
+    def data_to_send(self) -> list[bytes]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def _frames(self, data: bytes, now: float, events: list[Event]) -> list[wire.Frame]:
+        """Decode ``data``; on garbage, close the session and report why."""
+        if self.state is State.CLOSED:
+            return []
+        self.last_heard = now
+        try:
+            return self._decoder.feed(data)
+        except ProtocolError as exc:
+            self._lose(events, f"malformed frame: {exc}")
+            return []
+
+    def _lose(self, events: list[Event], reason: str) -> list[Event]:
+        self.state = State.CLOSED
+        events.append(ConnectionLost(reason))
+        return events
+
+
 # ---- router side --------------------------------------------------------------------------
 
 
-class ServerSession:
+class ServerSession(_FramedSession):
     """The router's view of one gateway connection.
 
     AUTH must come first. REGISTER is reported as an event and answered by the orchestrator
@@ -97,41 +130,18 @@ class ServerSession:
     table. IP data before a successful REGISTER is dropped and counted.
     """
 
-    __slots__ = (
-        "state",
-        "_decoder",
-        "_check_key",
-        "outbox",
-        "last_heard",
-        "opened_at",
-        "dropped_unregistered",
-        "unknown_commands",
-    )
+    __slots__ = ("_check_key", "opened_at", "dropped_unregistered")
 
     def __init__(self, check_key: Callable[[str], bool], now: float) -> None:
-        self.state = State.AWAIT_AUTH
-        self._decoder = FrameDecoder()
+        super().__init__(now)
         self._check_key = check_key
-        self.outbox: list[bytes] = []
-        self.last_heard = now
         self.opened_at = now
         self.dropped_unregistered = 0
-        self.unknown_commands = 0
-
-    def data_to_send(self) -> list[bytes]:
-        out, self.outbox = self.outbox, []
-        return out
 
     def receive(self, data: bytes, now: float) -> tuple[Packets, list[Event]]:
         packets: Packets = []
         events: list[Event] = []
-        if self.state is State.CLOSED:
-            return packets, events
-        self.last_heard = now
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            return packets, self._lose(events, f"malformed frame: {exc}")
+        frames = self._frames(data, now, events)
         registered = self.state is State.REGISTERED
         for command, seq, body in frames:
             if command == wire.C2S_IPDATA:
@@ -221,34 +231,24 @@ class ServerSession:
             return f"idle for {idle_timeout:g}s"
         return None
 
-    def _lose(self, events: list[Event], reason: str) -> list[Event]:
-        self.state = State.CLOSED
-        events.append(ConnectionLost(reason))
-        return events
-
 
 # ---- gateway side -------------------------------------------------------------------------
 
 
-class ClientSession:
+class ClientSession(_FramedSession):
     """The gateway's side of one connection: AUTH, then REGISTER, then data and heartbeats."""
 
     __slots__ = (
-        "state",
-        "_decoder",
         "key",
         "gateway",
         "networks",
         "heartbeat_interval",
         "heartbeat_timeout",
-        "outbox",
-        "last_heard",
         "started_at",
         "_next_heartbeat",
         "_hb_seq",
         "_hb_sent",
         "rtt",
-        "unknown_commands",
     )
 
     def __init__(
@@ -260,25 +260,18 @@ class ClientSession:
         heartbeat_interval: float = 10.0,
         heartbeat_timeout: float = 20.0,
     ) -> None:
-        self.state = State.AWAIT_AUTH
-        self._decoder = FrameDecoder()
+        super().__init__(now)
         self.key = key
         self.gateway = gateway
         self.networks = networks
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self.outbox: list[bytes] = [encode_frame(wire.AUTH, messages.encode_auth(key), 0)]
-        self.last_heard = now
+        self.outbox.append(encode_frame(wire.AUTH, messages.encode_auth(key), 0))
         self.started_at = now
         self._next_heartbeat = now + heartbeat_interval
         self._hb_seq = 0
         self._hb_sent: dict[int, float] = {}
         self.rtt: float | None = None
-        self.unknown_commands = 0
-
-    def data_to_send(self) -> list[bytes]:
-        out, self.outbox = self.outbox, []
-        return out
 
     @property
     def ready(self) -> bool:
@@ -287,15 +280,7 @@ class ClientSession:
     def receive(self, data: bytes, now: float) -> tuple[Packets, list[Event]]:
         packets: Packets = []
         events: list[Event] = []
-        if self.state is State.CLOSED:
-            return packets, events
-        self.last_heard = now
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            self.state = State.CLOSED
-            events.append(ConnectionLost(f"malformed frame: {exc}"))
-            return packets, events
+        frames = self._frames(data, now, events)
         for command, seq, body in frames:
             if command == wire.S2C_IPDATA:
                 if self.state is State.REGISTERED:
@@ -323,8 +308,7 @@ class ClientSession:
         try:
             reply = messages.parse_reply(body)
         except MessageError as exc:
-            self.state = State.CLOSED
-            events.append(ConnectionLost(f"bad {stage} reply: {exc}"))
+            self._lose(events, f"bad {stage} reply: {exc}")
             return
         if reply.error is not None:
             self.state = State.CLOSED
