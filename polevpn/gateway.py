@@ -56,7 +56,7 @@ class GatewayStats(Counters):
     dropped_acl: int = 0
     dropped_malformed: int = 0
     dropped_too_big: int = 0
-    dropped_queue_full: int = 0
+    tun_write_dropped: int = 0
     tun_write_errors: int = 0
 
 
@@ -280,8 +280,10 @@ class Gateway:
     def on_link_lost(self, link: RouterLink) -> None:
         if self.link is link:
             self.link = None
-            self.resume_tun()
             self.registered.clear()
+            if not self._stopping.is_set():
+                # keep draining the TUN while disconnected so stale packets are not sent later
+                self.resume_tun()
 
     async def _connect_once(self) -> RouterLink:
         cfg = self.cfg
@@ -342,19 +344,20 @@ class Gateway:
             finally:
                 stats_task.cancel()
         finally:
+            self._stopping.set()
             self.pause_tun()
             if self.link is not None and self.link.transport is not None:
                 self.link.transport.close()
+            summary = self._summary()
             if self.tun is not None:
                 self.tun.close()
-            log.info("stopped %s", self.stats.summary())
+                self.tun = None
+            log.info("stopped %s", summary)
 
     async def _connect_loop(self) -> None:
         cfg = self.cfg
         delay = cfg.reconnect_min_delay
-        attempt = 0
         while not self._stopping.is_set():
-            attempt += 1
             try:
                 log.info("connecting to %s", cfg.route_server.url)
                 link = await self._connect_once()
@@ -367,9 +370,9 @@ class Gateway:
                 await self._run_link(link)
                 if link.registered_once:
                     delay = cfg.reconnect_min_delay
+                if self._stopping.is_set():
+                    break
                 log.warning("connection to router %s lost", cfg.route_server.url)
-            if self._stopping.is_set():
-                break
             # full jitter spreads reconnecting offices apart after a router restart
             sleep = random.uniform(cfg.reconnect_min_delay, max(delay, cfg.reconnect_min_delay))
             with contextlib.suppress(TimeoutError):
@@ -382,11 +385,14 @@ class Gateway:
             return
         while True:
             await asyncio.sleep(interval)
-            tun = self.tun
-            if tun is not None:
-                self.stats.tun_write_errors = tun.write_errors
-                self.stats.dropped_queue_full = tun.write_dropped
-            log.info("stats %s", self.stats.summary())
+            log.info("stats %s", self._summary())
+
+    def _summary(self) -> str:
+        # the TUN counts its own write failures; copy them in when reporting
+        if self.tun is not None:
+            self.stats.tun_write_errors = self.tun.write_errors
+            self.stats.tun_write_dropped = self.tun.write_dropped
+        return self.stats.summary()
 
     def stop(self) -> None:
         self._stopping.set()
