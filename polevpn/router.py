@@ -168,7 +168,6 @@ class Router:
         self.stats = RouterStats()
         self.servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task] = []
-        self._stopped = asyncio.Event()
 
     # -- lifecycle
 
@@ -212,7 +211,6 @@ class Router:
         for server in self.servers:
             await server.wait_closed()
         log.info("stopped %s", self.stats.summary())
-        self._stopped.set()
 
     async def _housekeeping(self) -> None:
         cfg = self.cfg
@@ -306,9 +304,14 @@ class Router:
         if conn.gateway is not None:
             self._withdraw(conn)
             log.info(
-                "gateway disconnected gateway=%s peer=%s%s",
+                "gateway disconnected gateway=%s peer=%s packets_in=%d packets_out=%d "
+                "bytes_in=%d bytes_out=%d%s",
                 conn.gateway,
                 conn.peer,
+                conn.packets_in,
+                conn.packets_out,
+                conn.bytes_in,
+                conn.bytes_out,
                 f" error={exc}" if exc else "",
             )
 
