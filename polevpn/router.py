@@ -137,11 +137,12 @@ class GatewayConnection(asyncio.Protocol):
             # one write means one TLS record stream instead of a record per frame
             data = b"".join(pending)
             count = len(pending) // 2
-            self.bytes_out += len(data)
+            ip_bytes = len(data) - count * _HDR
+            self.bytes_out += ip_bytes
             self.packets_out += count
             stats = self.router.stats
             stats.packets_forwarded += count
-            stats.bytes_forwarded += len(data) - count * _HDR
+            stats.bytes_forwarded += ip_bytes
             transport.write(data)
         pending.clear()
 
