@@ -175,24 +175,30 @@ def test_acl_drops_unlisted_source(vpn):
 
 
 # --------------------------------------------------------------- wrong key
+def _extra_gateway(vpn, name: str, **overrides) -> Path:
+    cfg = t.gateway_config(
+        "A",
+        vpn.keys,
+        tun_name=f"pv{name}0",
+        gateway="169.254.0.10",
+        gateway6="2001:db8:ff::10",
+        local_networks=["198.18.41.0/24"],
+        route_networks=["198.18.40.0/24"],
+        reconnect_min_delay=0.2,
+        reconnect_max_delay=0.5,
+    )
+    for key, value in overrides.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    return t.write_json(vpn.work / f"gateway-{name}.json", cfg)
+
+
 def test_wrong_key_rejected(vpn):
     bad_key = vpn.work / "wrong.key"
     bad_key.write_text("definitely-not-the-shared-key\n")
-    cfg = t.write_json(
-        vpn.work / "gateway-bad.json",
-        t.gateway_config(
-            "A",
-            vpn.keys,
-            key_file=str(bad_key),
-            tun_name="pvbad0",
-            gateway="169.254.0.9",
-            gateway6="2001:db8:ff::9",
-            local_networks=["198.18.31.0/24"],
-            route_networks=["198.18.30.0/24"],
-            reconnect_min_delay=0.2,
-            reconnect_max_delay=0.5,
-        ),
-    )
+    cfg = _extra_gateway(vpn, "bad", key_file=str(bad_key))
     proc = t.start_gateway(vpn.topo, "gwA", cfg, log_name="gw-wrong-key", wait=False)
     try:
         rc = proc.wait(timeout=20)
@@ -245,26 +251,6 @@ def test_router_sigkill_and_restart(vpn):
 
 
 # ------------------------------------------------- router certificate checks
-def _extra_gateway(vpn, name: str, **overrides) -> Path:
-    cfg = t.gateway_config(
-        "A",
-        vpn.keys,
-        tun_name=f"pv{name}0",
-        gateway="169.254.0.10",
-        gateway6="2001:db8:ff::10",
-        local_networks=["198.18.41.0/24"],
-        route_networks=["198.18.40.0/24"],
-        reconnect_min_delay=0.2,
-        reconnect_max_delay=0.5,
-    )
-    for key, value in overrides.items():
-        if value is None:
-            cfg.pop(key, None)
-        else:
-            cfg[key] = value
-    return t.write_json(vpn.work / f"gateway-{name}.json", cfg)
-
-
 def _run_until_log(vpn, cfg: Path, name: str, *needles: str) -> str | None:
     """Start a gateway in gwA, wait (bounded) for a log line, stop it by PID."""
     proc = t.start_gateway(vpn.topo, "gwA", cfg, log_name=f"gw-{name}", wait=False)
