@@ -82,7 +82,7 @@ class RouterLink(asyncio.Protocol):
 
     @property
     def ready(self) -> bool:
-        return self.session.state is State.REGISTERED and not self.paused
+        return self.session.ready and not self.paused
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike
@@ -193,7 +193,6 @@ class Gateway:
         self.link: RouterLink | None = None
         self._reading = False
         self._stopping = asyncio.Event()
-        self.registered = asyncio.Event()
 
     # -- TUN side
 
@@ -275,12 +274,10 @@ class Gateway:
             cfg.gateway,
             ",".join(cfg.announced) or "-",
         )
-        self.registered.set()
 
     def on_link_lost(self, link: RouterLink) -> None:
         if self.link is link:
             self.link = None
-            self.registered.clear()
             if not self._stopping.is_set():
                 # keep draining the TUN while disconnected so stale packets are not sent later
                 self.resume_tun()

@@ -10,8 +10,7 @@ import ipaddress
 import json
 from dataclasses import dataclass
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+from .routing import IPAddress, IPNetwork
 
 OK_BODY = b"{}"
 

@@ -6,21 +6,20 @@ calls that the gateway runs in a worker thread.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-IFA_F_NODAD = 0x02
+from .routing import IPAddress, IPNetwork
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IFA_F_NODAD = 0x02
 
 
 def configure_tun(
     ifname: str,
     mtu: int,
-    addresses: list[ipaddress.IPv4Address | ipaddress.IPv6Address],
+    addresses: list[IPAddress],
     routes: list[IPNetwork],
 ) -> None:
     """Bring the device up with ``mtu``, host addresses and routes into it (idempotent)."""

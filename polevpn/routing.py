@@ -12,6 +12,7 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class _Family(Generic[T]):
@@ -97,7 +98,7 @@ class RouteTable(Generic[T]):
     def lookup_v6(self, addr: int) -> T | None:
         return self._v6.lookup(addr)
 
-    def lookup(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> T | None:
+    def lookup(self, addr: IPAddress) -> T | None:
         fam = self._v4 if addr.version == 4 else self._v6
         return fam.lookup(int(addr))
 
@@ -130,5 +131,5 @@ class NetworkSet:
     def contains_v6(self, addr: int) -> bool:
         return self._table.lookup_v6(addr) is not None
 
-    def __contains__(self, addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    def __contains__(self, addr: IPAddress) -> bool:
         return self._table.lookup(addr) is not None
