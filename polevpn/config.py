@@ -44,11 +44,43 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class FecParams:
+    """Forward error correction on kcp://, used only towards a peer that speaks it."""
+
+    mode: str = "adaptive"  # "off", "fixed" (always parity_shards) or "adaptive" (0..parity_shards)
+    data_shards: int = 10
+    parity_shards: int = 3
+    group_timeout: float = 0.020
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass(frozen=True)
+class KcpParams:
+    """KCP tuning; the defaults are PoleVPN's fast mode."""
+
+    nodelay: bool = True
+    interval: int = 10  # ms
+    resend: int = 2
+    no_congestion_window: bool = True
+    send_window: int = 512
+    receive_window: int = 2048
+    dtls_mtu: int = 1400
+    fec: FecParams = field(default_factory=FecParams)
+
+
+FEC_MODES = ("off", "fixed", "adaptive")
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     path: Path
     tls: Listener
     kcp: Listener
     key: str
+    kcp_params: KcpParams = field(default_factory=KcpParams)
     log_level: str = "info"
     idle_timeout: float = 60.0
     auth_timeout: float = 10.0
@@ -67,7 +99,7 @@ class RouteServer:
 @dataclass(frozen=True)
 class GatewayConfig:
     path: Path
-    route_server: RouteServer
+    route_servers: tuple[RouteServer, ...]
     key: str
     gateway: ipaddress.IPv4Address
     gateway6: ipaddress.IPv6Address | None
@@ -87,7 +119,15 @@ class GatewayConfig:
     send_queue_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
     stats_interval: float = 300.0
+    kcp_params: KcpParams = field(default_factory=KcpParams)
+    # how often a gateway that fell back to a later route server tries the preferred one again
+    preferred_retry_interval: float = 30.0
     warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def route_server(self) -> RouteServer:
+        """The preferred route server."""
+        return self.route_servers[0]
 
     @property
     def announced(self) -> list[str]:
@@ -295,16 +335,22 @@ def _listener(r: _Reader, name: str, required: bool) -> Listener:
 def load_router_config(path: str | Path) -> RouterConfig:
     path = Path(path)
     r = _Reader(path, _load_json(path))
-    tls = _listener(r, "tls", required=True)
+    tls = _listener(r, "tls", required=False)
     kcp = _listener(r, "kcp", required=False)
-    if not tls.enable:
-        # kcp is accepted for PoleVPN compatibility but cannot carry traffic yet
-        raise r.fail("tls.enable", "must be true: kcp is not available yet in this version")
+    if not (tls.enable or kcp.enable):
+        if not (r.has("tls") or r.has("kcp")):
+            raise r.fail("tls", "missing: a router needs a tls or a kcp listener (or both)")
+        raise r.fail(
+            "tls.enable" if r.has("tls") else "kcp.enable",
+            "no listener is enabled: enable tls, kcp or both",
+        )
+    kcp_sec = r.section("kcp", required=False)
     return RouterConfig(
         path=path,
         tls=tls,
         kcp=kcp,
         key=_key(r),
+        kcp_params=_kcp_params(kcp_sec) if kcp_sec else KcpParams(),
         log_level=r.log_level(),
         idle_timeout=r.number("idle_timeout", 60.0, 0.1, 86400),
         auth_timeout=r.number("auth_timeout", 10.0, 0.1, 3600),
@@ -313,18 +359,62 @@ def load_router_config(path: str | Path) -> RouterConfig:
     )
 
 
-def _route_server(r: _Reader) -> RouteServer:
-    url = r.string("route_server")
+def _kcp_params(sec: _Reader) -> KcpParams:
+    fec = FecParams()
+    fsec = sec.section("fec", required=False)
+    if fsec is not None:
+        mode = fsec.string("mode", fec.mode)
+        if mode not in FEC_MODES:
+            raise fsec.fail("mode", f"{mode!r} is not one of {', '.join(FEC_MODES)}")
+        data = fsec.integer("data_shards", fec.data_shards, 1, 64)
+        parity = fsec.integer("parity_shards", fec.parity_shards, 0, 32)
+        if mode == "fixed" and parity == 0:
+            raise fsec.fail("parity_shards", "must be at least 1 in fixed mode (or mode: off)")
+        fec = FecParams(
+            mode=mode,
+            data_shards=data,
+            parity_shards=parity,
+            group_timeout=fsec.number("group_timeout_ms", 20, 1, 1000) / 1000,
+        )
+    return KcpParams(
+        nodelay=sec.boolean("nodelay", True),
+        interval=sec.integer("interval", 10, 1, 1000),
+        resend=sec.integer("resend", 2, 0, 100),
+        no_congestion_window=sec.boolean("no_congestion_window", True),
+        send_window=sec.integer("send_window", 512, 16, 32768),
+        receive_window=sec.integer("receive_window", 2048, 16, 32768),
+        dtls_mtu=sec.integer("dtls_mtu", 1400, 576, 9000),
+        fec=fec,
+    )
+
+
+def _parse_route_server(r: _Reader, name: str, url: object) -> RouteServer:
+    if not isinstance(url, str):
+        raise r.fail(name, f"expected a URL string, got {type(url).__name__}")
     parts = urlsplit(url)
     if parts.scheme not in ("tls", "kcp"):
-        raise r.fail("route_server", f"{url!r}: scheme must be tls:// or kcp://")
+        raise r.fail(name, f"{url!r}: scheme must be tls:// or kcp://")
     try:
         host, port = parts.hostname, parts.port
     except ValueError as exc:
-        raise r.fail("route_server", f"{url!r}: {exc}") from None
+        raise r.fail(name, f"{url!r}: {exc}") from None
     if not host or port is None:
-        raise r.fail("route_server", f"{url!r}: expected scheme://host:port")
+        raise r.fail(name, f"{url!r}: expected scheme://host:port")
     return RouteServer(parts.scheme, host, port, url)
+
+
+def _route_servers(r: _Reader) -> tuple[RouteServer, ...]:
+    """`route_servers` (tried in order) or PoleVPN's single `route_server`."""
+    if r.has("route_servers"):
+        urls = r.obj["route_servers"]
+        if isinstance(urls, str):
+            urls = [urls]
+        if not isinstance(urls, list) or not urls:
+            raise r.fail("route_servers", "expected a non-empty list of URLs")
+        return tuple(
+            _parse_route_server(r, f"route_servers[{i}]", u) for i, u in enumerate(urls)
+        )
+    return (_parse_route_server(r, "route_server", r.string("route_server")),)
 
 
 def _pin(r: _Reader) -> bytes | None:
@@ -345,7 +435,7 @@ def _pin(r: _Reader) -> bytes | None:
 def load_gateway_config(path: str | Path) -> GatewayConfig:
     path = Path(path)
     r = _Reader(path, _load_json(path))
-    server = _route_server(r)
+    servers = _route_servers(r)
     gw_text = r.string("gateway")
     try:
         gateway = ipaddress.IPv4Address(gw_text)
@@ -365,7 +455,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     ca_file = r.file("ca_file", required=False)
     pin = _pin(r)
     insecure = r.boolean("insecure_skip_verify", False)
-    if server.scheme == "tls" and not (ca_file or pin or insecure):
+    if not (ca_file or pin or insecure):
         raise r.fail(
             "ca_file",
             "missing: set ca_file or cert_pin to verify the router "
@@ -392,11 +482,10 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     rmax = r.number("reconnect_max_delay", 30.0, 0.0, 86400)
     if rmax < rmin:
         raise r.fail("reconnect_max_delay", "must not be smaller than reconnect_min_delay")
-    if server.scheme == "kcp":
-        raise r.fail("route_server", "kcp:// is not available yet in this version; use tls://")
+    kcp_sec = r.section("kcp", required=False)
     return GatewayConfig(
         path=path,
-        route_server=server,
+        route_servers=servers,
         key=_key(r),
         gateway=gateway,
         gateway6=gateway6,
@@ -416,6 +505,8 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         send_queue_bytes=r.integer("send_queue_bytes", 4 * 1024 * 1024, 65536, 1 << 30),
         log_level=r.log_level(),
         stats_interval=r.number("stats_interval", 300.0, 0, 86400),
+        kcp_params=_kcp_params(kcp_sec) if kcp_sec else KcpParams(),
+        preferred_retry_interval=r.number("preferred_retry_interval", 30.0, 0.1, 86400),
         warnings=tuple(warnings),
     )
 

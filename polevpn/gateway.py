@@ -13,10 +13,13 @@ import random
 import time
 from dataclasses import dataclass
 
-from . import netconf, wire
-from .config import GatewayConfig
+from OpenSSL import SSL
+
+from . import dtls, kcp_transport, netconf, wire
+from .config import GatewayConfig, RouteServer
 from .counters import Counters
 from .ippacket import src_addr
+from .kcp_pool import KcpPool
 from .routing import NetworkSet
 from .session import (
     AuthSucceeded,
@@ -48,6 +51,8 @@ class SetupError(FatalError):
 class GatewayStats(Counters):
     connects: int = 0
     reconnects: int = 0
+    fallbacks: int = 0
+    server_switches: int = 0
     packets_to_router: int = 0
     bytes_to_router: int = 0
     packets_from_router: int = 0
@@ -61,10 +66,11 @@ class GatewayStats(Counters):
 
 
 class RouterLink(asyncio.Protocol):
-    """One TLS connection to the router. Lives until the connection is lost."""
+    """One connection to the router, tls:// or kcp://. Lives until the connection is lost."""
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, server: RouteServer) -> None:
         self.gw = gw
+        self.server = server
         cfg = gw.cfg
         self.session = ClientSession(
             cfg.key,
@@ -75,10 +81,11 @@ class RouterLink(asyncio.Protocol):
             cfg.heartbeat_timeout,
         )
         self.transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.closed = loop.create_future()
+        self.registered = loop.create_future()
         self.paused = False
         self.rejected: Rejected | None = None
-        self.registered_once = False
 
     @property
     def ready(self) -> bool:
@@ -92,7 +99,10 @@ class RouterLink(asyncio.Protocol):
         cfg = self.gw.cfg
         if cfg.cert_pin is not None:
             ssl_obj = transport.get_extra_info("ssl_object")
-            der = ssl_obj.getpeercert(binary_form=True) if ssl_obj else None
+            if ssl_obj is not None:
+                der = ssl_obj.getpeercert(binary_form=True)
+            else:
+                der = transport.get_extra_info("peercert_der")
             if not pin_matches(der, cfg.cert_pin):
                 log.error("router certificate does not match cert_pin in %s; closing", cfg.path)
                 self.session.state = State.CLOSED
@@ -126,7 +136,8 @@ class RouterLink(asyncio.Protocol):
         if isinstance(ev, AuthSucceeded):
             log.debug("authenticated with router")
         elif isinstance(ev, Registered):
-            self.registered_once = True
+            if not self.registered.done():
+                self.registered.set_result(None)
             self.gw.on_registered(self)
         elif isinstance(ev, Rejected):
             self.rejected = ev
@@ -137,6 +148,9 @@ class RouterLink(asyncio.Protocol):
         self.session.state = State.CLOSED
         if not self.closed.done():
             self.closed.set_result(exc)
+        if not self.registered.done():
+            self.registered.set_exception(exc or ConnectionResetError("connection closed"))
+            self.registered.exception()  # retrieved: nobody may be waiting any more
         self.gw.on_link_lost(self)
 
     def pause_writing(self) -> None:
@@ -193,6 +207,8 @@ class Gateway:
         self.link: RouterLink | None = None
         self._reading = False
         self._stopping = asyncio.Event()
+        self.kcp_pool = KcpPool()
+        self._dtls_ctx: SSL.Context | None = None
 
     # -- TUN side
 
@@ -270,7 +286,7 @@ class Gateway:
         cfg = self.cfg
         log.info(
             "registered with router %s gateway=%s networks=%s",
-            cfg.route_server.url,
+            link.server.url,
             cfg.gateway,
             ",".join(cfg.announced) or "-",
         )
@@ -282,11 +298,27 @@ class Gateway:
                 # keep draining the TUN while disconnected so stale packets are not sent later
                 self.resume_tun()
 
-    async def _connect_once(self) -> RouterLink:
+    async def _connect_once(self, server: RouteServer) -> RouterLink:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        link = RouterLink(self)
-        server = cfg.route_server
+        link = RouterLink(self, server)
+        if server.scheme == "kcp":
+            await kcp_transport.connect(
+                link,
+                server.host,
+                server.port,
+                self._dtls_context(),
+                dtls.Verification(
+                    ca_file=cfg.ca_file,
+                    server_name=server_hostname(cfg, server),
+                    pin=cfg.cert_pin,
+                    insecure=cfg.insecure_skip_verify,
+                ),
+                cfg.kcp_params,
+                self.kcp_pool,
+                timeout=cfg.heartbeat_timeout,
+            )
+            return link
         # create_connection resolves the name again on every attempt, so a router that
         # moved to a new address is found
         await asyncio.wait_for(
@@ -295,25 +327,95 @@ class Gateway:
                 host=server.host,
                 port=server.port,
                 ssl=client_context(cfg),
-                server_hostname=server_hostname(cfg),
+                server_hostname=server_hostname(cfg, server),
                 ssl_handshake_timeout=cfg.heartbeat_timeout,
             ),
             timeout=cfg.heartbeat_timeout,
         )
         return link
 
-    async def _run_link(self, link: RouterLink) -> None:
-        self.link = link
-        tick = min(1.0, self.cfg.heartbeat_interval / 2)
-        while not link.closed.done():
-            await asyncio.wait([link.closed], timeout=tick)
-            link.tick(time.monotonic())
-        if link.rejected is not None:
-            rej = link.rejected
-            raise FatalError(
-                f"{'authentication' if rej.stage == 'AUTH' else 'registration'} "
-                f"rejected by router: {rej.error}"
+    def _dtls_context(self) -> SSL.Context:
+        if self._dtls_ctx is None:
+            cfg = self.cfg
+            self._dtls_ctx = dtls.client_context(
+                dtls.Verification(
+                    ca_file=cfg.ca_file, pin=cfg.cert_pin, insecure=cfg.insecure_skip_verify
+                )
             )
+        return self._dtls_ctx
+
+    async def _establish(self, server: RouteServer) -> RouterLink:
+        """Connect and register; a server that accepts the handshake but never registers us
+        (KCP that cannot get through, say) counts as a failure like a refused connection."""
+        link = await self._connect_once(server)
+        done, _ = await asyncio.wait(
+            [link.registered, link.closed],
+            timeout=self.cfg.heartbeat_timeout,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+        if link.registered.done() and link.registered.exception() is None:
+            return link
+        if link.transport is not None:
+            link.transport.abort()
+        if link.rejected is not None:
+            raise self._fatal(link)
+        raise TimeoutError("no registration" if not done else "connection closed")
+
+    @staticmethod
+    def _fatal(link: RouterLink) -> FatalError:
+        rej = link.rejected
+        assert rej is not None
+        return FatalError(
+            f"{'authentication' if rej.stage == 'AUTH' else 'registration'} "
+            f"rejected by router: {rej.error}"
+        )
+
+    async def _try_servers(self, indices: range) -> tuple[RouterLink, int] | None:
+        """The first of ``route_servers[indices]`` that registers us, in order."""
+        servers = self.cfg.route_servers
+        for i in indices:
+            server = servers[i]
+            try:
+                log.info("connecting to %s", server.url)
+                return await self._establish(server), i
+            except FatalError:
+                raise
+            except (TimeoutError, OSError, dtls.DtlsError) as exc:
+                log.warning("cannot connect to %s: %s", server.url, exc or "timeout")
+        return None
+
+    async def _run_link(self, link: RouterLink, index: int) -> None:
+        """Serve on ``link`` until it is lost; while it is not the preferred route server,
+        try the better ones now and then and move over to one that works."""
+        cfg = self.cfg
+        tick = min(1.0, cfg.heartbeat_interval / 2)
+        probe: asyncio.Task | None = None
+        next_probe = time.monotonic() + cfg.preferred_retry_interval
+        try:
+            while True:
+                self.link = link
+                await asyncio.wait([link.closed], timeout=tick)
+                now = time.monotonic()
+                if link.closed.done():
+                    break
+                link.tick(now)
+                if index > 0 and probe is None and now >= next_probe:
+                    probe = asyncio.create_task(self._try_servers(range(index)))
+                if probe is not None and probe.done():
+                    result = None if probe.cancelled() or probe.exception() else probe.result()
+                    probe = None
+                    next_probe = now + cfg.preferred_retry_interval
+                    if result is not None:
+                        old, (link, index) = link, result
+                        self.stats.server_switches += 1
+                        log.info("moved to preferred route server %s", link.server.url)
+                        self.link = link
+                        old.transport.close()  # type: ignore[union-attr]
+        finally:
+            if probe is not None:
+                probe.cancel()
+        if link.rejected is not None:
+            raise self._fatal(link)
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -354,22 +456,27 @@ class Gateway:
     async def _connect_loop(self) -> None:
         cfg = self.cfg
         delay = cfg.reconnect_min_delay
+        servers = cfg.route_servers
         while not self._stopping.is_set():
-            try:
-                log.info("connecting to %s", cfg.route_server.url)
-                link = await self._connect_once()
-            except (TimeoutError, OSError) as exc:
-                log.warning("cannot connect to %s: %s", cfg.route_server.url, exc or "timeout")
-            else:
+            result = await self._try_servers(range(len(servers)))
+            if result is not None:
+                link, index = result
                 self.stats.connects += 1
                 if self.stats.connects > 1:
                     self.stats.reconnects += 1
-                await self._run_link(link)
-                if link.registered_once:
-                    delay = cfg.reconnect_min_delay
+                if index > 0:
+                    self.stats.fallbacks += 1
+                    log.warning(
+                        "using fallback route server %s; will retry %s every %gs",
+                        link.server.url,
+                        servers[0].url,
+                        cfg.preferred_retry_interval,
+                    )
+                await self._run_link(link, index)
+                delay = cfg.reconnect_min_delay
                 if self._stopping.is_set():
                     break
-                log.warning("connection to router %s lost", cfg.route_server.url)
+                log.warning("connection to router %s lost", link.server.url)
             # full jitter spreads reconnecting offices apart after a router restart
             sleep = random.uniform(cfg.reconnect_min_delay, max(delay, cfg.reconnect_min_delay))
             with contextlib.suppress(TimeoutError):

@@ -14,10 +14,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import wire
+from . import dtls, wire
 from .config import RouterConfig
 from .counters import Counters
 from .ippacket import dst_addr
+from .kcp_pool import KcpPool
+from .kcp_transport import KcpServer
 from .routing import RouteTable
 from .session import (
     AuthFailed,
@@ -168,19 +170,55 @@ class Router:
         self.connections: set[GatewayConnection] = set()
         self.stats = RouterStats()
         self.servers: list[asyncio.AbstractServer] = []
+        self.kcp_server: KcpServer | None = None
+        self._kcp_udp: asyncio.DatagramTransport | None = None
+        self.kcp_pool = KcpPool()
         self._tasks: list[asyncio.Task] = []
 
     # -- lifecycle
 
     async def start(self) -> None:
+        if self.cfg.tls.enable:
+            await self._start_tls()
+        if self.cfg.kcp.enable:
+            await self._start_kcp()
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+
+    async def _start_kcp(self) -> None:
+        loop = asyncio.get_running_loop()
+        kcp = self.cfg.kcp
+        assert kcp.cert_file is not None and kcp.key_file is not None
+        ctx, jar = dtls.server_context(kcp.cert_file, kcp.key_file)
+        server = KcpServer(
+            ctx,
+            jar,
+            self.cfg.kcp_params,
+            lambda: GatewayConnection(self, "kcp"),
+            handshake_timeout=self.cfg.auth_timeout,
+            pool=self.kcp_pool,
+        )
+        udp, _ = await loop.create_datagram_endpoint(
+            lambda: server, local_addr=(kcp.host, kcp.port)
+        )
+        self.kcp_server = server
+        self._kcp_udp = udp
+        host, port = udp.get_extra_info("sockname")[:2]
+        fec = self.cfg.kcp_params.fec
+        log.info(
+            "listening transport=kcp address=%s port=%d fec=%s",
+            host,
+            port,
+            f"{fec.mode}:{fec.data_shards}+{fec.parity_shards}" if fec.enabled else "off",
+        )
+
+    @property
+    def kcp_port(self) -> int:
+        assert self._kcp_udp is not None
+        return self._kcp_udp.get_extra_info("sockname")[1]
+
+    async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()
         tls = self.cfg.tls
-        if self.cfg.kcp.enable:
-            log.warning(
-                "kcp is enabled in %s but kcp:// is not available yet in this version; "
-                "only tls:// is served",
-                self.cfg.path,
-            )
         assert tls.cert_file is not None and tls.key_file is not None
         ctx = server_context(tls.cert_file, tls.key_file)
         server = await loop.create_server(
@@ -196,7 +234,6 @@ class Router:
         for sock in server.sockets:
             host, port = sock.getsockname()[:2]
             log.info("listening transport=tls address=%s port=%d", host, port)
-        self._tasks.append(asyncio.create_task(self._housekeeping()))
 
     @property
     def tls_port(self) -> int:
@@ -209,6 +246,8 @@ class Router:
             conn.close("router shutting down")
         for task in self._tasks:
             task.cancel()
+        if self._kcp_udp is not None:
+            self._kcp_udp.close()
         for server in self.servers:
             await server.wait_closed()
         log.info("stopped %s", self.stats.summary())

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import ssl
 from pathlib import Path
 
-from .config import GatewayConfig
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from .config import GatewayConfig, RouteServer
 
 
 def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
@@ -33,8 +37,41 @@ def client_context(cfg: GatewayConfig) -> ssl.SSLContext:
     return ctx
 
 
-def server_hostname(cfg: GatewayConfig) -> str:
-    return cfg.server_name or cfg.route_server.host
+def server_hostname(cfg: GatewayConfig, server: RouteServer | None = None) -> str:
+    return cfg.server_name or (server or cfg.route_server).host
+
+
+def hostname_matches(cert: x509.Certificate, name: str) -> bool:
+    """RFC 6125 matching as the ssl module does it, for the DTLS path where pyOpenSSL
+    checks only the chain: IP literals against IP SANs, names against DNS SANs with a
+    wildcard allowed only as the whole left-most label; the CN only when there are no SANs."""
+    try:
+        ip = ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        ip = None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    if ip is not None:
+        return san is not None and ip in san.get_values_for_type(x509.IPAddress)
+    if san is not None:
+        candidates = san.get_values_for_type(x509.DNSName)
+    else:
+        candidates = [
+            str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
+    want = name.rstrip(".").lower()
+    return any(_dns_match(c.rstrip(".").lower(), want) for c in candidates)
+
+
+def _dns_match(pattern: str, name: str) -> bool:
+    if pattern == name:
+        return True
+    if not pattern.startswith("*."):
+        return False
+    head, _, rest = name.partition(".")
+    return bool(head) and rest == pattern[2:] and "." in rest
 
 
 def pin_matches(der_cert: bytes | None, pin: bytes) -> bool:

@@ -389,11 +389,11 @@ def test_router_bad_listen(tmp_path: Path, keys: keygen.KeygenResult, listen: st
     assert_config_error(router_error(path), path, "tls.listen")
 
 
-def test_router_tls_disabled(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+def test_router_no_listener_enabled(tmp_path: Path, keys: keygen.KeygenResult) -> None:
     obj = router_obj(keys)
     obj["tls"]["enable"] = False
     path = write(tmp_path / "config.json", obj)
-    assert_config_error(router_error(path), path, "tls.enable", "kcp")
+    assert_config_error(router_error(path), path, "tls.enable", "kcp", "no listener")
 
 
 def test_router_tls_enable_not_bool(tmp_path: Path, keys: keygen.KeygenResult) -> None:
@@ -498,10 +498,95 @@ def test_route_server_ipv6(tmp_path: Path, keys: keygen.KeygenResult) -> None:
     assert (cfg.route_server.host, cfg.route_server.port) == ("2001:db8::1", 443)
 
 
-def test_route_server_kcp_not_available(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+def test_route_server_kcp(tmp_path: Path, keys: keygen.KeygenResult) -> None:
     obj = gateway_obj(keys, route_server="kcp://198.19.0.1:443")
+    cfg = load_gateway_config(write(tmp_path / "gateway.json", obj))
+    assert cfg.route_server.scheme == "kcp"
+    assert len(cfg.route_servers) == 1
+    # PoleVPN's fast mode and our FEC defaults
+    p = cfg.kcp_params
+    assert (p.nodelay, p.interval, p.resend, p.no_congestion_window) == (True, 10, 2, True)
+    assert (p.send_window, p.receive_window, p.dtls_mtu) == (512, 2048, 1400)
+    assert (p.fec.mode, p.fec.data_shards, p.fec.parity_shards) == ("adaptive", 10, 3)
+    assert p.fec.group_timeout == pytest.approx(0.020)
+
+
+def test_route_servers_in_order(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    obj = gateway_obj(keys, route_server=_DROP)
+    obj["route_servers"] = ["kcp://198.19.0.1:443", "tls://[2001:db8::1]:443"]
+    obj["preferred_retry_interval"] = 5
+    cfg = load_gateway_config(write(tmp_path / "gateway.json", obj))
+    assert [s.scheme for s in cfg.route_servers] == ["kcp", "tls"]
+    assert cfg.route_server.host == "198.19.0.1"
+    assert cfg.route_servers[1].host == "2001:db8::1"
+    assert cfg.preferred_retry_interval == 5.0
+
+
+@pytest.mark.parametrize(
+    "value,words",
+    [
+        ([], ["non-empty"]),
+        (["tls://h:1", 5], ["route_servers[1]", "URL"]),
+        (["udp://h:1"], ["route_servers[0]", "scheme"]),
+    ],
+)
+def test_route_servers_bad(
+    tmp_path: Path, keys: keygen.KeygenResult, value: object, words: list[str]
+) -> None:
+    obj = gateway_obj(keys, route_server=_DROP)
+    obj["route_servers"] = value
     path = write(tmp_path / "gateway.json", obj)
-    assert_config_error(gateway_error(path), path, "route_server", "kcp", "not available")
+    exc = gateway_error(path)
+    text = str(exc)
+    for w in words:
+        assert w in text, (w, text)
+
+
+def test_gateway_kcp_section(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    obj = gateway_obj(keys, route_server="kcp://198.19.0.1:443")
+    obj["kcp"] = {
+        "interval": 20,
+        "send_window": 256,
+        "receive_window": 1024,
+        "dtls_mtu": 1280,
+        "fec": {"mode": "fixed", "data_shards": 8, "parity_shards": 2, "group_timeout_ms": 5},
+    }
+    cfg = load_gateway_config(write(tmp_path / "gateway.json", obj))
+    p = cfg.kcp_params
+    assert (p.interval, p.send_window, p.receive_window, p.dtls_mtu) == (20, 256, 1024, 1280)
+    assert (p.fec.mode, p.fec.data_shards, p.fec.parity_shards) == ("fixed", 8, 2)
+    assert p.fec.group_timeout == pytest.approx(0.005)
+    assert p.fec.enabled
+
+
+@pytest.mark.parametrize(
+    "kcp,field,words",
+    [
+        ({"fec": {"mode": "always"}}, "kcp.fec.mode", ["not one of"]),
+        ({"fec": {"mode": "fixed", "parity_shards": 0}}, "kcp.fec.parity_shards", ["fixed"]),
+        ({"fec": {"data_shards": 0}}, "kcp.fec.data_shards", ["outside"]),
+        ({"send_window": 1}, "kcp.send_window", ["outside"]),
+        ({"dtls_mtu": "big"}, "kcp.dtls_mtu", ["number"]),
+        ({"fec": []}, "kcp.fec", ["object"]),
+    ],
+)
+def test_gateway_kcp_section_errors(
+    tmp_path: Path, keys: keygen.KeygenResult, kcp: dict, field: str, words: list[str]
+) -> None:
+    obj = gateway_obj(keys, route_server="kcp://198.19.0.1:443")
+    obj["kcp"] = kcp
+    path = write(tmp_path / "gateway.json", obj)
+    assert_config_error(gateway_error(path), path, field, *words)
+
+
+def test_router_kcp_only(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    obj = router_obj(keys)
+    obj["kcp"] = dict(obj["tls"], listen="0.0.0.0:4443", fec={"mode": "off"})
+    obj["tls"]["enable"] = False
+    cfg = load_router_config(write(tmp_path / "config.json", obj))
+    assert cfg.kcp.enable and not cfg.tls.enable
+    assert cfg.kcp.port == 4443
+    assert not cfg.kcp_params.fec.enabled
 
 
 @pytest.mark.parametrize("mtu", [0, 575, 65528, 100000, -1])

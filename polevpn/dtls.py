@@ -1,0 +1,407 @@
+"""DTLS 1.2 over memory BIOs: pyOpenSSL does the crypto, we move the datagrams.
+
+No sockets here. A ``DtlsSession`` takes received datagrams and gives back decrypted
+records and datagrams to send; the I/O layer owns the socket and the timers.
+
+Two things pyOpenSSL's memory BIO does not do for us:
+
+* it concatenates everything OpenSSL writes, so ``split_records`` cuts the output at DTLS
+  record boundaries and packs whole records into datagrams no larger than the MTU;
+* a server must not keep state for a peer that has not proven it can receive at its source
+  address, or a spoofed ClientHello would make the router do work and send a certificate
+  flight to a victim. ``CookieListener`` runs OpenSSL's stateless cookie exchange
+  (HelloVerifyRequest) on one shared connection object, and only a ClientHello that returns a
+  valid cookie gets a ``DtlsSession`` of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import ipaddress
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
+
+from .tlsconf import hostname_matches, pin_matches
+
+RECORD_HEADER = 13  # type, version, epoch, sequence number (48 bits), length
+CT_HANDSHAKE = 22
+CT_APPLICATION_DATA = 23
+CT_ALERT = 21
+# ECDHE-RSA-AES128-GCM-SHA256 is what PoleVPN's Go side chooses; the rest keep ECDSA router
+# certificates and stronger suites working
+CIPHERS = (
+    b"ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES128-GCM-SHA256:"
+    b"ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    b"ECDHE-RSA-CHACHA20-POLY1305:ECDHE-ECDSA-CHACHA20-POLY1305"
+)
+DEFAULT_MTU = 1400
+DTLS1_2_VERSION = 0xFEFD  # OpenSSL's constant; pyOpenSSL does not export it
+_LEN = struct.Struct(">H")
+
+
+class DtlsError(Exception):
+    """The association failed: handshake error, bad certificate, or a fatal alert."""
+
+
+def split_records(buf: bytes) -> list[bytes]:
+    """Cut OpenSSL's output into whole DTLS records; a truncated tail is dropped."""
+    out = []
+    pos = 0
+    n = len(buf)
+    while pos + RECORD_HEADER <= n:
+        end = pos + RECORD_HEADER + _LEN.unpack_from(buf, pos + 11)[0]
+        if end > n:
+            break
+        out.append(buf[pos:end])
+        pos = end
+    return out
+
+
+def pack_datagrams(records: list[bytes], mtu: int) -> list[bytes]:
+    """Put consecutive records into as few datagrams as fit under ``mtu``."""
+    out: list[bytes] = []
+    cur: list[bytes] = []
+    size = 0
+    for rec in records:
+        if cur and size + len(rec) > mtu:
+            out.append(b"".join(cur))
+            cur, size = [], 0
+        cur.append(rec)
+        size += len(rec)
+    if cur:
+        out.append(b"".join(cur))
+    return out
+
+
+def looks_like_dtls(datagram: bytes) -> bool:
+    """A DTLS 1.x record: known content type and version major 0xFE."""
+    return len(datagram) >= RECORD_HEADER and 20 <= datagram[0] <= 25 and datagram[1] == 0xFE
+
+
+# ---- contexts -----------------------------------------------------------------------------
+
+
+def _base_context(method: int) -> SSL.Context:
+    ctx = SSL.Context(method)
+    ctx.set_min_proto_version(DTLS1_2_VERSION)
+    # without this OpenSSL may replace our MTU with what it queries from a socket it has not
+    ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
+    ctx.set_cipher_list(CIPHERS)
+    return ctx
+
+
+def server_context(
+    cert_file: Path, key_file: Path, cookie_secret: bytes | None = None
+) -> tuple[SSL.Context, CookieJar]:
+    ctx = _base_context(SSL.DTLS_SERVER_METHOD)
+    ctx.use_certificate_chain_file(str(cert_file))
+    ctx.use_privatekey_file(str(key_file))
+    ctx.check_privatekey()
+    jar = CookieJar(cookie_secret)
+    ctx.set_cookie_generate_callback(jar.generate)
+    ctx.set_cookie_verify_callback(jar.verify)
+    return ctx, jar
+
+
+@dataclass(frozen=True)
+class Verification:
+    """How the client checks the router: CA and name, a pin, or (explicitly) not at all."""
+
+    ca_file: Path | None = None
+    server_name: str | None = None
+    pin: bytes | None = None
+    insecure: bool = False
+
+
+def client_context(verify: Verification) -> SSL.Context:
+    ctx = _base_context(SSL.DTLS_CLIENT_METHOD)
+    if verify.ca_file is not None:
+        ctx.load_verify_locations(str(verify.ca_file))
+        ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
+    else:
+        ctx.set_verify(SSL.VERIFY_NONE, lambda *args: True)
+    return ctx
+
+
+def check_peer(conn: SSL.Connection, verify: Verification) -> None:
+    """After the handshake: the name (CA mode) or the pin. OpenSSL has checked the chain."""
+    cert = conn.get_peer_certificate(as_cryptography=True)
+    der = cert.public_bytes(Encoding.DER) if cert is not None else None
+    if verify.pin is not None and not pin_matches(der, verify.pin):
+        raise DtlsError("router certificate does not match cert_pin")
+    if verify.ca_file is not None and verify.server_name:
+        if cert is None:
+            raise DtlsError("router sent no certificate")
+        if not hostname_matches(cert, verify.server_name):
+            raise DtlsError(f"router certificate does not name {verify.server_name}")
+
+
+# ---- cookies ------------------------------------------------------------------------------
+
+
+class CookieJar:
+    """HMAC cookies bound to the peer's address, valid for one secret rotation period."""
+
+    ROTATE = 60.0
+
+    def __init__(self, secret: bytes | None = None) -> None:
+        self._secrets = [secret or os.urandom(32)] * 2
+        self._rotated = time.monotonic()
+        self.peer = b""  # the address of the datagram being processed; set by CookieListener
+
+    def rotate_if_due(self, now: float) -> None:
+        if now - self._rotated >= self.ROTATE:
+            self._secrets = [os.urandom(32), self._secrets[0]]
+            self._rotated = now
+
+    def _mac(self, secret: bytes) -> bytes:
+        return hmac.new(secret, self.peer, hashlib.sha256).digest()[:16]
+
+    def generate(self, conn: SSL.Connection) -> bytes:
+        return self._mac(self._secrets[0])
+
+    def verify(self, conn: SSL.Connection, cookie: bytes) -> bool:
+        return any(hmac.compare_digest(cookie, self._mac(s)) for s in self._secrets)
+
+
+class CookieListener:
+    """Answers ClientHellos statelessly until one comes back with a valid cookie.
+
+    ``receive`` returns ``(reply_datagrams, session)``: replies go back to the peer (a
+    HelloVerifyRequest), and ``session`` is set once the peer has proven its address; the
+    listener then starts over with a fresh connection object for the next peer.
+    """
+
+    def __init__(self, ctx: SSL.Context, jar: CookieJar, mtu: int = DEFAULT_MTU) -> None:
+        self.ctx = ctx
+        self.jar = jar
+        self.mtu = mtu
+        self._conn = self._fresh()
+        self.hello_verify_sent = 0
+        self.rejected = 0
+
+    def _fresh(self) -> SSL.Connection:
+        conn = SSL.Connection(self.ctx, None)
+        conn.set_accept_state()
+        conn.set_ciphertext_mtu(self.mtu)
+        return conn
+
+    def receive(
+        self, datagram: bytes, peer: bytes, now: float
+    ) -> tuple[list[bytes], DtlsSession | None]:
+        if not looks_like_dtls(datagram) or datagram[0] != CT_HANDSHAKE:
+            self.rejected += 1
+            return [], None
+        self.jar.rotate_if_due(now)
+        self.jar.peer = peer
+        conn = self._conn
+        try:
+            conn.bio_write(datagram)
+            conn.DTLSv1_listen()
+        except SSL.WantReadError:
+            # a ClientHello without a valid cookie: answer it, remember nothing
+            replies = _drain(conn, self.mtu)
+            if replies:
+                self.hello_verify_sent += 1
+            else:
+                self.rejected += 1
+            return replies, None
+        except SSL.Error:
+            # OpenSSL may have half-consumed the bytes: never reuse that object
+            self.rejected += 1
+            self._conn = self._fresh()
+            return [], None
+        self._conn = self._fresh()
+        session = DtlsSession(conn, server=True, mtu=self.mtu, now=now)
+        return session.step(now), session
+
+
+def _drain(conn: SSL.Connection, mtu: int) -> list[bytes]:
+    chunks = []
+    while True:
+        try:
+            data = conn.bio_read(65536)
+        except SSL.WantReadError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    if not chunks:
+        return []
+    return pack_datagrams(split_records(b"".join(chunks)), mtu)
+
+
+# ---- one association ----------------------------------------------------------------------
+
+
+class DtlsSession:
+    """One DTLS association. Datagrams in, records out; plaintext in, datagrams out."""
+
+    def __init__(
+        self,
+        conn: SSL.Connection,
+        server: bool,
+        mtu: int = DEFAULT_MTU,
+        now: float = 0.0,
+        verify: Verification | None = None,
+    ) -> None:
+        self.conn = conn
+        self.server = server
+        self.mtu = mtu
+        self.verify = verify
+        self.established = False
+        self.closed = False
+        self.started = now
+        self.error: str | None = None
+        self.peer_closed = False
+        self.bad_records = 0
+
+    @classmethod
+    def client(
+        cls,
+        ctx: SSL.Context,
+        verify: Verification,
+        mtu: int = DEFAULT_MTU,
+        now: float = 0.0,
+        sni: str | None = None,
+    ) -> DtlsSession:
+        conn = SSL.Connection(ctx, None)
+        conn.set_connect_state()
+        conn.set_ciphertext_mtu(mtu)
+        if sni and not _is_ip(sni):
+            conn.set_tlsext_host_name(sni.encode("idna"))
+        return cls(conn, server=False, mtu=mtu, now=now, verify=verify)
+
+    @property
+    def cleartext_mtu(self) -> int:
+        """The largest plaintext that fits one datagram of ``mtu`` bytes."""
+        return self.conn.get_cleartext_mtu() if self.established else self.mtu - 64
+
+    def step(self, now: float) -> list[bytes]:
+        """Drive the handshake; returns datagrams to send."""
+        if self.established or self.closed:
+            return []
+        try:
+            self.conn.do_handshake()
+        except SSL.WantReadError:
+            pass
+        except SSL.Error as exc:
+            out = _drain(self.conn, self.mtu)  # the alert that tells the peer why
+            self._fail(f"handshake failed: {_ssl_reason(exc)}")
+            return out
+        else:
+            self.established = True
+            if self.verify is not None:
+                try:
+                    check_peer(self.conn, self.verify)
+                except DtlsError as exc:
+                    self._fail(str(exc))
+                    return []
+        return _drain(self.conn, self.mtu)
+
+    def _fail(self, reason: str) -> None:
+        self.closed = True
+        self.error = reason
+
+    def receive(self, datagram: bytes, now: float) -> tuple[list[bytes], list[bytes]]:
+        """Returns ``(plaintext_records, datagrams_to_send)``."""
+        if self.closed:
+            return [], []
+        conn = self.conn
+        try:
+            conn.bio_write(datagram)
+        except SSL.Error:
+            self.bad_records += 1
+            return [], []
+        if not self.established:
+            out = self.step(now)
+            if not self.established:
+                return [], out
+        else:
+            out = []
+        records: list[bytes] = []
+        while True:
+            try:
+                data = conn.recv(65536)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self.closed = True
+                self.peer_closed = True
+                break
+            except SSL.Error as exc:
+                # DTLS drops records that fail authentication silently; what reaches here
+                # is fatal for the association (an alert, or state OpenSSL cannot recover)
+                self._fail(f"dtls error: {_ssl_reason(exc)}")
+                break
+            records.append(data)
+        pending = _drain(conn, self.mtu)
+        if pending:
+            out = out + pending
+        return records, out
+
+    def send(self, plaintext: bytes) -> bytes | None:
+        """Encrypt one record; returns the datagram, or None if the association is down."""
+        if not self.established or self.closed:
+            return None
+        try:
+            self.conn.send(plaintext)
+            return self.conn.bio_read(65536)
+        except SSL.Error:
+            return None
+
+    def timeout(self) -> float | None:
+        """Seconds until a handshake flight must be resent, while handshaking."""
+        if self.established or self.closed:
+            return None
+        t = self.conn.DTLSv1_get_timeout()
+        return t if t is not None else None
+
+    def handle_timeout(self, now: float) -> list[bytes]:
+        if self.established or self.closed:
+            return []
+        try:
+            self.conn.DTLSv1_handle_timeout()
+        except SSL.Error as exc:
+            self._fail(f"handshake failed: {_ssl_reason(exc)}")
+            return []
+        return _drain(self.conn, self.mtu)
+
+    def close(self) -> list[bytes]:
+        """A close_notify for the peer, so it need not wait for its idle timeout."""
+        if self.closed:
+            return []
+        self.closed = True
+        if not self.established:
+            return []
+        with contextlib.suppress(SSL.Error):
+            self.conn.shutdown()
+        return _drain(self.conn, self.mtu)
+
+
+def _ssl_reason(exc: SSL.Error) -> str:
+    errs = exc.args[0] if exc.args else None
+    if isinstance(errs, list) and errs and isinstance(errs[0], tuple):
+        return errs[-1][-1] or str(errs)
+    return str(exc) or type(exc).__name__
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def peer_key(addr: tuple) -> bytes:
+    """The bytes a cookie is bound to: address and port of the sender."""
+    return f"{addr[0]}|{addr[1]}".encode()

@@ -1,0 +1,235 @@
+"""The layers between DTLS and the frame stream on kcp://: FEC (optional) and KCP. Sans-IO.
+
+    DTLS record plaintext  <->  FEC shard | bare KCP output  <->  KCP  <->  frame stream
+
+``KcpLink`` takes decrypted DTLS record payloads and the time, and returns stream bytes for
+the session layer; stream bytes written to it come out as record payloads for DTLS. KCP's
+own output buffer (one or more segments, at most its MTU) is one record, as kcp-go does.
+
+FEC is used towards a peer only after it has shown it speaks it: while FEC is *offered*,
+our data goes out as bare KCP segments (what PoleVPN's Go side expects) and a small FEC
+control shard (a loss report) is sent now and then; a peer that understands it answers in
+kind, and from the first valid shard we receive, our data goes out as FEC shards. The Go
+side feeds an unknown first byte to KCP, which rejects it as a foreign conversation and
+drops it, so offering costs nothing there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kcp import KCP
+
+from .config import KcpParams
+from .kcp_pool import RESET_SUPPORTED, KcpPool, control_block
+
+if TYPE_CHECKING:
+    from . import fec as fec_mod
+
+CONV = 0  # PoleVPN uses conversation id 0 on every kcp:// session
+OFFER_INTERVAL = 0.5  # s, how often an unanswered FEC offer is repeated
+
+FEC_OFF = "off"
+FEC_OFFERED = "offered"
+FEC_ON = "on"
+
+
+@dataclass
+class LinkStats:
+    records_in: int = 0
+    records_out: int = 0
+    kcp_errors: int = 0
+    stream_bytes_in: int = 0
+    stream_bytes_out: int = 0
+
+
+class KcpLink:
+    def __init__(
+        self,
+        params: KcpParams,
+        pool: KcpPool,
+        record_mtu: int,
+        now: float,
+    ) -> None:
+        self.params = params
+        self.pool = pool
+        self.stats = LinkStats()
+        fp = params.fec
+        self.fec: fec_mod.FecSession | None = None
+        self.fec_state = FEC_OFF
+        if fp.enabled:
+            from . import fec as fec_mod
+
+            self._fec_mod = fec_mod
+            self.fec = fec_mod.FecSession(
+                fec_mod.FecConfig(
+                    data_shards=fp.data_shards,
+                    parity_shards=fp.parity_shards,
+                    group_timeout=fp.group_timeout,
+                    adaptive=fp.mode == "adaptive",
+                )
+            )
+            self.fec_state = FEC_OFFERED
+            # sized for FEC even before it is on: KCP's MTU is fixed for the session
+            kcp_mtu = fec_mod.max_payload(record_mtu)
+        else:
+            kcp_mtu = record_mtu
+        self.kcp_mtu = kcp_mtu
+        self._out: list[bytes] = []
+        self._t0 = now
+        self._next_offer = now
+        self.kcp: KCP | None = pool.acquire(
+            CONV,
+            self.kcp_mtu,
+            params.nodelay,
+            params.interval,
+            params.resend,
+            params.no_congestion_window,
+            params.send_window,
+            params.receive_window,
+        )
+        self.kcp.include_outbound_handler(self._on_output)
+        self.mss = self.kcp_mtu - 24
+        self.kcp.update(self._ms(now))
+
+    # -- clock
+
+    def _ms(self, now: float) -> int:
+        return int((now - self._t0) * 1000) & 0xFFFFFFFF
+
+    # -- KCP output -> records
+
+    def _on_output(self, kcp: KCP, data: bytes) -> None:
+        if self.fec_state == FEC_ON:
+            assert self.fec is not None
+            self._out.extend(self.fec.send(data, self._now))
+        else:
+            self._out.append(data)
+
+    _now = 0.0
+
+    def records_to_send(self) -> list[bytes]:
+        out, self._out = self._out, []
+        self.stats.records_out += len(out)
+        return out
+
+    # -- stream in (from the session layer)
+
+    def write(self, data: bytes | memoryview, now: float) -> None:
+        """Queue stream bytes; message mode, each message at most one MSS as kcp-go does."""
+        kcp = self.kcp
+        if kcp is None:
+            return
+        self._now = now
+        mss = self.mss
+        n = len(data)
+        self.stats.stream_bytes_out += n
+        if n <= mss:
+            kcp.enqueue(bytes(data))
+        else:
+            view = memoryview(data)
+            for off in range(0, n, mss):
+                kcp.enqueue(bytes(view[off : off + mss]))
+        kcp.update(self._ms(now))
+        kcp.flush()
+
+    # -- records in (from DTLS)
+
+    def receive(self, record: bytes, now: float) -> bytes:
+        """One decrypted record; returns stream bytes now in order (maybe empty)."""
+        kcp = self.kcp
+        if kcp is None or not record:
+            return b""
+        self._now = now
+        self.stats.records_in += 1
+        fec = self.fec
+        if record[0] == 0:
+            payloads: list[bytes] | tuple[bytes, ...] = (record,)
+        elif fec is not None and self._fec_mod.is_fec_shard(record):
+            before = fec.stats.received
+            payloads = fec.receive(record, now)
+            if self.fec_state == FEC_OFFERED and fec.stats.received > before:
+                self.fec_state = FEC_ON
+        else:
+            self.stats.kcp_errors += 1
+            return b""
+        for p in payloads:
+            try:
+                kcp.receive(bytes(p))
+            except Exception:
+                # a foreign conversation id or a malformed segment: KCP ignores it, so do we
+                self.stats.kcp_errors += 1
+        chunks = list(kcp.get_all_received())
+        # immediate ACKs, as PoleVPN sets: the sender's window opens one RTT sooner
+        kcp.update(self._ms(now))
+        kcp.flush()
+        if not chunks:
+            return b""
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.stats.stream_bytes_in += len(data)
+        return bytes(data)
+
+    # -- timers
+
+    def poll(self, now: float) -> None:
+        kcp = self.kcp
+        if kcp is None:
+            return
+        self._now = now
+        kcp.update(self._ms(now))
+        fec = self.fec
+        if fec is not None:
+            if self.fec_state == FEC_ON:
+                self._out.extend(fec.poll(now))
+            elif self.fec_state == FEC_OFFERED and now >= self._next_offer:
+                self._next_offer = now + OFFER_INTERVAL
+                self._out.extend(fec.offer(now))
+
+    def next_deadline(self, now: float) -> float | None:
+        """When ``poll`` must run next; None while nothing is in flight."""
+        kcp = self.kcp
+        if kcp is None:
+            return None
+        deadline = None
+        if kcp.get_outbound_packets() > 0:
+            deadline = now + self.params.interval / 1000
+        fec = self.fec
+        if fec is not None:
+            if self.fec_state == FEC_ON:
+                d = fec.next_deadline()
+            elif self.fec_state == FEC_OFFERED:
+                d = self._next_offer
+            else:
+                d = None
+            if d is not None and (deadline is None or d < deadline):
+                deadline = d
+        return deadline
+
+    # -- state
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued or unacknowledged in KCP: the transport's write-buffer size."""
+        kcp = self.kcp
+        return kcp.get_outbound_packets() * self.mss if kcp is not None else 0
+
+    @property
+    def dead(self) -> bool:
+        """KCP gave up on a segment after ``dead_link`` retransmissions."""
+        if self.kcp is None:
+            return True
+        if not RESET_SUPPORTED:
+            return False
+        return control_block(self.kcp).state == 0xFFFFFFFF
+
+    @property
+    def srtt_ms(self) -> int | None:
+        if self.kcp is None or not RESET_SUPPORTED:
+            return None
+        return control_block(self.kcp).rx_srtt
+
+    def close(self) -> None:
+        if self.kcp is not None:
+            self.pool.release(self.kcp)
+            self.kcp = None

@@ -1,0 +1,534 @@
+"""kcp:// sockets: UDP datagrams, DTLS, then ``KcpLink``, shown to the protocols as a stream.
+
+``KcpTransport`` looks like an asyncio stream transport (write, close, flow control through
+pause_writing/resume_writing), so the router's ``GatewayConnection`` and the gateway's
+``RouterLink`` run unchanged on kcp:// and tls://. ``KcpServer`` is the router's UDP
+endpoint: one socket, sessions told apart by the peer's address, the cookie exchange in
+front of any per-peer state. ``connect`` is the gateway's side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.hazmat.primitives.serialization import Encoding
+from OpenSSL import SSL
+
+from .config import KcpParams
+from .dtls import (
+    CT_HANDSHAKE,
+    CookieJar,
+    CookieListener,
+    DtlsError,
+    DtlsSession,
+    Verification,
+    looks_like_dtls,
+    peer_key,
+)
+from .kcp_link import KcpLink
+from .kcp_pool import KcpPool
+
+log = logging.getLogger("polevpn.kcp")
+
+Addr = tuple[Any, ...]
+# the first two bytes of a record's epoch; 0 means a new handshake (a fresh ClientHello)
+_EPOCH = slice(3, 5)
+
+
+class KcpTransport:
+    """One established kcp:// session as a stream transport."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        dtls: DtlsSession,
+        link: KcpLink,
+        sendto: Callable[[bytes], None],
+        peer: Addr,
+        on_closed: Callable[[KcpTransport], None],
+    ) -> None:
+        self._loop = loop
+        self.dtls = dtls
+        self.link = link
+        self._sendto = sendto
+        self.peer = peer
+        self._on_closed = on_closed
+        self._protocol: asyncio.Protocol | None = None
+        self._closing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._high = 1 << 20
+        self._low = 1 << 18
+        self._paused = False
+        self.last_heard = time.monotonic()
+        self.datagrams_in = 0
+        self.datagrams_out = 0
+
+    # -- asyncio transport surface
+
+    def set_protocol(self, protocol: asyncio.Protocol) -> None:
+        self._protocol = protocol
+
+    def get_protocol(self) -> asyncio.Protocol | None:
+        return self._protocol
+
+    def start(self, protocol: asyncio.Protocol) -> None:
+        self._protocol = protocol
+        protocol.connection_made(self)  # type: ignore[arg-type]
+        self._pump()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self.peer
+        if name == "peercert_der":
+            cert = self.dtls.conn.get_peer_certificate(as_cryptography=True)
+            if cert is None:
+                return default
+            return cert.public_bytes(Encoding.DER)
+        if name == "cipher":
+            return self.dtls.conn.get_cipher_name()
+        if name == "kcp_link":
+            return self.link
+        return default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = 1 << 20
+        if low is None:
+            low = high // 4
+        self._high, self._low = high, low
+
+    def get_write_buffer_size(self) -> int:
+        return self.link.pending_bytes
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def write(self, data: bytes | memoryview) -> None:
+        if self._closing:
+            return
+        self.link.write(data, time.monotonic())
+        self._pump()
+        if not self._paused and self.link.pending_bytes > self._high and self._protocol:
+            self._paused = True
+            self._protocol.pause_writing()
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.write(b"".join(chunks))
+
+    def close(self) -> None:
+        self._shutdown(None, notify_peer=True)
+
+    def abort(self) -> None:
+        self._shutdown(None, notify_peer=False)
+
+    # -- input from the endpoint
+
+    def datagram_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        now = time.monotonic()
+        self.datagrams_in += 1
+        records, replies = self.dtls.receive(data, now)
+        for d in replies:
+            self._send(d)
+        if records:
+            self.records_received(records, now)
+        if self.dtls.closed and not self._closing:
+            err = None if self.dtls.peer_closed else ConnectionResetError(self.dtls.error)
+            self._shutdown(err, False)
+
+    def records_received(self, records: list[bytes], now: float) -> None:
+        if records:
+            self.last_heard = now
+            link = self.link
+            stream = [link.receive(r, now) for r in records]
+            data_in = b"".join(stream)
+            self._pump()
+            if data_in and self._protocol is not None:
+                self._protocol.data_received(data_in)
+            if self._paused and link.pending_bytes <= self._low and self._protocol:
+                self._paused = False
+                self._protocol.resume_writing()
+
+    # -- output and timers
+
+    def _send(self, datagram: bytes) -> None:
+        self.datagrams_out += 1
+        self._sendto(datagram)
+
+    def _pump(self) -> None:
+        """Encrypt what KCP produced, send it, and arm the timer for what is in flight."""
+        if self._closing:
+            return
+        send = self.dtls.send
+        for rec in self.link.records_to_send():
+            d = send(rec)
+            if d:
+                self._send(d)
+        now = time.monotonic()
+        deadline = self.link.next_deadline(now)
+        if deadline is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= deadline:
+                return
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        try:
+            self.link.poll(time.monotonic())
+            if self.link.dead:
+                self._shutdown(ConnectionResetError("kcp: peer stopped acknowledging"), True)
+                return
+            self._pump()
+            if self._paused and self.link.pending_bytes <= self._low and self._protocol:
+                self._paused = False
+                self._protocol.resume_writing()
+        except Exception:
+            log.exception("internal error in kcp timer for peer=%s; closing it", self.peer)
+            self._shutdown(None, False)
+
+    def _shutdown(self, exc: Exception | None, notify_peer: bool) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if notify_peer:
+            try:
+                # what KCP still holds is lost; the close_notify saves the peer its timeout
+                for d in self.dtls.close():
+                    self._send(d)
+            except OSError:
+                pass
+        else:
+            self.dtls.closed = True
+        self.link.close()
+        self._on_closed(self)
+        if self._protocol is not None:
+            self._loop.call_soon(self._protocol.connection_lost, exc)
+
+
+# ---- router side --------------------------------------------------------------------------
+
+
+@dataclass
+class KcpServerStats:
+    datagrams_in: int = 0
+    hello_verify_sent: int = 0
+    handshakes: int = 0
+    handshake_failures: int = 0
+    rejected_datagrams: int = 0
+    sessions: int = 0
+
+
+class _Pending:
+    """A peer whose cookie was good and whose handshake is under way."""
+
+    __slots__ = ("dtls", "started", "timer")
+
+    def __init__(self, dtls: DtlsSession, started: float) -> None:
+        self.dtls = dtls
+        self.started = started
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class KcpServer(asyncio.DatagramProtocol):
+    MAX_PENDING = 256
+
+    def __init__(
+        self,
+        ctx: SSL.Context,
+        jar: CookieJar,
+        params: KcpParams,
+        protocol_factory: Callable[[], asyncio.Protocol],
+        handshake_timeout: float,
+        pool: KcpPool | None = None,
+    ) -> None:
+        self.params = params
+        self.listener = CookieListener(ctx, jar, params.dtls_mtu)
+        self.factory = protocol_factory
+        self.handshake_timeout = handshake_timeout
+        self.pool = pool or KcpPool()
+        self.pending: dict[Addr, _Pending] = {}
+        self.sessions: dict[Addr, KcpTransport] = {}
+        self.stats = KcpServerStats()
+        self.transport: asyncio.DatagramTransport | None = None
+        self._loop = asyncio.get_event_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for one peer arrive on the shared socket; the session's own timeouts
+        # decide, not one error
+        log.debug("udp error: %s", exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for t in list(self.sessions.values()):
+            t.abort()
+        for p in self.pending.values():
+            if p.timer is not None:
+                p.timer.cancel()
+        self.pending.clear()
+
+    def datagram_received(self, data: bytes, addr: Addr) -> None:
+        self.stats.datagrams_in += 1
+        try:
+            self._received(data, addr)
+        except Exception:
+            log.exception("internal error handling a datagram from %s; dropping its session", addr)
+            t = self.sessions.get(addr)
+            if t is not None:
+                t.abort()
+            self._drop_pending(addr)
+
+    def _received(self, data: bytes, addr: Addr) -> None:
+        t = self.sessions.get(addr)
+        if t is not None:
+            if data[:1] == b"\x16" and data[_EPOCH] == b"\x00\x00" and looks_like_dtls(data):
+                # a new handshake from an address with a live session: the gateway restarted
+                # and reused its port. Only a proven (cookie) peer may replace the session.
+                self._hello(data, addr, replacing=t)
+                return
+            t.datagram_received(data)
+            return
+        p = self.pending.get(addr)
+        if p is not None:
+            self._continue(p, data, addr)
+            return
+        self._hello(data, addr, replacing=None)
+
+    def _hello(self, data: bytes, addr: Addr, replacing: KcpTransport | None) -> None:
+        if len(self.pending) >= self.MAX_PENDING or not looks_like_dtls(data):
+            self.stats.rejected_datagrams += 1
+            return
+        if data[0] != CT_HANDSHAKE:
+            self.stats.rejected_datagrams += 1
+            return
+        now = time.monotonic()
+        replies, dtls = self.listener.receive(data, peer_key(addr), now)
+        self.stats.hello_verify_sent = self.listener.hello_verify_sent
+        self.stats.rejected_datagrams = self.listener.rejected
+        for d in replies:
+            self._sendto(d, addr)
+        if dtls is None:
+            return
+        if replacing is not None:
+            log.info("kcp peer=%s started a new handshake; closing its old session", addr[0])
+            replacing.abort()
+        p = _Pending(dtls, now)
+        self.pending[addr] = p
+        self._arm(p, addr)
+        self._check_established(p, addr)
+
+    def _continue(self, p: _Pending, data: bytes, addr: Addr) -> None:
+        now = time.monotonic()
+        records, replies = p.dtls.receive(data, now)
+        for d in replies:
+            self._sendto(d, addr)
+        self._check_established(p, addr, records)
+
+    def _check_established(
+        self, p: _Pending, addr: Addr, records: list[bytes] | None = None
+    ) -> None:
+        dtls = p.dtls
+        if dtls.closed:
+            self.stats.handshake_failures += 1
+            log.info("kcp handshake with %s failed: %s", _fmt(addr), dtls.error)
+            self._drop_pending(addr)
+            return
+        if not dtls.established:
+            self._arm(p, addr)
+            return
+        self._drop_pending(addr)
+        self.stats.handshakes += 1
+        now = time.monotonic()
+        link = KcpLink(self.params, self.pool, dtls.cleartext_mtu, now)
+        transport = KcpTransport(
+            self._loop,
+            dtls,
+            link,
+            lambda d, a=addr: self._sendto(d, a),
+            addr,
+            self._session_closed,
+        )
+        self.sessions[addr] = transport
+        self.stats.sessions = len(self.sessions)
+        transport.start(self.factory())
+        if records:
+            # application data that arrived in the datagram that finished the handshake
+            transport.records_received(records, now)
+
+    def _arm(self, p: _Pending, addr: Addr) -> None:
+        if p.timer is not None:
+            p.timer.cancel()
+        t = p.dtls.timeout()
+        deadline = p.started + self.handshake_timeout
+        now = time.monotonic()
+        at = min(now + t, deadline) if t is not None else deadline
+        p.timer = self._loop.call_at(at, self._pending_timer, addr)
+
+    def _pending_timer(self, addr: Addr) -> None:
+        p = self.pending.get(addr)
+        if p is None:
+            return
+        p.timer = None
+        now = time.monotonic()
+        if now >= p.started + self.handshake_timeout:
+            self.stats.handshake_failures += 1
+            self._drop_pending(addr)
+            return
+        for d in p.dtls.handle_timeout(now):
+            self._sendto(d, addr)
+        self._check_established(p, addr)
+
+    def _drop_pending(self, addr: Addr) -> None:
+        p = self.pending.pop(addr, None)
+        if p is not None and p.timer is not None:
+            p.timer.cancel()
+
+    def _session_closed(self, t: KcpTransport) -> None:
+        if self.sessions.get(t.peer) is t:
+            del self.sessions[t.peer]
+        self.stats.sessions = len(self.sessions)
+
+    def _sendto(self, data: bytes, addr: Addr) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, addr)
+
+
+def _fmt(addr: Addr) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
+
+
+# ---- gateway side -------------------------------------------------------------------------
+
+
+class _ClientEndpoint(asyncio.DatagramProtocol):
+    """Runs the DTLS handshake, then hands datagrams to the ``KcpTransport``."""
+
+    def __init__(self, dtls: DtlsSession) -> None:
+        self.dtls = dtls
+        self.transport: asyncio.DatagramTransport | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.kcp: KcpTransport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self._flight(self.dtls.step(time.monotonic()))
+
+    def _flight(self, datagrams: list[bytes]) -> None:
+        assert self.transport is not None
+        for d in datagrams:
+            self.transport.sendto(d)
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.done.done():
+            return
+        if self.dtls.closed:
+            self.done.set_exception(DtlsError(self.dtls.error or "handshake failed"))
+        elif self.dtls.established:
+            self.done.set_result(None)
+        else:
+            if self._timer is not None:
+                self._timer.cancel()
+            t = self.dtls.timeout()
+            self._timer = asyncio.get_running_loop().call_later(
+                t if t is not None else 1.0, self._on_timer
+            )
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if not self.done.done():
+            self._flight(self.dtls.handle_timeout(time.monotonic()))
+
+    def datagram_received(self, data: bytes, addr: Addr) -> None:
+        if self.kcp is not None:
+            try:
+                self.kcp.datagram_received(data)
+            except Exception:
+                log.exception("internal error handling data from the router; reconnecting")
+                self.kcp.abort()
+            return
+        if self.done.done():
+            return
+        _records, replies = self.dtls.receive(data, time.monotonic())
+        self._flight(replies)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable: nobody listens there, or a firewall rejects; fail fast so
+        # the gateway can fall back instead of waiting for its timeout
+        if not self.done.done():
+            self.done.set_exception(exc)
+        elif self.kcp is not None and isinstance(exc, ConnectionRefusedError):
+            self.kcp.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self.done.done():
+            self.done.set_exception(exc or ConnectionAbortedError("udp socket closed"))
+        if self.kcp is not None:
+            self.kcp.abort()
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+async def connect(
+    protocol: asyncio.Protocol,
+    host: str,
+    port: int,
+    ctx: SSL.Context,
+    verify: Verification,
+    params: KcpParams,
+    pool: KcpPool,
+    timeout: float,
+) -> KcpTransport:
+    """Resolve, handshake and start a kcp:// session; ``protocol`` gets connection_made."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    if not infos:
+        raise OSError(f"cannot resolve {host}")
+    family, _, _, _, addr = infos[0]
+    dtls = DtlsSession.client(ctx, verify, params.dtls_mtu, time.monotonic(), verify.server_name)
+    endpoint = _ClientEndpoint(dtls)
+    udp, _ = await loop.create_datagram_endpoint(
+        lambda: endpoint, remote_addr=addr[:2], family=family
+    )
+    try:
+        await asyncio.wait_for(asyncio.shield(endpoint.done), timeout)
+    except BaseException:
+        endpoint.cancel()
+        udp.abort()
+        raise
+    now = time.monotonic()
+    link = KcpLink(params, pool, dtls.cleartext_mtu, now)
+
+    def closed(_t: KcpTransport) -> None:
+        endpoint.cancel()
+        udp.close()
+
+    transport = KcpTransport(loop, dtls, link, udp.sendto, addr, closed)
+    endpoint.kcp = transport
+    transport.start(protocol)
+    return transport
