@@ -27,6 +27,7 @@ from .kcp_pool import RESET_SUPPORTED, KcpPool, control_block
 if TYPE_CHECKING:
     from . import fec as fec_mod
 
+IKCP_ASK_TELL = 2  # ikcp.c: send a window-size segment on the next flush
 CONV = 0  # PoleVPN uses conversation id 0 on every kcp:// session
 OFFER_INTERVAL = 0.5  # s, how often an unanswered FEC offer is repeated
 
@@ -77,6 +78,9 @@ class KcpLink:
             kcp_mtu = record_mtu
         self.kcp_mtu = kcp_mtu
         self._out: list[bytes] = []
+        # False while the reader above is full: data stays in KCP, whose receive window then
+        # closes and stops the sender
+        self.reading = True
         self._t0 = now
         self._next_offer = now
         self.kcp: KCP | None = pool.acquire(
@@ -160,15 +164,33 @@ class KcpLink:
             except Exception:
                 # a foreign conversation id or a malformed segment: KCP ignores it, so do we
                 self.stats.kcp_errors += 1
-        chunks = list(kcp.get_all_received())
         # immediate ACKs, as PoleVPN sets: the sender's window opens one RTT sooner
         kcp.update(self._ms(now))
         kcp.flush()
+        return self.drain() if self.reading else b""
+
+    def drain(self) -> bytes:
+        """Stream bytes KCP holds in order."""
+        kcp = self.kcp
+        if kcp is None:
+            return b""
+        chunks = list(kcp.get_all_received())
         if not chunks:
             return b""
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        data = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
         self.stats.stream_bytes_in += len(data)
-        return bytes(data)
+        return data
+
+    def announce_window(self, now: float) -> None:
+        """Tell the peer our receive window has opened again, without waiting for its
+        zero-window probe (KCP first probes after 7 s)."""
+        kcp = self.kcp
+        if kcp is None:
+            return
+        if RESET_SUPPORTED:
+            control_block(kcp).probe |= IKCP_ASK_TELL
+        kcp.update(self._ms(now))
+        kcp.flush()
 
     # -- timers
 

@@ -10,6 +10,7 @@ front of any per-peer state. ``connect`` is the gateway's side.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -119,6 +120,22 @@ class KcpTransport:
             self._paused = True
             self._protocol.pause_writing()
 
+    def pause_reading(self) -> None:
+        self.link.reading = False
+
+    def resume_reading(self) -> None:
+        if self.link.reading or self._closing:
+            return
+        self.link.reading = True
+        data = self.link.drain()
+        self.link.announce_window(time.monotonic())
+        self._pump()
+        if data and self._protocol is not None:
+            self._protocol.data_received(data)
+
+    def is_reading(self) -> bool:
+        return self.link.reading
+
     def writelines(self, chunks: list[bytes]) -> None:
         self.write(b"".join(chunks))
 
@@ -222,6 +239,24 @@ class KcpTransport:
             self._loop.call_soon(self._protocol.connection_lost, exc)
 
 
+SOCKET_BUFFER = 4 * 1024 * 1024  # as PoleVPN sets for KCP
+
+
+def enlarge_buffers(udp: asyncio.BaseTransport, size: int = SOCKET_BUFFER) -> None:
+    """KCP without a congestion window sends a whole window at once; the kernel's default
+    UDP buffers (about 200 KB) drop most of a 512-segment burst before we can read it."""
+    sock = udp.get_extra_info("socket")
+    if sock is None:
+        return
+    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):
+        try:
+            # SO_RCVBUFFORCE / SO_SNDBUFFORCE pass net.core.rmem_max with CAP_NET_ADMIN
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
 # ---- router side --------------------------------------------------------------------------
 
 
@@ -272,6 +307,7 @@ class KcpServer(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
+        enlarge_buffers(transport)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for one peer arrive on the shared socket; the session's own timeouts
@@ -431,6 +467,7 @@ class _ClientEndpoint(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        enlarge_buffers(transport)
         self._flight(self.dtls.step(time.monotonic()))
 
     def _flight(self, datagrams: list[bytes]) -> None:

@@ -16,11 +16,33 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from polevpn.config import Listener, RouterConfig
+from polevpn import dtls, kcp_transport
+from polevpn.config import FecParams, KcpParams, Listener, RouterConfig
+from polevpn.kcp_pool import KcpPool
 from polevpn.keygen import generate
 from polevpn.router import Router
 
 KEY = "123456"
+
+# Which transport ProtoGateway.connect uses; "mixed" alternates kcp and tls, so forwarding
+# between the two is exercised by every multi-gateway test.
+_transport = {"mode": "tls", "count": 0}
+KCP_PARAMS = KcpParams(fec=FecParams(mode="off"))
+
+
+@pytest.fixture(autouse=True, params=["tls", "kcp", "mixed"])
+def transport(request: pytest.FixtureRequest) -> str:
+    _transport["mode"] = request.param
+    _transport["count"] = 0
+    return request.param
+
+
+def _next_transport() -> str:
+    mode = _transport["mode"]
+    _transport["count"] += 1
+    if mode == "mixed":
+        return "kcp" if _transport["count"] % 2 else "tls"
+    return mode
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +52,14 @@ def keys(tmp_path_factory: pytest.TempPathFactory):
 
 def router_config(keys, **overrides) -> RouterConfig:
     listener = Listener(True, "127.0.0.1", 0, keys.server_cert, keys.server_key)
-    off = Listener(False, "127.0.0.1", 0, None, None)
-    args = dict(path=Path("test.json"), tls=listener, kcp=off, key=KEY, stats_interval=0)
+    args = dict(
+        path=Path("test.json"),
+        tls=listener,
+        kcp=listener,
+        key=KEY,
+        stats_interval=0,
+        kcp_params=KCP_PARAMS,
+    )
     args.update(overrides)
     return RouterConfig(**args)
 
@@ -80,12 +108,33 @@ class ProtoGateway:
 
     @classmethod
     async def connect(cls, router: Router) -> ProtoGateway:
+        if _next_transport() == "kcp":
+            return await cls.connect_kcp(router)
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         reader, writer = await asyncio.open_connection(
             "127.0.0.1", router.tls_port, ssl=ctx, server_hostname="polevpn.com"
         )
+        return cls(reader, writer)
+
+    @classmethod
+    async def connect_kcp(cls, router: Router) -> ProtoGateway:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        proto = asyncio.StreamReaderProtocol(reader)
+        verify = dtls.Verification(insecure=True)
+        transport = await kcp_transport.connect(
+            proto,
+            "127.0.0.1",
+            router.kcp_port,
+            dtls.client_context(verify),
+            verify,
+            KCP_PARAMS,
+            KcpPool(),
+            timeout=5,
+        )
+        writer = asyncio.StreamWriter(transport, proto, reader, loop)  # type: ignore[arg-type]
         return cls(reader, writer)
 
     async def send(self, data: bytes) -> None:
@@ -325,7 +374,10 @@ def test_slow_gateway_does_not_stall_others(keys):
     run(scenario())
 
 
-def test_router_listens_on_ipv6(keys):
+def test_router_listens_on_ipv6(keys, transport):
+    if transport != "tls":
+        pytest.skip("the tls listener only; kcp over IPv6 has its own test")
+
     async def scenario():
         listener = Listener(True, "::1", 0, keys.server_cert, keys.server_key)
         router = await started(router_config(keys, tls=listener))
