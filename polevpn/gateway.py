@@ -381,7 +381,7 @@ class Gateway:
             except FatalError:
                 raise
             except (TimeoutError, OSError, dtls.DtlsError) as exc:
-                log.warning("cannot connect to %s: %s", server.url, exc or "timeout")
+                log.warning("cannot connect to %s: %s", server.url, str(exc) or "timeout")
         return None
 
     async def _run_link(self, link: RouterLink, index: int) -> None:
@@ -394,15 +394,21 @@ class Gateway:
         try:
             while True:
                 self.link = link
-                await asyncio.wait([link.closed], timeout=tick)
+                await asyncio.wait(
+                    [link.closed, probe] if probe is not None else [link.closed], timeout=tick
+                )
                 now = time.monotonic()
-                if link.closed.done():
-                    break
-                link.tick(now)
-                if index > 0 and probe is None and now >= next_probe:
-                    probe = asyncio.create_task(self._try_servers(range(index)))
+                # the probe first: once it has registered, the router closes the old link
                 if probe is not None and probe.done():
-                    result = None if probe.cancelled() or probe.exception() else probe.result()
+                    result = None
+                    if not probe.cancelled():
+                        if probe.exception() is not None:
+                            log.warning(
+                                "retrying the preferred route server failed: %r",
+                                probe.exception(),
+                            )
+                        else:
+                            result = probe.result()
                     probe = None
                     next_probe = now + cfg.preferred_retry_interval
                     if result is not None:
@@ -410,7 +416,19 @@ class Gateway:
                         self.stats.server_switches += 1
                         log.info("moved to preferred route server %s", link.server.url)
                         self.link = link
-                        old.transport.close()  # type: ignore[union-attr]
+                        if old.transport is not None:
+                            old.transport.close()
+                        continue
+                if link.closed.done():
+                    if probe is not None:
+                        # the router may have closed this link because the probe's
+                        # registration replaced it; the probe's result decides
+                        await asyncio.wait([probe])
+                        continue
+                    break
+                link.tick(now)
+                if index > 0 and probe is None and now >= next_probe:
+                    probe = asyncio.create_task(self._try_servers(range(index)))
         finally:
             if probe is not None:
                 probe.cancel()

@@ -514,6 +514,7 @@ class _ClientEndpoint(asyncio.DatagramProtocol):
         # the gateway can fall back instead of waiting for its timeout
         if not self.done.done():
             self.done.set_exception(exc)
+            self.done.exception()
         elif self.kcp is not None and isinstance(exc, ConnectionRefusedError):
             self.kcp.abort()
 
@@ -522,6 +523,7 @@ class _ClientEndpoint(asyncio.DatagramProtocol):
             self._timer.cancel()
         if not self.done.done():
             self.done.set_exception(exc or ConnectionAbortedError("udp socket closed"))
+            self.done.exception()  # whoever waited has given up; do not warn about it
         if self.kcp is not None:
             self.kcp.abort()
 
