@@ -1,0 +1,246 @@
+"""DTLS over memory BIOs: handshake, cookie exchange, record splitting, certificate checks."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+
+import pytest
+from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from polevpn import dtls
+from polevpn.keygen import generate
+from polevpn.tlsconf import hostname_matches
+
+PEER = ("198.19.0.2", 40000)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory):
+    return generate(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def other_keys(tmp_path_factory: pytest.TempPathFactory):
+    return generate(tmp_path_factory.mktemp("other"))
+
+
+def record(ctype: int, epoch: int, seq: int, body: bytes) -> bytes:
+    return (
+        struct.pack(">BHH", ctype, 0xFEFD, epoch)
+        + seq.to_bytes(6, "big")
+        + (struct.pack(">H", len(body)) + body)
+    )
+
+
+class Pair:
+    """A client session and the router's cookie listener, wired by hand."""
+
+    def __init__(self, keys, verify: dtls.Verification, mtu: int = 1400) -> None:
+        ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
+        self.listener = dtls.CookieListener(ctx, jar, mtu)
+        self.client = dtls.DtlsSession.client(
+            dtls.client_context(verify), verify, mtu, 0.0, verify.server_name
+        )
+        self.server: dtls.DtlsSession | None = None
+        self.wire_sizes: list[int] = []
+
+    def handshake(self, peer=PEER, rounds: int = 10) -> None:
+        to_server = self.client.step(0.0)
+        for _ in range(rounds):
+            to_client: list[bytes] = []
+            for d in to_server:
+                self.wire_sizes.append(len(d))
+                if self.server is None:
+                    replies, sess = self.listener.receive(d, dtls.peer_key(peer), 0.0)
+                    to_client += replies
+                    self.server = sess
+                else:
+                    _, out = self.server.receive(d, 0.0)
+                    to_client += out
+            to_server = []
+            for d in to_client:
+                self.wire_sizes.append(len(d))
+                _, out = self.client.receive(d, 0.0)
+                to_server += out
+            if not to_server and not to_client:
+                break
+
+
+def test_handshake_cookie_and_data(keys):
+    verify = dtls.Verification(ca_file=keys.ca_cert, server_name="polevpn-router")
+    p = Pair(keys, verify)
+    p.handshake()
+    assert p.client.established and p.server is not None and p.server.established
+    assert p.listener.hello_verify_sent == 1, "the first ClientHello must get a cookie, no state"
+    assert p.client.conn.get_cipher_name() == "ECDHE-RSA-AES128-GCM-SHA256"
+    assert p.client.conn.get_protocol_version_name() == "DTLSv1.2"
+    assert max(p.wire_sizes) <= 1400, "a handshake datagram exceeded the DTLS MTU"
+    # 1400 - 13 header - 8 explicit nonce - 16 tag
+    assert p.client.cleartext_mtu == 1363
+    d = p.client.send(b"\x00" * 1363)
+    assert d is not None and len(d) == 1400
+    records, replies = p.server.receive(d, 0.0)
+    assert records == [b"\x00" * 1363] and replies == []
+    back = p.server.send(b"hello")
+    assert p.client.receive(back, 0.0) == ([b"hello"], [])
+
+
+def test_close_notify_is_a_clean_close(keys):
+    p = Pair(keys, dtls.Verification(insecure=True))
+    p.handshake()
+    assert p.server is not None
+    alerts = p.client.close()
+    assert alerts
+    records, _ = p.server.receive(alerts[0], 0.0)
+    assert records == [] and p.server.closed and p.server.peer_closed
+    assert p.client.send(b"x") is None
+
+
+def test_cookie_is_bound_to_the_address(keys):
+    """A ClientHello whose cookie was issued to another address gets a new cookie and no
+    session: a spoofer cannot reuse a cookie it saw elsewhere."""
+    verify = dtls.Verification(insecure=True)
+    p = Pair(keys, verify)
+    hello = p.client.step(0.0)
+    replies, sess = p.listener.receive(hello[0], dtls.peer_key(PEER), 0.0)
+    assert sess is None and len(replies) == 1
+    hvr = replies[0]
+    assert hvr[0] == dtls.CT_HANDSHAKE and hvr[13] == 3  # HelloVerifyRequest
+    # the HelloVerifyRequest is small: no amplification towards a spoofed source
+    assert len(hvr) <= len(hello[0]) * 3
+    _, second = p.client.receive(hvr, 0.0)
+    replies, sess = p.listener.receive(second[0], dtls.peer_key(("198.19.0.99", 40000)), 0.0)
+    assert sess is None, "a cookie for one address was accepted from another"
+    replies, sess = p.listener.receive(second[0], dtls.peer_key(PEER), 0.0)
+    assert sess is not None
+
+
+def test_listener_ignores_junk_and_keeps_working(keys):
+    p = Pair(keys, dtls.Verification(insecure=True))
+    junk = [
+        b"",
+        b"\x16",
+        b"\x17\xfe\xfd" + b"\x00" * 20,
+        record(22, 0, 0, b"\x01\x00\x00\x10garbage-garbage-"),
+        record(22, 0, 0, b""),
+        b"\x00" * 64,
+        bytes(range(256)),
+    ]
+    for j in junk:
+        replies, sess = p.listener.receive(j, dtls.peer_key(PEER), 0.0)
+        assert sess is None
+    assert p.listener.rejected >= len(junk) - 2
+    p.handshake()
+    assert p.server is not None and p.server.established
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=1500))
+def test_fuzz_listener_and_session(data):
+    ctx, jar = _SERVER
+    listener = dtls.CookieListener(ctx, jar)
+    replies, sess = listener.receive(data, b"peer", 0.0)
+    assert sess is None or isinstance(sess, dtls.DtlsSession)
+    assert all(len(r) <= 1400 for r in replies)
+    # an established session fed garbage drops it (bad records are dropped in DTLS)
+    records, _ = _ESTABLISHED.receive(data, 0.0)
+    assert isinstance(records, list)
+
+
+def _established_server(keys):
+    p = Pair(keys, dtls.Verification(insecure=True))
+    p.handshake()
+    assert p.server is not None
+    return p.server
+
+
+_SERVER = None
+_ESTABLISHED = None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fuzz_state(keys):
+    global _SERVER, _ESTABLISHED
+    _SERVER = dtls.server_context(keys.server_cert, keys.server_key)
+    _ESTABLISHED = _established_server(keys)
+    yield
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=8), st.binary(max_size=20))
+def test_split_records_roundtrip(bodies, tail):
+    recs = [record(23, 1, i, b) for i, b in enumerate(bodies)]
+    buf = b"".join(recs)
+    assert dtls.split_records(buf) == recs
+    # a truncated trailing record is dropped, never returned half
+    out = dtls.split_records(buf + tail)
+    assert out[: len(recs)] == recs
+    assert all(len(r) >= dtls.RECORD_HEADER for r in out)
+    for mtu in (200, 576, 1400):
+        dgrams = dtls.pack_datagrams(recs, mtu)
+        assert b"".join(dgrams) == buf
+        assert all(len(d) <= mtu or len(dtls.split_records(d)) == 1 for d in dgrams)
+
+
+def test_wrong_ca_fails_the_handshake(keys, other_keys):
+    p = Pair(keys, dtls.Verification(ca_file=other_keys.ca_cert, server_name="polevpn-router"))
+    p.handshake()
+    assert not p.client.established and p.client.closed
+    assert "certificate verify failed" in (p.client.error or "")
+
+
+def test_name_mismatch_fails(keys):
+    p = Pair(keys, dtls.Verification(ca_file=keys.ca_cert, server_name="not-the-router"))
+    p.handshake()
+    assert p.client.closed and "does not name" in (p.client.error or "")
+
+
+def test_pin(keys):
+    der = x509.load_pem_x509_certificate(keys.server_cert.read_bytes()).public_bytes(
+        dtls.Encoding.DER
+    )
+    good = hashlib.sha256(der).digest()
+    p = Pair(keys, dtls.Verification(pin=good))
+    p.handshake()
+    assert p.client.established and not p.client.closed
+    p = Pair(keys, dtls.Verification(pin=b"\x00" * 32))
+    p.handshake()
+    assert p.client.closed and "cert_pin" in (p.client.error or "")
+
+
+def test_hostname_matching(keys):
+    cert = x509.load_pem_x509_certificate(keys.server_cert.read_bytes())
+    assert hostname_matches(cert, "polevpn-router")
+    assert hostname_matches(cert, "POLEVPN-ROUTER.")
+    assert hostname_matches(cert, "127.0.0.1")
+    assert hostname_matches(cert, "::1")
+    assert not hostname_matches(cert, "127.0.0.2")
+    assert not hostname_matches(cert, "polevpn-router.example")
+    assert not hostname_matches(cert, "router")
+
+
+def test_wildcard_rules():
+    from polevpn.tlsconf import _dns_match
+
+    assert _dns_match("*.example.net", "a.example.net")
+    assert not _dns_match("*.example.net", "a.b.example.net")
+    assert not _dns_match("*.example.net", "example.net")
+    assert not _dns_match("*.net", "example.net"), "a wildcard must not cover a whole TLD"
+    assert not _dns_match("a*.example.net", "ab.example.net")
+
+
+def test_retransmits_a_lost_flight(keys):
+    verify = dtls.Verification(insecure=True)
+    client = dtls.DtlsSession.client(dtls.client_context(verify), verify)
+    first = client.step(0.0)
+    assert first
+    timeout = client.timeout()
+    assert timeout is not None and 0 < timeout <= 1.0
+    # the ClientHello was lost: after OpenSSL's (wall-clock) timer the flight goes out again
+    time.sleep(timeout + 0.05)
+    again = client.handle_timeout(1.0)
+    assert again and again[0][0] == dtls.CT_HANDSHAKE
