@@ -6,5 +6,8 @@ from dataclasses import fields
 
 
 class Counters:
-    def summary(self) -> str:
-        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))  # type: ignore[arg-type]
+    def summary(self, prefix: str = "") -> str:
+        return " ".join(
+            f"{prefix}{f.name}={getattr(self, f.name)}"
+            for f in fields(self)  # type: ignore[arg-type]
+        )

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from .config import KcpParams
+from .counters import Counters
 from .dtls import (
     CT_HANDSHAKE,
     CookieJar,
@@ -261,7 +262,7 @@ def enlarge_buffers(udp: asyncio.BaseTransport, size: int = SOCKET_BUFFER) -> No
 
 
 @dataclass
-class KcpServerStats:
+class KcpServerStats(Counters):
     datagrams_in: int = 0
     hello_verify_sent: int = 0
     handshakes: int = 0

@@ -269,10 +269,11 @@ class Router:
             if next_stats is not None and now >= next_stats:
                 next_stats = now + cfg.stats_interval
                 log.info(
-                    "stats connections=%d routes=%d %s",
+                    "stats connections=%d routes=%d %s%s",
                     len(self.connections),
                     len(self.routes),
                     self.stats.summary(),
+                    f" {self.kcp_server.stats.summary('kcp_')}" if self.kcp_server else "",
                 )
 
     # -- control plane
