@@ -396,3 +396,34 @@ def test_router_listens_on_ipv6(keys, transport):
         await router.stop()
 
     run(scenario())
+
+
+def test_kcp_over_ipv6(keys, transport):
+    if transport != "kcp":
+        pytest.skip("one run is enough")
+
+    async def scenario():
+        listener = Listener(True, "::1", 0, keys.server_cert, keys.server_key)
+        router = await started(router_config(keys, kcp=listener))
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        proto = asyncio.StreamReaderProtocol(reader)
+        verify = dtls.Verification(ca_file=keys.ca_cert, server_name="polevpn-router")
+        tr = await kcp_transport.connect(
+            proto,
+            "::1",
+            router.kcp_port,
+            dtls.client_context(verify),
+            verify,
+            KCP_PARAMS,
+            KcpPool(),
+            timeout=5,
+        )
+        gw = ProtoGateway(reader, asyncio.StreamWriter(tr, proto, reader, loop))
+        await gw.login("169.254.0.1", ["2001:db8:10::/64"])
+        (conn,) = router.connections
+        assert conn.transport_name == "kcp" and conn.peer.startswith("::1")
+        gw.close()
+        await router.stop()
+
+    run(scenario())
