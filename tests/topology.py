@@ -13,6 +13,21 @@ Every namespace name carries a per-instance random prefix (``pv<4 hex>-``), so
 parallel or leftover runs never collide.  ``teardown()`` kills every process
 started through :meth:`Topology.popen` by PID and deletes every namespace
 (deleting a namespace removes the veth pairs inside it).
+
+``Topology(impair=True)`` adds a sixth namespace ``imp`` on the gwA <-> router
+underlay; every address stays as above:
+
+    gwA wan0 ==== a0 [imp] r0 ==== ul-a router
+
+imp has no addresses of its own: it answers ARP for both ends (proxy ARP), knows
+both ends' MACs statically and forwards.  :meth:`Topology.start_impair` starts
+the userspace element ``tests/impair.py`` on two TUN devices (``impu`` for
+gwA -> router, ``impd`` for router -> gwA) and adds the policy rules
+``iif a0 lookup 101`` / ``iif r0 lookup 102`` that send every underlay packet
+through them; without the element (or after :meth:`Topology.stop_impair`) imp
+is a plain kernel router.  :meth:`Topology.set_loss` installs an nftables
+random-drop rule (in imp, or in router without impair) usable on its own or
+together with the element.
 """
 
 from __future__ import annotations
@@ -20,15 +35,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 NODES = ("hostA", "gwA", "router", "gwB", "hostB")
 
@@ -49,6 +67,16 @@ GW_A_UL = "198.19.0.2"
 ROUTER_UL_A = "198.19.0.1"
 GW_B_UL = "198.19.0.6"
 ROUTER_UL_B = "198.19.0.5"
+
+# Impairment middlebox (Topology(impair=True)): node, interfaces, TUNs, routing tables.
+IMP_NODE = "imp"
+IMP_IF_A = "a0"  # imp's end of the link to gwA's wan0
+IMP_IF_R = "r0"  # imp's end of the link to router's ul-a
+IMP_TUNS = {"up": "impu", "down": "impd"}  # up: gwA -> router, down: router -> gwA
+IMP_TABLES = {"up": 101, "down": 102}
+IMP_IIF = {"up": IMP_IF_A, "down": IMP_IF_R}
+IMPAIR_SCRIPT = str(Path(__file__).resolve().with_name("impair.py"))
+NFT_LOSS_TABLE = "pvloss"
 
 # (namespace, route) pairs for plain-routing mode (no tunnel).
 PLAIN_ROUTES = (
@@ -103,6 +131,47 @@ print(json.dumps({"bytes": sent, "sha256": h.hexdigest(), "seconds": dt}), flush
 """
 
 
+# Numbered UDP datagrams (4-byte big-endian sequence number, padded), for udp_probe().
+_UDP_RECEIVER = r"""
+import json, socket, struct, sys, time
+host, port, quiet, budget = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+s.bind((host, port))
+print("ready", flush=True)
+order = []; end = time.monotonic() + budget; last = None
+while time.monotonic() < end:
+    wait = 10.0 if last is None else quiet - (time.monotonic() - last)
+    if wait <= 0:
+        break
+    s.settimeout(min(wait, max(end - time.monotonic(), 0.01)))
+    try:
+        b = s.recv(65536)
+    except socket.timeout:
+        if last is None:
+            break
+        continue
+    last = time.monotonic()
+    order.append(struct.unpack("!I", b[:4])[0])
+print(json.dumps(order), flush=True)
+"""
+
+_UDP_SENDER = r"""
+import socket, struct, sys, time
+host, port, count, interval, size = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+                                      float(sys.argv[4]), int(sys.argv[5]))
+fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+pad = bytes(max(size - 4, 0)); t0 = time.monotonic()
+for i in range(count):
+    ahead = t0 + i * interval - time.monotonic()
+    if ahead > 0:
+        time.sleep(ahead)
+    s.sendto(struct.pack("!I", i) + pad, (host, port))
+"""
+
+
 class TopologyError(RuntimeError):
     pass
 
@@ -119,9 +188,16 @@ def have_netns_support() -> tuple[bool, str]:
 class Topology:
     """Builds and tears down hostA / gwA / router / gwB / hostB namespaces."""
 
-    def __init__(self, prefix: str | None = None, log_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        prefix: str | None = None,
+        log_dir: str | os.PathLike | None = None,
+        impair: bool = False,
+    ):
         self.prefix = prefix or f"pv{secrets.token_hex(2)}"
-        self.ns = {node: f"{self.prefix}-{node}" for node in NODES}
+        self.impair = impair
+        self.nodes: tuple[str, ...] = (*NODES, IMP_NODE) if impair else NODES
+        self.ns = {node: f"{self.prefix}-{node}" for node in self.nodes}
         # Without an explicit log_dir the logs go to a private temp dir that
         # teardown() removes again.
         self._own_log_dir = log_dir is None
@@ -134,6 +210,10 @@ class Topology:
         # Interface names (inside their namespaces; short to fit IFNAMSIZ).
         self.if_hosta = "eth0"  # in hostA, peer of gwA's "lan0"
         self.if_hostb = "eth0"
+        # impairment element (impair=True only)
+        self.impair_proc: subprocess.Popen | None = None
+        self._imp_dir: Path | None = None
+        self.last_impair_stats: dict | None = None
 
     # ------------------------------------------------------------------ helpers
     def name(self, node: str) -> str:
@@ -252,7 +332,7 @@ class Topology:
         self.run(node, ["sysctl", "-q", "-w", f"{key}={value}"])
 
     def _setup(self) -> None:
-        for node in NODES:
+        for node in self.nodes:
             self._add_ns(node)
 
         # LAN A
@@ -274,7 +354,11 @@ class Topology:
         self.run("hostB", ["ip", "-6", "route", "add", "default", "via", GW_B_LAN6])
 
         # Underlay
-        self._veth("gwA", "wan0", "router", "ul-a")
+        if self.impair:
+            self._veth("gwA", "wan0", IMP_NODE, IMP_IF_A)
+            self._veth(IMP_NODE, IMP_IF_R, "router", "ul-a")
+        else:
+            self._veth("gwA", "wan0", "router", "ul-a")
         self._addr("gwA", "wan0", f"{GW_A_UL}/30")
         self._addr("router", "ul-a", f"{ROUTER_UL_A}/30")
         self._veth("gwB", "wan0", "router", "ul-b")
@@ -284,6 +368,56 @@ class Topology:
         for gw in ("gwA", "gwB"):
             self._sysctl(gw, "net.ipv4.ip_forward", "1")
             self._sysctl(gw, "net.ipv6.conf.all.forwarding", "1")
+        if self.impair:
+            self._setup_imp()
+
+    def _mac(self, node: str, ifname: str) -> str:
+        res = self.run(node, ["ip", "-j", "link", "show", "dev", ifname])
+        return json.loads(res.stdout)[0]["address"]
+
+    def _setup_imp(self) -> None:
+        """Make imp an address-less IPv4 middlebox between gwA (198.19.0.2) and router (.1)."""
+        imp = IMP_NODE
+        a, r = IMP_IF_A, IMP_IF_R
+        # Forwarding without addresses: reverse-path filtering would drop packets coming
+        # back out of the TUNs (their source lies behind a0/r0), and redirects make no sense.
+        for key, value in (
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+            ("net.ipv4.conf.all.send_redirects", "0"),
+            ("net.ipv4.conf.default.send_redirects", "0"),
+        ):
+            self._sysctl(imp, key, value)
+        for ifname in (a, r):
+            # proxy ARP: gwA and router resolve each other to imp's MACs; proxy_delay 0
+            # answers broadcast requests at once instead of after up to 0.8 s.
+            self._sysctl(imp, f"net.ipv4.conf.{ifname}.proxy_arp", "1")
+            self._sysctl(imp, f"net.ipv4.neigh.{ifname}.proxy_delay", "0")
+            self._sysctl(imp, f"net.ipv4.conf.{ifname}.rp_filter", "0")
+        # imp never ARPs itself (it has no address to ARP from): static neighbours.
+        self.run(imp, ["ip", "neigh", "replace", GW_A_UL, "lladdr", self._mac("gwA", "wan0"),
+                       "dev", a, "nud", "permanent"])
+        self.run(imp, ["ip", "neigh", "replace", ROUTER_UL_A, "lladdr",
+                       self._mac("router", "ul-a"), "dev", r, "nud", "permanent"])
+        # Main table: what leaves the TUNs (and everything while no element runs).  LAN A
+        # sits behind gwA (plain routing), everything else behind the router.
+        for route in (
+            f"{GW_A_UL}/32 dev {a}",
+            f"{ROUTER_UL_A}/32 dev {r}",
+            f"{LAN_A} via {GW_A_UL} dev {a} onlink",
+            f"default via {ROUTER_UL_A} dev {r} onlink",
+        ):
+            self.run(imp, ["ip", "route", "replace", *route.split()])
+        # Persistent TUNs, so the routes below exist before the element attaches.
+        for direction, tun in IMP_TUNS.items():
+            self.run(imp, ["ip", "tuntap", "add", "dev", tun, "mode", "tun"])
+            # no IPv6 link-local / router solicitations looping through the element
+            self.run(imp, ["ip", "link", "set", tun, "addrgenmode", "none"])
+            self.run(imp, ["ip", "link", "set", tun, "mtu", "1500", "txqueuelen", "1000", "up"])
+            self._sysctl(imp, f"net.ipv4.conf.{tun}.rp_filter", "0")
+            self.run(imp, ["ip", "route", "replace", "default", "dev", tun,
+                           "table", str(IMP_TABLES[direction])])
 
     # ------------------------------------------------------------ plain routes
     def enable_plain_routing(self) -> None:
@@ -301,6 +435,147 @@ class Topology:
         self._sysctl("router", "net.ipv4.ip_forward", "0")
         self.plain_routing = False
 
+    # -------------------------------------------------------------- impairment
+    def _need_imp(self) -> None:
+        if not self.impair:
+            raise TopologyError("this Topology was built without impair=True")
+
+    def _impair_rules(self, add: bool) -> None:
+        for direction, iif in IMP_IIF.items():
+            table = str(IMP_TABLES[direction])
+            rule = ["iif", iif, "lookup", table, "pref", table]
+            # delete first: a restart after the element died must not stack duplicates
+            self.run(IMP_NODE, ["ip", "rule", "del", *rule], check=False)
+            if add:
+                self.run(IMP_NODE, ["ip", "rule", "add", *rule])
+
+    def start_impair(
+        self, seed: int = 1, limit: int | None = None, **params: Any
+    ) -> subprocess.Popen:
+        """Start tests/impair.py in imp and steer the gwA <-> router underlay through it.
+
+        ``params`` (see ``impair.Params``: delay_ms, jitter_ms, jitter_dist, jitter_reorder,
+        reorder_pct, reorder_ms, dup_pct, loss_pct, ge_gb_pct, ge_bg_pct, ge_loss_good_pct,
+        ge_loss_bad_pct) apply to both directions; change them later with set_impair().
+        """
+        self._need_imp()
+        if self.impair_proc is not None and self.impair_proc.poll() is None:
+            raise TopologyError("impairment element already running")
+        if self._imp_dir is None:
+            # short private dir: a UNIX socket path must fit in 108 bytes
+            self._imp_dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-imp-"))
+        sock = self._imp_dir / "impair.sock"
+        cmd = [sys.executable, IMPAIR_SCRIPT, "--control", str(sock), "--seed", str(seed),
+               "--params", json.dumps(params)]
+        for direction, tun in IMP_TUNS.items():
+            cmd += ["--tun", f"{direction}={tun}"]
+        if limit is not None:
+            cmd += ["--limit", str(limit)]
+        proc = self.popen(IMP_NODE, cmd, log_name="impair")
+        self.impair_proc = proc
+        wait_for_log(proc, '"event": "ready"', timeout=10)
+        # Rules only while the element runs: without a reader the TUNs would blackhole.
+        self._impair_rules(add=True)
+        return proc
+
+    def stop_impair(self) -> dict:
+        """Bypass and stop the element (imp forwards in the kernel again); final counters."""
+        self._need_imp()
+        self._impair_rules(add=False)
+        proc, self.impair_proc = self.impair_proc, None
+        if proc is None:
+            return {}
+        self.stop(proc, timeout=5)
+        final: dict = {}
+        for line in proc.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{") and '"final"' in line:
+                final = _flatten_stats(json.loads(line))
+        self.last_impair_stats = final
+        return final
+
+    def _impair_request(self, req: dict, timeout: float = 5.0) -> dict:
+        self._need_imp()
+        if self.impair_proc is None or self.impair_proc.poll() is not None or not self._imp_dir:
+            raise TopologyError("impairment element is not running (start_impair first)")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self._imp_dir / "impair.sock"))
+            s.sendall(json.dumps(req).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
+        reply = json.loads(buf)
+        if not reply.get("ok"):
+            raise TopologyError(f"impair {req.get('cmd')}: {reply.get('error')}")
+        return reply
+
+    def set_impair(self, direction: str = "both", merge: bool = False, **params: Any) -> dict:
+        """Change impairment at runtime for ``"up"`` (gwA -> router), ``"down"`` or ``"both"``.
+
+        Replaces the direction's parameters (unnamed ones back to defaults) unless ``merge``;
+        ``set_impair()`` with no params clears the impairment.  Returns all parameters.
+        """
+        reply = self._impair_request(
+            {"cmd": "set", "dir": direction, "params": params, "merge": merge}
+        )
+        return reply["params"]
+
+    def impair_params(self) -> dict:
+        return self._impair_request({"cmd": "get"})["params"]
+
+    def impair_stats(self, reset: bool = False) -> dict:
+        """Counters ``{"up": {...}, "down": {...}, "total": {...}}``; ``reset`` zeroes them."""
+        return _flatten_stats(self._impair_request({"cmd": "stats", "reset": reset})["stats"])
+
+    def _loss_target(self) -> tuple[str, dict[str, str]]:
+        # Drop where packets first meet the middle: imp's veths when it exists (before the
+        # element, at prerouting), else the router's end of the gwA link.
+        if self.impair:
+            return IMP_NODE, {"up": f'iifname "{IMP_IF_A}"', "down": f'iifname "{IMP_IF_R}"'}
+        return "router", {"up": 'iifname "ul-a"', "down": 'oifname "ul-a"'}
+
+    def set_loss(self, percent: float | None, direction: str = "both") -> None:
+        """Kernel random loss (nftables numgen) on the gwA <-> router underlay.
+
+        ``percent`` None or 0 removes the rule.  Resolution is 0.01 %.
+        """
+        node, match = self._loss_target()
+        dirs = list(match) if direction == "both" else [direction]
+        if any(d not in match for d in dirs):
+            raise ValueError(f"direction must be 'up', 'down' or 'both', not {direction!r}")
+        script = f"table inet {NFT_LOSS_TABLE}\ndelete table inet {NFT_LOSS_TABLE}\n"
+        if percent:
+            if not 0 < percent <= 100:
+                raise ValueError(f"loss percent {percent} not in 0..100")
+            threshold = round(percent * 100)
+            pre, post = [], []
+            for d in dirs:
+                rule = f"{match[d]} numgen random mod 10000 < {threshold} counter drop"
+                (post if match[d].startswith("oif") else pre).append(rule)
+            # priority -300 (raw): drop before conntrack and before the routing decision
+            script += f"table inet {NFT_LOSS_TABLE} {{\n"
+            script += "  chain pre {\n    type filter hook prerouting priority -300;\n"
+            script += "".join(f"    {r}\n" for r in pre) + "  }\n"
+            script += "  chain post {\n    type filter hook postrouting priority -300;\n"
+            script += "".join(f"    {r}\n" for r in post) + "  }\n}\n"
+        self.run(node, ["nft", "-f", "-"], input=script)
+
+    def loss_stats(self) -> int:
+        """Packets dropped so far by the set_loss() rules (0 when none are installed)."""
+        node, _ = self._loss_target()
+        res = self.run(node, ["nft", "-j", "list", "table", "inet", NFT_LOSS_TABLE], check=False)
+        if res.returncode != 0:
+            return 0
+        total = 0
+        for item in json.loads(res.stdout).get("nftables", []):
+            for expr in item.get("rule", {}).get("expr", []):
+                if "counter" in expr:
+                    total += expr["counter"]["packets"]
+        return total
+
     # ------------------------------------------------------------------ checks
     def ping(
         self, node: str, dst: str, count: int = 3, wait: int = 2, timeout: float | None = None
@@ -311,6 +586,20 @@ class Topology:
             cmd.insert(1, "-6")
         cmd.append(dst)
         return self.run(node, cmd, check=False, timeout=timeout or count * wait + 10)
+
+    def ping_stats(
+        self, node: str, dst: str, count: int = 100, interval: float = 0.01, wait: float = 2
+    ) -> dict:
+        """``count`` pings ``interval`` s apart (no -w: exactly ``count`` are sent); parsed.
+
+        Returns transmitted, received, duplicates, loss_pct, rtt_min/avg/max/mdev (ms, None
+        without replies) and the raw stdout.
+        """
+        cmd = ["ping", "-n", "-q", "-c", str(count), "-i", str(interval), "-W", str(wait)]
+        if ":" in dst:
+            cmd.insert(1, "-6")
+        res = self.run(node, [*cmd, dst], check=False, timeout=count * interval + wait + 15)
+        return parse_ping(res.stdout)
 
     def wait_ping(self, node: str, dst: str, deadline: float = 10.0) -> float | None:
         """Ping once a second until it answers; return seconds taken or None."""
@@ -364,6 +653,64 @@ class Topology:
         mbit_s = size * 8 / max(sent["seconds"], 1e-9) / 1e6
         return {"sent": sent, "received": received, "ok": ok, "mbit_s": mbit_s}
 
+    def udp_probe(
+        self,
+        src: str,
+        dst: str,
+        dst_addr: str,
+        count: int = 500,
+        interval: float = 0.001,
+        size: int = 200,
+        port: int = 5098,
+        quiet: float = 1.0,
+    ) -> dict:
+        """Send ``count`` numbered UDP datagrams ``interval`` s apart; report what arrived.
+
+        Returns ``{"sent", "order" (sequence numbers in arrival order), "received",
+        "unique", "duplicates", "lost", "late"}``; ``late`` counts arrivals behind a higher
+        sequence number (reordering).  The receiver stops ``quiet`` s after the last datagram.
+        """
+        budget = count * interval + quiet + 20
+        rx = self.popen(
+            dst,
+            [sys.executable, "-c", _UDP_RECEIVER, dst_addr, str(port), str(quiet), str(budget)],
+            log_name=f"udp-rx-{secrets.token_hex(2)}",
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while b"ready" not in rx.log_path.read_bytes():
+                if rx.poll() is not None or time.monotonic() > deadline:
+                    raise TopologyError(
+                        f"UDP receiver did not start: {rx.log_path.read_text(errors='replace')}"
+                    )
+                time.sleep(0.05)
+            self.run(
+                src,
+                [sys.executable, "-c", _UDP_SENDER, dst_addr, str(port), str(count),
+                 str(interval), str(size)],
+                timeout=count * interval + 30,
+            )
+            rx.wait(timeout=budget + 5)
+            order = json.loads(rx.log_path.read_text(errors="replace").strip().splitlines()[-1])
+        finally:
+            self.stop(rx, timeout=2)
+        late = 0
+        highest = -1
+        for seq in order:
+            if seq < highest:
+                late += 1
+            highest = max(highest, seq)
+        unique = len(set(order))
+        return {
+            "sent": count,
+            "order": order,
+            "received": len(order),
+            "unique": unique,
+            "duplicates": len(order) - unique,
+            "lost": count - unique,
+            "late": late,
+        }
+
     def iperf3(
         self, client: str, server: str, server_addr: str, seconds: int = 10, port: int = 5201
     ) -> dict:
@@ -408,6 +755,10 @@ class Topology:
         for ns in reversed(self._created):
             self._ip("netns", "del", ns, check=False)
         self._created.clear()
+        self.impair_proc = None
+        if self._imp_dir is not None:
+            shutil.rmtree(self._imp_dir, ignore_errors=True)
+            self._imp_dir = None
         if self._own_log_dir:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
@@ -416,6 +767,35 @@ class Topology:
 
     def __exit__(self, *exc) -> None:
         self.teardown()
+
+
+_PING_SUMMARY = re.compile(
+    r"(\d+) packets transmitted, (\d+) received(?:, \+(\d+) duplicates)?"
+)
+_PING_RTT = re.compile(r"= ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms")
+
+
+def parse_ping(stdout: str) -> dict:
+    """Summary of iputils ping output (see Topology.ping_stats)."""
+    out: dict = {"transmitted": 0, "received": 0, "duplicates": 0, "loss_pct": 100.0,
+                 "rtt_min": None, "rtt_avg": None, "rtt_max": None, "rtt_mdev": None,
+                 "stdout": stdout}
+    m = _PING_SUMMARY.search(stdout)
+    if m:
+        tx, rx = int(m.group(1)), int(m.group(2))
+        out.update(transmitted=tx, received=rx, duplicates=int(m.group(3) or 0))
+        out["loss_pct"] = 100.0 * (tx - rx) / tx if tx else 100.0
+    m = _PING_RTT.search(stdout)
+    if m:
+        for key, value in zip(("rtt_min", "rtt_avg", "rtt_max", "rtt_mdev"), m.groups(),
+                              strict=True):
+            out[key] = float(value)
+    return out
+
+
+def _flatten_stats(stats: dict) -> dict:
+    """impair.py's ``{"dirs": {"up": .., "down": ..}, "total": ..}`` -> one level."""
+    return {**stats.get("dirs", {}), "total": stats.get("total", {})}
 
 
 def leftover_namespaces(prefix: str) -> list[str]:
