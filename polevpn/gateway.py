@@ -514,7 +514,16 @@ class Gateway:
         if self.tun is not None:
             self.stats.tun_write_errors = self.tun.write_errors
             self.stats.tun_write_dropped = self.tun.write_dropped
-        return self.stats.summary()
+        line = self.stats.summary()
+        link = self.link
+        kcp = link.transport.get_extra_info("kcp_link") if link and link.transport else None
+        if kcp is not None:
+            line += f" transport=kcp fec={kcp.fec_state} srtt_ms={kcp.srtt_ms}"
+            if kcp.fec is not None:
+                line += " " + kcp.fec.stats.summary("fec_")
+        elif link is not None:
+            line += f" transport={link.server.scheme}"
+        return line
 
     def stop(self) -> None:
         self._stopping.set()

@@ -273,8 +273,25 @@ class Router:
                     len(self.connections),
                     len(self.routes),
                     self.stats.summary(),
-                    f" {self.kcp_server.stats.summary('kcp_')}" if self.kcp_server else "",
+                    f" {self.kcp_server.stats.summary('kcp_')}{self._fec_totals()}"
+                    if self.kcp_server
+                    else "",
                 )
+
+    def _fec_totals(self) -> str:
+        """FEC counters summed over the live kcp:// sessions."""
+        assert self.kcp_server is not None
+        recovered = parity_sent = unrecoverable = 0
+        for t in self.kcp_server.sessions.values():
+            fec = t.link.fec
+            if fec is not None:
+                recovered += fec.stats.recovered
+                parity_sent += fec.stats.parity_sent
+                unrecoverable += fec.stats.unrecoverable
+        return (
+            f" fec_recovered={recovered} fec_parity_sent={parity_sent}"
+            f" fec_unrecoverable={unrecoverable}"
+        )
 
     # -- control plane
 
@@ -344,15 +361,19 @@ class Router:
             self.stats.dropped_unregistered += conn.session.dropped_unregistered
         if conn.gateway is not None:
             self._withdraw(conn)
+            kcp = conn.transport.get_extra_info("kcp_link") if conn.transport else None
+            fec = kcp.fec if kcp is not None else None
             log.info(
-                "gateway disconnected gateway=%s peer=%s packets_in=%d packets_out=%d "
-                "bytes_in=%d bytes_out=%d%s",
+                "gateway disconnected gateway=%s peer=%s transport=%s packets_in=%d "
+                "packets_out=%d bytes_in=%d bytes_out=%d%s%s",
                 conn.gateway,
                 conn.peer,
+                conn.transport_name,
                 conn.packets_in,
                 conn.packets_out,
                 conn.bytes_in,
                 conn.bytes_out,
+                f" {fec.stats.summary('fec_')}" if fec is not None else "",
                 f" error={exc}" if exc else "",
             )
 

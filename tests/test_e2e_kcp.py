@@ -46,14 +46,10 @@ def kvpn(tmp_path_factory, keys):
     try:
         topo.setup()
         v = Vpn(topo, work, keys)
-        v.router_cfg = t.write_json(
-            work / "config.json", router_kcp_config(keys, fec={"mode": "off"})
-        )
+        v.router_cfg = t.write_json(work / "config.json", router_kcp_config(keys))
         v.gw_cfg["gwA"] = t.write_json(
             work / "gateway-a.json",
-            t.gateway_config(
-                "A", keys, route_server=KCP_A, stats_interval=1, kcp={"fec": {"mode": "off"}}
-            ),
+            t.gateway_config("A", keys, route_server=KCP_A, stats_interval=1),
         )
         v.start_router()
         v.start_gateway("gwA")
@@ -168,7 +164,6 @@ def test_fallback_to_tls_and_back(kvpn):
         preferred_retry_interval=2,
         heartbeat_interval=1,
         heartbeat_timeout=3,
-        kcp={"fec": {"mode": "off"}},
     )
     cfg.pop("route_server")
     path = t.write_json(kvpn.work / "gateway-a-fallback.json", cfg)
