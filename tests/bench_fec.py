@@ -256,6 +256,10 @@ def run(seconds: float = 0.6) -> dict:
     }
 
 
+def _fmt(mb_s: float) -> str:
+    return f"{mb_s:9.0f}" if mb_s >= 10 else f"{mb_s:9.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=0.6, help="per measurement")
@@ -271,7 +275,7 @@ def main() -> None:
         if r is None:
             print(f"{name:34s} {'-':>9s} {'-':>9s}   (not installed)")
         else:
-            print(f"{name:34s} {r['encode']:9.0f} {r['decode']:9.0f}")
+            print(f"{name:34s} {_fmt(r['encode'])} {_fmt(r['decode'])}")
     print()
     print(f"{'FEC layer (payload MB/s)':34s} {'send':>9s} {'receive':>9s} {'both':>9s}")
     for name, r in res["fec_session"].items():
