@@ -62,12 +62,17 @@ def summarize(data: dict) -> dict:
 
 
 def git_rev() -> str:
-    res = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                         capture_output=True, text=True, timeout=10)
+    res = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     return res.stdout.strip() or "?"
 
 
 def write_docs(result: dict) -> None:
+    """docs/benchmarks.{md,json} from one run's results."""
     DOCS.mkdir(exist_ok=True)
     (DOCS / "benchmarks.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
@@ -170,24 +175,64 @@ def run_kcptun(topo: t.Topology, seconds: int) -> dict:
     )
     ks = topo.popen(
         "router",
-        ["kcptun-server", "-l", f"{t.ROUTER_UL_A}:4000", "-t", f"{t.ROUTER_UL_A}:5301",
-         "--mode", "fast", "--crypt", "aes-128", "--key", "bench", "--nocomp",
-         "--datashard", "10", "--parityshard", "3"],
+        [
+            "kcptun-server",
+            "-l",
+            f"{t.ROUTER_UL_A}:4000",
+            "-t",
+            f"{t.ROUTER_UL_A}:5301",
+            "--mode",
+            "fast",
+            "--crypt",
+            "aes-128",
+            "--key",
+            "bench",
+            "--nocomp",
+            "--datashard",
+            "10",
+            "--parityshard",
+            "3",
+        ],
         log_name="kcptun-server",
     )
     kc = topo.popen(
         "gwA",
-        ["kcptun-client", "-l", "127.0.0.1:5301", "-r", f"{t.ROUTER_UL_A}:4000",
-         "--mode", "fast", "--crypt", "aes-128", "--key", "bench", "--nocomp",
-         "--datashard", "10", "--parityshard", "3"],
+        [
+            "kcptun-client",
+            "-l",
+            "127.0.0.1:5301",
+            "-r",
+            f"{t.ROUTER_UL_A}:4000",
+            "--mode",
+            "fast",
+            "--crypt",
+            "aes-128",
+            "--key",
+            "bench",
+            "--nocomp",
+            "--datashard",
+            "10",
+            "--parityshard",
+            "3",
+        ],
         log_name="kcptun-client",
     )
     try:
         time.sleep(1.0)
         res = topo.run(
             "gwA",
-            ["iperf3", "-c", "127.0.0.1", "-p", "5301", "-t", str(seconds), "-J",
-             "--connect-timeout", "5000"],
+            [
+                "iperf3",
+                "-c",
+                "127.0.0.1",
+                "-p",
+                "5301",
+                "-t",
+                str(seconds),
+                "-J",
+                "--connect-timeout",
+                "5000",
+            ],
             check=False,
             timeout=seconds + 30,
         )
@@ -216,13 +261,18 @@ def loss_table(work: Path, keys: Path, seconds: int) -> dict:
                 gw_a["kcp"] = {"fec": {"mode": fec}}
             tag = re.sub(r"\W+", "-", name).strip("-")
             procs = [
-                t.start_router(topo, t.write_json(work / f"r-{tag}.json", router),
-                               log_name=f"router-{tag}"),
-                t.start_gateway(topo, "gwA", t.write_json(work / f"a-{tag}.json", gw_a),
-                                log_name=f"gwA-{tag}"),
-                t.start_gateway(topo, "gwB",
-                                t.write_json(work / f"b-{tag}.json", t.gateway_config("B", keys)),
-                                log_name=f"gwB-{tag}"),
+                t.start_router(
+                    topo, t.write_json(work / f"r-{tag}.json", router), log_name=f"router-{tag}"
+                ),
+                t.start_gateway(
+                    topo, "gwA", t.write_json(work / f"a-{tag}.json", gw_a), log_name=f"gwA-{tag}"
+                ),
+                t.start_gateway(
+                    topo,
+                    "gwB",
+                    t.write_json(work / f"b-{tag}.json", t.gateway_config("B", keys)),
+                    log_name=f"gwB-{tag}",
+                ),
             ]
             try:
                 if topo.wait_ping("hostA", t.HOST_B, deadline=15) is None:
@@ -293,24 +343,39 @@ def loss_lines(loss: dict, fec_codec: dict | None) -> list[str]:
     lines += [
         "",
         "Targets (issue 4): at 5% loss kcp:// with FEC moves at least 5x the goodput of "
-        f"tls:// (measured: {fec5 / tls5:.1f}x); " if tls5 else
-        "Targets (issue 4): at 5% loss kcp:// with FEC moves at least 5x tls:// "
+        f"tls:// (measured: {fec5 / tls5:.1f}x); "
+        if tls5
+        else "Targets (issue 4): at 5% loss kcp:// with FEC moves at least 5x tls:// "
         "(tls:// moved nothing); ",
         "ping p99 at 5% loss stays under 3x the clean RTT (measured: "
-        + (f"{p99_5:.0f} ms vs {clean:.0f} ms clean, {p99_5 / clean:.1f}x)." if clean and p99_5
-           else "n/a)."),
+        + (
+            f"{p99_5:.0f} ms vs {clean:.0f} ms clean, {p99_5 / clean:.1f}x)."
+            if clean and p99_5
+            else "n/a)."
+        ),
         "",
     ]
     if fec_codec:
         lines += [
             "## FEC codec",
             "",
-            "Reed-Solomon over GF(256), 10+3 groups of 1400-byte shards, one core "
-            "(`tests/bench_fec.py`):",
+            f"{fec_codec.get('group', '')}, one core, {fec_codec.get('unit', 'MB/s')} "
+            "(`tests/bench_fec.py`, run by `make bench`):",
             "",
-            "| | MB/s |",
-            "|---|---:|",
-        ] + [f"| {k} | {v:.0f} |" for k, v in fec_codec.items() if isinstance(v, int | float)]
+            "| codec | encode | decode |",
+            "|---|---:|---:|",
+        ]
+        for name, v in fec_codec.get("codecs", {}).items():
+            lines.append(f"| {name} | {v['encode']:.1f} | {v['decode']:.1f} |")
+        lines += [
+            "",
+            "| whole FecSession | send | receive | send + receive |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, v in fec_codec.get("fec_session", {}).items():
+            lines.append(
+                f"| {name} | {v['send']:.0f} | {v['receive']:.0f} | {v['send+receive']:.0f} |"
+            )
         lines.append("")
     return lines
 
@@ -319,8 +384,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=10, help="iperf3 duration (default 10)")
     ap.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.*")
-    ap.add_argument("--loss-seconds", type=int, default=5,
-                    help="iperf3 duration per cell of the loss table (default 5)")
+    ap.add_argument(
+        "--loss-seconds",
+        type=int,
+        default=5,
+        help="iperf3 duration per cell of the loss table (default 5)",
+    )
     ap.add_argument("--no-loss", action="store_true", help="skip the loss table")
     args = ap.parse_args()
 
@@ -336,8 +405,12 @@ def main() -> int:
     rc = 1
     topo = t.Topology(log_dir=work / "logs")
     try:
-        subprocess.run([sys.executable, "-m", "polevpn.keygen", "--out", str(keys)],
-                       check=True, timeout=120, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "polevpn.keygen", "--out", str(keys)],
+            check=True,
+            timeout=120,
+            stdout=subprocess.DEVNULL,
+        )
         topo.setup()
 
         print(f"plain routing: iperf3 -c {t.HOST_B} -t {args.seconds} ...", flush=True)
@@ -383,8 +456,10 @@ def main() -> int:
             "loss": loss,
             "fec_codec": fec_codec,
         }
-        print(f"\nplain {plain['mbit_s']:.1f} Mbit/s, tunnel {tun['mbit_s']:.1f} Mbit/s, "
-              f"ratio {ratio:.3f}")
+        print(
+            f"\nplain {plain['mbit_s']:.1f} Mbit/s, tunnel {tun['mbit_s']:.1f} Mbit/s, "
+            f"ratio {ratio:.3f}"
+        )
         if not args.no_write:
             write_docs(result)
             print(f"wrote {DOCS / 'benchmarks.md'} and {DOCS / 'benchmarks.json'}")
