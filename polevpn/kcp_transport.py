@@ -171,9 +171,12 @@ class KcpTransport:
             self._pump()
             if data_in and self._protocol is not None:
                 self._protocol.data_received(data_in)
-            if self._paused and link.pending_bytes <= self._low and self._protocol:
-                self._paused = False
-                self._protocol.resume_writing()
+            self._maybe_resume_writing()
+
+    def _maybe_resume_writing(self) -> None:
+        if self._paused and self.link.pending_bytes <= self._low and self._protocol:
+            self._paused = False
+            self._protocol.resume_writing()
 
     # -- output and timers
 
@@ -211,9 +214,7 @@ class KcpTransport:
                 self._shutdown(ConnectionResetError("kcp: peer stopped acknowledging"), True)
                 return
             self._pump()
-            if self._paused and self.link.pending_bytes <= self._low and self._protocol:
-                self._paused = False
-                self._protocol.resume_writing()
+            self._maybe_resume_writing()
         except Exception:
             log.exception("internal error in kcp timer for peer=%s; closing it", self.peer)
             self._shutdown(None, False)

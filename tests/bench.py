@@ -166,6 +166,11 @@ def kcptun_available() -> bool:
     return res.returncode == 0 and bool(shutil.which("kcptun-client"))
 
 
+# both ends must agree on every one of these
+KCPTUN_OPTS = ("--mode", "fast", "--crypt", "aes-128", "--key", "bench", "--nocomp",
+               "--datashard", "10", "--parityshard", "3")
+
+
 def run_kcptun(topo: t.Topology, seconds: int) -> dict:
     """TCP through kcptun (fast mode, 10+3 FEC) from gwA to the router over the same path."""
     srv = topo.popen(
@@ -181,17 +186,7 @@ def run_kcptun(topo: t.Topology, seconds: int) -> dict:
             f"{t.ROUTER_UL_A}:4000",
             "-t",
             f"{t.ROUTER_UL_A}:5301",
-            "--mode",
-            "fast",
-            "--crypt",
-            "aes-128",
-            "--key",
-            "bench",
-            "--nocomp",
-            "--datashard",
-            "10",
-            "--parityshard",
-            "3",
+            *KCPTUN_OPTS,
         ],
         log_name="kcptun-server",
     )
@@ -203,17 +198,7 @@ def run_kcptun(topo: t.Topology, seconds: int) -> dict:
             "127.0.0.1:5301",
             "-r",
             f"{t.ROUTER_UL_A}:4000",
-            "--mode",
-            "fast",
-            "--crypt",
-            "aes-128",
-            "--key",
-            "bench",
-            "--nocomp",
-            "--datashard",
-            "10",
-            "--parityshard",
-            "3",
+            *KCPTUN_OPTS,
         ],
         log_name="kcptun-client",
     )

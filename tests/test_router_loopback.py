@@ -119,14 +119,19 @@ class ProtoGateway:
         return cls(reader, writer)
 
     @classmethod
-    async def connect_kcp(cls, router: Router) -> ProtoGateway:
+    async def connect_kcp(
+        cls,
+        router: Router,
+        host: str = "127.0.0.1",
+        verify: dtls.Verification | None = None,
+    ) -> ProtoGateway:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         proto = asyncio.StreamReaderProtocol(reader)
-        verify = dtls.Verification(insecure=True)
+        verify = verify or dtls.Verification(insecure=True)
         transport = await kcp_transport.connect(
             proto,
-            "127.0.0.1",
+            host,
             router.kcp_port,
             dtls.client_context(verify),
             verify,
@@ -405,21 +410,8 @@ def test_kcp_over_ipv6(keys, transport):
     async def scenario():
         listener = Listener(True, "::1", 0, keys.server_cert, keys.server_key)
         router = await started(router_config(keys, kcp=listener))
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader()
-        proto = asyncio.StreamReaderProtocol(reader)
         verify = dtls.Verification(ca_file=keys.ca_cert, server_name="polevpn-router")
-        tr = await kcp_transport.connect(
-            proto,
-            "::1",
-            router.kcp_port,
-            dtls.client_context(verify),
-            verify,
-            KCP_PARAMS,
-            KcpPool(),
-            timeout=5,
-        )
-        gw = ProtoGateway(reader, asyncio.StreamWriter(tr, proto, reader, loop))
+        gw = await ProtoGateway.connect_kcp(router, "::1", verify)
         await gw.login("169.254.0.1", ["2001:db8:10::/64"])
         (conn,) = router.connections
         assert conn.transport_name == "kcp" and conn.peer.startswith("::1")
