@@ -14,6 +14,11 @@ from .routing import IPAddress, IPNetwork
 
 OK_BODY = b"{}"
 
+# Optional extensions, offered by the gateway in AUTH ("features") and accepted by the router
+# listing the ones it will use in its AUTH reply. A PoleVPN peer ignores the field.
+FEATURE_SUPER = "super-packets"
+KNOWN_FEATURES = frozenset({FEATURE_SUPER})
+
 
 class MessageError(ValueError):
     """A control body that is not valid JSON of the expected shape."""
@@ -22,6 +27,7 @@ class MessageError(ValueError):
 @dataclass(frozen=True, slots=True)
 class AuthRequest:
     key: str
+    features: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +42,7 @@ class Reply:
     """The router's answer to AUTH or REGISTER: ``error`` is None on success."""
 
     error: str | None
+    features: frozenset[str] = frozenset()
 
 
 def _load_object(body: bytes | memoryview) -> dict:
@@ -58,8 +65,17 @@ def _key(obj: dict) -> str:
     return key
 
 
+def _features(obj: dict) -> frozenset[str]:
+    """Known feature names; anything else in the list is for a newer peer and ignored."""
+    raw = obj.get("features")
+    if not isinstance(raw, list):
+        return frozenset()
+    return frozenset(f for f in raw if isinstance(f, str) and f in KNOWN_FEATURES)
+
+
 def parse_auth(body: bytes | memoryview) -> AuthRequest:
-    return AuthRequest(key=_key(_load_object(body)))
+    obj = _load_object(body)
+    return AuthRequest(key=_key(obj), features=_features(obj))
 
 
 def parse_register(body: bytes | memoryview) -> RegisterRequest:
@@ -94,13 +110,22 @@ def parse_reply(body: bytes | memoryview) -> Reply:
     obj = _load_object(body)
     err = obj.get("error")
     if err is None or err == "":
-        return Reply(error=None)
+        return Reply(error=None, features=_features(obj))
     return Reply(error=str(err))
 
 
-def encode_auth(key: str) -> bytes:
-    # compact separators reproduce the Go gateway's bytes exactly
-    return json.dumps({"key": key}, separators=(",", ":")).encode()
+def encode_auth(key: str, features: frozenset[str] = frozenset()) -> bytes:
+    # compact separators reproduce the Go gateway's bytes exactly when nothing is offered
+    body: dict = {"key": key}
+    if features:
+        body["features"] = sorted(features)
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def encode_ok(features: frozenset[str] = frozenset()) -> bytes:
+    if not features:
+        return OK_BODY
+    return json.dumps({"features": sorted(features)}, separators=(",", ":")).encode()
 
 
 def encode_register(gateway: str, key: str, networks: list[str]) -> bytes:

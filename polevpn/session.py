@@ -87,9 +87,15 @@ def keys_equal(given: str, expected: str) -> bool:
 
 
 class _FramedSession:
-    """What both ends share: the frame decoder, the outbox and the liveness clock."""
+    """What both ends share: the frame decoder, the outbox and the liveness clock.
 
-    __slots__ = ("state", "_decoder", "outbox", "last_heard", "unknown_commands")
+    ``features`` holds the extensions both ends agreed on in AUTH. With super-packets agreed,
+    a SUPER_IPDATA body (virtio-net header + IP packet) is returned among the IP packets: its
+    first byte is the header's flags (below 0x10), which no IPv4 or IPv6 packet starts with,
+    so the data path tells the two apart without a second list.
+    """
+
+    __slots__ = ("state", "_decoder", "outbox", "last_heard", "unknown_commands", "features")
 
     def __init__(self, now: float) -> None:
         self.state = State.AWAIT_AUTH
@@ -97,6 +103,18 @@ class _FramedSession:
         self.outbox: list[bytes] = []
         self.last_heard = now
         self.unknown_commands = 0
+        self.features: frozenset[str] = frozenset()
+
+    @property
+    def super_packets(self) -> bool:
+        return messages.FEATURE_SUPER in self.features
+
+    def _super_body(self, body: memoryview) -> bool:
+        """Whether a SUPER_IPDATA body may be passed on; counts it as unknown if not."""
+        if self.state is State.REGISTERED and self.super_packets and body and body[0] < 0x10:
+            return True
+        self.unknown_commands += 1
+        return False
 
     def data_to_send(self) -> list[bytes]:
         out, self.outbox = self.outbox, []
@@ -130,13 +148,19 @@ class ServerSession(_FramedSession):
     table. IP data before a successful REGISTER is dropped and counted.
     """
 
-    __slots__ = ("_check_key", "opened_at", "dropped_unregistered")
+    __slots__ = ("_check_key", "opened_at", "dropped_unregistered", "_offer")
 
-    def __init__(self, check_key: Callable[[str], bool], now: float) -> None:
+    def __init__(
+        self,
+        check_key: Callable[[str], bool],
+        now: float,
+        features: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__(now)
         self._check_key = check_key
         self.opened_at = now
         self.dropped_unregistered = 0
+        self._offer = features
 
     def receive(self, data: bytes, now: float) -> tuple[Packets, list[Event]]:
         packets: Packets = []
@@ -152,6 +176,10 @@ class ServerSession(_FramedSession):
                     # between AUTH and REGISTER: harmless, PoleVPN gateways race this
                     self.dropped_unregistered += 1
                     continue
+            elif command == wire.SUPER_IPDATA and self.state is not State.AWAIT_AUTH:
+                if self._super_body(body):
+                    packets.append(body)
+                continue
             self._control(command, seq, body, events)
             if self.state is State.CLOSED:
                 break
@@ -180,7 +208,8 @@ class ServerSession(_FramedSession):
                 events.append(AuthFailed("invalid key"))
                 return
             self.state = State.AUTHENTICATED
-            self.outbox.append(encode_frame(wire.AUTH, messages.OK_BODY, seq))
+            self.features = auth.features & self._offer
+            self.outbox.append(encode_frame(wire.AUTH, messages.encode_ok(self.features), seq))
             events.append(AuthSucceeded())
         elif command == wire.REGISTER:
             try:
@@ -249,6 +278,7 @@ class ClientSession(_FramedSession):
         "_hb_seq",
         "_hb_sent",
         "rtt",
+        "_offer",
     )
 
     def __init__(
@@ -259,14 +289,16 @@ class ClientSession(_FramedSession):
         now: float,
         heartbeat_interval: float = 10.0,
         heartbeat_timeout: float = 20.0,
+        features: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__(now)
+        self._offer = features
         self.key = key
         self.gateway = gateway
         self.networks = networks
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self.outbox.append(encode_frame(wire.AUTH, messages.encode_auth(key), 0))
+        self.outbox.append(encode_frame(wire.AUTH, messages.encode_auth(key, features), 0))
         self.started_at = now
         self._next_heartbeat = now + heartbeat_interval
         self._hb_seq = 0
@@ -284,6 +316,10 @@ class ClientSession(_FramedSession):
         for command, seq, body in frames:
             if command == wire.S2C_IPDATA:
                 if self.state is State.REGISTERED:
+                    packets.append(body)
+                continue
+            if command == wire.SUPER_IPDATA:
+                if self._super_body(body):
                     packets.append(body)
                 continue
             self._control(command, seq, body, now, events)
@@ -316,6 +352,8 @@ class ClientSession(_FramedSession):
             return
         if command == wire.AUTH and self.state is State.AWAIT_AUTH:
             self.state = State.AUTHENTICATED
+            # only what we offered: a router must not switch on something we cannot handle
+            self.features = reply.features & self._offer
             body_out = messages.encode_register(self.gateway, self.key, self.networks)
             self.outbox.append(encode_frame(wire.REGISTER, body_out, 0))
             events.append(AuthSucceeded())

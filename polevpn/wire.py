@@ -2,6 +2,11 @@
 
 A frame is an 8-byte big-endian header ``[u16 length incl. header][u16 command][u32 seq]``
 followed by the body. The decoder is the only place that trusts nothing about its input.
+
+``SUPER_IPDATA`` (ours, sent only to a peer that negotiated it in AUTH) carries a super-packet
+of up to 64 KiB, which the 16-bit length cannot describe: its length field is 8 (the header
+alone) and the u32 in the seq position is the body length. The body is a 10-byte virtio-net
+header followed by the IP packet (docs/protocol.md, section 15).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ HEADER = struct.Struct(">HHI")
 HEADER_LEN = HEADER.size
 MAX_FRAME = 0xFFFF
 MAX_BODY = MAX_FRAME - HEADER_LEN
+# virtio-net header + the largest IPv6 packet without jumbograms (40 + 65535), rounded up
+MAX_SUPER_BODY = 0x10000 + 64
 
 
 class Command(IntEnum):
@@ -21,6 +28,7 @@ class Command(IntEnum):
     S2C_IPDATA = 2
     C2S_IPDATA = 3
     HEART_BEAT = 4
+    SUPER_IPDATA = 16
 
 
 AUTH = int(Command.AUTH)
@@ -28,6 +36,7 @@ REGISTER = int(Command.REGISTER)
 S2C_IPDATA = int(Command.S2C_IPDATA)
 C2S_IPDATA = int(Command.C2S_IPDATA)
 HEART_BEAT = int(Command.HEART_BEAT)
+SUPER_IPDATA = int(Command.SUPER_IPDATA)
 
 _pack = HEADER.pack
 _unpack_from = HEADER.unpack_from
@@ -47,6 +56,24 @@ def encode_frame(command: int, body: bytes | bytearray | memoryview = b"", seq: 
 def frame_header(command: int, body_len: int, seq: int = 0) -> bytes:
     """Header alone, so the data path can write header and payload without joining them."""
     return _pack(body_len + HEADER_LEN, command, seq)
+
+
+def super_header(body_len: int) -> bytes:
+    """Header of a SUPER_IPDATA frame whose body (virtio-net header + packet) follows."""
+    if body_len > MAX_SUPER_BODY:
+        raise ValueError(f"super-packet body of {body_len} bytes exceeds {MAX_SUPER_BODY}")
+    return _pack(HEADER_LEN, SUPER_IPDATA, body_len)
+
+
+def _frame_length(length: int, command: int, seq: int) -> int:
+    """Total length of the frame whose header was just read, or ProtocolError."""
+    if length < HEADER_LEN:
+        raise ProtocolError(f"frame length {length} is shorter than the header")
+    if command == SUPER_IPDATA and length == HEADER_LEN:
+        if seq > MAX_SUPER_BODY:
+            raise ProtocolError(f"super-packet of {seq} bytes exceeds {MAX_SUPER_BODY}")
+        return HEADER_LEN + seq
+    return length
 
 
 Frame = tuple[int, int, memoryview]
@@ -83,8 +110,9 @@ class FrameDecoder:
         append = frames.append
         while end - pos >= HEADER_LEN:
             length, command, seq = _unpack_from(data, pos)
-            if length < HEADER_LEN:
-                raise ProtocolError(f"frame length {length} is shorter than the header")
+            if length <= HEADER_LEN:
+                # header-only control frames, super-packets and garbage take the slow path
+                length = _frame_length(length, command, seq)
             stop = pos + length
             if stop > end:
                 break
@@ -99,10 +127,7 @@ class FrameDecoder:
         p = self._pending
         if len(p) < HEADER_LEN:
             return HEADER_LEN - len(p)
-        length = (p[0] << 8) | p[1]
-        if length < HEADER_LEN:
-            raise ProtocolError(f"frame length {length} is shorter than the header")
-        return length - len(p)
+        return _frame_length(*_unpack_from(p, 0)) - len(p)
 
     def _complete_pending(self, data: bytes, frames: list[Frame]) -> int:
         """Finish the pending frame from the head of ``data``; return bytes consumed."""

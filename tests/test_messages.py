@@ -262,3 +262,28 @@ def test_deeply_nested_json_is_a_message_error(parse) -> None:
     assert len(body) <= wire.MAX_BODY
     with pytest.raises(MessageError):
         parse(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "features"),
+    [
+        (b'{"key":"k","features":["super-packets"]}', {"super-packets"}),
+        (b'{"key":"k","features":["super-packets","from-the-future",7,null]}', {"super-packets"}),
+        (b'{"key":"k","features":"super-packets"}', set()),
+        (b'{"key":"k","features":{"super-packets":true}}', set()),
+        (b'{"key":"k"}', set()),
+    ],
+)
+def test_auth_features_known_names_only(body: bytes, features: set[str]) -> None:
+    assert messages.parse_auth(body).features == features
+    assert messages.parse_reply(body.replace(b'"key":"k",', b"")).features == features
+
+
+def test_auth_without_features_is_go_bytes() -> None:
+    assert messages.encode_auth("123456") == b'{"key":"123456"}'
+    assert messages.encode_ok() == b"{}"
+
+
+def test_error_reply_carries_no_features() -> None:
+    reply = messages.parse_reply(b'{"error":"invalid key","features":["super-packets"]}')
+    assert reply.error == "invalid key" and reply.features == frozenset()

@@ -608,3 +608,94 @@ def test_full_loop_wrong_key() -> None:
     assert client.state is State.CLOSED
     assert link.client_events == [Rejected("AUTH", "invalid key")]
     assert [type(e) for e in link.server_events] == [AuthFailed]
+
+
+# ---- super-packets (negotiated in AUTH) ---------------------------------------------------
+
+SUPER = frozenset({messages.FEATURE_SUPER})
+# virtio-net header (NEEDS_CSUM, TCPv4, hdr_len 40, gso_size 1360, csum 20/16) + IPv4 packet
+SUPER_BODY = bytes.fromhex("01 01 2800 5005 1400 1000") + b"\x45" + bytes(4000)
+
+
+def super_frame(body: bytes = SUPER_BODY) -> bytes:
+    return wire.super_header(len(body)) + body
+
+
+def test_client_offers_super_packets_in_auth() -> None:
+    c = ClientSession(KEY, "169.254.0.1", [], 0.0, features=SUPER)
+    (auth,) = c.data_to_send()
+    assert auth[8:] == b'{"key":"123456","features":["super-packets"]}'
+    assert messages.parse_auth(auth[8:]).features == SUPER
+
+
+def test_server_accepts_offered_feature_it_supports() -> None:
+    s = ServerSession(check_key, 0.0, SUPER)
+    s.receive(encode_frame(wire.AUTH, messages.encode_auth(KEY, SUPER), 3), 0.0)
+    assert decode(s.data_to_send()) == [(wire.AUTH, 3, b'{"features":["super-packets"]}')]
+    assert s.super_packets
+
+
+def test_server_without_the_feature_answers_like_go() -> None:
+    s = ServerSession(check_key, 0.0)
+    s.receive(encode_frame(wire.AUTH, messages.encode_auth(KEY, SUPER), 3), 0.0)
+    assert decode(s.data_to_send()) == [(wire.AUTH, 3, b"{}")]
+    assert not s.super_packets
+
+
+def test_server_does_not_offer_what_a_go_gateway_did_not_ask_for() -> None:
+    s = ServerSession(check_key, 0.0, SUPER)
+    s.receive(GO_AUTH, 0.0)
+    assert decode(s.data_to_send()) == [(wire.AUTH, 0, b"{}")]
+    assert not s.super_packets
+
+
+def test_client_ignores_features_it_did_not_offer() -> None:
+    c = new_client()
+    c.data_to_send()
+    c.receive(encode_frame(wire.AUTH, messages.encode_ok(SUPER)), 0.0)
+    assert c.state is State.AUTHENTICATED and not c.super_packets
+
+
+def negotiated_pair() -> tuple[ClientSession, ServerSession, Link]:
+    client = ClientSession(KEY, "169.254.0.1", ["198.18.10.0/24"], 0.0, features=SUPER)
+    server = ServerSession(check_key, 0.0, SUPER)
+    link = Link(client, server, chunk=1000)
+    link.pump(0.0)
+    assert client.super_packets and server.super_packets
+    return client, server, link
+
+
+def test_super_packets_cross_both_ways_when_negotiated() -> None:
+    client, server, link = negotiated_pair()
+    client.outbox.append(super_frame())
+    server.outbox.append(super_frame(SUPER_BODY[:-7]))
+    link.pump(1.0)
+    assert link.to_server == [SUPER_BODY]
+    assert link.to_client == [SUPER_BODY[:-7]]
+    assert client.unknown_commands == server.unknown_commands == 0
+
+
+def test_super_frames_without_negotiation_are_counted_not_passed() -> None:
+    s = registered_server()
+    packets, events = s.receive(super_frame(), 1.0)
+    assert packets == [] and events == []
+    assert s.unknown_commands == 1 and s.state is State.REGISTERED
+    c = registered_client()
+    packets, events = c.receive(super_frame(), 1.0)
+    assert packets == [] and c.unknown_commands == 1
+
+
+def test_super_frame_before_auth_is_a_protocol_violation() -> None:
+    s = ServerSession(check_key, 0.0, SUPER)
+    _, events = s.receive(super_frame(), 0.0)
+    assert s.state is State.CLOSED and isinstance(events[0], ConnectionLost)
+
+
+@pytest.mark.parametrize("first", [0x10, 0x45, 0x60, 0xFF])
+def test_super_body_that_cannot_be_a_virtio_header_is_dropped(first: int) -> None:
+    # a body starting like an IP packet would be taken for a plain packet further on
+    client, server, link = negotiated_pair()
+    client.outbox.append(super_frame(bytes([first]) + SUPER_BODY[1:]))
+    client.outbox.append(super_frame(b""))
+    link.pump(1.0)
+    assert link.to_server == [] and server.unknown_commands == 2

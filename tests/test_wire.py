@@ -188,12 +188,28 @@ def test_bodies_stay_valid_after_later_feeds() -> None:
 
 frames_st = st.lists(
     st.tuples(
-        st.integers(0, 0xFFFF),
+        st.integers(0, 0xFFFF).filter(lambda c: c != wire.SUPER_IPDATA),
         st.integers(0, 0xFFFFFFFF),
         st.one_of(st.binary(max_size=64), st.binary(min_size=200, max_size=2000)),
     ),
     max_size=12,
 )
+
+
+def any_frame(command: int, seq: int, body: bytes) -> bytes:
+    if command == wire.SUPER_IPDATA:
+        return wire.super_header(len(body)) + body
+    return encode_frame(command, body, seq)
+
+
+# super-packet frames among ordinary ones; their seq position is the body length
+mixed_st = st.lists(
+    st.one_of(
+        frames_st.map(lambda fs: fs[:1]),
+        st.binary(max_size=70000).map(lambda b: [(wire.SUPER_IPDATA, len(b), b)]),
+    ),
+    max_size=6,
+).map(lambda groups: [f for g in groups for f in g])
 
 
 @given(frames_st)
@@ -219,18 +235,70 @@ def test_round_trip_split_anywhere(
     assert dec.buffered == 0
 
 
+@given(mixed_st, st.data())
+def test_super_frames_round_trip_split_anywhere(
+    frames: list[tuple[int, int, bytes]], data: st.DataObject
+) -> None:
+    stream = b"".join(any_frame(*f) for f in frames)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10), label="cuts"))
+    bounds = [0, *cuts, len(stream)]
+    dec = FrameDecoder()
+    out: list[wire.Frame] = []
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        out += dec.feed(stream[a:b])
+    assert as_tuples(out) == frames
+    assert dec.buffered == 0
+
+
+def test_super_header_bytes() -> None:
+    # length field 8 (header alone), command 16, body length where the seq would be
+    assert wire.super_header(65546) == bytes.fromhex("0008 0010 0001000a")
+    assert wire.SUPER_IPDATA == 16
+
+
+def test_largest_super_frame_decodes() -> None:
+    body = bytes(range(256)) * (wire.MAX_SUPER_BODY // 256) + bytes(wire.MAX_SUPER_BODY % 256)
+    (frame,) = FrameDecoder().feed(wire.super_header(len(body)) + body)
+    assert frame[0] == wire.SUPER_IPDATA and bytes(frame[2]) == body
+
+
+def test_super_header_refuses_oversized_body() -> None:
+    with pytest.raises(ValueError):
+        wire.super_header(wire.MAX_SUPER_BODY + 1)
+
+
+@pytest.mark.parametrize("split", [0, 3, 8])
+def test_oversized_super_frame_is_a_protocol_error(split: int) -> None:
+    header = struct.pack(">HHI", HEADER_LEN, wire.SUPER_IPDATA, wire.MAX_SUPER_BODY + 1)
+    dec = FrameDecoder()
+    with pytest.raises(ProtocolError):
+        if split:
+            dec.feed(header[:split])
+        dec.feed(header[split:] + bytes(100))
+
+
+def test_other_commands_keep_the_16_bit_length() -> None:
+    # a heartbeat is a header-only frame too: its seq is a sequence number, not a length
+    stream = GO_HEARTBEAT.replace(b"\0\0\0\0", b"\0\0\1\0") + GO_HEARTBEAT
+    assert [c for c, _, _ in FrameDecoder().feed(stream)] == [wire.HEART_BEAT] * 2
+
+
 def reference_decode(stream: bytes) -> tuple[list[tuple[int, int, bytes]], bool, int]:
     """(frames, whether a too-short length appears, bytes left over) by the spec, naively."""
     frames = []
     pos = 0
     while len(stream) - pos >= HEADER_LEN:
         length = int.from_bytes(stream[pos : pos + 2], "big")
-        if length < HEADER_LEN:
-            return frames, True, 0
-        if pos + length > len(stream):
-            break
         command = int.from_bytes(stream[pos + 2 : pos + 4], "big")
         seq = int.from_bytes(stream[pos + 4 : pos + 8], "big")
+        if length < HEADER_LEN:
+            return frames, True, 0
+        if command == wire.SUPER_IPDATA and length == HEADER_LEN:
+            if seq > wire.MAX_SUPER_BODY:
+                return frames, True, 0
+            length += seq
+        if pos + length > len(stream):
+            break
         frames.append((command, seq, stream[pos + 8 : pos + length]))
         pos += length
     return frames, False, len(stream) - pos
