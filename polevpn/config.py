@@ -86,6 +86,8 @@ class RouterConfig:
     auth_timeout: float = 10.0
     send_queue_bytes: int = 4 * 1024 * 1024
     stats_interval: float = 300.0
+    # accept super-packets from gateways that offer them (segmenting for those that do not)
+    super_packets: bool = True
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class GatewayConfig:
     kcp_params: KcpParams = field(default_factory=KcpParams)
     # how often a gateway that fell back to a later route server tries the preferred one again
     preferred_retry_interval: float = 30.0
+    # TUN with virtio-net header and TSO/USO, and super-packets offered to the router
+    offload: bool = True
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -356,6 +360,7 @@ def load_router_config(path: str | Path) -> RouterConfig:
         auth_timeout=r.number("auth_timeout", 10.0, 0.1, 3600),
         send_queue_bytes=r.integer("send_queue_bytes", 4 * 1024 * 1024, 65536, 1 << 30),
         stats_interval=r.number("stats_interval", 300.0, 0, 86400),
+        super_packets=r.boolean("super_packets", True),
     )
 
 
@@ -507,6 +512,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         stats_interval=r.number("stats_interval", 300.0, 0, 86400),
         kcp_params=_kcp_params(kcp_sec) if kcp_sec else KcpParams(),
         preferred_retry_interval=r.number("preferred_retry_interval", 30.0, 0.1, 86400),
+        offload=r.boolean("offload", True),
         warnings=tuple(warnings),
     )
 

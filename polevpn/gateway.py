@@ -18,8 +18,10 @@ from OpenSSL import SSL
 from . import dtls, kcp_transport, netconf, wire
 from .config import GatewayConfig, RouteServer
 from .counters import Counters
+from .gso import GsoError, to_plain
 from .ippacket import src_addr
 from .kcp_pool import KcpPool
+from .messages import FEATURE_SUPER
 from .routing import NetworkSet
 from .session import (
     AuthSucceeded,
@@ -35,8 +37,10 @@ from .tun import TunDevice
 log = logging.getLogger("polevpn.gateway")
 
 _C2S = wire.C2S_IPDATA
+_SUPER = wire.SUPER_IPDATA
 _HDR = wire.HEADER_LEN
 _pack = wire.HEADER.pack
+_VNET = 10
 
 
 class FatalError(Exception):
@@ -61,6 +65,8 @@ class GatewayStats(Counters):
     dropped_acl: int = 0
     dropped_malformed: int = 0
     dropped_too_big: int = 0
+    # super-packets cut into plain packets here because the router did not take them whole
+    segmented: int = 0
     tun_write_dropped: int = 0
     tun_write_errors: int = 0
 
@@ -72,6 +78,7 @@ class RouterLink(asyncio.Protocol):
         self.gw = gw
         self.server = server
         cfg = gw.cfg
+        offload = gw.tun is not None and gw.tun.vnet_hdr
         self.session = ClientSession(
             cfg.key,
             str(cfg.gateway),
@@ -79,6 +86,7 @@ class RouterLink(asyncio.Protocol):
             time.monotonic(),
             cfg.heartbeat_interval,
             cfg.heartbeat_timeout,
+            features=frozenset({FEATURE_SUPER}) if offload else frozenset(),
         )
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
@@ -126,7 +134,7 @@ class RouterLink(asyncio.Protocol):
             for ev in events:
                 self._on_event(ev)
         if packets:
-            self.gw.to_tun(packets)
+            self.gw.to_tun(packets, session.super_packets)
         if session.outbox:
             self.flush()
         if session.state is State.CLOSED and self.transport is not None:
@@ -180,22 +188,57 @@ class RouterLink(asyncio.Protocol):
             self.flush()
 
     def send_packets(self, packets: list[bytes]) -> None:
+        """Packets as read from the TUN: with a virtio-net header when it has offloads."""
         stats = self.gw.stats
-        out: list[bytes] = []
+        out: list[bytes | memoryview] = []
         nbytes = 0
-        for pkt in packets:
-            n = len(pkt)
-            if n > wire.MAX_BODY:
-                stats.dropped_too_big += 1
-                continue
-            out.append(_pack(n + _HDR, _C2S, 0))
-            out.append(pkt)
-            nbytes += n
+        if self.gw.tun is not None and self.gw.tun.vnet_hdr:
+            nbytes = self._frame_vnet(packets, out)
+        else:
+            for pkt in packets:
+                n = len(pkt)
+                if n > wire.MAX_BODY:
+                    stats.dropped_too_big += 1
+                    continue
+                out.append(_pack(n + _HDR, _C2S, 0))
+                out.append(pkt)
+                nbytes += n
         if out:
             stats.packets_to_router += len(out) // 2
             stats.bytes_to_router += nbytes
             assert self.transport is not None
             self.transport.write(b"".join(out))
+
+    def _frame_vnet(self, bufs: list[bytes], out: list[bytes | memoryview]) -> int:
+        """Frame header + packet pairs into ``out``; returns the IP bytes framed."""
+        stats = self.gw.stats
+        whole = self.session.super_packets
+        nbytes = 0
+        for buf in bufs:
+            if buf[0] or buf[1]:
+                # a partial checksum or a super-packet: the far kernel finishes it, or we do
+                if whole:
+                    out.append(_pack(_HDR, _SUPER, len(buf)))
+                    out.append(buf)
+                    nbytes += len(buf) - _VNET
+                    continue
+                try:
+                    pkts = to_plain(buf)
+                except GsoError:
+                    stats.dropped_malformed += 1
+                    continue
+                stats.segmented += 1
+            else:
+                pkts = [memoryview(buf)[_VNET:]]
+            for pkt in pkts:
+                n = len(pkt)
+                if n > wire.MAX_BODY:
+                    stats.dropped_too_big += 1
+                    continue
+                out.append(_pack(n + _HDR, _C2S, 0))
+                out.append(pkt)
+                nbytes += n
+        return nbytes
 
 
 class Gateway:
@@ -214,8 +257,19 @@ class Gateway:
 
     def open_tun(self) -> None:
         cfg = self.cfg
-        self.tun = TunDevice(cfg.tun_name)
-        log.info("opened tun device %s mtu=%d", self.tun.name, cfg.mtu)
+        if cfg.offload:
+            try:
+                self.tun = TunDevice(cfg.tun_name, offload=True)
+            except OSError as exc:
+                log.warning("tun offloads unavailable (%s); reading plain packets", exc)
+        if self.tun is None:
+            self.tun = TunDevice(cfg.tun_name)
+        log.info(
+            "opened tun device %s mtu=%d offloads=0x%x",
+            self.tun.name,
+            cfg.mtu,
+            self.tun.offloads,
+        )
 
     async def configure_tun(self) -> None:
         cfg = self.cfg
@@ -252,8 +306,11 @@ class Gateway:
             return
         link.send_packets(packets)
 
-    def to_tun(self, packets: list[memoryview]) -> None:
-        """Packets from the router: only sources within ``acls`` reach the TUN."""
+    def to_tun(self, packets: list[memoryview], whole: bool = False) -> None:
+        """Packets from the router: only sources within ``acls`` reach the TUN.
+
+        ``whole``: the link negotiated super-packets, so a packet may be a SUPER_IPDATA body.
+        """
         tun = self.tun
         assert tun is not None
         acl4 = self.acl.contains_v4
@@ -269,7 +326,13 @@ class Gateway:
             elif version == 6:
                 allowed = acl6(addr)
             else:
-                stats.dropped_malformed += 1
+                if not whole:
+                    stats.dropped_malformed += 1
+                    continue
+                n = self._super_to_tun(pkt)
+                if n:
+                    delivered += 1
+                    nbytes += n
                 continue
             if not allowed:
                 stats.dropped_acl += 1
@@ -280,14 +343,34 @@ class Gateway:
         stats.packets_from_router += delivered
         stats.bytes_from_router += nbytes
 
+    def _super_to_tun(self, buf: memoryview) -> int:
+        """Virtio-net header + packet from the router, or garbage; returns IP bytes written."""
+        tun = self.tun
+        assert tun is not None
+        version, addr = src_addr(buf[_VNET:]) if buf and buf[0] < 0x10 else (0, 0)
+        if version == 4:
+            allowed = self.acl.contains_v4(addr)
+        elif version == 6:
+            allowed = self.acl.contains_v6(addr)
+        else:
+            self.stats.dropped_malformed += 1
+            return 0
+        if not allowed:
+            self.stats.dropped_acl += 1
+            return 0
+        # the kernel validates the header and segments or checksums as it forwards
+        tun.write_super(buf)
+        return len(buf) - _VNET
+
     # -- router side
 
     def on_registered(self, link: RouterLink) -> None:
         cfg = self.cfg
         log.info(
-            "registered with router %s gateway=%s networks=%s",
+            "registered with router %s gateway=%s features=%s networks=%s",
             link.server.url,
             cfg.gateway,
+            ",".join(sorted(link.session.features)) or "-",
             ",".join(cfg.announced) or "-",
         )
 

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from . import dtls, wire
 from .config import RouterConfig
 from .counters import Counters
+from .gso import GsoError, to_plain
 from .ippacket import dst_addr
 from .kcp_pool import KcpPool
 from .kcp_transport import KcpServer
+from .messages import FEATURE_SUPER
 from .routing import RouteTable
 from .session import (
     AuthFailed,
@@ -34,8 +36,10 @@ from .tlsconf import server_context
 log = logging.getLogger("polevpn.router")
 
 _S2C = wire.S2C_IPDATA
+_SUPER = wire.SUPER_IPDATA
 _HDR = wire.HEADER_LEN
 _pack = wire.HEADER.pack
+_VNET = 10
 
 
 @dataclass
@@ -54,6 +58,8 @@ class RouterStats(Counters):
     dropped_queue_full: int = 0
     dropped_hairpin: int = 0
     dropped_unregistered: int = 0
+    # super-packets cut into plain packets for a gateway that did not negotiate them
+    segmented: int = 0
 
 
 class GatewayConnection(asyncio.Protocol):
@@ -87,7 +93,7 @@ class GatewayConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
         now = time.monotonic()
         self.connected_at = now
-        self.session = ServerSession(self.router.check_key, now)
+        self.session = ServerSession(self.router.check_key, now, self.router.features)
         limit = self.router.cfg.send_queue_bytes
         transport.set_write_buffer_limits(high=limit, low=limit // 2)
         self.router.on_connect(self)
@@ -174,6 +180,7 @@ class Router:
         self._kcp_udp: asyncio.DatagramTransport | None = None
         self.kcp_pool = KcpPool()
         self._tasks: list[asyncio.Task] = []
+        self.features = frozenset({FEATURE_SUPER}) if cfg.super_packets else frozenset()
 
     # -- lifecycle
 
@@ -340,10 +347,11 @@ class Router:
         conn.session.accept_register(ev.seq)
         self.stats.registrations += 1
         log.info(
-            "registered gateway=%s peer=%s transport=%s networks=%s",
+            "registered gateway=%s peer=%s transport=%s features=%s networks=%s",
             req.gateway,
             conn.peer,
             conn.transport_name,
+            ",".join(sorted(conn.session.features)) or "-",
             ",".join(str(n) for n in req.networks) or "-",
         )
 
@@ -392,7 +400,8 @@ class Router:
             elif version == 6:
                 dst = lookup6(addr)
             else:
-                stats.dropped_malformed += 1
+                # the session passes SUPER_IPDATA bodies only from a gateway that offered them
+                nbytes += self._forward_super(src, pkt, touched)
                 continue
             if dst is None:
                 stats.dropped_no_route += 1
@@ -411,3 +420,51 @@ class Router:
         src.bytes_in += nbytes
         for dst in touched:
             dst.flush()
+
+    def _forward_super(
+        self, src: GatewayConnection, buf: memoryview, touched: list[GatewayConnection]
+    ) -> int:
+        """Virtio-net header + packet, or garbage; returns the IP bytes taken."""
+        stats = self.stats
+        assert src.session is not None
+        if buf and buf[0] < 0x10 and src.session.super_packets:
+            version, addr = dst_addr(buf[_VNET:])
+        else:
+            # garbage, or a plain frame dressed as a super-packet by a peer that did not offer
+            version, addr = 0, 0
+        if version == 4:
+            dst = self.routes.lookup_v4(addr)
+        elif version == 6:
+            dst = self.routes.lookup_v6(addr)
+        else:
+            stats.dropped_malformed += 1
+            return 0
+        if dst is None:
+            stats.dropped_no_route += 1
+            return 0
+        if dst is src:
+            stats.dropped_hairpin += 1
+            return 0
+        assert dst.session is not None
+        pending = dst.pending
+        start = len(pending)
+        if dst.session.super_packets:
+            pending.append(_pack(_HDR, _SUPER, len(buf)))
+            pending.append(buf)
+        elif not (buf[0] or buf[1]):
+            ip = buf[_VNET:]
+            pending.append(_pack(len(ip) + _HDR, _S2C, 0))
+            pending.append(ip)
+        else:
+            try:
+                pkts = to_plain(buf)
+            except GsoError:
+                stats.dropped_malformed += 1
+                return 0
+            stats.segmented += 1
+            for pkt in pkts:
+                pending.append(_pack(len(pkt) + _HDR, _S2C, 0))
+                pending.append(pkt)
+        if not start:
+            touched.append(dst)
+        return len(buf) - _VNET

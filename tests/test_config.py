@@ -748,3 +748,16 @@ def test_router_cli_default_path(
     assert cli.router_main([]) == 2
     _, err = capsys.readouterr()
     assert "config.json" in err
+
+
+def test_offload_and_super_packets_default_on_and_can_be_turned_off(
+    tmp_path: Path, keys: keygen.KeygenResult
+) -> None:
+    assert load_router_config(write(tmp_path / "r.json", router_obj(keys))).super_packets
+    off = write(tmp_path / "r-off.json", router_obj(keys, super_packets=False))
+    assert not load_router_config(off).super_packets
+    assert load_gateway_config(write(tmp_path / "g.json", gateway_obj(keys))).offload
+    off = write(tmp_path / "g-off.json", gateway_obj(keys, offload=False))
+    assert not load_gateway_config(off).offload
+    err = gateway_error(write(tmp_path / "g-bad.json", gateway_obj(keys, offload="yes")))
+    assert_config_error(err, tmp_path / "g-bad.json", "offload")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import ssl
@@ -45,10 +46,17 @@ class Vpn:
         self.topo = topo
         self.work = work
         self.keys = keys
-        self.router_cfg = t.write_json(work / "config.json", t.router_config(keys))
+        # stats every second: tests read counters from the log lines
+        self.router_cfg = t.write_json(
+            work / "config.json", t.router_config(keys, stats_interval=1)
+        )
         self.gw_cfg = {
-            "gwA": t.write_json(work / "gateway-a.json", t.gateway_config("A", keys)),
-            "gwB": t.write_json(work / "gateway-b.json", t.gateway_config("B", keys)),
+            "gwA": t.write_json(
+                work / "gateway-a.json", t.gateway_config("A", keys, stats_interval=1)
+            ),
+            "gwB": t.write_json(
+                work / "gateway-b.json", t.gateway_config("B", keys, stats_interval=1)
+            ),
         }
         self.router: subprocess.Popen | None = None
         self.gw: dict[str, subprocess.Popen] = {}
@@ -146,6 +154,76 @@ def test_tcp_transfer_50mb_sha256(vpn):
 def test_tcp_transfer_ipv6(vpn):
     res = vpn.topo.transfer("hostB", "hostA", t.HOST_A6, 5 * 1024 * 1024, timeout=60)
     assert res["ok"], f"IPv6 transfer failed: {res}\n{vpn.logs()}"
+
+
+# ------------------------------------------------------------ super-packets
+def _counter(log: Path, name: str) -> int:
+    """The largest value of ``name=`` in the log's stats lines."""
+    found = re.findall(rf"\b{name}=(\d+)", Path(log).read_text(errors="replace"))
+    return max((int(v) for v in found), default=0)
+
+
+def test_gateways_negotiate_super_packets(vpn):
+    for gw in ("169.254.0.1", "169.254.0.2"):
+        line = t.find_log_line(vpn.router.log_path, f"registered gateway={gw} ", "features=")
+        assert line and "features=super-packets" in line, t.log_tail(vpn.router.log_path)
+    for node in ("gwA", "gwB"):
+        line = t.find_log_line(vpn.gw[node].log_path, "opened tun device", "offloads=")
+        assert line and "offloads=0x0" not in line, line
+
+
+def test_router_cuts_super_packets_for_a_plain_gateway(vpn):
+    """gwB without offloads, as a PoleVPN gateway: the router segments what gwA sends whole."""
+    cfg = t.write_json(
+        vpn.work / "gateway-b-plain.json", t.gateway_config("B", vpn.keys, offload=False)
+    )
+    vpn.stop_gateway("gwB")
+    try:
+        before = _counter(vpn.router.log_path, "segmented")
+        vpn.start_gateway("gwB", cfg)
+        assert vpn.wait_ping("hostA", t.HOST_B, deadline=10) is not None, vpn.logs()
+        line = t.find_log_line(vpn.router.log_path, "registered gateway=169.254.0.2 ", "features=-")
+        assert line, t.log_tail(vpn.router.log_path)
+        res = vpn.topo.transfer("hostA", "hostB", t.HOST_B, 8 * 1024 * 1024, timeout=60)
+        assert res["ok"], f"transfer to the plain gateway failed: {res}\n{vpn.logs()}"
+        res = vpn.topo.transfer("hostB", "hostA", t.HOST_A6, 4 * 1024 * 1024, timeout=60)
+        assert res["ok"], f"transfer from the plain gateway failed: {res}\n{vpn.logs()}"
+        deadline = time.monotonic() + 5
+        while _counter(vpn.router.log_path, "segmented") <= before:
+            assert time.monotonic() < deadline, "router never segmented a super-packet"
+            time.sleep(0.2)
+    finally:
+        vpn.stop_gateway("gwB")
+        vpn.start_gateway("gwB")
+    assert vpn.wait_ping("hostA", t.HOST_B, deadline=10) is not None, vpn.logs()
+
+
+def test_gateway_cuts_super_packets_when_the_router_refuses_them(vpn):
+    cfg = t.write_json(vpn.work / "config-plain.json", _router_config(vpn, super_packets=False))
+    old_cfg, vpn.router_cfg = vpn.router_cfg, cfg
+    before = _counter(vpn.gw["gwA"].log_path, "segmented")
+    try:
+        _restart_router(vpn)
+        res = vpn.topo.transfer("hostA", "hostB", t.HOST_B, 8 * 1024 * 1024, timeout=60)
+        assert res["ok"], f"transfer failed: {res}\n{vpn.logs()}"
+        deadline = time.monotonic() + 5
+        while _counter(vpn.gw["gwA"].log_path, "segmented") <= before:
+            assert time.monotonic() < deadline, f"gwA never segmented\n{vpn.logs()}"
+            time.sleep(0.2)
+    finally:
+        vpn.router_cfg = old_cfg
+        _restart_router(vpn)
+
+
+def _router_config(vpn, **overrides) -> dict:
+    return t.router_config(vpn.keys, stats_interval=1, **overrides)
+
+
+def _restart_router(vpn) -> None:
+    assert vpn.router is not None
+    t.Topology.stop(vpn.router)
+    vpn.start_router()
+    assert vpn.wait_ping("hostA", t.HOST_B, deadline=20) is not None, vpn.logs()
 
 
 # --------------------------------------------------------------------- ACL

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from polevpn import dtls, kcp_transport
+from polevpn import dtls, gso, kcp_transport, wire
 from polevpn.config import FecParams, KcpParams, Listener, RouterConfig
 from polevpn.kcp_pool import KcpPool
 from polevpn.keygen import generate
@@ -152,12 +152,29 @@ class ProtoGateway:
         body = await asyncio.wait_for(self.reader.readexactly(length - 8), timeout)
         return cmd, seq, body
 
-    async def login(self, gateway: str, networks: list[str], key: str = KEY) -> None:
-        await self.send(frame(0, json.dumps({"key": key}).encode()))
-        assert await self.recv_frame() == (0, 0, b"{}")
+    async def login(
+        self, gateway: str, networks: list[str], key: str = KEY, features: list[str] | None = None
+    ) -> bytes:
+        """AUTH (offering ``features``) and REGISTER; returns the AUTH reply's body."""
+        auth: dict = {"key": key}
+        if features is not None:
+            auth["features"] = features
+        await self.send(frame(0, json.dumps(auth).encode()))
+        cmd, seq, reply = await self.recv_frame()
+        assert (cmd, seq) == (0, 0)
+        if features is None:
+            assert reply == b"{}"
         body = json.dumps({"gateway": gateway, "key": key, "network": networks}).encode()
         await self.send(frame(1, body, 7))
         assert await self.recv_frame() == (1, 7, b"{}")
+        return reply
+
+    async def recv_any(self, timeout: float = 3.0) -> tuple[int, bytes]:
+        """(command, body) of the next frame, SUPER_IPDATA's 32-bit length included."""
+        hdr = await asyncio.wait_for(self.reader.readexactly(8), timeout)
+        length, cmd, seq = struct.unpack(">HHI", hdr)
+        n = seq if cmd == 16 and length == 8 else length - 8
+        return cmd, await asyncio.wait_for(self.reader.readexactly(n), timeout)
 
     async def closed_by_peer(self, timeout: float = 3.0) -> bool:
         try:
@@ -416,6 +433,76 @@ def test_kcp_over_ipv6(keys, transport):
         (conn,) = router.connections
         assert conn.transport_name == "kcp" and conn.peer.startswith("::1")
         gw.close()
+        await router.stop()
+
+    run(scenario())
+
+
+# ---- super-packets ----------------------------------------------------------------------
+
+SUPER = ["super-packets"]
+
+
+def tcp_super_packet(src: str, dst: str, payload: bytes, mss: int) -> bytes:
+    """Virtio-net header + IPv4/TCP packet as a TUN with TSO reads it: partial checksum."""
+    s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 0, 0x1234, 0x4000, 64, 6, 0, s, d)
+    tcp_len = 20 + len(payload)
+    pseudo = gso.internet_checksum(s + d + struct.pack(">BBH", 0, 6, tcp_len))
+    tcp = struct.pack(">HHIIBBHHH", 40000, 5201, 1000, 1, 5 << 4, 0x18, 512, pseudo, 0)
+    vnet = gso.VNET_HDR.pack(gso.F_NEEDS_CSUM, gso.GSO_TCPV4, 40, mss, 20, 16)
+    return vnet + ip + tcp + payload
+
+
+def test_super_packets_whole_to_a_negotiated_gateway_cut_for_a_plain_one(keys):
+    payload = bytes(range(256)) * 40  # 10240 bytes: 8 segments of 1360, the last shorter
+    sp = tcp_super_packet("198.18.10.2", "198.18.20.2", payload, 1360)
+    sp_plain = tcp_super_packet("198.18.10.2", "198.18.30.2", payload, 1360)
+
+    async def scenario():
+        router = await started(router_config(keys))
+        a = await ProtoGateway.connect(router)
+        b = await ProtoGateway.connect(router)
+        plain = await ProtoGateway.connect(router)
+        assert await a.login("169.254.0.1", ["198.18.10.0/24"], features=SUPER) == (
+            b'{"features":["super-packets"]}'
+        )
+        await b.login("169.254.0.2", ["198.18.20.0/24"], features=SUPER)
+        await plain.login("169.254.0.3", ["198.18.30.0/24"])
+        await a.send(wire.super_header(len(sp)) + sp)
+        assert await b.recv_any() == (wire.SUPER_IPDATA, sp)
+        await a.send(wire.super_header(len(sp_plain)) + sp_plain)
+        got = [await plain.recv_any() for _ in range(8)]
+        assert {cmd for cmd, _ in got} == {wire.S2C_IPDATA}
+        assert b"".join(p[40:] for _, p in got) == payload
+        for _, pkt in got:
+            assert len(pkt) <= 1400
+            assert gso.internet_checksum(pkt[:20]) == 0xFFFF
+            pseudo = pkt[12:20] + struct.pack(">BBH", 0, 6, len(pkt) - 20)
+            assert gso.internet_checksum(pseudo + pkt[20:]) == 0xFFFF
+        assert router.stats.segmented == 1
+        # from a gateway that did not negotiate it, the same frame is not passed on
+        await plain.send(wire.super_header(len(sp)) + sp)
+        await plain.send(frame(3, sp))
+        await a.send(frame(3, ipv4_packet("198.18.10.2", "198.18.30.2")))
+        assert await plain.recv_any() == (2, ipv4_packet("198.18.10.2", "198.18.30.2"))
+        await plain.send(frame(3, ipv4_packet("198.18.30.2", "198.18.20.2")))
+        assert await b.recv_any() == (2, ipv4_packet("198.18.30.2", "198.18.20.2"))
+        assert router.stats.dropped_malformed == 1
+        await router.stop()
+
+    run(scenario())
+
+
+def test_router_with_super_packets_off_answers_like_go(keys):
+    async def scenario():
+        router = await started(router_config(keys, super_packets=False))
+        a = await ProtoGateway.connect(router)
+        assert await a.login("169.254.0.1", ["198.18.10.0/24"], features=SUPER) == b"{}"
+        sp = tcp_super_packet("198.18.10.2", "198.18.20.2", b"z" * 3000, 1360)
+        await a.send(wire.super_header(len(sp)) + sp)
+        await a.send(frame(4, b"", 9))
+        assert await a.recv_any() == (4, b"")
         await router.stop()
 
     run(scenario())
