@@ -35,6 +35,7 @@ from .dtls import (
 )
 from .kcp_link import KcpLink
 from .kcp_pool import KcpPool
+from .udp_batch import UdpBatchSender
 
 log = logging.getLogger("polevpn.kcp")
 
@@ -54,11 +55,13 @@ class KcpTransport:
         sendto: Callable[[bytes], None],
         peer: Addr,
         on_closed: Callable[[KcpTransport], None],
+        send_many: Callable[[list[bytes]], None] | None = None,
     ) -> None:
         self._loop = loop
         self.dtls = dtls
         self.link = link
         self._sendto = sendto
+        self._send_many = send_many or self._send_each
         self.peer = peer
         self._on_closed = on_closed
         self._protocol: asyncio.Protocol | None = None
@@ -184,15 +187,19 @@ class KcpTransport:
         self.datagrams_out += 1
         self._sendto(datagram)
 
+    def _send_each(self, datagrams: list[bytes]) -> None:
+        for d in datagrams:
+            self._sendto(d)
+
     def _pump(self) -> None:
         """Encrypt what KCP produced, send it, and arm the timer for what is in flight."""
         if self._closing:
             return
         send = self.dtls.send
-        for rec in self.link.records_to_send():
-            d = send(rec)
-            if d:
-                self._send(d)
+        out = [d for d in map(send, self.link.records_to_send()) if d]
+        if out:
+            self.datagrams_out += len(out)
+            self._send_many(out)
         now = time.monotonic()
         deadline = self.link.next_deadline(now)
         if deadline is None:
@@ -270,6 +277,9 @@ class KcpServerStats(Counters):
     handshake_failures: int = 0
     rejected_datagrams: int = 0
     sessions: int = 0
+    # sendmsg calls that carried several datagrams (UDP GSO), and how many they carried
+    udp_batches: int = 0
+    udp_batched: int = 0
 
 
 class _Pending:
@@ -304,12 +314,14 @@ class KcpServer(asyncio.DatagramProtocol):
         self.sessions: dict[Addr, KcpTransport] = {}
         self.stats = KcpServerStats()
         self.transport: asyncio.DatagramTransport | None = None
+        self.batch: UdpBatchSender | None = None
         self._loop = asyncio.get_event_loop()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
         enlarge_buffers(transport)
+        self.batch = UdpBatchSender(self.transport)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for one peer arrive on the shared socket; the session's own timeouts
@@ -317,6 +329,8 @@ class KcpServer(asyncio.DatagramProtocol):
         log.debug("udp error: %s", exc)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.batch is not None:
+            self.batch.close()
         for t in list(self.sessions.values()):
             t.abort()
         for p in self.pending.values():
@@ -404,6 +418,7 @@ class KcpServer(asyncio.DatagramProtocol):
             lambda d, a=addr: self._sendto(d, a),
             addr,
             self._session_closed,
+            lambda ds, a=addr: self._send_many(ds, a),
         )
         self.sessions[addr] = transport
         self.stats.sessions = len(self.sessions)
@@ -448,6 +463,13 @@ class KcpServer(asyncio.DatagramProtocol):
     def _sendto(self, data: bytes, addr: Addr) -> None:
         if self.transport is not None:
             self.transport.sendto(data, addr)
+
+    def _send_many(self, datagrams: list[bytes], addr: Addr) -> None:
+        batch = self.batch
+        if batch is not None:
+            batch.send(datagrams, addr)
+            self.stats.udp_batches = batch.batches
+            self.stats.udp_batched = batch.batched_datagrams
 
 
 def _fmt(addr: Addr) -> str:
@@ -565,11 +587,14 @@ async def connect(
     now = time.monotonic()
     link = KcpLink(params, pool, dtls.cleartext_mtu, now)
 
+    batch = UdpBatchSender(udp)
+
     def closed(_t: KcpTransport) -> None:
         endpoint.cancel()
+        batch.close()
         udp.close()
 
-    transport = KcpTransport(loop, dtls, link, udp.sendto, addr, closed)
+    transport = KcpTransport(loop, dtls, link, udp.sendto, addr, closed, batch.send)
     endpoint.kcp = transport
     transport.start(protocol)
     return transport
