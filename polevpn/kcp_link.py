@@ -142,9 +142,15 @@ class KcpLink:
 
     def receive(self, record: bytes, now: float) -> bytes:
         """One decrypted record; returns stream bytes now in order (maybe empty)."""
+        self.feed(record, now)
+        return self.settle(now)
+
+    def feed(self, record: bytes, now: float) -> None:
+        """One decrypted record into FEC and KCP. ACKs and stream bytes wait for ``settle``,
+        so a burst of records read in one go costs one ACK datagram, not one each."""
         kcp = self.kcp
         if kcp is None or not record:
-            return b""
+            return
         self._now = now
         self.stats.records_in += 1
         fec = self.fec
@@ -157,13 +163,20 @@ class KcpLink:
                 self.fec_state = FEC_ON
         else:
             self.stats.kcp_errors += 1
-            return b""
+            return
         for p in payloads:
             try:
                 kcp.receive(bytes(p))
             except Exception:
                 # a foreign conversation id or a malformed segment: KCP ignores it, so do we
                 self.stats.kcp_errors += 1
+
+    def settle(self, now: float) -> bytes:
+        """After a batch of ``feed``: ACK at once and return the stream bytes now in order."""
+        kcp = self.kcp
+        if kcp is None:
+            return b""
+        self._now = now
         # immediate ACKs, as PoleVPN sets: the sender's window opens one RTT sooner
         kcp.update(self._ms(now))
         kcp.flush()

@@ -71,6 +71,7 @@ class KcpTransport:
         self._high = 1 << 20
         self._low = 1 << 18
         self._paused = False
+        self._settle_scheduled = False
         self.last_heard = time.monotonic()
         self.datagrams_in = 0
         self.datagrams_out = 0
@@ -162,19 +163,36 @@ class KcpTransport:
         if records:
             self.records_received(records, now)
         if self.dtls.closed and not self._closing:
+            # what arrived before the close_notify (a last error reply, say) still goes up
+            self._settle()
             err = None if self.dtls.peer_closed else ConnectionResetError(self.dtls.error)
             self._shutdown(err, False)
 
     def records_received(self, records: list[bytes], now: float) -> None:
         if records:
             self.last_heard = now
-            link = self.link
-            stream = [link.receive(r, now) for r in records]
-            data_in = b"".join(stream)
+            feed = self.link.feed
+            for r in records:
+                feed(r, now)
+            if not self._settle_scheduled:
+                # after every datagram the loop has read in this pass: one ACK datagram and
+                # one delivery upwards for the lot
+                self._settle_scheduled = True
+                self._loop.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        if not self._settle_scheduled or self._closing:
+            return
+        self._settle_scheduled = False
+        try:
+            data_in = self.link.settle(time.monotonic())
             self._pump()
             if data_in and self._protocol is not None:
                 self._protocol.data_received(data_in)
             self._maybe_resume_writing()
+        except Exception:
+            log.exception("internal error on kcp input from peer=%s; closing it", self.peer)
+            self._shutdown(None, False)
 
     def _maybe_resume_writing(self) -> None:
         if self._paused and self.link.pending_bytes <= self._low and self._protocol:
