@@ -322,9 +322,26 @@ class WireGuardGo(Peer):
         "`net.ipv4.conf.{ul-a,ul-b}.forwarding=0`, so nothing received on an underlay link "
         "is ever forwarded (checked by a probe).  Debian 12's wireguard-go 0.0.20220316 "
         "predates the 2023 GSO/GRO and socket-buffer work in wireguard-go and has no "
-        "buffer option; its UDP sockets keep the 208 KiB default, and the hub and gwB drop "
-        "datagrams (`udp_rcvbuf_errors` in benchmarks.json)."
+        "buffer option, and the buffer sysctls cannot be set per namespace; so that its "
+        "sockets are not stuck at 208 KiB (the hub then dropped about 40,000 datagrams a "
+        "run), the bench raises `net.core.rmem_default`/`wmem_default` machine-wide to "
+        "4 MiB (at most `rmem_max`) while wireguard-go starts and runs, and restores them "
+        "(`udp_rcvbuf_errors` in benchmarks.json)."
     )
+
+    _SYSCTLS = (Path("/proc/sys/net/core/rmem_default"), Path("/proc/sys/net/core/wmem_default"))
+
+    def _raise_default_buffers(self) -> None:
+        self._saved = {p: p.read_text().strip() for p in self._SYSCTLS}
+        cap = int(Path("/proc/sys/net/core/rmem_max").read_text())
+        for p in self._SYSCTLS:
+            p.write_text(str(min(4 << 20, max(cap, int(self._saved[p])))))
+
+    def _restore_default_buffers(self) -> None:
+        for p, value in getattr(self, "_saved", {}).items():
+            with contextlib.suppress(OSError):
+                p.write_text(value)
+        self._saved = {}
 
     def setup(self, topo: t.Topology, work: Path) -> list[subprocess.Popen]:
         d = work / "wireguard"
@@ -337,6 +354,7 @@ class WireGuardGo(Peer):
             (d / f"{node}.key").write_text(priv + "\n")
             (d / f"{node}.key").chmod(0o600)
         env = {**os.environ, "WG_PROCESS_FOREGROUND": "1"}
+        self._raise_default_buffers()
         procs = []
         for node, ifname in ifs.items():
             procs.append(topo.popen(node, ["wireguard-go", "-f", ifname], env=env,
@@ -374,6 +392,7 @@ class WireGuardGo(Peer):
 
     def teardown(self, topo: t.Topology, procs: list[subprocess.Popen]) -> None:
         super().teardown(topo, procs)
+        self._restore_default_buffers()
         for sock in getattr(self, "_socks", []):
             with contextlib.suppress(OSError):
                 sock.unlink()
