@@ -250,6 +250,8 @@ def _drain(conn: SSL.Connection, mtu: int) -> list[bytes]:
 # ---- one association ----------------------------------------------------------------------
 
 _IO_MAX = 65536
+# the most fed to OpenSSL at once: under its 16 KiB read buffer, over any one datagram
+_FEED_MAX = 9216
 
 
 class _RecordIO:
@@ -416,12 +418,36 @@ class DtlsSession:
     def _receive_established(
         self, io: _RecordIO, datagram: bytes
     ) -> tuple[list[bytes], list[bytes]]:
+        records: list[bytes] = []
+        n = len(datagram)
+        if n <= _FEED_MAX:
+            self._feed(io, datagram, records)
+        else:
+            # a run of datagrams the kernel coalesced (UDP GRO): OpenSSL reads a memory BIO
+            # in 16 KiB gulps and drops a record cut at the end of one, so feed it whole
+            # records at a time
+            pos = 0
+            while pos < n and not self.closed:
+                end = pos
+                while end + RECORD_HEADER <= n:
+                    stop = end + RECORD_HEADER + ((datagram[end + 11] << 8) | datagram[end + 12])
+                    if stop > n or (stop - pos > _FEED_MAX and end > pos):
+                        break
+                    end = stop
+                if end == pos:
+                    end = n  # not a record: DTLS drops it as it would any junk
+                self._feed(io, datagram[pos:end], records)
+                pos = end
+        chunks = io.drain()
+        out = pack_datagrams(split_records(b"".join(chunks)), self.mtu) if chunks else []
+        return records, out
+
+    def _feed(self, io: _RecordIO, data: bytes, records: list[bytes]) -> None:
         lib = _lib
-        if lib.BIO_write(io.rbio, datagram, len(datagram)) != len(datagram):
+        if lib.BIO_write(io.rbio, data, len(data)) != len(data):
             lib.ERR_clear_error()
             self.bad_records += 1
-            return [], []
-        records: list[bytes] = []
+            return
         ssl, buf, view = io.ssl, io.buf, io.view
         while True:
             n = lib.SSL_read(ssl, buf, _IO_MAX)
@@ -430,17 +456,14 @@ class DtlsSession:
                 continue
             err = lib.SSL_get_error(ssl, n)
             if err == lib.SSL_ERROR_WANT_READ:
-                break
+                return
             if err == lib.SSL_ERROR_ZERO_RETURN:
                 self.closed = True
                 self.peer_closed = True
-                break
+                return
             # as in the handshake path: what reaches here is fatal for the association
             self._fail(f"dtls error: {_queued_error()}")
-            break
-        chunks = io.drain()
-        out = pack_datagrams(split_records(b"".join(chunks)), self.mtu) if chunks else []
-        return records, out
+            return
 
     def send(self, plaintext: bytes) -> bytes | None:
         """Encrypt one record; returns the datagram, or None if the association is down."""

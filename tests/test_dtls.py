@@ -261,3 +261,20 @@ def test_retransmits_a_lost_flight(keys):
     time.sleep(timeout + 0.05)
     again = client.handle_timeout(1.0)
     assert again and again[0][0] == dtls.CT_HANDSHAKE
+
+
+@pytest.mark.parametrize("count", [1, 6, 7, 12, 40])
+def test_coalesced_datagrams_yield_every_record(keys, count):
+    """UDP GRO hands over up to 64 KiB of back-to-back datagrams as one buffer; OpenSSL
+    alone would lose the record that straddles its 16 KiB read buffer."""
+    p = Pair(keys, dtls.Verification(insecure=True))
+    p.handshake()
+    assert p.server is not None
+    sent = [bytes([i]) * 1363 for i in range(count)]
+    coalesced = b"".join(p.client.send(r) for r in sent)
+    assert p.server.receive(coalesced, 0.0) == (sent, [])
+    # a truncated last record, then junk, cost only themselves
+    more = [p.client.send(b"a" * 1000), p.client.send(b"b" * 1000)]
+    assert p.server.receive(more[0] + more[1][:-5] + b"\x17junk", 0.0) == ([b"a" * 1000], [])
+    assert p.server.receive(p.client.send(b"after"), 0.0) == ([b"after"], [])
+    assert not p.server.closed
