@@ -137,7 +137,32 @@ def write_docs(result: dict) -> None:
         ]
     if result.get("loss"):
         lines += loss_lines(result["loss"], result.get("fec_codec"))
+    if result.get("crypto_threads"):
+        lines += crypto_thread_lines(result["crypto_threads"])
     (DOCS / "benchmarks.md").write_text("\n".join(lines))
+
+
+def crypto_thread_lines(ct: dict) -> list[str]:
+    return [
+        "## The second core: TLS crypto on a worker thread?",
+        "",
+        f"`tests/bench_crypto_threads.py`: {ct['cipher']} records of 64 KiB writes, encrypted "
+        "and decrypted through `ssl` memory BIOs, the same bytes in one thread and then "
+        f"split over two (median of {len(ct['trials'])} trials).",
+        "",
+        "| threads | MB/s (encrypt + decrypt) |",
+        "|---|---:|",
+        f"| 1 | {ct['one_thread_mb_s']} |",
+        f"| 2 | {ct['two_threads_mb_s']} |",
+        "",
+        f"Speed-up {ct['speedup']}x (trials: {', '.join(str(x) for x in ct['trials'])}): "
+        "OpenSSL drops the GIL while it encrypts, but the BIO copies around it hold it. "
+        "That is the ceiling for crypto on a worker thread, before the cost of handing "
+        "buffers between threads; in the tunnel runs above the machine's busy share shows "
+        "how much of the second core was left at all.  polevpn keeps one thread per "
+        "process.",
+        "",
+    ]
 
 
 LOSS_LEVELS = (0, 1, 5, 10)
@@ -539,6 +564,18 @@ def _comm(pid: int) -> str:
         return "?"
 
 
+def machine_idle() -> tuple[int, int]:
+    """(idle + iowait ticks, all ticks) over every CPU, from /proc/stat."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def machine_busy_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """How busy the whole machine was in between: whether a second core had room left."""
+    total = after[1] - before[1]
+    return round(100.0 * (1 - (after[0] - before[0]) / total), 1) if total else 0.0
+
+
 def measure(topo: t.Topology, pids: list[int], seconds: int) -> dict:
     """Ping, then iperf3 with 1 and 4 streams; CPU s/GB of ``pids`` for each run."""
     drops = udp_rcvbuf_errors(topo)
@@ -546,7 +583,9 @@ def measure(topo: t.Topology, pids: list[int], seconds: int) -> dict:
     print(f"  ping avg {out['ping']['avg_ms']} ms, p99 {out['ping']['p99_ms']} ms", flush=True)
     for streams in STREAMS:
         before = cpu_seconds(pids) if pids else None
+        idle0 = machine_idle()
         run = summarize(iperf3_streams(topo, seconds, streams))
+        run["machine_busy_pct"] = machine_busy_pct(idle0, machine_idle())
         if before is not None:
             cpu = cpu_seconds(pids) - before
             gb = run["bytes"] / 1e9
@@ -555,7 +594,8 @@ def measure(topo: t.Topology, pids: list[int], seconds: int) -> dict:
         out[str(streams)] = run
         cpu_txt = f", {run['cpu_s_per_gb']} CPU s/GB" if run.get("cpu_s_per_gb") else ""
         print(f"  {streams} stream(s): {run['mbit_s']:.1f} Mbit/s "
-              f"(retransmits {run['retransmits']}){cpu_txt}", flush=True)
+              f"(retransmits {run['retransmits']}){cpu_txt}, "
+              f"machine {run['machine_busy_pct']}% busy", flush=True)
     out["udp_rcvbuf_errors"] = udp_rcvbuf_errors(topo) - drops
     print(f"  UDP receive buffer drops (router, gwA, gwB): {out['udp_rcvbuf_errors']}")
     return out
@@ -717,20 +757,23 @@ def _num(value: float | None, fmt: str = "{:.1f}") -> str:
 def comparison_table(cmp: dict) -> list[str]:
     """The markdown table rows (header included) of the comparison."""
     lines = [
-        "| system | 1 stream Mbit/s | 4 streams Mbit/s | ping avg/p99 ms | CPU s/GB |",
-        "|---|---:|---:|---:|---:|",
+        "| system | 1 stream Mbit/s | 4 streams Mbit/s | ping avg/p99 ms | CPU s/GB "
+        "| machine busy % |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for key, row in cmp["systems"].items():
         if row.get("status") != "ok":
             why = row.get("reason") or row.get("error") or ""
-            lines.append(f"| {row['label']} | {row.get('status', '?')}: {why[:80]} | | | |")
+            lines.append(f"| {row['label']} | {row.get('status', '?')}: {why[:80]} | | | | |")
             continue
         one, four, ping = row["1"], row["4"], row["ping"]
         cpu = ("kernel only" if key == "plain" else
                f"{_num(one.get('cpu_s_per_gb'))} / {_num(four.get('cpu_s_per_gb'))}")
+        busy = f"{_num(one.get('machine_busy_pct'))} / {_num(four.get('machine_busy_pct'))}"
         lines.append(
             f"| {row['label']} | {one['mbit_s']:.1f} | {four['mbit_s']:.1f} | "
-            f"{_num(ping['avg_ms'], '{:.3f}')} / {_num(ping['p99_ms'], '{:.3f}')} | {cpu} |"
+            f"{_num(ping['avg_ms'], '{:.3f}')} / {_num(ping['p99_ms'], '{:.3f}')} | {cpu} "
+            f"| {busy} |"
         )
     return lines
 
@@ -758,6 +801,9 @@ def comparison_lines(cmp: dict) -> list[str]:
         "time accounting, like this one, charges a softirq tick to whatever task it "
         "interrupted, so only the part that happens to interrupt a VPN process shows up "
         "here; the rest lands on iperf3 or ksoftirqd).",
+        "",
+        "Machine busy %: both cores together, from /proc/stat, during each iperf3 run "
+        "(1 stream / 4 streams).",
         "",
         *comparison_table(cmp),
     ]
@@ -862,6 +908,14 @@ def main() -> int:
             fec_codec = bench_fec.run()
         except Exception as exc:  # the table is still worth writing without it
             print(f"fec codec bench skipped: {exc}", file=sys.stderr)
+        crypto_threads = None
+        try:
+            import bench_crypto_threads
+
+            crypto_threads = bench_crypto_threads.run()
+            print(f"crypto threads: {crypto_threads}")
+        except Exception as exc:
+            print(f"crypto threads bench skipped: {exc}", file=sys.stderr)
 
         systems = cmp["systems"]
         plain = systems.get("plain", {}).get("1") if "plain" not in failed else None
@@ -880,6 +934,7 @@ def main() -> int:
             "ratio": None if ratio is None else round(ratio, 4),
             "loss": loss,
             "fec_codec": fec_codec,
+            "crypto_threads": crypto_threads,
         }
         print("\n" + "\n".join(comparison_table(cmp)))
         print("\ntargets:\n" + "\n".join(f"  {target_text(tg)}" for tg in cmp["targets"]))
