@@ -18,6 +18,7 @@ from OpenSSL import SSL
 from . import dtls, kcp_transport, netconf, wire
 from .config import GatewayConfig, RouteServer
 from .counters import Counters
+from .gso import VNET_HDR_LEN as _VNET
 from .gso import GsoError, to_plain
 from .ippacket import src_addr
 from .kcp_pool import KcpPool
@@ -40,7 +41,6 @@ _C2S = wire.C2S_IPDATA
 _SUPER = wire.SUPER_IPDATA
 _HDR = wire.HEADER_LEN
 _pack = wire.HEADER.pack
-_VNET = 10
 
 
 class FatalError(Exception):

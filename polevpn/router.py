@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from . import dtls, wire
 from .config import RouterConfig
 from .counters import Counters
+from .gso import VNET_HDR_LEN as _VNET
 from .gso import GsoError, to_plain
 from .ippacket import dst_addr
 from .kcp_pool import KcpPool
@@ -39,7 +40,6 @@ _S2C = wire.S2C_IPDATA
 _SUPER = wire.SUPER_IPDATA
 _HDR = wire.HEADER_LEN
 _pack = wire.HEADER.pack
-_VNET = 10
 
 
 @dataclass
@@ -74,6 +74,8 @@ class GatewayConnection(asyncio.Protocol):
         self.gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.prefixes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
         self.pending: list[bytes | memoryview] = []
+        # SUPER_IPDATA frames in ``pending``: their bodies carry a virtio-net header too
+        self.pending_super = 0
         self.connected_at = 0.0
         self.packets_in = 0
         self.packets_out = 0
@@ -145,7 +147,7 @@ class GatewayConnection(asyncio.Protocol):
             # one write means one TLS record stream instead of a record per frame
             data = b"".join(pending)
             count = len(pending) // 2
-            ip_bytes = len(data) - count * _HDR
+            ip_bytes = len(data) - count * _HDR - self.pending_super * _VNET
             self.bytes_out += ip_bytes
             self.packets_out += count
             stats = self.router.stats
@@ -153,6 +155,7 @@ class GatewayConnection(asyncio.Protocol):
             stats.bytes_forwarded += ip_bytes
             transport.write(data)
         pending.clear()
+        self.pending_super = 0
 
     def close(self, reason: str | None) -> None:
         if self.closing:
@@ -451,6 +454,7 @@ class Router:
         if dst.session.super_packets:
             pending.append(_pack(_HDR, _SUPER, len(buf)))
             pending.append(buf)
+            dst.pending_super += 1
         elif not (buf[0] or buf[1]):
             ip = buf[_VNET:]
             pending.append(_pack(len(ip) + _HDR, _S2C, 0))

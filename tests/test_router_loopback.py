@@ -471,6 +471,8 @@ def test_super_packets_whole_to_a_negotiated_gateway_cut_for_a_plain_one(keys):
         await plain.login("169.254.0.3", ["198.18.30.0/24"])
         await a.send(wire.super_header(len(sp)) + sp)
         assert await b.recv_any() == (wire.SUPER_IPDATA, sp)
+        # counted as the IP packet it carries, without the virtio-net header
+        assert router.stats.bytes_forwarded == len(sp) - gso.VNET_HDR_LEN
         await a.send(wire.super_header(len(sp_plain)) + sp_plain)
         got = [await plain.recv_any() for _ in range(8)]
         assert {cmd for cmd, _ in got} == {wire.S2C_IPDATA}
