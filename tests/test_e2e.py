@@ -172,6 +172,54 @@ def test_gateways_negotiate_super_packets(vpn):
         assert line and "offloads=0x0" not in line, line
 
 
+_USO_RECEIVER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.settimeout(3)
+print("ready", flush=True)
+got = []
+try:
+    while True:
+        got.append(s.recv(65535).hex())
+except socket.timeout:
+    pass
+print(" ".join(got), flush=True)
+"""
+
+# one sendmsg with UDP_SEGMENT: the kernel hands gwA's TUN a single USO super-packet
+_USO_SENDER = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+payload = b"".join(bytes([i]) * 1000 for i in range(20)) + b"tail"
+s.sendmsg([payload], [(socket.SOL_UDP, 103, (1000).to_bytes(2, sys.byteorder))], 0,
+           (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def _uso_burst(vpn) -> list[bytes]:
+    rx = vpn.topo.popen(
+        "hostB", [sys.executable, "-c", _USO_RECEIVER, t.HOST_B, "5301"], log_name="uso-rx"
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while b"ready" not in rx.log_path.read_bytes():
+            assert rx.poll() is None and time.monotonic() < deadline, "receiver did not start"
+            time.sleep(0.05)
+        vpn.topo.run("hostA", [sys.executable, "-c", _USO_SENDER, t.HOST_B, "5301"], timeout=10)
+        rx.wait(timeout=15)
+    finally:
+        t.Topology.stop(rx)
+    lines = rx.log_path.read_text().split("\n")
+    return [bytes.fromhex(h) for h in lines[1].split()] if len(lines) > 1 else []
+
+
+USO_EXPECTED = [bytes([i]) * 1000 for i in range(20)] + [b"tail"]
+
+
+def test_udp_segmentation_offload_crosses_whole(vpn):
+    assert _uso_burst(vpn) == USO_EXPECTED, vpn.logs()
+
+
 def test_router_cuts_super_packets_for_a_plain_gateway(vpn):
     """gwB without offloads, as a PoleVPN gateway: the router segments what gwA sends whole."""
     cfg = t.write_json(
@@ -188,6 +236,16 @@ def test_router_cuts_super_packets_for_a_plain_gateway(vpn):
         assert res["ok"], f"transfer to the plain gateway failed: {res}\n{vpn.logs()}"
         res = vpn.topo.transfer("hostB", "hostA", t.HOST_A6, 4 * 1024 * 1024, timeout=60)
         assert res["ok"], f"transfer from the plain gateway failed: {res}\n{vpn.logs()}"
+        # a USO super-packet from hostA is cut into its 21 datagrams for the plain gateway
+        time.sleep(1.5)  # the stats line after the transfers
+        before = _counter(vpn.router.log_path, "segmented")
+        assert _uso_burst(vpn) == USO_EXPECTED, vpn.logs()
+        line = t.find_log_line(vpn.gw["gwA"].log_path, "opened tun device", "offloads=")
+        if line and int(line.rsplit("offloads=", 1)[1].split()[0], 16) & 0x20:
+            deadline = time.monotonic() + 5
+            while _counter(vpn.router.log_path, "segmented") <= before:
+                assert time.monotonic() < deadline, "the USO burst was not one super-packet"
+                time.sleep(0.2)
         deadline = time.monotonic() + 5
         while _counter(vpn.router.log_path, "segmented") <= before:
             assert time.monotonic() < deadline, "router never segmented a super-packet"
