@@ -11,6 +11,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from OpenSSL import SSL
@@ -19,7 +20,7 @@ from . import dtls, kcp_transport, netconf, wire
 from .config import GatewayConfig, RouteServer
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
-from .gso import GsoError, to_plain
+from .gso import GsoError, Packet, to_plain
 from .ippacket import src_addr
 from .kcp_pool import KcpPool
 from .messages import FEATURE_SUPER
@@ -195,14 +196,7 @@ class RouterLink(asyncio.Protocol):
         if self.gw.tun is not None and self.gw.tun.vnet_hdr:
             nbytes = self._frame_vnet(packets, out)
         else:
-            for pkt in packets:
-                n = len(pkt)
-                if n > wire.MAX_BODY:
-                    stats.dropped_too_big += 1
-                    continue
-                out.append(_pack(n + _HDR, _C2S, 0))
-                out.append(pkt)
-                nbytes += n
+            nbytes = self._frame_plain(packets, out)
         if out:
             stats.packets_to_router += len(out) // 2
             stats.bytes_to_router += nbytes
@@ -230,14 +224,20 @@ class RouterLink(asyncio.Protocol):
                 stats.segmented += 1
             else:
                 pkts = [memoryview(buf)[_VNET:]]
-            for pkt in pkts:
-                n = len(pkt)
-                if n > wire.MAX_BODY:
-                    stats.dropped_too_big += 1
-                    continue
-                out.append(_pack(n + _HDR, _C2S, 0))
-                out.append(pkt)
-                nbytes += n
+            nbytes += self._frame_plain(pkts, out)
+        return nbytes
+
+    def _frame_plain(self, pkts: Sequence[Packet], out: list[bytes | memoryview]) -> int:
+        """C2S_IPDATA header + packet pairs into ``out``; returns the IP bytes framed."""
+        nbytes = 0
+        for pkt in pkts:
+            n = len(pkt)
+            if n > wire.MAX_BODY:
+                self.gw.stats.dropped_too_big += 1
+                continue
+            out.append(_pack(n + _HDR, _C2S, 0))
+            out.append(pkt)
+            nbytes += n
         return nbytes
 
 

@@ -502,30 +502,9 @@ def memory_mb(pid: int) -> dict:
     return out
 
 
-def iperf3_streams(topo: t.Topology, seconds: int, streams: int, port: int = 5201) -> dict:
+def iperf3_streams(topo: t.Topology, seconds: int, streams: int) -> dict:
     """iperf3 TCP hostA -> hostB with ``streams`` parallel streams (bounded, parsed JSON)."""
-    srv = topo.popen("hostB", ["iperf3", "-s", "-1", "-B", t.HOST_B, "-p", str(port)],
-                     log_name=f"iperf3-server-P{streams}")
-    try:
-        time.sleep(0.5)
-        res = None
-        for _ in range(10):  # the server may need a moment to bind
-            res = topo.run(
-                "hostA",
-                ["iperf3", "-c", t.HOST_B, "-p", str(port), "-t", str(seconds),
-                 "-P", str(streams), "-J", "--connect-timeout", "3000"],
-                check=False,
-                timeout=seconds + 30,
-            )
-            if res.returncode == 0:
-                break
-            time.sleep(0.5)
-        if res is None or res.returncode != 0:
-            detail = f"{res.stdout[-300:]} {res.stderr[-300:]}" if res else ""
-            raise t.TopologyError(f"iperf3 -P {streams} failed: {detail}")
-        return json.loads(res.stdout)
-    finally:
-        t.Topology.stop(srv, timeout=2)
+    return topo.iperf3("hostA", "hostB", t.HOST_B, seconds=seconds, streams=streams)
 
 
 def ping_rtt(topo: t.Topology) -> dict:

@@ -225,7 +225,16 @@ def test_round_trip_split_anywhere(
     frames: list[tuple[int, int, bytes]], data: st.DataObject
 ) -> None:
     stream = b"".join(encode_frame(c, b, s) for c, s, b in frames)
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20), label="cuts"))
+    assert_decodes_split(stream, frames, data, 20)
+
+
+def assert_decodes_split(
+    stream: bytes, frames: list[tuple[int, int, bytes]], data: st.DataObject, max_cuts: int
+) -> None:
+    """``stream`` cut at drawn places decodes to exactly ``frames``, nothing left over."""
+    cuts = sorted(
+        data.draw(st.lists(st.integers(0, len(stream)), max_size=max_cuts), label="cuts")
+    )
     bounds = [0, *cuts, len(stream)]
     dec = FrameDecoder()
     out: list[wire.Frame] = []
@@ -240,14 +249,7 @@ def test_super_frames_round_trip_split_anywhere(
     frames: list[tuple[int, int, bytes]], data: st.DataObject
 ) -> None:
     stream = b"".join(any_frame(*f) for f in frames)
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10), label="cuts"))
-    bounds = [0, *cuts, len(stream)]
-    dec = FrameDecoder()
-    out: list[wire.Frame] = []
-    for a, b in zip(bounds, bounds[1:], strict=False):
-        out += dec.feed(stream[a:b])
-    assert as_tuples(out) == frames
-    assert dec.buffered == 0
+    assert_decodes_split(stream, frames, data, 10)
 
 
 def test_super_header_bytes() -> None:

@@ -712,9 +712,15 @@ class Topology:
         }
 
     def iperf3(
-        self, client: str, server: str, server_addr: str, seconds: int = 10, port: int = 5201
+        self,
+        client: str,
+        server: str,
+        server_addr: str,
+        seconds: int = 10,
+        port: int = 5201,
+        streams: int = 1,
     ) -> dict:
-        """Bounded iperf3 TCP run (client -> server); returns parsed JSON result."""
+        """Bounded iperf3 TCP run (client -> server, ``streams`` in parallel); parsed JSON."""
         srv = self.popen(
             server,
             ["iperf3", "-s", "-1", "-B", server_addr, "-p", str(port)],
@@ -727,7 +733,7 @@ class Topology:
                 res = self.run(
                     client,
                     ["iperf3", "-c", server_addr, "-p", str(port), "-t", str(seconds), "-J",
-                     "--connect-timeout", "3000"],
+                     "-P", str(streams), "--connect-timeout", "3000"],
                     check=False,
                     timeout=seconds + 30,
                 )
