@@ -242,6 +242,11 @@ def _drain(conn: SSL.Connection, mtu: int) -> list[bytes]:
         if not data:
             break
         chunks.append(data)
+    return _to_datagrams(chunks, mtu)
+
+
+def _to_datagrams(chunks: list[bytes], mtu: int) -> list[bytes]:
+    """OpenSSL's output, read in pieces, as datagrams of whole records under ``mtu``."""
     if not chunks:
         return []
     return pack_datagrams(split_records(b"".join(chunks)), mtu)
@@ -438,9 +443,7 @@ class DtlsSession:
                     end = n  # not a record: DTLS drops it as it would any junk
                 self._feed(io, datagram[pos:end], records)
                 pos = end
-        chunks = io.drain()
-        out = pack_datagrams(split_records(b"".join(chunks)), self.mtu) if chunks else []
-        return records, out
+        return records, _to_datagrams(io.drain(), self.mtu)
 
     def _feed(self, io: _RecordIO, data: bytes, records: list[bytes]) -> None:
         lib = _lib

@@ -503,11 +503,15 @@ class KcpServer(asyncio.DatagramProtocol):
             self.transport.sendto(data, addr)
 
     def _send_many(self, datagrams: list[bytes], addr: Addr) -> None:
-        batch = self.batch
-        if batch is not None:
-            batch.send(datagrams, addr)
-            self.stats.udp_batches = batch.batches
-            self.stats.udp_batched = batch.batched_datagrams
+        if self.batch is not None:
+            self.batch.send(datagrams, addr)
+
+    def counters(self) -> KcpServerStats:
+        """The stats, with the batch sender's own counts copied in at reading time."""
+        if self.batch is not None:
+            self.stats.udp_batches = self.batch.batches
+            self.stats.udp_batched = self.batch.batched_datagrams
+        return self.stats
 
 
 def _fmt(addr: Addr) -> str:

@@ -283,7 +283,7 @@ class Router:
                     len(self.connections),
                     len(self.routes),
                     self.stats.summary(),
-                    f" {self.kcp_server.stats.summary('kcp_')}{self._fec_totals()}"
+                    f" {self.kcp_server.counters().summary('kcp_')}{self._fec_totals()}"
                     if self.kcp_server
                     else "",
                 )

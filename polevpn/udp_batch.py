@@ -60,8 +60,7 @@ class UdpBatchSender:
         sock = self._sock
         n = len(datagrams)
         if sock is None or n < 2 or self.transport.get_write_buffer_size():
-            for d in datagrams:
-                sendto(d, addr)
+            self._send_each(datagrams, addr)
             return
         i = 0
         while i < n:
@@ -90,14 +89,12 @@ class UdpBatchSender:
                     sock.sendmsg([payload], cmsg, 0, addr)
             except BlockingIOError:
                 # the socket buffer is full: the transport queues the rest, in order
-                for d in datagrams[i:]:
-                    sendto(d, addr)
+                self._send_each(datagrams[i:], addr)
                 return
             except OSError as exc:
                 if exc.errno in _GSO_REFUSED:
                     self.close()
-                    for d in datagrams[i:]:
-                        sendto(d, addr)
+                    self._send_each(datagrams[i:], addr)
                     return
                 # unreachable and the like: this run is lost as a datagram would be; KCP
                 # retransmits, and the transport reports the error on its own sends
@@ -106,6 +103,11 @@ class UdpBatchSender:
                 self.batches += 1
                 self.batched_datagrams += j - i
             i = j
+
+    def _send_each(self, datagrams: Sequence[bytes], addr: Any) -> None:
+        sendto = self.transport.sendto
+        for d in datagrams:
+            sendto(d, addr)
 
     def close(self) -> None:
         if self._sock is not None:
