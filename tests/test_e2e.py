@@ -8,15 +8,16 @@ here and removed again, also on failure.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import re
 import shutil
 import signal
 import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -99,13 +100,29 @@ def keys(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def vpn(tmp_path_factory, keys):
-    work = tmp_path_factory.mktemp("vpn")
-    topo = t.Topology(log_dir=work / "logs")
+@contextlib.contextmanager
+def running_vpn(
+    work: Path,
+    keys: Path,
+    router: dict | None = None,
+    gw_a: dict | None = None,
+    impair_delay_ms: float | None = None,
+) -> Iterator[Vpn]:
+    """Topology, router and both gateways up and passing pings; all removed afterwards.
+
+    ``router`` and ``gw_a`` replace the default configs; ``impair_delay_ms`` puts the
+    impairment element, with that delay, between gwA and the router.
+    """
+    topo = t.Topology(log_dir=work / "logs", impair=impair_delay_ms is not None)
     try:
         topo.setup()
+        if impair_delay_ms is not None:
+            topo.start_impair(delay_ms=impair_delay_ms)
         v = Vpn(topo, work, keys)
+        if router is not None:
+            v.router_cfg = t.write_json(work / "config.json", router)
+        if gw_a is not None:
+            v.gw_cfg["gwA"] = t.write_json(work / "gateway-a.json", gw_a)
         v.start_router()
         v.start_gateway("gwA")
         v.start_gateway("gwB")
@@ -117,6 +134,12 @@ def vpn(tmp_path_factory, keys):
         topo.teardown()
         left = t.leftover_namespaces(prefix)
         assert not left, f"namespaces left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def vpn(tmp_path_factory, keys):
+    with running_vpn(tmp_path_factory.mktemp("vpn"), keys) as v:
+        yield v
 
 
 # ------------------------------------------------------------------- pings
@@ -158,9 +181,8 @@ def test_tcp_transfer_ipv6(vpn):
 
 # ------------------------------------------------------------ super-packets
 def _counter(log: Path, name: str) -> int:
-    """The largest value of ``name=`` in the log's stats lines."""
-    found = re.findall(rf"\b{name}=(\d+)", Path(log).read_text(errors="replace"))
-    return max((int(v) for v in found), default=0)
+    """``name`` in the newest stats line; counters only grow within one process's log."""
+    return int(t.last_stats(log).get(name, 0))
 
 
 def test_gateways_negotiate_super_packets(vpn):

@@ -18,10 +18,15 @@ import pytest
 
 try:
     import topology as t
-    from test_e2e import Vpn, _extra_gateway, _run_until_log, keys  # noqa: F401
+    from test_e2e import _extra_gateway, _run_until_log, keys, running_vpn  # noqa: F401
 except ImportError:
     from tests import topology as t
-    from tests.test_e2e import Vpn, _extra_gateway, _run_until_log, keys  # noqa: F401
+    from tests.test_e2e import (  # noqa: F401
+        _extra_gateway,
+        _run_until_log,
+        keys,
+        running_vpn,
+    )
 
 pytestmark = [pytest.mark.netns]
 if not t.have_netns_support()[0]:
@@ -41,27 +46,11 @@ def router_kcp_config(keys: Path, **kcp_overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def kvpn(tmp_path_factory, keys):
-    work = tmp_path_factory.mktemp("kvpn")
-    topo = t.Topology(log_dir=work / "logs")
-    try:
-        topo.setup()
-        v = Vpn(topo, work, keys)
-        v.router_cfg = t.write_json(work / "config.json", router_kcp_config(keys))
-        v.gw_cfg["gwA"] = t.write_json(
-            work / "gateway-a.json",
-            t.gateway_config("A", keys, route_server=KCP_A, stats_interval=1),
-        )
-        v.start_router()
-        v.start_gateway("gwA")
-        v.start_gateway("gwB")
-        waited = v.wait_ping("hostA", t.HOST_B, deadline=15)
-        assert waited is not None, f"no connectivity after start\n{v.logs()}"
+    gw_a = t.gateway_config("A", keys, route_server=KCP_A, stats_interval=1)
+    with running_vpn(
+        tmp_path_factory.mktemp("kvpn"), keys, router=router_kcp_config(keys), gw_a=gw_a
+    ) as v:
         yield v
-    finally:
-        prefix = topo.prefix
-        topo.teardown()
-        left = t.leftover_namespaces(prefix)
-        assert not left, f"namespaces left behind: {left}"
 
 
 def test_kcp_registration_logged(kvpn):

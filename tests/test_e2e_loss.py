@@ -8,7 +8,6 @@ so both transports would see exactly the same path.
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -16,10 +15,10 @@ import pytest
 
 try:
     import topology as t
-    from test_e2e import Vpn, keys  # noqa: F401
+    from test_e2e import keys, running_vpn  # noqa: F401
 except ImportError:
     from tests import topology as t
-    from tests.test_e2e import Vpn, keys  # noqa: F401
+    from tests.test_e2e import keys, running_vpn  # noqa: F401
 
 pytestmark = [pytest.mark.netns]
 if not t.have_netns_support()[0]:
@@ -28,48 +27,26 @@ if not t.have_netns_support()[0]:
 KCP_A = f"kcp://{t.ROUTER_UL_A}:443"
 
 
-def last_stats(path: Path, prefix: str = "stats") -> dict[str, str]:
-    lines = [ln for ln in path.read_text(errors="replace").splitlines() if f" {prefix} " in ln]
-    if not lines:
-        return {}
-    return dict(re.findall(r"(\w+)=(\S+)", lines[-1]))
-
-
 def wait_stats(path: Path, after: float, timeout: float = 5.0) -> dict[str, str]:
     """The first stats line written after ``after`` (wall clock, from the log's mtime)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.stat().st_mtime > after:
             time.sleep(0.05)
-            return last_stats(path)
+            return t.last_stats(path)
         time.sleep(0.1)
-    return last_stats(path)
+    return t.last_stats(path)
 
 
 @pytest.fixture(scope="module")
 def lossy(tmp_path_factory, keys):
-    work = tmp_path_factory.mktemp("lossy")
-    topo = t.Topology(log_dir=work / "logs", impair=True)
-    try:
-        topo.setup()
-        topo.start_impair(delay_ms=20)
-        v = Vpn(topo, work, keys)
-        router = t.router_config(keys, stats_interval=1)
-        router["kcp"]["enable"] = True
-        v.router_cfg = t.write_json(work / "config.json", router)
-        v.gw_cfg["gwA"] = t.write_json(
-            work / "gateway-a.json",
-            t.gateway_config("A", keys, route_server=KCP_A, stats_interval=1),
-        )
-        v.start_router()
-        v.start_gateway("gwA")
-        v.start_gateway("gwB")
-        assert v.wait_ping("hostA", t.HOST_B, deadline=15) is not None, v.logs()
+    router = t.router_config(keys, stats_interval=1)
+    router["kcp"]["enable"] = True
+    gw_a = t.gateway_config("A", keys, route_server=KCP_A, stats_interval=1)
+    with running_vpn(
+        tmp_path_factory.mktemp("lossy"), keys, router=router, gw_a=gw_a, impair_delay_ms=20
+    ) as v:
         yield v
-    finally:
-        prefix = topo.prefix
-        topo.teardown()
-        assert not t.leftover_namespaces(prefix)
 
 
 def test_delay_is_on_the_path(lossy):
@@ -104,7 +81,7 @@ def test_20mb_at_5pct_loss_and_20ms_delay(lossy):
         stats = wait_stats(log, time.time())
         assert int(stats["fec_parity_sent"]) > 0, stats
         assert int(stats["fec_recovered"]) > 0, stats
-        router = last_stats(Path(lossy.router.log_path))
+        router = t.last_stats(lossy.router.log_path)
         assert int(router["fec_recovered"]) > 0, router
         assert int(router["fec_parity_sent"]) > 0, router
         st = topo.ping_stats("hostA", t.HOST_B, count=50, interval=0.02)

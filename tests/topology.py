@@ -834,6 +834,16 @@ def log_tail(path: str | os.PathLike, lines: int = 40) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def last_stats(path: str | os.PathLike, prefix: str = "stats") -> dict[str, str]:
+    """The key=value pairs of the daemon's newest ``stats`` line (empty before the first)."""
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return {}
+    lines = [ln for ln in text.splitlines() if f" {prefix} " in ln]
+    return dict(re.findall(r"(\w+)=(\S+)", lines[-1])) if lines else {}
+
+
 def find_log_line(path: str | os.PathLike, *needles: str) -> str | None:
     """First line of the log containing every needle (case-insensitive)."""
     try:
