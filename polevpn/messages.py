@@ -62,7 +62,18 @@ def _key(obj: dict) -> str:
     key = obj.get("key", "")
     if not isinstance(key, str):
         raise MessageError("key is not a string")
+    try:
+        # JSON's \ud800 escapes decode to lone surrogates, which no configured key holds
+        # and which the key comparison (on UTF-8 bytes) cannot encode
+        key.encode()
+    except UnicodeEncodeError:
+        raise MessageError("key is not valid Unicode") from None
     return key
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates escaped, so logging it cannot fail."""
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 def _features(obj: dict) -> frozenset[str]:
@@ -111,7 +122,7 @@ def parse_reply(body: bytes | memoryview) -> Reply:
     err = obj.get("error")
     if err is None or err == "":
         return Reply(error=None, features=_features(obj))
-    return Reply(error=str(err))
+    return Reply(error=_printable(str(err)))
 
 
 def encode_auth(key: str, features: frozenset[str] = frozenset()) -> bytes:

@@ -287,3 +287,29 @@ def test_auth_without_features_is_go_bytes() -> None:
 def test_error_reply_carries_no_features() -> None:
     reply = messages.parse_reply(b'{"error":"invalid key","features":["super-packets"]}')
     assert reply.error == "invalid key" and reply.features == frozenset()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"key":"\\ud800"}',
+        b'{"key":"ok\\udfff"}',
+        b'{"gateway":"169.254.0.1","key":"\\udc80","network":[]}',
+    ],
+)
+def test_key_with_a_lone_surrogate_is_a_message_error(body: bytes) -> None:
+    # json turns the escape into a str that cannot be encoded: the key comparison on UTF-8
+    # bytes raised UnicodeEncodeError, an unauthenticated peer's way to a router traceback
+    parse = parse_register if b"gateway" in body else parse_auth
+    with pytest.raises(MessageError):
+        parse(body)
+
+
+def test_key_with_a_surrogate_pair_is_fine() -> None:
+    assert parse_auth(b'{"key":"\\ud83d\\ude00"}').key == "\U0001f600"
+
+
+def test_reply_error_with_a_lone_surrogate_can_be_logged() -> None:
+    err = parse_reply(b'{"error":"no \\ud800 way"}').error
+    assert err is not None and "no" in err
+    err.encode()  # what a log handler does with it
