@@ -2,6 +2,8 @@
 #
 #   make venv            create .venv and install polevpn (+ test extras)
 #   make keys            create keys/ (CA, router cert, shared key) if missing; FORCE=1 regenerates
+#   make keys GATEWAYS="169.254.0.1=198.18.10.0/24 ..." [CLIENT_CERTS=1]
+#                        per-gateway secrets (and client certs), under the existing CA if any
 #   make test            ruff + pytest (unit tests and netns end-to-end tests; needs root)
 #   make demo            five-namespace demo using config.json / gateway.json / gateway/gateway-b.json
 #   make bench           iperf3 plain routing vs. tunnel; writes docs/benchmarks.{md,json}
@@ -19,6 +21,13 @@ KEYS_DIR   := keys
 SAN        ?= 198.19.0.1 198.19.0.5
 SAN_ARGS   := $(foreach s,$(SAN),--san $(s))
 FORCE      ?=
+# Per-gateway credentials: space-separated ADDR=NET[,NET...] specs for polevpn-keygen --gateway;
+# CLIENT_CERTS=1 also issues each a client certificate.
+GATEWAYS   ?=
+CLIENT_CERTS ?=
+GW_ARGS    := $(foreach g,$(GATEWAYS),--gateway $(g)) \
+              $(if $(filter-out 0,$(CLIENT_CERTS)),--client-certs)
+KEYGEN     := $(VENV)/bin/polevpn-keygen
 
 # command -> Debian package, installed only when the command is missing.
 SYSDEPS    := ip:iproute2 iperf3:iperf3 ping:iputils-ping nft:nftables
@@ -48,10 +57,14 @@ sysdeps:
 
 keys: $(STAMP)
 	@if [ -n "$(FORCE)" ] || [ ! -f $(KEYS_DIR)/ca.crt ]; then \
-	  echo "$(VENV)/bin/polevpn-keygen --out $(KEYS_DIR) $(SAN_ARGS) $(if $(FORCE),--force)"; \
-	  $(VENV)/bin/polevpn-keygen --out $(KEYS_DIR) $(SAN_ARGS) $(if $(FORCE),--force); \
+	  echo "$(KEYGEN) --out $(KEYS_DIR) $(SAN_ARGS) $(strip $(GW_ARGS)) $(if $(FORCE),--force)"; \
+	  $(KEYGEN) --out $(KEYS_DIR) $(SAN_ARGS) $(GW_ARGS) $(if $(FORCE),--force); \
+	elif [ -n "$(strip $(GATEWAYS))" ]; then \
+	  echo "$(KEYGEN) --out $(KEYS_DIR) $(strip $(GW_ARGS))"; \
+	  $(KEYGEN) --out $(KEYS_DIR) $(GW_ARGS); \
 	else \
-	  echo "$(KEYS_DIR)/ca.crt exists; use 'make keys FORCE=1' to regenerate"; \
+	  echo "$(KEYS_DIR)/ca.crt exists; use 'make keys FORCE=1' to regenerate," \
+	    "or GATEWAYS=... to add gateways"; \
 	fi
 
 lint: $(STAMP)

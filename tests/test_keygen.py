@@ -1,22 +1,30 @@
-"""polevpn-keygen: the files it writes, and that the router certificate really works in TLS."""
+"""polevpn-keygen: the files it writes, and that its certificates really work in TLS.
+
+Covers the router certificate, and the per-gateway secrets and client certificates
+(``--gateway``/``--client-certs``), including adding gateways under an existing CA.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
+import shutil
 import socket
 import ssl
 import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from polevpn import keygen
@@ -279,3 +287,496 @@ def test_tls_rejects_other_ca(tmp_path: Path, tls_server: tuple[int, list[BaseEx
     other = keygen.generate(tmp_path, [], days=1)
     with pytest.raises(ssl.SSLCertVerificationError):
         _handshake(port, _client_context(other.ca_cert), "polevpn-router")
+
+
+# --- per-gateway credentials -----------------------------------------------------------------
+
+GW1 = "169.254.0.1=198.18.10.0/24,2001:db8:10::/64,2001:db8:ff::1/128"
+GW2 = "169.254.0.2=198.18.20.0/24"
+
+
+@pytest.fixture(scope="module")
+def gateways(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, tuple[keygen.GatewayCredentials, ...]]:
+    out = tmp_path_factory.mktemp("gwkeys")
+    keygen.generate(out, [], days=30)
+    return out, keygen.issue_gateways(out, [GW1, GW2], client_certs=True, days=30)
+
+
+def _sha256_file_der(path: Path) -> str:
+    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(path.read_text())).hexdigest()
+
+
+def _gateways_json(report: str) -> dict[str, dict[str, object]]:
+    """The object after '"gateways": ' in a report, parsed as JSON (so it must be valid)."""
+    start = report.index('"gateways": ') + len('"gateways": ')
+    table, _ = json.JSONDecoder().raw_decode(report[start:])
+    assert isinstance(table, dict)
+    return table
+
+
+def _gateway_block(report: str, address: str) -> dict[str, str]:
+    """A gateway's config lines, wrapped in braces and parsed: they must paste as JSON."""
+    lines = report.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith(f"gateway {address} config"))
+    body: list[str] = []
+    for line in lines[head + 1 :]:
+        if not line.strip():
+            break
+        body.append(line)
+    parsed = json.loads("{" + "\n".join(body) + "}")
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+def test_gateway_spec_parsing() -> None:
+    spec = keygen.parse_gateway_spec(f" {GW1} ")
+    assert spec.address == ipaddress.IPv4Address("169.254.0.1")
+    assert [str(n) for n in spec.networks] == [
+        "198.18.10.0/24",
+        "2001:db8:10::/64",
+        "2001:db8:ff::1/128",
+    ]
+    assert spec.stem == "gw-169.254.0.1"
+    # a bare address is a host route; spaces around items and repeats are tolerated
+    spec = keygen.parse_gateway_spec("169.254.0.9=198.18.0.7, 2001:db8:ff::9,198.18.0.7/32")
+    assert [str(n) for n in spec.networks] == ["198.18.0.7/32", "2001:db8:ff::9/128"]
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("169.254.0.1", "ADDR=NET"),
+        ("169.254.0.1=", "no networks"),
+        ("169.254.0.1=198.18.10.0/24,", "empty network"),
+        ("169.254.0.1=198.18.10.0/33", "not a network"),
+        ("169.254.0.1=lan", "not a network"),
+        ("169.254.0.1=198.18.10.1/24", "did you mean 198.18.10.0/24"),
+        ("2001:db8:ff::1=198.18.10.0/24", "must be IPv4"),
+        ("gw1=198.18.10.0/24", "not an IPv4 address"),
+        ("169.254.0.1/32=198.18.10.0/24", "not an IPv4 address"),
+        ("0.0.0.0=198.18.10.0/24", "cannot be a gateway address"),
+        ("224.0.0.1=198.18.10.0/24", "cannot be a gateway address"),
+    ],
+)
+def test_gateway_spec_rejects(spec: str, message: str) -> None:
+    with pytest.raises(keygen.KeygenError, match=message.replace(".", r"\.")):
+        keygen.parse_gateway_spec(spec)
+
+
+def test_duplicate_gateway_address_rejected(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(keygen.KeygenError, match="more than once"):
+        keygen.parse_gateway_specs([GW2, "169.254.0.2=198.18.21.0/24"])
+    out = tmp_path / "k"
+    assert keygen.main(["--out", str(out), "--gateway", GW2, "--gateway", GW2]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "169.254.0.2" in err
+    assert not out.exists()
+
+
+def test_gateway_files_and_modes(
+    gateways: tuple[Path, tuple[keygen.GatewayCredentials, ...]],
+) -> None:
+    out, creds = gateways
+    expected = set(keygen.ALL_FILES)
+    for addr in ("169.254.0.1", "169.254.0.2"):
+        expected |= {f"gw-{addr}.key", f"gw-{addr}.crt", f"gw-{addr}.pem"}
+    assert {p.name for p in out.iterdir()} == expected  # no temporary files left behind
+    assert [c.address for c in creds] == ["169.254.0.1", "169.254.0.2"]
+    secrets_seen = {(out / "shared.key").read_text()}
+    for c in creds:
+        assert c.client_cert_file is not None and c.client_key_file is not None
+        assert c.files == (c.key_file, c.client_cert_file, c.client_key_file)
+        assert c.key_file.name == f"gw-{c.address}.key"
+        assert stat.S_IMODE(c.key_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(c.client_key_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(c.client_cert_file.stat().st_mode) == 0o644
+        text = c.key_file.read_text()
+        assert text.endswith("\n") and text.count("\n") == 1
+        assert len(bytes.fromhex(text.strip())) == 32
+        secrets_seen.add(text)
+    assert len(secrets_seen) == 3  # each gateway its own secret, none equal to shared.key
+    assert creds[0].networks == ("198.18.10.0/24", "2001:db8:10::/64", "2001:db8:ff::1/128")
+    assert creds[1].networks == ("198.18.20.0/24",)
+
+
+def test_client_certificate_content(
+    gateways: tuple[Path, tuple[keygen.GatewayCredentials, ...]],
+) -> None:
+    out, creds = gateways
+    ca = _load_cert(out / "ca.crt")
+    for c in creds:
+        assert c.client_cert_file is not None and c.client_key_file is not None
+        cert = _load_cert(c.client_cert_file)
+        cert.verify_directly_issued_by(ca)
+        cn = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)[0].value
+        assert cn == f"polevpn-gateway {c.address}"
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert ExtendedKeyUsageOID.CLIENT_AUTH in eku
+        # a gateway's certificate must not be usable to impersonate the router
+        assert ExtendedKeyUsageOID.SERVER_AUTH not in eku
+        assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address(c.address)]
+
+        key = serialization.load_pem_private_key(c.client_key_file.read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        assert isinstance(key.curve, ec.SECP256R1)
+        assert key.public_key() == cert.public_key()
+
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        assert 30 <= lifetime.days <= 31
+        assert c.not_after == cert.not_valid_after_utc
+
+        assert c.cert_fingerprint == _sha256_file_der(c.client_cert_file)
+        assert c.cert_fingerprint == keygen.cert_fingerprint(cert)
+        assert len(c.cert_fingerprint) == 64 and c.cert_fingerprint == c.cert_fingerprint.lower()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl binary")
+def test_openssl_verifies_client_certificate(
+    gateways: tuple[Path, tuple[keygen.GatewayCredentials, ...]],
+) -> None:
+    out, creds = gateways
+    for purpose, ok in (("sslclient", True), ("sslserver", False)):
+        proc = subprocess.run(
+            ["openssl", "verify", "-CAfile", str(out / "ca.crt"), "-purpose", purpose]
+            + [str(c.client_cert_file) for c in creds],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (proc.returncode == 0) is ok, (purpose, proc.stdout, proc.stderr)
+
+
+def test_issue_gateways_without_certificates(tmp_path: Path) -> None:
+    # no CA at all: plain secrets do not need one
+    (creds,) = keygen.issue_gateways(tmp_path, [GW2], client_certs=False, days=1)
+    assert creds.client_cert_file is None and creds.cert_fingerprint is None
+    assert [p.name for p in tmp_path.iterdir()] == ["gw-169.254.0.2.key"]
+    report = keygen.render_gateways_report(tmp_path, [creds])
+    assert _gateways_json(report) == {
+        "169.254.0.2": {
+            "key_file": str((tmp_path / "gw-169.254.0.2.key").resolve()),
+            "networks": ["198.18.20.0/24"],
+        }
+    }
+    assert "client_ca_file" not in report and "client_cert_file" not in report
+    assert _gateway_block(report, "169.254.0.2") == {
+        "gateway": "169.254.0.2",
+        "key_file": str((tmp_path / "gw-169.254.0.2.key").resolve()),
+    }
+
+
+def test_first_run_with_gateways_writes_everything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "k"
+    args = ["--out", str(out), "--days", "2", "--gateway", GW1, "--gateway", GW2]
+    assert keygen.main([*args, "--client-certs"]) == 0
+    report = capsys.readouterr().out
+    names = {p.name for p in out.iterdir()}
+    assert set(keygen.ALL_FILES) <= names
+    assert {"gw-169.254.0.1.crt", "gw-169.254.0.2.pem"} <= names
+    assert f'"cert_pin": "{_sha256_file_der(out / "server.crt")}"' in report
+
+    table = _gateways_json(report)
+    assert list(table) == ["169.254.0.1", "169.254.0.2"]
+    for addr, nets in (
+        ("169.254.0.1", ["198.18.10.0/24", "2001:db8:10::/64", "2001:db8:ff::1/128"]),
+        ("169.254.0.2", ["198.18.20.0/24"]),
+    ):
+        crt = out / f"gw-{addr}.crt"
+        assert table[addr] == {
+            "key_file": str((out / f"gw-{addr}.key").resolve()),
+            "cert_fingerprint": _sha256_file_der(crt),
+            "networks": nets,
+        }
+        assert _gateway_block(report, addr) == {
+            "gateway": addr,
+            "key_file": str((out / f"gw-{addr}.key").resolve()),
+            "client_cert_file": str(crt.resolve()),
+            "client_key_file": str((out / f"gw-{addr}.pem").resolve()),
+        }
+        assert f"{_sha256_file_der(crt)}" in report
+    ca_line = next(line for line in report.splitlines() if '"client_ca_file"' in line)
+    assert json.loads("{" + ca_line.rstrip(",") + "}") == {
+        "client_ca_file": str((out / "ca.crt").resolve())
+    }
+
+
+def test_adding_gateways_reuses_existing_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keygen.generate(tmp_path, [], days=5)
+    before = {n: (tmp_path / n).read_bytes() for n in keygen.ALL_FILES}
+
+    assert keygen.main(["--out", str(tmp_path), "--gateway", GW1, "--client-certs"]) == 0
+    first = capsys.readouterr().out
+    gw1 = (tmp_path / "gw-169.254.0.1.crt").read_bytes()
+    assert keygen.main(["--out", str(tmp_path), "--gateway", GW2, "--client-certs"]) == 0
+    second = capsys.readouterr().out
+
+    # CA, router certificate and shared key untouched; the first gateway too
+    assert {n: (tmp_path / n).read_bytes() for n in keygen.ALL_FILES} == before
+    assert (tmp_path / "gw-169.254.0.1.crt").read_bytes() == gw1
+    ca = _load_cert(tmp_path / "ca.crt")
+    for addr in ("169.254.0.1", "169.254.0.2"):
+        _load_cert(tmp_path / f"gw-{addr}.crt").verify_directly_issued_by(ca)
+    # the add-only report is about the gateways alone
+    assert '"cert_pin":' not in first and "server.crt" not in second
+    assert list(_gateways_json(second)) == ["169.254.0.2"]
+    # a certificate never outlives the CA that signed it
+    assert _load_cert(tmp_path / "gw-169.254.0.2.crt").not_valid_after_utc <= (
+        ca.not_valid_after_utc
+    )
+
+
+def test_client_certificate_validity_capped_by_ca(tmp_path: Path) -> None:
+    keygen.generate(tmp_path, [], days=1)
+    (creds,) = keygen.issue_gateways(tmp_path, [GW2], client_certs=True, days=365)
+    assert creds.client_cert_file is not None
+    cert = _load_cert(creds.client_cert_file)
+    assert cert.not_valid_after_utc == _load_cert(tmp_path / "ca.crt").not_valid_after_utc
+
+
+def test_gateway_files_not_overwritten(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    keygen.generate(tmp_path, [], days=1)
+    (tmp_path / "gw-169.254.0.2.pem").write_text("precious\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = ["--out", str(tmp_path), "--gateway", GW1, "--gateway", GW2, "--client-certs"]
+    assert keygen.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "refusing to overwrite" in err and "gw-169.254.0.2.pem" in err and "--force" in err
+    # all or nothing: the other gateway's files are not written either
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert (tmp_path / "gw-169.254.0.2.pem").read_text() == "precious\n"
+    # without --client-certs only gw-ADDR.key is a target, so the stray .pem does not matter
+    assert keygen.main(["--out", str(tmp_path), "--gateway", GW2]) == 0
+
+
+def test_first_run_refuses_existing_gateway_file_before_writing(tmp_path: Path) -> None:
+    (tmp_path / "gw-169.254.0.2.key").write_text("precious\n")
+    assert keygen.main(["--out", str(tmp_path), "--gateway", GW2]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["gw-169.254.0.2.key"]
+
+
+def test_force_with_gateways_replaces_ca_and_gateway_files(tmp_path: Path) -> None:
+    keygen.generate(tmp_path, [], days=1)
+    (old,) = keygen.issue_gateways(tmp_path, [GW2], client_certs=True, days=1)
+    old_ca = (tmp_path / "ca.crt").read_bytes()
+    args = ["--out", str(tmp_path), "--gateway", GW2, "--client-certs", "--force", "--days", "1"]
+    assert keygen.main(args) == 0
+    assert (tmp_path / "ca.crt").read_bytes() != old_ca
+    assert old.client_cert_file is not None
+    cert = _load_cert(old.client_cert_file)
+    assert keygen.cert_fingerprint(cert) != old.cert_fingerprint
+    cert.verify_directly_issued_by(_load_cert(tmp_path / "ca.crt"))
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    path.unlink()
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("missing key", "ca.key not found"),
+        ("garbage cert", "cannot load CA certificate"),
+        ("garbage key", "cannot load CA key"),
+        ("other key", "is not the private key of"),
+        ("leaf as CA", "not a CA certificate"),
+    ],
+)
+def test_unusable_ca_is_one_line_error(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    gateways: tuple[Path, tuple[keygen.GatewayCredentials, ...]],
+    breakage: str,
+    message: str,
+) -> None:
+    other_dir, other_creds = gateways
+    keygen.generate(tmp_path, [], days=1)
+    ca_crt, ca_key = tmp_path / "ca.crt", tmp_path / "ca.key"
+    if breakage == "missing key":
+        ca_key.unlink()
+    elif breakage == "garbage cert":
+        _replace_file(ca_crt, b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
+    elif breakage == "garbage key":
+        _replace_file(ca_key, b"not a key\n")
+    elif breakage == "other key":
+        _replace_file(ca_key, (other_dir / "ca.key").read_bytes())
+    else:
+        # a matching pair that is not a CA: a gateway certificate and its key
+        cert_file, key_file = other_creds[0].client_cert_file, other_creds[0].client_key_file
+        assert cert_file is not None and key_file is not None
+        _replace_file(ca_crt, cert_file.read_bytes())
+        _replace_file(ca_key, key_file.read_bytes())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert keygen.main(["--out", str(tmp_path), "--gateway", GW2, "--client-certs"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--client-certs"], "needs at least one --gateway"),
+        (["--gateway", GW2, "--san", "vpn.example.com"], "--san only applies"),
+        (["--gateway", GW2, "--days", "0"], "--days"),
+    ],
+)
+def test_gateway_usage_errors_with_existing_ca(
+    gateways: tuple[Path, tuple[keygen.GatewayCredentials, ...]],
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    out, _ = gateways
+    before = sorted(p.name for p in out.iterdir())
+    assert keygen.main(["--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_keys_adds_gateways(tmp_path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / ".venv" / "bin" / "polevpn-keygen").exists():
+        pytest.skip("no .venv/bin/polevpn-keygen")
+    out = tmp_path / "keys"
+
+    def make(*variables: str) -> subprocess.CompletedProcess[str]:
+        # -o: never let this test reinstall the venv
+        return subprocess.run(
+            ["make", "-s", "-o", ".venv/.installed", "keys", f"KEYS_DIR={out}", *variables],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+
+    first = make()
+    assert first.returncode == 0, first.stderr
+    server = (out / "server.crt").read_bytes()
+    added = make(f"GATEWAYS={GW1} {GW2}", "CLIENT_CERTS=1")
+    assert added.returncode == 0, added.stderr
+    assert (out / "server.crt").read_bytes() == server
+    assert set(_gateways_json(added.stdout)) == {"169.254.0.1", "169.254.0.2"}
+    ca = _load_cert(out / "ca.crt")
+    _load_cert(out / "gw-169.254.0.2.crt").verify_directly_issued_by(ca)
+    again = make(f"GATEWAYS={GW2}")
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+    unchanged = make()
+    assert unchanged.returncode == 0 and "exists" in unchanged.stdout
+
+
+# --- a TLS server that asks for client certificates, as the router does ---------------------
+
+
+@pytest.fixture
+def client_auth_server(
+    gateways: tuple[Path, tuple[keygen.GatewayCredentials, ...]],
+) -> Iterator[tuple[int, list[bytes | None | BaseException]]]:
+    """Accepts with CERT_OPTIONAL against ca.crt; records each peer's DER (or None, or error)."""
+    out, _ = gateways
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(out / "server.crt", out / "server.key")
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_verify_locations(out / "ca.crt")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    seen: list[bytes | None | BaseException] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                raw.settimeout(10)
+                with ctx.wrap_socket(raw, server_side=True) as conn:
+                    seen.append(conn.getpeercert(binary_form=True))
+                    conn.sendall(conn.recv(64))
+            except (ssl.SSLError, OSError) as exc:
+                seen.append(exc)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield port, seen
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(timeout=15)
+
+
+def _client_auth_handshake(
+    port: int, ca_file: Path, cert: tuple[Path, Path] | None, tls12: bool
+) -> None:
+    ctx = _client_context(ca_file)
+    if tls12:
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None:
+        ctx.load_cert_chain(*cert)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="polevpn-router") as conn,
+    ):
+        conn.sendall(b"ping")
+        # TLS 1.3 reports a rejected client certificate only here, after the handshake
+        assert conn.recv(64) == b"ping"
+
+
+@pytest.mark.parametrize("tls12", [False, True], ids=["tls13", "tls12"])
+def test_tls_server_sees_gateway_fingerprint(
+    gateways: tuple[Path, tuple[keygen.GatewayCredentials, ...]],
+    client_auth_server: tuple[int, list[bytes | None | BaseException]],
+    tls12: bool,
+) -> None:
+    out, creds = gateways
+    port, seen = client_auth_server
+    for c in creds:
+        assert c.client_cert_file is not None and c.client_key_file is not None
+        _client_auth_handshake(port, out / "ca.crt", (c.client_cert_file, c.client_key_file), tls12)
+    # CERT_OPTIONAL: a gateway without a certificate still gets in, and is seen as such
+    _client_auth_handshake(port, out / "ca.crt", None, tls12)
+    assert len(seen) == 3
+    ders = [d for d in seen if isinstance(d, bytes)]
+    assert [hashlib.sha256(d).hexdigest() for d in ders] == [c.cert_fingerprint for c in creds]
+    assert seen[2] is None
+
+
+def test_tls_server_rejects_client_cert_from_other_ca(
+    tmp_path: Path,
+    gateways: tuple[Path, tuple[keygen.GatewayCredentials, ...]],
+    client_auth_server: tuple[int, list[bytes | None | BaseException]],
+) -> None:
+    out, _ = gateways
+    port, seen = client_auth_server
+    keygen.generate(tmp_path, [], days=1)
+    (foreign,) = keygen.issue_gateways(tmp_path, [GW1], client_certs=True, days=1)
+    assert foreign.client_cert_file is not None and foreign.client_key_file is not None
+    with pytest.raises((ssl.SSLError, OSError, AssertionError)):
+        _client_auth_handshake(
+            port, out / "ca.crt", (foreign.client_cert_file, foreign.client_key_file), False
+        )
+    deadline = time.monotonic() + 15
+    while not seen and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(seen) == 1 and isinstance(seen[0], ssl.SSLCertVerificationError), seen
