@@ -11,12 +11,16 @@ import hashlib
 import ipaddress
 import json
 import logging
+import os
 import ssl
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .auth import Authority, GatewayGrant
+from .limits import LimitParams
 from .routing import IPNetwork
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -79,15 +83,26 @@ class RouterConfig:
     path: Path
     tls: Listener
     kcp: Listener
-    key: str
+    # PoleVPN's shared key; None when only the ``gateways`` table may connect
+    key: str | None
     kcp_params: KcpParams = field(default_factory=KcpParams)
     log_level: str = "info"
     idle_timeout: float = 60.0
-    auth_timeout: float = 10.0
+    auth_timeout: float = 5.0
     send_queue_bytes: int = 4 * 1024 * 1024
     stats_interval: float = 300.0
     # accept super-packets from gateways that offer them (segmenting for those that do not)
     super_packets: bool = True
+    gateways: tuple[GatewayGrant, ...] = ()
+    # CA of the gateways' client certificates; the listeners ask for one when this is set
+    client_ca_file: Path | None = None
+    # drop packets whose source is not within the sending gateway's registered networks
+    anti_spoofing: bool = True
+    limits: LimitParams = field(default_factory=LimitParams)
+    warnings: tuple[str, ...] = field(default=())
+
+    def authority(self) -> Authority:
+        return Authority(self.key, self.gateways)
 
 
 @dataclass(frozen=True)
@@ -102,6 +117,7 @@ class RouteServer:
 class GatewayConfig:
     path: Path
     route_servers: tuple[RouteServer, ...]
+    # sent in AUTH and REGISTER; empty when a client certificate alone identifies us
     key: str
     gateway: ipaddress.IPv4Address
     gateway6: ipaddress.IPv6Address | None
@@ -126,6 +142,11 @@ class GatewayConfig:
     preferred_retry_interval: float = 30.0
     # TUN with virtio-net header and TSO/USO, and super-packets offered to the router
     offload: bool = True
+    # client certificate for routers that identify gateways by certificate fingerprint
+    client_cert_file: Path | None = None
+    client_key_file: Path | None = None
+    # drop packets from the tunnel whose source is one of this office's own addresses
+    anti_spoofing: bool = True
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -293,19 +314,122 @@ def _split_host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _key(r: _Reader) -> str:
+def _key(r: _Reader, secrets: list[Path]) -> str:
     """`key` inline, as PoleVPN has it, or `key_file` (what `make keys` writes)."""
     if r.has("key_file"):
         p = r.file("key_file", required=True)
         assert p is not None
-        key = p.read_text(encoding="utf-8").strip()
+        try:
+            key = p.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise r.fail("key_file", f"{p} is not UTF-8 text") from None
         if not key:
             raise r.fail("key_file", f"{p} is empty")
+        secrets.append(p)
         return key
     key = r.string("key")
     if not key:
         raise r.fail("key", "is empty")
+    secrets.append(r.path)
     return key
+
+
+def _loosely_readable(path: Path) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH))
+    except OSError:
+        return False
+
+
+def _permission_warnings(secrets: list[Path]) -> list[str]:
+    """A warning for each file holding a secret that group or others may read."""
+    out = []
+    for p in dict.fromkeys(secrets):
+        if _loosely_readable(p):
+            mode = stat.S_IMODE(os.stat(p).st_mode)
+            out.append(
+                f"{p} holds a secret but is readable by group or others "
+                f"(mode {mode:04o}); chmod 600 it"
+            )
+    return out
+
+
+def _fingerprint(r: _Reader, name: str, what: str) -> bytes | None:
+    """A SHA-256 certificate fingerprint: 64 hex digits, colons and a sha256/ prefix allowed."""
+    if not r.has(name):
+        return None
+    text = r.string(name).replace(":", "").strip().lower()
+    for prefix in ("sha256/", "sha256:"):
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    try:
+        pin = bytes.fromhex(text)
+    except ValueError:
+        pin = b""
+    if len(pin) != hashlib.sha256().digest_size:
+        raise r.fail(name, f"expected the SHA-256 of {what} as 64 hex digits")
+    return pin
+
+
+def _gateways(r: _Reader, secrets: list[Path]) -> tuple[GatewayGrant, ...]:
+    sec = r.section("gateways", required=False)
+    if sec is None:
+        return ()
+    grants: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, GatewayGrant] = {}
+    for text, entry in sec.obj.items():
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            raise sec.fail(
+                text, "is not an IP address (gateways is keyed by gateway address)"
+            ) from None
+        if addr in grants:
+            raise sec.fail(text, f"{addr} is listed twice")
+        if not isinstance(entry, dict):
+            raise sec.fail(text, f"expected an object, got {type(entry).__name__}")
+        er = _Reader(r.path, entry, sec.name(text) + ".")
+        key = _key(er, secrets) if er.has("key") or er.has("key_file") else None
+        fp = _fingerprint(er, "cert_fingerprint", "the gateway's client certificate")
+        if key is None and fp is None:
+            raise er.fail("key", "missing: a gateway needs key, key_file or cert_fingerprint")
+        grants[addr] = GatewayGrant(addr, key, fp, er.networks("networks", required=True))
+    return tuple(grants.values())
+
+
+def _limits(r: _Reader) -> LimitParams:
+    sec = r.section("limits", required=False)
+    d = LimitParams()
+    if sec is None:
+        return d
+    return LimitParams(
+        max_pending=sec.integer("max_pending", d.max_pending, 1, 1 << 20),
+        max_pending_per_source=sec.integer(
+            "max_pending_per_source", d.max_pending_per_source, 1, 1 << 20
+        ),
+        auth_failures=sec.integer("auth_failures", d.auth_failures, 1, 1 << 20),
+        auth_failure_window=sec.number("auth_failure_window", d.auth_failure_window, 0, 86400),
+    )
+
+
+def _router_warnings(
+    key: str | None, grants: tuple[GatewayGrant, ...], anti_spoofing: bool
+) -> list[str]:
+    out = []
+    if key is not None and not grants:
+        out.append(
+            "all gateways share one key: any holder of it may register any network, "
+            "including another office's (list each gateway in \"gateways\" to prevent that)"
+        )
+    elif key is not None:
+        out.append(
+            "the shared key is still accepted: a gateway not listed in \"gateways\" may "
+            "register any network not granted to a listed gateway"
+        )
+    for a, b, net in Authority(None, grants).overlaps():
+        out.append(f"gateways {a.gateway} and {b.gateway} are both granted {net} (or part of it)")
+    if not anti_spoofing:
+        out.append("anti_spoofing is off: gateways may send packets with any source address")
+    return out
 
 
 def _listener(r: _Reader, name: str, required: bool) -> Listener:
@@ -349,15 +473,38 @@ def load_router_config(path: str | Path) -> RouterConfig:
             "no listener is enabled: enable tls, kcp or both",
         )
     kcp_sec = r.section("kcp", required=False)
+    secrets: list[Path] = []
+    grants = _gateways(r, secrets)
+    has_key = r.has("key") or r.has("key_file")
+    key = _key(r, secrets) if has_key or not grants else None
+    client_ca = r.file("client_ca_file", required=False)
+    if client_ca is not None:
+        try:
+            ssl.create_default_context(cafile=str(client_ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise r.fail("client_ca_file", f"cannot load {client_ca}: {exc}") from None
+    elif any(g.cert_fingerprint for g in grants):
+        raise r.fail(
+            "client_ca_file",
+            "missing: gateways with cert_fingerprint need the CA that signed their certificates",
+        )
+    secrets += [p for p in (tls.key_file, kcp.key_file) if p is not None]
+    anti_spoofing = r.boolean("anti_spoofing", True)
+    warnings = _router_warnings(key, grants, anti_spoofing) + _permission_warnings(secrets)
     return RouterConfig(
         path=path,
         tls=tls,
         kcp=kcp,
-        key=_key(r),
+        key=key,
+        gateways=grants,
+        client_ca_file=client_ca,
+        anti_spoofing=anti_spoofing,
+        limits=_limits(r),
+        warnings=tuple(warnings),
         kcp_params=_kcp_params(kcp_sec) if kcp_sec else KcpParams(),
         log_level=r.log_level(),
         idle_timeout=r.number("idle_timeout", 60.0, 0.1, 86400),
-        auth_timeout=r.number("auth_timeout", 10.0, 0.1, 3600),
+        auth_timeout=r.number("auth_timeout", 5.0, 0.1, 3600),
         send_queue_bytes=r.integer("send_queue_bytes", 4 * 1024 * 1024, 65536, 1 << 30),
         stats_interval=r.number("stats_interval", 300.0, 0, 86400),
         super_packets=r.boolean("super_packets", True),
@@ -422,19 +569,18 @@ def _route_servers(r: _Reader) -> tuple[RouteServer, ...]:
     return (_parse_route_server(r, "route_server", r.string("route_server")),)
 
 
-def _pin(r: _Reader) -> bytes | None:
-    if not r.has("cert_pin"):
-        return None
-    text = r.string("cert_pin").replace(":", "").strip().lower()
-    if text.startswith("sha256/"):
-        text = text[len("sha256/") :]
+def _client_cert(r: _Reader, secrets: list[Path]) -> tuple[Path | None, Path | None]:
+    cert = r.file("client_cert_file", required=r.has("client_key_file"))
+    key = r.file("client_key_file", required=cert is not None)
+    if cert is None or key is None:
+        return None, None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     try:
-        pin = bytes.fromhex(text)
-    except ValueError:
-        pin = b""
-    if len(pin) != hashlib.sha256().digest_size:
-        raise r.fail("cert_pin", "expected the SHA-256 of the router certificate as 64 hex digits")
-    return pin
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise r.fail("client_cert_file", f"cannot load {cert} with {key}: {exc}") from None
+    secrets.append(key)
+    return cert, key
 
 
 def load_gateway_config(path: str | Path) -> GatewayConfig:
@@ -458,7 +604,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     if not acls:
         warnings.append("acls is empty: every packet arriving from the tunnel will be dropped")
     ca_file = r.file("ca_file", required=False)
-    pin = _pin(r)
+    pin = _fingerprint(r, "cert_pin", "the router certificate")
     insecure = r.boolean("insecure_skip_verify", False)
     if not (ca_file or pin or insecure):
         raise r.fail(
@@ -488,10 +634,18 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     if rmax < rmin:
         raise r.fail("reconnect_max_delay", "must not be smaller than reconnect_min_delay")
     kcp_sec = r.section("kcp", required=False)
+    secrets: list[Path] = []
+    client_cert, client_key = _client_cert(r, secrets)
+    has_key = r.has("key") or r.has("key_file")
+    key = _key(r, secrets) if has_key or client_cert is None else ""
+    warnings += _permission_warnings(secrets)
     return GatewayConfig(
         path=path,
         route_servers=servers,
-        key=_key(r),
+        key=key,
+        client_cert_file=client_cert,
+        client_key_file=client_key,
+        anti_spoofing=r.boolean("anti_spoofing", True),
         gateway=gateway,
         gateway6=gateway6,
         local_networks=r.networks("local_networks", required=False),

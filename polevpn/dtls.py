@@ -107,12 +107,20 @@ def _base_context(method: int) -> SSL.Context:
 
 
 def server_context(
-    cert_file: Path, key_file: Path, cookie_secret: bytes | None = None
+    cert_file: Path,
+    key_file: Path,
+    cookie_secret: bytes | None = None,
+    client_ca: Path | None = None,
 ) -> tuple[SSL.Context, CookieJar]:
+    """``client_ca``: ask gateways for a certificate and verify it against this CA; one that
+    sends none is still accepted (PoleVPN gateways have none) and is judged by its key."""
     ctx = _base_context(SSL.DTLS_SERVER_METHOD)
     ctx.use_certificate_chain_file(str(cert_file))
     ctx.use_privatekey_file(str(key_file))
     ctx.check_privatekey()
+    if client_ca is not None:
+        ctx.load_verify_locations(str(client_ca))
+        ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
     jar = CookieJar(cookie_secret)
     ctx.set_cookie_generate_callback(jar.generate)
     ctx.set_cookie_verify_callback(jar.verify)
@@ -129,8 +137,16 @@ class Verification:
     insecure: bool = False
 
 
-def client_context(verify: Verification) -> SSL.Context:
+def client_context(
+    verify: Verification, cert_file: Path | None = None, key_file: Path | None = None
+) -> SSL.Context:
+    """``cert_file``/``key_file``: the gateway's client certificate, for routers that know
+    gateways by certificate fingerprint."""
     ctx = _base_context(SSL.DTLS_CLIENT_METHOD)
+    if cert_file is not None and key_file is not None:
+        ctx.use_certificate_chain_file(str(cert_file))
+        ctx.use_privatekey_file(str(key_file))
+        ctx.check_privatekey()
     if verify.ca_file is not None:
         ctx.load_verify_locations(str(verify.ca_file))
         ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import time
@@ -64,6 +65,8 @@ class GatewayStats(Counters):
     bytes_from_router: int = 0
     dropped_no_link: int = 0
     dropped_acl: int = 0
+    # from the tunnel with one of this office's own addresses as source
+    dropped_spoofed: int = 0
     dropped_malformed: int = 0
     dropped_too_big: int = 0
     # super-packets cut into plain packets here because the router did not take them whole
@@ -246,6 +249,11 @@ class Gateway:
         self.cfg = cfg
         self.stats = GatewayStats()
         self.acl = NetworkSet(cfg.acls)
+        # this office's own addresses never arrive from the tunnel, whatever acls allows
+        own = [ipaddress.ip_network(cfg.gateway), *cfg.local_networks]
+        if cfg.gateway6 is not None:
+            own.append(ipaddress.ip_network(cfg.gateway6))
+        self.own = NetworkSet(own if cfg.anti_spoofing else ())
         self.tun: TunDevice | None = None
         self.link: RouterLink | None = None
         self._reading = False
@@ -315,6 +323,8 @@ class Gateway:
         assert tun is not None
         acl4 = self.acl.contains_v4
         acl6 = self.acl.contains_v6
+        own4 = self.own.contains_v4
+        own6 = self.own.contains_v6
         stats = self.stats
         write = tun.write
         delivered = 0
@@ -322,8 +332,14 @@ class Gateway:
         for pkt in packets:
             version, addr = src_addr(pkt)
             if version == 4:
+                if own4(addr):
+                    stats.dropped_spoofed += 1
+                    continue
                 allowed = acl4(addr)
             elif version == 6:
+                if own6(addr):
+                    stats.dropped_spoofed += 1
+                    continue
                 allowed = acl6(addr)
             else:
                 if not whole:
@@ -349,11 +365,16 @@ class Gateway:
         assert tun is not None
         version, addr = src_addr(buf[_VNET:]) if buf and buf[0] < 0x10 else (0, 0)
         if version == 4:
+            spoofed = self.own.contains_v4(addr)
             allowed = self.acl.contains_v4(addr)
         elif version == 6:
+            spoofed = self.own.contains_v6(addr)
             allowed = self.acl.contains_v6(addr)
         else:
             self.stats.dropped_malformed += 1
+            return 0
+        if spoofed:
+            self.stats.dropped_spoofed += 1
             return 0
         if not allowed:
             self.stats.dropped_acl += 1
@@ -423,7 +444,9 @@ class Gateway:
             self._dtls_ctx = dtls.client_context(
                 dtls.Verification(
                     ca_file=cfg.ca_file, pin=cfg.cert_pin, insecure=cfg.insecure_skip_verify
-                )
+                ),
+                cfg.client_cert_file,
+                cfg.client_key_file,
             )
         return self._dtls_ctx
 

@@ -312,6 +312,9 @@ class KcpServerStats(Counters):
     hello_verify_sent: int = 0
     handshakes: int = 0
     handshake_failures: int = 0
+    handshake_timeouts: int = 0
+    # cookie-proven handshakes the router's connection limits turned away
+    refused_handshakes: int = 0
     rejected_datagrams: int = 0
     sessions: int = 0
     # sendmsg calls that carried several datagrams (UDP GSO), and how many they carried
@@ -341,7 +344,14 @@ class KcpServer(asyncio.DatagramProtocol):
         protocol_factory: Callable[[], asyncio.Protocol],
         handshake_timeout: float,
         pool: KcpPool | None = None,
+        admit: Callable[[Addr], bool] | None = None,
+        release: Callable[[Addr], None] | None = None,
     ) -> None:
+        """``admit``: asked once a peer has proved its address (valid cookie) whether its
+        handshake may take a slot; ``release`` gives the slot back if the handshake fails.
+        Once established, the slot belongs to the protocol ``protocol_factory`` made."""
+        self.admit = admit
+        self.release = release
         self.params = params
         self.listener = CookieListener(ctx, jar, params.dtls_mtu)
         self.factory = protocol_factory
@@ -418,6 +428,9 @@ class KcpServer(asyncio.DatagramProtocol):
             self._sendto(d, addr)
         if dtls is None:
             return
+        if self.admit is not None and not self.admit(addr):
+            self.stats.refused_handshakes += 1
+            return
         if replacing is not None:
             log.info("kcp peer=%s started a new handshake; closing its old session", addr[0])
             replacing.abort()
@@ -445,7 +458,7 @@ class KcpServer(asyncio.DatagramProtocol):
         if not dtls.established:
             self._arm(p, addr)
             return
-        self._drop_pending(addr)
+        self._drop_pending(addr, established=True)
         self.stats.handshakes += 1
         now = time.monotonic()
         link = KcpLink(self.params, self.pool, dtls.cleartext_mtu, now)
@@ -481,17 +494,21 @@ class KcpServer(asyncio.DatagramProtocol):
         p.timer = None
         now = time.monotonic()
         if now >= p.started + self.handshake_timeout:
-            self.stats.handshake_failures += 1
+            self.stats.handshake_timeouts += 1
             self._drop_pending(addr)
             return
         for d in p.dtls.handle_timeout(now):
             self._sendto(d, addr)
         self._check_established(p, addr)
 
-    def _drop_pending(self, addr: Addr) -> None:
+    def _drop_pending(self, addr: Addr, established: bool = False) -> None:
         p = self.pending.pop(addr, None)
-        if p is not None and p.timer is not None:
+        if p is None:
+            return
+        if p.timer is not None:
             p.timer.cancel()
+        if not established and self.release is not None:
+            self.release(addr)
 
     def _session_closed(self, t: KcpTransport) -> None:
         if self.sessions.get(t.peer) is t:

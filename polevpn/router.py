@@ -1,9 +1,16 @@
 """The router (hub): accepts gateways over TLS and forwards IP packets between them.
 
-The protocol logic lives in ``session.ServerSession`` and the table in ``routing``; this
-module wires them to asyncio transports. The forwarding loop is the hot path: it reads the
-destination straight out of the packet, batches frames per destination connection and
-writes each batch with one call.
+The protocol logic lives in ``session.ServerSession``, the table in ``routing``, who may
+announce what in ``auth`` and the connection limits in ``limits``; this module wires them to
+asyncio transports. The forwarding loop is the hot path: it reads source and destination
+straight out of the packet, drops spoofed sources, batches frames per destination connection
+and writes each batch with one call.
+
+The router accepts TCP connections itself, so that each is counted against the
+pending-connection limits (and refused) before any TLS work is spent on it; an admitted
+socket is handed to ``loop.connect_accepted_socket`` for the handshake. (uvloop's
+``start_tls`` cannot take over a server-side connection: the ClientHello is read before the
+TLS protocol is installed.)
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -19,20 +28,20 @@ from .config import RouterConfig
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
 from .gso import GsoError, to_plain
-from .ippacket import dst_addr
+from .ippacket import addrs
 from .kcp_pool import KcpPool
 from .kcp_transport import KcpServer
+from .limits import Admission, source_key
 from .messages import FEATURE_SUPER
-from .routing import RouteTable
+from .routing import NetworkSet, RouteTable
 from .session import (
     AuthFailed,
     ConnectionLost,
     RegisterRequested,
     ServerSession,
     State,
-    keys_equal,
 )
-from .tlsconf import server_context
+from .tlsconf import cert_fingerprint, server_context
 
 log = logging.getLogger("polevpn.router")
 
@@ -45,15 +54,24 @@ _pack = wire.HEADER.pack
 @dataclass
 class RouterStats(Counters):
     connections_accepted: int = 0
+    accept_errors: int = 0
     connections_closed: int = 0
+    handshake_failures: int = 0
+    handshake_timeouts: int = 0
     auth_failures: int = 0
+    auth_timeouts: int = 0
+    idle_timeouts: int = 0
     registrations: int = 0
+    register_refused: int = 0
     replaced: int = 0
-    timeouts: int = 0
     malformed_frames: int = 0
+    oversized_frames: int = 0
+    # closed because it sent control frames faster than it read the replies
+    closed_unread: int = 0
     packets_forwarded: int = 0
     bytes_forwarded: int = 0
     dropped_no_route: int = 0
+    dropped_spoofed: int = 0
     dropped_malformed: int = 0
     dropped_queue_full: int = 0
     dropped_hairpin: int = 0
@@ -63,16 +81,28 @@ class RouterStats(Counters):
 
 
 class GatewayConnection(asyncio.Protocol):
-    """One gateway's TLS connection, as seen by the router."""
+    """One gateway's connection (tls or kcp), as seen by the router.
 
-    def __init__(self, router: Router, transport_name: str) -> None:
+    It holds one of the router's pending-connection slots for ``source`` from acceptance
+    until it registers or closes.
+    """
+
+    def __init__(
+        self, router: Router, transport_name: str, accepted_at: float | None = None
+    ) -> None:
         self.router = router
         self.transport_name = transport_name
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        self.source = "?"
+        self.holds_slot = True
+        self.accepted_at = accepted_at
+        self.fingerprint: bytes | None = None
         self.session: ServerSession | None = None
         self.gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.prefixes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        # sources this gateway may send from: what it registered
+        self.sources = NetworkSet(())
         self.pending: list[bytes | memoryview] = []
         # SUPER_IPDATA frames in ``pending``: their bodies carry a virtio-net header too
         self.pending_super = 0
@@ -93,12 +123,31 @@ class GatewayConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if peer:
+            self.source = source_key(peer[0])
+        ssl_obj = transport.get_extra_info("ssl_object")
+        if ssl_obj is not None:
+            der = ssl_obj.getpeercert(binary_form=True)
+        else:
+            der = transport.get_extra_info("peercert_der")
+        self.fingerprint = cert_fingerprint(der)
         now = time.monotonic()
         self.connected_at = now
-        self.session = ServerSession(self.router.check_key, now, self.router.features)
+        authority, fingerprint = self.router.authority, self.fingerprint
+        self.session = ServerSession(
+            lambda key: authority.authenticate(key, fingerprint),
+            # the AUTH deadline runs from the TCP accept, so TLS and AUTH share one budget
+            self.accepted_at if self.accepted_at is not None else now,
+            self.router.features,
+        )
         limit = self.router.cfg.send_queue_bytes
         transport.set_write_buffer_limits(high=limit, low=limit // 2)
         self.router.on_connect(self)
+
+    def release_slot(self) -> None:
+        if self.holds_slot:
+            self.holds_slot = False
+            self.router.admission.release(self.source)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -126,13 +175,22 @@ class GatewayConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.router.on_disconnect(self, exc)
+        self.release_slot()
+        if self.session is not None:
+            self.router.on_disconnect(self, exc)
 
     # -- output
 
     def _write_control(self, frames: list[bytes]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(b"".join(frames))
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > self.router.cfg.send_queue_bytes:
+            # replies it does not read (heartbeats, say) would otherwise pile up here
+            self.router.stats.closed_unread += 1
+            self.close("sends control frames without reading the replies")
+            return
+        transport.write(b"".join(frames))
 
     def flush(self) -> None:
         """Write the frames batched by ``Router.forward`` with one call, or drop them."""
@@ -166,7 +224,9 @@ class GatewayConnection(asyncio.Protocol):
                 "closing connection peer=%s gateway=%s reason=%s", self.peer, self.gateway, reason
             )
         if self.session is not None and self.session.outbox:
-            self._write_control(self.session.data_to_send())
+            out = self.session.data_to_send()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.write(b"".join(out))
         if self.transport is not None:
             self.transport.close()
 
@@ -178,16 +238,23 @@ class Router:
         self.by_gateway: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, GatewayConnection] = {}
         self.connections: set[GatewayConnection] = set()
         self.stats = RouterStats()
-        self.servers: list[asyncio.AbstractServer] = []
+        self.listen_sockets: list[socket.socket] = []
         self.kcp_server: KcpServer | None = None
         self._kcp_udp: asyncio.DatagramTransport | None = None
         self.kcp_pool = KcpPool()
         self._tasks: list[asyncio.Task] = []
+        # TLS upgrades under way; held here because the loop keeps only weak references
+        self._upgrades: set[asyncio.Task] = set()
+        self._tls_ctx: ssl.SSLContext | None = None
         self.features = frozenset({FEATURE_SUPER}) if cfg.super_packets else frozenset()
+        self.authority = cfg.authority()
+        self.admission = Admission(cfg.limits)
 
     # -- lifecycle
 
     async def start(self) -> None:
+        for warning in self.cfg.warnings:
+            log.warning("%s", warning)
         if self.cfg.tls.enable:
             await self._start_tls()
         if self.cfg.kcp.enable:
@@ -198,7 +265,9 @@ class Router:
         loop = asyncio.get_running_loop()
         kcp = self.cfg.kcp
         assert kcp.cert_file is not None and kcp.key_file is not None
-        ctx, jar = dtls.server_context(kcp.cert_file, kcp.key_file)
+        ctx, jar = dtls.server_context(
+            kcp.cert_file, kcp.key_file, client_ca=self.cfg.client_ca_file
+        )
         server = KcpServer(
             ctx,
             jar,
@@ -206,6 +275,8 @@ class Router:
             lambda: GatewayConnection(self, "kcp"),
             handshake_timeout=self.cfg.auth_timeout,
             pool=self.kcp_pool,
+            admit=self._admit_kcp,
+            release=lambda addr: self.admission.release(source_key(addr[0])),
         )
         udp, _ = await loop.create_datagram_endpoint(
             lambda: server, local_addr=(kcp.host, kcp.port)
@@ -230,36 +301,104 @@ class Router:
         loop = asyncio.get_running_loop()
         tls = self.cfg.tls
         assert tls.cert_file is not None and tls.key_file is not None
-        ctx = server_context(tls.cert_file, tls.key_file)
-        server = await loop.create_server(
-            lambda: GatewayConnection(self, "tls"),
-            host=tls.host,
-            port=tls.port,
-            ssl=ctx,
-            ssl_handshake_timeout=self.cfg.auth_timeout,
-            reuse_address=True,
-            backlog=1024,
+        self._tls_ctx = server_context(tls.cert_file, tls.key_file, self.cfg.client_ca_file)
+        infos = await loop.getaddrinfo(
+            tls.host, tls.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-        self.servers.append(server)
-        for sock in server.sockets:
+        for family, type_, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    # as asyncio does: "::" serves IPv6 only, next to its own "0.0.0.0"
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(addr)
+                sock.listen(1024)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+            self.listen_sockets.append(sock)
             host, port = sock.getsockname()[:2]
             log.info("listening transport=tls address=%s port=%d", host, port)
+        for sock in self.listen_sockets:
+            self._tasks.append(asyncio.create_task(self._accept_loop(sock)))
 
     @property
     def tls_port(self) -> int:
-        return self.servers[0].sockets[0].getsockname()[1]
+        return self.listen_sockets[0].getsockname()[1]
+
+    # -- admission
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:
+                # out of file descriptors, say: existing gateways go on; retry shortly
+                n = self.stats.accept_errors = self.stats.accept_errors + 1
+                if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th...: the log stays readable
+                    log.warning("accept failed (%d times so far): %s", n, exc)
+                await asyncio.sleep(0.1)
+                continue
+            self.accept_tls(sock, addr)
+
+    def accept_tls(self, sock: socket.socket, addr: tuple) -> None:
+        """A new TCP connection: refuse it, or start its TLS handshake."""
+        now = time.monotonic()
+        source = source_key(addr[0]) if addr else "?"
+        refused = self.admission.admit(source, now)
+        if refused is not None:
+            log.debug("refused tls connection source=%s reason=%s", source, refused)
+            # a reset rather than a close: nothing of it stays behind in TIME_WAIT here
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            sock.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._handshake(sock, source, now))
+        self._upgrades.add(task)
+        task.add_done_callback(self._upgrades.discard)
+
+    async def _handshake(self, sock: socket.socket, source: str, now: float) -> None:
+        conn = GatewayConnection(self, "tls", accepted_at=now)
+        conn.source = source
+        loop = asyncio.get_running_loop()
+        assert self._tls_ctx is not None
+        try:
+            await loop.connect_accepted_socket(
+                lambda: conn,
+                sock,
+                ssl=self._tls_ctx,
+                ssl_handshake_timeout=self.cfg.auth_timeout,
+            )
+        except Exception as exc:
+            # timeouts surface as ConnectionAbortedError; tell them apart by the clock
+            if time.monotonic() - now >= self.cfg.auth_timeout * 0.99:
+                self.stats.handshake_timeouts += 1
+            else:
+                self.stats.handshake_failures += 1
+            log.debug("tls handshake from source=%s failed: %r", source, exc)
+            conn.release_slot()
+
+    def _admit_kcp(self, addr: tuple) -> bool:
+        source = source_key(addr[0])
+        refused = self.admission.admit(source, time.monotonic())
+        if refused is not None:
+            log.debug("refused kcp handshake source=%s reason=%s", source, refused)
+            return False
+        return True
 
     async def stop(self) -> None:
-        for server in self.servers:
-            server.close()
         for conn in list(self.connections):
             conn.close("router shutting down")
         for task in self._tasks:
             task.cancel()
+        for task in list(self._upgrades):
+            task.cancel()
         if self._kcp_udp is not None:
             self._kcp_udp.close()
-        for server in self.servers:
-            await server.wait_closed()
+        for sock in self.listen_sockets:
+            sock.close()
         log.info("stopped %s", self.stats.summary())
 
     async def _housekeeping(self) -> None:
@@ -272,17 +411,23 @@ class Router:
             for conn in list(self.connections):
                 if conn.session is None or conn.closing:
                     continue
+                registered = conn.session.state is State.REGISTERED
                 reason = conn.session.check_timeouts(now, cfg.auth_timeout, cfg.idle_timeout)
                 if reason:
-                    self.stats.timeouts += 1
+                    if registered:
+                        self.stats.idle_timeouts += 1
+                    else:
+                        self.stats.auth_timeouts += 1
                     conn.close(reason)
             if next_stats is not None and now >= next_stats:
                 next_stats = now + cfg.stats_interval
                 log.info(
-                    "stats connections=%d routes=%d %s%s",
+                    "stats connections=%d routes=%d pending=%d %s %s%s",
                     len(self.connections),
                     len(self.routes),
+                    self.admission.pending,
                     self.stats.summary(),
+                    self.admission.stats.summary(),
                     f" {self.kcp_server.counters().summary('kcp_')}{self._fec_totals()}"
                     if self.kcp_server
                     else "",
@@ -305,9 +450,6 @@ class Router:
 
     # -- control plane
 
-    def check_key(self, key: str) -> bool:
-        return keys_equal(key, self.cfg.key)
-
     def on_connect(self, conn: GatewayConnection) -> None:
         self.stats.connections_accepted += 1
         self.connections.add(conn)
@@ -319,12 +461,43 @@ class Router:
         elif isinstance(ev, AuthFailed):
             self.stats.auth_failures += 1
             log.warning("auth rejected peer=%s reason=%s", conn.peer, ev.reason)
+            self._failed(conn)
         elif isinstance(ev, ConnectionLost):
-            self.stats.malformed_frames += 1
+            if ev.kind == "oversized":
+                self.stats.oversized_frames += 1
+            else:
+                self.stats.malformed_frames += 1
             log.warning("protocol error peer=%s reason=%s", conn.peer, ev.reason)
+
+    def _failed(self, conn: GatewayConnection) -> None:
+        """Credentials refused: count it against the source's AUTH failure budget."""
+        if self.admission.failure(conn.source, time.monotonic()):
+            p = self.cfg.limits
+            log.warning(
+                "source=%s refused for up to %gs after %d failed attempts",
+                conn.source,
+                p.auth_failure_window,
+                p.auth_failures,
+            )
 
     def _register(self, conn: GatewayConnection, ev: RegisterRequested) -> None:
         req = ev.request
+        assert conn.session is not None
+        decision = self.authority.authorize(
+            req.key, conn.fingerprint, req.gateway, req.networks
+        )
+        if decision.error is not None:
+            # nothing of it is installed, and an existing registration stays as it is
+            self.stats.register_refused += 1
+            log.warning(
+                "registration refused gateway=%s peer=%s reason=%s",
+                req.gateway,
+                conn.peer,
+                decision.error,
+            )
+            conn.session.reject_register(ev.seq, decision.error)
+            self._failed(conn)
+            return
         old = self.by_gateway.get(req.gateway)
         if old is not None and old is not conn:
             self.stats.replaced += 1
@@ -345,9 +518,10 @@ class Router:
             self.routes.add(net, conn)
         conn.gateway = req.gateway
         conn.prefixes = prefixes
+        conn.sources = NetworkSet(prefixes)
         self.by_gateway[req.gateway] = conn
-        assert conn.session is not None
         conn.session.accept_register(ev.seq)
+        conn.release_slot()
         self.stats.registrations += 1
         log.info(
             "registered gateway=%s peer=%s transport=%s features=%s networks=%s",
@@ -394,13 +568,22 @@ class Router:
         lookup4 = self.routes.lookup_v4
         lookup6 = self.routes.lookup_v6
         stats = self.stats
+        check = self.cfg.anti_spoofing
+        from4 = src.sources.contains_v4
+        from6 = src.sources.contains_v6
         touched: list[GatewayConnection] = []
         nbytes = 0
         for pkt in packets:
-            version, addr = dst_addr(pkt)
+            version, saddr, addr = addrs(pkt)
             if version == 4:
+                if check and not from4(saddr):
+                    stats.dropped_spoofed += 1
+                    continue
                 dst = lookup4(addr)
             elif version == 6:
+                if check and not from6(saddr):
+                    stats.dropped_spoofed += 1
+                    continue
                 dst = lookup6(addr)
             else:
                 # the session passes SUPER_IPDATA bodies only from a gateway that offered them
@@ -431,16 +614,21 @@ class Router:
         stats = self.stats
         assert src.session is not None
         if buf and buf[0] < 0x10 and src.session.super_packets:
-            version, addr = dst_addr(buf[_VNET:])
+            version, saddr, addr = addrs(buf[_VNET:])
         else:
             # garbage, or a plain frame dressed as a super-packet by a peer that did not offer
-            version, addr = 0, 0
+            version, saddr, addr = 0, 0, 0
         if version == 4:
+            allowed = src.sources.contains_v4(saddr)
             dst = self.routes.lookup_v4(addr)
         elif version == 6:
+            allowed = src.sources.contains_v6(saddr)
             dst = self.routes.lookup_v6(addr)
         else:
             stats.dropped_malformed += 1
+            return 0
+        if not allowed and self.cfg.anti_spoofing:
+            stats.dropped_spoofed += 1
             return 0
         if dst is None:
             stats.dropped_no_route += 1
@@ -472,3 +660,4 @@ class Router:
         if not start:
             touched.append(dst)
         return len(buf) - _VNET
+

@@ -8,14 +8,13 @@ their own because they are the hot path and must not be wrapped in an object eac
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from . import messages, wire
 from .messages import MessageError, RegisterRequest
-from .wire import FrameDecoder, ProtocolError, encode_frame
+from .wire import FrameDecoder, FrameTooLong, ProtocolError, encode_frame
 
 
 class State(Enum):
@@ -64,9 +63,14 @@ class HeartbeatReceived:
 
 @dataclass(frozen=True, slots=True)
 class ConnectionLost:
-    """The session is over: protocol violation or timeout. The I/O layer closes the link."""
+    """The session is over: protocol violation or timeout. The I/O layer closes the link.
+
+    ``kind``: "malformed" (bytes that are no frame), "oversized" (a frame longer than the
+    protocol allows) or "protocol" (a valid frame at the wrong time or with a bad body).
+    """
 
     reason: str
+    kind: str = "protocol"
 
 
 Event = (
@@ -80,10 +84,6 @@ Event = (
 )
 
 Packets = list[memoryview]
-
-
-def keys_equal(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 class _FramedSession:
@@ -127,13 +127,15 @@ class _FramedSession:
         self.last_heard = now
         try:
             return self._decoder.feed(data)
+        except FrameTooLong as exc:
+            self._lose(events, f"frame too long: {exc}", "oversized")
         except ProtocolError as exc:
-            self._lose(events, f"malformed frame: {exc}")
-            return []
+            self._lose(events, f"malformed frame: {exc}", "malformed")
+        return []
 
-    def _lose(self, events: list[Event], reason: str) -> list[Event]:
+    def _lose(self, events: list[Event], reason: str, kind: str = "protocol") -> list[Event]:
         self.state = State.CLOSED
-        events.append(ConnectionLost(reason))
+        events.append(ConnectionLost(reason, kind))
         return events
 
 

@@ -14,10 +14,17 @@ from cryptography.x509.oid import NameOID
 from .config import GatewayConfig, RouteServer
 
 
-def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+def server_context(
+    cert_file: Path, key_file: Path, client_ca: Path | None = None
+) -> ssl.SSLContext:
+    """``client_ca``: ask for a client certificate signed by it; none at all is accepted
+    (PoleVPN gateways have none), one that does not verify fails the handshake."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)
+    if client_ca is not None:
+        ctx.load_verify_locations(cafile=str(client_ca))
+        ctx.verify_mode = ssl.CERT_OPTIONAL
     # the Go gateway sends a fixed SNI; nothing here may depend on it
     return ctx
 
@@ -25,6 +32,8 @@ def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
 def client_context(cfg: GatewayConfig) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cfg.client_cert_file is not None and cfg.client_key_file is not None:
+        ctx.load_cert_chain(cfg.client_cert_file, cfg.client_key_file)
     if cfg.ca_file is not None:
         ctx.load_verify_locations(cafile=str(cfg.ca_file))
         ctx.check_hostname = True
@@ -72,6 +81,10 @@ def _dns_match(pattern: str, name: str) -> bool:
         return False
     head, _, rest = name.partition(".")
     return bool(head) and rest == pattern[2:] and "." in rest
+
+
+def cert_fingerprint(der_cert: bytes | None) -> bytes | None:
+    return hashlib.sha256(der_cert).digest() if der_cert else None
 
 
 def pin_matches(der_cert: bytes | None, pin: bytes) -> bool:

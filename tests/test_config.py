@@ -31,9 +31,11 @@ def other_keys(tmp_path_factory: pytest.TempPathFactory) -> keygen.KeygenResult:
     return keygen.generate(tmp_path_factory.mktemp("cfg-other") / "keys")
 
 
-def write(path: Path, obj: Any) -> Path:
+def write(path: Path, obj: Any, mode: int = 0o600) -> Path:
+    """Config files are written private: most hold a key inline, as PoleVPN's do."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=2))
+    path.chmod(mode)
     return path
 
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polevpn.ippacket import dst_addr, src_addr
+from polevpn.ippacket import addrs, dst_addr, src_addr
 
 
 def ipv4_packet(src: str, dst: str, payload: bytes = b"", proto: int = 17) -> bytes:
@@ -100,6 +100,7 @@ def test_any_ipv4(src: IPv4Address, dst: IPv4Address, payload: bytes) -> None:
     pkt = ipv4_packet(str(src), str(dst), payload)
     assert dst_addr(pkt) == (4, int(dst))
     assert src_addr(pkt) == (4, int(src))
+    assert addrs(pkt) == (4, int(src), int(dst))
 
 
 @given(st.ip_addresses(v=6), st.ip_addresses(v=6), st.binary(max_size=64))
@@ -107,6 +108,7 @@ def test_any_ipv6(src: IPv6Address, dst: IPv6Address, payload: bytes) -> None:
     pkt = ipv6_packet(str(src), str(dst), payload)
     assert dst_addr(pkt) == (6, int(dst))
     assert src_addr(pkt) == (6, int(src))
+    assert addrs(pkt) == (6, int(src), int(dst))
 
 
 def _expected(pkt: bytes, off4: int, off6: int) -> tuple[int, int]:
@@ -123,3 +125,6 @@ def test_arbitrary_bytes_never_raise(pkt: bytes) -> None:
     assert src_addr(pkt) == _expected(pkt, 12, 8)
     assert dst_addr(memoryview(pkt)) == dst_addr(pkt)
     assert src_addr(memoryview(pkt)) == src_addr(pkt)
+    # the router's one-call form agrees with the two single ones
+    version, src = src_addr(pkt)
+    assert addrs(memoryview(pkt)) == (version, src, dst_addr(pkt)[1])

@@ -7,6 +7,7 @@ import ipaddress
 import pytest
 
 from polevpn import messages, wire
+from polevpn.auth import keys_equal
 from polevpn.session import (
     AuthFailed,
     AuthSucceeded,
@@ -18,7 +19,6 @@ from polevpn.session import (
     Rejected,
     ServerSession,
     State,
-    keys_equal,
 )
 from polevpn.wire import FrameDecoder, encode_frame
 
