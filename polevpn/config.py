@@ -133,7 +133,7 @@ class GatewayConfig:
     heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 20.0
     reconnect_min_delay: float = 0.5
-    reconnect_max_delay: float = 30.0
+    reconnect_max_delay: float = 3.0  # see Gateway._connect_loop for why this short
     send_queue_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
     stats_interval: float = 300.0
@@ -630,7 +630,8 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     if hb_timeout <= hb_interval:
         raise r.fail("heartbeat_timeout", "must be longer than heartbeat_interval")
     rmin = r.number("reconnect_min_delay", 0.5, 0.0, 3600)
-    rmax = r.number("reconnect_max_delay", 30.0, 0.0, 86400)
+    # a reconnect_min_delay above the default cap raises the default cap with it
+    rmax = r.number("reconnect_max_delay", max(3.0, rmin), 0.0, 86400)
     if rmax < rmin:
         raise r.fail("reconnect_max_delay", "must not be smaller than reconnect_min_delay")
     kcp_sec = r.section("kcp", required=False)
