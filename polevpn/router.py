@@ -188,7 +188,7 @@ class GatewayConnection(asyncio.Protocol):
         if transport.get_write_buffer_size() > self.router.cfg.send_queue_bytes:
             # replies it does not read (heartbeats, say) would otherwise pile up here
             self.router.stats.closed_unread += 1
-            self.close("sends control frames without reading the replies")
+            self.close("sends control frames without reading the replies", abort=True)
             return
         transport.write(b"".join(frames))
 
@@ -215,7 +215,10 @@ class GatewayConnection(asyncio.Protocol):
         pending.clear()
         self.pending_super = 0
 
-    def close(self, reason: str | None) -> None:
+    def close(self, reason: str | None, abort: bool = False) -> None:
+        """Close after flushing what is queued (an error frame, say), or at once with
+        ``abort``. A peer that stops reading cannot hold a closing connection open: it is
+        aborted after ``auth_timeout``."""
         if self.closing:
             return
         self.closing = True
@@ -223,12 +226,18 @@ class GatewayConnection(asyncio.Protocol):
             log.info(
                 "closing connection peer=%s gateway=%s reason=%s", self.peer, self.gateway, reason
             )
+        transport = self.transport
+        if transport is None:
+            return
+        if abort:
+            transport.abort()
+            return
         if self.session is not None and self.session.outbox:
             out = self.session.data_to_send()
-            if self.transport is not None and not self.transport.is_closing():
-                self.transport.write(b"".join(out))
-        if self.transport is not None:
-            self.transport.close()
+            if not transport.is_closing():
+                transport.write(b"".join(out))
+        transport.close()
+        asyncio.get_running_loop().call_later(self.router.cfg.auth_timeout, transport.abort)
 
 
 class Router:
