@@ -33,6 +33,7 @@ together with the element.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +133,41 @@ print(json.dumps({"bytes": sent, "sha256": h.hexdigest(), "seconds": dt}), flush
 """
 
 
+# _SENDER paced to ``rate`` bytes/s (never faster, also after a stall), printing
+# "progress <bytes>" after every MiB, for Topology.start_transfer (a stream that lasts long
+# enough to break something under it).
+_PACED_SENDER = r"""
+import hashlib, json, os, socket, sys, time
+host, port, size, timeout, rate = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+                                   float(sys.argv[4]), float(sys.argv[5]))
+deadline = time.monotonic() + 10
+while True:
+    try:
+        s = socket.create_connection((host, port), timeout=timeout); break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.2)
+h = hashlib.sha256(); sent = 0; t0 = due = time.monotonic(); mark = 0
+while sent < size:
+    ahead = due - time.monotonic()
+    if ahead > 0:
+        time.sleep(ahead)
+    b = os.urandom(min(1 << 16, size - sent))
+    s.sendall(b); h.update(b); sent += len(b)
+    # no catching up after a stall: the stream keeps its pace, so it outlasts the stall
+    due = max(due, time.monotonic()) + len(b) / rate
+    if sent >> 20 != mark:
+        mark = sent >> 20
+        print("progress", sent, flush=True)
+s.shutdown(socket.SHUT_WR)
+s.settimeout(timeout)
+while s.recv(4096):
+    pass
+dt = time.monotonic() - t0
+print(json.dumps({"bytes": sent, "sha256": h.hexdigest(), "seconds": dt}), flush=True)
+"""
+
 # Numbered UDP datagrams (4-byte big-endian sequence number, padded), for udp_probe().
 _UDP_RECEIVER = r"""
 import json, socket, struct, sys, time
@@ -174,6 +211,52 @@ for i in range(count):
 
 class TopologyError(RuntimeError):
     pass
+
+
+@dataclass
+class BackgroundTransfer:
+    """A paced TCP transfer running in the background (see Topology.start_transfer)."""
+
+    topo: Topology
+    rx: subprocess.Popen
+    tx: subprocess.Popen
+    size: int
+    timeout: float
+
+    def sent(self) -> int:
+        """Bytes the sender has handed to its socket so far (to the last MiB)."""
+        lines = re.findall(rb"^progress (\d+)$", self.tx.log_path.read_bytes(), re.M)
+        return int(lines[-1]) if lines else 0
+
+    def running(self) -> bool:
+        return self.tx.poll() is None
+
+    def result(self) -> dict:
+        """Wait for both ends (bounded by the transfer's timeout); same dict as transfer()."""
+        try:
+            self.tx.wait(timeout=self.timeout + 15)
+            self.rx.wait(timeout=self.timeout + 15)
+            sent = _last_json(self.tx.log_path)
+            received = _last_json(self.rx.log_path)
+        finally:
+            self.topo.stop(self.tx, timeout=2)
+            self.topo.stop(self.rx, timeout=2)
+        ok = (
+            sent is not None
+            and received is not None
+            and sent["sha256"] == received["sha256"]
+            and sent["bytes"] == received["bytes"] == self.size
+        )
+        return {"sent": sent, "received": received, "ok": ok}
+
+
+def _last_json(path: Path) -> dict | None:
+    """The JSON result a _SENDER/_RECEIVER prints last; None if it died before printing."""
+    lines = Path(path).read_text(errors="replace").strip().splitlines()
+    try:
+        return json.loads(lines[-1]) if lines else None
+    except ValueError:
+        return None
 
 
 def have_netns_support() -> tuple[bool, str]:
@@ -330,6 +413,16 @@ class Topology:
 
     def _sysctl(self, node: str, key: str, value: str) -> None:
         self.run(node, ["sysctl", "-q", "-w", f"{key}={value}"])
+
+    def add_site(self, node: str, gw_ul: str, router_ul: str, router_if: str) -> None:
+        """A further office gateway host ``node`` on its own /30 underlay to the router
+        (no LAN behind it); removed with the rest on teardown."""
+        self.ns[node] = f"{self.prefix}-{node}"
+        self._add_ns(node)
+        self._veth(node, "wan0", "router", router_if)
+        self._addr(node, "wan0", f"{gw_ul}/30")
+        self._addr("router", router_if, f"{router_ul}/30")
+        self._sysctl(node, "net.ipv4.ip_forward", "1")
 
     def _setup(self) -> None:
         for node in self.nodes:
@@ -610,6 +703,22 @@ class Topology:
             time.sleep(0.2)
         return None
 
+    def first_reply(
+        self, node: str, dst: str, deadline: float = 10.0, interval: float = 0.2
+    ) -> float | None:
+        """Seconds until the first echo reply, pinging every ``interval`` s; None by ``deadline``.
+
+        One ping process with ``-c 1 -w deadline`` keeps sending until one probe is answered,
+        so the answer is exact to ``interval`` (``wait_ping`` is exact to about a second).
+        """
+        cmd = ["ping", "-n", "-q", "-c", "1", "-i", str(interval), "-W", "1",
+               "-w", str(max(1, round(deadline)))]
+        if ":" in dst:
+            cmd.insert(1, "-6")
+        start = time.monotonic()
+        res = self.run(node, [*cmd, dst], check=False, timeout=deadline + 10)
+        return time.monotonic() - start if res.returncode == 0 else None
+
     # ---------------------------------------------------------------- traffic
     def transfer(
         self,
@@ -652,6 +761,40 @@ class Topology:
         ok = sent["sha256"] == received["sha256"] and sent["bytes"] == received["bytes"] == size
         mbit_s = size * 8 / max(sent["seconds"], 1e-9) / 1e6
         return {"sent": sent, "received": received, "ok": ok, "mbit_s": mbit_s}
+
+    def start_transfer(
+        self,
+        src: str,
+        dst: str,
+        dst_addr: str,
+        size: int,
+        rate: float,
+        port: int = 5097,
+        timeout: float = 60,
+    ) -> BackgroundTransfer:
+        """Start sending ``size`` random bytes at about ``rate`` bytes/s over TCP, in the
+        background; ``timeout`` bounds every blocking socket call on both ends.  The caller
+        gets the outcome from ``.result()``; teardown stops both ends in any case."""
+        rx = self.popen(
+            dst,
+            [sys.executable, "-c", _RECEIVER, dst_addr, str(port), str(timeout)],
+            log_name=f"paced-rx-{secrets.token_hex(2)}",
+        )
+        deadline = time.monotonic() + 10
+        while b"ready" not in rx.log_path.read_bytes():
+            if rx.poll() is not None or time.monotonic() > deadline:
+                self.stop(rx, timeout=2)
+                raise TopologyError(
+                    f"receiver did not start: {rx.log_path.read_text(errors='replace')}"
+                )
+            time.sleep(0.05)
+        tx = self.popen(
+            src,
+            [sys.executable, "-c", _PACED_SENDER, dst_addr, str(port), str(size), str(timeout),
+             str(rate)],
+            log_name=f"paced-tx-{secrets.token_hex(2)}",
+        )
+        return BackgroundTransfer(self, rx, tx, size, timeout)
 
     def udp_probe(
         self,
@@ -842,6 +985,12 @@ def last_stats(path: str | os.PathLike, prefix: str = "stats") -> dict[str, str]
         return {}
     lines = [ln for ln in text.splitlines() if f" {prefix} " in ln]
     return dict(re.findall(r"(\w+)=(\S+)", lines[-1])) if lines else {}
+
+
+def log_time(line: str) -> float:
+    """Wall-clock time (epoch seconds) of a daemon log line (``%(asctime)s`` prefix)."""
+    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+    return stamp.timestamp()
 
 
 def find_log_line(path: str | os.PathLike, *needles: str) -> str | None:
