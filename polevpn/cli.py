@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from . import __version__
+from . import __version__, privileges
 from .config import (
     ConfigError,
     GatewayConfig,
@@ -131,6 +132,14 @@ def gateway_main(argv: list[str] | None = None) -> int:
     from .gateway import FatalError, Gateway
 
     log = logging.getLogger("polevpn.gateway")
+    if os.geteuid() == 0:
+        # before the event loop starts any thread: capabilities are per thread
+        try:
+            privileges.keep_only(privileges.CAP_NET_ADMIN)
+        except OSError as exc:
+            log.error("cannot drop capabilities: %s", exc)
+            return 1
+        log.info("running as root with CAP_NET_ADMIN only")
 
     async def main() -> int:
         gw = Gateway(cfg)

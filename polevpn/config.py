@@ -12,6 +12,7 @@ import ipaddress
 import json
 import logging
 import os
+import pwd
 import ssl
 import stat
 from dataclasses import dataclass, field
@@ -99,6 +100,8 @@ class RouterConfig:
     # drop packets whose source is not within the sending gateway's registered networks
     anti_spoofing: bool = True
     limits: LimitParams = field(default_factory=LimitParams)
+    # started as root: become this user once the listeners are bound
+    user: str | None = None
     warnings: tuple[str, ...] = field(default=())
 
     def authority(self) -> Authority:
@@ -396,6 +399,19 @@ def _gateways(r: _Reader, secrets: list[Path]) -> tuple[GatewayGrant, ...]:
     return tuple(grants.values())
 
 
+def _user(r: _Reader) -> str | None:
+    if not r.has("user"):
+        return None
+    name = r.string("user")
+    try:
+        pw = pwd.getpwnam(name)
+    except KeyError:
+        raise r.fail("user", f"no such user {name!r}") from None
+    if pw.pw_uid == 0:
+        raise r.fail("user", f"{name!r} is root; name an unprivileged user")
+    return name
+
+
 def _limits(r: _Reader) -> LimitParams:
     sec = r.section("limits", required=False)
     d = LimitParams()
@@ -500,6 +516,7 @@ def load_router_config(path: str | Path) -> RouterConfig:
         client_ca_file=client_ca,
         anti_spoofing=anti_spoofing,
         limits=_limits(r),
+        user=_user(r),
         warnings=tuple(warnings),
         kcp_params=_kcp_params(kcp_sec) if kcp_sec else KcpParams(),
         log_level=r.log_level(),

@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 import time
 from dataclasses import dataclass
 
-from . import dtls, wire
+from . import dtls, privileges, wire
 from .config import RouterConfig
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
@@ -269,6 +270,20 @@ class Router:
         if self.cfg.kcp.enable:
             await self._start_kcp()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._drop_privileges()
+
+    def _drop_privileges(self) -> None:
+        """Sockets are bound and keys loaded: nothing left that needs root."""
+        if os.geteuid() != 0:
+            return
+        if self.cfg.user is None:
+            log.warning(
+                'running as root: set "user" in %s to drop privileges once listening',
+                self.cfg.path,
+            )
+            return
+        uid, gid = privileges.drop_to_user(self.cfg.user)
+        log.info("dropped privileges user=%s uid=%d gid=%d", self.cfg.user, uid, gid)
 
     async def _start_kcp(self) -> None:
         loop = asyncio.get_running_loop()

@@ -11,7 +11,10 @@ certificate and a key, so the DTLS client-certificate path is exercised by real 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -241,4 +244,74 @@ def test_gateway_drops_its_own_addresses_arriving_from_the_tunnel(tmp_path, keys
         assert int(stats["dropped_spoofed"]) == 10, stats
     finally:
         topo.teardown()
+        assert not t.leftover_namespaces(topo.prefix)
+
+
+def _status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def test_daemons_run_with_least_privilege(tmp_path, keys):  # noqa: F811
+    """The gateway keeps CAP_NET_ADMIN alone; the router drops to ``user`` after binding,
+    and runs started unprivileged from the outset, as its systemd unit starts it."""
+    # pytest's tmp_path lies under a root-only directory: nobody needs a place of its own
+    private = Path(tempfile.mkdtemp(prefix="polevpn-nobody-"))
+    for name in ("ca.crt", "server.crt", "server.key", "shared.key"):
+        (private / name).write_bytes((keys / name).read_bytes())
+        (private / name).chmod(0o600)
+        os.chown(private / name, 65534, 65534)
+    os.chown(private, 65534, 65534)
+    topo = t.Topology(log_dir=tmp_path / "logs")
+    try:
+        topo.setup()
+        cfg = t.write_json(
+            tmp_path / "router.json", t.router_config(private, user="nobody", stats_interval=1)
+        )
+        cfg.chmod(0o644)
+        rproc = t.start_router(topo, cfg)
+        t.wait_for_log(rproc, "dropped privileges user=nobody")
+        gws = [
+            t.start_gateway(
+                topo, n, t.write_json(tmp_path / f"{n}.json", t.gateway_config(s, keys))
+            )
+            for n, s in (("gwA", "A"), ("gwB", "B"))
+        ]
+        assert topo.wait_ping("hostA", t.HOST_B, deadline=15) is not None
+        st = _status(rproc.pid)
+        assert st["Uid"].split() == ["65534"] * 4, st["Uid"]
+        assert int(st["CapEff"], 16) == 0 and st["NoNewPrivs"] == "1"
+        for proc in gws:
+            st = _status(proc.pid)
+            for cap in ("CapEff", "CapPrm", "CapBnd"):
+                assert int(st[cap], 16) == 1 << 12, (cap, st[cap])  # CAP_NET_ADMIN only
+            assert st["NoNewPrivs"] == "1"
+        topo.stop(rproc)
+        # as the unit does it: user nobody from exec on, CAP_NET_BIND_SERVICE for port 443
+        unpriv = t.write_json(private / "router2.json", t.router_config(private))
+        os.chown(unpriv, 65534, 65534)
+        exe = t.console_script("polevpn-router")
+        rproc = topo.popen(
+            "router",
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all,+net_bind_service",
+                "--ambient-caps=-all,+net_bind_service",
+                "--bounding-set=-all,+net_bind_service",
+                "--no-new-privs",
+                exe,
+                f"-configPath={unpriv}",
+            ],
+            log_name="router-unprivileged",
+        )
+        t.wait_for_log(rproc, "listening", "tls")
+        assert topo.wait_ping("hostA", t.HOST_B, deadline=20) is not None
+        assert int(_status(rproc.pid)["CapBnd"], 16) == 1 << 10  # CAP_NET_BIND_SERVICE
+        assert t.find_log_line(rproc.log_path, "running as root") is None
+    finally:
+        topo.teardown()
+        shutil.rmtree(private, ignore_errors=True)
         assert not t.leftover_namespaces(topo.prefix)
