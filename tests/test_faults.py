@@ -25,6 +25,7 @@ nftables.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import shutil
 import signal
@@ -89,15 +90,14 @@ def _vpn(work: Path, keys: Path, router: dict, gw_a: dict, gw_b: dict) -> Iterat
         yield v
 
 
-def _count(path: Path, *needles: str) -> int:
+def _lines(path: Path, *needles: str) -> list[str]:
     """Lines of the log containing every needle."""
     text = Path(path).read_text(errors="replace")
-    return sum(all(n in line for n in needles) for line in text.splitlines())
-
-
-def _lines(path: Path, *needles: str) -> list[str]:
-    text = Path(path).read_text(errors="replace")
     return [line for line in text.splitlines() if all(n in line for n in needles)]
+
+
+def _count(path: Path, *needles: str) -> int:
+    return len(_lines(path, *needles))
 
 
 def _wait_lines(
@@ -166,14 +166,13 @@ def _resumed_after(v: Vpn, back: float) -> float:
     return time.time() - back
 
 
-def _registered_since(router_log: Path, gateway: str) -> bool:
+def _registered(router_log: Path, gateway: str) -> bool:
+    """``gateway`` registered with the router process writing ``router_log``."""
     return _count(router_log, f"registered gateway={gateway} ") > 0
 
 
 def _kernel_destroys_sockets() -> tuple[bool, str]:
     """``ss -K`` needs CONFIG_INET_DIAG_DESTROY; without a readable kernel config, try."""
-    import gzip
-
     for path in ("/proc/config.gz", f"/boot/config-{os.uname().release}"):
         try:
             opener = gzip.open if path.endswith(".gz") else open
@@ -220,7 +219,7 @@ class TestTls:
         resumed = _resumed_after(vpn, back)
         print(f"outage {outage:g} s: traffic resumed {resumed:.2f} s after the router was back")
         for gw in (GW_A, GW_B):
-            assert _registered_since(vpn.router.log_path, gw), t.log_tail(vpn.router.log_path)
+            assert _registered(vpn.router.log_path, gw), t.log_tail(vpn.router.log_path)
         assert resumed <= RESUME_BOUND, f"resumed after {resumed:.2f} s\n{vpn.logs()}"
         assert vpn.topo.ping("hostB", t.HOST_A6, count=2, wait=2).returncode == 0, vpn.logs()
         # gwA kept trying all through the outage, and no faster than reconnect_min_delay
@@ -421,7 +420,7 @@ class TestKcp:
         print(f"kcp, icmp={icmp}: traffic resumed {resumed:.2f} s after the router was back")
         line = t.find_log_line(vpn.router.log_path, f"registered gateway={GW_A} ", "transport=kcp")
         assert line, t.log_tail(vpn.router.log_path)
-        assert _registered_since(vpn.router.log_path, GW_B), t.log_tail(vpn.router.log_path)
+        assert _registered(vpn.router.log_path, GW_B), t.log_tail(vpn.router.log_path)
         assert resumed <= RESUME_BOUND, f"resumed after {resumed:.2f} s\n{vpn.logs()}"
         heard_nothing = _count(gwa_log, "nothing heard from the router") > silent
         # which of the two ways gwA learnt of the restart
