@@ -50,7 +50,7 @@ def router_obj(keys: keygen.KeygenResult, **changes: Any) -> dict[str, Any]:
         "key": "123456",
     }
     obj.update(changes)
-    return obj
+    return {k: v for k, v in obj.items() if v is not _DROP}
 
 
 def gateway_obj(keys: keygen.KeygenResult, **changes: Any) -> dict[str, Any]:
@@ -771,3 +771,196 @@ def test_malloc_tuning_applies_on_glibc() -> None:
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert cli.tune_malloc()
+
+
+# ---- per-gateway credentials, limits, privileges, permissions -----------------------------
+
+FP = "ab" * 32
+
+
+def gateways_obj(tmp_path: Path) -> dict[str, Any]:
+    write(tmp_path / "gw-b.key", "secret-b\n")
+    colons = ":".join(FP[i : i + 2] for i in range(0, 64, 2))
+    return {
+        "169.254.0.1": {"key": "secret-a", "networks": ["198.18.10.0/24", "2001:db8:10::/64"]},
+        "169.254.0.2": {
+            "key_file": "gw-b.key",
+            "cert_fingerprint": FP.upper(),
+            "networks": "198.18.20.0/24",
+        },
+        "169.254.0.3": {"cert_fingerprint": "sha256/" + colons, "networks": []},
+    }
+
+
+def test_router_gateways_table(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    obj = router_obj(
+        keys, key=_DROP, gateways=gateways_obj(tmp_path), client_ca_file=str(keys.ca_cert)
+    )
+    cfg = load_router_config(write(tmp_path / "config.json", obj))
+    assert cfg.key is None
+    by_addr = {str(g.gateway): g for g in cfg.gateways}
+    assert by_addr["169.254.0.1"].key == "secret-a"
+    assert [str(n) for n in by_addr["169.254.0.1"].networks] == [
+        "198.18.10.0/24",
+        "2001:db8:10::/64",
+    ]
+    assert by_addr["169.254.0.2"].key == "secret-b"
+    assert by_addr["169.254.0.2"].cert_fingerprint == bytes.fromhex(FP)
+    assert by_addr["169.254.0.3"].cert_fingerprint == bytes.fromhex(FP)
+    assert by_addr["169.254.0.3"].key is None
+    assert cfg.client_ca_file == keys.ca_cert
+    assert not any("share" in w for w in cfg.warnings)
+    auth = cfg.authority()
+    assert auth.per_gateway and auth.shared_key is None
+
+
+def test_router_shared_key_warns(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    cfg = load_router_config(write(tmp_path / "c.json", router_obj(keys)))
+    assert any("any holder of it may register any network" in w for w in cfg.warnings)
+    obj = router_obj(
+        keys,
+        gateways={
+            "169.254.0.1": {"key": "a", "networks": ["198.18.0.0/16"]},
+            "169.254.0.2": {"key": "b", "networks": ["198.18.20.0/24"]},
+        },
+    )
+    cfg = load_router_config(write(tmp_path / "d.json", obj))
+    assert any("shared key is still accepted" in w for w in cfg.warnings)
+    assert any("169.254.0.1 and 169.254.0.2 are both granted" in w for w in cfg.warnings)
+
+
+@pytest.mark.parametrize(
+    "table,field,words",
+    [
+        ({"nope": {"key": "k", "networks": []}}, "gateways.nope", ["not an IP address"]),
+        ({"169.254.0.1": "k"}, "gateways.169.254.0.1", ["expected an object"]),
+        (
+            {"169.254.0.1": {"networks": []}},
+            "gateways.169.254.0.1.key",
+            ["key_file or cert_fingerprint"],
+        ),
+        ({"169.254.0.1": {"key": "k"}}, "gateways.169.254.0.1.networks", ["missing"]),
+        (
+            {"169.254.0.1": {"key": "k", "networks": ["x"]}},
+            "gateways.169.254.0.1.networks[0]",
+            ["not a valid CIDR"],
+        ),
+        ({"169.254.0.1": {"key": "", "networks": []}}, "gateways.169.254.0.1.key", ["empty"]),
+        (
+            {"169.254.0.1": {"cert_fingerprint": "abc", "networks": []}},
+            "gateways.169.254.0.1.cert_fingerprint",
+            ["64 hex digits"],
+        ),
+        (
+            {"169.254.0.1": {"key_file": "missing.key", "networks": []}},
+            "gateways.169.254.0.1.key_file",
+            ["cannot read"],
+        ),
+        ([], "gateways", ["expected an object"]),
+    ],
+)
+def test_router_gateways_errors(
+    tmp_path: Path, keys: keygen.KeygenResult, table: Any, field: str, words: list[str]
+) -> None:
+    path = write(tmp_path / "config.json", router_obj(keys, gateways=table))
+    assert_config_error(router_error(path), path, field, *words)
+
+
+def test_router_fingerprints_need_the_client_ca(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    table = {"169.254.0.1": {"cert_fingerprint": FP, "networks": []}}
+    path = write(tmp_path / "config.json", router_obj(keys, gateways=table))
+    assert_config_error(router_error(path), path, "client_ca_file", "missing")
+    path = write(
+        tmp_path / "config.json",
+        router_obj(keys, gateways=table, client_ca_file=str(keys.server_key)),
+    )
+    assert_config_error(router_error(path), path, "client_ca_file", "cannot load")
+
+
+def test_router_no_key_and_no_table(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    path = write(tmp_path / "config.json", router_obj(keys, key=_DROP, gateways={}))
+    assert_config_error(router_error(path), path, "key", "missing")
+
+
+def test_router_limits_and_user(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    obj = router_obj(
+        keys,
+        limits={
+            "max_pending": 10,
+            "max_pending_per_source": 2,
+            "auth_failures": 4,
+            "auth_failure_window": 30,
+        },
+        user="nobody",
+        anti_spoofing=False,
+    )
+    cfg = load_router_config(write(tmp_path / "config.json", obj))
+    assert (cfg.limits.max_pending, cfg.limits.max_pending_per_source) == (10, 2)
+    assert (cfg.limits.auth_failures, cfg.limits.auth_failure_window) == (4, 30)
+    assert cfg.user == "nobody"
+    assert not cfg.anti_spoofing
+    assert any("anti_spoofing is off" in w for w in cfg.warnings)
+    default = load_router_config(write(tmp_path / "d.json", router_obj(keys)))
+    assert default.anti_spoofing and default.user is None and default.auth_timeout == 5
+
+
+@pytest.mark.parametrize(
+    "changes,field,words",
+    [
+        ({"limits": {"max_pending": 0}}, "limits.max_pending", ["outside"]),
+        ({"limits": {"auth_failures": "3"}}, "limits.auth_failures", ["expected a number"]),
+        ({"limits": 5}, "limits", ["expected an object"]),
+        ({"user": "no-such-user-here"}, "user", ["no such user"]),
+        ({"user": "root"}, "user", ["is root"]),
+        ({"anti_spoofing": "yes"}, "anti_spoofing", ["true or false"]),
+    ],
+)
+def test_router_limits_errors(
+    tmp_path: Path, keys: keygen.KeygenResult, changes: dict, field: str, words: list[str]
+) -> None:
+    path = write(tmp_path / "config.json", router_obj(keys, **changes))
+    assert_config_error(router_error(path), path, field, *words)
+
+
+def test_gateway_client_certificate(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    cred = keygen.issue_gateways(
+        keys.out_dir, ["169.254.0.7=198.18.70.0/24"], client_certs=True, days=1, force=True
+    )[0]
+    obj = gateway_obj(
+        keys,
+        key=_DROP,
+        client_cert_file=str(cred.client_cert_file),
+        client_key_file=str(cred.client_key_file),
+    )
+    cfg = load_gateway_config(write(tmp_path / "gw.json", obj))
+    assert cfg.key == "" and cfg.client_cert_file == cred.client_cert_file
+    # a certificate without its key, and a key that is not the certificate's
+    path = write(
+        tmp_path / "gw.json", gateway_obj(keys, client_cert_file=str(cred.client_cert_file))
+    )
+    assert_config_error(gateway_error(path), path, "client_key_file", "missing")
+    path = write(
+        tmp_path / "gw.json",
+        gateway_obj(
+            keys, client_cert_file=str(keys.server_cert), client_key_file=str(cred.client_key_file)
+        ),
+    )
+    assert_config_error(gateway_error(path), path, "client_cert_file", "cannot load")
+
+
+def test_loose_permissions_warn_and_name_the_file(
+    tmp_path: Path, keys: keygen.KeygenResult
+) -> None:
+    key = write(tmp_path / "shared.key", "s3cret\n", mode=0o644)
+    path = write(tmp_path / "config.json", router_obj(keys, key=_DROP, key_file=str(key)))
+    cfg = load_router_config(path)
+    loose = [w for w in cfg.warnings if "readable by group or others" in w]
+    assert loose and str(key) in loose[0] and "0644" in loose[0]
+    assert "s3cret" not in " ".join(cfg.warnings)
+    # an inline key makes the config file itself a secret
+    path = write(tmp_path / "gw.json", gateway_obj(keys), mode=0o640)
+    cfg = load_gateway_config(path)
+    assert any(str(path) in w and "0640" in w for w in cfg.warnings)
+    key.chmod(0o600)
+    path = write(tmp_path / "config.json", router_obj(keys, key=_DROP, key_file=str(key)))
+    assert not [w for w in load_router_config(path).warnings if "readable" in w and "shared" in w]
