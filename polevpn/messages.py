@@ -71,6 +71,18 @@ def _key(obj: dict) -> str:
     return key
 
 
+# how much of a bad value an error message quotes: the message goes back to the peer in the
+# REGISTER reply, where JSON's \uXXXX escapes make a long non-ASCII value up to 3x its size
+# and too long for one frame
+QUOTE_MAX = 64
+
+
+def _quote(value: str) -> str:
+    if len(value) <= QUOTE_MAX:
+        return repr(value)
+    return f"{value[:QUOTE_MAX]!r}... ({len(value)} characters)"
+
+
 def _printable(text: str) -> str:
     """``text`` with lone surrogates escaped, so logging it cannot fail."""
     return text.encode("utf-8", "backslashreplace").decode()
@@ -97,7 +109,7 @@ def parse_register(body: bytes | memoryview) -> RegisterRequest:
     try:
         gateway = ipaddress.ip_address(raw_gw)
     except ValueError:
-        raise MessageError(f"gateway {raw_gw!r} is not an IP address") from None
+        raise MessageError(f"gateway {_quote(raw_gw)} is not an IP address") from None
     raw_nets = obj.get("network", [])
     if raw_nets is None:
         raw_nets = []
@@ -113,7 +125,7 @@ def parse_register(body: bytes | memoryview) -> RegisterRequest:
         try:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
-            raise MessageError(f"network {item!r} is not a CIDR") from None
+            raise MessageError(f"network {_quote(item)} is not a CIDR") from None
     return RegisterRequest(gateway=gateway, key=_key(obj), networks=tuple(networks))
 
 

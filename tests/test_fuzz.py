@@ -127,6 +127,11 @@ SPECIAL_BODIES = [
     b'{"gateway":"169.254.0.1","key":"123456","network":'
     + json.dumps(["198.18.1.0/24"] * 3000).encode()
     + b"}",
+    # long non-ASCII values: JSON-escaped in an error reply they grow up to 3x
+    json.dumps({"gateway": "\u00e9" * 30000, "key": KEY}, ensure_ascii=False).encode(),
+    json.dumps(
+        {"gateway": "169.254.0.1", "key": KEY, "network": ["\u4e2d" * 20000]}, ensure_ascii=False
+    ).encode(),
     '{"key":"123456"}'.encode("utf-16"),
     '{"key":"123456"}'.encode("utf-32"),
     b"\xef\xbb\xbf" + b'{"key":"123456"}',

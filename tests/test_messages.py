@@ -313,3 +313,23 @@ def test_reply_error_with_a_lone_surrogate_can_be_logged() -> None:
     err = parse_reply(b'{"error":"no \\ud800 way"}').error
     assert err is not None and "no" in err
     err.encode()  # what a log handler does with it
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {"gateway": "\u00e9" * 30000, "key": "k"},
+        {"gateway": "169.254.0.1", "key": "k", "network": ["\U0001f600" * 15000]},
+        {"gateway": "\x01" * 10000, "key": "k"},
+    ],
+)
+def test_error_for_a_long_bad_value_fits_a_reply_frame(obj: dict) -> None:
+    # the router sends the message back in its REGISTER reply; quoting a 60 KB value whole
+    # made a body JSON escaping grew past MAX_BODY, and encode_frame raised in the session
+    body = json.dumps(obj, ensure_ascii=False).encode()
+    assert len(body) <= wire.MAX_BODY
+    with pytest.raises(MessageError) as exc:
+        parse_register(body)
+    reply = messages.encode_error(str(exc.value))
+    assert len(reply) < 1024
+    assert "characters" in str(exc.value)
