@@ -7,6 +7,9 @@
 #   make test            ruff + pytest (unit tests and netns end-to-end tests; needs root)
 #   make demo            five-namespace demo using config.json / gateway.json / gateway/gateway-b.json
 #   make bench           iperf3 plain routing vs. tunnel; writes docs/benchmarks.{md,json}
+#   make soak            1000 gateway connect/disconnect cycles per transport against a router
+#                        process, its RSS growth and fds; writes docs/soak.json and the soak
+#                        section of docs/benchmarks.md
 #   make lint            ruff only
 #   make clean           remove .venv, caches and build artefacts (keeps keys/)
 
@@ -32,7 +35,7 @@ KEYGEN     := $(VENV)/bin/polevpn-keygen
 # command -> Debian package, installed only when the command is missing.
 SYSDEPS    := ip:iproute2 iperf3:iperf3 ping:iputils-ping nft:nftables
 
-.PHONY: all venv sysdeps keys test demo bench lint clean
+.PHONY: all venv sysdeps keys test demo bench soak lint clean
 
 all: test
 
@@ -79,6 +82,9 @@ demo: venv keys
 
 bench: venv keys
 	$(VPY) tests/bench.py
+
+soak: venv keys
+	$(VPY) tests/soak.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

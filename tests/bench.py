@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import bench_peers
+import soak
 import topology as t
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,7 +140,9 @@ def write_docs(result: dict) -> None:
         lines += loss_lines(result["loss"], result.get("fec_codec"))
     if result.get("crypto_threads"):
         lines += crypto_thread_lines(result["crypto_threads"])
-    (DOCS / "benchmarks.md").write_text("\n".join(lines))
+    # the `make soak` section (tests/soak.py) is carried over as it is
+    md = DOCS / "benchmarks.md"
+    md.write_text(soak.with_soak_section("\n".join(lines), path=md))
 
 
 def crypto_thread_lines(ct: dict) -> list[str]:
