@@ -45,9 +45,10 @@ one step at a time, so it does not flap, and a clean link decays to no parity at
 Receiving never raises: malformed shards, duplicates and shards of groups already
 forgotten are counted in :class:`FecStats` and dropped, except that a late data shard is
 still delivered (KCP drops a duplicate segment itself; dropping a real one would cost a
-retransmission). Receive state is bounded by ``rx_groups`` groups (the oldest goes first),
-and a group is forgotten once ``rx_group_ttl`` has passed since its first shard (checked
-by ``poll`` and whenever a group opens, so it needs no timer of its own).
+retransmission). Receive state is bounded by ``rx_groups`` groups and ``rx_bytes`` bytes of
+shards (the oldest group goes first; no shard is longer than ``max_shard``), and a group is
+forgotten once ``rx_group_ttl`` has passed since its first shard (checked by ``poll`` and
+whenever a group opens, so it needs no timer of its own).
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ class FecConfig:
     adaptive: bool = False
     report_interval: float = 0.5  # s between loss reports while shards are coming in
     rx_groups: int = 256  # receive groups kept at most (bounds memory)
+    # shards longer than this are dropped: no peer's DTLS record is (dtls_mtu is at most 9000)
+    max_shard: int = 9216
+    # bytes of shards held for decoding; beyond it the oldest groups are forgotten first
+    rx_bytes: int = 4 << 20
     rx_group_ttl: float = 1.0  # s: KCP has retransmitted by then, recovery is pointless
     # adaptive controller
     residual_target: float = 0.01  # acceptable P(a group loses more than its parity)
@@ -216,6 +221,7 @@ class _RxGroup:
         "pmask",
         "dmax",
         "done",
+        "held",
     )
 
     def __init__(self, t0: float, m: int) -> None:
@@ -231,6 +237,7 @@ class _RxGroup:
         self.pmask = 0
         self.dmax = 0  # longest data region seen
         self.done = False  # all data delivered; shards freed, masks kept for duplicates
+        self.held = 0  # bytes of shards kept
 
 
 class FecSession:
@@ -253,6 +260,8 @@ class FecSession:
         self._tx_shards: list[bytes] = []
         # -- receive
         self._groups: dict[int, _RxGroup] = {}
+        self._held = 0  # bytes of shards in all groups
+        self._max_shard = cfg.max_shard
         self._floor: int | None = None  # groups before this one are forgotten
         self._rx_hi = -1  # highest seq seen; -1 before the first shard
         self._rx_expected = 0  # seqs the highest one advanced over, this interval
@@ -359,7 +368,7 @@ class FecSession:
         """Payloads for KCP from one shard: a data shard's own payload at once, plus any
         payloads its group's parity now rebuilds. Never raises."""
         n = len(datagram)
-        if n < HEADER_LEN or datagram[0] != MAGIC:
+        if n < HEADER_LEN or datagram[0] != MAGIC or n > self._max_shard:
             self.stats.malformed += 1
             return []
         if type(datagram) is not bytes:
@@ -401,6 +410,8 @@ class FecSession:
             group.dmask |= bit
             if not group.done:  # (a real peer cannot send more after done)
                 group.data[ki] = datagram  # type: ignore[index]
+                group.held += n
+                self._held += n
                 group.nd += 1
                 if n - HEADER_LEN > group.dmax:
                     group.dmax = n - HEADER_LEN
@@ -467,6 +478,8 @@ class FecSession:
         if group.done:
             return out
         group.parity[j] = datagram  # type: ignore[index]
+        group.held += n
+        self._held += n
         group.np += 1
         self._progress(group, out)
         return out
@@ -501,6 +514,8 @@ class FecSession:
         group.done = True
         group.dmask = (1 << group.k) - 1
         group.data = group.parity = None
+        self._held -= group.held
+        group.held = 0
 
     def _receive_report(self, datagram: bytes, seq: int, now: float) -> None:
         expected, lost = _REPORT.unpack_from(datagram)[6:]
@@ -517,7 +532,8 @@ class FecSession:
     def _new_group(self, gid: int, m: int, now: float) -> _RxGroup:
         groups = self._groups
         self._expire(now)
-        while len(groups) >= self.config.rx_groups:
+        cfg = self.config
+        while groups and (len(groups) >= cfg.rx_groups or self._held > cfg.rx_bytes):
             self._forget(next(iter(groups)))
         group = groups[gid] = _RxGroup(now, m)
         return group
@@ -533,6 +549,7 @@ class FecSession:
 
     def _forget(self, gid: int) -> None:
         group = self._groups.pop(gid)
+        self._held -= group.held
         if not group.done and group.k and group.nd < group.k:
             self.stats.unrecoverable += 1
         floor = self._floor
@@ -543,6 +560,11 @@ class FecSession:
     def _is_forgotten(self, gid: int) -> bool:
         floor = self._floor
         return floor is not None and (floor - 1 - gid) & _MASK32 < _HALF32
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of shards kept for decoding, at most about ``rx_bytes`` plus one group."""
+        return self._held
 
     @property
     def open_groups(self) -> int:

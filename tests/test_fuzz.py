@@ -815,3 +815,28 @@ def test_dtls_established_session_survives_spoofed_garbage(keys, junk: list[byte
     good = client.send(b"still here")
     assert good is not None
     assert server.receive(good, 0.0)[0] == [b"still here"]
+
+
+def test_fec_receive_bytes_stay_within_rx_bytes_and_max_shard() -> None:
+    """A peer filling groups with the largest shards it may send, never completing one:
+    what is kept stays near ``rx_bytes`` (plus the group being filled), whatever
+    ``rx_groups`` allows, and a shard longer than ``max_shard`` is not kept at all."""
+    cfg = FecConfig(rx_groups=256, rx_bytes=1 << 20, max_shard=2000)
+    rx = FecSession(cfg)
+    big = b"x" * (2000 - HEADER_LEN - 2)
+    seq = 0
+    peak = 0
+    for gid in range(200):
+        for i in range(64):  # k never told: all 64 kept
+            rx.receive(data_shard(i, seq, gid, 8, big), 0.0)
+            seq += 1
+        assert rx.held_bytes == held_bytes(rx)
+        peak = max(peak, rx.held_bytes)
+    assert peak <= cfg.rx_bytes + 64 * 2000, peak
+    assert rx.open_groups < 20  # the byte budget, not rx_groups, is what bounds it here
+    before = rx.stats.malformed
+    assert rx.receive(data_shard(0, seq, 9999, 8, b"y" * 2000), 0.0) == []
+    assert rx.stats.malformed == before + 1
+    # decoding and forgetting give the bytes back
+    rx._expire(10.0)
+    assert rx.held_bytes == 0 == held_bytes(rx)
