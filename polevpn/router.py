@@ -179,6 +179,8 @@ class GatewayConnection(asyncio.Protocol):
         self.release_slot()
         if self.session is not None:
             self.router.on_disconnect(self, exc)
+        # break the transport <-> protocol cycle now rather than at the next full GC
+        self.transport = None
 
     # -- output
 

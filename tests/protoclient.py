@@ -26,7 +26,6 @@ import json
 import os
 import re
 import signal
-import socket
 import ssl
 import struct
 import subprocess
@@ -39,9 +38,7 @@ from polevpn import dtls, kcp_transport, messages, wire
 from polevpn.config import FecParams, KcpParams
 from polevpn.gso import internet_checksum
 from polevpn.ippacket import dst_addr
-from polevpn.kcp_link import KcpLink
 from polevpn.kcp_pool import KcpPool
-from polevpn.udp_batch import UdpBatchSender
 
 try:  # tests/ is on sys.path (pytest rootdir-less import mode) ...
     import topology
@@ -184,10 +181,10 @@ class ProtoClient(asyncio.Protocol):
         ctx = ctx or dtls.client_context(verify)
         pool = pool or _POOL
         client = cls(**kw)
-        if source is None:
-            await kcp_transport.connect(client, host, port, ctx, verify, params, pool, timeout)
-        else:
-            await _kcp_connect_from(client, source, host, port, ctx, verify, params, pool, timeout)
+        local = (source, 0) if source is not None else None
+        await kcp_transport.connect(
+            client, host, port, ctx, verify, params, pool, timeout, local_addr=local
+        )
         return client
 
     # -- asyncio callbacks
@@ -323,52 +320,6 @@ def insecure_tls_context() -> ssl.SSLContext:
 
 
 _POOL = KcpPool()
-
-
-async def _kcp_connect_from(
-    protocol: asyncio.Protocol,
-    source: str,
-    host: str,
-    port: int,
-    ctx: Any,
-    verify: dtls.Verification,
-    params: KcpParams,
-    pool: KcpPool,
-    timeout: float,
-) -> kcp_transport.KcpTransport:
-    """``kcp_transport.connect`` from a chosen source address, which connect() cannot do
-    (it has no local_addr): the same steps, with the UDP socket bound first. Keep in step
-    with connect(); it can go once connect takes a local address."""
-    loop = asyncio.get_running_loop()
-    addr = (host, port)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    session = dtls.DtlsSession.client(
-        ctx, verify, params.dtls_mtu, time.monotonic(), verify.server_name
-    )
-    endpoint = kcp_transport._ClientEndpoint(session)
-    udp, _ = await loop.create_datagram_endpoint(
-        lambda: endpoint, local_addr=(source, 0), remote_addr=addr, family=family
-    )
-    try:
-        await asyncio.wait_for(asyncio.shield(endpoint.done), timeout)
-    except BaseException:
-        endpoint.cancel()
-        udp.abort()
-        raise
-    link = KcpLink(params, pool, session.cleartext_mtu, time.monotonic())
-    batch = UdpBatchSender(udp)
-
-    def closed(_t: kcp_transport.KcpTransport) -> None:
-        endpoint.cancel()
-        batch.close()
-        udp.close()
-
-    transport = kcp_transport.KcpTransport(
-        loop, session, link, udp.sendto, addr, closed, batch.send
-    )
-    endpoint.kcp = transport
-    transport.start(protocol)
-    return transport
 
 
 # ---- the router process ---------------------------------------------------------------------
