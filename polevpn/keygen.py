@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import (
     CertificateIssuerPrivateKeyTypes,
+    CertificatePublicKeyTypes,
     PrivateKeyTypes,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -171,19 +172,28 @@ def _make_ca(
     )
 
 
-def _make_server(
-    key: rsa.RSAPrivateKey,
+def _leaf(
+    subject: x509.Name,
+    public: CertificatePublicKeyTypes,
     ca_cert: x509.Certificate,
-    ca_key: rsa.RSAPrivateKey,
-    sans: Sequence[SanName],
+    ca_key: CertificateIssuerPrivateKeyTypes,
     not_before: dt.datetime,
     not_after: dt.datetime,
+    usage: x509.ObjectIdentifier,
+    sans: Sequence[SanName],
+    key_encipherment: bool,
 ) -> x509.Certificate:
-    public = key.public_key()
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    """An end-entity certificate for one ``usage`` (serverAuth or clientAuth) only: a stolen
+    gateway certificate must not pass as the router, nor the router's as a gateway."""
+    try:
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    except x509.ExtensionNotFound:
+        # an externally made CA may lack an SKI; derive the identifier the same way openssl does
+        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())  # type: ignore[arg-type]
     return (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)]))
+        .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(public)
         .serial_number(x509.random_serial_number())
@@ -194,8 +204,7 @@ def _make_server(
             x509.KeyUsage(
                 digital_signature=True,
                 content_commitment=False,
-                # harmless with ECDHE, and keeps old RSA-key-exchange peers working
-                key_encipherment=True,
+                key_encipherment=key_encipherment,
                 data_encipherment=False,
                 key_agreement=False,
                 key_cert_sign=False,
@@ -205,14 +214,33 @@ def _make_server(
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
+        .add_extension(aki, critical=False)
+        .sign(ca_key, _signature_hash(ca_key))
+    )
+
+
+def _make_server(
+    key: rsa.RSAPrivateKey,
+    ca_cert: x509.Certificate,
+    ca_key: rsa.RSAPrivateKey,
+    sans: Sequence[SanName],
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    return _leaf(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SERVER_NAME)]),
+        key.public_key(),
+        ca_cert,
+        ca_key,
+        not_before,
+        not_after,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        sans,
+        # harmless with ECDHE, and keeps old RSA-key-exchange peers working
+        key_encipherment=True,
     )
 
 
@@ -499,50 +527,23 @@ def _make_client(
     not_before: dt.datetime,
     not_after: dt.datetime,
 ) -> x509.Certificate:
-    public = key.public_key()
-    try:
-        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
-    except x509.ExtensionNotFound:
-        # an externally made CA may lack an SKI; derive the identifier the same way openssl does
-        aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())  # type: ignore[arg-type]
-    return (
-        x509.CertificateBuilder()
-        .subject_name(
-            x509.Name(
-                [
-                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "polevpn"),
-                    x509.NameAttribute(NameOID.COMMON_NAME, f"{GATEWAY_CN_PREFIX}{address}"),
-                ]
-            )
-        )
-        .issuer_name(ca_cert.subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                # ECDSA keys only sign (CertificateVerify); nothing is encrypted to them
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        # clientAuth only: a stolen gateway certificate must not pass as the router
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(address)]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(aki, critical=False)
-        .sign(ca_key, _signature_hash(ca_key))
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "polevpn"),
+            x509.NameAttribute(NameOID.COMMON_NAME, f"{GATEWAY_CN_PREFIX}{address}"),
+        ]
+    )
+    return _leaf(
+        subject,
+        key.public_key(),
+        ca_cert,
+        ca_key,
+        not_before,
+        not_after,
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        [x509.IPAddress(address)],
+        # ECDSA keys only sign (CertificateVerify); nothing is encrypted to them
+        key_encipherment=False,
     )
 
 

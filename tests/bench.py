@@ -27,7 +27,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -38,6 +37,7 @@ import time
 from pathlib import Path
 
 import bench_peers
+import hostinfo
 import soak
 import topology as t
 
@@ -45,22 +45,8 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     iperf = subprocess.run(["iperf3", "--version"], capture_output=True, text=True, timeout=10)
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "iperf3": (iperf.stdout.splitlines() or ["?"])[0].strip(),
-    }
+    return {**hostinfo.machine(), "iperf3": (iperf.stdout.splitlines() or ["?"])[0].strip()}
 
 
 def summarize(data: dict) -> dict:
@@ -72,18 +58,6 @@ def summarize(data: dict) -> dict:
         "seconds": round(end["sum_received"]["seconds"], 2),
         "bytes": end["sum_received"]["bytes"],
     }
-
-
-def git_rev() -> str:
-    res = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    return res.stdout.strip() or "?"
-
-
 
 
 def write_docs(result: dict) -> None:
@@ -906,7 +880,7 @@ def main() -> int:
         result = {
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "command": "make bench",
-            "git": git_rev(),
+            "git": hostinfo.git_rev(),
             "seconds": args.seconds,
             "mtu": t.gateway_config("A", keys)["mtu"],
             "machine": machine(),

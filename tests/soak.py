@@ -27,10 +27,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +39,7 @@ import uvloop
 from polevpn.keygen import generate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hostinfo  # noqa: E402
 from protoclient import (  # noqa: E402
     ProtoClient,
     RouterProcess,
@@ -220,30 +218,6 @@ def run_transport(transport: str, cycles: int, workdir: Path) -> TransportResult
 # ---- output ---------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-    }
-
-
-def git_rev() -> str:
-    res = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    return res.stdout.strip() or "?"
-
-
 def mb(kb: int) -> str:
     return f"{kb / 1024:.1f}"
 
@@ -329,8 +303,8 @@ def main() -> int:
     args = ap.parse_args()
     report: dict = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "git": git_rev(),
-        "machine": machine(),
+        "git": hostinfo.git_rev(),
+        "machine": hostinfo.machine(),
         "cycles": args.cycles,
         "warmup": WARMUP,
         "sample_every": SAMPLE_EVERY,
