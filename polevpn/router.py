@@ -229,6 +229,8 @@ class GatewayConnection(asyncio.Protocol):
             log.info(
                 "closing connection peer=%s gateway=%s reason=%s", self.peer, self.gateway, reason
             )
+        # its routes go now: the close itself may wait on a peer that no longer answers
+        self.router.withdraw(self)
         transport = self.transport
         if transport is None:
             return
@@ -444,7 +446,8 @@ class Router:
                         self.stats.idle_timeouts += 1
                     else:
                         self.stats.auth_timeouts += 1
-                    conn.close(reason)
+                    # a silent peer would never acknowledge a TLS close_notify
+                    conn.close(reason, abort=True)
             if next_stats is not None and now >= next_stats:
                 next_stats = now + cfg.stats_interval
                 log.info(
@@ -533,11 +536,11 @@ class Router:
                 conn.peer,
                 old.peer,
             )
-            self._withdraw(old)
+            self.withdraw(old)
             old.close("replaced by a new registration")
         if conn.gateway is not None:
             # a second REGISTER on the same connection replaces what it announced before
-            self._withdraw(conn)
+            self.withdraw(conn)
         host = ipaddress.ip_network(req.gateway)
         prefixes = [host, *req.networks]
         for net in prefixes:
@@ -558,7 +561,8 @@ class Router:
             ",".join(str(n) for n in req.networks) or "-",
         )
 
-    def _withdraw(self, conn: GatewayConnection) -> None:
+    def withdraw(self, conn: GatewayConnection) -> None:
+        """Remove ``conn``'s routes; it may be called again, and then does nothing."""
         for net in conn.prefixes:
             self.routes.remove(net, conn)
         conn.prefixes = []
@@ -571,7 +575,7 @@ class Router:
         if conn.session is not None:
             self.stats.dropped_unregistered += conn.session.dropped_unregistered
         if conn.gateway is not None:
-            self._withdraw(conn)
+            self.withdraw(conn)
             kcp = conn.transport.get_extra_info("kcp_link") if conn.transport else None
             fec = kcp.fec if kcp is not None else None
             log.info(
