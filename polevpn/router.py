@@ -235,7 +235,12 @@ class GatewayConnection(asyncio.Protocol):
         if transport is None:
             return
         if abort:
-            transport.abort()
+            if self.transport_name == "kcp":
+                # kcp's close sends one close_notify and waits for nothing; it saves a
+                # live peer its own timeout
+                transport.close()
+            else:
+                transport.abort()
             return
         if self.session is not None and self.session.outbox:
             out = self.session.data_to_send()
