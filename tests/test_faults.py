@@ -62,7 +62,8 @@ KCP_A = f"kcp://{t.ROUTER_UL_A}:443"
 HB_INTERVAL = 1
 HB_TIMEOUT = 3
 IDLE_TIMEOUT = 3
-# The router checks idle_timeout every min(1, idle_timeout / 4) s; the rest is a loaded host.
+# The router checks idle_timeout (and writes its stats line) every min(1, idle_timeout / 4) s:
+# twice that, and the rest for a loaded host.
 IDLE_MARGIN = 2.0
 
 
@@ -130,11 +131,45 @@ def _stat(path: Path, name: str) -> int:
     return int(t.last_stats(path).get(name, 0))
 
 
+def _fresh_stat(path: Path, name: str, timeout: float = 5.0) -> int:
+    """``name`` from the first stats line written from now on: a baseline that cannot predate
+    what just happened (a gateway registering, say)."""
+    since = time.time()
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = _lines(path, " stats ")
+        if lines and t.log_time(lines[-1]) >= since:
+            return int(t.last_stats(path).get(name, 0))
+        assert time.monotonic() < deadline, f"no stats line in {timeout}s in {path}"
+        time.sleep(0.05)
+
+
 def _wait_stat(path: Path, name: str, at_least: int, timeout: float = 5.0) -> int:
     deadline = time.monotonic() + timeout
     while (value := _stat(path, name)) < at_least and time.monotonic() < deadline:
         time.sleep(0.1)
     return value
+
+
+def _wait_withdrawn(
+    router_log: Path, gone: str, before: int, routes: int, since: float, timeout: float
+) -> float:
+    """Wall-clock time the router dropped a gateway's routes: its ``gone`` line (the
+    ``before``+1st), or a stats line after ``since`` with fewer than ``routes``, if earlier."""
+    deadline = time.monotonic() + timeout
+    while True:
+        times = [t.log_time(line) for line in _lines(router_log, gone)[before:]]
+        for line in _lines(router_log, " stats ", "routes="):
+            when = t.log_time(line)
+            if when >= since and int(line.split("routes=", 1)[1].split()[0]) < routes:
+                times.append(when)
+                break
+        if times:
+            return min(times)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"routes not withdrawn within {timeout}s\n"
+                                 f"{t.log_tail(router_log)}")
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager
@@ -231,7 +266,7 @@ class TestTls:
         router_log = vpn.router.log_path
         gone = f"gateway disconnected gateway={GW_B} "
         before = _count(router_log, gone)
-        routes = _stat(router_log, "routes")
+        routes = _fresh_stat(router_log, "routes")
         killed = _kill(vpn.gw.pop("gwB"))
         try:
             # idle_timeout is 60 s here: only the closed connection can make it this quick
@@ -242,7 +277,7 @@ class TestTls:
                 time.sleep(0.1)
             assert _stat(router_log, "routes") < routes, t.log_tail(router_log)
             # hostA -> LAN B still enters the tunnel at gwA; the router has nowhere to send it
-            dropped = _stat(router_log, "dropped_no_route")
+            dropped = _fresh_stat(router_log, "dropped_no_route")
             res = vpn.topo.ping("hostA", t.HOST_B, count=3, wait=1)
             assert res.returncode != 0, res.stdout
             got = _wait_stat(router_log, "dropped_no_route", dropped + 3)
@@ -306,7 +341,8 @@ def timers_vpn(tmp_path_factory, keys):
     with _vpn(
         tmp_path_factory.mktemp("faults-timers"),
         keys,
-        router=t.router_config(keys, stats_interval=1, idle_timeout=IDLE_TIMEOUT),
+        # stats as often as the router looks at idle_timeout: a withdrawal shows at once
+        router=t.router_config(keys, stats_interval=0.25, idle_timeout=IDLE_TIMEOUT),
         gw_a=_gateway("A", keys, **short),
         gw_b=_gateway("B", keys, **short),
     ) as v:
@@ -320,11 +356,6 @@ class TestShortTimers:
     def vpn(self, timers_vpn):
         return timers_vpn
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="router.py withdraws a gateway's routes in on_disconnect only; an idle close "
-        "waits for TLS shutdown and is aborted auth_timeout (10 s) later",
-    )
     def test_silent_gateway_withdrawn_after_idle_timeout(self, vpn):
         """gwB's host vanishes without a FIN or RST: all its underlay traffic dropped."""
         router_log = vpn.router.log_path
@@ -335,16 +366,16 @@ class TestShortTimers:
             " chain in { type filter hook input priority -200; iifname wan0 drop; }\n"
             " chain out { type filter hook output priority -200; oifname wan0 drop; }"
         )
+        routes = _fresh_stat(router_log, "routes")
         with _nft(vpn.topo, "gwB", "pvvanish", chains):
             vanished = time.time()
-            line = _wait_lines(router_log, before + 1, gone, timeout=IDLE_TIMEOUT + 15,
-                               why="silent gwB not withdrawn")
-            withdrawn = t.log_time(line) - vanished
+            withdrawn = _wait_withdrawn(router_log, gone, before, routes, vanished,
+                                        timeout=IDLE_TIMEOUT + 15) - vanished
             print(f"silent gateway withdrawn after {withdrawn:.2f} s "
                   f"(idle_timeout {IDLE_TIMEOUT} s)")
             assert _count(router_log, "closing connection", f"gateway={GW_B} ",
                           "reason=idle") > idle, t.log_tail(router_log)
-            dropped = _stat(router_log, "dropped_no_route")
+            dropped = _fresh_stat(router_log, "dropped_no_route")
             assert vpn.topo.ping("hostA", t.HOST_B, count=3, wait=1).returncode != 0
             got = _wait_stat(router_log, "dropped_no_route", dropped + 3)
             assert got >= dropped + 3, f"dropped_no_route {dropped} -> {got}"
