@@ -135,6 +135,9 @@ class GatewayConfig:
     mtu: int = 1400
     heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 20.0
+    # one attempt to reach a route server (TCP + TLS, or the DTLS handshake); AUTH and
+    # REGISTER then have heartbeat_timeout
+    connect_timeout: float = 5.0
     reconnect_min_delay: float = 0.5
     reconnect_max_delay: float = 3.0  # see Gateway._connect_loop for why this short
     send_queue_bytes: int = 4 * 1024 * 1024
@@ -677,6 +680,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         mtu=r.integer("mtu", 1400, 576, 65535 - 8),
         heartbeat_interval=hb_interval,
         heartbeat_timeout=hb_timeout,
+        connect_timeout=min(r.number("connect_timeout", 5.0, 0.1, 3600), hb_timeout),
         reconnect_min_delay=rmin,
         reconnect_max_delay=rmax,
         send_queue_bytes=r.integer("send_queue_bytes", 4 * 1024 * 1024, 65536, 1 << 30),

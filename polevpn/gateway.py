@@ -420,7 +420,7 @@ class Gateway:
                 ),
                 cfg.kcp_params,
                 self.kcp_pool,
-                timeout=cfg.heartbeat_timeout,
+                timeout=cfg.connect_timeout,
             )
             return link
         # create_connection resolves the name again on every attempt, so a router that
@@ -432,9 +432,9 @@ class Gateway:
                 port=server.port,
                 ssl=client_context(cfg),
                 server_hostname=server_hostname(cfg, server),
-                ssl_handshake_timeout=cfg.heartbeat_timeout,
+                ssl_handshake_timeout=cfg.connect_timeout,
             ),
-            timeout=cfg.heartbeat_timeout,
+            timeout=cfg.connect_timeout,
         )
         return link
 

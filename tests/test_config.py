@@ -964,3 +964,12 @@ def test_loose_permissions_warn_and_name_the_file(
     key.chmod(0o600)
     path = write(tmp_path / "config.json", router_obj(keys, key=_DROP, key_file=str(key)))
     assert not [w for w in load_router_config(path).warnings if "readable" in w and "shared" in w]
+
+
+def test_connect_timeout_default_and_cap(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    cfg = load_gateway_config(write(tmp_path / "gw.json", gateway_obj(keys)))
+    assert cfg.connect_timeout == 5.0
+    obj = gateway_obj(keys, connect_timeout=30, heartbeat_interval=1, heartbeat_timeout=3)
+    assert load_gateway_config(write(tmp_path / "gw.json", obj)).connect_timeout == 3.0
+    path = write(tmp_path / "gw.json", gateway_obj(keys, connect_timeout=0))
+    assert_config_error(gateway_error(path), path, "connect_timeout", "outside")
