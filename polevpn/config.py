@@ -73,6 +73,8 @@ class KcpParams:
     send_window: int = 512
     receive_window: int = 2048
     dtls_mtu: int = 1400
+    # data unacknowledged this long with nothing at all from the peer: the peer is gone
+    silence_timeout: float = 2.0
     fec: FecParams = field(default_factory=FecParams)
 
 
@@ -556,6 +558,7 @@ def _kcp_params(sec: _Reader) -> KcpParams:
         send_window=sec.integer("send_window", 512, 16, 32768),
         receive_window=sec.integer("receive_window", 2048, 16, 32768),
         dtls_mtu=sec.integer("dtls_mtu", 1400, 576, 9000),
+        silence_timeout=sec.number("silence_timeout", 2.0, 0.2, 3600),
         fec=fec,
     )
 

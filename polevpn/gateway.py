@@ -622,7 +622,10 @@ class Gateway:
                 await self._run_link(link, index)
                 if self._stopping.is_set():
                     break
-                log.warning("connection to router %s lost", link.server.url)
+                why = link.closed.result() if link.closed.done() else None
+                log.warning(
+                    "connection to router %s lost%s", link.server.url, f": {why}" if why else ""
+                )
                 lasted = time.monotonic() - since >= cfg.heartbeat_interval
                 failed = 0 if lasted else failed + 1
             failed = min(failed, 32)  # 2**failed stays a float

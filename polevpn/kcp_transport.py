@@ -74,6 +74,8 @@ class KcpTransport:
         self._paused = False
         self._settle_scheduled = False
         self.last_heard = time.monotonic()
+        # since when data has been waiting for an acknowledgement (None: nothing waiting)
+        self._waiting_since: float | None = None
         self.datagrams_in = 0
         self.datagrams_out = 0
 
@@ -235,15 +237,41 @@ class KcpTransport:
         if self._closing:
             return
         try:
-            self.link.poll(time.monotonic())
+            now = time.monotonic()
+            self.link.poll(now)
             if self.link.dead:
                 self._shutdown(ConnectionResetError("kcp: peer stopped acknowledging"), True)
+                return
+            if self._silent(now):
+                self._shutdown(
+                    ConnectionResetError(
+                        f"kcp: nothing heard for {self.link.params.silence_timeout:g}s "
+                        "with data unacknowledged"
+                    ),
+                    True,
+                )
                 return
             self._pump()
             self._maybe_resume_writing()
         except Exception:
             log.exception("internal error in kcp timer for peer=%s; closing it", self.peer)
             self._shutdown(None, False)
+
+    def _silent(self, now: float) -> bool:
+        """Data has waited ``silence_timeout`` without a single record from the peer.
+
+        A live peer acknowledges within a round trip whatever the loss, so this is a peer
+        that is gone, or one that restarted and lost our session: there is no reset in
+        kcp://, and otherwise only heartbeat_timeout (20 s) would tell.
+        """
+        if not self.link.pending_bytes:
+            self._waiting_since = None
+            return False
+        if self._waiting_since is None:
+            self._waiting_since = now
+            return False
+        quiet_since = max(self.last_heard, self._waiting_since)
+        return now - quiet_since > self.link.params.silence_timeout
 
     def _shutdown(self, exc: Exception | None, notify_peer: bool) -> None:
         if self._closing:

@@ -509,3 +509,46 @@ def test_router_with_super_packets_off_answers_like_go(keys):
         await router.stop()
 
     run(scenario())
+
+
+def test_kcp_session_ends_when_the_peer_falls_silent(keys):
+    """A restarted router has lost the session and drops its datagrams without a word:
+    the gateway's transport gives up ``silence_timeout`` after its data went unanswered,
+    instead of after the 20 s heartbeat timeout. (A router sending to a vanished gateway
+    gives up the same way.)"""
+    import dataclasses
+
+    params = dataclasses.replace(KCP_PARAMS, silence_timeout=0.5)
+
+    async def scenario():
+        router = await started(router_config(keys, kcp_params=params))
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        proto = asyncio.StreamReaderProtocol(reader)
+        verify = dtls.Verification(insecure=True)
+        transport = await kcp_transport.connect(
+            proto,
+            "127.0.0.1",
+            router.kcp_port,
+            dtls.client_context(verify),
+            verify,
+            params,
+            KcpPool(),
+            timeout=5,
+        )
+        gw = ProtoGateway(reader, asyncio.StreamWriter(transport, proto, reader, loop))
+        await gw.login("169.254.0.1", ["198.18.10.0/24"])
+        server = router.kcp_server
+        assert server is not None
+        # the router "restarts": everything from now on falls on deaf ears
+        server.datagram_received = lambda data, addr: None  # type: ignore[method-assign]
+        start = loop.time()
+        await gw.send(frame(4, b"", 1))
+        assert await gw.closed_by_peer(5)
+        took = loop.time() - start
+        assert 0.5 <= took < 2.5, took
+        await router.stop()
+
+    if _transport["mode"] != "kcp":
+        pytest.skip("kcp only")
+    run(scenario())
