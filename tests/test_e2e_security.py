@@ -110,6 +110,7 @@ def test_subnet_hijack_and_spoofed_sources_are_refused(tmp_path, office_keys):
     router = t.router_config(
         keys_dir,
         stats_interval=1,
+        log_level="debug",
         gateways=grants,
         client_ca_file=str(keys_dir / "ca.crt"),
         kcp={
@@ -119,7 +120,9 @@ def test_subnet_hijack_and_spoofed_sources_are_refused(tmp_path, office_keys):
             "key_file": str(keys_dir / "server.key"),
         },
     )
-    gw_a = t.gateway_config("A", keys_dir, key_file=str(c[t.GW_A_TUN4].key_file), stats_interval=1)
+    gw_a = t.gateway_config(
+        "A", keys_dir, key_file=str(c[t.GW_A_TUN4].key_file), stats_interval=1, log_level="debug"
+    )
     gw_b = t.gateway_config(
         "B",
         keys_dir,
@@ -204,6 +207,14 @@ def test_subnet_hijack_and_spoofed_sources_are_refused(tmp_path, office_keys):
         res = stream.result()
         assert res["ok"], res
         assert cproc.poll() is None
+
+        # 4. no secret in any log, the debug-level ones included
+        secrets = [Path(x.key_file).read_text().strip() for x in c.values()]
+        secrets.append((keys_dir / "shared.key").read_text().strip())
+        for log in topo.log_dir.glob("*.log"):
+            text = log.read_text(errors="replace")
+            for secret in secrets:
+                assert secret not in text, f"a key appears in {log.name}"
     finally:
         topo.teardown()
         assert not t.leftover_namespaces(topo.prefix)
