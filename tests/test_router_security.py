@@ -7,6 +7,7 @@ test_router_loopback: what a hostile or broken peer can and cannot do.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import socket
 import ssl
@@ -54,8 +55,8 @@ def grants(creds, mode: str = "key") -> tuple[GatewayGrant, ...]:
         entry = c.router_entry()
         key = Path(c.key_file).read_text().strip() if mode in ("key", "both") else None
         fp = bytes.fromhex(entry["cert_fingerprint"]) if mode in ("cert", "both") else None
-        nets = tuple(__import__("ipaddress").ip_network(n) for n in c.networks)
-        out.append(GatewayGrant(__import__("ipaddress").ip_address(addr), key, fp, nets))
+        nets = tuple(ipaddress.ip_network(n) for n in c.networks)
+        out.append(GatewayGrant(ipaddress.ip_address(addr), key, fp, nets))
     return tuple(out)
 
 
