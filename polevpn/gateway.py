@@ -587,8 +587,8 @@ class Gateway:
         # outage was. Hence 3 s by default, not the customary 30 s: after a 20 s router
         # outage traffic resumed 2-24 s after the router was back with 30 s, 1-2 s with 3 s
         # (tls://, five runs each). kcp:// sees no reset from a restarted router: it notices
-        # an ICMP error while the router is down, or else only heartbeat_timeout later, and the
-        # cap counts from there.
+        # an ICMP error while the router is down, or else kcp.silence_timeout after its first
+        # data to the new router went unanswered, and the cap counts from there.
         # A short cap does not hammer a router that is down: a try at a host whose daemon is
         # gone costs a SYN and a RST (kcp://: a datagram and an ICMP error), so 200 offices
         # trying every ~1.75 s on average are ~115 small packets/s, and the jitter spreads
