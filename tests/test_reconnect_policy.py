@@ -52,7 +52,13 @@ def _sleeps(
         rejected = None
 
     async def try_servers(indices: range):
-        return (Link(), 0) if connect else None
+        if not connect:
+            return None
+        link = Link()
+        # the gateway logs why a link was lost: what its closed future holds
+        link.closed = asyncio.get_running_loop().create_future()  # type: ignore[attr-defined]
+        link.closed.set_result(ConnectionResetError("lost at once"))  # type: ignore[attr-defined]
+        return link, 0
 
     async def run_link(link, index: int) -> None:
         return None
