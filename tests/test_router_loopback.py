@@ -284,7 +284,7 @@ def test_longest_prefix_forwarding_v4_v6_and_default(keys):
         wide = await ProtoGateway.connect(router)
         narrow = await ProtoGateway.connect(router)
         default = await ProtoGateway.connect(router)
-        await wide.login("169.254.0.1", ["198.18.0.0/15", "2001:db8::/32"])
+        await wide.login("169.254.0.1", ["198.18.0.0/15", "2001:db8::/33"])
         await narrow.login("169.254.0.2", ["198.18.20.0/24", "2001:db8:20::/64"])
         await default.login("169.254.0.3", ["0.0.0.0/0", "::/0"])
 
@@ -294,13 +294,13 @@ def test_longest_prefix_forwarding_v4_v6_and_default(keys):
             assert (cmd, body) == (2, pkt)
 
         # registered in the order wide, narrow: the narrower prefix still wins
-        await expect(default, ipv4_packet("198.51.100.1", "198.18.20.7"), narrow)
-        await expect(default, ipv4_packet("198.51.100.1", "198.18.21.7"), wide)
-        await expect(narrow, ipv4_packet("198.18.20.7", "203.0.113.9"), default)
-        await expect(default, ipv4_packet("198.51.100.1", "169.254.0.2"), narrow)
+        await expect(default, ipv4_packet("169.254.77.1", "198.18.20.7"), narrow)
+        await expect(default, ipv4_packet("169.254.77.1", "198.18.21.7"), wide)
+        await expect(narrow, ipv4_packet("198.18.20.7", "169.254.99.9"), default)
+        await expect(default, ipv4_packet("169.254.77.1", "169.254.0.2"), narrow)
         await expect(default, ipv6_packet("2001:db8:ff::1", "2001:db8:20::5"), narrow)
         await expect(default, ipv6_packet("2001:db8:ff::1", "2001:db8:21::5"), wide)
-        await expect(wide, ipv6_packet("2001:db8:ff::1", "2001:db9::1"), default)
+        await expect(wide, ipv6_packet("2001:db8:ff::1", "2001:db8:8000::1"), default)
         await router.stop()
 
     run(scenario())
