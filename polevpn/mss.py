@@ -19,9 +19,11 @@ anything that is not a well-formed TCP SYN (a fragment other than the first, an 
 header chain we do not walk, options that overrun the header, an MSS option of the wrong
 length) is left untouched.
 
-Cost (CPython 3.11, busy 2-vCPU VM, see tests/test_mss.py::test_report_cost): a non-SYN
-packet is turned away by a few byte checks in about 0.1 us; a SYN that is clamped costs
-about 1 us (1.5 us with the copy `clamped` makes of a read-only packet).
+Cost (CPython 3.11, a busy 2-vCPU x86-64 VM, best of several runs, call included): a
+non-SYN packet is turned away by the first few byte checks in 0.12-0.15 us (IPv4, IPv6,
+with or without the virtio-net header; 0.13 us per packet over a 64-packet batch in a list
+comprehension); a SYN that is clamped costs about 2 us, copy included, and one whose MSS is
+already small enough about 1.2 us.
 """
 
 from __future__ import annotations
