@@ -155,6 +155,8 @@ class GatewayConfig:
     client_key_file: Path | None = None
     # drop packets from the tunnel whose source is one of this office's own addresses
     anti_spoofing: bool = True
+    # lower the MSS option of TCP SYNs crossing the tunnel to fit the TUN mtu (polevpn.mss)
+    mss_clamp: bool = True
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -692,6 +694,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         kcp_params=_kcp_params(kcp_sec) if kcp_sec else KcpParams(),
         preferred_retry_interval=r.number("preferred_retry_interval", 30.0, 0.1, 86400),
         offload=r.boolean("offload", True),
+        mss_clamp=r.boolean("mss_clamp", True),
         warnings=tuple(warnings),
     )
 

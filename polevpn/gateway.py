@@ -25,6 +25,7 @@ from .gso import GsoError, Packet, to_plain
 from .ippacket import src_addr
 from .kcp_pool import KcpPool
 from .messages import FEATURE_SUPER
+from .mss import clamped, clamped_vnet, limits
 from .routing import NetworkSet
 from .session import (
     AuthSucceeded,
@@ -191,7 +192,7 @@ class RouterLink(asyncio.Protocol):
         if self.session.outbox:
             self.flush()
 
-    def send_packets(self, packets: list[bytes]) -> None:
+    def send_packets(self, packets: Sequence[Packet]) -> None:
         """Packets as read from the TUN: with a virtio-net header when it has offloads."""
         stats = self.gw.stats
         out: list[bytes | memoryview] = []
@@ -206,7 +207,7 @@ class RouterLink(asyncio.Protocol):
             assert self.transport is not None
             self.transport.write(b"".join(out))
 
-    def _frame_vnet(self, bufs: list[bytes], out: list[bytes | memoryview]) -> int:
+    def _frame_vnet(self, bufs: Sequence[Packet], out: list[bytes | memoryview]) -> int:
         """Frame header + packet pairs into ``out``; returns the IP bytes framed."""
         stats = self.gw.stats
         whole = self.session.super_packets
@@ -254,6 +255,8 @@ class Gateway:
         if cfg.gateway6 is not None:
             own.append(ipaddress.ip_network(cfg.gateway6))
         self.own = NetworkSet(own if cfg.anti_spoofing else ())
+        # (IPv4, IPv6) MSS limits for SYNs crossing the tunnel either way; None: no clamping
+        self.mss: tuple[int, int] | None = limits(cfg.mtu) if cfg.mss_clamp else None
         self.tun: TunDevice | None = None
         self.link: RouterLink | None = None
         self._reading = False
@@ -312,6 +315,12 @@ class Gateway:
         if link is None or not link.ready:
             self.stats.dropped_no_link += len(packets)
             return
+        mss = self.mss
+        if mss is not None:
+            # before framing or segmenting: a NEEDS_CSUM SYN keeps its partial sum as it is
+            clamp = clamped_vnet if self.tun.vnet_hdr else clamped
+            m4, m6 = mss
+            packets = [clamp(p, m4, m6) for p in packets]
         link.send_packets(packets)
 
     def to_tun(self, packets: list[memoryview], whole: bool = False) -> None:
@@ -327,6 +336,8 @@ class Gateway:
         own6 = self.own.contains_v6
         stats = self.stats
         write = tun.write
+        mss = self.mss
+        m4, m6 = mss or (0, 0)
         delivered = 0
         nbytes = 0
         for pkt in packets:
@@ -353,6 +364,8 @@ class Gateway:
             if not allowed:
                 stats.dropped_acl += 1
                 continue
+            if mss is not None:
+                pkt = clamped(pkt, m4, m6)
             write(pkt)
             delivered += 1
             nbytes += len(pkt)
@@ -379,6 +392,8 @@ class Gateway:
         if not allowed:
             self.stats.dropped_acl += 1
             return 0
+        if self.mss is not None:
+            buf = clamped_vnet(buf, *self.mss)
         # the kernel validates the header and segments or checksums as it forwards
         tun.write_super(buf)
         return len(buf) - _VNET
