@@ -35,7 +35,7 @@ from polevpn.gso import (
 
 TCP, UDP = 6, 17
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
-SRC4, DST4 = bytes([192, 0, 2, 1]), bytes([198, 51, 100, 7])
+SRC4, DST4 = bytes([198, 18, 10, 2]), bytes([198, 18, 20, 7])
 SRC6 = bytes.fromhex("20010db8000000000000000000000001")
 DST6 = bytes.fromhex("20010db8000000010000000000000042")
 
