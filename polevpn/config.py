@@ -157,6 +157,9 @@ class GatewayConfig:
     anti_spoofing: bool = True
     # lower the MSS option of TCP SYNs crossing the tunnel to fit the TUN mtu (polevpn.mss)
     mss_clamp: bool = True
+    # host settings made at start and taken back on exit (polevpn.hostsetup)
+    forwarding: bool = False
+    masquerade: bool = False
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -695,6 +698,8 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         preferred_retry_interval=r.number("preferred_retry_interval", 30.0, 0.1, 86400),
         offload=r.boolean("offload", True),
         mss_clamp=r.boolean("mss_clamp", True),
+        forwarding=r.boolean("forwarding", False),
+        masquerade=r.boolean("masquerade", False),
         warnings=tuple(warnings),
     )
 

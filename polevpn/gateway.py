@@ -22,6 +22,7 @@ from .config import GatewayConfig, RouteServer
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
 from .gso import GsoError, Packet, to_plain
+from .hostsetup import HostSetup, HostSetupError
 from .ippacket import src_addr
 from .kcp_pool import KcpPool
 from .messages import FEATURE_SUPER
@@ -569,12 +570,23 @@ class Gateway:
             raise SetupError(
                 f"cannot create TUN device {cfg.tun_name}: {exc.strerror or exc}{hint}"
             ) from None
+        nets = (*cfg.local_networks, *cfg.route_networks)
+        host = HostSetup(
+            cfg.tun_name,
+            forwarding=cfg.forwarding,
+            masquerade=cfg.masquerade,
+            ipv6=cfg.gateway6 is not None or any(n.version == 6 for n in nets),
+        )
         try:
             try:
                 await self.configure_tun()
             except Exception as exc:
                 assert self.tun is not None
                 raise SetupError(f"cannot configure TUN device {self.tun.name}: {exc}") from None
+            try:
+                await asyncio.to_thread(host.apply)
+            except HostSetupError as exc:
+                raise SetupError(str(exc)) from None
             self.resume_tun()
             stats_task = asyncio.create_task(self._stats_loop())
             try:
@@ -590,6 +602,8 @@ class Gateway:
             if self.tun is not None:
                 self.tun.close()
                 self.tun = None
+            # blocking but bounded (nft timeout); the loop has nothing else left to do
+            host.undo()
             log.info("stopped %s", summary)
 
     async def _connect_loop(self) -> None:
