@@ -55,6 +55,11 @@ def test_gateway_keeps_only_net_admin_and_the_tun_device() -> None:
     assert "AmbientCapabilities" not in s
     assert s["NoNewPrivileges"] == ["yes"]
     assert s["DeviceAllow"] == ["/dev/net/tun rw"] and s["DevicePolicy"] == ["closed"]
+    # /proc/sys read-only but for the two files "forwarding": true writes
+    assert s["ProtectKernelTunables"] == ["yes"]
+    assert s["ReadWritePaths"] == [
+        "/proc/sys/net/ipv4/ip_forward -/proc/sys/net/ipv6/conf/all/forwarding"
+    ]
 
 
 @pytest.mark.parametrize("which", sorted(UNITS))
