@@ -104,6 +104,8 @@ class RouterConfig:
     limits: LimitParams = field(default_factory=LimitParams)
     # started as root: become this user once the listeners are bound
     user: str | None = None
+    # (host, port) to serve Prometheus metrics on; None: off
+    metrics_listen: tuple[str, int] | None = None
     warnings: tuple[str, ...] = field(default=())
 
     def authority(self) -> Authority:
@@ -153,6 +155,8 @@ class GatewayConfig:
     # client certificate for routers that identify gateways by certificate fingerprint
     client_cert_file: Path | None = None
     client_key_file: Path | None = None
+    # (host, port) to serve Prometheus metrics on; None: off
+    metrics_listen: tuple[str, int] | None = None
     # drop packets from the tunnel whose source is one of this office's own addresses
     anti_spoofing: bool = True
     # lower the MSS option of TCP SYNs crossing the tunnel to fit the TUN mtu (polevpn.mss)
@@ -409,6 +413,23 @@ def _gateways(r: _Reader, secrets: list[Path]) -> tuple[GatewayGrant, ...]:
     return tuple(grants.values())
 
 
+def _metrics_listen(r: _Reader) -> tuple[tuple[str, int] | None, list[str]]:
+    """`metrics_listen` ("127.0.0.1:9400"), and a warning if others could scrape it."""
+    if not r.has("metrics_listen"):
+        return None, []
+    try:
+        host, port = _split_host_port(r.string("metrics_listen"))
+        addr = ipaddress.ip_address(host) if host != "localhost" else None
+    except ValueError as exc:
+        raise r.fail("metrics_listen", f"{exc} (expected host:port, e.g. 127.0.0.1:9400)") from None
+    if addr is not None and not addr.is_loopback:
+        return (host, port), [
+            f"metrics_listen {host}:{port} is not a loopback address: the metrics are not "
+            "authenticated and show every gateway and its traffic to whoever reaches them"
+        ]
+    return (host, port), []
+
+
 def _user(r: _Reader) -> str | None:
     if not r.has("user"):
         return None
@@ -517,6 +538,8 @@ def load_router_config(path: str | Path) -> RouterConfig:
     secrets += [p for p in (tls.key_file, kcp.key_file) if p is not None]
     anti_spoofing = r.boolean("anti_spoofing", True)
     warnings = _router_warnings(key, grants, anti_spoofing) + _permission_warnings(secrets)
+    metrics_listen, metrics_warnings = _metrics_listen(r)
+    warnings += metrics_warnings
     return RouterConfig(
         path=path,
         tls=tls,
@@ -535,6 +558,7 @@ def load_router_config(path: str | Path) -> RouterConfig:
         send_queue_bytes=r.integer("send_queue_bytes", 4 * 1024 * 1024, 65536, 1 << 30),
         stats_interval=r.number("stats_interval", 300.0, 0, 86400),
         super_packets=r.boolean("super_packets", True),
+        metrics_listen=metrics_listen,
     )
 
 
@@ -668,6 +692,8 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     has_key = r.has("key") or r.has("key_file")
     key = _key(r, secrets) if has_key or client_cert is None else ""
     warnings += _permission_warnings(secrets)
+    metrics_listen, metrics_warnings = _metrics_listen(r)
+    warnings += metrics_warnings
     return GatewayConfig(
         path=path,
         route_servers=servers,
@@ -697,6 +723,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         kcp_params=_kcp_params(kcp_sec) if kcp_sec else KcpParams(),
         preferred_retry_interval=r.number("preferred_retry_interval", 30.0, 0.1, 86400),
         offload=r.boolean("offload", True),
+        metrics_listen=metrics_listen,
         mss_clamp=r.boolean("mss_clamp", True),
         forwarding=r.boolean("forwarding", False),
         masquerade=r.boolean("masquerade", False),

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from OpenSSL import SSL
 
-from . import dtls, kcp_transport, netconf, wire
+from . import dtls, kcp_transport, metrics, netconf, wire
 from .config import GatewayConfig, RouteServer
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
@@ -264,6 +264,7 @@ class Gateway:
         self._stopping = asyncio.Event()
         self.kcp_pool = KcpPool()
         self._dtls_ctx: SSL.Context | None = None
+        self.metrics: metrics.MetricsServer | None = None
 
     # -- TUN side
 
@@ -590,12 +591,17 @@ class Gateway:
             self.resume_tun()
             stats_task = asyncio.create_task(self._stats_loop())
             try:
+                if cfg.metrics_listen is not None:
+                    registry = metrics.gateway_registry(self)
+                    self.metrics = await metrics.serve(registry, cfg.metrics_listen)
                 await self._connect_loop()
             finally:
                 stats_task.cancel()
         finally:
             self._stopping.set()
             self.pause_tun()
+            if self.metrics is not None:
+                self.metrics.close()
             if self.link is not None and self.link.transport is not None:
                 self.link.transport.close()
             summary = self._summary()

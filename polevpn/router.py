@@ -24,7 +24,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from . import dtls, privileges, wire
+from . import dtls, metrics, privileges, wire
 from .config import RouterConfig
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
@@ -268,6 +268,7 @@ class Router:
         self.features = frozenset({FEATURE_SUPER}) if cfg.super_packets else frozenset()
         self.authority = cfg.authority()
         self.admission = Admission(cfg.limits)
+        self.metrics: metrics.MetricsServer | None = None
 
     # -- lifecycle
 
@@ -279,6 +280,10 @@ class Router:
         if self.cfg.kcp.enable:
             await self._start_kcp()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        if self.cfg.metrics_listen is not None:
+            # before dropping privileges, so that a port below 1024 works
+            registry = metrics.router_registry(self)
+            self.metrics = await metrics.serve(registry, self.cfg.metrics_listen)
         self._drop_privileges()
 
     def _drop_privileges(self) -> None:
@@ -432,6 +437,8 @@ class Router:
             self._kcp_udp.close()
         for sock in self.listen_sockets:
             sock.close()
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("stopped %s", self.stats.summary())
 
     async def _housekeeping(self) -> None:

@@ -1,0 +1,444 @@
+"""Prometheus metrics for the router and the gateway, served from the daemon's own loop.
+
+Nothing here runs per packet: the collectors read the counters the daemons already keep
+(``RouterStats``, ``GatewayStats``, each connection's packet and byte counts, KCP's control
+block and the FEC session's stats) when ``/metrics`` is scraped.
+
+The HTTP side is a few lines of asyncio rather than ``prometheus_client.start_http_server``:
+that one runs a thread, and the gateway drops its capabilities thread by thread while the
+router may switch to another uid after binding. Every scrape gets one response and a close;
+a request is bounded in size and time, and so is the number of clients at once, so a slow
+or hostile client costs at most a few sockets for a few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .kcp_pool import RESET_SUPPORTED, control_block
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+    from .kcp_link import KcpLink
+    from .router import GatewayConnection, Router
+
+log = logging.getLogger("polevpn.metrics")
+
+MAX_REQUEST = 4096  # bytes of request line and headers; a GET needs a fraction of that
+REQUEST_TIMEOUT = 5.0  # s for the whole request to arrive, and again for the reply to leave
+MAX_CLIENTS = 16  # scrapes served at once; more are closed unanswered
+
+# RouterStats fields that are packets dropped, by the ``reason`` label they get
+ROUTER_DROPS = {
+    "dropped_no_route": "no_route",
+    "dropped_spoofed": "spoofed",
+    "dropped_malformed": "malformed",
+    "dropped_queue_full": "queue_full",
+    "dropped_hairpin": "hairpin",
+    "dropped_unregistered": "unregistered",
+}
+GATEWAY_DROPS = {
+    "dropped_no_link": "no_link",
+    "dropped_acl": "acl",
+    "dropped_spoofed": "spoofed",
+    "dropped_malformed": "malformed",
+    "dropped_too_big": "too_big",
+    "tun_write_dropped": "tun_full",
+}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -- collectors
+
+
+def _counter(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Metric:
+    m = CounterMetricFamily(name, doc, labels=list(labels) if labels else None)
+    m.add_metric(list(labels.values()) if labels else [], value)
+    return m
+
+
+def _gauge(name: str, doc: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+class _LinkMetrics:
+    """KCP and FEC figures of kcp:// links, one sample per label set."""
+
+    def __init__(self, prefix: str, label_names: list[str]) -> None:
+        self.retransmissions = CounterMetricFamily(
+            f"{prefix}kcp_retransmissions",
+            "KCP segments sent again after their retransmission timeout (ikcp xmit)",
+            labels=label_names,
+        )
+        self.srtt = GaugeMetricFamily(
+            f"{prefix}kcp_srtt_seconds", "KCP's smoothed round-trip time", labels=label_names
+        )
+        self.recovered = CounterMetricFamily(
+            f"{prefix}fec_recovered",
+            "payloads rebuilt from FEC parity shards (losses KCP did not have to resend)",
+            labels=label_names,
+        )
+        self.unrecoverable = CounterMetricFamily(
+            f"{prefix}fec_unrecoverable",
+            "FEC groups given up with data missing and too little parity",
+            labels=label_names,
+        )
+        self.parity_sent = CounterMetricFamily(
+            f"{prefix}fec_parity_sent", "FEC parity shards sent", labels=label_names
+        )
+        self.parity = GaugeMetricFamily(
+            f"{prefix}fec_parity_shards",
+            "parity shards per FEC group now (adaptive mode moves it with the loss)",
+            labels=label_names,
+        )
+        self.loss = GaugeMetricFamily(
+            f"{prefix}fec_loss_ratio",
+            "loss measured by FEC on what this side receives, last report interval",
+            labels=label_names,
+        )
+
+    def add(self, labels: list[str], link: KcpLink) -> None:
+        kcp = link.kcp
+        if kcp is not None and RESET_SUPPORTED:
+            cb = control_block(kcp)
+            self.retransmissions.add_metric(labels, cb.xmit)
+            self.srtt.add_metric(labels, cb.rx_srtt / 1000)
+        fec = link.fec
+        if fec is not None:
+            s = fec.stats
+            self.recovered.add_metric(labels, s.recovered)
+            self.unrecoverable.add_metric(labels, s.unrecoverable)
+            self.parity_sent.add_metric(labels, s.parity_sent)
+            self.parity.add_metric(labels, s.parity)
+            self.loss.add_metric(labels, s.loss_ppm / 1e6)
+
+    def families(self) -> list[Metric]:
+        return [
+            self.retransmissions,
+            self.srtt,
+            self.recovered,
+            self.unrecoverable,
+            self.parity_sent,
+            self.parity,
+            self.loss,
+        ]
+
+
+def _kcp_link(transport: object) -> KcpLink | None:
+    get = getattr(transport, "get_extra_info", None)
+    return get("kcp_link") if get is not None else None
+
+
+class RouterCollector(Collector):
+    P = "polevpn_router_"
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.router
+        p = self.P
+        stats = r.stats
+        conns = list(r.connections)
+        yield from self._per_gateway(list(r.by_gateway.values()))
+
+        by_transport = GaugeMetricFamily(
+            f"{p}connections",
+            "open gateway connections, registered or not yet",
+            labels=["transport"],
+        )
+        for name in ("tls", "kcp"):
+            by_transport.add_metric([name], sum(1 for c in conns if c.transport_name == name))
+        yield by_transport
+        yield _gauge(f"{p}registered_gateways", "gateways registered now", len(r.by_gateway))
+        yield _gauge(
+            f"{p}pending_connections",
+            "connections accepted and not yet registered (counted against the limits)",
+            r.admission.pending,
+        )
+        yield _gauge(f"{p}routes", "prefixes in the routing table", len(r.routes))
+
+        drops = CounterMetricFamily(
+            f"{p}dropped_packets", "packets the router dropped, by reason", labels=["reason"]
+        )
+        # sessions count what arrives before REGISTER themselves; the router adds it up at
+        # disconnect, so live sessions are added here to keep the counter monotonic
+        unregistered = sum(c.session.dropped_unregistered for c in conns if c.session)
+        for field, reason in ROUTER_DROPS.items():
+            value = getattr(stats, field)
+            if field == "dropped_unregistered":
+                value += unregistered
+            drops.add_metric([reason], value)
+        yield drops
+        yield _counter(
+            f"{p}forwarded_packets", "packets forwarded to a gateway", stats.packets_forwarded
+        )
+        yield _counter(
+            f"{p}forwarded_bytes", "IP bytes forwarded to a gateway", stats.bytes_forwarded
+        )
+
+        timeouts = CounterMetricFamily(
+            f"{p}timeouts", "connections closed for a timeout, by stage", labels=["stage"]
+        )
+        timeouts.add_metric(["handshake"], stats.handshake_timeouts)
+        timeouts.add_metric(["auth"], stats.auth_timeouts)
+        timeouts.add_metric(["idle"], stats.idle_timeouts)
+        yield timeouts
+        skip = set(ROUTER_DROPS) | {
+            "packets_forwarded",
+            "bytes_forwarded",
+            "handshake_timeouts",
+            "auth_timeouts",
+            "idle_timeouts",
+        }
+        for f in fields(stats):
+            if f.name not in skip:
+                yield _counter(f"{p}{f.name}", f"RouterStats.{f.name}", getattr(stats, f.name))
+
+        refused = CounterMetricFamily(
+            f"{p}admission_refused",
+            "connections refused by the connection limits, by reason",
+            labels=["reason"],
+        )
+        for f in fields(r.admission.stats):
+            refused.add_metric(
+                [f.name.removeprefix("refused_")], getattr(r.admission.stats, f.name)
+            )
+        yield refused
+
+        if r.kcp_server is not None:
+            ks = r.kcp_server.counters()
+            for f in fields(ks):
+                value = getattr(ks, f.name)
+                if f.name == "sessions":
+                    yield _gauge(f"{p}kcp_sessions", "established kcp:// sessions", value)
+                else:
+                    yield _counter(f"{p}kcp_{f.name}", f"KcpServerStats.{f.name}", value)
+
+    def _per_gateway(self, conns: list[GatewayConnection]) -> Iterable[Metric]:
+        p = self.P
+        names = ["gateway", "transport"]
+        # "received" is what the gateway sent to the router, "sent" what the router sent it
+        rx_p = CounterMetricFamily(
+            f"{p}gateway_received_packets", "packets received from the gateway", labels=names
+        )
+        tx_p = CounterMetricFamily(
+            f"{p}gateway_sent_packets", "packets sent to the gateway", labels=names
+        )
+        rx_b = CounterMetricFamily(
+            f"{p}gateway_received_bytes",
+            "IP bytes received from the gateway and forwarded or dropped",
+            labels=names,
+        )
+        tx_b = CounterMetricFamily(
+            f"{p}gateway_sent_bytes", "IP bytes sent to the gateway", labels=names
+        )
+        links = _LinkMetrics(f"{p}gateway_", names)
+        for c in conns:
+            labels = [str(c.gateway), c.transport_name]
+            rx_p.add_metric(labels, c.packets_in)
+            tx_p.add_metric(labels, c.packets_out)
+            rx_b.add_metric(labels, c.bytes_in)
+            tx_b.add_metric(labels, c.bytes_out)
+            link = _kcp_link(c.transport) if c.transport_name == "kcp" else None
+            if link is not None:
+                links.add(labels, link)
+        return [rx_p, tx_p, rx_b, tx_b, *links.families()]
+
+
+class GatewayCollector(Collector):
+    P = "polevpn_gateway_"
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self.gw
+        p = self.P
+        stats = gw.stats
+        tun = gw.tun
+        if tun is not None:
+            # the TUN counts its own write failures; GatewayStats has them only after a summary
+            stats.tun_write_dropped = tun.write_dropped
+            stats.tun_write_errors = tun.write_errors
+        yield _counter(
+            f"{p}to_router_packets", "packets sent to the router", stats.packets_to_router
+        )
+        yield _counter(f"{p}to_router_bytes", "IP bytes sent to the router", stats.bytes_to_router)
+        yield _counter(
+            f"{p}from_router_packets",
+            "packets from the router written to the TUN",
+            stats.packets_from_router,
+        )
+        yield _counter(
+            f"{p}from_router_bytes",
+            "IP bytes from the router written to the TUN",
+            stats.bytes_from_router,
+        )
+        drops = CounterMetricFamily(
+            f"{p}dropped_packets", "packets the gateway dropped, by reason", labels=["reason"]
+        )
+        for field, reason in GATEWAY_DROPS.items():
+            drops.add_metric([reason], getattr(stats, field))
+        yield drops
+        skip = set(GATEWAY_DROPS) | {
+            "packets_to_router",
+            "bytes_to_router",
+            "packets_from_router",
+            "bytes_from_router",
+        }
+        for f in fields(stats):
+            if f.name not in skip:
+                yield _counter(f"{p}{f.name}", f"GatewayStats.{f.name}", getattr(stats, f.name))
+
+        link = gw.link
+        registered = link is not None and link.registered.done() and not link.closed.done()
+        yield _gauge(f"{p}connected", "1 while registered with a router", int(registered))
+        info = GaugeMetricFamily(
+            f"{p}link_info",
+            "the route server in use (value 1), while connected",
+            labels=["route_server", "transport"],
+        )
+        rtt = GaugeMetricFamily(
+            f"{p}heartbeat_rtt_seconds", "round-trip time of the last answered heartbeat"
+        )
+        links = _LinkMetrics(p, [])
+        fec_state = GaugeMetricFamily(
+            f"{p}fec_state", "FEC state of the kcp:// link (value 1)", labels=["state"]
+        )
+        if link is not None and registered:
+            info.add_metric([link.server.url, link.server.scheme], 1)
+            if link.session.rtt is not None:
+                rtt.add_metric([], link.session.rtt)
+            kcp = _kcp_link(link.transport) if link.transport is not None else None
+            if kcp is not None:
+                links.add([], kcp)
+                fec_state.add_metric([kcp.fec_state], 1)
+        yield info
+        yield rtt
+        yield fec_state
+        yield from links.families()
+
+
+def router_registry(router: Router) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(RouterCollector(router))
+    return reg
+
+
+def gateway_registry(gateway: Gateway) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(GatewayCollector(gateway))
+    return reg
+
+
+# -- HTTP
+
+
+class MetricsServer:
+    """``GET /metrics`` on one address, from the running event loop."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.server: asyncio.Server | None = None
+        self._clients: set[asyncio.StreamWriter] = set()
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.server = await asyncio.start_server(
+            self._client, host, port, limit=MAX_REQUEST, reuse_address=True
+        )
+        addr = self.server.sockets[0].getsockname()
+        log.info("metrics listening address=%s port=%d", addr[0], addr[1])
+        return addr[0], addr[1]
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+        # aborted rather than cancelled: the handlers then end as for any lost client
+        for writer in list(self._clients):
+            writer.transport.abort()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(self._clients) >= MAX_CLIENTS:
+            writer.transport.abort()
+            return
+        self._clients.add(writer)
+        try:
+            reply = await self._reply(reader)
+            if reply:
+                writer.write(reply)
+                await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            # a scrape must never take the daemon down
+            log.exception("metrics request failed")
+        finally:
+            self._clients.discard(writer)
+            writer.close()
+
+    async def _reply(self, reader: asyncio.StreamReader) -> bytes | None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+        except (asyncio.LimitOverrunError, ValueError):
+            return _response(431, "text/plain", b"request too large\n")
+        except TimeoutError:
+            return None
+        line = head.split(b"\r\n", 1)[0].split()
+        if len(line) != 3 or not line[2].startswith(b"HTTP/"):
+            return _response(400, "text/plain", b"bad request\n")
+        method, target = line[0], line[1]
+        if method not in (b"GET", b"HEAD"):
+            return _response(405, "text/plain", b"method not allowed\n")
+        if target.split(b"?", 1)[0] != b"/metrics":
+            return _response(404, "text/plain", b"not found; try /metrics\n")
+        body = generate_latest(self.registry)
+        return _response(200, CONTENT_TYPE_LATEST, body, head_only=method == b"HEAD")
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+}
+
+
+def _response(status: int, ctype: str, body: bytes, head_only: bool = False) -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
+        f"Content-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    return head if head_only else head + body
+
+
+async def serve(registry: CollectorRegistry, listen: tuple[str, int]) -> MetricsServer:
+    server = MetricsServer(registry)
+    await server.start(*listen)
+    return server

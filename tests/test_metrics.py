@@ -1,0 +1,447 @@
+"""Prometheus metrics: what the router and gateway report, and the small HTTP server.
+
+The loopback tests run a real router in-process with protocol-level gateways (as in
+test_router_loopback) and scrape ``/metrics`` over HTTP; the counters are checked against
+what the test itself sent, not against the router's own fields. The netns test runs the
+real daemons.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import test_router_loopback as loopback
+from prometheus_client.parser import text_string_to_metric_families
+from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
+
+from polevpn import metrics
+from polevpn.config import (
+    ConfigError,
+    FecParams,
+    KcpParams,
+    load_gateway_config,
+    load_router_config,
+)
+from polevpn.keygen import generate
+
+A, B = "169.254.0.1", "169.254.0.2"
+LAN_A, LAN_B = "198.18.10.0/24", "198.18.20.0/24"
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory):
+    return generate(tmp_path_factory.mktemp("keys"))
+
+
+async def http(port: int, request: bytes, host: str = "127.0.0.1") -> tuple[int, dict, bytes]:
+    """One request; (status, headers, body) of the reply read to EOF."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        data = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return status, {k.lower(): v for k, v in headers.items()}, body
+
+
+def parse(text: str) -> Samples:
+    out: Samples = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            key = (s.name, tuple(sorted(s.labels.items())))
+            assert key not in out, f"duplicate sample {key}"
+            out[key] = s.value
+    return out
+
+
+async def scrape(port: int) -> Samples:
+    status, headers, body = await http(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert status == 200, body
+    assert headers["content-type"].startswith("text/plain")
+    assert int(headers["content-length"]) == len(body)
+    return parse(body.decode())
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def matching(samples: Samples, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {labels: v for (n, labels), v in samples.items() if n == name}
+
+
+async def receive_packets(gw: ProtoGateway, n: int) -> list[bytes]:
+    got = []
+    for _ in range(n):
+        cmd, _, body = await gw.recv_frame(timeout=5)
+        assert cmd == 2
+        got.append(body)
+    return got
+
+
+@pytest.mark.parametrize("transport", ["tls", "kcp"])
+def test_router_metrics_count_what_the_gateways_sent(keys, transport, monkeypatch):
+    # ProtoGateway.connect's transport, put back afterwards for the modules that share it
+    monkeypatch.setitem(loopback._transport, "mode", transport)
+    n_ab, n_ba = 23, 7
+    # fixed FEC on the router's side: its parity is a known number even towards a peer
+    # that never takes FEC up
+    cfg = router_config(
+        keys,
+        metrics_listen=("127.0.0.1", 0),
+        kcp_params=KcpParams(fec=FecParams(mode="fixed", data_shards=4, parity_shards=2)),
+    )
+
+    async def scenario():
+        router = await started(cfg)
+        assert router.metrics is not None
+        port = router.metrics.port
+        try:
+            ga = await ProtoGateway.connect(router)
+            gb = await ProtoGateway.connect(router)
+            await ga.login(A, [LAN_A])
+            await gb.login(B, [LAN_B])
+
+            # sizes differ per packet so bytes cannot come out right by accident
+            ab = [ipv4_packet("198.18.10.5", "198.18.20.9", b"a" * (10 + i)) for i in range(n_ab)]
+            ba = [ipv4_packet("198.18.20.9", "198.18.10.5", b"b" * (50 + i)) for i in range(n_ba)]
+            await ga.send(b"".join(frame(3, p) for p in ab))
+            await gb.send(b"".join(frame(3, p) for p in ba))
+            assert await receive_packets(gb, n_ab) == ab
+            assert await receive_packets(ga, n_ba) == ba
+
+            before = await scrape(port)
+            gw_a = {"gateway": A, "transport": transport}
+            gw_b = {"gateway": B, "transport": transport}
+            p = "polevpn_router_"
+            bytes_ab = sum(len(x) for x in ab)
+            bytes_ba = sum(len(x) for x in ba)
+            assert value(before, f"{p}gateway_received_packets_total", **gw_a) == n_ab
+            assert value(before, f"{p}gateway_received_bytes_total", **gw_a) == bytes_ab
+            assert value(before, f"{p}gateway_sent_packets_total", **gw_b) == n_ab
+            assert value(before, f"{p}gateway_sent_bytes_total", **gw_b) == bytes_ab
+            assert value(before, f"{p}gateway_received_packets_total", **gw_b) == n_ba
+            assert value(before, f"{p}gateway_sent_bytes_total", **gw_a) == bytes_ba
+            assert sum(matching(before, f"{p}connections").values()) == 2
+            assert value(before, f"{p}connections", transport=transport) == 2
+            assert value(before, f"{p}registered_gateways") == 2
+            assert value(before, f"{p}registrations_total") == 2
+            assert value(before, f"{p}forwarded_packets_total") == n_ab + n_ba
+            assert value(before, f"{p}dropped_packets_total", reason="no_route") == 0
+            assert value(before, f"{p}dropped_packets_total", reason="spoofed") == 0
+            if transport == "kcp":
+                for gw in (gw_a, gw_b):
+                    assert value(before, f"{p}gateway_fec_parity_shards", **gw) == 2
+                    assert value(before, f"{p}gateway_kcp_retransmissions_total", **gw) >= 0
+                    assert value(before, f"{p}gateway_fec_recovered_total", **gw) == 0
+                    assert value(before, f"{p}gateway_kcp_srtt_seconds", **gw) >= 0
+                assert value(before, f"{p}kcp_sessions") == 2
+                assert value(before, f"{p}kcp_handshakes_total") == 2
+            else:
+                assert not matching(before, f"{p}gateway_fec_parity_shards")
+
+            # 3 to nowhere, 2 from a source A did not register; then one good packet, whose
+            # arrival at B shows the router has handled everything sent before it
+            await ga.send(
+                b"".join(frame(3, ipv4_packet("198.18.10.5", "198.18.99.1")) for _ in range(3))
+                + b"".join(frame(3, ipv4_packet("198.18.30.1", "198.18.20.9")) for _ in range(2))
+                + frame(3, ab[0])
+            )
+            assert await receive_packets(gb, 1) == [ab[0]]
+            after = await scrape(port)
+            assert value(after, f"{p}dropped_packets_total", reason="no_route") == 3
+            assert value(after, f"{p}dropped_packets_total", reason="spoofed") == 2
+            assert value(after, f"{p}dropped_packets_total", reason="queue_full") == 0
+            assert value(after, f"{p}gateway_received_packets_total", **gw_a) == n_ab + 6
+            assert value(after, f"{p}gateway_sent_packets_total", **gw_b) == n_ab + 1
+
+            # a wrong key on a third connection shows up as an auth failure, and a closed
+            # gateway leaves the per-gateway series and the connection count
+            bad = await ProtoGateway.connect(router)
+            await bad.send(frame(0, b'{"key":"wrong"}'))
+            assert await bad.closed_by_peer()
+            gb.close()
+            deadline = time.monotonic() + 10
+            while True:
+                last = await scrape(port)
+                if sum(matching(last, f"{p}connections").values()) == 1:
+                    break
+                assert time.monotonic() < deadline, matching(last, f"{p}connections")
+                await asyncio.sleep(0.05)
+            assert value(last, f"{p}auth_failures_total") == 1
+            assert value(last, f"{p}connections_closed_total") == 2
+            assert (f"{p}gateway_sent_packets_total", tuple(sorted(gw_b.items()))) not in last
+            assert value(last, f"{p}registered_gateways") == 1
+            ga.close()
+        finally:
+            await router.stop()
+        # the port is closed with the router
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+
+    run(scenario())
+
+
+def test_router_metrics_off_by_default(keys):
+    async def scenario():
+        router = await started(router_config(keys))
+        try:
+            assert router.metrics is None
+        finally:
+            await router.stop()
+
+    run(scenario())
+
+
+# -- the HTTP server
+
+
+def test_http_other_paths_methods_and_garbage(keys):
+    async def scenario():
+        router = await started(router_config(keys, metrics_listen=("127.0.0.1", 0)))
+        port = router.metrics.port
+        try:
+            status, _, _ = await http(port, b"GET / HTTP/1.1\r\n\r\n")
+            assert status == 404
+            status, _, _ = await http(port, b"GET /metricsx HTTP/1.0\r\n\r\n")
+            assert status == 404
+            status, _, _ = await http(port, b"POST /metrics HTTP/1.1\r\n\r\n")
+            assert status == 405
+            status, _, _ = await http(port, b"\x16\x03\x01garbage\r\n\r\n")
+            assert status == 400
+            # a query string is fine, and HEAD gets the headers only
+            status, _, body = await http(port, b"GET /metrics?x=1 HTTP/1.1\r\n\r\n")
+            assert status == 200 and b"polevpn_router_connections" in body
+            status, headers, body = await http(port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+            assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+        finally:
+            await router.stop()
+
+    run(scenario())
+
+
+def test_http_oversized_and_slow_requests_are_cut_off(keys, monkeypatch):
+    monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 0.5)
+
+    async def scenario():
+        router = await started(router_config(keys, metrics_listen=("127.0.0.1", 0)))
+        port = router.metrics.port
+        try:
+            big = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"p" * (2 * metrics.MAX_REQUEST)
+            status, _, _ = await http(port, big)
+            assert status == 431
+
+            # a client that sends half a request line and then nothing is closed unanswered
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /met")
+            t0 = time.monotonic()
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            assert time.monotonic() - t0 < 8
+            writer.close()
+
+            # clients beyond MAX_CLIENTS are closed at once; the held ones time out, and
+            # then scraping works again
+            held = [
+                await asyncio.open_connection("127.0.0.1", port) for _ in range(metrics.MAX_CLIENTS)
+            ]
+            await asyncio.sleep(0.1)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+            # aborted: a reset is as good a refusal as a close
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), 0.4) == b""
+            writer.close()
+            for r, w in held:
+                assert await asyncio.wait_for(r.read(), 10) == b""
+                w.close()
+            assert (await scrape(port))[("polevpn_router_registered_gateways", ())] == 0
+        finally:
+            await router.stop()
+
+    run(scenario())
+
+
+# -- configuration
+
+
+def _router_file(tmp_path: Path, keys, **extra) -> Path:
+    obj = {
+        "tls": {
+            "listen": "127.0.0.1:443",
+            "cert_file": str(keys.server_cert),
+            "key_file": str(keys.server_key),
+        },
+        "key": "123456",
+        **extra,
+    }
+    path = tmp_path / "router.json"
+    path.write_text(json.dumps(obj))
+    path.chmod(0o600)
+    return path
+
+
+def _gateway_file(tmp_path: Path, **extra) -> Path:
+    obj = {
+        "route_server": "tls://198.19.0.1:443",
+        "key": "123456",
+        "gateway": A,
+        "acls": [LAN_B],
+        "insecure_skip_verify": True,
+        **extra,
+    }
+    path = tmp_path / "gateway.json"
+    path.write_text(json.dumps(obj))
+    path.chmod(0o600)
+    return path
+
+
+def _metrics_warnings(warnings: tuple[str, ...]) -> list[str]:
+    return [w for w in warnings if "metrics_listen" in w]
+
+
+@pytest.mark.parametrize(
+    "text,expected,warned",
+    [
+        ("127.0.0.1:9400", ("127.0.0.1", 9400), False),
+        ("[::1]:9400", ("::1", 9400), False),
+        ("localhost:0", ("localhost", 0), False),
+        ("198.18.0.1:9400", ("198.18.0.1", 9400), True),
+        ("0.0.0.0:9400", ("0.0.0.0", 9400), True),
+        ("[2001:db8::1]:9400", ("2001:db8::1", 9400), True),
+    ],
+)
+def test_config_metrics_listen(tmp_path, keys, text, expected, warned):
+    rc = load_router_config(_router_file(tmp_path, keys, metrics_listen=text))
+    gc = load_gateway_config(_gateway_file(tmp_path, metrics_listen=text))
+    for cfg in (rc, gc):
+        assert cfg.metrics_listen == expected
+        assert bool(_metrics_warnings(cfg.warnings)) == warned
+
+
+def test_config_metrics_listen_absent_and_invalid(tmp_path, keys):
+    assert load_router_config(_router_file(tmp_path, keys)).metrics_listen is None
+    assert load_gateway_config(_gateway_file(tmp_path)).metrics_listen is None
+    for bad in ("9400", "127.0.0.1:http", "127.0.0.1:70000", "example.org:9400", ":9400", 9400):
+        with pytest.raises(ConfigError) as err:
+            load_router_config(_router_file(tmp_path, keys, metrics_listen=bad))
+        assert "metrics_listen" in str(err.value)
+        with pytest.raises(ConfigError) as err:
+            load_gateway_config(_gateway_file(tmp_path, metrics_listen=bad))
+        assert "metrics_listen" in str(err.value)
+
+
+def test_router_logs_where_metrics_listen_and_the_config_warning(tmp_path, keys, caplog):
+    tls = {
+        "listen": "127.0.0.1:0",
+        "cert_file": str(keys.server_cert),
+        "key_file": str(keys.server_key),
+    }
+    cfg = load_router_config(_router_file(tmp_path, keys, metrics_listen="127.0.0.1:0", tls=tls))
+    # the start-up warning of a non-loopback address, logged the way the router logs it,
+    # without opening a port beyond loopback in a test
+    exposed = load_router_config(
+        _router_file(tmp_path, keys, metrics_listen="198.18.0.1:9400", tls=tls)
+    )
+    cfg = dataclasses.replace(cfg, warnings=exposed.warnings)
+
+    async def scenario():
+        router = await started(cfg)
+        try:
+            port = router.metrics.port
+            assert (await scrape(port))[("polevpn_router_registered_gateways", ())] == 0
+        finally:
+            await router.stop()
+        return port
+
+    with caplog.at_level("INFO"):
+        port = run(scenario())
+    assert "metrics_listen 198.18.0.1:9400 is not a loopback address" in caplog.text
+    assert f"metrics listening address=127.0.0.1 port={port}" in caplog.text
+
+
+# -- real daemons in network namespaces
+
+try:
+    import topology as t
+except ImportError:  # pragma: no cover
+    from tests import topology as t
+
+_ok, _reason = t.have_netns_support()
+if _ok and shutil.which("ping") is None:
+    _ok, _reason = False, "'ping' (iputils-ping) not found"
+if _ok and t.console_script("polevpn-gateway") is None:
+    _ok, _reason = False, "polevpn console scripts not installed (run 'make venv')"
+
+_SCRAPE = r"""
+import sys, urllib.request
+print(urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode())
+"""
+
+
+def _scrape_ns(topo, node: str, port: int) -> Samples:
+    res = topo.run(node, [sys.executable, "-c", _SCRAPE, str(port)], timeout=20)
+    return parse(res.stdout)
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(not _ok, reason=_reason)
+def test_e2e_gateway_and_router_metrics(tmp_path_factory):
+    from test_e2e import running_vpn
+
+    work = tmp_path_factory.mktemp("metrics-e2e")
+    keys_dir = work / "keys"
+    generate(keys_dir)
+    router = t.router_config(keys_dir, metrics_listen="127.0.0.1:9400")
+    gw_a = t.gateway_config(
+        "A",
+        keys_dir,
+        metrics_listen="127.0.0.1:9401",
+        heartbeat_interval=0.3,
+        heartbeat_timeout=10,
+    )
+    with running_vpn(work, keys_dir, router=router, gw_a=gw_a) as vpn:
+        g = "polevpn_gateway_"
+        before = _scrape_ns(vpn.topo, "gwA", 9401)
+        assert value(before, f"{g}connected") == 1
+        res = vpn.topo.ping("hostA", t.HOST_B, count=5, wait=2)
+        assert res.returncode == 0, res.stdout
+        deadline = time.monotonic() + 15
+        while True:
+            after = _scrape_ns(vpn.topo, "gwA", 9401)
+            if matching(after, f"{g}heartbeat_rtt_seconds"):
+                break
+            assert time.monotonic() < deadline, "no heartbeat RTT reported"
+            time.sleep(0.3)
+        # 5 echo requests of 84 IP bytes each, at least, went to the router
+        assert (
+            value(after, f"{g}to_router_bytes_total")
+            >= value(before, f"{g}to_router_bytes_total") + 5 * 84
+        )
+        assert value(after, f"{g}from_router_packets_total") >= 5
+        rtt = value(after, f"{g}heartbeat_rtt_seconds")
+        assert 0 < rtt < 5
+        assert value(after, f"{g}link_info", route_server=gw_a["route_server"], transport="tls")
+        assert value(after, f"{g}connects_total") == 1
+
+        r = _scrape_ns(vpn.topo, "router", 9400)
+        p = "polevpn_router_"
+        assert value(r, f"{p}registered_gateways") == 2
+        sent_by_a = value(
+            r, f"{p}gateway_received_packets_total", gateway=t.GW_A_TUN4, transport="tls"
+        )
+        assert sent_by_a >= 5
