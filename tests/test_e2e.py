@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import signal
 import ssl
 import subprocess
@@ -27,13 +26,7 @@ try:  # tests/ is on sys.path (pytest rootdir-less import mode) ...
 except ImportError:  # ... or tests/ is a package
     from tests import topology as t
 
-_ok, _reason = t.have_netns_support()
-if _ok and shutil.which("ping") is None:
-    _ok, _reason = False, "'ping' (iputils-ping) not found"
-if _ok and (
-    t.console_script("polevpn-router") is None or t.console_script("polevpn-gateway") is None
-):
-    _ok, _reason = False, "polevpn console scripts not installed (run 'make venv')"
+_ok, _reason = t.daemons_ready()
 
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(not _ok, reason=_reason)]
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,13 +30,7 @@ from test_e2e import (
 from polevpn.config import GatewayConfig
 from polevpn.mss import limits
 
-_ok, _reason = t.have_netns_support()
-if _ok and shutil.which("ping") is None:
-    _ok, _reason = False, "'ping' (iputils-ping) not found"
-if _ok and (
-    t.console_script("polevpn-router") is None or t.console_script("polevpn-gateway") is None
-):
-    _ok, _reason = False, "polevpn console scripts not installed (run 'make venv')"
+_ok, _reason = t.daemons_ready()
 _integrated = any(f.name == "mss_clamp" for f in dataclasses.fields(GatewayConfig))
 
 pytestmark = [

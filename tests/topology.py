@@ -259,6 +259,17 @@ def _last_json(path: Path) -> dict | None:
         return None
 
 
+def daemons_ready() -> tuple[bool, str]:
+    """Whether end-to-end tests with the real daemons can run here, and if not, why."""
+    ok, reason = have_netns_support()
+    if ok and shutil.which("ping") is None:
+        return False, "'ping' (iputils-ping) not found"
+    scripts = (console_script("polevpn-router"), console_script("polevpn-gateway"))
+    if ok and None in scripts:
+        return False, "polevpn console scripts not installed (run 'make venv')"
+    return ok, reason
+
+
 def have_netns_support() -> tuple[bool, str]:
     """Return (ok, reason) telling whether this machine can build a Topology."""
     if os.geteuid() != 0:
