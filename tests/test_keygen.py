@@ -6,6 +6,7 @@ Covers the router certificate, and the per-gateway secrets and client certificat
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -192,17 +193,16 @@ def test_runs_as_module(tmp_path: Path) -> None:
 # --- real TLS handshakes against the generated certificate ---------------------------------
 
 
-@pytest.fixture
-def tls_server(generated: keygen.KeygenResult) -> Iterator[tuple[int, list[BaseException]]]:
-    """A TLS 1.2+ echo-one-line server on 127.0.0.1 using server.crt/server.key."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(generated.server_cert, generated.server_key)
+@contextlib.contextmanager
+def _tls_echo_server(
+    ctx: ssl.SSLContext, seen: list, record_peer: bool = False
+) -> Iterator[int]:
+    """Echo one read back on each TLS connection to 127.0.0.1:port; handshake failures go
+    into ``seen``, and with ``record_peer`` each client's certificate DER (or None) too."""
     listener = socket.create_server(("127.0.0.1", 0))
     # short accept timeout so teardown notices `stop` quickly (close() does not wake accept)
     listener.settimeout(0.2)
     port = listener.getsockname()[1]
-    errors: list[BaseException] = []
     stop = threading.Event()
 
     def serve() -> None:
@@ -216,19 +216,32 @@ def tls_server(generated: keygen.KeygenResult) -> Iterator[tuple[int, list[BaseE
             try:
                 raw.settimeout(10)
                 with ctx.wrap_socket(raw, server_side=True) as conn:
+                    if record_peer:
+                        seen.append(conn.getpeercert(binary_form=True))
                     conn.sendall(conn.recv(64))
             except (ssl.SSLError, OSError) as exc:
-                # expected when a client rejects the certificate; tests inspect if they care
-                errors.append(exc)
+                # expected when one side rejects the other; tests inspect if they care
+                seen.append(exc)
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield port, errors
+        yield port
     finally:
         stop.set()
         listener.close()
         thread.join(timeout=15)
+
+
+@pytest.fixture
+def tls_server(generated: keygen.KeygenResult) -> Iterator[tuple[int, list[BaseException]]]:
+    """A TLS 1.2+ echo-one-line server on 127.0.0.1 using server.crt/server.key."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(generated.server_cert, generated.server_key)
+    errors: list[BaseException] = []
+    with _tls_echo_server(ctx, errors) as port:
+        yield port, errors
 
 
 def _client_context(ca_file: Path, tls12_only: bool = False) -> ssl.SSLContext:
@@ -694,36 +707,9 @@ def client_auth_server(
     ctx.load_cert_chain(out / "server.crt", out / "server.key")
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.load_verify_locations(out / "ca.crt")
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    port = listener.getsockname()[1]
     seen: list[bytes | None | BaseException] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                raw, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            try:
-                raw.settimeout(10)
-                with ctx.wrap_socket(raw, server_side=True) as conn:
-                    seen.append(conn.getpeercert(binary_form=True))
-                    conn.sendall(conn.recv(64))
-            except (ssl.SSLError, OSError) as exc:
-                seen.append(exc)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
+    with _tls_echo_server(ctx, seen, record_peer=True) as port:
         yield port, seen
-    finally:
-        stop.set()
-        listener.close()
-        thread.join(timeout=15)
 
 
 def _client_auth_handshake(

@@ -109,37 +109,13 @@ dt = time.monotonic() - t0
 print(json.dumps({"bytes": n, "sha256": h.hexdigest(), "seconds": dt}), flush=True)
 """
 
+# Without a 5th argument as fast as it can; with ``rate`` (bytes/s) paced, never faster, also
+# after a stall, and printing "progress <bytes>" after every MiB, for Topology.start_transfer
+# (a stream that lasts long enough to break something under it).
 _SENDER = r"""
 import hashlib, json, os, socket, sys, time
 host, port, size, timeout = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-deadline = time.monotonic() + 10
-while True:
-    try:
-        s = socket.create_connection((host, port), timeout=timeout); break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.2)
-h = hashlib.sha256(); sent = 0; t0 = time.monotonic()
-while sent < size:
-    b = os.urandom(min(1 << 16, size - sent))
-    s.sendall(b); h.update(b); sent += len(b)
-s.shutdown(socket.SHUT_WR)
-s.settimeout(timeout)
-while s.recv(4096):
-    pass
-dt = time.monotonic() - t0
-print(json.dumps({"bytes": sent, "sha256": h.hexdigest(), "seconds": dt}), flush=True)
-"""
-
-
-# _SENDER paced to ``rate`` bytes/s (never faster, also after a stall), printing
-# "progress <bytes>" after every MiB, for Topology.start_transfer (a stream that lasts long
-# enough to break something under it).
-_PACED_SENDER = r"""
-import hashlib, json, os, socket, sys, time
-host, port, size, timeout, rate = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
-                                   float(sys.argv[4]), float(sys.argv[5]))
+rate = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
 deadline = time.monotonic() + 10
 while True:
     try:
@@ -150,16 +126,18 @@ while True:
         time.sleep(0.2)
 h = hashlib.sha256(); sent = 0; t0 = due = time.monotonic(); mark = 0
 while sent < size:
-    ahead = due - time.monotonic()
-    if ahead > 0:
-        time.sleep(ahead)
+    if rate:
+        ahead = due - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
     b = os.urandom(min(1 << 16, size - sent))
     s.sendall(b); h.update(b); sent += len(b)
-    # no catching up after a stall: the stream keeps its pace, so it outlasts the stall
-    due = max(due, time.monotonic()) + len(b) / rate
-    if sent >> 20 != mark:
-        mark = sent >> 20
-        print("progress", sent, flush=True)
+    if rate:
+        # no catching up after a stall: the stream keeps its pace, so it outlasts the stall
+        due = max(due, time.monotonic()) + len(b) / rate
+        if sent >> 20 != mark:
+            mark = sent >> 20
+            print("progress", sent, flush=True)
 s.shutdown(socket.SHUT_WR)
 s.settimeout(timeout)
 while s.recv(4096):
@@ -731,6 +709,25 @@ class Topology:
         return time.monotonic() - start if res.returncode == 0 else None
 
     # ---------------------------------------------------------------- traffic
+    def _start_receiver(
+        self, dst: str, dst_addr: str, port: int, timeout: float, log_name: str
+    ) -> subprocess.Popen:
+        """A _RECEIVER in ``dst``, listening once this returns (stopped if it never does)."""
+        rx = self.popen(
+            dst,
+            [sys.executable, "-c", _RECEIVER, dst_addr, str(port), str(timeout)],
+            log_name=f"{log_name}-{secrets.token_hex(2)}",
+        )
+        deadline = time.monotonic() + 10
+        while b"ready" not in rx.log_path.read_bytes():
+            if rx.poll() is not None or time.monotonic() > deadline:
+                self.stop(rx, timeout=2)
+                raise TopologyError(
+                    f"receiver did not start: {rx.log_path.read_text(errors='replace')}"
+                )
+            time.sleep(0.05)
+        return rx
+
     def transfer(
         self,
         src: str,
@@ -745,19 +742,8 @@ class Topology:
         Returns ``{"sent": {...}, "received": {...}, "ok": bool, "mbit_s": float}``
         where each side reports bytes, sha256 and seconds.
         """
-        rx = self.popen(
-            dst,
-            [sys.executable, "-c", _RECEIVER, dst_addr, str(port), str(timeout)],
-            log_name=f"xfer-rx-{secrets.token_hex(2)}",
-        )
+        rx = self._start_receiver(dst, dst_addr, port, timeout, "xfer-rx")
         try:
-            deadline = time.monotonic() + 10
-            while b"ready" not in rx.log_path.read_bytes():
-                if rx.poll() is not None or time.monotonic() > deadline:
-                    raise TopologyError(
-                        f"receiver did not start: {rx.log_path.read_text(errors='replace')}"
-                    )
-                time.sleep(0.05)
             tx = self.run(
                 src,
                 [sys.executable, "-c", _SENDER, dst_addr, str(port), str(size), str(timeout)],
@@ -786,22 +772,10 @@ class Topology:
         """Start sending ``size`` random bytes at about ``rate`` bytes/s over TCP, in the
         background; ``timeout`` bounds every blocking socket call on both ends.  The caller
         gets the outcome from ``.result()``; teardown stops both ends in any case."""
-        rx = self.popen(
-            dst,
-            [sys.executable, "-c", _RECEIVER, dst_addr, str(port), str(timeout)],
-            log_name=f"paced-rx-{secrets.token_hex(2)}",
-        )
-        deadline = time.monotonic() + 10
-        while b"ready" not in rx.log_path.read_bytes():
-            if rx.poll() is not None or time.monotonic() > deadline:
-                self.stop(rx, timeout=2)
-                raise TopologyError(
-                    f"receiver did not start: {rx.log_path.read_text(errors='replace')}"
-                )
-            time.sleep(0.05)
+        rx = self._start_receiver(dst, dst_addr, port, timeout, "paced-rx")
         tx = self.popen(
             src,
-            [sys.executable, "-c", _PACED_SENDER, dst_addr, str(port), str(size), str(timeout),
+            [sys.executable, "-c", _SENDER, dst_addr, str(port), str(size), str(timeout),
              str(rate)],
             log_name=f"paced-tx-{secrets.token_hex(2)}",
         )
