@@ -351,19 +351,15 @@ def _key(r: _Reader, secrets: list[Path]) -> str:
     return key
 
 
-def _loosely_readable(path: Path) -> bool:
-    try:
-        return bool(os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH))
-    except OSError:
-        return False
-
-
 def _permission_warnings(secrets: list[Path]) -> list[str]:
     """A warning for each file holding a secret that group or others may read."""
     out = []
     for p in dict.fromkeys(secrets):
-        if _loosely_readable(p):
+        try:
             mode = stat.S_IMODE(os.stat(p).st_mode)
+        except OSError:
+            continue
+        if mode & (stat.S_IRGRP | stat.S_IROTH):
             out.append(
                 f"{p} holds a secret but is readable by group or others "
                 f"(mode {mode:04o}); chmod 600 it"
