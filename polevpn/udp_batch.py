@@ -96,13 +96,21 @@ class UdpBatchSender:
                     self.close()
                     self._send_each(datagrams[i:], addr)
                     return
-                # unreachable and the like: this run is lost as a datagram would be; KCP
-                # retransmits, and the transport reports the error on its own sends
+                # unreachable and the like: this run is lost as a datagram would be and KCP
+                # retransmits. The call consumed the socket's pending error (an ICMP port
+                # unreachable on a connected socket), so the protocol must hear it from us,
+                # as it would from the transport's own sendto; later, not inside KCP's flush.
                 self.send_errors += 1
+                self._report(exc)
             else:
                 self.batches += 1
                 self.batched_datagrams += j - i
             i = j
+
+    def _report(self, exc: OSError) -> None:
+        protocol = self.transport.get_protocol()
+        if protocol is not None:
+            asyncio.get_running_loop().call_soon(protocol.error_received, exc)
 
     def _send_each(self, datagrams: Sequence[bytes], addr: Any) -> None:
         sendto = self.transport.sendto

@@ -86,3 +86,62 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     sent = numbered([1200] * 20)
     got, sender = run(sent)
     assert got == sent and sender.batches == 0 and not sender.gso
+
+
+class _Recorder(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.errors: list[Exception] = []
+
+    def error_received(self, exc: Exception) -> None:
+        self.errors.append(exc)
+
+
+class _BareTransport:
+    """A connected socket the loop does not watch, so only the batched send can see its
+    pending error: the race the real transport loses now and then, made certain."""
+
+    def __init__(self, sock: socket.socket, protocol: asyncio.DatagramProtocol) -> None:
+        self.sock = sock
+        self.protocol = protocol
+
+    def get_extra_info(self, name: str):
+        return self.sock if name == "socket" else None
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_protocol(self) -> asyncio.DatagramProtocol:
+        return self.protocol
+
+    def sendto(self, data: bytes, addr=None) -> None:
+        self.sock.send(data)
+
+
+def test_a_refused_batch_reaches_the_protocol() -> None:
+    """The ICMP port unreachable that a batch consumes is how a gateway learns at once
+    that the router restarted; swallowed, it waited for KCP's silence timeout instead."""
+
+    async def main() -> list[Exception]:
+        closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        closed.bind(("127.0.0.1", 0))
+        dest = closed.getsockname()
+        closed.close()  # nobody listens there now
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.connect(dest)
+        sock.setblocking(False)
+        recorder = _Recorder()
+        sender = UdpBatchSender(_BareTransport(sock, recorder))  # type: ignore[arg-type]
+        try:
+            if not sender.gso:
+                pytest.skip("UDP GSO unavailable")
+            sock.send(b"x")  # the kernel answers on loopback before send returns
+            sender.send(numbered([500] * 4))
+            assert sender.send_errors == 1
+            await asyncio.sleep(0)
+            return recorder.errors
+        finally:
+            sender.close()
+            sock.close()
+
+    errors = uvloop.run(main())
+    assert len(errors) == 1 and isinstance(errors[0], ConnectionRefusedError)
