@@ -4,18 +4,16 @@ Nothing here runs per packet: the collectors read the counters the daemons alrea
 (``RouterStats``, ``GatewayStats``, each connection's packet and byte counts, KCP's control
 block and the FEC session's stats) when ``/metrics`` is scraped.
 
-The HTTP side is a few lines of asyncio rather than ``prometheus_client.start_http_server``:
-that one runs a thread, and the gateway drops its capabilities thread by thread while the
-router may switch to another uid after binding. Every scrape gets one response and a close;
-a request is bounded in size and time, and so is the number of clients at once, so a slow
-or hostile client costs at most a few sockets for a few seconds.
+The HTTP side is ``polevpn.httpserver`` on the daemon's loop rather than
+``prometheus_client.start_http_server``: that one runs a thread, and the gateway drops its
+capabilities thread by thread while the router may switch to another uid after binding.
+Every scrape gets one response and a close; a request is bounded in size and time, and so
+is the number of clients at once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import fields
 from typing import TYPE_CHECKING
@@ -24,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from . import httpserver
 from .kcp_pool import RESET_SUPPORTED, control_block
 
 if TYPE_CHECKING:
@@ -31,11 +30,10 @@ if TYPE_CHECKING:
     from .kcp_link import KcpLink
     from .router import GatewayConnection, Router
 
-log = logging.getLogger("polevpn.metrics")
-
 MAX_REQUEST = 4096  # bytes of request line and headers; a GET needs a fraction of that
 REQUEST_TIMEOUT = 5.0  # s for the whole request to arrive, and again for the reply to leave
 MAX_CLIENTS = 16  # scrapes served at once; more are closed unanswered
+
 
 # RouterStats fields that are packets dropped, by the ``reason`` label they get
 ROUTER_DROPS = {
@@ -352,90 +350,30 @@ def gateway_registry(gateway: Gateway) -> CollectorRegistry:
 # -- HTTP
 
 
-class MetricsServer:
+def _metrics_error(status: int, message: str) -> tuple[str, bytes]:
+    if status == 404:
+        message = "not found; try /metrics"
+    return httpserver.text_error(status, message)
+
+
+class MetricsServer(httpserver.HttpServer):
     """``GET /metrics`` on one address, from the running event loop."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        self.server: asyncio.Server | None = None
-        self._clients: set[asyncio.StreamWriter] = set()
-
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        self.server = await asyncio.start_server(
-            self._client, host, port, limit=MAX_REQUEST, reuse_address=True
+        super().__init__(
+            {("GET", "/metrics"): self._metrics},
+            name="metrics",
+            error_body=_metrics_error,
+            max_request=MAX_REQUEST,
+            # a scrape has no body
+            max_body=0,
+            timeout=REQUEST_TIMEOUT,
+            max_clients=MAX_CLIENTS,
         )
-        addr = self.server.sockets[0].getsockname()
-        log.info("metrics listening address=%s port=%d", addr[0], addr[1])
-        return addr[0], addr[1]
+        self.registry = registry
 
-    @property
-    def port(self) -> int:
-        assert self.server is not None
-        return self.server.sockets[0].getsockname()[1]
-
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            self.server = None
-        # aborted rather than cancelled: the handlers then end as for any lost client
-        for writer in list(self._clients):
-            writer.transport.abort()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) >= MAX_CLIENTS:
-            writer.transport.abort()
-            return
-        self._clients.add(writer)
-        try:
-            reply = await self._reply(reader)
-            if reply:
-                writer.write(reply)
-                await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
-        except (OSError, TimeoutError, asyncio.IncompleteReadError):
-            pass
-        except Exception:
-            # a scrape must never take the daemon down
-            log.exception("metrics request failed")
-        finally:
-            self._clients.discard(writer)
-            writer.close()
-
-    async def _reply(self, reader: asyncio.StreamReader) -> bytes | None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
-        except (asyncio.LimitOverrunError, ValueError):
-            return _response(431, "text/plain", b"request too large\n")
-        except TimeoutError:
-            return None
-        line = head.split(b"\r\n", 1)[0].split()
-        if len(line) != 3 or not line[2].startswith(b"HTTP/"):
-            return _response(400, "text/plain", b"bad request\n")
-        method, target = line[0], line[1]
-        if method not in (b"GET", b"HEAD"):
-            return _response(405, "text/plain", b"method not allowed\n")
-        if target.split(b"?", 1)[0] != b"/metrics":
-            return _response(404, "text/plain", b"not found; try /metrics\n")
-        body = generate_latest(self.registry)
-        return _response(200, CONTENT_TYPE_LATEST, body, head_only=method == b"HEAD")
-
-
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    431: "Request Header Fields Too Large",
-}
-
-
-def _response(status: int, ctype: str, body: bytes, head_only: bool = False) -> bytes:
-    head = (
-        f"HTTP/1.1 {status} {_REASONS[status]}\r\n"
-        f"Content-Type: {ctype}\r\n"
-        f"Content-Length: {len(body)}\r\n"
-        "Connection: close\r\n\r\n"
-    ).encode()
-    return head if head_only else head + body
+    async def _metrics(self, request: httpserver.Request) -> httpserver.Reply:
+        return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry), {}
 
 
 async def serve(registry: CollectorRegistry, listen: tuple[str, int]) -> MetricsServer:
