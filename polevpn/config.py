@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from .auth import Authority, GatewayGrant
 from .limits import LimitParams
+from .logfmt import LogfmtFormatter
 from .routing import IPNetwork
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -728,8 +729,12 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        force=True,
-    )
+    """One logfmt line per event on stderr (journald takes it from there)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogfmtFormatter())
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
+
+
+def set_log_level(level: str) -> None:
+    """A reload's log level, without replacing the handlers."""
+    logging.getLogger().setLevel(getattr(logging, level.upper()))

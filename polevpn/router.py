@@ -515,7 +515,7 @@ class Router:
         if self.admission.failure(conn.source, time.monotonic()):
             p = self.cfg.limits
             log.warning(
-                "source=%s refused for up to %gs after %d failed attempts",
+                "blocked source=%s window=%gs failures=%d",
                 conn.source,
                 p.auth_failure_window,
                 p.auth_failures,
@@ -591,7 +591,7 @@ class Router:
             kcp = conn.transport.get_extra_info("kcp_link") if conn.transport else None
             fec = kcp.fec if kcp is not None else None
             log.info(
-                "gateway disconnected gateway=%s peer=%s transport=%s packets_in=%d "
+                "disconnected gateway=%s peer=%s transport=%s packets_in=%d "
                 "packets_out=%d bytes_in=%d bytes_out=%d%s%s",
                 conn.gateway,
                 conn.peer,

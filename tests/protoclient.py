@@ -415,7 +415,7 @@ class RouterProcess:
         return topology.last_stats(self.log_path)
 
     def stats_line_count(self) -> int:
-        return self.log_path.read_text(errors="replace").count(" stats connections=")
+        return self.log_path.read_text(errors="replace").count(" event=stats connections=")
 
     def wait_stats(self, check: Any, timeout: float = 20.0) -> dict[str, str]:
         """Until a stats line written after this call satisfies ``check`` (the router logs

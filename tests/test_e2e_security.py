@@ -281,7 +281,7 @@ def test_daemons_run_with_least_privilege(tmp_path, keys):  # noqa: F811
         )
         cfg.chmod(0o644)
         rproc = t.start_router(topo, cfg)
-        t.wait_for_log(rproc, "dropped privileges user=nobody")
+        t.wait_for_log(rproc, "dropped privileges", "user=nobody")
         gws = [
             t.start_gateway(
                 topo, n, t.write_json(tmp_path / f"{n}.json", t.gateway_config(s, keys))

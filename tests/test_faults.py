@@ -137,7 +137,7 @@ def _fresh_stat(path: Path, name: str, timeout: float = 5.0) -> int:
     since = time.time()
     deadline = time.monotonic() + timeout
     while True:
-        lines = _lines(path, " stats ")
+        lines = _lines(path, " event=stats ")
         if lines and t.log_time(lines[-1]) >= since:
             return int(t.last_stats(path).get(name, 0))
         assert time.monotonic() < deadline, f"no stats line in {timeout}s in {path}"
@@ -159,7 +159,7 @@ def _wait_withdrawn(
     deadline = time.monotonic() + timeout
     while True:
         times = [t.log_time(line) for line in _lines(router_log, gone)[before:]]
-        for line in _lines(router_log, " stats ", "routes="):
+        for line in _lines(router_log, " event=stats ", "routes="):
             when = t.log_time(line)
             if when >= since and int(line.split("routes=", 1)[1].split()[0]) < routes:
                 times.append(when)
@@ -264,7 +264,7 @@ class TestTls:
 
     def test_gateway_sigkill_withdraws_routes(self, vpn):
         router_log = vpn.router.log_path
-        gone = f"gateway disconnected gateway={GW_B} "
+        gone = f"event=disconnected gateway={GW_B} "
         before = _count(router_log, gone)
         routes = _fresh_stat(router_log, "routes")
         killed = _kill(vpn.gw.pop("gwB"))
@@ -359,9 +359,9 @@ class TestShortTimers:
     def test_silent_gateway_withdrawn_after_idle_timeout(self, vpn):
         """gwB's host vanishes without a FIN or RST: all its underlay traffic dropped."""
         router_log = vpn.router.log_path
-        gone = f"gateway disconnected gateway={GW_B} "
+        gone = f"event=disconnected gateway={GW_B} "
         before = _count(router_log, gone)
-        idle = _count(router_log, "closing connection", f"gateway={GW_B} ", "reason=idle")
+        idle = _count(router_log, "closing connection", f"gateway={GW_B} ", 'reason="idle')
         chains = (
             " chain in { type filter hook input priority -200; iifname wan0 drop; }\n"
             " chain out { type filter hook output priority -200; oifname wan0 drop; }"
@@ -374,7 +374,7 @@ class TestShortTimers:
             print(f"silent gateway withdrawn after {withdrawn:.2f} s "
                   f"(idle_timeout {IDLE_TIMEOUT} s)")
             assert _count(router_log, "closing connection", f"gateway={GW_B} ",
-                          "reason=idle") > idle, t.log_tail(router_log)
+                          'reason="idle') > idle, t.log_tail(router_log)
             dropped = _fresh_stat(router_log, "dropped_no_route")
             assert vpn.topo.ping("hostA", t.HOST_B, count=3, wait=1).returncode != 0
             got = _wait_stat(router_log, "dropped_no_route", dropped + 3)

@@ -114,7 +114,7 @@ class RouterProcess:
         raise AssertionError(f"router did not listen on {transport}:\n{self.log()[-3000:]}")
 
     def stats_lines(self) -> list[str]:
-        return [ln for ln in self.log().splitlines() if " stats " in ln]
+        return [ln for ln in self.log().splitlines() if " event=stats " in ln]
 
     def wait_stats_after(self, count: int, timeout: float = 10.0) -> str:
         """The first stats line logged after the ``count`` seen so far."""

@@ -968,14 +968,15 @@ def last_stats(path: str | os.PathLike, prefix: str = "stats") -> dict[str, str]
         text = Path(path).read_text(errors="replace")
     except OSError:
         return {}
-    lines = [ln for ln in text.splitlines() if f" {prefix} " in ln]
+    lines = [ln for ln in text.splitlines() if f" event={prefix} " in ln]
     return dict(re.findall(r"(\w+)=(\S+)", lines[-1])) if lines else {}
 
 
 def log_time(line: str) -> float:
-    """Wall-clock time (epoch seconds) of a daemon log line (``%(asctime)s`` prefix)."""
-    stamp = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-    return stamp.timestamp()
+    """Wall-clock time (epoch seconds) of a daemon log line (its leading ``time=`` field)."""
+    assert line.startswith("time="), line
+    stamp = datetime.datetime.strptime(line[5:29], "%Y-%m-%dT%H:%M:%S.%fZ")
+    return stamp.replace(tzinfo=datetime.UTC).timestamp()
 
 
 def find_log_line(path: str | os.PathLike, *needles: str) -> str | None:
