@@ -107,6 +107,9 @@ class RouterConfig:
     user: str | None = None
     # (host, port) to serve Prometheus metrics on; None: off
     metrics_listen: tuple[str, int] | None = None
+    # (host, port) of the REST API (polevpn.api) and the bearer token it requires; None: off
+    api_listen: tuple[str, int] | None = None
+    api_token: str | None = field(default=None, repr=False)
     warnings: tuple[str, ...] = field(default=())
 
     def authority(self) -> Authority:
@@ -427,6 +430,81 @@ def _metrics_listen(r: _Reader) -> tuple[tuple[str, int] | None, list[str]]:
     return (host, port), []
 
 
+def _api_token(r: _Reader, secrets: list[Path]) -> tuple[str, list[str]]:
+    """`api_token` inline or `api_token_file`; the API has no other way in."""
+    if r.has("api_token") and r.has("api_token_file"):
+        raise r.fail("api_token", "set api_token or api_token_file, not both")
+    if r.has("api_token_file"):
+        name = "api_token_file"
+        p = r.file(name, required=True)
+        assert p is not None
+        try:
+            token = p.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise r.fail(name, f"{p} is not UTF-8 text") from None
+        if not token:
+            raise r.fail(name, f"{p} is empty")
+        secrets.append(p)
+    elif r.has("api_token"):
+        name = "api_token"
+        token = r.string(name)
+        if not token:
+            raise r.fail(name, "is empty")
+        secrets.append(r.path)
+    else:
+        raise r.fail(
+            "api_token",
+            "missing: api_listen needs api_token or api_token_file "
+            "(a random string, e.g. from openssl rand -hex 32)",
+        )
+    # it travels in an Authorization header
+    if not all(0x21 <= ord(c) <= 0x7E for c in token):
+        raise r.fail(name, "must be printable ASCII without spaces")
+    if len(token) < 16:
+        return token, [f"{name} is short ({len(token)} characters): use 16 or more random ones"]
+    return token, []
+
+
+def _api(r: _Reader, secrets: list[Path]) -> tuple[tuple[str, int] | None, str | None, list[str]]:
+    """`api_listen` ("127.0.0.1:8080"), its token, and warnings."""
+    if not r.has("api_listen"):
+        if r.has("api_token") or r.has("api_token_file"):
+            return None, None, ["an API token is set but api_listen is not: the API is off"]
+        return None, None, []
+    try:
+        host, port = _split_host_port(r.string("api_listen"))
+        addr = ipaddress.ip_address(host) if host != "localhost" else None
+    except ValueError as exc:
+        raise r.fail("api_listen", f"{exc} (expected host:port, e.g. 127.0.0.1:8080)") from None
+    token, warnings = _api_token(r, secrets)
+    if addr is not None and not addr.is_loopback:
+        warnings.append(
+            f"api_listen {host}:{port} is not a loopback address: the API's token and "
+            "replies travel in clear; reach it through an SSH tunnel or a TLS reverse proxy"
+        )
+    return (host, port), token, warnings
+
+
+@dataclass(frozen=True)
+class ApiAccess:
+    """What polevpn-ctl needs from a router config: where the API listens, and its token."""
+
+    host: str
+    port: int
+    token: str = field(repr=False)
+
+
+def load_api_access(path: str | Path) -> ApiAccess:
+    """The API fields of a router config, parsed as the router does, without the rest (so
+    that reading it needs no access to the router's keys)."""
+    path = Path(path)
+    r = _Reader(path, _load_json(path))
+    listen, token, _ = _api(r, [])
+    if listen is None or token is None:
+        raise r.fail("api_listen", "missing: the router's REST API is off")
+    return ApiAccess(listen[0], listen[1], token)
+
+
 def _user(r: _Reader) -> str | None:
     if not r.has("user"):
         return None
@@ -533,10 +611,11 @@ def load_router_config(path: str | Path) -> RouterConfig:
             "missing: gateways with cert_fingerprint need the CA that signed their certificates",
         )
     secrets += [p for p in (tls.key_file, kcp.key_file) if p is not None]
+    api_listen, api_token, api_warnings = _api(r, secrets)
     anti_spoofing = r.boolean("anti_spoofing", True)
     warnings = _router_warnings(key, grants, anti_spoofing) + _permission_warnings(secrets)
     metrics_listen, metrics_warnings = _metrics_listen(r)
-    warnings += metrics_warnings
+    warnings += metrics_warnings + api_warnings
     return RouterConfig(
         path=path,
         tls=tls,
@@ -556,6 +635,8 @@ def load_router_config(path: str | Path) -> RouterConfig:
         stats_interval=r.number("stats_interval", 300.0, 0, 86400),
         super_packets=r.boolean("super_packets", True),
         metrics_listen=metrics_listen,
+        api_listen=api_listen,
+        api_token=api_token,
     )
 
 

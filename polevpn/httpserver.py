@@ -98,7 +98,7 @@ class HttpServer:
         timeout: float = REQUEST_TIMEOUT,
         max_clients: int = MAX_CLIENTS,
     ) -> None:
-        self.routes = [
+        self._routes = [
             _Route(method, tuple(path.split("/")), handler)
             for (method, path), handler in routes.items()
         ]
@@ -173,12 +173,13 @@ class HttpServer:
             reason = HTTPStatus(status).phrase
         except ValueError:
             reason = "Unknown"
-        lines = [
-            f"HTTP/1.1 {status} {reason}",
-            f"Content-Type: {ctype}",
-            f"Content-Length: {len(body)}",
-            "Connection: close",
-        ]
+        lines = [f"HTTP/1.1 {status} {reason}"]
+        if status == 204:
+            # RFC 9110: no content, and no Content-Length saying so
+            body = b""
+        else:
+            lines += [f"Content-Type: {ctype}", f"Content-Length: {len(body)}"]
+        lines.append("Connection: close")
         lines += [f"{k}: {v}" for k, v in {**self.headers, **headers}.items()]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         return head if head_only else head + body
@@ -238,7 +239,7 @@ class HttpServer:
         allowed: list[str] = []
         method = "GET" if request.method == "HEAD" else request.method
         chosen: tuple[_Route, dict[str, str]] | None = None
-        for route in self.routes:
+        for route in self._routes:
             try:
                 params = route.match(segments)
             except UnicodeDecodeError:

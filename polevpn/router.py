@@ -24,7 +24,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from . import dtls, metrics, privileges, wire
+from . import api, dtls, metrics, privileges, wire
 from .config import RouterConfig
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
@@ -269,6 +269,7 @@ class Router:
         self.authority = cfg.authority()
         self.admission = Admission(cfg.limits)
         self.metrics: metrics.MetricsServer | None = None
+        self.api: api.ApiServer | None = None
 
     # -- lifecycle
 
@@ -284,6 +285,8 @@ class Router:
             # before dropping privileges, so that a port below 1024 works
             registry = metrics.router_registry(self)
             self.metrics = await metrics.serve(registry, self.cfg.metrics_listen)
+        if self.cfg.api_listen is not None:
+            self.api = await api.serve(self, self.cfg.api_listen)
         self._drop_privileges()
 
     def _drop_privileges(self) -> None:
@@ -439,6 +442,8 @@ class Router:
             sock.close()
         if self.metrics is not None:
             self.metrics.close()
+        if self.api is not None:
+            self.api.close()
         log.info("stopped %s", self.stats.summary())
 
     async def _housekeeping(self) -> None:

@@ -1,0 +1,300 @@
+"""The router's REST API: JSON under /api/v1, bearer-token auth, on the router's own loop.
+
+Every reply is built when it is asked for, from what the router already keeps
+(connections, routing table, stats, the admission limits, the kcp:// server), so the API
+costs nothing per packet. Endpoints (``polevpn.openapi`` has the precise shapes):
+
+  GET  /api/v1/status             version, uptime, listeners, counts, counters, drops
+  GET  /api/v1/gateways           registered gateways with transport, networks, counters, RTT
+  GET  /api/v1/gateways/{address} one of them, or 404
+  GET  /api/v1/routes             the routing table
+  POST /api/v1/reload             Router.reload(): 200 with the changes, 400 with the error
+  GET  /api/v1/openapi.json       the OpenAPI document (public: it holds no data)
+  GET  /                          the dashboard page, polevpn/web/index.html (public)
+
+The token is compared in constant time and read from the router's config at each request,
+so a reload that changes it takes effect at once. It is never logged.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import ipaddress
+import json
+import logging
+import socket
+import struct
+import time
+from dataclasses import fields
+from datetime import UTC, datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from . import __version__, httpserver, openapi
+from .config import ConfigError
+from .httpserver import HttpError, Reply, Request
+from .kcp_pool import RESET_SUPPORTED, control_block
+from .metrics import ROUTER_DROPS
+
+if TYPE_CHECKING:
+    from .kcp_link import KcpLink
+    from .router import GatewayConnection, Router
+
+log = logging.getLogger("polevpn.api")
+
+P = openapi.API_PREFIX
+JSON = "application/json"
+# struct tcp_info (linux/tcp.h): eight u8 fields, then u32s; tcpi_rtt is the 16th, in µs
+_TCPI_RTT_OFFSET = 68
+_TCP_INFO_LEN = 104
+
+
+def json_error(status: int, message: str) -> tuple[str, bytes]:
+    return JSON, _dumps({"error": message})
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _ok(obj: Any) -> Reply:
+    return 200, JSON, _dumps(obj), {}
+
+
+def rfc3339(wall: float) -> str:
+    return (
+        datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    )
+
+
+def tcp_rtt_ms(transport: object) -> float | None:
+    """The kernel's smoothed RTT of a TCP connection (TCP_INFO), or None if unavailable."""
+    get = getattr(transport, "get_extra_info", None)
+    sock = get("socket") if get is not None else None
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, AttributeError, TypeError):
+        return None
+    if len(info) < _TCPI_RTT_OFFSET + 4:
+        return None
+    (rtt_us,) = struct.unpack_from("=I", info, _TCPI_RTT_OFFSET)
+    return rtt_us / 1000
+
+
+def _kcp_view(link: KcpLink) -> dict[str, Any]:
+    srtt = retrans = None
+    if link.kcp is not None and RESET_SUPPORTED:
+        cb = control_block(link.kcp)
+        srtt, retrans = float(cb.rx_srtt), int(cb.xmit)
+    fec = None
+    if link.fec is not None:
+        s = link.fec.stats
+        fec = {
+            "state": link.fec_state,
+            "parity": s.parity,
+            "parity_sent": s.parity_sent,
+            "recovered": s.recovered,
+            "unrecoverable": s.unrecoverable,
+            "loss": s.loss_ppm / 1e6,
+        }
+    return {"srtt_ms": srtt, "retransmissions": retrans, "fec": fec}
+
+
+def _network_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int, int]:
+    return net.version, int(net.network_address), net.prefixlen
+
+
+class ApiServer(httpserver.HttpServer):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.started_at = time.time()
+        self._started = time.monotonic()
+        routes: dict[tuple[str, str], httpserver.Handler] = {
+            ("GET", "/"): self._index,
+            ("GET", "/favicon.ico"): self._favicon,
+            ("GET", f"{P}/openapi.json"): self._openapi,
+            ("GET", f"{P}/status"): self._authorized(self._status),
+            ("GET", f"{P}/gateways"): self._authorized(self._gateways),
+            ("GET", f"{P}/gateways/{{address}}"): self._authorized(self._gateway),
+            ("GET", f"{P}/routes"): self._authorized(self._routes),
+            ("POST", f"{P}/reload"): self._authorized(self._reload),
+        }
+        super().__init__(
+            routes,
+            name="api",
+            error_body=json_error,
+            headers={
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+                "X-Frame-Options": "DENY",
+                "Referrer-Policy": "no-referrer",
+            },
+        )
+
+    # -- auth
+
+    def _authorized(self, handler: httpserver.Handler) -> httpserver.Handler:
+        async def checked(request: Request) -> Reply:
+            token = self.router.cfg.api_token
+            value = request.headers.get("authorization")
+            if value is None:
+                raise HttpError(401, "bearer token required", {"WWW-Authenticate": "Bearer"})
+            scheme, _, given = value.partition(" ")
+            # latin-1 as the header was decoded: any byte string compares, none raises
+            if (
+                token is None
+                or scheme.lower() != "bearer"
+                or not hmac.compare_digest(given.strip().encode("latin-1"), token.encode())
+            ):
+                raise HttpError(
+                    401, "wrong bearer token", {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+                )
+            return await handler(request)
+
+        return checked
+
+    # -- views
+
+    def counter_names(self) -> list[str]:
+        r = self.router
+        return [f.name for f in fields(r.stats)] + [f.name for f in fields(r.admission.stats)]
+
+    def _listeners(self) -> list[dict[str, Any]]:
+        r = self.router
+        out = []
+        for sock in r.listen_sockets:
+            try:
+                host, port = sock.getsockname()[:2]
+            except OSError:  # closed while stopping
+                continue
+            out.append({"transport": "tls", "address": host, "port": port})
+        udp = r.kcp_server.transport if r.kcp_server is not None else None
+        if udp is not None:
+            sockname = udp.get_extra_info("sockname")
+            if sockname:
+                out.append({"transport": "kcp", "address": sockname[0], "port": sockname[1]})
+        return out
+
+    def status(self) -> dict[str, Any]:
+        r = self.router
+        stats = r.stats
+        conns = list(r.connections)
+        counters: dict[str, int] = {f.name: getattr(stats, f.name) for f in fields(stats)}
+        # sessions count what arrives before REGISTER themselves; the router adds it up at
+        # disconnect, so live sessions are added here to keep the figure monotonic
+        counters["dropped_unregistered"] += sum(
+            c.session.dropped_unregistered for c in conns if c.session
+        )
+        adm = r.admission.stats
+        counters.update({f.name: getattr(adm, f.name) for f in fields(adm)})
+        if r.kcp_server is not None:
+            ks = r.kcp_server.counters()
+            counters.update({f"kcp_{f.name}": getattr(ks, f.name) for f in fields(ks)})
+        return {
+            "version": __version__,
+            "started_at": rfc3339(self.started_at),
+            "uptime": round(time.monotonic() - self._started, 3),
+            "listen": self._listeners(),
+            "connections": len(conns),
+            "gateways": len(r.by_gateway),
+            "routes": len(r.routes),
+            "pending": r.admission.pending,
+            "counters": counters,
+            "drops": {reason: counters[field] for field, reason in ROUTER_DROPS.items()},
+        }
+
+    def gateway_view(self, conn: GatewayConnection) -> dict[str, Any]:
+        now = time.monotonic()
+        transport = conn.transport
+        kcp = None
+        rtt: float | None = None
+        if conn.transport_name == "kcp":
+            get = getattr(transport, "get_extra_info", None)
+            link = get("kcp_link") if get is not None else None
+            if link is not None:
+                kcp = _kcp_view(link)
+                rtt = kcp["srtt_ms"]
+        elif transport is not None:
+            rtt = tcp_rtt_ms(transport)
+        uptime = max(0.0, now - conn.connected_at)
+        return {
+            "gateway": str(conn.gateway),
+            "peer": conn.peer,
+            "transport": conn.transport_name,
+            # the first prefix is the gateway's own address
+            "networks": [str(n) for n in conn.prefixes[1:]],
+            "features": sorted(conn.session.features) if conn.session else [],
+            "connected_at": rfc3339(time.time() - uptime),
+            "uptime": round(uptime, 3),
+            "packets_in": conn.packets_in,
+            "packets_out": conn.packets_out,
+            "bytes_in": conn.bytes_in,
+            "bytes_out": conn.bytes_out,
+            "rtt_ms": rtt,
+            "kcp": kcp,
+        }
+
+    def gateways(self) -> list[dict[str, Any]]:
+        items = sorted(self.router.by_gateway.items(), key=lambda kv: (kv[0].version, int(kv[0])))
+        return [self.gateway_view(conn) for _, conn in items]
+
+    def routes(self) -> list[dict[str, Any]]:
+        table = sorted(self.router.routes.routes(), key=lambda nv: _network_key(nv[0]))
+        return [
+            {"network": str(net), "gateway": str(conn.gateway), "transport": conn.transport_name}
+            for net, conn in table
+        ]
+
+    # -- handlers
+
+    async def _status(self, request: Request) -> Reply:
+        return _ok(self.status())
+
+    async def _gateways(self, request: Request) -> Reply:
+        return _ok({"gateways": self.gateways()})
+
+    async def _gateway(self, request: Request) -> Reply:
+        text = request.params["address"]
+        try:
+            addr = ipaddress.ip_address(text)
+        except ValueError:
+            addr = None
+        conn = self.router.by_gateway.get(addr) if addr is not None else None
+        if conn is None:
+            raise HttpError(404, f"no registered gateway {text!r}")
+        return _ok(self.gateway_view(conn))
+
+    async def _routes(self, request: Request) -> Reply:
+        return _ok({"routes": self.routes()})
+
+    async def _reload(self, request: Request) -> Reply:
+        log.info("reload requested over the API")
+        try:
+            changes = self.router.reload()
+            if inspect.isawaitable(changes):
+                changes = await changes
+        except ConfigError as exc:
+            raise HttpError(400, str(exc)) from None
+        return _ok({"reloaded": True, "changes": list(changes)})
+
+    async def _openapi(self, request: Request) -> Reply:
+        return _ok(openapi.document(self.counter_names()))
+
+    async def _index(self, request: Request) -> Reply:
+        try:
+            page = resources.files("polevpn").joinpath("web/index.html").read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise HttpError(404, "no dashboard installed (polevpn/web/index.html)") from None
+        return 200, "text/html; charset=utf-8", page, {}
+
+    async def _favicon(self, request: Request) -> Reply:
+        return 204, "image/x-icon", b"", {}
+
+
+async def serve(router: Router, listen: tuple[str, int]) -> ApiServer:
+    server = ApiServer(router)
+    await server.start(*listen)
+    return server
