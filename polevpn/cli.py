@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from . import __version__, privileges
@@ -24,6 +24,7 @@ from .config import (
     load_gateway_config,
     load_router_config,
 )
+from .reloading import ReloadError
 
 EXIT_CONFIG = 2
 
@@ -101,6 +102,27 @@ def _install_stop(stop: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, stop)
 
 
+def _install_reload(reload: Callable[[], Awaitable[object]], log: logging.Logger) -> set:
+    """SIGHUP re-reads the config; a bad one is logged and the running one stays."""
+    tasks: set[asyncio.Task] = set()
+
+    async def run() -> None:
+        try:
+            await reload()
+        except (ConfigError, ReloadError) as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+        except Exception:
+            log.exception("reload failed, keeping the running config")
+
+    def on_hup() -> None:
+        task = asyncio.get_running_loop().create_task(run())
+        tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(tasks.discard)
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
+    return tasks
+
+
 def router_main(argv: list[str] | None = None) -> int:
     cfg = _load("polevpn-router", argv, "config.json", load_router_config)
     if cfg is None:
@@ -118,6 +140,11 @@ def router_main(argv: list[str] | None = None) -> int:
             )
             return 1
         _install_stop(done.set)
+
+        async def reload() -> None:
+            router.reload()
+
+        _install_reload(reload, logging.getLogger("polevpn.router"))
         await done.wait()
         await router.stop()
         return 0
@@ -144,6 +171,7 @@ def gateway_main(argv: list[str] | None = None) -> int:
     async def main() -> int:
         gw = Gateway(cfg)
         _install_stop(gw.stop)
+        _install_reload(gw.reload, log)
         try:
             await gw.run()
         except FatalError as exc:

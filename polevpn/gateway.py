@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from OpenSSL import SSL
 
-from . import dtls, kcp_transport, metrics, netconf, wire
-from .config import GatewayConfig, RouteServer
+from . import dtls, kcp_transport, metrics, netconf, reloading, wire
+from .config import GatewayConfig, RouteServer, load_gateway_config, set_log_level
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
 from .gso import GsoError, Packet, to_plain
@@ -27,6 +27,7 @@ from .ippacket import src_addr
 from .kcp_pool import KcpPool
 from .messages import FEATURE_SUPER
 from .mss import clamped, clamped_vnet, limits
+from .reloading import ReloadError
 from .routing import NetworkSet
 from .session import (
     AuthSucceeded,
@@ -250,6 +251,19 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
         self.stats = GatewayStats()
+        self._filters(cfg)
+        self.tun: TunDevice | None = None
+        self.link: RouterLink | None = None
+        self._reading = False
+        self._stopping = asyncio.Event()
+        self.kcp_pool = KcpPool()
+        self._dtls_ctx: SSL.Context | None = None
+        self.metrics: metrics.MetricsServer | None = None
+        # the next link loss is ours, to apply a reload: reconnect at once
+        self._reconnect_now = False
+        self._reloading = asyncio.Lock()
+
+    def _filters(self, cfg: GatewayConfig) -> None:
         self.acl = NetworkSet(cfg.acls)
         # this office's own addresses never arrive from the tunnel, whatever acls allows
         own = [ipaddress.ip_network(cfg.gateway), *cfg.local_networks]
@@ -258,13 +272,56 @@ class Gateway:
         self.own = NetworkSet(own if cfg.anti_spoofing else ())
         # (IPv4, IPv6) MSS limits for SYNs crossing the tunnel either way; None: no clamping
         self.mss: tuple[int, int] | None = limits(cfg.mtu) if cfg.mss_clamp else None
-        self.tun: TunDevice | None = None
-        self.link: RouterLink | None = None
-        self._reading = False
-        self._stopping = asyncio.Event()
-        self.kcp_pool = KcpPool()
-        self._dtls_ctx: SSL.Context | None = None
-        self.metrics: metrics.MetricsServer | None = None
+
+    # -- reload
+
+    async def reload(self) -> list[str]:
+        """Re-read the config file and apply it; returns what changed, one line each.
+
+        An invalid file raises ConfigError and changes nothing. New networks to announce
+        mean registering again, which this gateway does by reconnecting at once (a PoleVPN
+        router knows no second REGISTER); other changes leave the link alone.
+        """
+        async with self._reloading:
+            return await self._reload()
+
+    async def _reload(self) -> list[str]:
+        old = self.cfg
+        plan = reloading.plan(old, load_gateway_config(old.path))
+        cfg = plan.config
+        if plan.changed("route_networks") and self.tun is not None:
+            add = [n for n in cfg.route_networks if n not in old.route_networks]
+            remove = [n for n in old.route_networks if n not in cfg.route_networks]
+            try:
+                await asyncio.to_thread(netconf.update_routes, self.tun.name, add, remove)
+            except Exception as exc:
+                # put back what was there, so the running config stays true
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(netconf.update_routes, self.tun.name, remove, add)
+                raise ReloadError(f"cannot change the routes into {self.tun.name}: {exc}") from None
+        self.cfg = cfg
+        self._filters(cfg)
+        set_log_level(cfg.log_level)
+        # certificates and keys are read again at the next connection
+        self._dtls_ctx = None
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
+        changes = plan.describe()
+        link = self.link
+        if link is not None and link.transport is not None:
+            why = None
+            if cfg.announced != old.announced:
+                why = "to register the new local networks"
+            elif link.server not in cfg.route_servers:
+                why = f"{link.server.url} is no longer a route server"
+            if why is not None:
+                changes.append(f"reconnecting {why}")
+                self._reconnect_now = True
+                link.transport.close()
+        log.info("reloaded config=%s changes=%d", cfg.path, len(changes))
+        for line in changes:
+            log.info("reload change=%s", line)
+        return changes
 
     # -- TUN side
 
@@ -633,10 +690,11 @@ class Gateway:
         # A link lost within heartbeat_interval of registering does not reset the ceiling: a
         # router that takes us and drops us at once (another office registering the same
         # gateway address, say) sees us about once per cap, not twice a second.
-        cfg = self.cfg
-        servers = cfg.route_servers
         failed = 0  # rounds since the last link that lasted
         while not self._stopping.is_set():
+            # the config of the moment: a reload may have changed the servers and delays
+            cfg = self.cfg
+            servers = cfg.route_servers
             result = await self._try_servers(range(len(servers)))
             if result is None:
                 failed += 1
@@ -657,6 +715,10 @@ class Gateway:
                 await self._run_link(link, index)
                 if self._stopping.is_set():
                     break
+                if self._reconnect_now:
+                    self._reconnect_now = False
+                    failed = 0
+                    continue
                 why = link.closed.result() if link.closed.done() else None
                 log.warning(
                     "connection to router %s lost%s", link.server.url, f": {why}" if why else ""

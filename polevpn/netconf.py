@@ -56,3 +56,34 @@ def configure_tun(
                 oif=idx,
                 family=family,
             )
+
+
+def update_routes(ifname: str, add: list[IPNetwork], remove: list[IPNetwork]) -> None:
+    """Routes into the device for ``add`` and none for ``remove`` (a reload's difference)."""
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+        if not found:
+            raise RuntimeError(f"interface {ifname} does not exist")
+        idx = found[0]
+        for net in remove:
+            family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+            try:
+                ipr.route(
+                    "del",
+                    dst=str(net.network_address),
+                    dst_len=net.prefixlen,
+                    oif=idx,
+                    family=family,
+                )
+            except NetlinkError as exc:
+                if exc.code != 3:  # ESRCH: someone removed it already
+                    raise
+        for net in add:
+            family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+            ipr.route(
+                "replace",
+                dst=str(net.network_address),
+                dst_len=net.prefixlen,
+                oif=idx,
+                family=family,
+            )

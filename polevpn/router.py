@@ -24,8 +24,8 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from . import api, dtls, metrics, privileges, wire
-from .config import RouterConfig
+from . import api, dtls, metrics, privileges, reloading, wire
+from .config import ConfigError, RouterConfig, load_router_config, set_log_level
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
 from .gso import GsoError, to_plain
@@ -64,6 +64,8 @@ class RouterStats(Counters):
     idle_timeouts: int = 0
     registrations: int = 0
     register_refused: int = 0
+    # registered connections closed because a reload withdrew their credentials
+    revoked: int = 0
     replaced: int = 0
     malformed_frames: int = 0
     oversized_frames: int = 0
@@ -102,6 +104,9 @@ class GatewayConnection(asyncio.Protocol):
         self.session: ServerSession | None = None
         self.gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.prefixes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        # what REGISTER presented, so that a reload can check it against new credentials
+        self.register_key = ""
+        self.networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
         # sources this gateway may send from: what it registered
         self.sources = NetworkSet(())
         self.pending: list[bytes | memoryview] = []
@@ -134,9 +139,10 @@ class GatewayConnection(asyncio.Protocol):
         self.fingerprint = cert_fingerprint(der)
         now = time.monotonic()
         self.connected_at = now
-        authority, fingerprint = self.router.authority, self.fingerprint
+        router, fingerprint = self.router, self.fingerprint
         self.session = ServerSession(
-            lambda key: authority.authenticate(key, fingerprint),
+            # the authority of the moment: a reload may have replaced it since the accept
+            lambda key: router.authority.authenticate(key, fingerprint),
             # the AUTH deadline runs from the TCP accept, so TLS and AUTH share one budget
             self.accepted_at if self.accepted_at is not None else now,
             self.router.features,
@@ -446,12 +452,77 @@ class Router:
             self.api.close()
         log.info("stopped %s", self.stats.summary())
 
+    # -- reload
+
+    def reload(self) -> list[str]:
+        """Re-read the config file and apply it; returns what changed, one line each.
+
+        An invalid file raises ConfigError and changes nothing. Connections stay up unless
+        the new credentials no longer allow what they registered: those are closed (and
+        their routes withdrawn) with the reason in the log.
+        """
+        plan = reloading.plan(self.cfg, load_router_config(self.cfg.path))
+        cfg = plan.config
+        # certificates are read again on every reload (renewed files keep their names);
+        # one that fails to load fails the reload before anything has changed
+        tls_ctx = dtls_ctx = None
+        try:
+            if self._tls_ctx is not None:
+                assert cfg.tls.cert_file is not None and cfg.tls.key_file is not None
+                tls_ctx = server_context(cfg.tls.cert_file, cfg.tls.key_file, cfg.client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(cfg.path, "tls.cert_file", f"cannot load: {exc}") from None
+        try:
+            if self.kcp_server is not None:
+                assert cfg.kcp.cert_file is not None and cfg.kcp.key_file is not None
+                dtls_ctx = dtls.server_context(
+                    cfg.kcp.cert_file, cfg.kcp.key_file, client_ca=cfg.client_ca_file
+                )[0]
+        except Exception as exc:  # pyOpenSSL raises its own errors, and OSError
+            raise ConfigError(cfg.path, "kcp.cert_file", f"cannot load: {exc}") from None
+        self.cfg = cfg
+        if tls_ctx is not None:
+            self._tls_ctx = tls_ctx
+        if self.kcp_server is not None and dtls_ctx is not None:
+            self.kcp_server.listener.ctx = dtls_ctx
+            self.kcp_server.handshake_timeout = cfg.auth_timeout
+        self.features = frozenset({FEATURE_SUPER}) if cfg.super_packets else frozenset()
+        self.authority = cfg.authority()
+        self.admission.params = cfg.limits
+        set_log_level(cfg.log_level)
+        changes = plan.describe()
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
+        for line in self._recheck():
+            changes.append(line)
+        log.info("reloaded config=%s changes=%d", cfg.path, len(changes))
+        for line in changes:
+            log.info("reload change=%s", line)
+        return changes
+
+    def _recheck(self) -> list[str]:
+        """Close the registered connections the new credentials refuse."""
+        closed = []
+        for conn in list(self.connections):
+            if conn.gateway is None or conn.closing:
+                continue
+            decision = self.authority.authorize(
+                conn.register_key, conn.fingerprint, conn.gateway, conn.networks
+            )
+            if decision.error is None:
+                continue
+            self.stats.revoked += 1
+            closed.append(f"closed gateway {conn.gateway}: {decision.error}")
+            conn.close(f"no longer allowed after reload: {decision.error}")
+        return closed
+
     async def _housekeeping(self) -> None:
-        cfg = self.cfg
-        period = max(0.05, min(1.0, cfg.idle_timeout / 4, cfg.auth_timeout / 4))
-        next_stats = time.monotonic() + cfg.stats_interval if cfg.stats_interval else None
+        next_stats = time.monotonic() + self.cfg.stats_interval
         while True:
-            await asyncio.sleep(period)
+            # the config of the moment: a reload may change the timeouts and the interval
+            cfg = self.cfg
+            await asyncio.sleep(max(0.05, min(1.0, cfg.idle_timeout / 4, cfg.auth_timeout / 4)))
+            cfg = self.cfg
             now = time.monotonic()
             for conn in list(self.connections):
                 if conn.session is None or conn.closing:
@@ -465,7 +536,7 @@ class Router:
                         self.stats.auth_timeouts += 1
                     # a silent peer would never acknowledge a TLS close_notify
                     conn.close(reason, abort=True)
-            if next_stats is not None and now >= next_stats:
+            if cfg.stats_interval and now >= next_stats:
                 next_stats = now + cfg.stats_interval
                 log.info(
                     "stats connections=%d routes=%d pending=%d %s %s%s",
@@ -563,6 +634,8 @@ class Router:
         for net in prefixes:
             self.routes.add(net, conn)
         conn.gateway = req.gateway
+        conn.register_key = req.key
+        conn.networks = tuple(req.networks)
         conn.prefixes = prefixes
         conn.sources = NetworkSet(prefixes)
         self.by_gateway[req.gateway] = conn

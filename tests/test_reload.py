@@ -1,0 +1,212 @@
+"""Config reload: what changes, what waits for a restart, and who stays connected.
+
+The plan is pure (``polevpn.reloading``); the router's part runs in-process on loopback
+with protocol-level gateways, its config a real file rewritten between reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import topology as t
+from test_router_loopback import ProtoGateway, frame, ipv4_packet, run
+from test_router_security import auth, register, tls_gateway
+
+from polevpn import keygen
+from polevpn.config import ConfigError, load_gateway_config, load_router_config
+from polevpn.reloading import plan
+from polevpn.router import Router
+
+A, B, C = "169.254.0.1", "169.254.0.2", "169.254.0.3"
+LAN_A, LAN_B, LAN_C = "198.18.10.0/24", "198.18.20.0/24", "198.18.30.0/24"
+KEY_A, KEY_B, KEY_C = "a" * 24, "b" * 24, "c" * 24
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reloadkeys")
+    keygen.generate(out)
+    return out
+
+
+def router_file(path: Path, keys: Path, **overrides) -> Path:
+    cfg = t.router_config(
+        keys,
+        tls={
+            "listen": "127.0.0.1:0",
+            "enable": True,
+            "cert_file": str(keys / "server.crt"),
+            "key_file": str(keys / "server.key"),
+        },
+        gateways={A: {"key": KEY_A, "networks": [LAN_A]}, B: {"key": KEY_B, "networks": [LAN_B]}},
+        stats_interval=0,
+    )
+    del cfg["key_file"]
+    cfg.update(overrides)
+    return t.write_json(path, cfg)
+
+
+# -- the plan
+
+
+def test_plan_applies_live_fields_and_keeps_restart_ones(tmp_path: Path, keys: Path) -> None:
+    path = router_file(tmp_path / "r.json", keys)
+    old = load_router_config(path)
+    router_file(
+        path,
+        keys,
+        idle_timeout=30,
+        log_level="debug",
+        tls={
+            "listen": "127.0.0.1:8443",
+            "enable": True,
+            "cert_file": str(keys / "server.crt"),
+            "key_file": str(keys / "server.key"),
+        },
+        gateways={A: {"key": KEY_C, "networks": [LAN_A, LAN_C]}, C: {"key": KEY_C, "networks": []}},
+        user="nobody",
+    )
+    p = plan(old, load_router_config(path))
+    assert p.config.idle_timeout == 30 and p.config.log_level == "debug"
+    # bound at start: the running values stay, and the change is reported as waiting
+    assert p.config.tls.port == old.tls.port and p.config.user is None
+    assert set(p.needs_restart) == {"tls.port", "user"}
+    assert "idle_timeout: 60.0 -> 30.0" in p.changes
+    assert "gateways: added 169.254.0.3; removed 169.254.0.2; changed 169.254.0.1" in p.changes
+    assert p.changed("gateways", "x") and not p.changed("limits")
+    # no secret in what is logged and returned by the API
+    assert not any(KEY_C in line or KEY_A in line for line in p.describe())
+    assert "tls.port: changed, takes effect after a restart" in p.describe()
+
+
+def test_plan_of_an_unchanged_file_is_empty(tmp_path: Path, keys: Path) -> None:
+    path = router_file(tmp_path / "r.json", keys)
+    p = plan(load_router_config(path), load_router_config(path))
+    assert p.changes == () and p.needs_restart == () and p.describe() == []
+
+
+def test_gateway_plan(tmp_path: Path, keys: Path) -> None:
+    path = t.write_json(tmp_path / "g.json", t.gateway_config("A", keys))
+    old = load_gateway_config(path)
+    t.write_json(
+        path,
+        t.gateway_config("A", keys, acls=[LAN_B], mtu=1300, route_networks=[LAN_B, LAN_C]),
+    )
+    p = plan(old, load_gateway_config(path))
+    assert p.config.mtu == old.mtu and p.needs_restart == ("mtu",)
+    assert p.changed("acls", "route_networks") and not p.changed("local_networks")
+    assert [str(n) for n in p.config.acls] == [LAN_B]
+
+
+# -- the router, in-process
+
+
+async def _login(router: Router, source: str, addr: str, key: str, nets: list[str]) -> ProtoGateway:
+    gw = await tls_gateway(router, source=source)
+    assert await auth(gw, key) == {}
+    assert await register(gw, addr, key, nets) == {}
+    return gw
+
+
+async def _passes(router: Router, src: ProtoGateway, dst: ProtoGateway, s: str, d: str) -> bool:
+    await src.send(frame(3, ipv4_packet(s, d)))
+    try:
+        cmd, _, body = await dst.recv_frame(timeout=2)
+    except TimeoutError:
+        return False
+    return cmd == 2 and body[12:16] == bytes(map(int, s.split(".")))
+
+
+def test_router_reload_revokes_only_what_changed(tmp_path: Path, keys: Path, caplog) -> None:
+    path = router_file(tmp_path / "r.json", keys)
+
+    async def scenario() -> None:
+        router = Router(load_router_config(path))
+        await router.start()
+        try:
+            a = await _login(router, "127.0.1.1", A, KEY_A, [LAN_A])
+            b = await _login(router, "127.0.1.2", B, KEY_B, [LAN_B])
+            assert await _passes(router, a, b, "198.18.10.5", "198.18.20.5")
+
+            # B's credentials go, C's arrive; A's entry is untouched
+            router_file(
+                path,
+                keys,
+                gateways={
+                    A: {"key": KEY_A, "networks": [LAN_A]},
+                    C: {"key": KEY_C, "networks": [LAN_C]},
+                },
+                idle_timeout=45,
+            )
+            changes = router.reload()
+            assert "gateways: added 169.254.0.3; removed 169.254.0.2" in changes
+            assert f"closed gateway {B}: gateway {B} is not configured on this router" in changes
+            assert await b.closed_by_peer()
+            assert router.stats.revoked == 1 and router.cfg.idle_timeout == 45
+            assert sorted(str(n) for n, _ in router.routes.routes()) == [A + "/32", LAN_A]
+            # A's connection is the same one, and C may now come in
+            c = await _login(router, "127.0.1.3", C, KEY_C, [LAN_C])
+            assert await _passes(router, a, c, "198.18.10.5", "198.18.30.5")
+            assert await _passes(router, c, a, "198.18.30.5", "198.18.10.5")
+            assert router.stats.registrations == 3
+
+            # a broken file changes nothing, with the start-up message
+            path.write_text(json.dumps({"tls": {"listen": "127.0.0.1:0"}, "idle_timeout": -1}))
+            with pytest.raises(ConfigError) as err:
+                router.reload()
+            assert str(path) in str(err.value)
+            assert router.cfg.idle_timeout == 45
+            assert await _passes(router, c, a, "198.18.30.5", "198.18.10.5")
+
+            # a missing certificate fails the reload as a whole
+            router_file(
+                path,
+                keys,
+                tls={
+                    "listen": "127.0.0.1:0",
+                    "enable": True,
+                    "cert_file": str(tmp_path / "gone.crt"),
+                    "key_file": str(keys / "server.key"),
+                },
+            )
+            with pytest.raises(ConfigError):
+                router.reload()
+            assert len(router.authority.grants) == 2
+        finally:
+            await router.stop()
+
+    with caplog.at_level(logging.INFO, logger="polevpn.router"):
+        run(scenario())
+    assert "reload change=gateways: added" in caplog.text
+    assert KEY_B not in caplog.text and KEY_C not in caplog.text
+
+
+def test_pending_connections_authenticate_against_the_new_credentials(
+    tmp_path: Path, keys: Path
+) -> None:
+    path = router_file(tmp_path / "r.json", keys)
+
+    async def scenario() -> None:
+        router = Router(load_router_config(path))
+        await router.start()
+        try:
+            early = await tls_gateway(router, source="127.0.1.4")  # accepted before the reload
+            for _ in range(100):  # the server side finishes its handshake a little later
+                if router.connections:
+                    break
+                await asyncio.sleep(0.01)
+            assert router.connections
+            router_file(path, keys, gateways={C: {"key": KEY_C, "networks": [LAN_C]}})
+            router.reload()
+            assert await auth(early, KEY_C) == {}
+            assert await register(early, C, KEY_C, [LAN_C]) == {}
+            late = await tls_gateway(router, source="127.0.1.5")
+            assert "error" in await auth(late, KEY_A)
+        finally:
+            await router.stop()
+
+    run(scenario())
