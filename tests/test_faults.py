@@ -91,31 +91,9 @@ def _vpn(work: Path, keys: Path, router: dict, gw_a: dict, gw_b: dict) -> Iterat
         yield v
 
 
-def _lines(path: Path, *needles: str) -> list[str]:
-    """Lines of the log containing every needle."""
-    text = Path(path).read_text(errors="replace")
-    return [line for line in text.splitlines() if all(n in line for n in needles)]
-
-
-def _count(path: Path, *needles: str) -> int:
-    return len(_lines(path, *needles))
-
-
-def _wait_lines(
-    path: Path, count: int, *needles: str, timeout: float, why: str = ""
-) -> str:
-    """Wait until the log has ``count`` lines with every needle; return the newest."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = _lines(path, *needles)
-        if len(found) >= count:
-            return found[-1]
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"{why or needles!r}: {len(found)} of {count} lines after {timeout}s in "
-                f"{path}:\n{t.log_tail(path)}"
-            )
-        time.sleep(0.05)
+_lines = t.log_lines
+_count = t.count_log_lines
+_wait_lines = t.wait_log_lines
 
 
 def _kill(proc: subprocess.Popen) -> float:

@@ -972,6 +972,33 @@ def last_stats(path: str | os.PathLike, prefix: str = "stats") -> dict[str, str]
     return dict(re.findall(r"(\w+)=(\S+)", lines[-1])) if lines else {}
 
 
+def log_lines(path: str | os.PathLike, *needles: str) -> list[str]:
+    """Lines of the log containing every needle (case-sensitive)."""
+    text = Path(path).read_text(errors="replace")
+    return [line for line in text.splitlines() if all(n in line for n in needles)]
+
+
+def count_log_lines(path: str | os.PathLike, *needles: str) -> int:
+    return len(log_lines(path, *needles))
+
+
+def wait_log_lines(
+    path: str | os.PathLike, count: int, *needles: str, timeout: float, why: str = ""
+) -> str:
+    """Wait until the log has ``count`` lines with every needle; return the newest."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = log_lines(path, *needles)
+        if len(found) >= count:
+            return found[-1]
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{why or needles!r}: {len(found)} of {count} lines after {timeout}s in "
+                f"{path}:\n{log_tail(path)}"
+            )
+        time.sleep(0.05)
+
+
 def log_time(line: str) -> float:
     """Wall-clock time (epoch seconds) of a daemon log line (its leading ``time=`` field)."""
     assert line.startswith("time="), line
