@@ -1,0 +1,760 @@
+"""The router's REST API (polevpn.api), its OpenAPI document, its config and polevpn-ctl.
+
+An in-process router with protocol-level gateways (test_router_loopback.ProtoGateway) is
+checked over HTTP against what the test itself sent; schemathesis then fuzzes every
+operation against the router's own served document; polevpn-ctl runs as a subprocess
+against a real polevpn-router process on loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import test_router_loopback as loopback
+import uvloop
+from test_metrics import http
+from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
+
+from polevpn import api, ctl, metrics, openapi
+from polevpn.config import ConfigError, load_api_access, load_router_config
+from polevpn.keygen import generate
+from polevpn.router import Router
+
+try:
+    import topology as t
+except ImportError:  # pragma: no cover
+    from tests import topology as t
+
+A, B = "169.254.0.1", "169.254.0.2"
+LAN_A, LAN_B = "198.18.10.0/24", "198.18.20.0/24"
+LAN_A6 = "2001:db8:10::/64"
+TOKEN = "t0k3n-" + "x" * 26
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory):
+    return generate(tmp_path_factory.mktemp("keys"))
+
+
+def api_config(keys, **overrides):
+    return router_config(keys, api_listen=("127.0.0.1", 0), api_token=TOKEN, **overrides)
+
+
+async def get(port: int, path: str, token: str | None = TOKEN, method: str = "GET"):
+    """(status, headers, parsed JSON or raw body) of one request."""
+    auth = f"Authorization: Bearer {token}\r\n" if token is not None else ""
+    req = f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 0\r\n\r\n"
+    status, headers, body = await http(port, req.encode())
+    if headers.get("content-type", "").startswith("application/json") and body:
+        return status, headers, json.loads(body)
+    return status, headers, body
+
+
+# -- auth and HTTP behaviour
+
+
+def test_token_required_and_public_paths(keys):
+    async def scenario():
+        router = await started(api_config(keys))
+        port = router.api.port
+        try:
+            for path in ("status", "gateways", "routes", f"gateways/{A}"):
+                status, headers, body = await get(port, f"/api/v1/{path}", token=None)
+                assert status == 401, path
+                assert headers["www-authenticate"].startswith("Bearer")
+                assert set(body) == {"error"}
+                assert headers["cache-control"] == "no-store"
+                status, _, body = await get(port, f"/api/v1/{path}", token=TOKEN[:-1] + "y")
+                assert status == 401 and "error" in body
+            status, _, _ = await get(port, "/api/v1/reload", token=None, method="POST")
+            assert status == 401
+            # another scheme with the right secret, and the token with a prefix, are refused
+            for value in (f"Basic {TOKEN}", f"Bearer x{TOKEN}", "Bearer", "Bearer "):
+                req = f"GET /api/v1/status HTTP/1.1\r\nAuthorization: {value}\r\n\r\n"
+                status, _, _ = await http(port, req.encode())
+                assert status == 401, value
+            status, _, body = await get(port, "/api/v1/status")
+            assert status == 200 and body["gateways"] == 0
+
+            # no data there: no token needed
+            status, headers, doc = await get(port, "/api/v1/openapi.json", token=None)
+            assert status == 200 and doc["openapi"].startswith("3.")
+            status, headers, page = await get(port, "/", token=None)
+            assert status == 200 and headers["content-type"].startswith("text/html")
+            assert b"<html" in page.lower()
+            status, headers, body = await get(port, "/favicon.ico", token=None)
+            assert status == 204 and body == b"" and "content-length" not in headers
+
+            # JSON errors everywhere, 405 says what is allowed, HEAD has no body
+            status, _, body = await get(port, "/api/v1/nothing")
+            assert status == 404 and "error" in body
+            status, headers, body = await get(port, "/api/v1/status", method="DELETE")
+            assert status == 405 and headers["allow"] == "GET, HEAD" and "error" in body
+            status, headers, body = await get(port, "/api/v1/reload")
+            assert status == 405 and headers["allow"] == "POST"
+            status, headers, body = await get(port, "/api/v1/status", method="HEAD")
+            assert status == 200 and body == b"" and int(headers["content-length"]) > 0
+            status, _, body = await http(port, b"garbage\r\n\r\n")
+            assert status == 400 and json.loads(body)["error"]
+            req = b"POST /api/v1/reload HTTP/1.1\r\nContent-Length: 99999\r\n\r\n"
+            status, _, _ = await http(port, req)
+            assert status == 413
+            req = b"POST /api/v1/reload HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+            status, _, _ = await http(port, req)
+            assert status == 411
+            status, _, _ = await get(port, "/api/v1/gateways/%ff%fe")
+            assert status == 400
+        finally:
+            await router.stop()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+
+    run(scenario())
+
+
+def test_api_off_by_default(keys):
+    async def scenario():
+        router = await started(router_config(keys))
+        try:
+            assert router.api is None
+        finally:
+            await router.stop()
+
+    run(scenario())
+
+
+# -- the views
+
+
+async def receive_packets(gw: ProtoGateway, n: int) -> list[bytes]:
+    got = []
+    for _ in range(n):
+        cmd, _, body = await gw.recv_frame(timeout=5)
+        assert cmd == 2
+        got.append(body)
+    return got
+
+
+def _recent(stamp: str) -> bool:
+    when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    now = datetime.now(UTC)
+    return now - timedelta(minutes=5) < when <= now + timedelta(seconds=1)
+
+
+@pytest.mark.parametrize("transport", ["tls", "kcp"])
+def test_views_follow_two_gateways_and_their_traffic(keys, transport, monkeypatch):
+    monkeypatch.setitem(loopback._transport, "mode", transport)
+    n_ab, n_ba = 11, 5
+
+    async def scenario():
+        router = await started(api_config(keys))
+        port = router.api.port
+        try:
+            # B registers first: the list is sorted by address, not by arrival
+            gb = await ProtoGateway.connect(router)
+            ga = await ProtoGateway.connect(router)
+            await gb.login(B, [LAN_B])
+            await ga.login(A, [LAN_A6, LAN_A])
+
+            status, _, st = await get(port, "/api/v1/status")
+            assert status == 200
+            assert (st["gateways"], st["connections"], st["routes"], st["pending"]) == (2, 2, 5, 0)
+            assert st["counters"]["registrations"] == 2
+            assert {(x["transport"], x["port"]) for x in st["listen"]} == {
+                ("tls", router.tls_port),
+                ("kcp", router.kcp_port),
+            }
+            assert _recent(st["started_at"]) and st["uptime"] >= 0
+
+            status, _, body = await get(port, "/api/v1/gateways")
+            gws = body["gateways"]
+            assert [g["gateway"] for g in gws] == [A, B]
+            a, b = gws
+            assert a["networks"] == [LAN_A6, LAN_A] and b["networks"] == [LAN_B]
+            assert a["transport"] == b["transport"] == transport
+            local = ga.writer.get_extra_info("sockname")
+            if local is not None:  # a TCP client; the kcp test transport has no sockname
+                assert a["peer"] == f"{local[0]}:{local[1]}"
+            assert a["peer"].startswith("127.0.0.1:") and a["peer"] != b["peer"]
+            assert _recent(a["connected_at"]) and a["uptime"] >= 0
+            assert (a["packets_in"], a["packets_out"], a["bytes_in"], a["bytes_out"]) == (0,) * 4
+            if transport == "kcp":
+                assert a["kcp"] is not None and set(a["kcp"]) == {
+                    "srtt_ms",
+                    "retransmissions",
+                    "fec",
+                }
+                assert a["rtt_ms"] == a["kcp"]["srtt_ms"]
+            else:
+                assert a["kcp"] is None
+                # the kernel's estimate of a loopback TCP connection: small, not missing
+                assert a["rtt_ms"] is not None and 0 < a["rtt_ms"] < 1000
+
+            # sizes differ per packet so bytes cannot come out right by accident
+            ab = [ipv4_packet("198.18.10.5", "198.18.20.9", b"a" * (10 + i)) for i in range(n_ab)]
+            ba = [ipv4_packet("198.18.20.9", "198.18.10.5", b"b" * (50 + i)) for i in range(n_ba)]
+            # and 3 to nowhere
+            nowhere = [ipv4_packet("198.18.10.5", "198.18.99.1") for _ in range(3)]
+            await ga.send(b"".join(frame(3, p) for p in nowhere + ab))
+            await gb.send(b"".join(frame(3, p) for p in ba))
+            assert await receive_packets(gb, n_ab) == ab
+            assert await receive_packets(ga, n_ba) == ba
+
+            status, _, a2 = await get(port, f"/api/v1/gateways/{A}")
+            assert status == 200
+            assert a2["packets_in"] == n_ab + 3
+            assert a2["bytes_in"] == sum(map(len, ab))
+            assert a2["packets_out"] == n_ba and a2["bytes_out"] == sum(map(len, ba))
+            _, _, b2 = await get(port, f"/api/v1/gateways/{B}")
+            assert b2["packets_out"] == n_ab and b2["bytes_out"] == sum(map(len, ab))
+            _, _, st2 = await get(port, "/api/v1/status")
+            assert st2["counters"]["packets_forwarded"] == n_ab + n_ba
+            assert st2["counters"]["bytes_forwarded"] == sum(map(len, ab + ba))
+            assert st2["drops"]["no_route"] == 3 and st2["drops"]["spoofed"] == 0
+            assert st2["uptime"] >= st["uptime"]
+
+            _, _, body = await get(port, "/api/v1/routes")
+            assert body["routes"] == [
+                {"network": f"{A}/32", "gateway": A, "transport": transport},
+                {"network": f"{B}/32", "gateway": B, "transport": transport},
+                {"network": LAN_A, "gateway": A, "transport": transport},
+                {"network": LAN_B, "gateway": B, "transport": transport},
+                {"network": LAN_A6, "gateway": A, "transport": transport},
+            ]
+
+            for missing in ("169.254.0.9", "not-an-address", "198.18.10.0"):
+                status, _, body = await get(port, f"/api/v1/gateways/{missing}")
+                assert status == 404 and "error" in body
+
+            # a gateway that leaves leaves the views
+            gb.close()
+            deadline = time.monotonic() + 10
+            while (await get(port, "/api/v1/status"))[2]["gateways"] != 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            _, _, body = await get(port, "/api/v1/gateways")
+            assert [g["gateway"] for g in body["gateways"]] == [A]
+            assert (await get(port, f"/api/v1/gateways/{B}"))[0] == 404
+            _, _, body = await get(port, "/api/v1/routes")
+            assert {r["gateway"] for r in body["routes"]} == {A}
+            ga.close()
+        finally:
+            await router.stop()
+
+    run(scenario())
+
+
+def test_tcp_rtt_reads_tcp_info():
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    with a, b:
+        rtt = api.tcp_rtt_ms(SimpleNamespace(get_extra_info=lambda name: a))
+        # an established loopback connection has an estimate from its handshake
+        assert rtt is not None and 0 < rtt < 1000
+    unix_a, unix_b = socket.socketpair()
+    with unix_a, unix_b:
+        assert api.tcp_rtt_ms(SimpleNamespace(get_extra_info=lambda name: unix_a)) is None
+    assert api.tcp_rtt_ms(SimpleNamespace(get_extra_info=lambda name: None)) is None
+
+
+# -- the OpenAPI document
+
+
+def test_openapi_document_is_valid_and_complete(keys):
+    import schemathesis
+
+    async def scenario():
+        router = await started(api_config(keys))
+        try:
+            status, _, doc = await get(router.api.port, "/api/v1/openapi.json", token=None)
+            server_routes = {(r.method, "/".join(r.segments)) for r in router.api._routes}
+        finally:
+            await router.stop()
+        return doc, server_routes
+
+    doc, server_routes = run(scenario())
+    schema = schemathesis.openapi.from_dict(doc)
+    schema.validate()
+    documented = {
+        (method.upper(), path)
+        for path, item in doc["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    assert documented == server_routes
+    assert set(doc["components"]["schemas"]["Status"]["properties"]["drops"]["required"]) == set(
+        metrics.ROUTER_DROPS.values()
+    )
+    assert set(openapi.DROP_REASONS) == set(metrics.ROUTER_DROPS.values())
+
+
+# -- reload
+
+
+def _write_router_file(path: Path, keys, **extra) -> Path:
+    listener = {
+        "listen": "127.0.0.1:0",
+        "cert_file": str(keys.server_cert),
+        "key_file": str(keys.server_key),
+    }
+    obj = {
+        "tls": listener,
+        "key": loopback.KEY,
+        "stats_interval": 0,
+        "kcp": {**listener, "fec": {"mode": "off"}},
+        **extra,
+    }
+    path.write_text(json.dumps(obj))
+    path.chmod(0o600)
+    return path
+
+
+def test_reload_over_the_api(keys, tmp_path):
+    path = _write_router_file(
+        tmp_path / "router.json", keys, api_listen="127.0.0.1:0", api_token=TOKEN
+    )
+    cfg = load_router_config(path)
+
+    async def scenario():
+        router = await started(cfg)
+        port = router.api.port
+        try:
+            status, _, body = await get(port, "/api/v1/reload", token=None, method="POST")
+            assert status == 401
+            status, _, body = await get(port, "/api/v1/reload", method="POST")
+            assert status == 200, body
+            assert body["reloaded"] is True and isinstance(body["changes"], list)
+            path.write_text("{ not json")
+            status, _, body = await get(port, "/api/v1/reload", method="POST")
+            assert status == 400
+            assert str(path) in body["error"] and "JSON" in body["error"]
+            # nothing changed: the API still answers with the old token
+            assert (await get(port, "/api/v1/status"))[0] == 200
+        finally:
+            await router.stop()
+
+    run(scenario())
+
+
+# -- schemathesis against the live API
+
+
+class ThreadedRouter:
+    """A router on its own event loop in a thread, so that a synchronous client (requests,
+    as schemathesis uses) can talk to it from the test's thread."""
+
+    def __init__(self) -> None:
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+@contextlib.contextmanager
+def threaded_router(cfg, gateways: int = 2) -> Iterator[tuple[Router, ThreadedRouter]]:
+    tr = ThreadedRouter()
+    router = tr.call(started(cfg))
+    gws: list[ProtoGateway] = []
+    try:
+
+        async def connect() -> None:
+            for i in range(gateways):
+                gw = await ProtoGateway.connect(router)
+                await gw.login(f"169.254.0.{i + 1}", [f"198.18.{10 * (i + 1)}.0/24"])
+                gws.append(gw)
+            await gws[0].send(frame(3, ipv4_packet("198.18.10.5", "198.18.20.9")))
+            await gws[1].recv_frame(timeout=5)
+
+        tr.call(connect())
+        yield router, tr
+    finally:
+
+        async def stop() -> None:
+            for gw in gws:
+                gw.close()
+            await router.stop()
+
+        try:
+            tr.call(stop())
+        finally:
+            tr.close()
+
+
+# bounded so the whole run stays well under 20 s on a busy 2-core machine
+FUZZ_EXAMPLES = 25
+
+
+def fuzz(base: str, max_examples: int = FUZZ_EXAMPLES) -> list[str]:
+    """schemathesis over every operation of the served document; the operations run."""
+    import schemathesis
+    from hypothesis import HealthCheck, Phase, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        ignored_auth,
+        response_headers_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+        response_headers_conformance,
+        ignored_auth,
+    ]
+    schema = schemathesis.openapi.from_url(f"{base}/api/v1/openapi.json", timeout=10)
+    ran = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=max_examples,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            phases=[Phase.explicit, Phase.generate],
+            suppress_health_check=list(HealthCheck),
+        )
+        def check(case) -> None:
+            case.call_and_validate(
+                base_url=base,
+                headers={"Authorization": f"Bearer {TOKEN}"},
+                checks=checks,
+                timeout=10,
+            )
+
+        check()
+        ran.append(operation.label)
+    return ran
+
+
+def test_schemathesis_against_the_served_document(keys, tmp_path, monkeypatch):
+    monkeypatch.setitem(loopback._transport, "mode", "mixed")
+    # a real, valid config file: the fuzzed POST /reload re-reads it and changes nothing
+    path = _write_router_file(
+        tmp_path / "router.json", keys, api_listen="127.0.0.1:0", api_token=TOKEN
+    )
+    cfg = load_router_config(path)
+    t0 = time.monotonic()
+    with threaded_router(cfg) as (router, _):
+        ran = fuzz(f"http://127.0.0.1:{router.api.port}")
+    # every operation but the document itself, which schemathesis leaves out
+    assert set(ran) >= {
+        "GET /api/v1/status",
+        "GET /api/v1/gateways",
+        "GET /api/v1/gateways/{address}",
+        "GET /api/v1/routes",
+        "POST /api/v1/reload",
+        "GET /",
+        "GET /favicon.ico",
+    }, ran
+    # not a speed assertion: a reminder to keep the example count bounded
+    print(f"schemathesis: {len(ran)} operations in {time.monotonic() - t0:.1f} s")
+
+
+def test_schemathesis_catches_a_reply_that_strays_from_the_document(keys, monkeypatch):
+    """The fuzz test can fail: a gateway view with a field of the wrong type is reported."""
+    from schemathesis.core.failures import FailureGroup
+
+    monkeypatch.setitem(loopback._transport, "mode", "tls")
+    real = api.ApiServer.gateway_view
+
+    def broken(self, conn):
+        return {**real(self, conn), "packets_in": str(conn.packets_in)}
+
+    monkeypatch.setattr(api.ApiServer, "gateway_view", broken)
+    with (
+        threaded_router(api_config(keys)) as (router, _),
+        pytest.raises((FailureGroup, AssertionError)) as err,
+    ):
+        fuzz(f"http://127.0.0.1:{router.api.port}", max_examples=5)
+    assert "packets_in" in str(err.value)
+
+
+# -- config
+
+
+def _config_file(tmp_path: Path, keys, **extra) -> Path:
+    obj = {
+        "tls": {
+            "listen": "127.0.0.1:443",
+            "cert_file": str(keys.server_cert),
+            "key_file": str(keys.server_key),
+        },
+        "key": "123456",
+        **extra,
+    }
+    path = tmp_path / "router.json"
+    path.write_text(json.dumps(obj))
+    path.chmod(0o600)
+    return path
+
+
+def _api_warnings(cfg) -> list[str]:
+    return [w for w in cfg.warnings if "api" in w.lower()]
+
+
+def test_config_api_listen_needs_a_token(tmp_path, keys):
+    with pytest.raises(ConfigError) as err:
+        load_router_config(_config_file(tmp_path, keys, api_listen="127.0.0.1:8080"))
+    assert err.value.field == "api_token" and "api_token_file" in err.value.problem
+
+    cfg = load_router_config(
+        _config_file(tmp_path, keys, api_listen="127.0.0.1:8080", api_token=TOKEN)
+    )
+    assert cfg.api_listen == ("127.0.0.1", 8080) and cfg.api_token == TOKEN
+    assert not _api_warnings(cfg)
+    assert TOKEN not in repr(cfg)
+    assert load_router_config(_config_file(tmp_path, keys)).api_listen is None
+
+    for bad, field in [
+        ({"api_listen": "8080", "api_token": TOKEN}, "api_listen"),
+        ({"api_listen": "example.org:8080", "api_token": TOKEN}, "api_listen"),
+        ({"api_listen": "127.0.0.1:8080", "api_token": ""}, "api_token"),
+        ({"api_listen": "127.0.0.1:8080", "api_token": "with space " + TOKEN}, "api_token"),
+        ({"api_listen": "127.0.0.1:8080", "api_token": 12345}, "api_token"),
+        (
+            {"api_listen": "127.0.0.1:8080", "api_token": TOKEN, "api_token_file": "f"},
+            "api_token",
+        ),
+        ({"api_listen": "127.0.0.1:8080", "api_token_file": "missing"}, "api_token_file"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_router_config(_config_file(tmp_path, keys, **bad))
+        assert err.value.field == field, bad
+
+
+def test_config_api_token_file_and_warnings(tmp_path, keys):
+    token_file = tmp_path / "api.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    path = _config_file(tmp_path, keys, api_listen="[::1]:8080", api_token_file="api.token")
+    cfg = load_router_config(path)
+    assert cfg.api_token == TOKEN and cfg.api_listen == ("::1", 8080)
+    assert not _api_warnings(cfg)
+    access = load_api_access(path)
+    assert (access.host, access.port, access.token) == ("::1", 8080, TOKEN)
+
+    token_file.chmod(0o644)
+    cfg = load_router_config(path)
+    assert any(str(token_file) in w and "chmod 600" in w for w in cfg.warnings)
+
+    token_file.write_text("\n")
+    with pytest.raises(ConfigError) as err:
+        load_router_config(path)
+    assert err.value.field == "api_token_file" and "empty" in err.value.problem
+
+    # a token inline makes the config file a secret too
+    path = _config_file(tmp_path, keys, api_listen="127.0.0.1:8080", api_token=TOKEN)
+    path.chmod(0o644)
+    assert any(str(path) in w and "chmod 600" in w for w in load_router_config(path).warnings)
+
+    cfg = load_router_config(
+        _config_file(tmp_path, keys, api_listen="198.18.0.1:8080", api_token="short")
+    )
+    warnings = _api_warnings(cfg)
+    assert any("not a loopback address" in w and "SSH tunnel" in w for w in warnings)
+    assert any("short" in w for w in warnings)
+
+    with pytest.raises(ConfigError) as err:
+        load_api_access(_config_file(tmp_path, keys))
+    assert err.value.field == "api_listen"
+
+
+def test_router_logs_where_the_api_listens_never_the_token(tmp_path, keys, caplog):
+    cfg = dataclasses.replace(api_config(keys), log_level="debug")
+
+    async def scenario():
+        router = await started(cfg)
+        try:
+            await get(router.api.port, "/api/v1/status")
+            await get(router.api.port, "/api/v1/status", token="wrong")
+            await get(router.api.port, "/api/v1/reload", method="POST")
+            return router.api.port
+        finally:
+            await router.stop()
+
+    with caplog.at_level("DEBUG"):
+        port = run(scenario())
+    assert f"api listening address=127.0.0.1 port={port}" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+# -- polevpn-ctl
+
+
+def test_ctl_formatting():
+    assert ctl.human_bytes(0) == "0 B"
+    assert ctl.human_bytes(1536) == "1.5 KiB"
+    assert ctl.human_bytes(5 * 1024**3) == "5.0 GiB"
+    assert ctl.human_count(999) == "999" and ctl.human_count(12345) == "12.3k"
+    assert ctl.human_duration(0.25) == "0.2s"
+    assert ctl.human_duration(75) == "1m15s"
+    assert ctl.human_duration(2 * 86400 + 3 * 3600) == "2d03h"
+    assert ctl._url_for("0.0.0.0", 8080) == "http://127.0.0.1:8080"
+    assert ctl._url_for("::", 8080) == "http://[::1]:8080"
+    assert ctl._url_for("::1", 1) == "http://[::1]:1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_have_scripts = t.console_script("polevpn-router") and t.console_script("polevpn-ctl")
+
+
+async def _ctl(*args: str) -> tuple[int, str, str]:
+    exe = t.console_script("polevpn-ctl")
+    assert exe is not None
+    # away from the repository's own config.json, and without a token in the environment
+    env = {k: v for k, v in os.environ.items() if k != "POLEVPN_API_TOKEN"}
+    proc = await asyncio.create_subprocess_exec(
+        exe, *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=env
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.skipif(not _have_scripts, reason="console scripts not installed (run 'make venv')")
+def test_ctl_against_a_router_process(keys, tmp_path, monkeypatch):
+    monkeypatch.setitem(loopback._transport, "mode", "tls")
+    tls_port, api_port = _free_port(), _free_port()
+    token_file = tmp_path / "api.token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    config = tmp_path / "router.json"
+    config.write_text(
+        json.dumps(
+            {
+                "tls": {
+                    "listen": f"127.0.0.1:{tls_port}",
+                    "cert_file": str(keys.server_cert),
+                    "key_file": str(keys.server_key),
+                },
+                "key": loopback.KEY,
+                "api_listen": f"127.0.0.1:{api_port}",
+                "api_token_file": str(token_file),
+            }
+        )
+    )
+    config.chmod(0o600)
+    log_path = tmp_path / "router.log"
+    exe = t.console_script("polevpn-router")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [exe, f"-configPath={config}"], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while "api listening" not in log_path.read_text():
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+
+        async def scenario():
+            shim = SimpleNamespace(tls_port=tls_port)
+            ga = await ProtoGateway.connect(shim)
+            gb = await ProtoGateway.connect(shim)
+            await ga.login(A, [LAN_A])
+            await gb.login(B, [LAN_B])
+            pkts = [ipv4_packet("198.18.10.5", "198.18.20.9", b"z" * 1000) for _ in range(3)]
+            await ga.send(b"".join(frame(3, p) for p in pkts))
+            await receive_packets(gb, 3)
+            await ga.send(frame(3, ipv4_packet("198.18.10.5", "198.18.99.1")))
+            try:
+                rc, out, err = await _ctl(f"-configPath={config}", "status")
+                assert rc == 0, err
+                assert "polevpn router" in out and f"127.0.0.1:{tls_port}" in out
+                lines = out.splitlines()
+                row_a = next(ln for ln in lines if ln.startswith(A))
+                row_b = next(ln for ln in lines if ln.startswith(B))
+                assert LAN_A in row_a and "tls" in row_a and LAN_B in row_b
+                # B received 3 packets of 1020 bytes
+                assert "3.0 KiB" in row_b
+                assert "drops: no_route=1" in out
+
+                rc, out, err = await _ctl(f"-configPath={config}", "routes")
+                assert rc == 0, err
+                assert [ln.split()[:2] for ln in out.splitlines()[1:]] == [
+                    [f"{A}/32", A],
+                    [f"{B}/32", B],
+                    [LAN_A, A],
+                    [LAN_B, B],
+                ]
+
+                rc, out, err = await _ctl(f"-configPath={config}", "gateways", "--json")
+                assert rc == 0, err
+                assert [g["gateway"] for g in json.loads(out)["gateways"]] == [A, B]
+                rc, out, err = await _ctl(
+                    "--url",
+                    f"http://127.0.0.1:{api_port}",
+                    "--token-file",
+                    str(token_file),
+                    "status",
+                    "--json",
+                )
+                assert rc == 0, err
+                assert json.loads(out)["status"]["gateways"] == 2
+
+                # errors: one line on stderr, and the exit status says which kind
+                wrong = tmp_path / "wrong.token"
+                wrong.write_text("nope")
+                rc, out, err = await _ctl(
+                    f"-configPath={config}", "--token-file", str(wrong), "status"
+                )
+                assert rc == 1 and "401" in err and len(err.splitlines()) == 1 and not out
+                rc, _, err = await _ctl("--url", f"http://127.0.0.1:{_free_port()}", "status")
+                assert rc == 2  # no token: the default config.json is not there
+                rc, _, err = await _ctl(
+                    "--url",
+                    f"http://127.0.0.1:{_free_port()}",
+                    "--token-file",
+                    str(wrong),
+                    "routes",
+                )
+                assert rc == 1 and "cannot reach" in err and len(err.splitlines()) == 1
+                rc, _, err = await _ctl(f"-configPath={tmp_path / 'none.json'}", "status")
+                assert rc == 2 and "none.json" in err
+                rc, _, err = await _ctl(f"-configPath={config}", "bogus")
+                assert rc == 2
+            finally:
+                ga.close()
+                gb.close()
+
+        run(scenario())
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    assert TOKEN not in log_path.read_text()
