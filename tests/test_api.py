@@ -673,9 +673,12 @@ def test_ctl_against_a_router_process(keys, tmp_path, monkeypatch):
             [exe, f"-configPath={config}"], stdout=log, stderr=subprocess.STDOUT
         )
     try:
+        # up once the API answers (it starts after the listeners)
         deadline = time.monotonic() + 20
-        while "api listening" not in log_path.read_text():
+        while True:
             assert proc.poll() is None, log_path.read_text()
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", api_port)):
+                break
             assert time.monotonic() < deadline, log_path.read_text()
             time.sleep(0.1)
 
