@@ -337,13 +337,23 @@ def test_reload_over_the_api(keys, tmp_path):
             assert status == 401
             status, _, body = await get(port, "/api/v1/reload", method="POST")
             assert status == 200, body
-            assert body["reloaded"] is True and isinstance(body["changes"], list)
-            path.write_text("{ not json")
+            assert body == {"reloaded": True, "changes": []}
+
+            # a new token takes effect with the reload that brings it
+            new_token = "n3w-" + "y" * 28
+            _write_router_file(path, keys, api_listen="127.0.0.1:0", api_token=new_token)
             status, _, body = await get(port, "/api/v1/reload", method="POST")
+            assert status == 200 and any("api_token" in c for c in body["changes"]), body
+            assert new_token not in json.dumps(body)
+            assert (await get(port, "/api/v1/status"))[0] == 401
+            assert (await get(port, "/api/v1/status", token=new_token))[0] == 200
+
+            path.write_text("{ not json")
+            status, _, body = await get(port, "/api/v1/reload", token=new_token, method="POST")
             assert status == 400
             assert str(path) in body["error"] and "JSON" in body["error"]
-            # nothing changed: the API still answers with the old token
-            assert (await get(port, "/api/v1/status"))[0] == 200
+            # nothing changed
+            assert (await get(port, "/api/v1/status", token=new_token))[0] == 200
         finally:
             await router.stop()
 
