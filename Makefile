@@ -10,6 +10,8 @@
 #   make soak            1000 gateway connect/disconnect cycles per transport against a router
 #                        process, its RSS growth and fds; writes docs/soak.json and the soak
 #                        section of docs/benchmarks.md
+#   make screenshot      docs/dashboard.png: the router's web dashboard in headless chromium, with
+#                        two gateways passing traffic (tests/test_dashboard.py; root)
 #   make lint            ruff only
 #   make clean           remove .venv, caches and build artefacts (keeps keys/)
 
@@ -33,9 +35,10 @@ GW_ARGS    := $(foreach g,$(GATEWAYS),--gateway $(g)) \
 KEYGEN     := $(VENV)/bin/polevpn-keygen
 
 # command -> Debian package, installed only when the command is missing.
-SYSDEPS    := ip:iproute2 iperf3:iperf3 ping:iputils-ping nft:nftables
+SYSDEPS    := ip:iproute2 iperf3:iperf3 ping:iputils-ping nft:nftables \
+              chromium:chromium chromedriver:chromium-driver
 
-.PHONY: all venv sysdeps keys test demo bench soak lint clean
+.PHONY: all venv sysdeps keys test demo bench soak screenshot lint clean
 
 all: test
 
@@ -85,6 +88,10 @@ bench: venv keys
 
 soak: venv keys
 	$(VPY) tests/soak.py
+
+screenshot: venv
+	POLEVPN_DASHBOARD_SCREENSHOT=$(CURDIR)/docs/dashboard.png $(VENV)/bin/pytest -q -rs \
+	  tests/test_dashboard.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
