@@ -25,7 +25,6 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -90,16 +89,16 @@ return {
 """
 
 
-def browse(url: str, out: Path, png: Path, hold: float) -> None:
+def browse(url: str, out: Path, png: Path, hold: float, profile: Path) -> None:
     """Drive chromium against ``url`` (with its ``#token=``); write what the page showed.
 
-    Runs in the router namespace, as this file's ``--browse`` mode.
+    Runs in the router namespace, as this file's ``--browse`` mode; ``profile`` is a fresh
+    directory under the test's tmp_path, so even a killed browser leaves nothing behind.
     """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     result: dict = {}
-    profile = tempfile.mkdtemp(prefix="polevpn-chromium-")
     driver = None
     try:
         opts = webdriver.ChromeOptions()
@@ -159,7 +158,6 @@ def browse(url: str, out: Path, png: Path, hold: float) -> None:
         if driver is not None:
             with contextlib.suppress(Exception):
                 driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
         out.write_text(json.dumps(result))
 
 
@@ -206,6 +204,8 @@ def test_dashboard_shows_live_gateways_routes_and_traffic(tmp_path):
     hold = 45.0 if screenshot_to else 0.0
     seconds = hold + 60  # every stream ends by itself even if teardown never came
     out, png = tmp_path / "browser.json", tmp_path / "dashboard.png"
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
 
     with running_vpn(tmp_path, keys, router=router) as vpn:
         topo = vpn.topo
@@ -216,7 +216,8 @@ def test_dashboard_shows_live_gateways_routes_and_traffic(tmp_path):
         browser = topo.popen(
             "router",
             [sys.executable, str(Path(__file__).resolve()), "--browse",
-             f"http://127.0.0.1:{API_PORT}/#token={token}", str(out), str(png), str(hold)],
+             f"http://127.0.0.1:{API_PORT}/#token={token}", str(out), str(png), str(hold),
+             str(profile)],
             env={**os.environ, "SE_OFFLINE": "true"},
             log_name="browser",
         )
@@ -285,4 +286,5 @@ def test_dashboard_shows_live_gateways_routes_and_traffic(tmp_path):
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--browse"]:
-    browse(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5]))
+    browse(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5]),
+           Path(sys.argv[6]))
