@@ -664,7 +664,7 @@ def test_garbage_flood_leaves_the_router_working(tmp_path: Path) -> None:
         assert delivered == {f"{i}->{(i + 1) % 4}": N_PACKETS for i in range(4)}
         assert router.proc.poll() is None
         stats = router.wait_stats_after(len(router.stats_lines()))
-        print(f"router {stats.split(' stats ', 1)[1]}")
+        print(f"router {stats.split(' event=stats ', 1)[1]}")
         rss = router.rss_kb()
         print(f"router RSS {rss} kB; whole test {time.monotonic() - started:.1f}s")
         # measured 55 MB after the flood (42 MB idle): bounded queues, no garbage kept
