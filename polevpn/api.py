@@ -227,7 +227,7 @@ class ApiServer(httpserver.HttpServer):
             # the first prefix is the gateway's own address
             "networks": [str(n) for n in conn.prefixes[1:]],
             "features": sorted(conn.session.features) if conn.session else [],
-            "connected_at": rfc3339(time.time() - uptime),
+            "connected_at": rfc3339(conn.connected_wall),
             "uptime": round(uptime, 3),
             "packets_in": conn.packets_in,
             "packets_out": conn.packets_out,

@@ -113,6 +113,7 @@ class GatewayConnection(asyncio.Protocol):
         # SUPER_IPDATA frames in ``pending``: their bodies carry a virtio-net header too
         self.pending_super = 0
         self.connected_at = 0.0
+        self.connected_wall = 0.0
         self.packets_in = 0
         self.packets_out = 0
         self.bytes_in = 0
@@ -139,6 +140,8 @@ class GatewayConnection(asyncio.Protocol):
         self.fingerprint = cert_fingerprint(der)
         now = time.monotonic()
         self.connected_at = now
+        # for the API: a wall-clock time derived from the uptime would drift per request
+        self.connected_wall = time.time()
         router, fingerprint = self.router, self.fingerprint
         self.session = ServerSession(
             # the authority of the moment: a reload may have replaced it since the accept
