@@ -43,6 +43,7 @@ ROUTER_DROPS = {
     "dropped_queue_full": "queue_full",
     "dropped_hairpin": "hairpin",
     "dropped_unregistered": "unregistered",
+    "dropped_link_local": "link_local",
 }
 GATEWAY_DROPS = {
     "dropped_no_link": "no_link",

@@ -6,6 +6,7 @@ calls that the gateway runs in a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 from pyroute2 import IPRoute
@@ -14,6 +15,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from .routing import IPAddress, IPNetwork
 
 IFA_F_NODAD = 0x02
+ADDR_GEN_NONE = 1  # IN6_ADDR_GEN_MODE_NONE
 
 
 def configure_tun(
@@ -29,6 +31,12 @@ def configure_tun(
             raise RuntimeError(f"interface {ifname} does not exist")
         idx = found[0]
         ipr.link("set", index=idx, mtu=mtu)
+        # no IPv6 link-local address: the kernel would send router solicitations and MLD
+        # reports from it into the tunnel, which the router drops as spoofed sources.
+        # (IPv6 disabled on this host refuses the setting; nothing would be sent anyway.)
+        inet6 = {"attrs": [("IFLA_INET6_ADDR_GEN_MODE", ADDR_GEN_NONE)]}
+        with contextlib.suppress(NetlinkError):
+            ipr.link("set", index=idx, IFLA_AF_SPEC={"attrs": [("AF_INET6", inet6)]})
         ipr.link("set", index=idx, state="up")
         for addr in addresses:
             family = socket.AF_INET if addr.version == 4 else socket.AF_INET6

@@ -24,6 +24,8 @@ DROP_REASONS = {
     "malformed": "a super-packet that was not a valid IP packet with a virtio-net header",
     "hairpin": "the destination was routed back to the gateway that sent it",
     "unregistered": "packets from a connection that had not registered yet",
+    "link_local": "IPv6 from :: or fe80::/10 that the gateway did not register (its host's "
+    "MLD reports): link-scope, never forwarded, not counted as spoofed",
 }
 
 Schema = dict[str, Any]

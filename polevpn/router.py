@@ -78,6 +78,9 @@ class RouterStats(Counters):
     dropped_malformed: int = 0
     dropped_queue_full: int = 0
     dropped_hairpin: int = 0
+    # IPv6 from :: or fe80::/10 that the gateway did not register: its host's own MLD reports
+    # and solicitations, link-scope chatter that is never forwarded (and is no attack)
+    dropped_link_local: int = 0
     dropped_unregistered: int = 0
     # super-packets cut into plain packets for a gateway that did not negotiate them
     segmented: int = 0
@@ -705,7 +708,10 @@ class Router:
                 dst = lookup4(addr)
             elif version == 6:
                 if check and not from6(saddr):
-                    stats.dropped_spoofed += 1
+                    if saddr == 0 or saddr >> 118 == 0x3FA:
+                        stats.dropped_link_local += 1
+                    else:
+                        stats.dropped_spoofed += 1
                     continue
                 dst = lookup6(addr)
             else:

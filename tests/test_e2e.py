@@ -159,6 +159,18 @@ def test_traffic_goes_through_tunnel(vpn):
     assert "polevpn0" in res.stdout, res.stdout
 
 
+def test_no_link_local_chatter_into_the_tunnel(vpn):
+    """The TUN has no IPv6 link-local address, so the kernel sends no router solicitations
+    or MLD reports into the tunnel, which the router would count as spoofed sources."""
+    for node in ("gwA", "gwB"):
+        res = vpn.topo.run(node, ["ip", "-6", "addr", "show", "dev", "polevpn0", "scope", "link"])
+        assert res.stdout.strip() == "", res.stdout
+    # a router solicitation goes out within a second or so of the link coming up
+    t.wait_log_lines(vpn.router.log_path, 4, "event=stats", timeout=10)
+    stats = t.last_stats(vpn.router.log_path)
+    assert stats and stats["dropped_spoofed"] == "0", (stats, vpn.logs())
+
+
 # ---------------------------------------------------------------- transfer
 def test_tcp_transfer_50mb_sha256(vpn):
     res = vpn.topo.transfer("hostA", "hostB", t.HOST_B, TRANSFER_BYTES, timeout=120)

@@ -217,13 +217,18 @@ def test_spoofed_sources_are_dropped_and_counted(keys, transport):
             ipv4_packet("198.18.30.1", "198.18.20.2"),  # nobody's
             ipv4_packet("169.254.0.2", "198.18.20.2"),  # B's gateway address
             ipv6_packet("2001:db8:20::9", "2001:db8:10::2"),
+            ipv6_packet("2001:db8:20::9", "ff02::16"),  # multicast, but from B's network
         ]
+        # the host's MLD report from :: and a solicitation: not forwarded, and no attack
+        chatter = [ipv6_packet("::", "ff02::16"), ipv6_packet("fe80::1", "ff02::2")]
         legit = ipv4_packet("198.18.10.2", "198.18.20.2")
         own = ipv4_packet(A, "198.18.20.2")
-        await a.send(b"".join(frame(3, p) for p in spoofed) + frame(3, legit) + frame(3, own))
+        frames = [frame(3, p) for p in [*spoofed, *chatter, legit, own]]
+        await a.send(b"".join(frames))
         assert await b.recv_frame() == (2, 0, legit)
         assert await b.recv_frame() == (2, 0, own)
-        assert router.stats.dropped_spoofed == 4
+        assert router.stats.dropped_spoofed == 5
+        assert router.stats.dropped_link_local == 2
         await router.stop()
 
     run(scenario())
