@@ -18,6 +18,18 @@ IFA_F_NODAD = 0x02
 ADDR_GEN_NONE = 1  # IN6_ADDR_GEN_MODE_NONE
 
 
+def _index(ipr: IPRoute, ifname: str) -> int:
+    found = ipr.link_lookup(ifname=ifname)
+    if not found:
+        raise RuntimeError(f"interface {ifname} does not exist")
+    return found[0]
+
+
+def _route(ipr: IPRoute, op: str, net: IPNetwork, idx: int) -> None:
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    ipr.route(op, dst=str(net.network_address), dst_len=net.prefixlen, oif=idx, family=family)
+
+
 def configure_tun(
     ifname: str,
     mtu: int,
@@ -26,10 +38,7 @@ def configure_tun(
 ) -> None:
     """Bring the device up with ``mtu``, host addresses and routes into it (idempotent)."""
     with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise RuntimeError(f"interface {ifname} does not exist")
-        idx = found[0]
+        idx = _index(ipr, ifname)
         ipr.link("set", index=idx, mtu=mtu)
         # no IPv6 link-local address: the kernel would send router solicitations and MLD
         # reports from it into the tunnel, which the router drops as spoofed sources.
@@ -56,42 +65,18 @@ def configure_tun(
                 if exc.code != 17:  # EEXIST: already there from an earlier run
                     raise
         for net in routes:
-            family = socket.AF_INET if net.version == 4 else socket.AF_INET6
-            ipr.route(
-                "replace",
-                dst=str(net.network_address),
-                dst_len=net.prefixlen,
-                oif=idx,
-                family=family,
-            )
+            _route(ipr, "replace", net, idx)
 
 
 def update_routes(ifname: str, add: list[IPNetwork], remove: list[IPNetwork]) -> None:
     """Routes into the device for ``add`` and none for ``remove`` (a reload's difference)."""
     with IPRoute() as ipr:
-        found = ipr.link_lookup(ifname=ifname)
-        if not found:
-            raise RuntimeError(f"interface {ifname} does not exist")
-        idx = found[0]
+        idx = _index(ipr, ifname)
         for net in remove:
-            family = socket.AF_INET if net.version == 4 else socket.AF_INET6
             try:
-                ipr.route(
-                    "del",
-                    dst=str(net.network_address),
-                    dst_len=net.prefixlen,
-                    oif=idx,
-                    family=family,
-                )
+                _route(ipr, "del", net, idx)
             except NetlinkError as exc:
                 if exc.code != 3:  # ESRCH: someone removed it already
                     raise
         for net in add:
-            family = socket.AF_INET if net.version == 4 else socket.AF_INET6
-            ipr.route(
-                "replace",
-                dst=str(net.network_address),
-                dst_len=net.prefixlen,
-                oif=idx,
-                family=family,
-            )
+            _route(ipr, "replace", net, idx)

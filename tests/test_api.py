@@ -125,17 +125,6 @@ def test_token_required_and_public_paths(keys):
     run(scenario())
 
 
-def test_api_off_by_default(keys):
-    async def scenario():
-        router = await started(router_config(keys))
-        try:
-            assert router.api is None
-        finally:
-            await router.stop()
-
-    run(scenario())
-
-
 # -- the views
 
 

@@ -197,11 +197,11 @@ def test_router_metrics_count_what_the_gateways_sent(keys, transport, monkeypatc
     run(scenario())
 
 
-def test_router_metrics_off_by_default(keys):
+def test_router_metrics_and_api_off_by_default(keys):
     async def scenario():
         router = await started(router_config(keys))
         try:
-            assert router.metrics is None
+            assert router.metrics is None and router.api is None
         finally:
             await router.stop()
 

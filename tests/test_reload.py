@@ -33,15 +33,19 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def tls(keys: Path, listen: str = "127.0.0.1:0", cert: Path | None = None) -> dict:
+    return {
+        "listen": listen,
+        "enable": True,
+        "cert_file": str(cert or keys / "server.crt"),
+        "key_file": str(keys / "server.key"),
+    }
+
+
 def router_file(path: Path, keys: Path, **overrides) -> Path:
     cfg = t.router_config(
         keys,
-        tls={
-            "listen": "127.0.0.1:0",
-            "enable": True,
-            "cert_file": str(keys / "server.crt"),
-            "key_file": str(keys / "server.key"),
-        },
+        tls=tls(keys),
         gateways={A: {"key": KEY_A, "networks": [LAN_A]}, B: {"key": KEY_B, "networks": [LAN_B]}},
         stats_interval=0,
     )
@@ -61,12 +65,7 @@ def test_plan_applies_live_fields_and_keeps_restart_ones(tmp_path: Path, keys: P
         keys,
         idle_timeout=30,
         log_level="debug",
-        tls={
-            "listen": "127.0.0.1:8443",
-            "enable": True,
-            "cert_file": str(keys / "server.crt"),
-            "key_file": str(keys / "server.key"),
-        },
+        tls=tls(keys, "127.0.0.1:8443"),
         gateways={A: {"key": KEY_C, "networks": [LAN_A, LAN_C]}, C: {"key": KEY_C, "networks": []}},
         user="nobody",
     )
@@ -162,19 +161,15 @@ def test_router_reload_revokes_only_what_changed(tmp_path: Path, keys: Path, cap
             assert router.cfg.idle_timeout == 45
             assert await _passes(router, c, a, "198.18.30.5", "198.18.10.5")
 
-            # a missing certificate fails the reload as a whole
-            router_file(
-                path,
-                keys,
-                tls={
-                    "listen": "127.0.0.1:0",
-                    "enable": True,
-                    "cert_file": str(tmp_path / "gone.crt"),
-                    "key_file": str(keys / "server.key"),
-                },
+            # a certificate that does not load fails the reload as a whole
+            bad = tmp_path / "bad.crt"
+            bad.write_text(
+                "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n"
             )
-            with pytest.raises(ConfigError):
+            router_file(path, keys, tls=tls(keys, cert=bad), idle_timeout=20)
+            with pytest.raises(ConfigError, match="tls.cert_file: cannot load"):
                 router.reload()
+            assert router.cfg.idle_timeout == 45
             assert len(router.authority.grants) == 2
         finally:
             await router.stop()
