@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 import test_router_loopback as loopback
 import uvloop
-from test_metrics import http
+from test_metrics import http, router_file
 from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
 
 from polevpn import api, ctl, metrics, openapi
@@ -498,38 +498,22 @@ def test_schemathesis_catches_a_reply_that_strays_from_the_document(keys, monkey
 # -- config
 
 
-def _config_file(tmp_path: Path, keys, **extra) -> Path:
-    obj = {
-        "tls": {
-            "listen": "127.0.0.1:443",
-            "cert_file": str(keys.server_cert),
-            "key_file": str(keys.server_key),
-        },
-        "key": "123456",
-        **extra,
-    }
-    path = tmp_path / "router.json"
-    path.write_text(json.dumps(obj))
-    path.chmod(0o600)
-    return path
-
-
 def _api_warnings(cfg) -> list[str]:
     return [w for w in cfg.warnings if "api" in w.lower()]
 
 
 def test_config_api_listen_needs_a_token(tmp_path, keys):
     with pytest.raises(ConfigError) as err:
-        load_router_config(_config_file(tmp_path, keys, api_listen="127.0.0.1:8080"))
+        load_router_config(router_file(tmp_path, keys, api_listen="127.0.0.1:8080"))
     assert err.value.field == "api_token" and "api_token_file" in err.value.problem
 
     cfg = load_router_config(
-        _config_file(tmp_path, keys, api_listen="127.0.0.1:8080", api_token=TOKEN)
+        router_file(tmp_path, keys, api_listen="127.0.0.1:8080", api_token=TOKEN)
     )
     assert cfg.api_listen == ("127.0.0.1", 8080) and cfg.api_token == TOKEN
     assert not _api_warnings(cfg)
     assert TOKEN not in repr(cfg)
-    assert load_router_config(_config_file(tmp_path, keys)).api_listen is None
+    assert load_router_config(router_file(tmp_path, keys)).api_listen is None
 
     for bad, field in [
         ({"api_listen": "8080", "api_token": TOKEN}, "api_listen"),
@@ -544,7 +528,7 @@ def test_config_api_listen_needs_a_token(tmp_path, keys):
         ({"api_listen": "127.0.0.1:8080", "api_token_file": "missing"}, "api_token_file"),
     ]:
         with pytest.raises(ConfigError) as err:
-            load_router_config(_config_file(tmp_path, keys, **bad))
+            load_router_config(router_file(tmp_path, keys, **bad))
         assert err.value.field == field, bad
 
 
@@ -552,7 +536,7 @@ def test_config_api_token_file_and_warnings(tmp_path, keys):
     token_file = tmp_path / "api.token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
-    path = _config_file(tmp_path, keys, api_listen="[::1]:8080", api_token_file="api.token")
+    path = router_file(tmp_path, keys, api_listen="[::1]:8080", api_token_file="api.token")
     cfg = load_router_config(path)
     assert cfg.api_token == TOKEN and cfg.api_listen == ("::1", 8080)
     assert not _api_warnings(cfg)
@@ -569,19 +553,19 @@ def test_config_api_token_file_and_warnings(tmp_path, keys):
     assert err.value.field == "api_token_file" and "empty" in err.value.problem
 
     # a token inline makes the config file a secret too
-    path = _config_file(tmp_path, keys, api_listen="127.0.0.1:8080", api_token=TOKEN)
+    path = router_file(tmp_path, keys, api_listen="127.0.0.1:8080", api_token=TOKEN)
     path.chmod(0o644)
     assert any(str(path) in w and "chmod 600" in w for w in load_router_config(path).warnings)
 
     cfg = load_router_config(
-        _config_file(tmp_path, keys, api_listen="198.18.0.1:8080", api_token="short")
+        router_file(tmp_path, keys, api_listen="198.18.0.1:8080", api_token="short")
     )
     warnings = _api_warnings(cfg)
     assert any("not a loopback address" in w and "SSH tunnel" in w for w in warnings)
     assert any("short" in w for w in warnings)
 
     with pytest.raises(ConfigError) as err:
-        load_api_access(_config_file(tmp_path, keys))
+        load_api_access(router_file(tmp_path, keys))
     assert err.value.field == "api_listen"
 
 

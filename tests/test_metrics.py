@@ -279,7 +279,8 @@ def test_http_oversized_and_slow_requests_are_cut_off(keys, monkeypatch):
 # -- configuration
 
 
-def _router_file(tmp_path: Path, keys, **extra) -> Path:
+def router_file(tmp_path: Path, keys, **extra) -> Path:
+    """A minimal router config file (tls on 127.0.0.1:443, shared key) plus ``extra``."""
     obj = {
         "tls": {
             "listen": "127.0.0.1:443",
@@ -326,7 +327,7 @@ def _metrics_warnings(warnings: tuple[str, ...]) -> list[str]:
     ],
 )
 def test_config_metrics_listen(tmp_path, keys, text, expected, warned):
-    rc = load_router_config(_router_file(tmp_path, keys, metrics_listen=text))
+    rc = load_router_config(router_file(tmp_path, keys, metrics_listen=text))
     gc = load_gateway_config(_gateway_file(tmp_path, metrics_listen=text))
     for cfg in (rc, gc):
         assert cfg.metrics_listen == expected
@@ -334,11 +335,11 @@ def test_config_metrics_listen(tmp_path, keys, text, expected, warned):
 
 
 def test_config_metrics_listen_absent_and_invalid(tmp_path, keys):
-    assert load_router_config(_router_file(tmp_path, keys)).metrics_listen is None
+    assert load_router_config(router_file(tmp_path, keys)).metrics_listen is None
     assert load_gateway_config(_gateway_file(tmp_path)).metrics_listen is None
     for bad in ("9400", "127.0.0.1:http", "127.0.0.1:70000", "example.org:9400", ":9400", 9400):
         with pytest.raises(ConfigError) as err:
-            load_router_config(_router_file(tmp_path, keys, metrics_listen=bad))
+            load_router_config(router_file(tmp_path, keys, metrics_listen=bad))
         assert "metrics_listen" in str(err.value)
         with pytest.raises(ConfigError) as err:
             load_gateway_config(_gateway_file(tmp_path, metrics_listen=bad))
@@ -351,11 +352,11 @@ def test_router_logs_where_metrics_listen_and_the_config_warning(tmp_path, keys,
         "cert_file": str(keys.server_cert),
         "key_file": str(keys.server_key),
     }
-    cfg = load_router_config(_router_file(tmp_path, keys, metrics_listen="127.0.0.1:0", tls=tls))
+    cfg = load_router_config(router_file(tmp_path, keys, metrics_listen="127.0.0.1:0", tls=tls))
     # the start-up warning of a non-loopback address, logged the way the router logs it,
     # without opening a port beyond loopback in a test
     exposed = load_router_config(
-        _router_file(tmp_path, keys, metrics_listen="198.18.0.1:9400", tls=tls)
+        router_file(tmp_path, keys, metrics_listen="198.18.0.1:9400", tls=tls)
     )
     cfg = dataclasses.replace(cfg, warnings=exposed.warnings)
 
