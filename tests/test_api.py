@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 import test_router_loopback as loopback
 import uvloop
-from test_metrics import http, router_file
+from test_metrics import http, receive_packets, router_file
 from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
 
 from polevpn import api, ctl, metrics, openapi
@@ -126,15 +126,6 @@ def test_token_required_and_public_paths(keys):
 
 
 # -- the views
-
-
-async def receive_packets(gw: ProtoGateway, n: int) -> list[bytes]:
-    got = []
-    for _ in range(n):
-        cmd, _, body = await gw.recv_frame(timeout=5)
-        assert cmd == 2
-        got.append(body)
-    return got
 
 
 def _recent(stamp: str) -> bool:
