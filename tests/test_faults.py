@@ -31,10 +31,12 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from polevpn.config import GatewayConfig
 
 try:
     import topology as t
@@ -60,6 +62,7 @@ KCP_A = f"kcp://{t.ROUTER_UL_A}:443"
 # after heartbeat_timeout (gateway) or idle_timeout (router); the defaults (20 s, 60 s) would
 # make each case last a minute.  The heartbeat interval stays below the router's idle_timeout.
 HB_INTERVAL = 1
+DEFAULT_HB_INTERVAL = GatewayConfig.heartbeat_interval  # the product's default
 HB_TIMEOUT = 3
 IDLE_TIMEOUT = 3
 # The router checks idle_timeout (and writes its stats line) every min(1, idle_timeout / 4) s:
@@ -160,12 +163,17 @@ def _nft(topo: t.Topology, node: str, table: str, chains: str) -> Iterator[None]
         topo.run(node, ["nft", "delete", "table", "inet", table], check=False)
 
 
-def _restart_router(v: Vpn, outage: float, transport: str = "tls") -> tuple[float, float]:
-    """SIGKILL the router, keep it down ``outage`` s, start it again; returns the wall-clock
-    times it died and it logged listening on ``transport`` (the moment it is back)."""
+def _restart_router(
+    v: Vpn, outage: float, transport: str = "tls", while_down: Callable[[], object] | None = None
+) -> tuple[float, float]:
+    """SIGKILL the router, keep it down ``outage`` s (calling ``while_down`` meanwhile), start
+    it again; returns the wall-clock times it died and it logged listening on ``transport``
+    (the moment it is back)."""
     assert v.router is not None
     killed = _kill(v.router)
-    time.sleep(outage)
+    if while_down is not None:
+        while_down()
+    time.sleep(max(0.0, killed + outage - time.time()))
     v.start_router()
     assert v.router is not None
     line = t.wait_for_log(v.router, "listening", f"transport={transport}", timeout=10)
@@ -416,6 +424,14 @@ class TestKcp:
     @pytest.mark.parametrize("icmp", [True, False], ids=["port-unreachable", "silent"])
     def test_router_sigkill_restart(self, vpn, icmp):
         gwa_log = vpn.gw["gwA"].log_path
+        # An office whose link dies within heartbeat_interval (10 s) of registering keeps its
+        # backoff ceiling (3 s), so that a router which takes it and drops it at once is not
+        # hammered. Silent, gwA learns of the restart only after the router is back: 2 s of
+        # silence plus up to 3 s would exceed the bound. The usual case is an office that has
+        # been up for a while, as here once the link registered by the previous case is older;
+        # its next heartbeat is then due after the outage.
+        line = t.log_lines(gwa_log, "registered with router")[-1]
+        time.sleep(max(0.0, t.log_time(line) + DEFAULT_HB_INTERVAL + 0.5 - time.time()))
         silent = _count(gwa_log, "with data unacknowledged")
         quiet = contextlib.nullcontext() if icmp else _nft(
             vpn.topo, "router", "pvnoicmp",
@@ -423,8 +439,14 @@ class TestKcp:
             "  icmp type destination-unreachable drop;\n"
             "  icmpv6 type destination-unreachable drop; }",
         )
+        def office_traffic() -> None:
+            # what makes gwA send to the dead router's port, so that the ICMP error comes
+            vpn.topo.ping("hostA", t.HOST_B, count=1, wait=1)
+
         with quiet:
-            _, back = _restart_router(vpn, 3.0, transport="kcp")
+            _, back = _restart_router(
+                vpn, 3.0, transport="kcp", while_down=office_traffic if icmp else None
+            )
             resumed = _resumed_after(vpn, back)
         print(f"kcp, icmp={icmp}: traffic resumed {resumed:.2f} s after the router was back")
         line = t.find_log_line(vpn.router.log_path, f"registered gateway={GW_A} ", "transport=kcp")
