@@ -28,6 +28,18 @@ through them; without the element (or after :meth:`Topology.stop_impair`) imp
 is a plain kernel router.  :meth:`Topology.set_loss` installs an nftables
 random-drop rule (in imp, or in router without impair) usable on its own or
 together with the element.
+
+``Topology(dual_uplink=True)`` gives gwA a second underlay link to the router, IPv6 only,
+and makes the first one IPv4 only (IPv6 disabled on wan0 and ul-a, so not even link-local
+addresses remain):
+
+    gwA wan0 ==== ul-a  router    198.19.0.2/30 <-> 198.19.0.1/30             (IPv4 only)
+    gwA wan1 ==== ul-a6 router    2001:db8:ff01::2/64 <-> 2001:db8:ff01::1/64 (IPv6 only)
+
+Both ends of wan1 keep their addresses across ``ip link set down`` (keep_addr_on_down), so
+:meth:`Topology.link_down` / :meth:`Topology.link_up` and :meth:`Topology.flap` model a
+cable pulled and plugged back.  :meth:`Topology.rate_limit` (tc tbf, egress) and
+:meth:`Topology.if_bytes` work on any interface of any topology.
 """
 
 from __future__ import annotations
@@ -44,9 +56,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +82,17 @@ GW_A_UL = "198.19.0.2"
 ROUTER_UL_A = "198.19.0.1"
 GW_B_UL = "198.19.0.6"
 ROUTER_UL_B = "198.19.0.5"
+# Interface names of gwA's (first) underlay link; IPv4 only with dual_uplink=True.
+GW_A_UL_IF = "wan0"
+ROUTER_UL_A_IF = "ul-a"
+
+# Topology(dual_uplink=True): gwA's second underlay link, IPv6 only.  2001:db8:ff01::/64 is
+# apart from the LANs (2001:db8:10::, :20::) and the tunnel addresses (2001:db8:ff::/64).
+UL_A6 = "2001:db8:ff01::/64"
+GW_A_UL6 = "2001:db8:ff01::2"
+ROUTER_UL_A6 = "2001:db8:ff01::1"
+GW_A_UL6_IF = "wan1"  # in gwA
+ROUTER_UL_A6_IF = "ul-a6"  # in router
 
 # Impairment middlebox (Topology(impair=True)): node, interfaces, TUNs, routing tables.
 IMP_NODE = "imp"
@@ -192,6 +216,92 @@ class TopologyError(RuntimeError):
 
 
 @dataclass
+class LinkFlapper:
+    """A link taken down and up ``times`` times in a background thread (see Topology.flap).
+
+    The thread never runs longer than ``max_total`` s after start (the last down is cut short
+    if need be) and always leaves the link up.  ``events`` lists ``(time.monotonic(), "down"
+    | "up")`` as they happened.
+    """
+
+    topo: Topology
+    node: str
+    ifname: str
+    times: int
+    down_s: float
+    up_s: float
+    delay: float
+    max_total: float
+    events: list[tuple[float, str]] = field(default_factory=list)
+    error: BaseException | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> LinkFlapper:
+        self._thread = threading.Thread(
+            target=self._run, name=f"flap-{self.node}-{self.ifname}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_total
+
+        def pause(seconds: float) -> bool:
+            """Sleep, cut short by stop() or the deadline; False once flapping must end."""
+            left = deadline - time.monotonic()
+            self._stop.wait(max(0.0, min(seconds, left)))
+            return not self._stop.is_set() and time.monotonic() < deadline
+
+        is_down = False
+        try:
+            if not pause(self.delay):
+                return
+            for i in range(self.times):
+                self.topo.link_down(self.node, self.ifname)
+                is_down = True
+                self.events.append((time.monotonic(), "down"))
+                stopping = not pause(self.down_s)
+                self.topo.link_up(self.node, self.ifname)
+                is_down = False
+                self.events.append((time.monotonic(), "up"))
+                if stopping or (i + 1 < self.times and not pause(self.up_s)):
+                    return
+        except Exception as exc:  # reported by join(); the thread must not die silently
+            self.error = exc
+        finally:
+            if is_down:  # an error between down and up: the link must not stay cut
+                with contextlib.suppress(Exception):
+                    self.topo.link_up(self.node, self.ifname)
+                    self.events.append((time.monotonic(), "up"))
+
+    @property
+    def done(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
+    @property
+    def cycles(self) -> int:
+        """Completed down-and-up cycles so far."""
+        return sum(1 for _, what in self.events if what == "up")
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the end (by default bounded by max_total + 15 s); raise what went wrong."""
+        if self._thread is None:
+            raise TopologyError("flapper was never started")
+        self._thread.join(self.max_total + 15 if timeout is None else timeout)
+        if self._thread.is_alive():
+            raise TopologyError(f"flapping {self.node}/{self.ifname} did not end in time")
+        if self.error is not None:
+            raise TopologyError(f"flapping {self.node}/{self.ifname}: {self.error}")
+
+    def stop(self, timeout: float = 15) -> None:
+        """End early (the link is left up); errors are not raised here."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+@dataclass
 class BackgroundTransfer:
     """A paced TCP transfer running in the background (see Topology.start_transfer)."""
 
@@ -265,9 +375,12 @@ class Topology:
         prefix: str | None = None,
         log_dir: str | os.PathLike | None = None,
         impair: bool = False,
+        dual_uplink: bool = False,
     ):
         self.prefix = prefix or f"pv{secrets.token_hex(2)}"
         self.impair = impair
+        self.dual_uplink = dual_uplink
+        self._flappers: list[LinkFlapper] = []
         self.nodes: tuple[str, ...] = (*NODES, IMP_NODE) if impair else NODES
         self.ns = {node: f"{self.prefix}-{node}" for node in self.nodes}
         # Without an explicit log_dir the logs go to a private temp dir that
@@ -452,6 +565,25 @@ class Topology:
             self._sysctl(gw, "net.ipv6.conf.all.forwarding", "1")
         if self.impair:
             self._setup_imp()
+        if self.dual_uplink:
+            self._setup_dual_uplink()
+
+    def _setup_dual_uplink(self) -> None:
+        """gwA's second underlay link (IPv6 only); the first becomes IPv4 only."""
+        # No IPv6 at all on the first link, link-local included: whatever crosses it is IPv4.
+        self._sysctl("gwA", f"net.ipv6.conf.{GW_A_UL_IF}.disable_ipv6", "1")
+        self._sysctl("router", f"net.ipv6.conf.{ROUTER_UL_A_IF}.disable_ipv6", "1")
+        self._veth("gwA", GW_A_UL6_IF, "router", ROUTER_UL_A6_IF)
+        for node, ifname in (("gwA", GW_A_UL6_IF), ("router", ROUTER_UL_A6_IF)):
+            # The kernel flushes IPv6 addresses on link down by default, so after link_up()
+            # the link would stay dead; a pulled cable keeps its configuration.
+            self._sysctl(node, f"net.ipv6.conf.{ifname}.keep_addr_on_down", "1")
+            # no router advertisements or autoconfigured addresses besides ours
+            self._sysctl(node, f"net.ipv6.conf.{ifname}.accept_ra", "0")
+            self._sysctl(node, f"net.ipv6.conf.{ifname}.autoconf", "0")
+        prefix_len = UL_A6.split("/")[1]
+        self._addr("gwA", GW_A_UL6_IF, f"{GW_A_UL6}/{prefix_len}")  # nodad: usable at once
+        self._addr("router", ROUTER_UL_A6_IF, f"{ROUTER_UL_A6}/{prefix_len}")
 
     def _mac(self, node: str, ifname: str) -> str:
         res = self.run(node, ["ip", "-j", "link", "show", "dev", ifname])
@@ -657,6 +789,73 @@ class Topology:
                 if "counter" in expr:
                     total += expr["counter"]["packets"]
         return total
+
+    # ------------------------------------------------------------------- links
+    def link_down(self, node: str, ifname: str) -> None:
+        """``ip link set down``: the peer end loses carrier too (veth)."""
+        self.run(node, ["ip", "link", "set", "dev", ifname, "down"], timeout=10)
+
+    def link_up(self, node: str, ifname: str) -> None:
+        self.run(node, ["ip", "link", "set", "dev", ifname, "up"], timeout=10)
+
+    def flap(
+        self,
+        node: str,
+        ifname: str,
+        times: int,
+        down_s: float,
+        up_s: float,
+        delay: float = 0.0,
+        max_total: float | None = None,
+    ) -> LinkFlapper:
+        """Start taking ``ifname`` down for ``down_s`` and up for ``up_s``, ``times`` times,
+        after ``delay`` s, in a background thread; join() the handle for the outcome.
+
+        ``max_total`` (default: the planned time plus 10 s) bounds the whole run; teardown
+        stops a flapper still running.
+        """
+        if times < 1 or down_s < 0 or up_s < 0 or delay < 0:
+            raise ValueError("times must be >= 1 and durations >= 0")
+        if max_total is None:
+            max_total = delay + times * (down_s + up_s) + 10
+        flapper = LinkFlapper(self, node, ifname, times, down_s, up_s, delay, max_total)
+        self._flappers.append(flapper)
+        return flapper.start()
+
+    def rate_limit(
+        self,
+        node: str,
+        ifname: str,
+        mbit: float,
+        burst: int | None = None,
+        latency_ms: float = 50,
+    ) -> None:
+        """Shape what ``ifname`` sends to ``mbit`` Mbit/s with a tbf root qdisc (egress only:
+        limit both ends of a link for both directions).  ``burst`` (bytes) defaults to 10 ms
+        at the rate, at least 32 KiB (below rate/HZ tbf cannot reach its rate); ``latency_ms``
+        bounds the queue.  Replaces an earlier limit; gone with the namespace on teardown."""
+        if mbit <= 0:
+            raise ValueError(f"rate {mbit} Mbit/s must be > 0")
+        if burst is None:
+            burst = max(32 * 1024, int(mbit * 1e6 / 8 / 100))
+        self.run(node, ["tc", "qdisc", "replace", "dev", ifname, "root", "tbf",
+                        "rate", f"{mbit:g}mbit", "burst", str(burst),
+                        "latency", f"{latency_ms:g}ms"], timeout=10)
+
+    def clear_rate_limit(self, node: str, ifname: str) -> None:
+        """Remove a rate_limit() (the interface's default qdisc returns)."""
+        self.run(node, ["tc", "qdisc", "del", "dev", ifname, "root"], check=False, timeout=10)
+
+    def qdiscs(self, node: str, ifname: str) -> list[dict]:
+        """``tc -j qdisc show dev ifname``, parsed (each entry has "kind", "options"...)."""
+        res = self.run(node, ["tc", "-j", "qdisc", "show", "dev", ifname], timeout=10)
+        return json.loads(res.stdout or "[]")
+
+    def if_bytes(self, node: str, ifname: str) -> tuple[int, int]:
+        """(rx, tx) byte counters of ``ifname`` in ``node`` (all traffic, 64-bit)."""
+        res = self.run(node, ["ip", "-s", "-j", "link", "show", "dev", ifname], timeout=10)
+        stats = json.loads(res.stdout)[0]["stats64"]
+        return stats["rx"]["bytes"], stats["tx"]["bytes"]
 
     # ------------------------------------------------------------------ checks
     def ping(
@@ -878,6 +1077,11 @@ class Topology:
 
     # ---------------------------------------------------------------- teardown
     def teardown(self) -> None:
+        # flappers first: they would run commands in namespaces about to disappear
+        for flapper in self._flappers:
+            with contextlib.suppress(Exception):
+                flapper.stop(timeout=15)
+        self._flappers.clear()
         for proc in reversed(self._procs):
             with contextlib.suppress(Exception):  # keep tearing down
                 self.stop(proc, timeout=3)
@@ -1042,17 +1246,20 @@ def wait_for_log(
         time.sleep(0.1)
 
 
-def router_config(keys_dir: str | os.PathLike, **overrides) -> dict:
+def router_config(keys_dir: str | os.PathLike, listen: str = "0.0.0.0:443",
+                  **overrides) -> dict:
+    """Router config for the topology; ``listen`` is the tls and the kcp listener's address
+    (each takes one: "0.0.0.0:443" serves IPv4 only, "[::]:443" IPv6 only)."""
     keys = Path(keys_dir)
     cfg = {
         "tls": {
-            "listen": "0.0.0.0:443",
+            "listen": listen,
             "enable": True,
             "cert_file": str(keys / "server.crt"),
             "key_file": str(keys / "server.key"),
         },
         "kcp": {
-            "listen": "0.0.0.0:443",
+            "listen": listen,
             "enable": False,
             "cert_file": str(keys / "server.crt"),
             "key_file": str(keys / "server.key"),
