@@ -358,13 +358,16 @@ class Router:
         infos = await loop.getaddrinfo(
             tls.host, tls.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-        for family, type_, proto, _, addr in dict.fromkeys(infos):
+        infos = list(dict.fromkeys(infos))
+        both = {info[0] for info in infos} >= {socket.AF_INET, socket.AF_INET6}
+        for family, type_, proto, _, addr in infos:
             sock = socket.socket(family, type_, proto)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
-                    # as asyncio does: "::" serves IPv6 only, next to its own "0.0.0.0"
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    # an IPv6 socket next to an IPv4 one of the same name serves IPv6 only
+                    # (as asyncio does); "[::]" alone serves both families, as kcp:// does
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if both else 0)
                 sock.bind(addr)
                 sock.listen(1024)
                 sock.setblocking(False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import socket
 import ssl
 import struct
 from pathlib import Path
@@ -551,4 +552,35 @@ def test_kcp_session_ends_when_the_peer_falls_silent(keys):
 
     if _transport["mode"] != "kcp":
         pytest.skip("kcp only")
+    run(scenario())
+
+
+def test_listening_on_the_ipv6_wildcard_serves_both_families(keys):
+    """"[::]:443" takes IPv4 and IPv6 gateways on tls:// as on kcp://, so one router address
+    per family is not needed (a site with an IPv4 and an IPv6 uplink reaches the same
+    listener both ways)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+
+    async def scenario():
+        listener = Listener(True, "::", 0, keys.server_cert, keys.server_key)
+        router = await started(router_config(keys, tls=listener, kcp=listener))
+        try:
+            assert len(router.listen_sockets) == 1
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            for i, host in enumerate(("127.0.0.1", "::1")):
+                reader, writer = await asyncio.open_connection(
+                    host, router.tls_port, ssl=ctx, server_hostname="polevpn.com"
+                )
+                gw = ProtoGateway(reader, writer)
+                await gw.login(f"169.254.0.{i + 1}", [f"198.18.{10 + i}.0/24"])
+            for i, host in enumerate(("127.0.0.1", "::1")):
+                gw = await ProtoGateway.connect_kcp(router, host=host)
+                await gw.login(f"169.254.1.{i + 1}", [f"198.18.{20 + i}.0/24"])
+            assert router.stats.registrations == 4
+        finally:
+            await router.stop()
+
     run(scenario())

@@ -1250,8 +1250,8 @@ def router_config(keys_dir: str | os.PathLike, listen: str = "0.0.0.0:443",
                   **overrides) -> dict:
     """Router config for the topology; ``listen`` is the tls and the kcp listener's address.
 
-    Each listener takes one address: "0.0.0.0:443" serves IPv4 only; "[::]:443" serves tls
-    over IPv6 only (IPV6_V6ONLY) but kcp over both (IPv4 peers as ::ffff:a.b.c.d)."""
+    Each listener takes one address: "0.0.0.0:443" serves IPv4 only; "[::]:443" serves both
+    families on tls and kcp (IPv4 peers appear as ::ffff:a.b.c.d)."""
     keys = Path(keys_dir)
     cfg = {
         "tls": {
