@@ -106,9 +106,7 @@ def running_vpn(
     ``router`` and ``gw_a`` replace the default configs; ``impair_delay_ms`` puts the
     impairment element, with that delay, between gwA and the router.
     """
-    topo = t.Topology(log_dir=work / "logs", impair=impair_delay_ms is not None)
-    try:
-        topo.setup()
+    with t.built(t.Topology(log_dir=work / "logs", impair=impair_delay_ms is not None)) as topo:
         if impair_delay_ms is not None:
             topo.start_impair(delay_ms=impair_delay_ms)
         v = Vpn(topo, work, keys)
@@ -122,11 +120,6 @@ def running_vpn(
         waited = v.wait_ping("hostA", t.HOST_B, deadline=15)
         assert waited is not None, f"no connectivity after start\n{v.logs()}"
         yield v
-    finally:
-        prefix = topo.prefix
-        topo.teardown()
-        left = t.leftover_namespaces(prefix)
-        assert not left, f"namespaces left behind: {left}"
 
 
 @pytest.fixture(scope="module")

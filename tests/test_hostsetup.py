@@ -71,17 +71,10 @@ while True:
 def site(tmp_path_factory, keys) -> Iterator[Vpn]:
     """Topology and router; the tests start and stop the gateways."""
     work = tmp_path_factory.mktemp("hostsetup")
-    topo = t.Topology(log_dir=work / "logs")
-    try:
-        topo.setup()
+    with t.built(t.Topology(log_dir=work / "logs")) as topo:
         v = Vpn(topo, work, keys)
         v.start_router()
         yield v
-    finally:
-        prefix = topo.prefix
-        topo.teardown()
-        left = t.leftover_namespaces(prefix)
-        assert not left, f"namespaces left behind: {left}"
 
 
 def sysctl(v: Vpn, node: str, key: str, value: str | None = None) -> str:

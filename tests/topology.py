@@ -58,7 +58,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1139,6 +1139,19 @@ def _flatten_stats(stats: dict) -> dict:
 def leftover_namespaces(prefix: str) -> list[str]:
     res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
     return [line.split()[0] for line in res.stdout.splitlines() if line.startswith(prefix)]
+
+
+@contextlib.contextmanager
+def built(topo: Topology) -> Iterator[Topology]:
+    """``topo`` set up for the ``with`` body, then torn down (also on failure), and checked
+    to have left no namespace behind."""
+    try:
+        topo.setup()
+        yield topo
+    finally:
+        topo.teardown()
+        left = leftover_namespaces(topo.prefix)
+        assert not left, f"namespaces left behind: {left}"
 
 
 # --------------------------------------------------------------------------
