@@ -102,7 +102,7 @@ def _install_stop(stop: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, stop)
 
 
-def _install_reload(reload: Callable[[], Awaitable[object]], log: logging.Logger) -> set:
+def _install_reload(reload: Callable[[], Awaitable[object]], log: logging.Logger) -> None:
     """SIGHUP re-reads the config; a bad one is logged and the running one stays."""
     tasks: set[asyncio.Task] = set()
 
@@ -120,7 +120,6 @@ def _install_reload(reload: Callable[[], Awaitable[object]], log: logging.Logger
         task.add_done_callback(tasks.discard)
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
-    return tasks
 
 
 def router_main(argv: list[str] | None = None) -> int:

@@ -264,7 +264,6 @@ class GatewayConnection(asyncio.Protocol):
 
 class Router:
     def __init__(self, cfg: RouterConfig) -> None:
-        self.cfg = cfg
         self.routes: RouteTable[GatewayConnection] = RouteTable()
         self.by_gateway: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, GatewayConnection] = {}
         self.connections: set[GatewayConnection] = set()
@@ -277,11 +276,16 @@ class Router:
         # TLS upgrades under way; held here because the loop keeps only weak references
         self._upgrades: set[asyncio.Task] = set()
         self._tls_ctx: ssl.SSLContext | None = None
-        self.features = frozenset({FEATURE_SUPER}) if cfg.super_packets else frozenset()
-        self.authority = cfg.authority()
+        self._take(cfg)
         self.admission = Admission(cfg.limits)
         self.metrics: metrics.MetricsServer | None = None
         self.api: api.ApiServer | None = None
+
+    def _take(self, cfg: RouterConfig) -> None:
+        """The config and what follows from it alone: at start, and again on reload."""
+        self.cfg = cfg
+        self.features = frozenset({FEATURE_SUPER}) if cfg.super_packets else frozenset()
+        self.authority = cfg.authority()
 
     # -- lifecycle
 
@@ -489,14 +493,12 @@ class Router:
                 )[0]
         except Exception as exc:  # pyOpenSSL raises its own errors, and OSError
             raise ConfigError(cfg.path, "kcp.cert_file", f"cannot load: {exc}") from None
-        self.cfg = cfg
+        self._take(cfg)
         if tls_ctx is not None:
             self._tls_ctx = tls_ctx
         if self.kcp_server is not None and dtls_ctx is not None:
             self.kcp_server.listener.ctx = dtls_ctx
             self.kcp_server.handshake_timeout = cfg.auth_timeout
-        self.features = frozenset({FEATURE_SUPER}) if cfg.super_packets else frozenset()
-        self.authority = cfg.authority()
         self.admission.params = cfg.limits
         set_log_level(cfg.log_level)
         changes = plan.describe()
