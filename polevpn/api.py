@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, httpserver, openapi
 from .config import ConfigError
 from .httpserver import HttpError, Reply, Request
-from .kcp_pool import RESET_SUPPORTED, control_block
 from .metrics import ROUTER_DROPS
 
 if TYPE_CHECKING:
@@ -84,10 +83,7 @@ def tcp_rtt_ms(transport: object) -> float | None:
 
 
 def _kcp_view(link: KcpLink) -> dict[str, Any]:
-    srtt = retrans = None
-    if link.kcp is not None and RESET_SUPPORTED:
-        cb = control_block(link.kcp)
-        srtt, retrans = float(cb.rx_srtt), int(cb.xmit)
+    srtt, retrans = link.srtt_ms, link.retransmissions
     fec = None
     if link.fec is not None:
         s = link.fec.stats
@@ -99,7 +95,11 @@ def _kcp_view(link: KcpLink) -> dict[str, Any]:
             "unrecoverable": s.unrecoverable,
             "loss": s.loss_ppm / 1e6,
         }
-    return {"srtt_ms": srtt, "retransmissions": retrans, "fec": fec}
+    return {
+        "srtt_ms": None if srtt is None else float(srtt),
+        "retransmissions": retrans,
+        "fec": fec,
+    }
 
 
 def _network_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int, int]:

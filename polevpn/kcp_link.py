@@ -264,6 +264,13 @@ class KcpLink:
             return None
         return control_block(self.kcp).rx_srtt
 
+    @property
+    def retransmissions(self) -> int | None:
+        """Segments sent again after their retransmission timeout (ikcp's ``xmit``)."""
+        if self.kcp is None or not RESET_SUPPORTED:
+            return None
+        return control_block(self.kcp).xmit
+
     def close(self) -> None:
         if self.kcp is not None:
             self.pool.release(self.kcp)

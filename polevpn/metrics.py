@@ -23,7 +23,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import httpserver
-from .kcp_pool import RESET_SUPPORTED, control_block
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -114,11 +113,10 @@ class _LinkMetrics:
         )
 
     def add(self, labels: list[str], link: KcpLink) -> None:
-        kcp = link.kcp
-        if kcp is not None and RESET_SUPPORTED:
-            cb = control_block(kcp)
-            self.retransmissions.add_metric(labels, cb.xmit)
-            self.srtt.add_metric(labels, cb.rx_srtt / 1000)
+        srtt, retransmissions = link.srtt_ms, link.retransmissions
+        if srtt is not None and retransmissions is not None:
+            self.retransmissions.add_metric(labels, retransmissions)
+            self.srtt.add_metric(labels, srtt / 1000)
         fec = link.fec
         if fec is not None:
             s = fec.stats
