@@ -318,9 +318,7 @@ class Gateway:
                 changes.append(f"reconnecting {why}")
                 self._reconnect_now = True
                 link.transport.close()
-        log.info("reloaded config=%s changes=%d", cfg.path, len(changes))
-        for line in changes:
-            log.info("reload change=%s", line)
+        reloading.log_changes(log, cfg.path, changes)
         return changes
 
     # -- TUN side

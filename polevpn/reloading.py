@@ -10,7 +10,9 @@ reported as waiting for a restart, so the config in force is always the one desc
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from .config import GatewayConfig, Listener, RouterConfig
@@ -59,6 +61,14 @@ class Reload(Generic[C]):
     def describe(self) -> list[str]:
         later = [f"{n}: changed, takes effect after a restart" for n in self.needs_restart]
         return [*self.changes, *later]
+
+
+def log_changes(log: logging.Logger, path: Path, changes: list[str]) -> None:
+    """One line per change, then the line that says the reload is done (last, so that
+    whoever waits for it finds the changes already written)."""
+    for line in changes:
+        log.info("reload change=%s", line)
+    log.info("reloaded config=%s changes=%d", path, len(changes))
 
 
 def _fmt(value: Any) -> str:

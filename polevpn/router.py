@@ -506,9 +506,7 @@ class Router:
             log.warning("%s", warning)
         for line in self._recheck():
             changes.append(line)
-        log.info("reloaded config=%s changes=%d", cfg.path, len(changes))
-        for line in changes:
-            log.info("reload change=%s", line)
+        reloading.log_changes(log, cfg.path, changes)
         return changes
 
     def _recheck(self) -> list[str]:
