@@ -23,7 +23,9 @@ from urllib.parse import urlsplit
 from .auth import Authority, GatewayGrant
 from .limits import LimitParams
 from .logfmt import LogfmtFormatter
+from .messages import LINK_NAME
 from .routing import IPNetwork
+from .sitelinks import MAX_LINKS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -125,8 +127,22 @@ class RouteServer:
 
 
 @dataclass(frozen=True)
+class LinkConfig:
+    """One uplink of a gateway with several (``links``): its route server and how to reach
+    it. ``bind``: local source address; ``interface``: the device to send through."""
+
+    name: str
+    server: RouteServer
+    bind: str | None = None
+    interface: str | None = None
+    weight: float = 1.0
+    backup: bool = False
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: Path
+    # with ``links``: each link's server, in order
     route_servers: tuple[RouteServer, ...]
     # sent in AUTH and REGISTER; empty when a client certificate alone identifies us
     key: str
@@ -168,7 +184,17 @@ class GatewayConfig:
     # host settings made at start and taken back on exit (polevpn.hostsetup)
     forwarding: bool = False
     masquerade: bool = False
+    # several uplinks used at once (polevpn.multipath); empty: route_servers as PoleVPN has
+    links: tuple[LinkConfig, ...] = ()
+    # on each link of a multi-link gateway: heartbeats this often, and down after this silence
+    link_heartbeat_interval: float = 0.25
+    link_timeout: float = 1.0
     warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def multi_link(self) -> bool:
+        """Two links or more: one gateway with a session per link. One link is plain."""
+        return len(self.links) > 1
 
     @property
     def route_server(self) -> RouteServer:
@@ -699,6 +725,52 @@ def _route_servers(r: _Reader) -> tuple[RouteServer, ...]:
     return (_parse_route_server(r, "route_server", r.string("route_server")),)
 
 
+def _links(r: _Reader) -> tuple[LinkConfig, ...]:
+    """`links`: several uplinks, each with its own route server."""
+    raw = r.obj["links"]
+    if not isinstance(raw, list) or not raw:
+        raise r.fail("links", "expected a non-empty list of objects")
+    if len(raw) > MAX_LINKS:
+        raise r.fail("links", f"{len(raw)} links: at most {MAX_LINKS}")
+    if r.has("route_server") or r.has("route_servers"):
+        raise r.fail("links", "set links or route_server(s), not both")
+    links: list[LinkConfig] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise r.fail(f"links[{i}]", f"expected an object, got {type(item).__name__}")
+        sec = _Reader(r.path, item, f"{r.name('links')}[{i}].")
+        name = sec.string("name", f"link{i + 1}")
+        if not LINK_NAME.fullmatch(name):
+            raise sec.fail("name", f"{name!r}: use 1-32 of A-Z a-z 0-9 . _ -")
+        if any(link.name == name for link in links):
+            raise sec.fail("name", f"{name!r} is used by another link")
+        server = _parse_route_server(sec, "route_server", sec.string("route_server"))
+        bind = sec.string("bind") if sec.has("bind") else None
+        if bind is not None:
+            try:
+                ipaddress.ip_address(bind)
+            except ValueError:
+                raise sec.fail("bind", f"{bind!r} is not an IP address") from None
+        interface = sec.string("interface") if sec.has("interface") else None
+        if interface is not None and (
+            not 0 < len(interface.encode()) < 16 or "/" in interface or " " in interface
+        ):
+            raise sec.fail("interface", f"{interface!r} is not a valid interface name")
+        links.append(
+            LinkConfig(
+                name=name,
+                server=server,
+                bind=bind,
+                interface=interface,
+                weight=sec.number("weight", 1.0, 0.001, 1000),
+                backup=sec.boolean("backup", False),
+            )
+        )
+    if all(link.backup for link in links) and len(links) > 1:
+        raise r.fail("links", "every link is a backup: mark at least one as primary")
+    return tuple(links)
+
+
 def _client_cert(r: _Reader, secrets: list[Path]) -> tuple[Path | None, Path | None]:
     cert = r.file("client_cert_file", required=r.has("client_key_file"))
     key = r.file("client_key_file", required=cert is not None)
@@ -716,7 +788,8 @@ def _client_cert(r: _Reader, secrets: list[Path]) -> tuple[Path | None, Path | N
 def load_gateway_config(path: str | Path) -> GatewayConfig:
     path = Path(path)
     r = _Reader(path, _load_json(path))
-    servers = _route_servers(r)
+    links = _links(r) if r.has("links") else ()
+    servers = tuple(link.server for link in links) if links else _route_servers(r)
     gw_text = r.string("gateway")
     try:
         gateway = ipaddress.IPv4Address(gw_text)
@@ -772,6 +845,10 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     warnings += _permission_warnings(secrets)
     metrics_listen, metrics_warnings = _metrics_listen(r)
     warnings += metrics_warnings
+    link_hb = r.number("link_heartbeat_interval", 0.25, 0.01, 60)
+    link_timeout = r.number("link_timeout", 1.0, 0.1, 600)
+    if link_timeout <= link_hb:
+        raise r.fail("link_timeout", "must be longer than link_heartbeat_interval")
     return GatewayConfig(
         path=path,
         route_servers=servers,
@@ -805,6 +882,9 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         mss_clamp=r.boolean("mss_clamp", True),
         forwarding=r.boolean("forwarding", False),
         masquerade=r.boolean("masquerade", False),
+        links=links,
+        link_heartbeat_interval=link_hb,
+        link_timeout=link_timeout,
         warnings=tuple(warnings),
     )
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
+import re
 from dataclasses import dataclass
 
 from .routing import IPAddress, IPNetwork
@@ -17,7 +19,12 @@ OK_BODY = b"{}"
 # Optional extensions, offered by the gateway in AUTH ("features") and accepted by the router
 # listing the ones it will use in its AUTH reply. A PoleVPN peer ignores the field.
 FEATURE_SUPER = "super-packets"
-KNOWN_FEATURES = frozenset({FEATURE_SUPER})
+# several connections (links) of one gateway, each REGISTER carrying a "link" object
+FEATURE_MULTILINK = "multi-link"
+KNOWN_FEATURES = frozenset({FEATURE_SUPER, FEATURE_MULTILINK})
+
+# a link name: what logs, metrics labels and the API show, so short and plain
+LINK_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")
 
 
 class MessageError(ValueError):
@@ -31,10 +38,26 @@ class AuthRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class LinkRequest:
+    """REGISTER's "link" object: which of the gateway's links this connection is.
+
+    ``heartbeat`` and ``timeout`` (seconds) tell the router how often the gateway sends
+    heartbeats on it and after how much silence the link counts as down.
+    """
+
+    name: str
+    weight: float = 1.0
+    backup: bool = False
+    heartbeat: float = 0.25
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class RegisterRequest:
     gateway: IPAddress
     key: str
     networks: tuple[IPNetwork, ...]
+    link: LinkRequest | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +149,41 @@ def parse_register(body: bytes | memoryview) -> RegisterRequest:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
             raise MessageError(f"network {_quote(item)} is not a CIDR") from None
-    return RegisterRequest(gateway=gateway, key=_key(obj), networks=tuple(networks))
+    link = _link(obj["link"]) if obj.get("link") is not None else None
+    return RegisterRequest(gateway=gateway, key=_key(obj), networks=tuple(networks), link=link)
+
+
+def _number(obj: dict, name: str, default: float, low: float, high: float) -> float:
+    value = obj.get(name, default)
+    # bool is an int to Python, and no weight or timeout is true or false
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MessageError(f"link {name} is not a number")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise MessageError(f"link {name} {value!r} is not within {low:g}..{high:g}")
+    return float(value)
+
+
+def _link(raw: object) -> LinkRequest:
+    if not isinstance(raw, dict):
+        raise MessageError("link is not a JSON object")
+    name = raw.get("name")
+    if not isinstance(name, str) or not LINK_NAME.fullmatch(name):
+        shown = _quote(name) if isinstance(name, str) else type(name).__name__
+        raise MessageError(f"link name {shown} is not 1-32 of A-Z a-z 0-9 . _ -")
+    backup = raw.get("backup", False)
+    if not isinstance(backup, bool):
+        raise MessageError("link backup is not true or false")
+    heartbeat = _number(raw, "heartbeat_ms", 250, 10, 60_000) / 1000
+    timeout = _number(raw, "timeout_ms", 1000, 100, 600_000) / 1000
+    if timeout <= heartbeat:
+        raise MessageError("link timeout_ms must be longer than heartbeat_ms")
+    return LinkRequest(
+        name=name,
+        weight=_number(raw, "weight", 1, 0.001, 1000),
+        backup=backup,
+        heartbeat=heartbeat,
+        timeout=timeout,
+    )
 
 
 def parse_reply(body: bytes | memoryview) -> Reply:
@@ -151,8 +208,18 @@ def encode_ok(features: frozenset[str] = frozenset()) -> bytes:
     return json.dumps({"features": sorted(features)}, separators=(",", ":")).encode()
 
 
-def encode_register(gateway: str, key: str, networks: list[str]) -> bytes:
-    body = {"gateway": gateway, "key": key, "network": networks}
+def encode_register(
+    gateway: str, key: str, networks: list[str], link: LinkRequest | None = None
+) -> bytes:
+    body: dict = {"gateway": gateway, "key": key, "network": networks}
+    if link is not None:
+        body["link"] = {
+            "name": link.name,
+            "weight": link.weight,
+            "backup": link.backup,
+            "heartbeat_ms": round(link.heartbeat * 1000),
+            "timeout_ms": round(link.timeout * 1000),
+        }
     return json.dumps(body, separators=(",", ":")).encode()
 
 

@@ -32,6 +32,10 @@ GATEWAY_RESTART = frozenset(
         "metrics_listen",
         "forwarding",
         "masquerade",
+        # each link is a task with its own sessions; a new set of links starts afresh
+        "links",
+        "link_heartbeat_interval",
+        "link_timeout",
     }
 )
 # not settings: the file's path and the parser's warnings
@@ -114,6 +118,10 @@ def plan(old: C, new: C) -> Reload[C]:
         name = f.name
         a, b = getattr(old, name), getattr(new, name)
         if name in _IGNORED or a == b:
+            continue
+        if name == "route_servers" and old.links != new.links:  # type: ignore[union-attr]
+            # with links, the servers are the links' own: they change with them, or not at all
+            keep[name] = a
             continue
         if name in restart_fields:
             keep[name] = a

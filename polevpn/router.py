@@ -16,6 +16,7 @@ TLS protocol is installed.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -33,8 +34,8 @@ from .ippacket import addrs
 from .kcp_pool import KcpPool
 from .kcp_transport import KcpServer
 from .limits import Admission, source_key
-from .messages import FEATURE_SUPER
-from .routing import NetworkSet, RouteTable
+from .messages import FEATURE_MULTILINK, FEATURE_SUPER
+from .routing import IPAddress, IPNetwork, NetworkSet, RouteTable
 from .session import (
     AuthFailed,
     ConnectionLost,
@@ -42,6 +43,7 @@ from .session import (
     ServerSession,
     State,
 )
+from .sitelinks import LinkInfo, SiteLinks, TooManyLinks
 from .tlsconf import cert_fingerprint, server_context
 
 log = logging.getLogger("polevpn.router")
@@ -50,6 +52,15 @@ _S2C = wire.S2C_IPDATA
 _SUPER = wire.SUPER_IPDATA
 _HDR = wire.HEADER_LEN
 _pack = wire.HEADER.pack
+
+# A multi-link gateway's connections: how much may wait to be sent on one (the rest is
+# dropped), and how much of it in the kernel unsent. Heartbeats queue behind it, so a long
+# queue on a slow link reads as a dead link; 1 MiB is ~170 ms at 50 Mbit/s.
+LINK_QUEUE_BYTES = 1 << 20
+LINK_NOTSENT_BYTES = 128 * 1024
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+# how often the links' silence is checked: a link is found down within this of its timeout
+LINK_CHECK_INTERVAL = 0.1
 
 
 @dataclass
@@ -82,8 +93,31 @@ class RouterStats(Counters):
     # and solicitations, link-scope chatter that is never forwarded (and is no attack)
     dropped_link_local: int = 0
     dropped_unregistered: int = 0
+    # to a multi-link gateway none of whose links is up
+    dropped_links_down: int = 0
     # super-packets cut into plain packets for a gateway that did not negotiate them
     segmented: int = 0
+    # links of multi-link gateways that fell silent (and were given up for the others)
+    links_down: int = 0
+
+
+class Site:
+    """A gateway with several links: the route target of its networks.
+
+    ``Router.forward`` asks ``links.pick`` for the connection of each packet, so the packets
+    of one flow take one link and a link that goes down hands its flows to the others.
+    """
+
+    __slots__ = ("gateway", "links", "prefixes")
+
+    def __init__(self, gateway: IPAddress) -> None:
+        self.gateway = gateway
+        self.links: SiteLinks[GatewayConnection] = SiteLinks()
+        self.prefixes: list[IPNetwork] = []
+
+    @property
+    def networks(self) -> tuple[IPNetwork, ...]:
+        return tuple(self.prefixes[1:])
 
 
 class GatewayConnection(asyncio.Protocol):
@@ -115,6 +149,12 @@ class GatewayConnection(asyncio.Protocol):
         self.pending: list[bytes | memoryview] = []
         # SUPER_IPDATA frames in ``pending``: their bodies carry a virtio-net header too
         self.pending_super = 0
+        # one link of a multi-link gateway (its site), or None for a plain gateway
+        self.link: LinkInfo | None = None
+        self.site: Site | None = None
+        self.link_up = True
+        self.link_downs = 0
+        self.link_timeout = 1.0
         self.connected_at = 0.0
         self.connected_wall = 0.0
         self.packets_in = 0
@@ -122,6 +162,8 @@ class GatewayConnection(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.closing = False
+        # set from the config when the connection is made; a link's is shorter
+        self.queue_limit = router.cfg.send_queue_bytes
 
     def __repr__(self) -> str:
         return f"<gateway {self.gateway or '-'} {self.peer}>"
@@ -175,6 +217,8 @@ class GatewayConnection(asyncio.Protocol):
         session = self.session
         assert session is not None
         packets, events = session.receive(data, time.monotonic())
+        if not self.link_up:
+            self.router.link_heard(self)
         if events:
             for ev in events:
                 self.router.on_event(self, ev)
@@ -200,7 +244,7 @@ class GatewayConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        if transport.get_write_buffer_size() > self.router.cfg.send_queue_bytes:
+        if transport.get_write_buffer_size() > self.queue_limit:
             # replies it does not read (heartbeats, say) would otherwise pile up here
             self.router.stats.closed_unread += 1
             self.close("sends control frames without reading the replies", abort=True)
@@ -213,7 +257,7 @@ class GatewayConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closing:
             self.router.stats.dropped_queue_full += len(pending) // 2
-        elif transport.get_write_buffer_size() >= self.router.cfg.send_queue_bytes:
+        elif transport.get_write_buffer_size() >= self.queue_limit:
             # a slow gateway loses its own packets; it never holds up anyone else
             self.router.stats.dropped_queue_full += len(pending) // 2
         else:
@@ -264,8 +308,10 @@ class GatewayConnection(asyncio.Protocol):
 
 class Router:
     def __init__(self, cfg: RouterConfig) -> None:
-        self.routes: RouteTable[GatewayConnection] = RouteTable()
-        self.by_gateway: dict[ipaddress.IPv4Address | ipaddress.IPv6Address, GatewayConnection] = {}
+        # a network leads to a plain gateway's connection, or to a multi-link gateway's site
+        self.routes: RouteTable[GatewayConnection | Site] = RouteTable()
+        self.by_gateway: dict[IPAddress, GatewayConnection] = {}
+        self.sites: dict[IPAddress, Site] = {}
         self.connections: set[GatewayConnection] = set()
         self.stats = RouterStats()
         self.listen_sockets: list[socket.socket] = []
@@ -284,7 +330,9 @@ class Router:
     def _take(self, cfg: RouterConfig) -> None:
         """The config and what follows from it alone: at start, and again on reload."""
         self.cfg = cfg
-        self.features = frozenset({FEATURE_SUPER}) if cfg.super_packets else frozenset()
+        self.features = frozenset(
+            {FEATURE_MULTILINK, FEATURE_SUPER} if cfg.super_packets else {FEATURE_MULTILINK}
+        )
         self.authority = cfg.authority()
 
     # -- lifecycle
@@ -297,6 +345,7 @@ class Router:
         if self.cfg.kcp.enable:
             await self._start_kcp()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._tasks.append(asyncio.create_task(self._watch_links()))
         if self.cfg.metrics_listen is not None:
             # before dropping privileges, so that a port below 1024 works
             registry = metrics.router_registry(self)
@@ -500,6 +549,8 @@ class Router:
             self.kcp_server.listener.ctx = dtls_ctx
             self.kcp_server.handshake_timeout = cfg.auth_timeout
         self.admission.params = cfg.limits
+        for conn in self.connections:
+            conn.queue_limit = self._queue_limit(conn)
         set_log_level(cfg.log_level)
         changes = plan.describe()
         for warning in cfg.warnings:
@@ -624,41 +675,135 @@ class Router:
             conn.session.reject_register(ev.seq, decision.error)
             self._failed(conn)
             return
-        old = self.by_gateway.get(req.gateway)
-        if old is not None and old is not conn:
-            self.stats.replaced += 1
-            log.info(
-                "gateway %s re-registered from %s, replacing connection from %s",
-                req.gateway,
-                conn.peer,
-                old.peer,
-            )
-            self.withdraw(old)
-            old.close("replaced by a new registration")
+        link = req.link if FEATURE_MULTILINK in conn.session.features else None
         if conn.gateway is not None:
             # a second REGISTER on the same connection replaces what it announced before
             self.withdraw(conn)
         host = ipaddress.ip_network(req.gateway)
         prefixes = [host, *req.networks]
-        for net in prefixes:
-            self.routes.add(net, conn)
+        if link is None:
+            self._replace_all(conn, req.gateway)
+            for net in prefixes:
+                self.routes.add(net, conn)
+            conn.prefixes = prefixes
+            self.by_gateway[req.gateway] = conn
+        else:
+            info = LinkInfo(link.name, link.weight, link.backup)
+            try:
+                self._join_site(conn, req.gateway, info, prefixes)
+            except TooManyLinks as exc:
+                self.stats.register_refused += 1
+                log.warning(
+                    "registration refused gateway=%s peer=%s reason=%s", req.gateway, conn.peer, exc
+                )
+                conn.session.reject_register(ev.seq, str(exc))
+                return
+            conn.link_timeout = link.timeout
+            self._bound_queue(conn)
         conn.gateway = req.gateway
         conn.register_key = req.key
         conn.networks = tuple(req.networks)
-        conn.prefixes = prefixes
         conn.sources = NetworkSet(prefixes)
-        self.by_gateway[req.gateway] = conn
         conn.session.accept_register(ev.seq)
         conn.release_slot()
         self.stats.registrations += 1
         log.info(
-            "registered gateway=%s peer=%s transport=%s features=%s networks=%s",
+            "registered gateway=%s peer=%s transport=%s features=%s networks=%s%s",
             req.gateway,
             conn.peer,
             conn.transport_name,
             ",".join(sorted(conn.session.features)) or "-",
             ",".join(str(n) for n in req.networks) or "-",
+            f" link={link.name} weight={link.weight:g} backup={str(link.backup).lower()}"
+            if link is not None
+            else "",
         )
+
+    def _replace_all(self, conn: GatewayConnection, gateway: IPAddress) -> None:
+        """A plain REGISTER: whatever held ``gateway`` before (a connection, or every link of
+        a site) is closed, as PoleVPN's router does."""
+        olds = []
+        old = self.by_gateway.get(gateway)
+        if old is not None and old is not conn:
+            olds.append(old)
+        site = self.sites.get(gateway)
+        if site is not None:
+            olds += [c for c in site.links.connections() if c is not conn]
+            self._drop_site(site)
+        for old in olds:
+            self.stats.replaced += 1
+            log.info(
+                "gateway %s re-registered from %s, replacing connection from %s",
+                gateway,
+                conn.peer,
+                old.peer,
+            )
+            self.withdraw(old)
+            old.close("replaced by a new registration")
+
+    def _join_site(
+        self, conn: GatewayConnection, gateway: IPAddress, info: LinkInfo, prefixes: list
+    ) -> None:
+        """A REGISTER naming a link: ``conn`` becomes that link of the gateway's site.
+
+        Raises TooManyLinks before anything has changed.
+        """
+        site = self.sites.get(gateway)
+        if site is None:
+            site = Site(gateway)
+        replaced = site.links.register(conn, info)
+        self.sites[gateway] = site
+        plain = self.by_gateway.get(gateway)
+        if plain is not None:
+            replaced.append(plain)
+        for old in replaced:
+            self.stats.replaced += 1
+            log.info(
+                "gateway %s link %s re-registered from %s, replacing connection from %s",
+                gateway,
+                info.name,
+                conn.peer,
+                old.peer,
+            )
+            old.site = None
+            self.withdraw(old)
+            old.close("replaced by a new registration")
+        if site.prefixes != prefixes:
+            # every link registers the same networks; the newest registration says which
+            for net in site.prefixes:
+                self.routes.remove(net, site)
+            for net in prefixes:
+                self.routes.add(net, site)
+            site.prefixes = prefixes
+        conn.site = site
+        conn.link = info
+        conn.link_up = True
+
+    def _bound_queue(self, conn: GatewayConnection) -> None:
+        """A link's queue is short: a link's heartbeats wait behind it, and a full one should
+        cost packets rather than hide a dead link for seconds."""
+        conn.queue_limit = self._queue_limit(conn)
+        transport = conn.transport
+        if transport is None:
+            return
+        transport.set_write_buffer_limits(high=conn.queue_limit, low=conn.queue_limit // 2)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.type == socket.SOCK_STREAM:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, LINK_NOTSENT_BYTES)
+
+    def _queue_limit(self, conn: GatewayConnection) -> int:
+        limit = self.cfg.send_queue_bytes
+        return limit if conn.link is None else min(limit, LINK_QUEUE_BYTES)
+
+    def _drop_site(self, site: Site) -> None:
+        for net in site.prefixes:
+            self.routes.remove(net, site)
+        site.prefixes = []
+        if self.sites.get(site.gateway) is site:
+            del self.sites[site.gateway]
+        for conn in site.links.connections():
+            conn.site = None
 
     def withdraw(self, conn: GatewayConnection) -> None:
         """Remove ``conn``'s routes; it may be called again, and then does nothing."""
@@ -667,6 +812,52 @@ class Router:
         conn.prefixes = []
         if conn.gateway is not None and self.by_gateway.get(conn.gateway) is conn:
             del self.by_gateway[conn.gateway]
+        site = conn.site
+        if site is not None:
+            conn.site = None
+            if site.links.unregister(conn):
+                # its last link: the site's networks are unreachable now
+                self._drop_site(site)
+
+    # -- link health of multi-link gateways
+
+    def link_heard(self, conn: GatewayConnection) -> None:
+        """A link marked down is talking again: it takes its flows back."""
+        site = conn.site
+        if site is None or conn.closing:
+            return
+        conn.link_up = True
+        site.links.set_up(conn, True)
+        assert conn.link is not None
+        log.info("link up gateway=%s link=%s peer=%s", conn.gateway, conn.link.name, conn.peer)
+
+    def _check_links(self, now: float) -> None:
+        """Give up on links that have been silent longer than they said they may be."""
+        for site in list(self.sites.values()):
+            for conn in site.links.connections():
+                if not conn.link_up or conn.session is None:
+                    continue
+                silent = now - conn.session.last_heard
+                if silent <= conn.link_timeout:
+                    continue
+                conn.link_up = False
+                conn.link_downs += 1
+                self.stats.links_down += 1
+                site.links.set_up(conn, False)
+                assert conn.link is not None
+                log.warning(
+                    "link down gateway=%s link=%s peer=%s silent_ms=%d",
+                    conn.gateway,
+                    conn.link.name,
+                    conn.peer,
+                    silent * 1000,
+                )
+
+    async def _watch_links(self) -> None:
+        while True:
+            await asyncio.sleep(LINK_CHECK_INTERVAL)
+            if self.sites:
+                self._check_links(time.monotonic())
 
     def on_disconnect(self, conn: GatewayConnection, exc: Exception | None) -> None:
         self.connections.discard(conn)
@@ -702,6 +893,8 @@ class Router:
         from6 = src.sources.contains_v6
         touched: list[GatewayConnection] = []
         nbytes = 0
+        # the other links of src's own site are src too, as far as loops go
+        home = src.site
         for pkt in packets:
             version, saddr, addr = addrs(pkt)
             if version == 4:
@@ -724,10 +917,15 @@ class Router:
             if dst is None:
                 stats.dropped_no_route += 1
                 continue
-            if dst is src:
+            if dst is src or dst is home:
                 # sending it back would loop between gateway and router until TTL ran out
                 stats.dropped_hairpin += 1
                 continue
+            if dst.__class__ is Site:
+                dst = dst.links.pick(pkt)
+                if dst is None:
+                    stats.dropped_links_down += 1
+                    continue
             pending = dst.pending
             if not pending:
                 touched.append(dst)
@@ -765,9 +963,14 @@ class Router:
         if dst is None:
             stats.dropped_no_route += 1
             return 0
-        if dst is src:
+        if dst is src or dst is src.site:
             stats.dropped_hairpin += 1
             return 0
+        if dst.__class__ is Site:
+            dst = dst.links.pick(buf[_VNET:])
+            if dst is None:
+                stats.dropped_links_down += 1
+                return 0
         assert dst.session is not None
         pending = dst.pending
         start = len(pending)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from . import messages, wire
-from .messages import MessageError, RegisterRequest
+from .messages import FEATURE_MULTILINK, LinkRequest, MessageError, RegisterRequest
 from .wire import FrameDecoder, FrameTooLong, ProtocolError, encode_frame
 
 
@@ -281,6 +281,7 @@ class ClientSession(_FramedSession):
         "_hb_sent",
         "rtt",
         "_offer",
+        "link",
     )
 
     def __init__(
@@ -292,9 +293,15 @@ class ClientSession(_FramedSession):
         heartbeat_interval: float = 10.0,
         heartbeat_timeout: float = 20.0,
         features: frozenset[str] = frozenset(),
+        link: LinkRequest | None = None,
     ) -> None:
+        """``link``: this connection is one of several links of the gateway; it offers
+        multi-link and names the link in REGISTER (a router without it is refused here)."""
         super().__init__(now)
+        if link is not None:
+            features = features | {FEATURE_MULTILINK}
         self._offer = features
+        self.link = link
         self.key = key
         self.gateway = gateway
         self.networks = networks
@@ -356,7 +363,20 @@ class ClientSession(_FramedSession):
             self.state = State.AUTHENTICATED
             # only what we offered: a router must not switch on something we cannot handle
             self.features = reply.features & self._offer
-            body_out = messages.encode_register(self.gateway, self.key, self.networks)
+            if self.link is not None and FEATURE_MULTILINK not in self.features:
+                # a plain REGISTER would replace the gateway's other links at the router
+                self.state = State.CLOSED
+                events.append(
+                    Rejected(
+                        "AUTH",
+                        "the router does not support multi-link (a PoleVPN router, or an "
+                        "older polevpn): declare route_servers instead of links",
+                    )
+                )
+                return
+            body_out = messages.encode_register(
+                self.gateway, self.key, self.networks, self.link
+            )
             self.outbox.append(encode_frame(wire.REGISTER, body_out, 0))
             events.append(AuthSucceeded())
         elif command == wire.REGISTER and self.state is State.AUTHENTICATED:
