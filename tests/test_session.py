@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 
 import pytest
 
@@ -699,3 +700,139 @@ def test_super_body_that_cannot_be_a_virtio_header_is_dropped(first: int) -> Non
     client.outbox.append(super_frame(b""))
     link.pump(1.0)
     assert link.to_server == [] and server.unknown_commands == 2
+
+
+# ---- multi-link (negotiated in AUTH, named in REGISTER) -----------------------------------
+
+MULTILINK = frozenset({messages.FEATURE_MULTILINK})
+LINK = messages.LinkRequest("v4", weight=2.0, backup=False, heartbeat=0.1, timeout=0.3)
+
+
+def link_client(features: frozenset[str] = frozenset()) -> ClientSession:
+    return ClientSession(KEY, "169.254.0.1", ["198.18.10.0/24"], 0.0, features=features, link=LINK)
+
+
+def test_client_with_a_link_offers_multi_link() -> None:
+    c = link_client()
+    ((command, _, body),) = decode(c.data_to_send())
+    assert command == wire.AUTH
+    assert json.loads(body) == {"key": KEY, "features": ["multi-link"]}
+    assert messages.parse_auth(body).features == MULTILINK
+
+
+def test_client_with_a_link_keeps_its_other_features() -> None:
+    c = link_client(SUPER)
+    ((_, _, body),) = decode(c.data_to_send())
+    assert messages.parse_auth(body).features == SUPER | MULTILINK
+
+
+def test_client_without_a_link_offers_no_multi_link() -> None:
+    c = ClientSession(KEY, "169.254.0.1", [], 0.0, features=SUPER)
+    ((_, _, body),) = decode(c.data_to_send())
+    assert messages.parse_auth(body).features == SUPER
+
+
+def test_client_sends_its_link_in_register_when_agreed() -> None:
+    c = link_client()
+    c.data_to_send()
+    _, events = c.receive(encode_frame(wire.AUTH, messages.encode_ok(MULTILINK)), 0.0)
+    assert events == [AuthSucceeded()]
+    assert c.features == MULTILINK
+    ((command, _, body),) = decode(c.data_to_send())
+    assert command == wire.REGISTER
+    assert json.loads(body)["link"] == {
+        "name": "v4",
+        "weight": 2.0,
+        "backup": False,
+        "heartbeat_ms": 100,
+        "timeout_ms": 300,
+    }
+    req = messages.parse_register(body)
+    assert req.link == LINK
+    assert req.gateway == ipaddress.ip_address("169.254.0.1")
+    _, events = c.receive(ok_reply(wire.REGISTER), 0.1)
+    assert events == [Registered()] and c.ready
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        messages.OK_BODY,  # a PoleVPN router: no features at all
+        messages.encode_ok(SUPER),  # another feature, not this one
+        b'{"features":"multi-link"}',  # not a list: no features
+    ],
+)
+def test_client_with_a_link_refuses_a_router_without_multi_link(reply: bytes) -> None:
+    c = link_client(SUPER)
+    c.data_to_send()
+    _, events = c.receive(encode_frame(wire.AUTH, reply), 0.0)
+    assert len(events) == 1
+    (ev,) = events
+    assert isinstance(ev, Rejected) and ev.stage == "AUTH"
+    assert "multi-link" in ev.error
+    assert c.state is State.CLOSED and not c.ready
+    # no REGISTER: a plain one would replace the gateway's other links at the router
+    assert c.data_to_send() == []
+    # a REGISTER reply arriving anyway changes nothing
+    assert c.receive(ok_reply(wire.REGISTER), 0.1) == ([], [])
+
+
+def test_client_without_a_link_ignores_an_unasked_multi_link() -> None:
+    c = new_client()
+    c.data_to_send()
+    c.receive(encode_frame(wire.AUTH, messages.encode_ok(MULTILINK)), 0.0)
+    assert c.features == frozenset()
+    assert c.data_to_send() == [GO_REGISTER]
+
+
+def test_server_agrees_to_multi_link_and_passes_the_link_on() -> None:
+    s = ServerSession(check_key, 0.0, MULTILINK | SUPER)
+    s.receive(encode_frame(wire.AUTH, messages.encode_auth(KEY, MULTILINK), 4), 0.0)
+    assert decode(s.data_to_send()) == [(wire.AUTH, 4, b'{"features":["multi-link"]}')]
+    assert s.features == MULTILINK
+    body = messages.encode_register("169.254.0.1", KEY, ["198.18.10.0/24"], LINK)
+    _, events = s.receive(encode_frame(wire.REGISTER, body, 5), 0.0)
+    (ev,) = events
+    assert isinstance(ev, RegisterRequested) and ev.request.link == LINK
+
+
+def test_server_without_multi_link_does_not_agree() -> None:
+    s = ServerSession(check_key, 0.0, SUPER)
+    s.receive(encode_frame(wire.AUTH, messages.encode_auth(KEY, MULTILINK), 4), 0.0)
+    assert decode(s.data_to_send()) == [(wire.AUTH, 4, b"{}")]
+    assert s.features == frozenset()
+
+
+def test_server_reports_a_bad_link_object_and_closes() -> None:
+    s = authed_server()
+    body = json.dumps(
+        {"gateway": "169.254.0.1", "key": KEY, "network": [], "link": {"name": "no spaces"}}
+    ).encode()
+    _, events = s.receive(encode_frame(wire.REGISTER, body, 6), 0.0)
+    assert len(events) == 1 and isinstance(events[0], ConnectionLost)
+    ((command, seq, reply),) = decode(s.data_to_send())
+    assert (command, seq) == (wire.REGISTER, 6)
+    assert "link name" in (messages.parse_reply(reply).error or "")
+
+
+def test_full_loop_with_a_link() -> None:
+    client = link_client()
+    server = ServerSession(check_key, 0.0, MULTILINK)
+    link = Link(client, server, chunk=7)
+    link.pump(0.0)
+    assert client.state is State.REGISTERED and server.state is State.REGISTERED
+    assert client.features == server.features == MULTILINK
+    req = link.server_events[1].request
+    assert req.link == LINK
+
+
+def test_full_loop_with_a_link_against_a_plain_router() -> None:
+    client = link_client()
+    server = ServerSession(check_key, 0.0)  # our router with the feature off, or PoleVPN's
+    link = Link(client, server)
+    link.pump(0.0)
+    assert client.state is State.CLOSED
+    assert [type(e) for e in link.client_events] == [Rejected]
+    # the server never saw a REGISTER
+    assert [type(e) for e in link.server_events] == [AuthSucceeded]
+    assert server.state is State.AUTHENTICATED
