@@ -11,22 +11,24 @@ import contextlib
 import ipaddress
 import logging
 import random
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from OpenSSL import SSL
 
-from . import dtls, kcp_transport, metrics, netconf, reloading, wire
-from .config import GatewayConfig, RouteServer, load_gateway_config, set_log_level
+from . import dtls, kcp_transport, linksock, metrics, netconf, reloading, wire
+from .config import GatewayConfig, LinkConfig, RouteServer, load_gateway_config, set_log_level
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
 from .gso import GsoError, Packet, to_plain
 from .hostsetup import HostSetup, HostSetupError
 from .ippacket import src_addr
 from .kcp_pool import KcpPool
-from .messages import FEATURE_SUPER
+from .messages import FEATURE_SUPER, LinkRequest
 from .mss import clamped, clamped_vnet, limits
+from .multipath import FlowTable, Path
 from .reloading import ReloadError
 from .routing import NetworkSet
 from .session import (
@@ -67,6 +69,9 @@ class GatewayStats(Counters):
     packets_from_router: int = 0
     bytes_from_router: int = 0
     dropped_no_link: int = 0
+    # a multi-link gateway's packets for a link whose queue was full
+    dropped_link_busy: int = 0
+    links_down: int = 0
     dropped_acl: int = 0
     # from the tunnel with one of this office's own addresses as source
     dropped_spoofed: int = 0
@@ -81,7 +86,8 @@ class GatewayStats(Counters):
 class RouterLink(asyncio.Protocol):
     """One connection to the router, tls:// or kcp://. Lives until the connection is lost."""
 
-    def __init__(self, gw: Gateway, server: RouteServer) -> None:
+    def __init__(self, gw: Gateway, server: RouteServer, link: LinkRequest | None = None) -> None:
+        """``link``: this is one link of a multi-link gateway."""
         self.gw = gw
         self.server = server
         cfg = gw.cfg
@@ -91,10 +97,16 @@ class RouterLink(asyncio.Protocol):
             str(cfg.gateway),
             cfg.announced,
             time.monotonic(),
-            cfg.heartbeat_interval,
+            link.heartbeat if link is not None else cfg.heartbeat_interval,
             cfg.heartbeat_timeout,
             features=frozenset({FEATURE_SUPER}) if offload else frozenset(),
+            link=link,
         )
+        self.multi = link is not None
+        self.packets_out = 0
+        self.bytes_out = 0
+        self.packets_in = 0
+        self.bytes_in = 0
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
         self.closed = loop.create_future()
@@ -110,7 +122,10 @@ class RouterLink(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike
         self.transport = transport  # type: ignore[assignment]
         limit = self.gw.cfg.send_queue_bytes
-        transport.set_write_buffer_limits(high=limit // 4, low=limit // 8)
+        if self.multi:
+            linksock.shorten_queue(transport, limit // 4)
+        else:
+            transport.set_write_buffer_limits(high=limit // 4, low=limit // 8)
         cfg = self.gw.cfg
         if cfg.cert_pin is not None:
             ssl_obj = transport.get_extra_info("ssl_object")
@@ -141,7 +156,8 @@ class RouterLink(asyncio.Protocol):
             for ev in events:
                 self._on_event(ev)
         if packets:
-            self.gw.to_tun(packets, session.super_packets)
+            self.packets_in += len(packets)
+            self.bytes_in += self.gw.to_tun(packets, session.super_packets)
         if session.outbox:
             self.flush()
         if session.state is State.CLOSED and self.transport is not None:
@@ -170,13 +186,16 @@ class RouterLink(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # stop reading the TUN: the kernel queues and then drops, which TCP inside reads as
-        # congestion, instead of our buffer growing
+        # congestion, instead of our buffer growing. One link of several drops its own
+        # packets instead: the others must go on.
         self.paused = True
-        self.gw.pause_tun()
+        if not self.multi:
+            self.gw.pause_tun()
 
     def resume_writing(self) -> None:
         self.paused = False
-        self.gw.resume_tun()
+        if not self.multi:
+            self.gw.resume_tun()
 
     def flush(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -204,8 +223,11 @@ class RouterLink(asyncio.Protocol):
         else:
             nbytes = self._frame_plain(packets, out)
         if out:
-            stats.packets_to_router += len(out) // 2
+            count = len(out) // 2
+            stats.packets_to_router += count
             stats.bytes_to_router += nbytes
+            self.packets_out += count
+            self.bytes_out += nbytes
             assert self.transport is not None
             self.transport.write(b"".join(out))
 
@@ -247,6 +269,138 @@ class RouterLink(asyncio.Protocol):
         return nbytes
 
 
+def backoff(cfg: GatewayConfig, failed: int) -> float:
+    """Seconds to wait before the next try after ``failed`` rounds that did not last.
+
+    Full jitter: uniform(min, ceiling), the ceiling doubling from reconnect_min_delay with
+    every failed round up to reconnect_max_delay (see Gateway._connect_loop for why the cap
+    is short). A zero reconnect_min_delay still backs off (from 0.1 s) unless the cap is zero.
+    """
+    failed = min(failed, 32)  # 2**failed stays a float
+    ceiling = min(cfg.reconnect_max_delay, max(cfg.reconnect_min_delay, 0.1) * 2**failed)
+    return random.uniform(cfg.reconnect_min_delay, max(ceiling, cfg.reconnect_min_delay))
+
+
+class Uplink:
+    """One link of a multi-link gateway: its own connection to the router, kept up with its
+    own backoff, and its health as the flow table sees it.
+
+    The link is up while it is registered and the router has been heard within
+    ``link_timeout``; heartbeats every ``link_heartbeat_interval`` make sure there is
+    something to hear. A link that stays silent for a few timeouts is closed and connected
+    afresh: TCP's retransmission backoff would otherwise keep it away for seconds after its
+    uplink came back.
+    """
+
+    def __init__(self, gw: Gateway, config: LinkConfig, path_id: int) -> None:
+        self.gw = gw
+        self.config = config
+        self.path_id = path_id
+        self.link: RouterLink | None = None
+        self.up = False
+        self.downs = 0
+        self.reconnect_now = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def request(self) -> LinkRequest:
+        cfg, c = self.gw.cfg, self.config
+        return LinkRequest(
+            c.name, c.weight, c.backup, cfg.link_heartbeat_interval, cfg.link_timeout
+        )
+
+    async def run(self) -> None:
+        gw = self.gw
+        failed = 0
+        while not gw._stopping.is_set():
+            cfg = gw.cfg
+            server = self.config.server
+            try:
+                log.info("connecting link=%s server=%s", self.name, server.url)
+                link = await gw._establish(server, self.config, self.request())
+            except FatalError:
+                raise
+            except (TimeoutError, OSError, dtls.DtlsError) as exc:
+                log.warning(
+                    "cannot connect link=%s server=%s error=%s",
+                    self.name,
+                    server.url,
+                    str(exc) or "timeout",
+                )
+                failed += 1
+            else:
+                since = time.monotonic()
+                gw.stats.connects += 1
+                if gw.stats.connects > len(gw.uplinks):
+                    gw.stats.reconnects += 1
+                why = await self._serve(link)
+                if gw._stopping.is_set():
+                    break
+                if self.reconnect_now:
+                    self.reconnect_now = False
+                    failed = 0
+                    continue
+                log.warning("link lost link=%s server=%s reason=%s", self.name, server.url, why)
+                # see Gateway._connect_loop: a link dropped at once keeps backing off
+                failed = 0 if time.monotonic() - since >= cfg.heartbeat_interval else failed + 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gw._stopping.wait(), timeout=backoff(cfg, failed))
+
+    async def _serve(self, link: RouterLink) -> str:
+        """Carry traffic on ``link`` until it is lost; returns why it was."""
+        gw = self.gw
+        self.link = link
+        why = "closed by the router"
+        try:
+            self._set(True, "registered")
+            while True:
+                cfg = gw.cfg
+                await asyncio.wait([link.closed], timeout=min(0.1, cfg.link_heartbeat_interval))
+                if link.closed.done():
+                    exc = link.closed.result()
+                    if exc is not None:
+                        why = str(exc) or type(exc).__name__
+                    break
+                now = time.monotonic()
+                link.tick(now)
+                silent = now - link.session.last_heard
+                if silent <= cfg.link_timeout:
+                    if not self.up:
+                        self._set(True, "heard again")
+                elif self.up:
+                    self._set(False, f"silent for {silent * 1000:.0f} ms")
+                elif silent > 3 * cfg.link_timeout and link.transport is not None:
+                    why = f"silent for {silent * 1000:.0f} ms"
+                    link.transport.abort()
+        finally:
+            self.link = None
+            if self.up:
+                self._set(False, "connection lost")
+        if link.rejected is not None:
+            raise gw._fatal(link)
+        return why
+
+    def _set(self, up: bool, reason: str) -> None:
+        self.up = up
+        gw = self.gw
+        gw.flows.set_up(self.path_id, up)
+        if up:
+            assert self.link is not None
+            gw.by_path[self.path_id] = self.link
+            log.info(
+                "link up link=%s server=%s reason=%s", self.name, self.config.server.url, reason
+            )
+        else:
+            gw.by_path.pop(self.path_id, None)
+            self.downs += 1
+            gw.stats.links_down += 1
+            log.warning(
+                "link down link=%s server=%s reason=%s", self.name, self.config.server.url, reason
+            )
+
+
 class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
@@ -262,6 +416,15 @@ class Gateway:
         # the next link loss is ours, to apply a reload: reconnect at once
         self._reconnect_now = False
         self._reloading = asyncio.Lock()
+        # multi-link: each link and which of them carries which flows
+        self.uplinks = {
+            c.name: Uplink(self, c, i) for i, c in enumerate(cfg.links, 1) if cfg.multi_link
+        }
+        self.flows = FlowTable(
+            Path(u.path_id, u.config.weight, u.config.backup) for u in self.uplinks.values()
+        )
+        # path id -> the RouterLink of an up link
+        self.by_path: dict[int, RouterLink] = {}
 
     def _filters(self, cfg: GatewayConfig) -> None:
         self.acl = NetworkSet(cfg.acls)
@@ -307,6 +470,12 @@ class Gateway:
         for warning in cfg.warnings:
             log.warning("%s", warning)
         changes = plan.describe()
+        if cfg.announced != old.announced:
+            for u in self.uplinks.values():
+                if u.link is not None and u.link.transport is not None:
+                    changes.append(f"reconnecting link {u.name} to register the new networks")
+                    u.reconnect_now = True
+                    u.link.transport.close()
         link = self.link
         if link is not None and link.transport is not None:
             why = None
@@ -368,8 +537,13 @@ class Gateway:
         packets = self.tun.read_batch()
         if not packets:
             return
+        multi = bool(self.uplinks)
         link = self.link
-        if link is None or not link.ready:
+        if multi:
+            if not self.by_path:
+                self.stats.dropped_no_link += len(packets)
+                return
+        elif link is None or not link.ready:
             self.stats.dropped_no_link += len(packets)
             return
         mss = self.mss
@@ -378,10 +552,39 @@ class Gateway:
             clamp = clamped_vnet if self.tun.vnet_hdr else clamped
             m4, m6 = mss
             packets = [clamp(p, m4, m6) for p in packets]
-        link.send_packets(packets)
+        if multi:
+            self._spread(packets)
+        else:
+            assert link is not None
+            link.send_packets(packets)
 
-    def to_tun(self, packets: list[memoryview], whole: bool = False) -> None:
-        """Packets from the router: only sources within ``acls`` reach the TUN.
+    def _spread(self, packets: list[Packet]) -> None:
+        """Each packet to the link of its flow, one write per link."""
+        assert self.tun is not None
+        skip = _VNET if self.tun.vnet_hdr else 0
+        pick = self.flows.pick
+        groups: dict[int, list[Packet]] = {}
+        for pkt in packets:
+            path_id = pick(memoryview(pkt)[skip:] if skip else pkt)
+            group = groups.get(path_id)  # type: ignore[arg-type]
+            if group is None:
+                groups[path_id] = [pkt]  # type: ignore[index]
+            else:
+                group.append(pkt)
+        by_path = self.by_path
+        for path_id, group in groups.items():
+            link = by_path.get(path_id)
+            if link is None:
+                self.stats.dropped_no_link += len(group)
+            elif link.paused:
+                # its queue is full: the packets go, as a full TUN queue drops them for one link
+                self.stats.dropped_link_busy += len(group)
+            else:
+                link.send_packets(group)
+
+    def to_tun(self, packets: list[memoryview], whole: bool = False) -> int:
+        """Packets from the router: only sources within ``acls`` reach the TUN. Returns the
+        IP bytes written.
 
         ``whole``: the link negotiated super-packets, so a packet may be a SUPER_IPDATA body.
         """
@@ -428,6 +631,7 @@ class Gateway:
             nbytes += len(pkt)
         stats.packets_from_router += delivered
         stats.bytes_from_router += nbytes
+        return nbytes
 
     def _super_to_tun(self, buf: memoryview) -> int:
         """Virtio-net header + packet from the router, or garbage; returns IP bytes written."""
@@ -474,10 +678,16 @@ class Gateway:
                 # keep draining the TUN while disconnected so stale packets are not sent later
                 self.resume_tun()
 
-    async def _connect_once(self, server: RouteServer) -> RouterLink:
+    async def _connect_once(
+        self, server: RouteServer, via: LinkConfig | None, request: LinkRequest | None
+    ) -> RouterLink:
+        """``via``: the uplink to use (source address, device); ``request``: the link this
+        connection is, for a multi-link gateway."""
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        link = RouterLink(self, server)
+        link = RouterLink(self, server, request)
+        bind = via.bind if via is not None else None
+        interface = via.interface if via is not None else None
         if server.scheme == "kcp":
             await kcp_transport.connect(
                 link,
@@ -493,22 +703,49 @@ class Gateway:
                 cfg.kcp_params,
                 self.kcp_pool,
                 timeout=cfg.connect_timeout,
+                local_addr=(bind, 0) if bind is not None else None,
+                interface=interface,
             )
             return link
-        # create_connection resolves the name again on every attempt, so a router that
-        # moved to a new address is found
-        await asyncio.wait_for(
-            loop.create_connection(
+        if bind is None and interface is None:
+            # create_connection resolves the name again on every attempt, so a router that
+            # moved to a new address is found
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: link,
+                    host=server.host,
+                    port=server.port,
+                    ssl=client_context(cfg),
+                    server_hostname=server_hostname(cfg, server),
+                    ssl_handshake_timeout=cfg.connect_timeout,
+                ),
+                timeout=cfg.connect_timeout,
+            )
+            return link
+        connecting = self._connect_via(link, server, bind, interface)
+        await asyncio.wait_for(connecting, cfg.connect_timeout)
+        return link
+
+    async def _connect_via(
+        self, link: RouterLink, server: RouteServer, bind: str | None, interface: str | None
+    ) -> None:
+        """tls:// from a given source address or device: connect our own socket first."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        family, addr = await linksock.resolve(server.host, server.port, socket.SOCK_STREAM, bind)
+        sock = linksock.bound_socket(family, socket.SOCK_STREAM, bind, interface)
+        try:
+            await loop.sock_connect(sock, addr)
+            await loop.create_connection(
                 lambda: link,
-                host=server.host,
-                port=server.port,
+                sock=sock,
                 ssl=client_context(cfg),
                 server_hostname=server_hostname(cfg, server),
                 ssl_handshake_timeout=cfg.connect_timeout,
-            ),
-            timeout=cfg.connect_timeout,
-        )
-        return link
+            )
+        except BaseException:
+            sock.close()
+            raise
 
     def _dtls_context(self) -> SSL.Context:
         if self._dtls_ctx is None:
@@ -522,10 +759,15 @@ class Gateway:
             )
         return self._dtls_ctx
 
-    async def _establish(self, server: RouteServer) -> RouterLink:
+    async def _establish(
+        self,
+        server: RouteServer,
+        via: LinkConfig | None = None,
+        request: LinkRequest | None = None,
+    ) -> RouterLink:
         """Connect and register; a server that accepts the handshake but never registers us
         (KCP that cannot get through, say) counts as a failure like a refused connection."""
-        link = await self._connect_once(server)
+        link = await self._connect_once(server, via, request)
         done, _ = await asyncio.wait(
             [link.registered, link.closed],
             timeout=self.cfg.heartbeat_timeout,
@@ -555,7 +797,9 @@ class Gateway:
             server = servers[i]
             try:
                 log.info("connecting to %s", server.url)
-                return await self._establish(server), i
+                # a single entry in links: a plain gateway that keeps to its uplink
+                via = self.cfg.links[0] if self.cfg.links else None
+                return await self._establish(server, via), i
             except FatalError:
                 raise
             except (TimeoutError, OSError, dtls.DtlsError) as exc:
@@ -649,7 +893,10 @@ class Gateway:
                 if cfg.metrics_listen is not None:
                     registry = metrics.gateway_registry(self)
                     self.metrics = await metrics.serve(registry, cfg.metrics_listen)
-                await self._connect_loop()
+                if self.uplinks:
+                    await self._run_uplinks()
+                else:
+                    await self._connect_loop()
             finally:
                 stats_task.cancel()
         finally:
@@ -657,8 +904,7 @@ class Gateway:
             self.pause_tun()
             if self.metrics is not None:
                 self.metrics.close()
-            if self.link is not None and self.link.transport is not None:
-                self.link.transport.close()
+            self._close_links()
             summary = self._summary()
             if self.tun is not None:
                 self.tun.close()
@@ -723,12 +969,9 @@ class Gateway:
                 )
                 lasted = time.monotonic() - since >= cfg.heartbeat_interval
                 failed = 0 if lasted else failed + 1
-            failed = min(failed, 32)  # 2**failed stays a float
-            # a zero reconnect_min_delay still backs off (from 0.1 s) unless the cap is zero
-            ceiling = min(cfg.reconnect_max_delay, max(cfg.reconnect_min_delay, 0.1) * 2**failed)
-            sleep = random.uniform(cfg.reconnect_min_delay, max(ceiling, cfg.reconnect_min_delay))
+            failed = min(failed, 32)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=sleep)
+                await asyncio.wait_for(self._stopping.wait(), timeout=backoff(cfg, failed))
 
     async def _stats_loop(self) -> None:
         interval = self.cfg.stats_interval
@@ -752,9 +995,35 @@ class Gateway:
                 line += " " + kcp.fec.stats.summary("fec_")
         elif link is not None:
             line += f" transport={link.server.scheme}"
+        if self.uplinks:
+            line += " links=" + ",".join(self._link_state(u) for u in self.uplinks.values())
         return line
+
+    @staticmethod
+    def _link_state(u: Uplink) -> str:
+        """``name/up/rtt`` for the stats line: v4/up/3ms, v6/down."""
+        rtt = u.link.session.rtt if u.link is not None else None
+        state = "up" if u.up else "down"
+        return f"{u.name}/{state}" + (f"/{rtt * 1000:.0f}ms" if rtt is not None and u.up else "")
 
     def stop(self) -> None:
         self._stopping.set()
-        if self.link is not None and self.link.transport is not None:
-            self.link.transport.close()
+        self._close_links()
+
+    def _close_links(self) -> None:
+        links = [self.link] + [u.link for u in self.uplinks.values()]
+        for link in links:
+            if link is not None and link.transport is not None:
+                link.transport.close()
+
+    async def _run_uplinks(self) -> None:
+        """Every link on its own until the gateway stops; a refusal by the router ends all."""
+        tasks = [asyncio.create_task(u.run()) for u in self.uplinks.values()]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

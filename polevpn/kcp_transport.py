@@ -22,6 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
+from . import linksock
 from .config import KcpParams
 from .counters import Counters
 from .dtls import (
@@ -659,20 +660,29 @@ async def connect(
     pool: KcpPool,
     timeout: float,
     local_addr: tuple[str, int] | None = None,
+    interface: str | None = None,
 ) -> KcpTransport:
     """Resolve, handshake and start a kcp:// session; ``protocol`` gets connection_made.
 
-    ``local_addr``: the source address (and port) to send from."""
+    ``local_addr``: the source address (and port) to send from; ``interface``: the device
+    to send through (one link of a multi-link gateway)."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    if not infos:
-        raise OSError(f"cannot resolve {host}")
-    family, _, _, _, addr = infos[0]
+    bind = local_addr[0] if local_addr else None
+    family, addr = await linksock.resolve(host, port, socket.SOCK_DGRAM, bind)
     dtls = DtlsSession.client(ctx, verify, params.dtls_mtu, time.monotonic(), verify.server_name)
     endpoint = _ClientEndpoint(dtls)
-    udp, _ = await loop.create_datagram_endpoint(
-        lambda: endpoint, local_addr=local_addr, remote_addr=addr[:2], family=family
-    )
+    if interface is None:
+        udp, _ = await loop.create_datagram_endpoint(
+            lambda: endpoint, local_addr=local_addr, remote_addr=addr[:2], family=family
+        )
+    else:
+        sock = linksock.bound_socket(family, socket.SOCK_DGRAM, bind, interface)
+        try:
+            sock.connect(addr)
+        except OSError:
+            sock.close()
+            raise
+        udp, _ = await loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
     try:
         await asyncio.wait_for(asyncio.shield(endpoint.done), timeout)
     except BaseException:

@@ -158,8 +158,9 @@ def _number(obj: dict, name: str, default: float, low: float, high: float) -> fl
     # bool is an int to Python, and no weight or timeout is true or false
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MessageError(f"link {name} is not a number")
-    if not (math.isfinite(value) and low <= value <= high):
-        raise MessageError(f"link {name} {value!r} is not within {low:g}..{high:g}")
+    # the range check before any float(): a JSON integer may be too large for a float
+    if not (low <= value <= high) or not math.isfinite(value):
+        raise MessageError(f"link {name} {_quote(str(value))} is not within {low:g}..{high:g}")
     return float(value)
 
 

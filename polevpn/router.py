@@ -16,7 +16,6 @@ TLS protocol is installed.)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import os
@@ -25,7 +24,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from . import api, dtls, metrics, privileges, reloading, wire
+from . import api, dtls, linksock, metrics, privileges, reloading, wire
 from .config import ConfigError, RouterConfig, load_router_config, set_log_level
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
@@ -53,12 +52,6 @@ _SUPER = wire.SUPER_IPDATA
 _HDR = wire.HEADER_LEN
 _pack = wire.HEADER.pack
 
-# A multi-link gateway's connections: how much may wait to be sent on one (the rest is
-# dropped), and how much of it in the kernel unsent. Heartbeats queue behind it, so a long
-# queue on a slow link reads as a dead link; 1 MiB is ~170 ms at 50 Mbit/s.
-LINK_QUEUE_BYTES = 1 << 20
-LINK_NOTSENT_BYTES = 128 * 1024
-TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 # how often the links' silence is checked: a link is found down within this of its timeout
 LINK_CHECK_INTERVAL = 0.1
 
@@ -780,21 +773,13 @@ class Router:
         conn.link_up = True
 
     def _bound_queue(self, conn: GatewayConnection) -> None:
-        """A link's queue is short: a link's heartbeats wait behind it, and a full one should
-        cost packets rather than hide a dead link for seconds."""
         conn.queue_limit = self._queue_limit(conn)
-        transport = conn.transport
-        if transport is None:
-            return
-        transport.set_write_buffer_limits(high=conn.queue_limit, low=conn.queue_limit // 2)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.type == socket.SOCK_STREAM:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, LINK_NOTSENT_BYTES)
+        if conn.transport is not None:
+            linksock.shorten_queue(conn.transport, conn.queue_limit)
 
     def _queue_limit(self, conn: GatewayConnection) -> int:
         limit = self.cfg.send_queue_bytes
-        return limit if conn.link is None else min(limit, LINK_QUEUE_BYTES)
+        return limit if conn.link is None else min(limit, linksock.LINK_QUEUE_BYTES)
 
     def _drop_site(self, site: Site) -> None:
         for net in site.prefixes:
