@@ -973,3 +973,172 @@ def test_connect_timeout_default_and_cap(tmp_path: Path, keys: keygen.KeygenResu
     assert load_gateway_config(write(tmp_path / "gw.json", obj)).connect_timeout == 3.0
     path = write(tmp_path / "gw.json", gateway_obj(keys, connect_timeout=0))
     assert_config_error(gateway_error(path), path, "connect_timeout", "outside")
+
+
+# ---- multi-link: "links" ------------------------------------------------------------------
+
+
+def links_obj(keys: keygen.KeygenResult, links: Any, **changes: Any) -> dict[str, Any]:
+    return gateway_obj(keys, **{"route_server": _DROP, "links": links, **changes})
+
+
+def test_gateway_links(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    links = [
+        {"name": "v4", "route_server": "tls://198.19.0.1:4433", "interface": "wan0", "weight": 1},
+        {
+            "name": "v6",
+            "route_server": "kcp://[2001:db8:ff01::1]:4433",
+            "bind": "2001:db8:ff01::2",
+            "weight": 2.5,
+            "backup": False,
+        },
+        {"name": "lte.backup", "route_server": "tls://198.19.1.1:443", "backup": True},
+    ]
+    obj = links_obj(keys, links, link_heartbeat_interval=0.1, link_timeout=0.5)
+    cfg = load_gateway_config(write(tmp_path / "gateway.json", obj))
+    assert cfg.multi_link
+    assert [link.name for link in cfg.links] == ["v4", "v6", "lte.backup"]
+    v4, v6, lte = cfg.links
+    assert (v4.server.scheme, v4.server.host, v4.server.port) == ("tls", "198.19.0.1", 4433)
+    assert (v4.interface, v4.bind, v4.weight, v4.backup) == ("wan0", None, 1.0, False)
+    assert (v6.server.scheme, v6.server.host) == ("kcp", "2001:db8:ff01::1")
+    assert (v6.bind, v6.interface, v6.weight, v6.backup) == ("2001:db8:ff01::2", None, 2.5, False)
+    assert (lte.weight, lte.backup) == (1.0, True)
+    # the route servers are the links' own, in order
+    assert cfg.route_servers == (v4.server, v6.server, lte.server)
+    assert cfg.route_server == v4.server
+    assert (cfg.link_heartbeat_interval, cfg.link_timeout) == (0.1, 0.5)
+
+
+def test_gateway_links_default_names_and_timing(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    links = [{"route_server": f"tls://198.19.0.{i}:443", "bind": f"198.18.0.{i}"} for i in (1, 2)]
+    cfg = load_gateway_config(write(tmp_path / "gateway.json", links_obj(keys, links)))
+    assert [link.name for link in cfg.links] == ["link1", "link2"]
+    assert [link.bind for link in cfg.links] == ["198.18.0.1", "198.18.0.2"]
+    assert (cfg.link_heartbeat_interval, cfg.link_timeout) == (0.25, 1.0)
+
+
+def test_gateway_eight_links(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    links = [{"route_server": f"tls://198.19.0.{i}:443"} for i in range(1, 9)]
+    cfg = load_gateway_config(write(tmp_path / "gateway.json", links_obj(keys, links)))
+    assert len(cfg.links) == 8 and cfg.links[-1].name == "link8"
+
+
+@pytest.mark.parametrize("backup", [False, True])
+def test_gateway_one_link_is_plain(tmp_path: Path, keys: keygen.KeygenResult, backup: bool) -> None:
+    links = [
+        {
+            "name": "only",
+            "route_server": "kcp://198.19.0.1:443",
+            "bind": "198.18.0.2",
+            "interface": "wan0",
+            "backup": backup,
+        }
+    ]
+    cfg = load_gateway_config(write(tmp_path / "gateway.json", links_obj(keys, links)))
+    # one link: no multi-link negotiation, but its bind and interface still apply
+    assert not cfg.multi_link
+    assert len(cfg.links) == 1
+    assert (cfg.links[0].bind, cfg.links[0].interface) == ("198.18.0.2", "wan0")
+    assert cfg.route_servers == (cfg.links[0].server,)
+    assert cfg.route_server.scheme == "kcp"
+
+
+def test_gateway_without_links(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    cfg = load_gateway_config(write(tmp_path / "gateway.json", gateway_obj(keys)))
+    assert cfg.links == () and not cfg.multi_link
+    assert (cfg.link_heartbeat_interval, cfg.link_timeout) == (0.25, 1.0)
+
+
+_SERVER = "tls://198.19.0.1:443"
+
+
+@pytest.mark.parametrize(
+    "links,field,words",
+    [
+        ([], "links", ["non-empty"]),
+        ("tls://198.19.0.1:443", "links", ["non-empty"]),
+        ({"name": "v4", "route_server": _SERVER}, "links", ["non-empty"]),
+        ([5], "links[0]", ["object", "int"]),
+        ([{"route_server": _SERVER}, "v6"], "links[1]", ["object", "str"]),
+        (
+            [{"name": "v4", "route_server": _SERVER}, {"name": "v4", "route_server": _SERVER}],
+            "links[1].name",
+            ["'v4'", "another link"],
+        ),
+        # the second link's default name is the first one's explicit name
+        (
+            [{"name": "link2", "route_server": _SERVER}, {"route_server": _SERVER}],
+            "links[1].name",
+            ["'link2'", "another link"],
+        ),
+        ([{"name": "has space", "route_server": _SERVER}], "links[0].name", ["'has space'"]),
+        ([{"name": "a" * 33, "route_server": _SERVER}], "links[0].name", ["1-32"]),
+        ([{"name": "", "route_server": _SERVER}], "links[0].name", ["1-32"]),
+        ([{"name": "v/4", "route_server": _SERVER}], "links[0].name", ["1-32"]),
+        ([{"name": 4, "route_server": _SERVER}], "links[0].name", ["string"]),
+        ([{"name": "v4"}], "links[0].route_server", ["missing"]),
+        ([{"route_server": "udp://198.19.0.1:443"}], "links[0].route_server", ["scheme"]),
+        ([{"route_server": "tls://198.19.0.1"}], "links[0].route_server", []),
+        ([{"route_server": _SERVER, "bind": "wan0"}], "links[0].bind", ["not an IP address"]),
+        (
+            [{"route_server": _SERVER, "bind": "198.18.0.0/15"}],
+            "links[0].bind",
+            ["not an IP address"],
+        ),
+        ([{"route_server": _SERVER, "bind": 5}], "links[0].bind", ["string"]),
+        ([{"route_server": _SERVER, "interface": ""}], "links[0].interface", ["not a valid"]),
+        ([{"route_server": _SERVER, "interface": "w" * 16}], "links[0].interface", ["valid"]),
+        ([{"route_server": _SERVER, "interface": "wan/0"}], "links[0].interface", ["valid"]),
+        ([{"route_server": _SERVER, "interface": "wan 0"}], "links[0].interface", ["valid"]),
+        ([{"route_server": _SERVER, "weight": 0}], "links[0].weight", ["outside"]),
+        ([{"route_server": _SERVER, "weight": 1001}], "links[0].weight", ["outside"]),
+        ([{"route_server": _SERVER, "weight": -1}], "links[0].weight", ["outside"]),
+        ([{"route_server": _SERVER, "weight": "2"}], "links[0].weight", ["number"]),
+        ([{"route_server": _SERVER, "weight": True}], "links[0].weight", ["number"]),
+        ([{"route_server": _SERVER, "backup": "yes"}], "links[0].backup", ["true or false"]),
+        (
+            [{"route_server": _SERVER, "backup": True}, {"route_server": _SERVER, "backup": True}],
+            "links",
+            ["every link is a backup"],
+        ),
+        ([{"route_server": _SERVER}] * 9, "links", ["9 links", "at most 8"]),
+    ],
+)
+def test_gateway_links_errors(
+    tmp_path: Path, keys: keygen.KeygenResult, links: Any, field: str, words: list[str]
+) -> None:
+    path = write(tmp_path / "gateway.json", links_obj(keys, links))
+    assert_config_error(gateway_error(path), path, field, *words)
+
+
+@pytest.mark.parametrize(
+    "servers", [{"route_server": _SERVER}, {"route_servers": [_SERVER, "kcp://198.19.0.2:443"]}]
+)
+def test_gateway_links_and_route_server_is_an_error(
+    tmp_path: Path, keys: keygen.KeygenResult, servers: dict[str, Any]
+) -> None:
+    links = [{"route_server": _SERVER}, {"route_server": "tls://198.19.0.2:443"}]
+    path = write(tmp_path / "gateway.json", links_obj(keys, links, **servers))
+    assert_config_error(gateway_error(path), path, "links", "not both")
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "words"),
+    [
+        ({"link_heartbeat_interval": 1, "link_timeout": 1}, "link_timeout", ["longer"]),
+        ({"link_heartbeat_interval": 2}, "link_timeout", ["link_heartbeat_interval"]),
+        ({"link_timeout": 0.2}, "link_timeout", ["longer"]),
+        ({"link_timeout": 0.05}, "link_timeout", ["outside"]),
+        ({"link_timeout": 601}, "link_timeout", ["outside"]),
+        ({"link_heartbeat_interval": 0.001}, "link_heartbeat_interval", ["outside"]),
+        ({"link_heartbeat_interval": 61}, "link_heartbeat_interval", ["outside"]),
+        ({"link_heartbeat_interval": "fast"}, "link_heartbeat_interval", ["number"]),
+    ],
+)
+def test_gateway_link_timing_errors(
+    tmp_path: Path, keys: keygen.KeygenResult, changes: dict[str, Any], field: str, words: list
+) -> None:
+    links = [{"route_server": _SERVER}, {"route_server": "tls://198.19.0.2:443"}]
+    path = write(tmp_path / "gateway.json", links_obj(keys, links, **changes))
+    assert_config_error(gateway_error(path), path, field, *words)
