@@ -100,13 +100,17 @@ def running_vpn(
     router: dict | None = None,
     gw_a: dict | None = None,
     impair_delay_ms: float | None = None,
+    dual_uplink: bool = False,
 ) -> Iterator[Vpn]:
     """Topology, router and both gateways up and passing pings; all removed afterwards.
 
     ``router`` and ``gw_a`` replace the default configs; ``impair_delay_ms`` puts the
-    impairment element, with that delay, between gwA and the router.
+    impairment element, with that delay, between gwA and the router; ``dual_uplink`` gives
+    gwA its second (IPv6) underlay link (see topology.py).
     """
-    with t.built(t.Topology(log_dir=work / "logs", impair=impair_delay_ms is not None)) as topo:
+    topo = t.Topology(log_dir=work / "logs", impair=impair_delay_ms is not None,
+                      dual_uplink=dual_uplink)
+    with t.built(topo):
         if impair_delay_ms is not None:
             topo.start_impair(delay_ms=impair_delay_ms)
         v = Vpn(topo, work, keys)

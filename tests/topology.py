@@ -857,6 +857,15 @@ class Topology:
         stats = json.loads(res.stdout)[0]["stats64"]
         return stats["rx"]["bytes"], stats["tx"]["bytes"]
 
+    def busiest_link(self, node: str, ifnames: Sequence[str], seconds: float = 0.5
+                     ) -> tuple[str, dict[str, int]]:
+        """The interface of ``ifnames`` that sent the most in the next ``seconds`` (the one
+        carrying a flow that is running now), and each one's tx byte growth."""
+        before = {i: self.if_bytes(node, i)[1] for i in ifnames}
+        time.sleep(seconds)
+        grown = {i: self.if_bytes(node, i)[1] - before[i] for i in ifnames}
+        return max(grown, key=grown.__getitem__), grown
+
     # ------------------------------------------------------------------ checks
     def ping(
         self, node: str, dst: str, count: int = 3, wait: int = 2, timeout: float | None = None
@@ -906,6 +915,48 @@ class Topology:
         start = time.monotonic()
         res = self.run(node, [*cmd, dst], check=False, timeout=deadline + 10)
         return time.monotonic() - start if res.returncode == 0 else None
+
+    def start_pings(
+        self, node: str, dst: str, count: int, interval: float, size: int = 56
+    ) -> subprocess.Popen:
+        """``count`` pings ``interval`` s apart in the background, each reply logged with its
+        wall-clock time (``ping -D``); read them with ``ping_replies(proc.log_path)``.  Ends
+        by itself (``-c`` and ``-w``); teardown stops it in any case."""
+        cmd = ["ping", "-n", "-D", "-c", str(count), "-i", str(interval), "-s", str(size),
+               "-W", "1", "-w", str(int(count * interval) + 3)]
+        if ":" in dst:
+            cmd.insert(1, "-6")
+        return self.popen(node, [*cmd, dst], log_name=f"pings-{secrets.token_hex(2)}")
+
+    def cut_during_pings(
+        self,
+        src: str,
+        dst: str,
+        node: str,
+        ifnames: Sequence[str],
+        seconds: float = 4.0,
+        interval: float = 0.05,
+        lead: float = 1.5,
+        size: int = 1000,
+    ) -> LinkCut:
+        """Ping ``dst`` from ``src`` every ``interval`` s for ``seconds``; ``lead`` s in, take
+        down the interface of ``ifnames`` (in ``node``) that carries the pings, and bring it
+        back when they end.  How long the pings stopped is ``.recovery``."""
+        pings = self.start_pings(src, dst, count=round(seconds / interval), interval=interval,
+                                 size=size)
+        try:
+            time.sleep(max(0.0, lead - 0.5))
+            carrier, _ = self.busiest_link(node, ifnames, 0.5)
+            at = time.time()  # ping -D stamps the replies with the wall clock
+            self.link_down(node, carrier)
+            try:
+                pings.wait(timeout=seconds + 15)
+            finally:
+                self.link_up(node, carrier)
+        finally:
+            self.stop(pings, timeout=2)
+        replies = ping_replies(pings.log_path)
+        return LinkCut(carrier, at, replies, recovery_time(replies, at))
 
     # ---------------------------------------------------------------- traffic
     def _start_receiver(
@@ -1075,6 +1126,35 @@ class Topology:
             self.stop(srv, timeout=2)
         return data
 
+    def iperf3_spread(
+        self,
+        client: str,
+        server: str,
+        server_addr: str,
+        node: str,
+        ifnames: Sequence[str],
+        received: bool = False,
+        seconds: int = 6,
+        streams: int = 8,
+        min_share: float = 0.1,
+        attempts: int = 3,
+    ) -> tuple[dict, dict[str, float]]:
+        """iperf3 with ``streams`` parallel streams, and each of ``node``'s ``ifnames``'s
+        share of the bytes it sent (``received``: took in) meanwhile.  Flows spread over
+        links by a hash of their 5-tuple all take one link now and then (8 flows on 2 links:
+        2/256); a run where a link's share stays below ``min_share`` is repeated (new
+        ephemeral ports), up to ``attempts`` runs; the last run's result is returned."""
+        side = 0 if received else 1
+        for _ in range(attempts):
+            before = {i: self.if_bytes(node, i)[side] for i in ifnames}
+            data = self.iperf3(client, server, server_addr, seconds=seconds, streams=streams)
+            moved = {i: self.if_bytes(node, i)[side] - before[i] for i in ifnames}
+            total = sum(moved.values()) or 1
+            shares = {i: round(n / total, 3) for i, n in moved.items()}
+            if min(shares.values()) >= min_share:
+                break
+        return data, shares
+
     # ---------------------------------------------------------------- teardown
     def teardown(self) -> None:
         # flappers first: they would run commands in namespaces about to disappear
@@ -1129,6 +1209,53 @@ def parse_ping(stdout: str) -> dict:
                               strict=True):
             out[key] = float(value)
     return out
+
+
+_PING_REPLY = re.compile(r"^\[(\d+\.\d+)\] .*icmp_seq=(\d+) .*time=([\d.]+) ms", re.M)
+
+
+@dataclass(frozen=True)
+class PingReply:
+    """One echo reply of ``ping -D``: when it arrived (epoch s) and its round trip."""
+
+    seq: int
+    received: float
+    rtt_ms: float
+
+    @property
+    def sent(self) -> float:
+        return self.received - self.rtt_ms / 1000
+
+
+@dataclass(frozen=True)
+class LinkCut:
+    """What Topology.cut_during_pings saw: the interface cut, when (epoch s), every reply,
+    and the seconds until a request sent after the cut was answered (None: never)."""
+
+    ifname: str
+    at: float
+    replies: list[PingReply]
+    recovery: float | None
+
+    def after(self) -> list[PingReply]:
+        """The replies to requests sent after the cut."""
+        return [r for r in self.replies if r.sent > self.at]
+
+
+def ping_replies(path: str | os.PathLike) -> list[PingReply]:
+    """The replies a ``start_pings`` process has logged so far."""
+    text = Path(path).read_text(errors="replace")
+    return [PingReply(int(seq), float(when), float(rtt))
+            for when, seq, rtt in _PING_REPLY.findall(text)]
+
+
+def recovery_time(replies: Sequence[PingReply], since: float) -> float | None:
+    """Seconds from ``since`` (epoch) until the reply to the first echo request sent after it
+    arrived: how long traffic stopped when a link was cut at ``since``.  None: none came."""
+    for r in replies:
+        if r.sent > since:
+            return r.received - since
+    return None
 
 
 def _flatten_stats(stats: dict) -> dict:
@@ -1318,6 +1445,41 @@ def gateway_config(side: str, keys_dir: str | os.PathLike, **overrides) -> dict:
         "log_level": "info",
     }
     cfg.update(overrides)
+    return cfg
+
+
+# Multi-link (issue 8, Topology(dual_uplink=True)): gwA's links by name, each with its route
+# server address and its (gwA, router) interfaces.
+ML_LINKS = {
+    "v4": (ROUTER_UL_A, GW_A_UL_IF, ROUTER_UL_A_IF),
+    "v6": (f"[{ROUTER_UL_A6}]", GW_A_UL6_IF, ROUTER_UL_A6_IF),
+}
+
+
+def ml_link(name: str, scheme: str = "tls", **extra) -> dict:
+    """gwA's ``links`` entry ``"v4"`` (over wan0, bound to the interface) or ``"v6"`` (over
+    wan1, bound to its source address); ``extra`` adds weight, backup..."""
+    server, gw_if, _ = ML_LINKS[name]
+    entry: dict = {"name": name, "route_server": f"{scheme}://{server}:443"}
+    entry.update({"interface": gw_if} if name == "v4" else {"bind": GW_A_UL6})
+    entry.update(extra)
+    return entry
+
+
+def ml_router_config(keys_dir: str | os.PathLike, **overrides) -> dict:
+    """The router for gwA's two links: tls and kcp on [::]:443 (both families)."""
+    cfg = router_config(keys_dir, listen="[::]:443", **overrides)
+    cfg["kcp"]["enable"] = True
+    return cfg
+
+
+def ml_gateway_config(keys_dir: str | os.PathLike, links: Sequence[dict],
+                      **overrides) -> dict:
+    """gwA with ``links`` instead of a route server; heartbeats every 0.25 s, a link counts
+    as down after 1 s of silence."""
+    cfg = gateway_config("A", keys_dir, links=list(links), link_heartbeat_interval=0.25,
+                         link_timeout=1.0, **overrides)
+    del cfg["route_server"]
     return cfg
 
 
