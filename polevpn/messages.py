@@ -160,7 +160,10 @@ def _number(obj: dict, name: str, default: float, low: float, high: float) -> fl
         raise MessageError(f"link {name} is not a number")
     # the range check before any float(): a JSON integer may be too large for a float
     if not (low <= value <= high) or not math.isfinite(value):
-        raise MessageError(f"link {name} {_quote(str(value))} is not within {low:g}..{high:g}")
+        text = str(value)
+        if len(text) > QUOTE_MAX:
+            text = f"{text[:QUOTE_MAX]}... ({len(text)} digits)"
+        raise MessageError(f"link {name} {text} is not within {low:g}..{high:g}")
     return float(value)
 
 
