@@ -101,6 +101,74 @@ def test_gateway_plan(tmp_path: Path, keys: Path) -> None:
     assert [str(n) for n in p.config.acls] == [LAN_B]
 
 
+def _links_file(path: Path, keys: Path, links: list[dict], **overrides) -> Path:
+    cfg = t.gateway_config("A", keys, links=links, **overrides)
+    del cfg["route_server"]
+    return t.write_json(path, cfg)
+
+
+V4 = {"name": "v4", "route_server": "tls://198.19.0.1:443", "weight": 1}
+V6 = {"name": "v6", "route_server": "kcp://[2001:db8:ff01::1]:443", "weight": 2}
+
+
+@pytest.mark.parametrize(
+    "new_links",
+    [
+        [V4, dict(V6, weight=3)],  # a weight
+        [V4, dict(V6, route_server="tls://[2001:db8:ff01::1]:443")],  # a server
+        [V4, V6, {"name": "lte", "route_server": "tls://198.19.1.1:443", "backup": True}],
+        [V4],  # down to one link: a plain gateway
+        [dict(V6, name="v6b"), V4],  # renamed, reordered
+    ],
+)
+def test_gateway_plan_links_wait_for_a_restart(
+    tmp_path: Path, keys: Path, new_links: list[dict]
+) -> None:
+    path = _links_file(tmp_path / "g.json", keys, [V4, V6])
+    old = load_gateway_config(path)
+    _links_file(path, keys, new_links, acls=[LAN_B])
+    new = load_gateway_config(path)
+    assert new.links != old.links
+    p = plan(old, new)
+    assert p.needs_restart == ("links",)
+    # the running links and their servers stay: route_servers is not changed on its own
+    assert p.config.links == old.links
+    assert p.config.route_servers == old.route_servers
+    assert not p.changed("route_servers", "links")
+    assert not any("route_servers" in line for line in p.describe())
+    assert "links: changed, takes effect after a restart" in p.describe()
+    # what may change live still does
+    assert p.changed("acls") and [str(n) for n in p.config.acls] == [LAN_B]
+
+
+def test_gateway_plan_plain_to_links_and_back(tmp_path: Path, keys: Path) -> None:
+    plain_path = t.write_json(tmp_path / "plain.json", t.gateway_config("A", keys))
+    links_path = _links_file(tmp_path / "links.json", keys, [V4, V6])
+    plain, links = load_gateway_config(plain_path), load_gateway_config(links_path)
+    p = plan(plain, links)
+    assert p.needs_restart == ("links",)
+    assert p.config.links == () and p.config.route_servers == plain.route_servers
+    p = plan(links, plain)
+    assert p.needs_restart == ("links",)
+    assert p.config.links == links.links and p.config.route_servers == links.route_servers
+
+
+def test_gateway_plan_link_timing_waits_for_a_restart(tmp_path: Path, keys: Path) -> None:
+    path = _links_file(tmp_path / "g.json", keys, [V4, V6])
+    old = load_gateway_config(path)
+    _links_file(path, keys, [V4, V6], link_heartbeat_interval=0.1, link_timeout=0.4)
+    p = plan(old, load_gateway_config(path))
+    assert set(p.needs_restart) == {"link_heartbeat_interval", "link_timeout"}
+    assert (p.config.link_heartbeat_interval, p.config.link_timeout) == (0.25, 1.0)
+    assert p.config.links == old.links and p.changes == ()
+
+
+def test_gateway_plan_unchanged_links(tmp_path: Path, keys: Path) -> None:
+    path = _links_file(tmp_path / "g.json", keys, [V4, V6])
+    p = plan(load_gateway_config(path), load_gateway_config(path))
+    assert p.changes == () and p.needs_restart == ()
+
+
 # -- the router, in-process
 
 
