@@ -394,6 +394,8 @@ class Uplink:
             )
         else:
             gw.by_path.pop(self.path_id, None)
+            if gw._stopping.is_set():
+                return  # not a failure: the gateway is closing its links
             self.downs += 1
             gw.stats.links_down += 1
             log.warning(
