@@ -5,7 +5,8 @@ Every reply is built when it is asked for, from what the router already keeps
 costs nothing per packet. Endpoints (``polevpn.openapi`` has the precise shapes):
 
   GET  /api/v1/status             version, uptime, listeners, counts, counters, drops
-  GET  /api/v1/gateways           registered gateways with transport, networks, counters, RTT
+  GET  /api/v1/gateways           registered gateways with transport, networks, counters, RTT,
+                                  and each link of a multi-link gateway
   GET  /api/v1/gateways/{address} one of them, or 404
   GET  /api/v1/routes             the routing table
   POST /api/v1/reload             Router.reload(): 200 with the changes, 400 with the error
@@ -22,30 +23,25 @@ import hmac
 import ipaddress
 import json
 import logging
-import socket
-import struct
 import time
 from dataclasses import fields
 from datetime import UTC, datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from . import __version__, httpserver, openapi
+from . import __version__, httpserver, openapi, pathstats
 from .config import ConfigError
 from .httpserver import HttpError, Reply, Request
 from .metrics import ROUTER_DROPS
 
 if TYPE_CHECKING:
     from .kcp_link import KcpLink
-    from .router import GatewayConnection, Router
+    from .router import GatewayConnection, Router, Site
 
 log = logging.getLogger("polevpn.api")
 
 P = openapi.API_PREFIX
 JSON = "application/json"
-# struct tcp_info (linux/tcp.h): eight u8 fields, then u32s; tcpi_rtt is the 16th, in µs
-_TCPI_RTT_OFFSET = 68
-_TCP_INFO_LEN = 104
 
 
 def json_error(status: int, message: str) -> tuple[str, bytes]:
@@ -68,18 +64,8 @@ def rfc3339(wall: float) -> str:
 
 def tcp_rtt_ms(transport: object) -> float | None:
     """The kernel's smoothed RTT of a TCP connection (TCP_INFO), or None if unavailable."""
-    get = getattr(transport, "get_extra_info", None)
-    sock = get("socket") if get is not None else None
-    if sock is None or not hasattr(socket, "TCP_INFO"):
-        return None
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
-    except (OSError, AttributeError, TypeError):
-        return None
-    if len(info) < _TCPI_RTT_OFFSET + 4:
-        return None
-    (rtt_us,) = struct.unpack_from("=I", info, _TCPI_RTT_OFFSET)
-    return rtt_us / 1000
+    info = pathstats.tcp_info(transport)
+    return None if info is None else info.rtt_us / 1000
 
 
 def _kcp_view(link: KcpLink) -> dict[str, Any]:
@@ -100,6 +86,21 @@ def _kcp_view(link: KcpLink) -> dict[str, Any]:
         "retransmissions": retrans,
         "fec": fec,
     }
+
+
+def _traffic(conns: list[GatewayConnection]) -> dict[str, int]:
+    return {
+        "packets_in": sum(c.packets_in for c in conns),
+        "packets_out": sum(c.packets_out for c in conns),
+        "bytes_in": sum(c.bytes_in for c in conns),
+        "bytes_out": sum(c.bytes_out for c in conns),
+    }
+
+
+def _transport_of(conns: list[GatewayConnection]) -> str:
+    """The transport the connections share, or "mixed" (a multi-link gateway's links)."""
+    names = {c.transport_name for c in conns}
+    return names.pop() if len(names) == 1 else "mixed"
 
 
 def _network_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int, int]:
@@ -181,6 +182,7 @@ class ApiServer(httpserver.HttpServer):
         r = self.router
         stats = r.stats
         conns = list(r.connections)
+        links = [c for site in r.sites.values() for c in site.links.connections()]
         counters: dict[str, int] = {f.name: getattr(stats, f.name) for f in fields(stats)}
         # sessions count what arrives before REGISTER themselves; the router adds it up at
         # disconnect, so live sessions are added here to keep the figure monotonic
@@ -198,7 +200,9 @@ class ApiServer(httpserver.HttpServer):
             "uptime": round(time.monotonic() - self._started, 3),
             "listen": self._listeners(),
             "connections": len(conns),
-            "gateways": len(r.by_gateway),
+            "gateways": len(r.by_gateway) + len(r.sites),
+            "links": len(links),
+            "links_up": sum(1 for c in links if c.link_up),
             "routes": len(r.routes),
             "pending": r.admission.pending,
             "counters": counters,
@@ -206,7 +210,7 @@ class ApiServer(httpserver.HttpServer):
         }
 
     def gateway_view(self, conn: GatewayConnection) -> dict[str, Any]:
-        now = time.monotonic()
+        """A plain (single-link) gateway."""
         transport = conn.transport
         kcp = None
         rtt: float | None = None
@@ -218,7 +222,6 @@ class ApiServer(httpserver.HttpServer):
                 rtt = kcp["srtt_ms"]
         elif transport is not None:
             rtt = tcp_rtt_ms(transport)
-        uptime = max(0.0, now - conn.connected_at)
         return {
             "gateway": str(conn.gateway),
             "peer": conn.peer,
@@ -226,26 +229,98 @@ class ApiServer(httpserver.HttpServer):
             # the first prefix is the gateway's own address
             "networks": [str(n) for n in conn.prefixes[1:]],
             "features": sorted(conn.session.features) if conn.session else [],
-            "connected_at": rfc3339(conn.connected_wall),
-            "uptime": round(uptime, 3),
-            "packets_in": conn.packets_in,
-            "packets_out": conn.packets_out,
-            "bytes_in": conn.bytes_in,
-            "bytes_out": conn.bytes_out,
+            **self._since(conn.connected_wall, conn.connected_at),
+            **_traffic([conn]),
             "rtt_ms": rtt,
             "kcp": kcp,
+            "links": [],
+        }
+
+    def link_view(self, conn: GatewayConnection) -> dict[str, Any]:
+        """One link of a multi-link gateway: the connection registered under its name."""
+        info = conn.link
+        assert info is not None
+        transport = conn.transport
+        get = getattr(transport, "get_extra_info", None)
+        kcp_link = get("kcp_link") if get is not None and conn.transport_name == "kcp" else None
+        path = pathstats.path_figures(transport, conn.transport_name)
+        return {
+            "name": info.name,
+            "weight": info.weight,
+            "backup": info.backup,
+            "up": conn.link_up,
+            "downs": conn.link_downs,
+            "timeout_ms": round(conn.link_timeout * 1000),
+            "transport": conn.transport_name,
+            "peer": conn.peer,
+            "features": sorted(conn.session.features) if conn.session else [],
+            **self._since(conn.connected_wall, conn.connected_at),
+            **_traffic([conn]),
+            "rtt_ms": path.rtt_ms,
+            "retransmissions": path.retransmissions,
+            "segments_sent": path.segments_sent,
+            "loss": path.loss,
+            "kcp": _kcp_view(kcp_link) if kcp_link is not None else None,
+        }
+
+    def site_view(self, site: Site) -> dict[str, Any]:
+        """A multi-link gateway: what holds for all its links, its traffic summed over them,
+        and each link (by name)."""
+        conns = sorted(site.links.connections(), key=lambda c: c.link.name if c.link else "")
+        first = min(conns, key=lambda c: c.connected_at) if conns else None
+        features: set[str] = set()
+        for c in conns:
+            if c.session is not None:
+                features |= c.session.features
+        return {
+            "gateway": str(site.gateway),
+            "peer": ", ".join(c.peer for c in conns),
+            "transport": _transport_of(conns),
+            "networks": [str(n) for n in site.networks],
+            "features": sorted(features),
+            # its oldest link: the gateway has been reachable at least that long
+            **self._since(
+                first.connected_wall if first else time.time(),
+                first.connected_at if first else time.monotonic(),
+            ),
+            **_traffic(conns),
+            # each link has its own
+            "rtt_ms": None,
+            "kcp": None,
+            "links": [self.link_view(c) for c in conns],
+        }
+
+    def _since(self, wall: float, mono: float) -> dict[str, Any]:
+        return {
+            "connected_at": rfc3339(wall),
+            "uptime": round(max(0.0, time.monotonic() - mono), 3),
         }
 
     def gateways(self) -> list[dict[str, Any]]:
-        items = sorted(self.router.by_gateway.items(), key=lambda kv: (kv[0].version, int(kv[0])))
-        return [self.gateway_view(conn) for _, conn in items]
+        r = self.router
+        views: list[tuple[Any, dict[str, Any]]] = [
+            (addr, self.gateway_view(conn)) for addr, conn in r.by_gateway.items()
+        ]
+        views += [(addr, self.site_view(site)) for addr, site in r.sites.items()]
+        views.sort(key=lambda av: (av[0].version, int(av[0])))
+        return [view for _, view in views]
 
     def routes(self) -> list[dict[str, Any]]:
+        from .router import Site  # here: the router imports this module
+
         table = sorted(self.router.routes.routes(), key=lambda nv: _network_key(nv[0]))
-        return [
-            {"network": str(net), "gateway": str(conn.gateway), "transport": conn.transport_name}
-            for net, conn in table
-        ]
+        out = []
+        for net, target in table:
+            # a plain gateway's connection, or a multi-link gateway's site
+            links = target.links.connections() if isinstance(target, Site) else [target]
+            out.append(
+                {
+                    "network": str(net),
+                    "gateway": str(target.gateway),
+                    "transport": _transport_of(links),
+                }
+            )
+        return out
 
     # -- handlers
 
@@ -261,10 +336,14 @@ class ApiServer(httpserver.HttpServer):
             addr = ipaddress.ip_address(text)
         except ValueError:
             addr = None
-        conn = self.router.by_gateway.get(addr) if addr is not None else None
-        if conn is None:
-            raise HttpError(404, f"no registered gateway {text!r}")
-        return _ok(self.gateway_view(conn))
+        if addr is not None:
+            conn = self.router.by_gateway.get(addr)
+            if conn is not None:
+                return _ok(self.gateway_view(conn))
+            site = self.router.sites.get(addr)
+            if site is not None:
+                return _ok(self.site_view(site))
+        raise HttpError(404, f"no registered gateway {text!r}")
 
     async def _routes(self, request: Request) -> Reply:
         return _ok({"routes": self.routes()})

@@ -271,6 +271,15 @@ class KcpLink:
             return None
         return control_block(self.kcp).xmit
 
+    @property
+    def segments_sent(self) -> int | None:
+        """Data segments sent for the first time (ikcp's ``snd_nxt``: each new segment
+        takes the next sequence number; resends do not), the base of a retransmission
+        ratio."""
+        if self.kcp is None or not RESET_SUPPORTED:
+            return None
+        return control_block(self.kcp).snd_nxt
+
     def close(self) -> None:
         if self.kcp is not None:
             self.pool.release(self.kcp)

@@ -22,12 +22,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from . import httpserver
+from . import httpserver, pathstats
 
 if TYPE_CHECKING:
     from .gateway import Gateway
     from .kcp_link import KcpLink
-    from .router import GatewayConnection, Router
+    from .router import GatewayConnection, Router, Site
 
 MAX_REQUEST = 4096  # bytes of request line and headers; a GET needs a fraction of that
 REQUEST_TIMEOUT = 5.0  # s for the whole request to arrive, and again for the reply to leave
@@ -43,6 +43,7 @@ ROUTER_DROPS = {
     "dropped_hairpin": "hairpin",
     "dropped_unregistered": "unregistered",
     "dropped_link_local": "link_local",
+    "dropped_links_down": "links_down",
 }
 GATEWAY_DROPS = {
     "dropped_no_link": "no_link",
@@ -154,7 +155,9 @@ class RouterCollector(Collector):
         p = self.P
         stats = r.stats
         conns = list(r.connections)
-        yield from self._per_gateway(list(r.by_gateway.values()))
+        sites = list(r.sites.values())
+        yield from self._per_gateway(list(r.by_gateway.values()), sites)
+        yield from self._per_link(sites)
 
         by_transport = GaugeMetricFamily(
             f"{p}connections",
@@ -164,7 +167,19 @@ class RouterCollector(Collector):
         for name in ("tls", "kcp"):
             by_transport.add_metric([name], sum(1 for c in conns if c.transport_name == name))
         yield by_transport
-        yield _gauge(f"{p}registered_gateways", "gateways registered now", len(r.by_gateway))
+        yield _gauge(
+            f"{p}registered_gateways",
+            "gateways registered now (a multi-link gateway counts once)",
+            len(r.by_gateway) + len(sites),
+        )
+        links = [c for site in sites for c in site.links.connections()]
+        by_state = GaugeMetricFamily(
+            f"{p}links", "links of multi-link gateways, by state", labels=["state"]
+        )
+        up = sum(1 for c in links if c.link_up)
+        by_state.add_metric(["up"], up)
+        by_state.add_metric(["down"], len(links) - up)
+        yield by_state
         yield _gauge(
             f"{p}pending_connections",
             "connections accepted and not yet registered (counted against the limits)",
@@ -229,7 +244,10 @@ class RouterCollector(Collector):
                 else:
                     yield _counter(f"{p}kcp_{f.name}", f"KcpServerStats.{f.name}", value)
 
-    def _per_gateway(self, conns: list[GatewayConnection]) -> Iterable[Metric]:
+    def _per_gateway(self, conns: list[GatewayConnection], sites: list[Site]) -> Iterable[Metric]:
+        """Per gateway; a multi-link gateway's counters are its links' sums (they drop when
+        a link reconnects, which Prometheus reads as a reset) and its KCP figures are
+        per link only."""
         p = self.P
         names = ["gateway", "transport"]
         # "received" is what the gateway sent to the router, "sent" what the router sent it
@@ -257,7 +275,99 @@ class RouterCollector(Collector):
             link = _kcp_link(c.transport) if c.transport_name == "kcp" else None
             if link is not None:
                 links.add(labels, link)
+        for site in sites:
+            members = site.links.connections()
+            names = {c.transport_name for c in members}
+            labels = [str(site.gateway), names.pop() if len(names) == 1 else "mixed"]
+            rx_p.add_metric(labels, sum(c.packets_in for c in members))
+            tx_p.add_metric(labels, sum(c.packets_out for c in members))
+            rx_b.add_metric(labels, sum(c.bytes_in for c in members))
+            tx_b.add_metric(labels, sum(c.bytes_out for c in members))
         return [rx_p, tx_p, rx_b, tx_b, *links.families()]
+
+    def _per_link(self, sites: list[Site]) -> Iterable[Metric]:
+        """Each link of each multi-link gateway, labelled gateway and link (its name)."""
+        p = f"{self.P}link_"
+        names = ["gateway", "link"]
+        info = GaugeMetricFamily(
+            f"{p}info",
+            "a link of a multi-link gateway (value 1): its transport and role",
+            labels=[*names, "transport", "role"],
+        )
+        weight = GaugeMetricFamily(f"{p}weight", "the link's weight", labels=names)
+        up = GaugeMetricFamily(
+            f"{p}up", "1 while the router hears from the link, 0 after its timeout", labels=names
+        )
+        downs = CounterMetricFamily(
+            f"{p}downs", "times the link went down since it connected", labels=names
+        )
+        rx_p = CounterMetricFamily(
+            f"{p}received_packets", "packets received on the link", labels=names
+        )
+        tx_p = CounterMetricFamily(f"{p}sent_packets", "packets sent on the link", labels=names)
+        rx_b = CounterMetricFamily(
+            f"{p}received_bytes", "IP bytes received on the link", labels=names
+        )
+        tx_b = CounterMetricFamily(f"{p}sent_bytes", "IP bytes sent on the link", labels=names)
+        rtt = GaugeMetricFamily(
+            f"{p}rtt_seconds",
+            "round-trip time: KCP's srtt on kcp://, the kernel's TCP estimate on tls://",
+            labels=names,
+        )
+        resent = CounterMetricFamily(
+            f"{p}retransmissions",
+            "data segments the router sent again (TCP total_retrans, KCP timeout resends)",
+            labels=names,
+        )
+        segments = CounterMetricFamily(
+            f"{p}sent_segments", "data segments the router sent, resends included", labels=names
+        )
+        loss = GaugeMetricFamily(
+            f"{p}loss_ratio",
+            "retransmissions / sent_segments since the link connected",
+            labels=names,
+        )
+        kcp = _LinkMetrics(p, names)
+        for site in sites:
+            for c in site.links.connections():
+                if c.link is None:  # being replaced right now
+                    continue
+                labels = [str(site.gateway), str(c.link.name)]
+                role = "backup" if c.link.backup else "primary"
+                info.add_metric([*labels, c.transport_name, role], 1)
+                weight.add_metric(labels, c.link.weight)
+                up.add_metric(labels, int(c.link_up))
+                downs.add_metric(labels, c.link_downs)
+                rx_p.add_metric(labels, c.packets_in)
+                tx_p.add_metric(labels, c.packets_out)
+                rx_b.add_metric(labels, c.bytes_in)
+                tx_b.add_metric(labels, c.bytes_out)
+                path = pathstats.path_figures(c.transport, c.transport_name)
+                if path.rtt_ms is not None:
+                    rtt.add_metric(labels, path.rtt_ms / 1000)
+                if path.retransmissions is not None and path.segments_sent is not None:
+                    resent.add_metric(labels, path.retransmissions)
+                    segments.add_metric(labels, path.segments_sent)
+                if path.loss is not None:
+                    loss.add_metric(labels, path.loss)
+                k = _kcp_link(c.transport) if c.transport_name == "kcp" else None
+                if k is not None:
+                    kcp.add(labels, k)
+        return [
+            info,
+            weight,
+            up,
+            downs,
+            rx_p,
+            tx_p,
+            rx_b,
+            tx_b,
+            rtt,
+            resent,
+            segments,
+            loss,
+            *kcp.families(),
+        ]
 
 
 class GatewayCollector(Collector):

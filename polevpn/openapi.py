@@ -26,6 +26,7 @@ DROP_REASONS = {
     "unregistered": "packets from a connection that had not registered yet",
     "link_local": "IPv6 from :: or fe80::/10 that the gateway did not register (its host's "
     "MLD reports): link-scope, never forwarded, not counted as spoofed",
+    "links_down": "to a multi-link gateway none of whose links was up",
 }
 
 Schema = dict[str, Any]
@@ -55,6 +56,19 @@ def _object(properties: dict[str, Schema], description: str | None = None) -> Sc
 
 
 TRANSPORT: Schema = {"type": "string", "enum": ["tls", "kcp"]}
+# a gateway's or a route's: a multi-link gateway's links may use both
+GATEWAY_TRANSPORT: Schema = {
+    "type": "string",
+    "enum": ["tls", "kcp", "mixed"],
+    "description": "mixed: a multi-link gateway whose links do not all use one transport",
+}
+LOSS_DESCRIPTION = (
+    "share of the data segments the router sent on this link that were retransmissions, "
+    "since it connected: on tls:// the kernel's tcpi_total_retrans / tcpi_data_segs_out, on "
+    "kcp:// KCP's timeout resends / (new segments + those resends). It estimates loss "
+    "towards the gateway (a lost ACK costs a resend too); null when unknown or before any "
+    "data was sent"
+)
 TIMESTAMP: Schema = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"}
 
 FEC = _object(
@@ -88,6 +102,63 @@ KCP = _object(
     "KCP figures of a kcp:// link",
 )
 
+RTT: Schema = _nullable(
+    {
+        "type": "number",
+        "minimum": 0,
+        "description": "round-trip time: KCP's srtt on kcp://, the kernel's TCP "
+        "estimate on tls://; null when unknown",
+    }
+)
+
+LINK = _object(
+    {
+        "name": {"type": "string", "description": "the link's name in the gateway's config"},
+        "weight": {
+            "type": "number",
+            "exclusiveMinimum": True,
+            "minimum": 0,
+            "description": "its share of the flows among the links that are up",
+        },
+        "backup": {
+            "type": "boolean",
+            "description": "carries traffic only while no primary link is up",
+        },
+        "up": {
+            "type": "boolean",
+            "description": "false while the router has heard nothing on it for timeout_ms",
+        },
+        "downs": _int("times it went down since it connected"),
+        "timeout_ms": _int("silence after which the router counts it as down"),
+        "transport": TRANSPORT,
+        "peer": {"type": "string", "description": "underlay address:port it connects from"},
+        "features": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "protocol extensions agreed in AUTH on this link",
+        },
+        "connected_at": TIMESTAMP,
+        "uptime": {"type": "number", "minimum": 0, "description": "seconds since it connected"},
+        "packets_in": _int("packets received on this link"),
+        "packets_out": _int("packets sent on this link"),
+        "bytes_in": _int("IP bytes received on this link"),
+        "bytes_out": _int("IP bytes sent on this link"),
+        "rtt_ms": RTT,
+        "retransmissions": _nullable(
+            _int(
+                "data segments the router sent again (tls: tcpi_total_retrans; kcp: resends "
+                "after a timeout)"
+            )
+        ),
+        "segments_sent": _nullable(_int("data segments the router sent, resends included")),
+        "loss": _nullable(
+            {"type": "number", "minimum": 0, "maximum": 1, "description": LOSS_DESCRIPTION}
+        ),
+        "kcp": _nullable(KCP),
+    },
+    "one link (connection) of a multi-link gateway",
+)
+
 GATEWAY = _object(
     {
         "gateway": {
@@ -95,8 +166,12 @@ GATEWAY = _object(
             "description": "the gateway's address",
             "example": "169.254.0.1",
         },
-        "peer": {"type": "string", "description": "underlay address:port it connects from"},
-        "transport": TRANSPORT,
+        "peer": {
+            "type": "string",
+            "description": "underlay address:port it connects from; a multi-link gateway's "
+            "links' peers, comma-separated",
+        },
+        "transport": GATEWAY_TRANSPORT,
         "networks": {
             "type": "array",
             "items": {"type": "string", "description": "CIDR"},
@@ -107,21 +182,29 @@ GATEWAY = _object(
             "items": {"type": "string"},
             "description": "protocol extensions agreed in AUTH",
         },
-        "connected_at": TIMESTAMP,
-        "uptime": {"type": "number", "minimum": 0, "description": "seconds since it connected"},
-        "packets_in": _int("packets received from the gateway"),
-        "packets_out": _int("packets sent to the gateway"),
-        "bytes_in": _int("IP bytes received from the gateway"),
-        "bytes_out": _int("IP bytes sent to the gateway"),
-        "rtt_ms": _nullable(
-            {
-                "type": "number",
-                "minimum": 0,
-                "description": "round-trip time: KCP's srtt on kcp://, the kernel's TCP "
-                "estimate on tls://; null when unknown",
-            }
-        ),
+        "connected_at": {
+            **TIMESTAMP,
+            "description": "RFC 3339, UTC; a multi-link gateway's oldest link's",
+        },
+        "uptime": {
+            "type": "number",
+            "minimum": 0,
+            "description": "seconds since it connected (its oldest link)",
+        },
+        "packets_in": _int("packets received from the gateway (summed over its links)"),
+        "packets_out": _int("packets sent to the gateway (summed over its links)"),
+        "bytes_in": _int("IP bytes received from the gateway (summed over its links)"),
+        "bytes_out": _int("IP bytes sent to the gateway (summed over its links)"),
+        "rtt_ms": {
+            **RTT,
+            "description": RTT["description"] + "; null for a multi-link gateway (see its links)",
+        },
         "kcp": _nullable(KCP),
+        "links": {
+            "type": "array",
+            "items": {"$ref": "#/components/schemas/Link"},
+            "description": "a multi-link gateway's links, by name; empty for a plain gateway",
+        },
     },
     "a registered gateway",
 )
@@ -130,7 +213,7 @@ ROUTE = _object(
     {
         "network": {"type": "string", "description": "CIDR"},
         "gateway": {"type": "string", "description": "the gateway it is routed to"},
-        "transport": TRANSPORT,
+        "transport": GATEWAY_TRANSPORT,
     }
 )
 
@@ -154,7 +237,9 @@ def _status(counters: Iterable[str]) -> Schema:
             "uptime": {"type": "number", "minimum": 0, "description": "seconds"},
             "listen": {"type": "array", "items": {"$ref": "#/components/schemas/Listener"}},
             "connections": _int("open gateway connections, registered or not yet"),
-            "gateways": _int("registered gateways"),
+            "gateways": _int("registered gateways, a multi-link gateway counted once"),
+            "links": _int("links of the multi-link gateways"),
+            "links_up": _int("those of them up"),
             "routes": _int("prefixes in the routing table"),
             "pending": _int("connections accepted and not yet registered"),
             "counters": {
@@ -294,6 +379,7 @@ def document(counters: Iterable[str]) -> Schema:
                 "Listener": LISTENER,
                 "Status": _status(counters),
                 "Gateway": GATEWAY,
+                "Link": LINK,
                 "GatewayList": _object(
                     {
                         "gateways": {

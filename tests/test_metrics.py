@@ -197,6 +197,228 @@ def test_router_metrics_count_what_the_gateways_sent(keys, transport, monkeypatc
     run(scenario())
 
 
+# -- multi-link gateways (helpers shared with test_api)
+
+LINK_HEARTBEAT_MS, LINK_TIMEOUT_MS = 50, 300
+
+
+async def login_link(
+    gw: ProtoGateway,
+    gateway: str,
+    networks: list[str],
+    name: str,
+    weight: float = 1,
+    backup: bool = False,
+) -> None:
+    """AUTH offering multi-link and REGISTER naming link ``name`` of ``gateway``, with a
+    short timeout (LINK_TIMEOUT_MS) so that a silent link is down soon."""
+    await gw.send(frame(0, json.dumps({"key": loopback.KEY, "features": ["multi-link"]}).encode()))
+    cmd, seq, reply = await gw.recv_frame()
+    assert (cmd, seq) == (0, 0) and "multi-link" in json.loads(reply)["features"], reply
+    link = {
+        "name": name,
+        "weight": weight,
+        "backup": backup,
+        "heartbeat_ms": LINK_HEARTBEAT_MS,
+        "timeout_ms": LINK_TIMEOUT_MS,
+    }
+    body = {"gateway": gateway, "key": loopback.KEY, "network": networks, "link": link}
+    await gw.send(frame(1, json.dumps(body).encode(), 7))
+    assert await gw.recv_frame() == (1, 7, b"{}")
+
+
+class Keepalive:
+    """Heartbeats on a link every LINK_HEARTBEAT_MS until stopped, so that it stays up."""
+
+    def __init__(self, gw: ProtoGateway) -> None:
+        self.gw = gw
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await self.gw.send(frame(4))
+                await asyncio.sleep(LINK_HEARTBEAT_MS / 1000)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+async def recv_ip(gw: ProtoGateway, timeout: float = 5) -> bytes:
+    """The next packet the router sent ``gw``, skipping the echoes of its heartbeats."""
+    while True:
+        cmd, _, body = await gw.recv_frame(timeout=timeout)
+        if cmd != 4:
+            assert cmd == 2, cmd
+            return body
+
+
+def flows_to(dst_lan_prefix: str, src_lan_prefix: str, n: int) -> list[bytes]:
+    """``n`` packets of distinct flows (addresses vary), each a different size."""
+    return [
+        ipv4_packet(f"{src_lan_prefix}.{1 + i}", f"{dst_lan_prefix}.{1 + i}", b"f" * (20 + i))
+        for i in range(n)
+    ]
+
+
+async def sent_to_site(port: int, gateway: str, n: int) -> Samples | None:
+    """The scrape once the router has sent ``n`` packets to ``gateway``'s links in all."""
+    m = await scrape(port)
+    sent = matching(m, "polevpn_router_link_sent_packets_total")
+    total = sum(v for labels, v in sent.items() if ("gateway", gateway) in labels)
+    assert total <= n
+    return m if total == n else None
+
+
+async def wait_until(probe, what: str, timeout: float = 10.0):
+    """Poll the coroutine function ``probe`` until it returns something true; returns it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await probe()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("transport", ["tls", "kcp"])
+def test_router_metrics_per_link_of_a_multi_link_gateway(keys, transport, monkeypatch):
+    monkeypatch.setitem(loopback._transport, "mode", transport)
+    p = "polevpn_router_"
+
+    async def scenario():
+        router = await started(router_config(keys, metrics_listen=("127.0.0.1", 0)))
+        port = router.metrics.port
+        alive: list[Keepalive] = []
+        gws: list[ProtoGateway] = []
+        try:
+            gb, v4, v6 = [await ProtoGateway.connect(router) for _ in range(3)]
+            gws += [gb, v4, v6]
+            await gb.login(B, [LAN_B])
+            await login_link(v4, A, [LAN_A], "v4")
+            alive.append(Keepalive(v4))
+            await login_link(v6, A, [LAN_A], "v6", weight=2, backup=True)
+            alive.append(Keepalive(v6))
+
+            # B -> the site (on v4 while it is up, v6 being a backup; either way each link's
+            # counters are checked against what it received)
+            to_a = flows_to("198.18.10", "198.18.20", 12)
+            await gb.send(b"".join(frame(3, x) for x in to_a))
+            m = await wait_until(lambda: sent_to_site(port, A, len(to_a)), "packets to A")
+            got_v4 = [
+                await recv_ip(v4)
+                for _ in range(int(value(m, f"{p}link_sent_packets_total", gateway=A, link="v4")))
+            ]
+            got_v6 = [
+                await recv_ip(v6)
+                for _ in range(int(value(m, f"{p}link_sent_packets_total", gateway=A, link="v6")))
+            ]
+            assert sorted(got_v4 + got_v6) == sorted(to_a)
+            # each link -> B
+            from_v4 = flows_to("198.18.20", "198.18.10", 5)
+            from_v6 = flows_to("198.18.20", "198.18.10", 3)
+            await v4.send(b"".join(frame(3, x) for x in from_v4))
+            await v6.send(b"".join(frame(3, x) for x in from_v6))
+            got = [await recv_ip(gb) for _ in range(8)]
+            assert sorted(got) == sorted(from_v4 + from_v6)
+
+            m = await scrape(port)
+            v4l, v6l = {"gateway": A, "link": "v4"}, {"gateway": A, "link": "v6"}
+            assert value(m, f"{p}registered_gateways") == 2
+            assert value(m, f"{p}links", state="up") == 2
+            assert value(m, f"{p}links", state="down") == 0
+            assert value(m, f"{p}link_info", transport=transport, role="primary", **v4l) == 1
+            assert value(m, f"{p}link_info", transport=transport, role="backup", **v6l) == 1
+            assert value(m, f"{p}link_weight", **v6l) == 2
+            assert value(m, f"{p}link_sent_bytes_total", **v4l) == sum(map(len, got_v4))
+            assert value(m, f"{p}link_sent_bytes_total", **v6l) == sum(map(len, got_v6))
+            assert value(m, f"{p}link_received_packets_total", **v4l) == 5
+            assert value(m, f"{p}link_received_bytes_total", **v6l) == sum(map(len, from_v6))
+            # the gateway's own series: the sums over its links
+            gw_a = {"gateway": A, "transport": transport}
+            assert value(m, f"{p}gateway_received_packets_total", **gw_a) == 8
+            assert value(m, f"{p}gateway_received_bytes_total", **gw_a) == sum(
+                map(len, from_v4 + from_v6)
+            )
+            assert value(m, f"{p}gateway_sent_packets_total", **gw_a) == len(to_a)
+            for link in (v4l, v6l):
+                assert value(m, f"{p}link_rtt_seconds", **link) >= 0
+                resent = value(m, f"{p}link_retransmissions_total", **link)
+                sent = value(m, f"{p}link_sent_segments_total", **link)
+                # at least the AUTH and REGISTER replies went out on each
+                assert sent >= 2 and 0 <= resent <= sent
+                assert value(m, f"{p}link_loss_ratio", **link) == pytest.approx(resent / sent)
+            # the per-gateway KCP series stay with plain gateways; a link has its own
+            assert not [
+                k for k in matching(m, f"{p}gateway_kcp_srtt_seconds") if ("gateway", A) in k
+            ]
+            if transport == "kcp":
+                assert value(m, f"{p}link_kcp_srtt_seconds", **v6l) >= 0
+            else:
+                assert not matching(m, f"{p}link_kcp_srtt_seconds")
+
+            # v6 falls silent: it is down within its timeout (checked every 0.1 s)
+            await alive[1].stop()
+
+            async def v6_down():
+                m = await scrape(port)
+                return m if value(m, f"{p}link_up", **v6l) == 0 else None
+
+            m = await wait_until(v6_down, "link v6 down")
+            assert value(m, f"{p}link_downs_total", **v6l) >= 1
+            assert value(m, f"{p}links_down_total") >= 1
+            assert value(m, f"{p}links", state="down") >= 1
+
+            # and up again as soon as it is heard from
+            await v6.send(frame(4))
+
+            async def v6_up():
+                m = await scrape(port)
+                return m if value(m, f"{p}link_up", **v6l) == 1 else None
+
+            await wait_until(v6_up, "link v6 up again")
+
+            # both silent: packets to the site are dropped for it
+            await alive[0].stop()
+
+            async def both_down():
+                m = await scrape(port)
+                return m if value(m, f"{p}links", state="down") == 2 else None
+
+            await wait_until(both_down, "both links down")
+            await gb.send(frame(3, to_a[0]))
+
+            async def dropped():
+                m = await scrape(port)
+                n = value(m, f"{p}dropped_packets_total", reason="links_down")
+                return m if n >= 1 else None
+
+            m = await wait_until(dropped, "a links_down drop")
+            assert value(m, f"{p}dropped_packets_total", reason="links_down") == 1
+
+            # the site leaves with its last link, and its series with it
+            v4.close()
+            v6.close()
+
+            async def gone():
+                m = await scrape(port)
+                return m if value(m, f"{p}registered_gateways") == 1 else None
+
+            m = await wait_until(gone, "the site gone")
+            assert not matching(m, f"{p}link_up")
+            assert value(m, f"{p}links", state="up") + value(m, f"{p}links", state="down") == 0
+        finally:
+            for k in alive:
+                await k.stop()
+            for gw in gws:
+                gw.close()
+            await router.stop()
+
+    run(scenario())
+
+
 def test_router_metrics_and_api_off_by_default(keys):
     async def scenario():
         router = await started(router_config(keys))

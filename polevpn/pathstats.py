@@ -1,0 +1,98 @@
+"""What the transport under a gateway connection knows about its path: RTT and retransmissions.
+
+Read when the API or ``/metrics`` is asked, never per packet: the kernel's ``TCP_INFO`` for
+tls://, KCP's control block (through ``KcpLink``) for kcp://.
+
+``loss`` is the share of the data segments this side (the router) sent on the connection
+that were retransmissions, since the connection began. It estimates loss on the path
+towards the gateway, and a little more than that: a lost ACK also costs a resend.
+
+- tls://: ``tcpi_total_retrans / tcpi_data_segs_out`` (the kernel counts resends in both).
+- kcp://: ``xmit / (snd_nxt + xmit)``: KCP's resends after a timeout over first sends plus
+  those resends. Fast retransmissions (on duplicate ACKs) are counted by neither.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from dataclasses import dataclass
+
+# struct tcp_info (linux/tcp.h): eight u8 fields, then u32s from offset 8. tcpi_rtt (µs) is
+# the 16th u32; tcpi_total_retrans follows tcpi_rcv_space; then four u64s (pacing rates,
+# bytes acked and received), tcpi_segs_out, tcpi_segs_in, tcpi_notsent_bytes, tcpi_min_rtt,
+# tcpi_data_segs_in and tcpi_data_segs_out (Linux 4.6).
+TCPI_RTT = 68
+TCPI_TOTAL_RETRANS = 100
+TCPI_SEGS_OUT = 136
+TCPI_DATA_SEGS_OUT = 156
+# older kernels return less; newer ones no more than asked for
+TCP_INFO_LEN = 160
+
+
+@dataclass(frozen=True, slots=True)
+class TcpInfo:
+    rtt_us: int
+    total_retrans: int | None
+    segs_out: int | None
+    data_segs_out: int | None
+
+
+def tcp_info(transport: object) -> TcpInfo | None:
+    """The fields of the kernel's TCP_INFO of ``transport``'s socket that the kernel
+    returned, or None (no TCP socket, or no TCP_INFO on this system)."""
+    get = getattr(transport, "get_extra_info", None)
+    sock = get("socket") if get is not None else None
+    if sock is None or not hasattr(socket, "TCP_INFO"):
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN)
+    except (OSError, AttributeError, TypeError):
+        return None
+
+    def u32(offset: int) -> int | None:
+        # the kernel copies min(asked, its struct's size): a field past the end is unknown
+        return struct.unpack_from("=I", info, offset)[0] if len(info) >= offset + 4 else None
+
+    rtt = u32(TCPI_RTT)
+    if rtt is None:
+        return None
+    return TcpInfo(rtt, u32(TCPI_TOTAL_RETRANS), u32(TCPI_SEGS_OUT), u32(TCPI_DATA_SEGS_OUT))
+
+
+@dataclass(frozen=True, slots=True)
+class PathFigures:
+    """RTT and retransmissions of one connection; None where the transport cannot tell."""
+
+    rtt_ms: float | None = None
+    retransmissions: int | None = None
+    # data segments sent, resends included
+    segments_sent: int | None = None
+
+    @property
+    def loss(self) -> float | None:
+        """Retransmitted share of the data segments sent (see the module docstring); None
+        when unknown or before anything was sent."""
+        if self.retransmissions is None or not self.segments_sent:
+            return None
+        return min(1.0, self.retransmissions / self.segments_sent)
+
+
+def path_figures(transport: object, transport_name: str) -> PathFigures:
+    if transport is None:
+        return PathFigures()
+    if transport_name == "kcp":
+        get = getattr(transport, "get_extra_info", None)
+        link = get("kcp_link") if get is not None else None
+        if link is None:
+            return PathFigures()
+        srtt, resent, first = link.srtt_ms, link.retransmissions, link.segments_sent
+        return PathFigures(
+            None if srtt is None else float(srtt),
+            resent,
+            None if resent is None or first is None else first + resent,
+        )
+    info = tcp_info(transport)
+    if info is None:
+        return PathFigures()
+    return PathFigures(info.rtt_us / 1000, info.total_retrans, info.data_segs_out)
