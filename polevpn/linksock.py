@@ -50,7 +50,7 @@ def bound_socket(
     try:
         sock.setblocking(False)
         if interface is not None:
-            # needs CAP_NET_RAW, which a gateway has (it opens a TUN device)
+            # no capability needed since Linux 5.7 (CAP_NET_RAW before)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         if bind is not None:
             sock.bind((bind, 0))
