@@ -299,6 +299,7 @@ class Uplink:
         self.link: RouterLink | None = None
         self.up = False
         self.downs = 0
+        self.connects = 0
         self.reconnect_now = False
 
     @property
@@ -332,8 +333,9 @@ class Uplink:
                 failed += 1
             else:
                 since = time.monotonic()
+                self.connects += 1
                 gw.stats.connects += 1
-                if gw.stats.connects > len(gw.uplinks):
+                if self.connects > 1:
                     gw.stats.reconnects += 1
                 why = await self._serve(link)
                 if gw._stopping.is_set():
