@@ -52,6 +52,8 @@ KEY = "123456"
 
 
 SUPER = frozenset({messages.FEATURE_SUPER})
+MULTILINK = frozenset({messages.FEATURE_MULTILINK})
+LINK = messages.LinkRequest("v4", weight=2.0, heartbeat=0.1, timeout=0.3)
 FUZZ = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ---- JSON-ish bodies --------------------------------------------------------------------
@@ -68,15 +70,28 @@ _scalars = (
     | st.floats()  # NaN and Infinity too: Python's json writes and reads them
     | _text
     | st.sampled_from(
-        [KEY, "169.254.0.1", "::1", "198.18.0.0/15", "2001:db8::/32", "1.2.3.4/33", "super-packets"]
+        [
+            KEY,
+            "169.254.0.1",
+            "::1",
+            "198.18.0.0/15",
+            "2001:db8::/32",
+            "1.2.3.4/33",
+            "super-packets",
+            "multi-link",
+            "v4",
+        ]
     )
 )
+_LINK_FIELDS = ["name", "weight", "backup", "heartbeat_ms", "timeout_ms"]
 json_values = st.recursive(
     _scalars,
     lambda children: (
         st.lists(children, max_size=4)
         | st.dictionaries(
-            st.sampled_from(["key", "gateway", "network", "features", "error"]) | _text,
+            st.sampled_from(["key", "gateway", "network", "features", "error", "link"])
+            | st.sampled_from(_LINK_FIELDS)
+            | _text,
             children,
             max_size=4,
         )
@@ -89,8 +104,19 @@ shaped = st.fixed_dictionaries(
         "key": st.just(KEY) | _text | json_values,
         "gateway": st.sampled_from(["169.254.0.1", "2001:db8::1"]) | json_values,
         "network": st.just(["198.18.1.0/24"]) | json_values,
-        "features": st.just(["super-packets"]) | json_values,
+        "features": st.just(["super-packets"]) | st.just(["multi-link"]) | json_values,
         "error": json_values,
+        "link": json_values
+        | st.fixed_dictionaries(
+            {},
+            optional={
+                "name": st.sampled_from(["v4", "a" * 32, "a" * 33, "", "v 4"]) | json_values,
+                "weight": st.sampled_from([1, 0.001, 1000, 0, 1001]) | json_values,
+                "backup": st.booleans() | json_values,
+                "heartbeat_ms": st.sampled_from([10, 250, 60_000, 9]) | json_values,
+                "timeout_ms": st.sampled_from([100, 1000, 600_000, 99, 600_001]) | json_values,
+            },
+        ),
     },
 )
 
@@ -134,6 +160,24 @@ SPECIAL_BODIES = [
     b"\x00" * 8,
     b'{"key":"123456"' + b" " * 60000 + b"}",
     b"",
+    # REGISTER's link object at the edges
+    _deep(32000, "link"),
+    b'{"gateway":"169.254.0.1","key":"123456","link":{"name":'
+    + b"[" * 30000
+    + b"]" * 30000
+    + b"}}",
+    b'{"gateway":"169.254.0.1","key":"123456","link":{"name":"v4","weight":NaN}}',
+    b'{"gateway":"169.254.0.1","key":"123456","link":{"name":"v4","weight":Infinity}}',
+    b'{"gateway":"169.254.0.1","key":"123456","link":{"name":"v4","timeout_ms":-Infinity}}',
+    b'{"gateway":"169.254.0.1","key":"123456","link":{"name":"v4","heartbeat_ms":1e999}}',
+    b'{"gateway":"169.254.0.1","key":"123456","link":{"name":"v4","weight":1e-999}}',
+    b'{"gateway":"169.254.0.1","key":"123456","link":{"name":"\\ud800"}}',
+    b'{"gateway":"169.254.0.1","key":"123456","link":{"name":"v4\\u0000"}}',
+    b'{"gateway":"169.254.0.1","key":"123456","link":{"name":"v4","backup":0}}',
+    json.dumps(
+        {"gateway": "169.254.0.1", "key": KEY, "link": {"name": "\u00e9" * 30000}},
+        ensure_ascii=False,
+    ).encode(),
 ]
 
 bodies = st.one_of(
@@ -158,6 +202,12 @@ def _parse_all(body: bytes) -> None:
         for text in (getattr(parsed, "key", ""), getattr(parsed, "error", None) or ""):
             text.encode()
         keys_equal(getattr(parsed, "key", ""), KEY)
+        link = getattr(parsed, "link", None)
+        if link is not None:
+            # what the router trusts of it: a plain name, and numbers within their ranges
+            assert messages.LINK_NAME.fullmatch(link.name)
+            assert 0.001 <= link.weight <= 1000 and isinstance(link.backup, bool)
+            assert 0.01 <= link.heartbeat < link.timeout <= 600
 
 
 @pytest.mark.parametrize("body", SPECIAL_BODIES, ids=range(len(SPECIAL_BODIES)))
@@ -181,14 +231,28 @@ GOOD_AUTH = [
     messages.encode_auth(KEY),
     messages.encode_auth(KEY, SUPER),
     messages.encode_auth("wrong"),
+    messages.encode_auth(KEY, MULTILINK),
+    messages.encode_auth(KEY, SUPER | MULTILINK),
 ]
 GOOD_REGISTER = [
     messages.encode_register("169.254.0.1", KEY, ["198.18.1.0/24"]),
     messages.encode_register("169.254.0.2", KEY, []),
     messages.encode_register("2001:db8::1", KEY, ["2001:db8:1::/64", "0.0.0.0/0"]),
     messages.encode_register("169.254.0.3", "wrong", ["198.18.3.0/24"]),
+    messages.encode_register("169.254.0.1", KEY, ["198.18.1.0/24"], LINK),
+    messages.encode_register("169.254.0.1", KEY, ["198.18.1.0/24"], messages.LinkRequest("v6")),
+    messages.encode_register(
+        "169.254.0.1", KEY, [], messages.LinkRequest("b", 0.001, True, 60.0, 600.0)
+    ),
 ]
-GOOD_REPLIES = [b"{}", messages.encode_ok(SUPER), messages.encode_error("no"), b'{"error":""}']
+GOOD_REPLIES = [
+    b"{}",
+    messages.encode_ok(SUPER),
+    messages.encode_error("no"),
+    b'{"error":""}',
+    messages.encode_ok(MULTILINK),
+    messages.encode_ok(SUPER | MULTILINK),
+]
 IP_BODIES = [
     bytes.fromhex("4500001c000000004011000098120102981202020000000000000000"),
     bytes(12) + bytes.fromhex("60000000000011402001") + bytes(30),
@@ -250,7 +314,8 @@ SERVER_PRELUDE = [
     wire.encode_frame(wire.REGISTER, GOOD_REGISTER[0], 2),
 ]
 CLIENT_PRELUDE = [
-    wire.encode_frame(wire.AUTH, GOOD_REPLIES[1]),
+    # both features: a plain client ignores multi-link, a client with a link needs it
+    wire.encode_frame(wire.AUTH, messages.encode_ok(SUPER | MULTILINK)),
     wire.encode_frame(wire.REGISTER, GOOD_REPLIES[0]),
 ]
 CLIENT_EVENTS = (AuthSucceeded, Registered, Rejected, HeartbeatReceived, ConnectionLost)
@@ -276,7 +341,9 @@ def body_was_sent(packet: memoryview, chunks: list[bytes]) -> bool:
 def test_server_session_any_frames_any_state(
     chunks: list[bytes], offer: bool, verdicts: list[bool]
 ) -> None:
-    s = ServerSession(lambda k: keys_equal(k, KEY), 0.0, SUPER if offer else frozenset())
+    s = ServerSession(
+        lambda k: keys_equal(k, KEY), 0.0, SUPER | MULTILINK if offer else frozenset()
+    )
     sent: list[tuple[int, int, bytes]] = []
     authenticated = accepted = False
     requests = 0
@@ -339,9 +406,26 @@ def test_server_session_any_auth_or_register_body(body: bytes, seq: int) -> None
         messages.parse_reply(reply)
 
 
+@pytest.mark.parametrize("field", ["weight", "heartbeat_ms", "timeout_ms"])
+def test_server_session_link_number_beyond_a_float(field: str) -> None:
+    """JSON integers have no size limit; one too large for a float is just out of range."""
+    s = ServerSession(lambda k: keys_equal(k, KEY), 0.0, MULTILINK)
+    body = b'{"gateway":"169.254.0.1","key":"123456","link":{"name":"v4","%s":1%s}}' % (
+        field.encode(),
+        b"0" * 400,
+    )
+    _, events = s.receive(
+        wire.encode_frame(wire.AUTH, GOOD_AUTH[0], 1) + wire.encode_frame(wire.REGISTER, body, 2),
+        0.0,
+    )
+    assert [type(e) for e in events] == [AuthSucceeded, ConnectionLost]
+    (_, (cmd, seq, reply)) = decode_outbox(s.data_to_send())
+    assert (cmd, seq) == (wire.REGISTER, 2) and messages.parse_reply(reply).error
+
+
 @FUZZ
-@given(chunked(CLIENT_GOOD, CLIENT_PRELUDE), st.booleans())
-def test_client_session_any_frames_any_state(chunks: list[bytes], offer: bool) -> None:
+@given(chunked(CLIENT_GOOD, CLIENT_PRELUDE), st.booleans(), st.booleans())
+def test_client_session_any_frames_any_state(chunks: list[bytes], offer: bool, link: bool) -> None:
     c = ClientSession(
         KEY,
         "169.254.0.1",
@@ -350,6 +434,7 @@ def test_client_session_any_frames_any_state(chunks: list[bytes], offer: bool) -
         heartbeat_interval=0.02,
         heartbeat_timeout=5.0,
         features=SUPER if offer else frozenset(),
+        link=LINK if link else None,
     )
     sent = decode_outbox(c.data_to_send())
     assert [cmd for cmd, _, _ in sent] == [wire.AUTH]
@@ -367,6 +452,8 @@ def test_client_session_any_frames_any_state(chunks: list[bytes], offer: bool) -
                 assert not authenticated
                 authenticated = True
                 assert c.features <= c._offer
+                # a client with a link goes on only with a router that agreed to multi-link
+                assert (messages.FEATURE_MULTILINK in c.features) == link
             elif isinstance(ev, Registered):
                 assert authenticated and not registered
                 registered = True
@@ -384,7 +471,9 @@ def test_client_session_any_frames_any_state(chunks: list[bytes], offer: bool) -
         for cmd, _, body in decode_outbox(c.data_to_send()):
             if cmd == wire.REGISTER:
                 assert authenticated
-                assert messages.parse_register(body).key == KEY
+                req = messages.parse_register(body)
+                assert req.key == KEY
+                assert req.link == (LINK if link else None)
             else:
                 assert cmd == wire.HEART_BEAT and registered and body == b""
         assert len(c._hb_sent) <= 17
