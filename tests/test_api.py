@@ -25,10 +25,20 @@ from types import SimpleNamespace
 import pytest
 import test_router_loopback as loopback
 import uvloop
-from test_metrics import http, receive_packets, router_file
+from test_metrics import (
+    LINK_TIMEOUT_MS,
+    Keepalive,
+    flows_to,
+    http,
+    login_link,
+    receive_packets,
+    recv_ip,
+    router_file,
+    wait_until,
+)
 from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
 
-from polevpn import api, ctl, metrics, openapi
+from polevpn import api, ctl, metrics, openapi, pathstats
 from polevpn.config import ConfigError, load_api_access, load_router_config
 from polevpn.keygen import generate
 from polevpn.router import Router
@@ -251,6 +261,185 @@ def test_tcp_rtt_reads_tcp_info():
     assert api.tcp_rtt_ms(SimpleNamespace(get_extra_info=lambda name: None)) is None
 
 
+LINK_FIELDS = set(openapi.LINK["properties"])
+
+
+@pytest.mark.parametrize("transport", ["tls", "mixed"])
+def test_views_of_a_multi_link_gateway(keys, transport, monkeypatch):
+    """A gateway registering two links is one entry with both links; its counters are the
+    links' sums, and a link that falls silent is shown down, then up again."""
+    monkeypatch.setitem(loopback._transport, "mode", transport)
+    monkeypatch.setitem(loopback._transport, "count", 0)
+
+    async def scenario():
+        router = await started(api_config(keys))
+        port = router.api.port
+        alive: list[Keepalive] = []
+        gws: list[ProtoGateway] = []
+        try:
+            # mixed: B on kcp, v4 on tls, v6 on kcp
+            gb, v4, v6 = [await ProtoGateway.connect(router) for _ in range(3)]
+            gws += [gb, v4, v6]
+            await gb.login(B, [LAN_B])
+            # v6 first: links are listed by name, not by arrival
+            await login_link(v6, A, [LAN_A, LAN_A6], "v6", weight=2)
+            alive.append(Keepalive(v6))
+            await login_link(v4, A, [LAN_A, LAN_A6], "v4", weight=0.5, backup=True)
+            alive.append(Keepalive(v4))
+            link_transport = {"v4": "tls", "v6": "kcp" if transport == "mixed" else "tls"}
+            site_transport = "mixed" if transport == "mixed" else "tls"
+
+            status, _, st = await get(port, "/api/v1/status")
+            assert status == 200
+            assert (st["gateways"], st["links"], st["connections"], st["routes"]) == (2, 2, 3, 5)
+            assert st["counters"]["registrations"] == 3
+            assert st["drops"]["links_down"] == 0
+
+            _, _, body = await get(port, "/api/v1/gateways")
+            assert [g["gateway"] for g in body["gateways"]] == [A, B]
+            a, b = body["gateways"]
+            assert b["links"] == [] and b["transport"] == ("kcp" if transport == "mixed" else "tls")
+            assert a["networks"] == [LAN_A, LAN_A6]
+            assert a["transport"] == site_transport
+            assert a["rtt_ms"] is None and a["kcp"] is None
+            assert "multi-link" in a["features"]
+            assert [x["name"] for x in a["links"]] == ["v4", "v6"]
+            l4, l6 = a["links"]
+            assert set(l4) == LINK_FIELDS
+            assert (l4["weight"], l4["backup"], l6["weight"], l6["backup"]) == (0.5, True, 2, False)
+            assert l4["timeout_ms"] == l6["timeout_ms"] == LINK_TIMEOUT_MS
+            assert l4["transport"] == "tls" and l6["transport"] == link_transport["v6"]
+            local = v4.writer.get_extra_info("sockname")
+            assert l4["peer"] == f"{local[0]}:{local[1]}"
+            assert a["peer"] == f"{l4['peer']}, {l6['peer']}"
+            assert _recent(l4["connected_at"]) and _recent(l6["connected_at"])
+            # the gateway's since its oldest link: v4 connected first (v6 registered first)
+            assert a["connected_at"] == l4["connected_at"] <= l6["connected_at"]
+            for link in (l4, l6):
+                assert "multi-link" in link["features"]
+                assert link["rtt_ms"] is not None and 0 <= link["rtt_ms"] < 1000
+                # at least the AUTH and REGISTER replies went out, and loopback loses nothing
+                # (a KCP resend on a stalled loop is possible, so that one is bounded only)
+                assert link["segments_sent"] >= 2
+                assert 0 <= link["retransmissions"] <= link["segments_sent"]
+                assert link["loss"] == link["retransmissions"] / link["segments_sent"]
+                if link["transport"] == "tls":
+                    assert link["retransmissions"] == 0 and link["kcp"] is None
+                else:
+                    assert link["rtt_ms"] == link["kcp"]["srtt_ms"]
+
+            _, _, body = await get(port, "/api/v1/routes")
+            assert {(r["network"], r["gateway"], r["transport"]) for r in body["routes"]} >= {
+                (f"{A}/32", A, site_transport),
+                (LAN_A, A, site_transport),
+                (LAN_A6, A, site_transport),
+            }
+
+            # traffic each way; each link's counters against what that link carried
+            to_a = flows_to("198.18.10", "198.18.20", 16)
+            await gb.send(b"".join(frame(3, x) for x in to_a))
+
+            async def all_sent():
+                _, _, g = await get(port, f"/api/v1/gateways/{A}")
+                assert g["packets_out"] == sum(x["packets_out"] for x in g["links"])
+                return g if g["packets_out"] == len(to_a) else None
+
+            a = await wait_until(all_sent, "packets to A")
+            got = {x["name"]: x for x in a["links"]}
+            on_v4 = [await recv_ip(v4) for _ in range(got["v4"]["packets_out"])]
+            on_v6 = [await recv_ip(v6) for _ in range(got["v6"]["packets_out"])]
+            assert sorted(on_v4 + on_v6) == sorted(to_a)
+            # v4 is a backup: the primary, up, carries everything (v4 only if v6 stalled)
+            assert len(on_v6) >= len(on_v4)
+            assert got["v4"]["bytes_out"] == sum(map(len, on_v4))
+            assert got["v6"]["bytes_out"] == sum(map(len, on_v6))
+            assert a["bytes_out"] == sum(map(len, to_a))
+
+            from_v4 = flows_to("198.18.20", "198.18.10", 3)
+            from_v6 = flows_to("198.18.20", "198.18.10", 7)
+            await v4.send(b"".join(frame(3, x) for x in from_v4))
+            await v6.send(b"".join(frame(3, x) for x in from_v6))
+            assert sorted(await receive_packets(gb, 10)) == sorted(from_v4 + from_v6)
+            _, _, a = await get(port, f"/api/v1/gateways/{A}")
+            l4, l6 = a["links"]
+            assert (l4["packets_in"], l6["packets_in"], a["packets_in"]) == (3, 7, 10)
+            assert l4["bytes_in"] == sum(map(len, from_v4))
+            assert a["bytes_in"] == sum(map(len, from_v4 + from_v6))
+
+            # v6 falls silent past its timeout: down (and its flows on v4), then up again
+            await alive[0].stop()
+
+            async def v6_down():
+                _, _, g = await get(port, f"/api/v1/gateways/{A}")
+                l4, l6 = g["links"]
+                return g if not l6["up"] and l4["up"] else None
+
+            a = await wait_until(v6_down, "link v6 down")
+            assert a["links"][1]["downs"] >= 1
+            _, _, st = await get(port, "/api/v1/status")
+            assert st["counters"]["links_down"] >= 1
+            await v6.send(frame(4))
+
+            async def v6_up():
+                _, _, g = await get(port, f"/api/v1/gateways/{A}")
+                return g if g["links"][1]["up"] else None
+
+            a = await wait_until(v6_up, "link v6 up again")
+            assert a["links"][1]["downs"] >= 1
+
+            # a link that closes leaves the list; the last one takes the gateway with it
+            v4.close()
+
+            async def one_link():
+                _, _, g = await get(port, f"/api/v1/gateways/{A}")
+                return g if [x["name"] for x in g["links"]] == ["v6"] else None
+
+            await wait_until(one_link, "v4 gone")
+            v6.close()
+
+            async def site_gone():
+                return (await get(port, f"/api/v1/gateways/{A}"))[0] == 404
+
+            await wait_until(site_gone, "A gone")
+            _, _, st = await get(port, "/api/v1/status")
+            assert (st["gateways"], st["links"], st["links_up"]) == (1, 0, 0)
+        finally:
+            for k in alive:
+                await k.stop()
+            for gw in gws:
+                gw.close()
+            await router.stop()
+
+    run(scenario())
+
+
+def test_tcp_info_fields():
+    """The TCP_INFO offsets: an exact count of data segments sent and no retransmissions."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    with a, b:
+        a.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = SimpleNamespace(get_extra_info=lambda name: a)
+        before = pathstats.tcp_info(transport)
+        assert before is not None and before.data_segs_out == 0
+        for i in range(5):
+            a.sendall(b"x" * (100 + i))
+            # one write on the wire at a time: five segments, not coalesced
+            assert len(b.recv(1000)) == 100 + i
+        info = pathstats.tcp_info(transport)
+        assert info is not None
+        assert info.data_segs_out == 5 and info.total_retrans == 0
+        # the SYN and bare ACKs count in segs_out, not in data_segs_out
+        assert info.segs_out is not None and info.segs_out > 5
+        assert 0 < info.rtt_us < 1_000_000
+        figures = pathstats.path_figures(transport, "tls")
+        assert (figures.segments_sent, figures.retransmissions, figures.loss) == (5, 0, 0.0)
+    assert pathstats.PathFigures(1.0, 3, 12).loss == 0.25
+    assert pathstats.PathFigures(1.0, 0, 0).loss is None
+    assert pathstats.path_figures(None, "tls") == pathstats.PathFigures()
+
+
 # -- the OpenAPI document
 
 
@@ -363,9 +552,12 @@ class ThreadedRouter:
 
 @contextlib.contextmanager
 def threaded_router(cfg, gateways: int = 2) -> Iterator[tuple[Router, ThreadedRouter]]:
+    """The router with ``gateways`` plain gateways and a multi-link one of two links
+    (169.254.0.9, 198.18.90.0/24), one link kept up and one silent (so down soon)."""
     tr = ThreadedRouter()
     router = tr.call(started(cfg))
     gws: list[ProtoGateway] = []
+    alive: list[Keepalive] = []
     try:
 
         async def connect() -> None:
@@ -373,6 +565,11 @@ def threaded_router(cfg, gateways: int = 2) -> Iterator[tuple[Router, ThreadedRo
                 gw = await ProtoGateway.connect(router)
                 await gw.login(f"169.254.0.{i + 1}", [f"198.18.{10 * (i + 1)}.0/24"])
                 gws.append(gw)
+            for name in ("up", "silent"):
+                gw = await ProtoGateway.connect(router)
+                await login_link(gw, "169.254.0.9", ["198.18.90.0/24"], name)
+                gws.append(gw)
+            alive.append(Keepalive(gws[-2]))
             await gws[0].send(frame(3, ipv4_packet("198.18.10.5", "198.18.20.9")))
             await gws[1].recv_frame(timeout=5)
 
@@ -381,6 +578,8 @@ def threaded_router(cfg, gateways: int = 2) -> Iterator[tuple[Router, ThreadedRo
     finally:
 
         async def stop() -> None:
+            for k in alive:
+                await k.stop()
             for gw in gws:
                 gw.close()
             await router.stop()
@@ -467,23 +666,26 @@ def test_schemathesis_against_the_served_document(keys, tmp_path, monkeypatch):
     print(f"schemathesis: {len(ran)} operations in {time.monotonic() - t0:.1f} s")
 
 
-def test_schemathesis_catches_a_reply_that_strays_from_the_document(keys, monkeypatch):
-    """The fuzz test can fail: a gateway view with a field of the wrong type is reported."""
+@pytest.mark.parametrize("view,field", [("gateway_view", "packets_in"), ("link_view", "downs")])
+def test_schemathesis_catches_a_reply_that_strays_from_the_document(keys, monkeypatch, view, field):
+    """The fuzz test can fail: a gateway view, or a link of a multi-link gateway's, with a
+    field of the wrong type is reported."""
     from schemathesis.core.failures import FailureGroup
 
     monkeypatch.setitem(loopback._transport, "mode", "tls")
-    real = api.ApiServer.gateway_view
+    real = getattr(api.ApiServer, view)
 
     def broken(self, conn):
-        return {**real(self, conn), "packets_in": str(conn.packets_in)}
+        good = real(self, conn)
+        return {**good, field: str(good[field])}
 
-    monkeypatch.setattr(api.ApiServer, "gateway_view", broken)
+    monkeypatch.setattr(api.ApiServer, view, broken)
     with (
         threaded_router(api_config(keys)) as (router, _),
         pytest.raises((FailureGroup, AssertionError)) as err,
     ):
         fuzz(f"http://127.0.0.1:{router.api.port}", max_examples=5)
-    assert "packets_in" in str(err.value)
+    assert field in str(err.value)
 
 
 # -- config
