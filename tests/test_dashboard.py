@@ -1,5 +1,9 @@
 """The router's web dashboard (polevpn/web/index.html) in headless Chromium, end to end.
 
+The first test runs the real daemons in network namespaces; the second an in-process router
+with protocol-level gateways on loopback (test_api's ThreadedRouter), one of them
+registering two links, and checks the link rows under that gateway's row.
+
     hostA -- gwA ==tls==> router <==tls== gwB -- hostB
                           api on 127.0.0.1 (router namespace) <- chromium (router namespace)
 
@@ -37,7 +41,6 @@ except ImportError:  # ... or tests/ is a package
 
 _ok, _reason = t.daemons_ready()
 
-pytestmark = [pytest.mark.netns, pytest.mark.skipif(not _ok, reason=_reason)]
 
 API_PORT = 9480
 WIDTH, HEIGHT = 1280, 800
@@ -89,36 +92,43 @@ return {
 """
 
 
+def start_chromium(profile: Path):
+    """Headless chromium at WIDTH x HEIGHT through chromium-driver; ``profile`` is a fresh
+    directory, so even a killed browser leaves nothing behind."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium") or "chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}",
+                f"--window-size={WIDTH},{HEIGHT}"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(
+        service=Service(shutil.which("chromedriver") or "chromedriver"), options=opts
+    )
+    driver.set_page_load_timeout(30)
+    driver.set_script_timeout(10)
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1,
+                            "mobile": False})
+    return driver
+
+
 def browse(url: str, out: Path, png: Path, hold: float, profile: Path) -> None:
     """Drive chromium against ``url`` (with its ``#token=``); write what the page showed.
 
     Runs in the router namespace, as this file's ``--browse`` mode; ``profile`` is a fresh
     directory under the test's tmp_path, so even a killed browser leaves nothing behind.
     """
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     result: dict = {}
     driver = None
     try:
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = shutil.which("chromium") or "chromium"
-        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}",
-                    f"--window-size={WIDTH},{HEIGHT}"):
-            opts.add_argument(arg)
         try:
-            driver = webdriver.Chrome(
-                service=Service(shutil.which("chromedriver") or "chromedriver"), options=opts
-            )
+            driver = start_chromium(profile)
         except Exception as exc:  # noqa: BLE001 - any failure to start means: cannot test here
             result["skip"] = f"chromium did not start: {exc}".splitlines()[0]
             return
-        driver.set_page_load_timeout(30)
-        driver.set_script_timeout(10)
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                               {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1,
-                                "mobile": False})
         driver.get(url)
 
         def snapshot() -> dict:
@@ -187,11 +197,17 @@ def _kill_group(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def test_dashboard_shows_live_gateways_routes_and_traffic(tmp_path):
+def _need_browser() -> None:
     pytest.importorskip("selenium", reason="selenium not installed (make venv)")
     for exe, pkg in (("chromium", "chromium"), ("chromedriver", "chromium-driver")):
         if shutil.which(exe) is None:
             pytest.skip(f"{exe} not found (Debian package {pkg}; make sysdeps)")
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(not _ok, reason=_reason)
+def test_dashboard_shows_live_gateways_routes_and_traffic(tmp_path):
+    _need_browser()
     from test_e2e import running_vpn
 
     from polevpn.keygen import generate
@@ -283,6 +299,152 @@ def test_dashboard_shows_live_gateways_routes_and_traffic(tmp_path):
     assert png.stat().st_size > 10_000  # a blank page compresses to far less
     if screenshot_to:
         shutil.copyfile(png, screenshot_to)
+
+
+# -- a multi-link gateway, on loopback
+
+# every row of the gateways table: a gateway's (data-gateway) or a link's (data-link)
+_ROWS_JS = r"""
+const val = (c) => c.dataset.value === undefined || c.dataset.value === "" ? null
+  : Number(c.dataset.value);
+return [...document.querySelectorAll("#gateway-rows tr")].map((tr) => {
+  const f = {};
+  for (const c of tr.querySelectorAll("[data-field]")) {
+    f[c.dataset.field] = {text: c.textContent, value: val(c)};
+  }
+  return {gateway: tr.dataset.gateway ?? null, link: tr.dataset.link ?? null,
+          up: tr.dataset.up ?? null, backup: tr.dataset.backup ?? null,
+          down: tr.classList.contains("down"), fields: f};
+});
+"""
+
+
+def test_dashboard_shows_the_links_of_a_multi_link_gateway(tmp_path, monkeypatch):
+    _need_browser()
+    import test_router_loopback as loopback
+    from test_api import TOKEN, ThreadedRouter, api_config, get
+    from test_metrics import Keepalive, flows_to, login_link, wait_until
+    from test_router_loopback import ProtoGateway, frame, started
+
+    from polevpn.keygen import generate
+
+    monkeypatch.setitem(loopback._transport, "mode", "tls")
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    a_addr, b_addr = "169.254.0.1", "169.254.0.2"
+    keys = generate(tmp_path / "keys")
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    tr = ThreadedRouter()
+    router = tr.call(started(api_config(keys)))
+    port = router.api.port
+    gws: list = []
+    alive: list = []
+    driver = None
+
+    async def site() -> dict:
+        return (await get(port, f"/api/v1/gateways/{a_addr}"))[2]
+
+    def rows_when(ready, what: str, timeout: float = 20) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = driver.execute_script(_ROWS_JS)
+            if ready(rows):
+                return rows
+            assert time.monotonic() < deadline, f"page never showed {what}: {rows}"
+            time.sleep(0.2)
+
+    try:
+
+        async def setup() -> None:
+            gb = await ProtoGateway.connect(router)
+            gws.append(gb)
+            await gb.login(b_addr, ["198.18.20.0/24"])
+            for name, backup in (("v4", False), ("v6", True)):
+                gw = await ProtoGateway.connect(router)
+                gws.append(gw)
+                await login_link(gw, a_addr, ["198.18.10.0/24"], name, backup=backup)
+                alive.append(Keepalive(gw))
+            to_a = flows_to("198.18.10", "198.18.20", 10)
+            await gb.send(b"".join(frame(3, x) for x in to_a))
+            await gws[2].send(b"".join(frame(3, x) for x in flows_to("198.18.20", "198.18.10", 4)))
+
+            async def handled():
+                g = await site()
+                return g["packets_out"] == 10 and g["packets_in"] == 4
+
+            # the counters are still from here on (heartbeats are not packets)
+            await wait_until(handled, "the packets to and from A counted")
+
+        tr.call(setup())
+        try:
+            driver = start_chromium(profile)
+        except Exception as exc:  # noqa: BLE001 - any failure to start means: cannot test here
+            pytest.skip(f"chromium did not start: {exc}".splitlines()[0])
+        driver.get(f"http://127.0.0.1:{port}/#token={TOKEN}")
+
+        def links_with_rates(rows: list[dict]) -> bool:
+            links = [r for r in rows if r["link"]]
+            return len(links) == 2 and all(r["fields"]["rate_in"]["value"] is not None
+                                           for r in links)
+
+        rows = rows_when(links_with_rates, "two links with rates")
+        api = tr.call(site())
+        # A's row, its links right under it by name, then B's
+        order = [r["gateway"] or r["link"] for r in rows]
+        assert order == [a_addr, f"{a_addr}/v4", f"{a_addr}/v6", b_addr], order
+        row_a, v4, v6 = rows[0]["fields"], rows[1], rows[2]
+        assert row_a["peer"]["text"] == "2 links, 2 up"
+        assert driver.find_element("id", "link-count").text == "2 of 2"
+        for name in ("packets_in", "packets_out", "bytes_in", "bytes_out"):
+            assert row_a[name]["value"] == api[name], name
+        for row, link in zip((v4, v6), api["links"], strict=True):
+            f = row["fields"]
+            assert row["up"] == "true" and not row["down"]
+            assert f["link"]["text"].startswith(link["name"])
+            assert f["peer"]["text"] == link["peer"] and f["transport"]["text"] == "tls"
+            assert f["state"]["text"].startswith("up")
+            assert f["rtt"]["text"].endswith(" ms")
+            for name in ("packets_in", "packets_out", "bytes_in", "bytes_out"):
+                assert f[name]["value"] == link[name], (link["name"], name)
+        assert (v4["backup"], v6["backup"]) == ("false", "true")
+        assert "backup" in v6["fields"] and "backup" not in v4["fields"]
+        assert v6["fields"]["bytes_in"]["value"] > 0
+
+        # v6 falls silent: its row says so, and A's counts one link up
+        tr.call(alive[1].stop())
+
+        def v6_down(rows: list[dict]) -> bool:
+            return any(r["link"] == f"{a_addr}/v6" and r["up"] == "false" for r in rows)
+
+        rows = rows_when(v6_down, "v6 down")
+        v6 = next(r for r in rows if r["link"] == f"{a_addr}/v6")
+        assert v6["down"] and v6["fields"]["state"]["text"].startswith("down")
+        assert "1 down" in v6["fields"]["state"]["text"]
+        assert rows[0]["fields"]["peer"]["text"] == "2 links, 1 up"
+        assert driver.find_element("id", "link-count").text == "1 of 2"
+        # for a human looking into a failure (the test's tmp_path)
+        driver.save_screenshot(str(tmp_path / "links.png"))
+
+        # a link that closes leaves the table
+        gws[2].close()
+        rows_when(lambda rows: [r["link"] for r in rows if r["link"]] == [f"{a_addr}/v4"],
+                  "v6 gone")
+    finally:
+        if driver is not None:
+            with contextlib.suppress(Exception):
+                driver.quit()
+
+        async def stop() -> None:
+            for k in alive:
+                await k.stop()
+            for gw in gws:
+                gw.close()
+            await router.stop()
+
+        try:
+            tr.call(stop())
+        finally:
+            tr.close()
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--browse"]:
