@@ -266,7 +266,8 @@ class ApiServer(httpserver.HttpServer):
     def site_view(self, site: Site) -> dict[str, Any]:
         """A multi-link gateway: what holds for all its links, its traffic summed over them,
         and each link (by name)."""
-        conns = sorted(site.links.connections(), key=lambda c: c.link.name if c.link else "")
+        named = [(c.link.name, c) for c in site.links.connections() if c.link is not None]
+        conns = [c for _, c in sorted(named, key=lambda nc: str(nc[0]))]
         first = min(conns, key=lambda c: c.connected_at) if conns else None
         features: set[str] = set()
         for c in conns:
