@@ -301,10 +301,26 @@ class Uplink:
         self.downs = 0
         self.connects = 0
         self.reconnect_now = False
+        # what the link's closed connections carried: counters that survive reconnects
+        self._closed = [0, 0, 0, 0]
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    def totals(self) -> tuple[int, int, int, int]:
+        """(packets_out, bytes_out, packets_in, bytes_in) over all of this link's
+        connections so far, the open one included."""
+        t = self._closed
+        link = self.link
+        if link is None:
+            return t[0], t[1], t[2], t[3]
+        return (
+            t[0] + link.packets_out,
+            t[1] + link.bytes_out,
+            t[2] + link.packets_in,
+            t[3] + link.bytes_in,
+        )
 
     def request(self) -> LinkRequest:
         cfg, c = self.gw.cfg, self.config
@@ -377,6 +393,7 @@ class Uplink:
                     why = f"silent for {silent * 1000:.0f} ms"
                     link.transport.abort()
         finally:
+            self._closed = list(self.totals())
             self.link = None
             if self.up:
                 self._set(False, "connection lost")
