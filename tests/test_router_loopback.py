@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import socket
 import ssl
 import struct
@@ -154,9 +155,15 @@ class ProtoGateway:
         return cmd, seq, body
 
     async def login(
-        self, gateway: str, networks: list[str], key: str = KEY, features: list[str] | None = None
+        self,
+        gateway: str,
+        networks: list[str],
+        key: str = KEY,
+        features: list[str] | None = None,
+        link: dict | None = None,
     ) -> bytes:
-        """AUTH (offering ``features``) and REGISTER; returns the AUTH reply's body."""
+        """AUTH (offering ``features``) and REGISTER (with ``link``, if given); returns the
+        AUTH reply's body."""
         auth: dict = {"key": key}
         if features is not None:
             auth["features"] = features
@@ -165,8 +172,10 @@ class ProtoGateway:
         assert (cmd, seq) == (0, 0)
         if features is None:
             assert reply == b"{}"
-        body = json.dumps({"gateway": gateway, "key": key, "network": networks}).encode()
-        await self.send(frame(1, body, 7))
+        register: dict = {"gateway": gateway, "key": key, "network": networks}
+        if link is not None:
+            register["link"] = link
+        await self.send(frame(1, json.dumps(register).encode(), 7))
         assert await self.recv_frame() == (1, 7, b"{}")
         return reply
 
@@ -584,3 +593,475 @@ def test_listening_on_the_ipv6_wildcard_serves_both_families(keys):
             await router.stop()
 
     run(scenario())
+
+
+# ---- multi-link gateways (issue 8) --------------------------------------------------------
+
+ML = ["multi-link"]
+SITE, LAN_SITE, LAN_SITE6 = "169.254.0.1", "198.18.10.0/24", "2001:db8:10::/64"
+OTHER, LAN_OTHER = "169.254.0.2", "198.18.20.0/24"
+# the link a test silences says it may be quiet this long; the others much longer, so a
+# busy machine does not take them for dead
+SHORT_MS, LONG_MS = 300, 5000
+
+
+def link_obj(name: str, timeout_ms: int = LONG_MS, **extra) -> dict:
+    return {"name": name, "heartbeat_ms": 50, "timeout_ms": timeout_ms, **extra}
+
+
+class LinkPeer:
+    """One link of a protocol-level multi-link gateway: it sends a heartbeat every 30 ms
+    (unless ``muted``) and collects the IP packets the router sends down it."""
+
+    def __init__(self, gw: ProtoGateway, name: str) -> None:
+        self.gw = gw
+        self.name = name
+        self.muted = False
+        self.packets: list[bytes] = []
+        self.closed = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._beat()), asyncio.create_task(self._read())]
+
+    async def _beat(self) -> None:
+        while not self.closed.is_set():
+            if not self.muted and not self.gw.writer.is_closing():
+                self.gw.writer.write(frame(4))
+            await asyncio.sleep(0.03)
+
+    async def _read(self) -> None:
+        reader = self.gw.reader
+        try:
+            while True:
+                length, cmd, _ = struct.unpack(">HHI", await reader.readexactly(8))
+                body = await reader.readexactly(length - 8)
+                if cmd == 2:
+                    self.packets.append(body)
+        except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+            pass
+        finally:
+            self.closed.set()
+
+    def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.gw.close()
+
+
+async def ml_login(
+    router: Router, name: str, gateway: str = SITE, nets: list[str] | None = None, **link
+) -> tuple[ProtoGateway, dict]:
+    """AUTH offering multi-link, REGISTER naming link ``name``: the REGISTER reply."""
+    gw = await ProtoGateway.connect(router)
+    await gw.send(frame(0, json.dumps({"key": KEY, "features": ML}).encode()))
+    assert await gw.recv_frame() == (0, 0, b'{"features":["multi-link"]}')
+    body = {
+        "gateway": gateway,
+        "key": KEY,
+        "network": [LAN_SITE, LAN_SITE6] if nets is None else nets,
+        "link": link_obj(name, **link),
+    }
+    await gw.send(frame(1, json.dumps(body).encode(), 8))
+    cmd, seq, reply = await gw.recv_frame()
+    assert (cmd, seq) == (1, 8)
+    return gw, json.loads(reply)
+
+
+async def ml_link(router: Router, name: str, **kw) -> LinkPeer:
+    gw, reply = await ml_login(router, name, **kw)
+    assert reply == {}
+    return LinkPeer(gw, name)
+
+
+async def until(cond, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+def flow_packet(sport: int, dport: int = 5201, seq: int = 0, v6: bool = False) -> bytes:
+    """A UDP packet from the other site into the multi-link site; the ports make the flow."""
+    payload = struct.pack(">HHI", sport, dport, seq) + b"f" * 24
+    if v6:
+        return ipv6_packet("2001:db8:20::5", "2001:db8:10::7", payload)
+    return ipv4_packet("198.18.20.5", "198.18.10.7", payload)
+
+
+def flow_of(pkt: bytes) -> tuple[int, int, int]:
+    off = 40 if pkt[0] >> 4 == 6 else 20
+    return (pkt[0] >> 4, *struct.unpack(">HH", pkt[off : off + 4]))
+
+
+async def send_flows(
+    src: ProtoGateway, peers: list[LinkPeer], packets: list[bytes]
+) -> dict[str, set[tuple[int, int, int]]]:
+    """Send ``packets`` and wait for all of them to arrive: which flows each link got."""
+    for p in peers:
+        p.packets.clear()
+    await src.send(b"".join(frame(3, p) for p in packets))
+    await until(lambda: sum(len(p.packets) for p in peers) >= len(packets))
+    got = {p.name: {flow_of(pkt) for pkt in p.packets} for p in peers}
+    assert sorted(pkt for p in peers for pkt in p.packets) == sorted(packets)
+    return got
+
+
+async def other_site(router: Router) -> ProtoGateway:
+    gw = await ProtoGateway.connect(router)
+    await gw.login(OTHER, [LAN_OTHER, "2001:db8:20::/64"])
+    return gw
+
+
+def conn_of(router: Router, peer_name: str):
+    site = router.sites[ipaddress.ip_address(SITE)]
+    (conn,) = [c for c in site.links.connections() if c.link.name == peer_name]
+    return conn
+
+
+def ml_run(router_cfg: RouterConfig, scenario) -> None:
+    """Run ``scenario(router, peers)``; every link peer it adds to ``peers`` is stopped."""
+
+    async def main() -> None:
+        router = await started(router_cfg)
+        peers: list[LinkPeer] = []
+        try:
+            await scenario(router, peers)
+        finally:
+            for p in peers:
+                p.stop()
+            await router.stop()
+
+    run(main())
+
+
+def test_multilink_two_links_one_site_flows_spread(keys, caplog):
+    """Two connections registering one gateway with different link names make one site;
+    packets to it spread over both links by flow, and one flow stays on one link."""
+
+    async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+        peers += [await ml_link(router, "v4", weight=1), await ml_link(router, "v6", weight=2)]
+        b = await other_site(router)
+        site = router.sites[ipaddress.ip_address(SITE)]
+        assert ipaddress.ip_address(SITE) not in router.by_gateway
+        assert {c.link.name for c in site.links.connections()} == {"v4", "v6"}
+        assert [str(n) for n in site.networks] == [LAN_SITE, LAN_SITE6]
+        assert {str(n) for n, t in router.routes.routes() if t is site} == {
+            SITE + "/32",
+            LAN_SITE,
+            LAN_SITE6,
+        }
+        assert not any(p.closed.is_set() for p in peers)
+        # many flows, v4 and v6: both links carry some
+        flows = [flow_packet(sport) for sport in range(20000, 20200)]
+        flows += [flow_packet(sport, v6=True) for sport in range(30000, 30050)]
+        got = await send_flows(b, peers, flows)
+        assert got["v4"] and got["v6"] and not got["v4"] & got["v6"]
+        # weight 2 against 1: v6 carries more of them
+        assert len(got["v6"]) > len(got["v4"])
+        # one flow's packets, whatever their payload, all take one link
+        one = [flow_packet(40000, seq=i) for i in range(30)]
+        got = await send_flows(b, peers, one)
+        assert sorted(len(p.packets) for p in peers) == [0, 30]
+        # and the site's links send like any gateway
+        await peers[0].gw.send(frame(3, ipv4_packet("198.18.10.7", "198.18.20.5")))
+        await peers[1].gw.send(frame(3, ipv6_packet("2001:db8:10::7", "2001:db8:20::5")))
+        assert (await b.recv_frame())[0] == 2 and (await b.recv_frame())[0] == 2
+        assert router.stats.dropped_spoofed == 0
+
+    with caplog.at_level(logging.INFO, logger="polevpn.router"):
+        ml_run(router_config(keys), scenario)
+    assert "link=v4 weight=1 backup=false" in caplog.text
+    assert "link=v6 weight=2 backup=false" in caplog.text
+
+
+SPREAD = [flow_packet(sport) for sport in range(21000, 21100)]
+
+
+def _flows(packets: list[bytes]) -> set[tuple[int, int, int]]:
+    return {flow_of(p) for p in packets}
+
+
+class TestMultiLinkTls:
+    """Link bookkeeping is the same on either transport: tls:// only, to stay quick."""
+
+    @pytest.fixture(autouse=True)
+    def transport(self) -> str:
+        _transport["mode"] = "tls"
+        _transport["count"] = 0
+        return "tls"
+
+    def test_silent_link_goes_down_and_back_up(self, keys, caplog):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            v4 = await ml_link(router, "v4", timeout_ms=SHORT_MS)
+            v6 = await ml_link(router, "v6")
+            peers += [v4, v6]
+            b = await other_site(router)
+            before = await send_flows(b, peers, SPREAD)
+            assert before["v4"] and before["v6"]
+
+            v4.muted = True
+            await until(lambda: router.stats.links_down == 1)
+            c4 = conn_of(router, "v4")
+            assert not c4.link_up and c4.link_downs == 1
+            assert conn_of(router, "v6").link_up and conn_of(router, "v6").link_downs == 0
+            # every flow takes the other link; the silent one stays registered
+            down = await send_flows(b, peers, SPREAD)
+            assert down == {"v4": set(), "v6": _flows(SPREAD)}
+            assert not v4.closed.is_set() and len(router.sites) == 1
+
+            v4.muted = False
+            await until(lambda: c4.link_up)
+            # exactly its old flows come back to it
+            assert await send_flows(b, peers, SPREAD) == before
+            assert router.stats.links_down == 1 and router.stats.dropped_links_down == 0
+
+        with caplog.at_level(logging.INFO, logger="polevpn.router"):
+            ml_run(router_config(keys), scenario)
+        down = [r.getMessage() for r in caplog.records if r.getMessage().startswith("link down")]
+        assert len(down) == 1
+        assert f"gateway={SITE} link=v4 " in down[0] and "silent_ms=" in down[0]
+        silent_ms = int(down[0].rsplit("silent_ms=", 1)[1])
+        assert silent_ms >= SHORT_MS  # never before its timeout (printed in whole ms)
+        assert f"link up gateway={SITE} link=v4 " in caplog.text
+
+    def test_all_links_silent_drops_and_counts(self, keys):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            peers += [
+                await ml_link(router, "v4", timeout_ms=SHORT_MS),
+                await ml_link(router, "v6", timeout_ms=SHORT_MS),
+            ]
+            b = await other_site(router)
+            for p in peers:
+                p.muted = True
+            await until(lambda: router.stats.links_down == 2)
+            await b.send(b"".join(frame(3, p) for p in SPREAD[:10]))
+            await until(lambda: router.stats.dropped_links_down == 10)
+            assert all(not p.packets for p in peers)
+            # the routes stay: the links are down, not gone
+            assert router.stats.dropped_no_route == 0
+            peers[1].muted = False
+            await until(lambda: conn_of(router, "v6").link_up)
+            assert await send_flows(b, peers, SPREAD[:10]) == {
+                "v4": set(),
+                "v6": _flows(SPREAD[:10]),
+            }
+
+        ml_run(router_config(keys), scenario)
+
+    def test_backup_link_only_while_no_primary_is_up(self, keys):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            primary = await ml_link(router, "main", timeout_ms=SHORT_MS, weight=1)
+            # a heavier backup still waits for the primary to fail
+            backup = await ml_link(router, "lte", backup=True, weight=5)
+            peers += [primary, backup]
+            assert conn_of(router, "lte").link.backup
+            b = await other_site(router)
+            assert await send_flows(b, peers, SPREAD) == {"main": _flows(SPREAD), "lte": set()}
+            primary.muted = True
+            await until(lambda: not conn_of(router, "main").link_up)
+            assert await send_flows(b, peers, SPREAD) == {"main": set(), "lte": _flows(SPREAD)}
+            primary.muted = False
+            await until(lambda: conn_of(router, "main").link_up)
+            assert await send_flows(b, peers, SPREAD) == {"main": _flows(SPREAD), "lte": set()}
+
+        ml_run(router_config(keys), scenario)
+
+    def test_same_link_name_replaces_that_link_only(self, keys):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            old_v4, v6 = await ml_link(router, "v4"), await ml_link(router, "v6")
+            peers += [old_v4, v6]
+            b = await other_site(router)
+            before = await send_flows(b, peers, SPREAD)
+            old_conn = conn_of(router, "v4")
+            new_v4 = await ml_link(router, "v4")
+            peers.append(new_v4)
+            await asyncio.wait_for(old_v4.closed.wait(), 3)
+            assert router.stats.replaced == 1
+            site = router.sites[ipaddress.ip_address(SITE)]
+            assert len(site.links.connections()) == 2 and not v6.closed.is_set()
+            assert conn_of(router, "v4") is not old_conn and old_conn.site is None
+            got = await send_flows(b, [new_v4, v6], SPREAD)
+            # the reconnected link takes back the flows it had
+            assert got == {"v4": before["v4"], "v6": before["v6"]}
+
+        ml_run(router_config(keys), scenario)
+
+    def test_plain_register_replaces_the_whole_site(self, keys):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            peers += [await ml_link(router, "v4"), await ml_link(router, "v6")]
+            b = await other_site(router)
+            plain = await ProtoGateway.connect(router)
+            await plain.login(SITE, [LAN_SITE])
+            for p in peers:
+                await asyncio.wait_for(p.closed.wait(), 3)
+            assert router.stats.replaced == 2
+            assert router.sites == {}
+            conn = router.by_gateway[ipaddress.ip_address(SITE)]
+            assert conn.link is None and conn.site is None
+            assert {str(n) for n, t in router.routes.routes() if t is conn} == {
+                SITE + "/32",
+                LAN_SITE,
+            }
+            assert LAN_SITE6 not in {str(n) for n, _ in router.routes.routes()}
+            await b.send(frame(3, SPREAD[0]))
+            assert await plain.recv_frame() == (2, 0, SPREAD[0])
+
+        ml_run(router_config(keys), scenario)
+
+    def test_link_register_replaces_a_plain_registration(self, keys):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            gw = await ProtoGateway.connect(router)
+            await gw.login(SITE, [LAN_SITE])
+            plain = LinkPeer(gw, "plain")
+            peers.append(plain)
+            b = await other_site(router)
+            peers.append(await ml_link(router, "v4"))
+            await asyncio.wait_for(plain.closed.wait(), 3)
+            assert router.stats.replaced == 1
+            assert ipaddress.ip_address(SITE) not in router.by_gateway
+            site = router.sites[ipaddress.ip_address(SITE)]
+            assert [c.link.name for c in site.links.connections()] == ["v4"]
+            got = await send_flows(b, peers[1:], SPREAD)
+            assert got == {"v4": _flows(SPREAD)}
+
+        ml_run(router_config(keys), scenario)
+
+    def test_at_most_eight_links(self, keys, caplog):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            for i in range(8):
+                peers.append(await ml_link(router, f"l{i}"))
+            gw, reply = await ml_login(router, "l8")
+            assert "at most 8 links" in reply["error"]
+            assert await gw.closed_by_peer()
+            assert router.stats.register_refused == 1
+            site = router.sites[ipaddress.ip_address(SITE)]
+            assert len(site.links.connections()) == 8
+            assert not any(p.closed.is_set() for p in peers)
+            # a full site still takes a link reconnecting under its own name
+            peers.append(await ml_link(router, "l3"))
+            await asyncio.wait_for(peers[3].closed.wait(), 3)
+            assert len(site.links.connections()) == 8
+
+        with caplog.at_level(logging.WARNING, logger="polevpn.router"):
+            ml_run(router_config(keys), scenario)
+        assert "registration refused gateway=169.254.0.1" in caplog.text
+
+    def test_hairpin_between_links_of_one_site_is_dropped(self, keys):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            v4 = await ml_link(router, "v4")
+            v6 = await ml_link(router, "v6")
+            peers += [v4, v6]
+            b = await other_site(router)
+            # flows from every bucket: whichever link a flow maps to, it is not sent back
+            back = [
+                ipv4_packet("198.18.10.5", "198.18.10.9", struct.pack(">HH", port, 53) + bytes(8))
+                for port in range(100)
+            ]
+            await v4.gw.send(b"".join(frame(3, p) for p in back))
+            await v6.gw.send(frame(3, ipv6_packet("2001:db8:10::5", "2001:db8:10::9")))
+            await until(lambda: router.stats.dropped_hairpin == 101)
+            # a packet forwarded afterwards arrives: nothing of the above was queued before it
+            await b.send(frame(3, SPREAD[0]))
+            await until(lambda: len(v4.packets) + len(v6.packets) == 1)
+            assert (v4.packets + v6.packets) == [SPREAD[0]]
+
+        ml_run(router_config(keys), scenario)
+
+    def test_hairpin_of_a_super_packet_between_links_is_dropped(self, keys):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            gws = []
+            for name in ("v4", "v6"):
+                gw = await ProtoGateway.connect(router)
+                reply = await gw.login(
+                    SITE, [LAN_SITE], features=[*ML, *SUPER], link=link_obj(name)
+                )
+                assert json.loads(reply) == {"features": ["multi-link", "super-packets"]}
+                gws.append(gw)
+            peers += [LinkPeer(gw, n) for gw, n in zip(gws, ("v4", "v6"), strict=True)]
+            sp = tcp_super_packet("198.18.10.2", "198.18.10.3", b"z" * 3000, 1360)
+            await gws[0].send(wire.super_header(len(sp)) + sp)
+            await until(lambda: router.stats.dropped_hairpin == 1)
+            assert router.stats.segmented == 0
+            assert not peers[0].packets and not peers[1].packets
+
+        ml_run(router_config(keys), scenario)
+
+    def test_last_link_closing_withdraws_the_site(self, keys):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            v4, v6 = await ml_link(router, "v4"), await ml_link(router, "v6")
+            peers += [v4, v6]
+            b = await other_site(router)
+            site = router.sites[ipaddress.ip_address(SITE)]
+            v4.stop()
+            await until(lambda: len(site.links.connections()) == 1)
+            assert await send_flows(b, [v6], SPREAD) == {"v6": _flows(SPREAD)}
+            v6.stop()
+            await until(lambda: not router.sites)
+            assert {str(n) for n, _ in router.routes.routes()} == {
+                OTHER + "/32",
+                LAN_OTHER,
+                "2001:db8:20::/64",
+            }
+            await b.send(frame(3, SPREAD[0]) + frame(3, SPREAD[1]))
+            await until(lambda: router.stats.dropped_no_route == 2)
+            assert router.stats.dropped_links_down == 0
+
+        ml_run(router_config(keys), scenario)
+
+    def test_link_without_multi_link_agreed_is_plain(self, keys):
+        """A link object on a session that did not agree to multi-link is ignored: the
+        REGISTER is a plain one, and replaces the gateway's earlier connection."""
+
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            first = await ProtoGateway.connect(router)
+            await first.login(SITE, [LAN_SITE], link=link_obj("v4"))
+            conn = router.by_gateway[ipaddress.ip_address(SITE)]
+            assert conn.link is None and conn.site is None and router.sites == {}
+            assert conn.session.features == frozenset()
+            second = await ProtoGateway.connect(router)
+            await second.login(SITE, [LAN_SITE], features=SUPER, link=link_obj("v6"))
+            assert await first.closed_by_peer()
+            assert router.stats.replaced == 1 and router.sites == {}
+            assert router.by_gateway[ipaddress.ip_address(SITE)].link is None
+
+        ml_run(router_config(keys), scenario)
+
+    def test_second_register_with_another_link_name_moves_the_connection(self, keys):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            gw, reply = await ml_login(router, "v4")
+            assert reply == {}
+            (conn,) = router.connections
+            body = {"gateway": SITE, "key": KEY, "network": [LAN_SITE], "link": link_obj("v6")}
+            await gw.send(frame(1, json.dumps(body).encode(), 9))
+            assert await gw.recv_frame() == (1, 9, b"{}")
+            site = router.sites[ipaddress.ip_address(SITE)]
+            assert [c.link.name for c in site.links.connections()] == ["v6"]
+            assert conn.link.name == "v6" and conn.site is site
+            assert {str(n) for n, t in router.routes.routes() if t is site} == {
+                SITE + "/32",
+                LAN_SITE,
+            }
+            gw.close()
+
+        ml_run(router_config(keys), scenario)
+
+    @pytest.mark.xfail(
+        strict=True,
+        raises=AssertionError,
+        reason="router.py Router._register: the plain branch leaves conn.link (and the short "
+        "link queue_limit, link_up) from the connection's earlier link REGISTER",
+    )
+    def test_plain_register_on_a_link_connection_makes_it_plain(self, keys):
+        async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+            gw, reply = await ml_login(router, "v4")
+            assert reply == {}
+            (conn,) = router.connections
+            body = {"gateway": SITE, "key": KEY, "network": [LAN_SITE]}
+            await gw.send(frame(1, json.dumps(body).encode(), 10))
+            assert await gw.recv_frame() == (1, 10, b"{}")
+            assert router.sites == {} and router.by_gateway[ipaddress.ip_address(SITE)] is conn
+            assert conn.site is None
+            assert conn.link is None
+            assert conn.queue_limit == router.cfg.send_queue_bytes
+            gw.close()
+
+        ml_run(router_config(keys, send_queue_bytes=4 << 20), scenario)
