@@ -921,9 +921,10 @@ class Topology:
     ) -> subprocess.Popen:
         """``count`` pings ``interval`` s apart in the background, each reply logged with its
         wall-clock time (``ping -D``); read them with ``ping_replies(proc.log_path)``.  Ends
-        by itself (``-c`` and ``-w``); teardown stops it in any case."""
+        by itself 1 s after the last (no ``-w``: that would send more to make up for lost
+        ones); teardown stops it in any case."""
         cmd = ["ping", "-n", "-D", "-c", str(count), "-i", str(interval), "-s", str(size),
-               "-W", "1", "-w", str(int(count * interval) + 3)]
+               "-W", "1"]
         if ":" in dst:
             cmd.insert(1, "-6")
         return self.popen(node, [*cmd, dst], log_name=f"pings-{secrets.token_hex(2)}")
@@ -949,6 +950,7 @@ class Topology:
             carrier, _ = self.busiest_link(node, ifnames, 0.5)
             at = time.time()  # ping -D stamps the replies with the wall clock
             self.link_down(node, carrier)
+            done = time.time()
             try:
                 pings.wait(timeout=seconds + 15)
             finally:
@@ -956,7 +958,7 @@ class Topology:
         finally:
             self.stop(pings, timeout=2)
         replies = ping_replies(pings.log_path)
-        return LinkCut(carrier, at, replies, recovery_time(replies, at))
+        return LinkCut(carrier, at, done, replies, recovery_time(replies, at, done))
 
     # ---------------------------------------------------------------- traffic
     def _start_receiver(
@@ -1229,17 +1231,19 @@ class PingReply:
 
 @dataclass(frozen=True)
 class LinkCut:
-    """What Topology.cut_during_pings saw: the interface cut, when (epoch s), every reply,
-    and the seconds until a request sent after the cut was answered (None: never)."""
+    """What Topology.cut_during_pings saw: the interface cut, when (epoch s: ``at`` as the
+    command started, ``done`` once it had returned), every reply, and the seconds from
+    ``at`` until a request sent after ``done`` was answered (None: never)."""
 
     ifname: str
     at: float
+    done: float
     replies: list[PingReply]
     recovery: float | None
 
     def after(self) -> list[PingReply]:
         """The replies to requests sent after the cut."""
-        return [r for r in self.replies if r.sent > self.at]
+        return [r for r in self.replies if r.sent > self.done]
 
 
 def ping_replies(path: str | os.PathLike) -> list[PingReply]:
@@ -1249,11 +1253,15 @@ def ping_replies(path: str | os.PathLike) -> list[PingReply]:
             for when, seq, rtt in _PING_REPLY.findall(text)]
 
 
-def recovery_time(replies: Sequence[PingReply], since: float) -> float | None:
-    """Seconds from ``since`` (epoch) until the reply to the first echo request sent after it
-    arrived: how long traffic stopped when a link was cut at ``since``.  None: none came."""
+def recovery_time(replies: Sequence[PingReply], since: float,
+                  cut: float | None = None) -> float | None:
+    """Seconds from ``since`` (epoch) until the first reply to an echo request sent after
+    ``cut`` (default ``since``) arrived: how long traffic stopped when a link was cut.  A
+    command that cuts a link takes effect some ms after it starts, so a caller stamps
+    ``since`` before it and ``cut`` after it returned.  None: no such reply came."""
+    after = since if cut is None else cut
     for r in replies:
-        if r.sent > since:
+        if r.sent > after:
             return r.received - since
     return None
 
