@@ -15,8 +15,10 @@ For each: ping RTT hostA -> hostB, iperf3 TCP with 1 and with 4 streams, and the
 seconds per GB that the VPN's own processes use.  While a VPN is measured the hub
 namespace never forwards between its underlay links (checked by a probe), so spoke to
 spoke goes only through the hub.  Then the loss table (tls:// and kcp:// under loss,
-kcptun for reference) and the FEC codec table.  Configs and keys go to a temporary
-directory.
+kcptun for reference), the multi-link section (gwA with an IPv4 and an IPv6 link:
+aggregation over two rate-limited links and failover times; `--multilink-only` runs just
+that and rewrites just its part of the docs) and the FEC codec table.  Configs and keys go
+to a temporary directory.
 
 Writes docs/benchmarks.md and docs/benchmarks.json (unless --no-write).
 """
@@ -30,6 +32,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -112,6 +115,8 @@ def write_docs(result: dict) -> None:
         ]
     if result.get("loss"):
         lines += loss_lines(result["loss"], result.get("fec_codec"))
+    if result.get("multilink"):
+        lines += [*multilink_lines(result["multilink"]), ""]
     if result.get("crypto_threads"):
         lines += crypto_thread_lines(result["crypto_threads"])
     # the `make soak` section (tests/soak.py) is carried over as it is
@@ -389,6 +394,212 @@ def loss_lines(loss: dict, fec_codec: dict | None) -> list[str]:
     return lines
 
 
+
+
+# ---------------------------------------------------------------------------
+# Multi-link (issue 8): gwA with an IPv4 and an IPv6 underlay link to the router
+# ---------------------------------------------------------------------------
+ML_BEGIN = "<!-- multilink:begin -->"
+ML_END = "<!-- multilink:end -->"
+ML_RATE_MBIT = 50
+ML_STREAMS = 8
+ML_SECONDS = 6
+ML_FAILOVER_RUNS = 4  # both links primary; IPv4 and IPv6 pings take turns
+ML_BACKUP_RUNS = 3
+ML_PING_INTERVAL = 0.05
+ML_GW_IFS = {name: gw_if for name, (_, gw_if, _) in t.ML_LINKS.items()}
+ML_LINK_OF = {gw_if: name for name, gw_if in ML_GW_IFS.items()}
+
+
+def _link_ups(proc: subprocess.Popen, name: str) -> int:
+    return t.count_log_lines(proc.log_path, 'msg="link up"', f" link={name} ")
+
+
+def _ml_gateway(topo: t.Topology, work: Path, keys: Path, tag: str,
+                links: list[dict]) -> subprocess.Popen:
+    """gwA with ``links``, every link up and the tunnel passing pings."""
+    cfg = t.write_json(work / f"gateway-a-ml-{tag}.json", t.ml_gateway_config(keys, links))
+    proc = t.start_gateway(topo, "gwA", cfg, log_name=f"gwA-ml-{tag}")
+    for link in links:
+        t.wait_log_lines(proc.log_path, 1, 'msg="link up"', f" link={link['name']} ",
+                         timeout=20)
+    if topo.wait_ping("hostA", t.HOST_B, deadline=15) is None:
+        raise t.TopologyError(f"multi-link {tag}: tunnel did not come up")
+    return proc
+
+
+def _ml_failovers(topo: t.Topology, gw: subprocess.Popen, runs: int,
+                  candidates: list[str]) -> list[dict]:
+    """``runs`` times: pings hostA -> hostB every ML_PING_INTERVAL s, the link of
+    ``candidates`` carrying them cut 1.5 s in; the seconds until pings got through again."""
+    out = []
+    for i in range(runs):
+        dst = (t.HOST_B, t.HOST_B6)[i % 2]
+        ups = {name: _link_ups(gw, name) for name in ML_GW_IFS}
+        cut = topo.cut_during_pings("hostA", dst, "gwA", candidates, seconds=4,
+                                    interval=ML_PING_INTERVAL)
+        name = ML_LINK_OF[cut.ifname]
+        row = {"link": name, "ping": dst,
+               "seconds": None if cut.recovery is None else round(cut.recovery, 3)}
+        print(f"  cut {name} under pings to {dst}: traffic again after {row['seconds']} s",
+              flush=True)
+        out.append(row)
+        # the link back before the next cut
+        t.wait_log_lines(gw.log_path, ups[name] + 1, 'msg="link up"', f" link={name} ",
+                         timeout=20)
+    return out
+
+
+def _ml_aggregation(topo: t.Topology, gw: subprocess.Popen) -> dict:
+    """ML_STREAMS iperf3 streams hostA -> hostB over both links shaped to ML_RATE_MBIT,
+    then with the IPv6 link down."""
+    shaped = [(node, ifname) for _, gw_if, r_if in t.ML_LINKS.values()
+              for node, ifname in (("gwA", gw_if), ("router", r_if))]
+    v6 = ML_GW_IFS["v6"]
+    downs = t.count_log_lines(gw.log_path, 'msg="link down"', " link=v6 ")
+    ups = _link_ups(gw, "v6")
+    try:
+        for node, ifname in shaped:
+            topo.rate_limit(node, ifname, ML_RATE_MBIT)
+        print(f"  {ML_STREAMS} streams over both links ...", flush=True)
+        data, shares = topo.iperf3_spread("hostA", "hostB", t.HOST_B, "gwA",
+                                          list(ML_GW_IFS.values()), seconds=ML_SECONDS,
+                                          streams=ML_STREAMS)
+        both = summarize(data)
+        topo.link_down("gwA", v6)
+        try:
+            t.wait_log_lines(gw.log_path, downs + 1, 'msg="link down"', " link=v6 ",
+                             timeout=10)
+            print(f"  {ML_STREAMS} streams over the IPv4 link alone ...", flush=True)
+            single = summarize(topo.iperf3("hostA", "hostB", t.HOST_B, seconds=ML_SECONDS,
+                                           streams=ML_STREAMS))
+        finally:
+            topo.link_up("gwA", v6)
+    finally:
+        for node, ifname in shaped:
+            topo.clear_rate_limit(node, ifname)
+    t.wait_log_lines(gw.log_path, ups + 1, 'msg="link up"', " link=v6 ", timeout=20)
+    ratio = both["mbit_s"] / single["mbit_s"] if single["mbit_s"] else None
+    out = {"both": both, "single": single, "ratio": None if ratio is None else round(ratio, 3),
+           "shares": {ML_LINK_OF[i]: v for i, v in shares.items()}}
+    print(f"  both {both['mbit_s']} Mbit/s {out['shares']}, one {single['mbit_s']} Mbit/s, "
+          f"ratio {out['ratio']}", flush=True)
+    return out
+
+
+def multilink(work: Path, keys: Path) -> dict:
+    """The multi-link section: aggregation and failover times, one fresh topology."""
+    print("multi-link: aggregation and failover ...", flush=True)
+    topo = t.Topology(log_dir=work / "ml-logs", dual_uplink=True)
+    out: dict = {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                 "git": hostinfo.git_rev(), "rate_mbit": ML_RATE_MBIT, "streams": ML_STREAMS,
+                 "seconds": ML_SECONDS, "ping_interval": ML_PING_INTERVAL}
+    try:
+        topo.setup()
+        cfg = t.ml_gateway_config(keys, [])
+        out["link_heartbeat_interval"] = cfg["link_heartbeat_interval"]
+        out["link_timeout"] = cfg["link_timeout"]
+        t.start_router(topo, t.write_json(work / "router-ml.json", t.ml_router_config(keys)),
+                       log_name="router-ml")
+        t.start_gateway(topo, "gwB", t.write_json(work / "gateway-b-ml.json",
+                                                  t.gateway_config("B", keys)),
+                        log_name="gwB-ml")
+        gw = _ml_gateway(topo, work, keys, "tls", [t.ml_link("v4"), t.ml_link("v6")])
+        out["aggregation"] = _ml_aggregation(topo, gw)
+        out["failover"] = _ml_failovers(topo, gw, ML_FAILOVER_RUNS, list(ML_GW_IFS.values()))
+        t.Topology.stop(gw)
+        gw = _ml_gateway(topo, work, keys, "backup",
+                         [t.ml_link("v4"), t.ml_link("v6", backup=True)])
+        out["backup_failover"] = _ml_failovers(topo, gw, ML_BACKUP_RUNS, [ML_GW_IFS["v4"]])
+        out["status"] = "ok"
+    except (t.TopologyError, AssertionError, subprocess.SubprocessError, OSError,
+            KeyError, ValueError) as exc:
+        print(f"multi-link FAILED: {exc}", file=sys.stderr, flush=True)
+        for path in sorted((work / "ml-logs").glob("*.log")):
+            if path.name.startswith(("router", "gw")):
+                print(f"----- {path.name} -----\n{t.log_tail(path, 15)}", file=sys.stderr)
+        out.update(status="failed", error=str(exc)[:300])
+    finally:
+        topo.teardown()
+        left = t.leftover_namespaces(topo.prefix)
+        if left:
+            print(f"WARNING: namespaces left: {left}", file=sys.stderr)
+    return out
+
+
+def _median(rows: list[dict]) -> float | None:
+    values = sorted(r["seconds"] for r in rows if r["seconds"] is not None)
+    return statistics.median(values) if values else None
+
+
+def multilink_lines(ml: dict) -> list[str]:
+    lines = [ML_BEGIN, "## Multi-link: aggregation and failover", ""]
+    if ml.get("status") != "ok":
+        return [*lines, f"Not measured: {ml.get('error', '?')}", "", ML_END]
+    agg = ml["aggregation"]
+    both, single = agg["both"], agg["single"]
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in agg["shares"].items())
+    lines += [
+        f"{ml['date']}, polevpn {ml['git']} (`python3 tests/bench.py --multilink-only` "
+        "rewrites just this section).",
+        "",
+        "gwA with two underlay links to the router (`Topology(dual_uplink=True)`): `v4` "
+        "over wan0 (IPv4 only) and `v6` over wan1 (IPv6 only), both `tls://`, each its own "
+        f"session; heartbeats every {ml['link_heartbeat_interval'] * 1000:.0f} ms on each "
+        f"link, a link down after {ml['link_timeout'] * 1000:.0f} ms of silence.",
+        "",
+        f"Aggregation: tc tbf at {ml['rate_mbit']} Mbit/s on both ends of both links, "
+        f"iperf3 TCP hostA -> hostB with {ml['streams']} streams for {ml['seconds']} s; "
+        "flows go to links by a hash of their 5-tuple.",
+        "",
+        "| links | Mbit/s | retransmits |",
+        "|---|---:|---:|",
+        f"| both ({shares} of the bytes) | {both['mbit_s']:.1f} | {both['retransmits']} |",
+        f"| v4 only (v6 down) | {single['mbit_s']:.1f} | {single['retransmits']} |",
+        "",
+        f"Aggregation ratio {agg['ratio']:.2f} (target at least 1.6).",
+        "",
+        "Failover: pings hostA -> hostB every "
+        f"{ml['ping_interval'] * 1000:.0f} ms (1000 bytes), the link carrying them taken "
+        "down with `ip link set down` at gwA; the time from the cut until the first answer "
+        "to a ping sent after it arrives (IPv4 and IPv6 pings take turns, which puts them on "
+        "either link), then the link brought back and its return awaited. Target: traffic "
+        "on the surviving link within 2 s.",
+        "",
+        "| mode | cut | runs (s) | median s |",
+        "|---|---|---|---:|",
+    ]
+    for mode, key in (("both primary", "failover"), ("v6 backup", "backup_failover")):
+        rows = ml[key]
+        cut = ", ".join(sorted({r["link"] for r in rows}))
+        runs = ", ".join("-" if r["seconds"] is None else f"{r['seconds']:.2f}" for r in rows)
+        lines.append(f"| {mode} | {cut} | {runs} | {_num(_median(rows), '{:.2f}')} |")
+    lines += ["", ML_END]
+    return lines
+
+
+def with_multilink_section(text: str, section: str) -> str:
+    """``text`` (a benchmarks.md) with the multi-link section replaced, or put before the
+    crypto-thread section (where `make bench` writes it), or before the soak section."""
+    a, b = text.find(ML_BEGIN), text.find(ML_END)
+    if 0 <= a < b:
+        return text[:a] + section + text[b + len(ML_END):]
+    for mark in ("## The second core", soak.SOAK_BEGIN):
+        i = text.find(mark)
+        if i >= 0:
+            return text[:i] + section + "\n\n" + text[i:]
+    return text.rstrip("\n") + "\n\n" + section + "\n"
+
+
+def write_multilink_docs(ml: dict) -> None:
+    """Only the multi-link part of docs/benchmarks.{md,json} (``--multilink-only``)."""
+    js = DOCS / "benchmarks.json"
+    data = json.loads(js.read_text()) if js.exists() else {}
+    data["multilink"] = ml
+    js.write_text(json.dumps(data, indent=2) + "\n")
+    md = DOCS / "benchmarks.md"
+    old = md.read_text() if md.exists() else "# Benchmarks\n"
+    md.write_text(with_multilink_section(old, "\n".join(multilink_lines(ml))))
 
 
 # ---------------------------------------------------------------------------
@@ -826,6 +1037,10 @@ def main() -> int:
         help="iperf3 duration per cell of the loss table (default 5)",
     )
     ap.add_argument("--no-loss", action="store_true", help="skip the loss table")
+    ap.add_argument("--no-multilink", action="store_true", help="skip the multi-link section")
+    ap.add_argument("--multilink-only", action="store_true",
+                    help="measure only the multi-link section and update just that part of "
+                    "docs/benchmarks.{md,json}")
     ap.add_argument("--no-peers", action="store_true",
                     help=f"skip the peer VPNs ({', '.join(PEER_KEYS)})")
     ap.add_argument("--only", type=parse_only, metavar="SYSTEMS",
@@ -853,10 +1068,20 @@ def main() -> int:
             timeout=120,
             stdout=subprocess.DEVNULL,
         )
+        if args.multilink_only:
+            ml = multilink(work, keys)
+            if ml["status"] == "ok":
+                if not args.no_write:
+                    write_multilink_docs(ml)
+                    print(f"wrote the multi-link section of {DOCS / 'benchmarks.md'}")
+                rc = 0
+            return rc
         cmp = run_comparison(work, keys, args.seconds, only)
         failed = [k for k, row in cmp["systems"].items() if row["status"] == "failed"]
 
         loss = None if args.no_loss else loss_table(work, keys, args.loss_seconds)
+        # a failed multi-link run is written as such; the rest of the docs stays worth it
+        ml = None if args.no_multilink else multilink(work, keys)
         fec_codec = None
         try:
             import bench_fec
@@ -889,6 +1114,7 @@ def main() -> int:
             "tunnel": tun,
             "ratio": None if ratio is None else round(ratio, 4),
             "loss": loss,
+            "multilink": ml,
             "fec_codec": fec_codec,
             "crypto_threads": crypto_threads,
         }
