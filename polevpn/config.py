@@ -725,6 +725,14 @@ def _route_servers(r: _Reader) -> tuple[RouteServer, ...]:
     return (_parse_route_server(r, "route_server", r.string("route_server")),)
 
 
+def _literal_family(host: str) -> int | None:
+    """4 or 6 for an IP address literal, None for a name."""
+    try:
+        return ipaddress.ip_address(host).version
+    except ValueError:
+        return None
+
+
 def _links(r: _Reader) -> tuple[LinkConfig, ...]:
     """`links`: several uplinks, each with its own route server."""
     raw = r.obj["links"]
@@ -751,6 +759,11 @@ def _links(r: _Reader) -> tuple[LinkConfig, ...]:
                 ipaddress.ip_address(bind)
             except ValueError:
                 raise sec.fail("bind", f"{bind!r} is not an IP address") from None
+        if bind is not None and _literal_family(server.host) not in (
+            None,
+            ipaddress.ip_address(bind).version,
+        ):
+            raise sec.fail("bind", f"{bind} cannot reach {server.url}: another address family")
         interface = sec.string("interface") if sec.has("interface") else None
         if interface is not None and (
             not 0 < len(interface.encode()) < 16 or "/" in interface or " " in interface

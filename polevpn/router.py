@@ -680,6 +680,15 @@ class Router:
                 self.routes.add(net, conn)
             conn.prefixes = prefixes
             self.by_gateway[req.gateway] = conn
+            if conn.link is not None:
+                # it was a link until this REGISTER: a plain gateway's queue again
+                conn.link = None
+                conn.link_up = True
+                conn.queue_limit = self._queue_limit(conn)
+                if conn.transport is not None:
+                    conn.transport.set_write_buffer_limits(
+                        high=conn.queue_limit, low=conn.queue_limit // 2
+                    )
         else:
             info = LinkInfo(link.name, link.weight, link.backup)
             try:

@@ -1087,6 +1087,16 @@ _SERVER = "tls://198.19.0.1:443"
             ["not an IP address"],
         ),
         ([{"route_server": _SERVER, "bind": 5}], "links[0].bind", ["string"]),
+        (
+            [{"route_server": _SERVER, "bind": "2001:db8:ff01::2"}],
+            "links[0].bind",
+            ["another address family"],
+        ),
+        (
+            [{"route_server": "kcp://[2001:db8:ff01::1]:443", "bind": "198.18.0.2"}],
+            "links[0].bind",
+            ["another address family"],
+        ),
         ([{"route_server": _SERVER, "interface": ""}], "links[0].interface", ["not a valid"]),
         ([{"route_server": _SERVER, "interface": "w" * 16}], "links[0].interface", ["valid"]),
         ([{"route_server": _SERVER, "interface": "wan/0"}], "links[0].interface", ["valid"]),

@@ -1044,12 +1044,6 @@ class TestMultiLinkTls:
 
         ml_run(router_config(keys), scenario)
 
-    @pytest.mark.xfail(
-        strict=True,
-        raises=AssertionError,
-        reason="router.py Router._register: the plain branch leaves conn.link (and the short "
-        "link queue_limit, link_up) from the connection's earlier link REGISTER",
-    )
     def test_plain_register_on_a_link_connection_makes_it_plain(self, keys):
         async def scenario(router: Router, peers: list[LinkPeer]) -> None:
             gw, reply = await ml_login(router, "v4")
