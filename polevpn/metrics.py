@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 from . import httpserver, pathstats
 
 if TYPE_CHECKING:
-    from .gateway import Gateway
+    from .gateway import Gateway, RouterLink, Uplink
     from .kcp_link import KcpLink
     from .router import GatewayConnection, Router, Site
 
@@ -47,6 +47,7 @@ ROUTER_DROPS = {
 }
 GATEWAY_DROPS = {
     "dropped_no_link": "no_link",
+    "dropped_link_busy": "link_busy",
     "dropped_acl": "acl",
     "dropped_spoofed": "spoofed",
     "dropped_malformed": "malformed",
@@ -415,13 +416,20 @@ class GatewayCollector(Collector):
             if f.name not in skip:
                 yield _counter(f"{p}{f.name}", f"GatewayStats.{f.name}", getattr(stats, f.name))
 
+        uplinks = list(gw.uplinks.values())
         link = gw.link
-        registered = link is not None and link.registered.done() and not link.closed.done()
-        yield _gauge(f"{p}connected", "1 while registered with a router", int(registered))
+        registered = _registered(link) or any(_registered(u.link) for u in uplinks)
+        yield _gauge(
+            f"{p}connected",
+            "1 while registered with a router (on any of its links, with several)",
+            int(registered),
+        )
+        # one family for both kinds of gateway: ``link`` and ``role`` are empty (to
+        # Prometheus, absent) on a plain one, whose series stays what it always was
         info = GaugeMetricFamily(
             f"{p}link_info",
-            "the route server in use (value 1), while connected",
-            labels=["route_server", "transport"],
+            "the route server of each link (value 1); a plain gateway's while connected",
+            labels=["route_server", "transport", "link", "role"],
         )
         rtt = GaugeMetricFamily(
             f"{p}heartbeat_rtt_seconds", "round-trip time of the last answered heartbeat"
@@ -430,18 +438,107 @@ class GatewayCollector(Collector):
         fec_state = GaugeMetricFamily(
             f"{p}fec_state", "FEC state of the kcp:// link (value 1)", labels=["state"]
         )
-        if link is not None and registered:
-            info.add_metric([link.server.url, link.server.scheme], 1)
+        if link is not None and _registered(link):
+            info.add_metric([link.server.url, link.server.scheme, "", ""], 1)
             if link.session.rtt is not None:
                 rtt.add_metric([], link.session.rtt)
             kcp = _kcp_link(link.transport) if link.transport is not None else None
             if kcp is not None:
                 links.add([], kcp)
                 fec_state.add_metric([kcp.fec_state], 1)
+        for u in uplinks:
+            role = "backup" if u.config.backup else "primary"
+            server = u.config.server
+            info.add_metric([server.url, server.scheme, u.name, role], 1)
         yield info
         yield rtt
         yield fec_state
         yield from links.families()
+        if uplinks:
+            yield from self._per_link(uplinks)
+
+    def _per_link(self, uplinks: list[Uplink]) -> Iterable[Metric]:
+        """Each link of a multi-link gateway, labelled ``link`` (its name). Its packet and
+        byte counters add up all of the link's connections, so they survive reconnects."""
+        p = f"{self.P}link_"
+        names = ["link"]
+        by_state = GaugeMetricFamily(
+            f"{self.P}links", "links of this multi-link gateway, by state", labels=["state"]
+        )
+        up_now = sum(1 for u in uplinks if u.up)
+        by_state.add_metric(["up"], up_now)
+        by_state.add_metric(["down"], len(uplinks) - up_now)
+        weight = GaugeMetricFamily(f"{p}weight", "the link's weight", labels=names)
+        up = GaugeMetricFamily(
+            f"{p}up",
+            "1 while registered and the router was heard within link_timeout, else 0",
+            labels=names,
+        )
+        downs = CounterMetricFamily(f"{p}downs", "times the link went down", labels=names)
+        connects = CounterMetricFamily(
+            f"{p}connects", "connections of the link that registered", labels=names
+        )
+        tx_p = CounterMetricFamily(
+            f"{p}sent_packets", "packets sent to the router on the link", labels=names
+        )
+        tx_b = CounterMetricFamily(
+            f"{p}sent_bytes", "IP bytes sent to the router on the link", labels=names
+        )
+        rx_p = CounterMetricFamily(
+            f"{p}received_packets", "packets received from the router on the link", labels=names
+        )
+        rx_b = CounterMetricFamily(
+            f"{p}received_bytes", "IP bytes received from the router on the link", labels=names
+        )
+        rtt = GaugeMetricFamily(
+            f"{p}heartbeat_rtt_seconds",
+            "round-trip time of the link's last answered heartbeat, while connected",
+            labels=names,
+        )
+        fec_state = GaugeMetricFamily(
+            f"{p}fec_state",
+            "FEC state of a kcp:// link (value 1), while connected",
+            labels=[*names, "state"],
+        )
+        kcp = _LinkMetrics(p, names)
+        for u in uplinks:
+            labels = [u.name]
+            weight.add_metric(labels, u.config.weight)
+            up.add_metric(labels, int(u.up))
+            downs.add_metric(labels, u.downs)
+            connects.add_metric(labels, u.connects)
+            packets_out, bytes_out, packets_in, bytes_in = u.totals()
+            tx_p.add_metric(labels, packets_out)
+            tx_b.add_metric(labels, bytes_out)
+            rx_p.add_metric(labels, packets_in)
+            rx_b.add_metric(labels, bytes_in)
+            link = u.link
+            if link is None or not _registered(link):
+                continue
+            if link.session.rtt is not None:
+                rtt.add_metric(labels, link.session.rtt)
+            k = _kcp_link(link.transport) if link.transport is not None else None
+            if k is not None:
+                kcp.add(labels, k)
+                fec_state.add_metric([*labels, k.fec_state], 1)
+        return [
+            by_state,
+            weight,
+            up,
+            downs,
+            connects,
+            tx_p,
+            tx_b,
+            rx_p,
+            rx_b,
+            rtt,
+            fec_state,
+            *kcp.families(),
+        ]
+
+
+def _registered(link: RouterLink | None) -> bool:
+    return link is not None and link.registered.done() and not link.closed.done()
 
 
 def router_registry(router: Router) -> CollectorRegistry:

@@ -9,6 +9,7 @@ real daemons.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -16,9 +17,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import test_router_loopback as loopback
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
 
@@ -30,6 +33,8 @@ from polevpn.config import (
     load_gateway_config,
     load_router_config,
 )
+from polevpn.fec import FecStats
+from polevpn.gateway import Gateway
 from polevpn.keygen import generate
 
 A, B = "169.254.0.1", "169.254.0.2"
@@ -498,6 +503,189 @@ def test_http_oversized_and_slow_requests_are_cut_off(keys, monkeypatch):
     run(scenario())
 
 
+# -- the gateway's collector, fed a gateway's state without a network
+
+
+@dataclasses.dataclass
+class FakeSession:
+    rtt: float | None = None
+
+
+class FakeTransport:
+    def __init__(self, kcp: object | None = None) -> None:
+        self.kcp = kcp
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.kcp if name == "kcp_link" else default
+
+
+@dataclasses.dataclass
+class FakeKcp:
+    """What the collector reads of a KcpLink."""
+
+    srtt_ms: int | None
+    retransmissions: int | None
+    fec_state: str = "off"
+    fec: object | None = None
+
+
+@dataclasses.dataclass
+class FakeRouterLink:
+    """What the collector reads of a gateway's RouterLink: its counters, session and
+    whether it registered and is still open."""
+
+    server: object
+    packets_out: int = 0
+    bytes_out: int = 0
+    packets_in: int = 0
+    bytes_in: int = 0
+    rtt: float | None = None
+    kcp: FakeKcp | None = None
+    open: bool = True
+
+    def __post_init__(self) -> None:
+        self.session = FakeSession(self.rtt)
+        self.transport = FakeTransport(self.kcp)
+        self.registered: concurrent.futures.Future = concurrent.futures.Future()
+        self.registered.set_result(None)
+        self.closed: concurrent.futures.Future = concurrent.futures.Future()
+        if not self.open:
+            self.closed.set_result(None)
+
+
+def _gateway_scrape(gw: Gateway) -> Samples:
+    return parse(generate_latest(metrics.gateway_registry(gw)).decode())
+
+
+def _ml_gateway(tmp_path: Path) -> Gateway:
+    links = [
+        {"name": "v4", "route_server": "tls://198.19.0.1:443", "interface": "wan0"},
+        {"name": "v6", "route_server": "kcp://[2001:db8:ff01::1]:443", "weight": 2.5},
+        {"name": "spare", "route_server": "tls://198.19.0.9:443", "backup": True},
+    ]
+    path = _gateway_file(tmp_path, links=links)
+    obj = json.loads(path.read_text())
+    del obj["route_server"]
+    path.write_text(json.dumps(obj))
+    return Gateway(load_gateway_config(path))
+
+
+def test_gateway_metrics_per_link_of_a_multi_link_gateway(tmp_path):
+    gw = _ml_gateway(tmp_path)
+    g = "polevpn_gateway_"
+    v4, v6, spare = (gw.uplinks[n] for n in ("v4", "v6", "spare"))
+
+    # nothing connected yet: every configured link is listed, down, with zero counters
+    m = _gateway_scrape(gw)
+    assert value(m, f"{g}connected") == 0
+    assert value(m, f"{g}links", state="down") == 3
+    assert value(m, f"{g}links", state="up") == 0
+    for u in (v4, v6, spare):
+        assert value(m, f"{g}link_up", link=u.name) == 0
+        assert value(m, f"{g}link_sent_bytes_total", link=u.name) == 0
+    assert not matching(m, f"{g}link_heartbeat_rtt_seconds")
+    info = matching(m, f"{g}link_info")
+    assert info == {
+        (
+            ("link", "v4"),
+            ("role", "primary"),
+            ("route_server", "tls://198.19.0.1:443"),
+            ("transport", "tls"),
+        ): 1,
+        (
+            ("link", "v6"),
+            ("role", "primary"),
+            ("route_server", "kcp://[2001:db8:ff01::1]:443"),
+            ("transport", "kcp"),
+        ): 1,
+        (
+            ("link", "spare"),
+            ("role", "backup"),
+            ("route_server", "tls://198.19.0.9:443"),
+            ("transport", "tls"),
+        ): 1,
+    }
+    assert value(m, f"{g}link_weight", link="v6") == 2.5
+    assert value(m, f"{g}link_weight", link="v4") == 1
+
+    # v4 up on its second connection, whose first carried traffic; v6 up on kcp; the
+    # backup connected but silent (down), its first connection's RTT not reported
+    v4.link = FakeRouterLink(v4.config.server, 10, 1000, 20, 3000, rtt=0.012)  # type: ignore[assignment]
+    v4._closed = [5, 500, 7, 700]
+    v4.up, v4.downs, v4.connects = True, 1, 2
+    fec = FecStats(recovered=3, unrecoverable=1, parity_sent=9, parity=2, loss_ppm=2500)
+    kcp = FakeKcp(srtt_ms=31, retransmissions=4, fec_state="on", fec=SimpleNamespace(stats=fec))
+    v6.link = FakeRouterLink(v6.config.server, 1, 100, 2, 200, kcp=kcp)  # type: ignore[assignment]
+    v6.up, v6.connects = True, 1
+    spare.link = FakeRouterLink(spare.config.server, rtt=0.5, open=False)  # type: ignore[assignment]
+    spare.downs, spare.connects = 4, 3
+    gw.stats.dropped_link_busy = 6
+    gw.stats.links_down = 5
+
+    m = _gateway_scrape(gw)
+    assert value(m, f"{g}connected") == 1
+    assert value(m, f"{g}links", state="up") == 2
+    assert value(m, f"{g}links", state="down") == 1
+    assert value(m, f"{g}dropped_packets_total", reason="link_busy") == 6
+    assert not matching(m, f"{g}dropped_link_busy_total")
+    assert value(m, f"{g}links_down_total") == 5
+    for name, up, downs, connects in (("v4", 1, 1, 2), ("v6", 1, 0, 1), ("spare", 0, 4, 3)):
+        assert value(m, f"{g}link_up", link=name) == up
+        assert value(m, f"{g}link_downs_total", link=name) == downs
+        assert value(m, f"{g}link_connects_total", link=name) == connects
+    # the closed connection's traffic counts with the open one's
+    assert value(m, f"{g}link_sent_packets_total", link="v4") == 15
+    assert value(m, f"{g}link_sent_bytes_total", link="v4") == 1500
+    assert value(m, f"{g}link_received_packets_total", link="v4") == 27
+    assert value(m, f"{g}link_received_bytes_total", link="v4") == 3700
+    assert value(m, f"{g}link_received_bytes_total", link="v6") == 200
+    assert matching(m, f"{g}link_heartbeat_rtt_seconds") == {(("link", "v4"),): 0.012}
+    # KCP's figures for the kcp:// link only
+    assert matching(m, f"{g}link_kcp_srtt_seconds") == {(("link", "v6"),): 0.031}
+    assert value(m, f"{g}link_kcp_retransmissions_total", link="v6") == 4
+    assert value(m, f"{g}link_fec_recovered_total", link="v6") == 3
+    assert value(m, f"{g}link_fec_unrecoverable_total", link="v6") == 1
+    assert value(m, f"{g}link_fec_parity_sent_total", link="v6") == 9
+    assert value(m, f"{g}link_fec_parity_shards", link="v6") == 2
+    assert value(m, f"{g}link_fec_loss_ratio", link="v6") == 0.0025
+    assert matching(m, f"{g}link_fec_state") == {(("link", "v6"), ("state", "on")): 1}
+    # a multi-link gateway has no gateway-wide link figures: each link has its own
+    for name in ("heartbeat_rtt_seconds", "kcp_srtt_seconds", "fec_state"):
+        assert not matching(m, f"{g}{name}")
+
+    # v4 reconnecting: between connections it keeps what it carried (monotonic counters)
+    v4._closed, v4.link, v4.up = list(v4.totals()), None, False
+    m = _gateway_scrape(gw)
+    assert value(m, f"{g}link_sent_bytes_total", link="v4") == 1500
+    assert value(m, f"{g}link_up", link="v4") == 0
+    assert matching(m, f"{g}link_heartbeat_rtt_seconds") == {}
+
+
+def test_gateway_metrics_of_a_plain_gateway_have_no_link_series(tmp_path):
+    gw = Gateway(load_gateway_config(_gateway_file(tmp_path)))
+    g = "polevpn_gateway_"
+    assert gw.uplinks == {}
+    m = _gateway_scrape(gw)
+    assert value(m, f"{g}connected") == 0
+    assert not matching(m, f"{g}link_info")
+    gw.link = FakeRouterLink(gw.cfg.route_server, 3, 300, 4, 400, rtt=0.02)  # type: ignore[assignment]
+    m = _gateway_scrape(gw)
+    assert value(m, f"{g}connected") == 1
+    # link and role are empty, which Prometheus reads as absent: the series it always had
+    info = matching(m, f"{g}link_info")
+    assert info == {
+        (
+            ("link", ""),
+            ("role", ""),
+            ("route_server", "tls://198.19.0.1:443"),
+            ("transport", "tls"),
+        ): 1
+    }
+    assert value(m, f"{g}heartbeat_rtt_seconds") == 0.02
+    assert not [name for name, _ in m if name.startswith(f"{g}link_") and name != f"{g}link_info"]
+    assert not matching(m, f"{g}links")
+
+
 # -- configuration
 
 
@@ -624,47 +812,96 @@ def _scrape_ns(topo, node: str, port: int) -> Samples:
 @pytest.mark.netns
 @pytest.mark.skipif(not _ok, reason=_reason)
 def test_e2e_gateway_and_router_metrics(tmp_path_factory):
+    """gwA with two links (tls:// over IPv4, kcp:// over IPv6) and gwB plain, all three
+    daemons scraped in one run."""
     from test_e2e import running_vpn
 
     work = tmp_path_factory.mktemp("metrics-e2e")
     keys_dir = work / "keys"
     generate(keys_dir)
-    router = t.router_config(keys_dir, metrics_listen="127.0.0.1:9400")
-    gw_a = t.gateway_config(
-        "A",
-        keys_dir,
-        metrics_listen="127.0.0.1:9401",
-        heartbeat_interval=0.3,
-        heartbeat_timeout=10,
-    )
-    with running_vpn(work, keys_dir, router=router, gw_a=gw_a) as vpn:
-        g = "polevpn_gateway_"
-        before = _scrape_ns(vpn.topo, "gwA", 9401)
+    router = t.ml_router_config(keys_dir, metrics_listen="127.0.0.1:9400")
+    links = [t.ml_link("v4"), t.ml_link("v6", "kcp", weight=2)]
+    gw_a = t.ml_gateway_config(keys_dir, links, metrics_listen="127.0.0.1:9401")
+    gw_b = t.gateway_config("B", keys_dir, metrics_listen="127.0.0.1:9402", heartbeat_interval=0.3)
+    g = "polevpn_gateway_"
+    with running_vpn(work, keys_dir, router=router, gw_a=gw_a, dual_uplink=True) as vpn:
+        # gwB again, now serving metrics
+        vpn.stop_gateway("gwB")
+        vpn.start_gateway("gwB", t.write_json(work / "gateway-b-metrics.json", gw_b))
+
+        def both_links_measured() -> Samples | None:
+            m = _scrape_ns(vpn.topo, "gwA", 9401)
+            ready = (
+                value(m, f"{g}links", state="up") == 2
+                and len(matching(m, f"{g}link_heartbeat_rtt_seconds")) == 2
+                and matching(m, f"{g}link_kcp_srtt_seconds")
+            )
+            return m if ready else None
+
+        before = _poll(both_links_measured, "gwA's links up with RTTs")
         assert value(before, f"{g}connected") == 1
+        assert value(
+            before,
+            f"{g}link_info",
+            link="v6",
+            role="primary",
+            route_server=links[1]["route_server"],
+            transport="kcp",
+        )
+        assert value(before, f"{g}link_weight", link="v6") == 2
+        for name in ("v4", "v6"):
+            assert 0 < value(before, f"{g}link_heartbeat_rtt_seconds", link=name) < 5
+            assert value(before, f"{g}link_connects_total", link=name) >= 1
+        assert list(matching(before, f"{g}link_kcp_srtt_seconds")) == [(("link", "v6"),)]
+
         res = vpn.topo.ping("hostA", t.HOST_B, count=5, wait=2)
         assert res.returncode == 0, res.stdout
-        deadline = time.monotonic() + 15
-        while True:
-            after = _scrape_ns(vpn.topo, "gwA", 9401)
-            if matching(after, f"{g}heartbeat_rtt_seconds"):
-                break
-            assert time.monotonic() < deadline, "no heartbeat RTT reported"
-            time.sleep(0.3)
-        # 5 echo requests of 84 IP bytes each, at least, went to the router
-        assert (
-            value(after, f"{g}to_router_bytes_total")
-            >= value(before, f"{g}to_router_bytes_total") + 5 * 84
+        after = _scrape_ns(vpn.topo, "gwA", 9401)
+
+        def both(m: Samples, name: str) -> float:
+            return sum(matching(m, f"{g}link_{name}").values())
+
+        # 5 echo requests of 84 IP bytes each, at least, went to the router on the links
+        assert both(after, "sent_bytes_total") >= both(before, "sent_bytes_total") + 5 * 84
+        assert both(after, "received_packets_total") >= both(before, "received_packets_total") + 5
+
+        def plain_measured() -> Samples | None:
+            m = _scrape_ns(vpn.topo, "gwB", 9402)
+            return m if matching(m, f"{g}heartbeat_rtt_seconds") else None
+
+        plain = _poll(plain_measured, "gwB's heartbeat RTT")
+        assert value(plain, f"{g}connected") == 1
+        assert 0 < value(plain, f"{g}heartbeat_rtt_seconds") < 5
+        # the echo replies went out through gwB
+        assert value(plain, f"{g}to_router_bytes_total") >= 5 * 84
+        assert value(plain, f"{g}from_router_packets_total") >= 5
+        assert value(
+            plain,
+            f"{g}link_info",
+            link="",
+            role="",
+            route_server=gw_b["route_server"],
+            transport="tls",
         )
-        assert value(after, f"{g}from_router_packets_total") >= 5
-        rtt = value(after, f"{g}heartbeat_rtt_seconds")
-        assert 0 < rtt < 5
-        assert value(after, f"{g}link_info", route_server=gw_a["route_server"], transport="tls")
-        assert value(after, f"{g}connects_total") == 1
+        assert value(plain, f"{g}connects_total") == 1
+        assert not matching(plain, f"{g}link_up")
 
         r = _scrape_ns(vpn.topo, "router", 9400)
         p = "polevpn_router_"
         assert value(r, f"{p}registered_gateways") == 2
         sent_by_a = value(
-            r, f"{p}gateway_received_packets_total", gateway=t.GW_A_TUN4, transport="tls"
+            r, f"{p}gateway_received_packets_total", gateway=t.GW_A_TUN4, transport="mixed"
         )
         assert sent_by_a >= 5
+        assert value(r, f"{p}link_up", gateway=t.GW_A_TUN4, link="v6") == 1
+
+
+def _poll(probe, what: str, timeout: float = 15.0):
+    """Call ``probe`` until it returns something true; returns it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = probe()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
