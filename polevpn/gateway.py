@@ -1022,10 +1022,15 @@ class Gateway:
 
     @staticmethod
     def _link_state(u: Uplink) -> str:
-        """``name/up/rtt`` for the stats line: v4/up/3ms, v6/down."""
-        rtt = u.link.session.rtt if u.link is not None else None
-        state = "up" if u.up else "down"
-        return f"{u.name}/{state}" + (f"/{rtt * 1000:.0f}ms" if rtt is not None and u.up else "")
+        """One link for the stats line: ``v4:up:rtt_ms=3:downs=0:tx=1200:rx=800`` (bytes
+        over all of its connections)."""
+        rtt = u.link.session.rtt if u.link is not None and u.up else None
+        _, tx, _, rx = u.totals()
+        return (
+            f"{u.name}:{'up' if u.up else 'down'}"
+            + (f":rtt_ms={rtt * 1000:.0f}" if rtt is not None else "")
+            + f":downs={u.downs}:tx={tx}:rx={rx}"
+        )
 
     def stop(self) -> None:
         self._stopping.set()
