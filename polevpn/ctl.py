@@ -98,28 +98,72 @@ def _endpoint(listener: dict[str, Any]) -> str:
     return f"{listener['transport']}://{host}:{listener['port']}"
 
 
+def _loss(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    percent = ratio * 100
+    if percent == 0:
+        return "0%"
+    if percent < 0.01:
+        return "<0.01%"
+    return f"{percent:.1f}%" if percent >= 1 else f"{percent:.2f}%"
+
+
+def _traffic(x: dict[str, Any]) -> list[str]:
+    return [
+        human_count(x["packets_in"]),
+        human_count(x["packets_out"]),
+        human_bytes(x["bytes_in"]),
+        human_bytes(x["bytes_out"]),
+    ]
+
+
+def _link_label(link: dict[str, Any]) -> str:
+    """A link's row under its gateway: indented name, state, and how the gateway uses it."""
+    label = f"  {link['name']} {'up' if link['up'] else 'DOWN'}"
+    if link["backup"]:
+        label += " backup"
+    if link["weight"] != 1:
+        label += f" weight {link['weight']:g}"
+    return label
+
+
 def format_gateways(gateways: list[dict[str, Any]]) -> str:
     if not gateways:
         return "no gateways registered"
     rows = []
     for g in gateways:
+        links = g.get("links") or []
+        # a multi-link gateway's peers are in its links' rows; its own says how many are up
+        peer = f"{sum(1 for x in links if x['up'])}/{len(links)} links up" if links else g["peer"]
         rows.append(
             [
                 g["gateway"],
                 g["transport"],
-                g["peer"],
+                peer,
                 ",".join(g["networks"]) or "-",
                 human_duration(g["uptime"]),
                 _rtt(g["rtt_ms"]),
-                human_count(g["packets_in"]),
-                human_count(g["packets_out"]),
-                human_bytes(g["bytes_in"]),
-                human_bytes(g["bytes_out"]),
+                "-",
+                *_traffic(g),
             ]
         )
-    headers = ["GATEWAY", "TRANSPORT", "PEER", "NETWORKS", "UPTIME", "RTT"]
+        for link in links:
+            rows.append(
+                [
+                    _link_label(link),
+                    link["transport"],
+                    link["peer"],
+                    "",
+                    human_duration(link["uptime"]),
+                    _rtt(link["rtt_ms"]),
+                    _loss(link["loss"]),
+                    *_traffic(link),
+                ]
+            )
+    headers = ["GATEWAY", "TRANSPORT", "PEER", "NETWORKS", "UPTIME", "RTT", "LOSS"]
     headers += ["PKTS IN", "PKTS OUT", "BYTES IN", "BYTES OUT"]
-    return table(headers, rows, right={4, 5, 6, 7, 8, 9})
+    return table(headers, rows, right={4, 5, 6, 7, 8, 9, 10})
 
 
 def format_status(status: dict[str, Any], gateways: list[dict[str, Any]]) -> str:
@@ -129,7 +173,8 @@ def format_status(status: dict[str, Any], gateways: list[dict[str, Any]]) -> str
         f"(since {status['started_at']})",
         f"listening: {listen}",
         f"gateways: {status['gateways']}  routes: {status['routes']}  "
-        f"connections: {status['connections']}  pending: {status['pending']}",
+        f"connections: {status['connections']}  pending: {status['pending']}"
+        + (f"  links: {status['links_up']}/{status['links']} up" if status.get("links") else ""),
         "",
         format_gateways(gateways),
     ]

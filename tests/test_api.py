@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import socket
 import subprocess
 import threading
@@ -51,6 +52,8 @@ except ImportError:  # pragma: no cover
 A, B = "169.254.0.1", "169.254.0.2"
 LAN_A, LAN_B = "198.18.10.0/24", "198.18.20.0/24"
 LAN_A6 = "2001:db8:10::/64"
+# a third gateway, with two links, for polevpn-ctl
+C, LAN_C = "169.254.0.3", "198.18.30.0/24"
 TOKEN = "t0k3n-" + "x" * 26
 
 
@@ -797,6 +800,51 @@ def test_ctl_formatting():
     assert ctl._url_for("::1", 1) == "http://[::1]:1"
 
 
+def _view(gateway: str, transport: str, peer: str, n: int, **extra) -> dict:
+    """A gateway (or link) view as the API gives it, with ``n`` packets and 1000n bytes."""
+    return {
+        "gateway": gateway,
+        "transport": transport,
+        "peer": peer,
+        "networks": [LAN_A],
+        "uptime": 75.0,
+        "rtt_ms": None,
+        "packets_in": n,
+        "packets_out": n,
+        "bytes_in": 1000 * n,
+        "bytes_out": 1000 * n,
+        "links": [],
+        **extra,
+    }
+
+
+def test_ctl_lists_each_link_under_its_gateway():
+    v4 = _view(A, "tls", "198.19.0.2:41234", 30, name="v4", up=True, backup=False, weight=1)
+    v4.update(rtt_ms=12.4, loss=0.000508)
+    v6 = _view(A, "kcp", "[2001:db8:ff01::2]:50111", 12, name="v6", up=False, backup=True)
+    v6.update(weight=2.5, loss=None)
+    site = _view(A, "mixed", "198.19.0.2:41234, [2001:db8:ff01::2]:50111", 42, links=[v4, v6])
+    plain = _view(B, "tls", "198.19.0.6:5000", 7, rtt_ms=3.0)
+    lines = ctl.format_gateways([site, plain]).splitlines()
+    assert " ".join(lines[0].split()) == (
+        "GATEWAY TRANSPORT PEER NETWORKS UPTIME RTT LOSS PKTS IN PKTS OUT BYTES IN BYTES OUT"
+    )
+    # the site's row counts its links up; each link's row follows it, indented
+    words = [" ".join(line.split()) for line in lines]
+    assert words[1] == f"{A} mixed 1/2 links up {LAN_A} 1m15s - - 42 42 41.0 KiB 41.0 KiB"
+    assert lines[2].startswith("  v4 up ")
+    assert words[2] == "v4 up tls 198.19.0.2:41234 1m15s 12.4 ms 0.05% 30 30 29.3 KiB 29.3 KiB"
+    assert lines[3].startswith("  v6 DOWN backup weight 2.5 ")
+    assert words[3] == (
+        "v6 DOWN backup weight 2.5 kcp [2001:db8:ff01::2]:50111 1m15s - - 12 12 11.7 KiB 11.7 KiB"
+    )
+    # a plain gateway has no link rows, and its peer as before
+    assert lines[4].split()[:3] == [B, "tls", "198.19.0.6:5000"] and len(lines) == 5
+    # the table's columns line up: every row's BYTES OUT ends where the header does
+    assert len({len(line) for line in lines}) == 1
+    assert ctl._loss(0) == "0%" and ctl._loss(0.00001) == "<0.01%" and ctl._loss(0.25) == "25.0%"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -868,10 +916,23 @@ def test_ctl_against_a_router_process(keys, tmp_path, monkeypatch):
             await ga.send(b"".join(frame(3, p) for p in pkts))
             await receive_packets(gb, 3)
             await ga.send(frame(3, ipv4_packet("198.18.10.5", "198.18.99.1")))
+            # C: a multi-link gateway, v4 kept alive, its backup v6 silent (so soon down)
+            c4 = await ProtoGateway.connect(shim)
+            c6 = await ProtoGateway.connect(shim)
+            await login_link(c4, C, [LAN_C], "v4")
+            keep = Keepalive(c4)
+            await login_link(c6, C, [LAN_C], "v6", backup=True)
+
+            async def v6_down():
+                _, _, body = await get(api_port, f"/api/v1/gateways/{C}")
+                return not next(x for x in body["links"] if x["name"] == "v6")["up"]
+
             try:
+                await wait_until(v6_down, "C's silent link down")
                 rc, out, err = await _ctl(f"-configPath={config}", "status")
                 assert rc == 0, err
                 assert "polevpn router" in out and f"127.0.0.1:{tls_port}" in out
+                assert re.search(r"links: [0-1]/2 up", out), out
                 lines = out.splitlines()
                 row_a = next(ln for ln in lines if ln.startswith(A))
                 row_b = next(ln for ln in lines if ln.startswith(B))
@@ -885,13 +946,31 @@ def test_ctl_against_a_router_process(keys, tmp_path, monkeypatch):
                 assert [ln.split()[:2] for ln in out.splitlines()[1:]] == [
                     [f"{A}/32", A],
                     [f"{B}/32", B],
+                    [f"{C}/32", C],
                     [LAN_A, A],
                     [LAN_B, B],
+                    [LAN_C, C],
                 ]
+
+                # C's row, then one indented row per link, by name
+                rc, out, err = await _ctl(f"-configPath={config}", "gateways")
+                assert rc == 0, err
+                lines = out.splitlines()
+                at = next(i for i, ln in enumerate(lines) if ln.startswith(C))
+                assert LAN_C in lines[at] and "/2 links up" in lines[at]
+                row_v4, row_v6 = lines[at + 1 : at + 3]
+                assert re.match(r"  v4 (up|DOWN) +tls ", row_v4), row_v4
+                assert "backup" not in row_v4
+                assert row_v6.startswith("  v6 DOWN backup "), row_v6
+                port_v6 = c6.writer.get_extra_info("sockname")[1]
+                assert f":{port_v6} " in row_v6
+                assert len(lines) == at + 3
 
                 rc, out, err = await _ctl(f"-configPath={config}", "gateways", "--json")
                 assert rc == 0, err
-                assert [g["gateway"] for g in json.loads(out)["gateways"]] == [A, B]
+                gateways = json.loads(out)["gateways"]
+                assert [g["gateway"] for g in gateways] == [A, B, C]
+                assert [x["name"] for x in gateways[2]["links"]] == ["v4", "v6"]
                 rc, out, err = await _ctl(
                     "--url",
                     f"http://127.0.0.1:{api_port}",
@@ -901,7 +980,7 @@ def test_ctl_against_a_router_process(keys, tmp_path, monkeypatch):
                     "--json",
                 )
                 assert rc == 0, err
-                assert json.loads(out)["status"]["gateways"] == 2
+                assert json.loads(out)["status"]["gateways"] == 3
 
                 # errors: one line on stderr, and the exit status says which kind
                 wrong = tmp_path / "wrong.token"
@@ -925,8 +1004,9 @@ def test_ctl_against_a_router_process(keys, tmp_path, monkeypatch):
                 rc, _, err = await _ctl(f"-configPath={config}", "bogus")
                 assert rc == 2
             finally:
-                ga.close()
-                gb.close()
+                await keep.stop()
+                for gw in (ga, gb, c4, c6):
+                    gw.close()
 
         run(scenario())
     finally:
