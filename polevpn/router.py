@@ -733,15 +733,16 @@ class Router:
             olds += [c for c in site.links.connections() if c is not conn]
             self._drop_site(site)
         for old in olds:
-            self.stats.replaced += 1
-            log.info(
-                "gateway %s re-registered from %s, replacing connection from %s",
-                gateway,
-                conn.peer,
-                old.peer,
-            )
-            self.withdraw(old)
-            old.close("replaced by a new registration")
+            self._replace(old, conn, f"gateway {gateway}")
+
+    def _replace(self, old: GatewayConnection, conn: GatewayConnection, what: str) -> None:
+        """``conn`` registered ``what`` (a gateway, or one link of it) that ``old`` held."""
+        self.stats.replaced += 1
+        log.info(
+            "%s re-registered from %s, replacing connection from %s", what, conn.peer, old.peer
+        )
+        self.withdraw(old)
+        old.close("replaced by a new registration")
 
     def _join_site(
         self, conn: GatewayConnection, gateway: IPAddress, info: LinkInfo, prefixes: list
@@ -759,17 +760,9 @@ class Router:
         if plain is not None:
             replaced.append(plain)
         for old in replaced:
-            self.stats.replaced += 1
-            log.info(
-                "gateway %s link %s re-registered from %s, replacing connection from %s",
-                gateway,
-                info.name,
-                conn.peer,
-                old.peer,
-            )
+            # out of the site already: its withdrawal must not touch the site's links
             old.site = None
-            self.withdraw(old)
-            old.close("replaced by a new registration")
+            self._replace(old, conn, f"gateway {gateway} link {info.name}")
         if site.prefixes != prefixes:
             # every link registers the same networks; the newest registration says which
             for net in site.prefixes:
