@@ -579,18 +579,25 @@ def threaded_router(cfg, gateways: int = 2) -> Iterator[tuple[Router, ThreadedRo
         tr.call(connect())
         yield router, tr
     finally:
+        shut_down(tr, router, alive, gws)
 
-        async def stop() -> None:
-            for k in alive:
-                await k.stop()
-            for gw in gws:
-                gw.close()
-            await router.stop()
 
-        try:
-            tr.call(stop())
-        finally:
-            tr.close()
+def shut_down(
+    tr: ThreadedRouter, router: Router, alive: list[Keepalive], gws: list[ProtoGateway]
+) -> None:
+    """Stop the keepalives, close the gateways, stop the router and its thread."""
+
+    async def stop() -> None:
+        for k in alive:
+            await k.stop()
+        for gw in gws:
+            gw.close()
+        await router.stop()
+
+    try:
+        tr.call(stop())
+    finally:
+        tr.close()
 
 
 # bounded so the whole run stays well under 20 s on a busy 2-core machine

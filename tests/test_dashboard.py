@@ -322,7 +322,7 @@ return [...document.querySelectorAll("#gateway-rows tr")].map((tr) => {
 def test_dashboard_shows_the_links_of_a_multi_link_gateway(tmp_path, monkeypatch):
     _need_browser()
     import test_router_loopback as loopback
-    from test_api import TOKEN, ThreadedRouter, api_config, get
+    from test_api import TOKEN, ThreadedRouter, api_config, get, shut_down
     from test_metrics import Keepalive, flows_to, login_link, wait_until
     from test_router_loopback import ProtoGateway, frame, started
 
@@ -433,18 +433,7 @@ def test_dashboard_shows_the_links_of_a_multi_link_gateway(tmp_path, monkeypatch
         if driver is not None:
             with contextlib.suppress(Exception):
                 driver.quit()
-
-        async def stop() -> None:
-            for k in alive:
-                await k.stop()
-            for gw in gws:
-                gw.close()
-            await router.stop()
-
-        try:
-            tr.call(stop())
-        finally:
-            tr.close()
+        shut_down(tr, router, alive, gws)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--browse"]:
