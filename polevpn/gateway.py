@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from OpenSSL import SSL
 
-from . import dtls, kcp_transport, linksock, metrics, netconf, reloading, wire
+from . import dtls, kcp_transport, linksock, metrics, netconf, pathstats, reloading, wire
 from .config import GatewayConfig, LinkConfig, RouteServer, load_gateway_config, set_log_level
 from .counters import Counters
 from .gso import VNET_HDR_LEN as _VNET
@@ -1022,13 +1022,17 @@ class Gateway:
 
     @staticmethod
     def _link_state(u: Uplink) -> str:
-        """One link for the stats line: ``v4:up:rtt_ms=3:downs=0:tx=1200:rx=800`` (bytes
-        over all of its connections)."""
-        rtt = u.link.session.rtt if u.link is not None and u.up else None
+        """One link for the stats line: ``v4:up:rtt_ms=3:loss=0.0012:downs=0:tx=1200:rx=800``
+        (loss: pathstats' retransmitted share of what we sent; bytes over all of its
+        connections)."""
+        link = u.link if u.up else None
+        rtt = link.session.rtt if link is not None else None
+        loss = pathstats.path_figures(link.transport, link.server.scheme).loss if link else None
         _, tx, _, rx = u.totals()
         return (
             f"{u.name}:{'up' if u.up else 'down'}"
             + (f":rtt_ms={rtt * 1000:.0f}" if rtt is not None else "")
+            + (f":loss={loss:.4f}" if loss is not None else "")
             + f":downs={u.downs}:tx={tx}:rx={rx}"
         )
 

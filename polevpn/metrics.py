@@ -500,6 +500,12 @@ class GatewayCollector(Collector):
             "FEC state of a kcp:// link (value 1), while connected",
             labels=[*names, "state"],
         )
+        loss = GaugeMetricFamily(
+            f"{p}loss_ratio",
+            "share of the data segments the gateway sent on the link's connection that were "
+            "retransmissions (TCP_INFO on tls://, KCP's counters on kcp://), while connected",
+            labels=names,
+        )
         kcp = _LinkMetrics(p, names)
         for u in uplinks:
             labels = [u.name]
@@ -517,6 +523,9 @@ class GatewayCollector(Collector):
                 continue
             if link.session.rtt is not None:
                 rtt.add_metric(labels, link.session.rtt)
+            ratio = pathstats.path_figures(link.transport, link.server.scheme).loss
+            if ratio is not None:
+                loss.add_metric(labels, ratio)
             k = _kcp_link(link.transport) if link.transport is not None else None
             if k is not None:
                 kcp.add(labels, k)
@@ -532,6 +541,7 @@ class GatewayCollector(Collector):
             rx_p,
             rx_b,
             rtt,
+            loss,
             fec_state,
             *kcp.families(),
         ]

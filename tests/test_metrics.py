@@ -525,6 +525,7 @@ class FakeKcp:
 
     srtt_ms: int | None
     retransmissions: int | None
+    segments_sent: int | None = None
     fec_state: str = "off"
     fec: object | None = None
 
@@ -614,7 +615,13 @@ def test_gateway_metrics_per_link_of_a_multi_link_gateway(tmp_path):
     v4._closed = [5, 500, 7, 700]
     v4.up, v4.downs, v4.connects = True, 1, 2
     fec = FecStats(recovered=3, unrecoverable=1, parity_sent=9, parity=2, loss_ppm=2500)
-    kcp = FakeKcp(srtt_ms=31, retransmissions=4, fec_state="on", fec=SimpleNamespace(stats=fec))
+    kcp = FakeKcp(
+        srtt_ms=31,
+        retransmissions=4,
+        segments_sent=96,
+        fec_state="on",
+        fec=SimpleNamespace(stats=fec),
+    )
     v6.link = FakeRouterLink(v6.config.server, 1, 100, 2, 200, kcp=kcp)  # type: ignore[assignment]
     v6.up, v6.connects = True, 1
     spare.link = FakeRouterLink(spare.config.server, rtt=0.5, open=False)  # type: ignore[assignment]
@@ -643,6 +650,8 @@ def test_gateway_metrics_per_link_of_a_multi_link_gateway(tmp_path):
     # KCP's figures for the kcp:// link only
     assert matching(m, f"{g}link_kcp_srtt_seconds") == {(("link", "v6"),): 0.031}
     assert value(m, f"{g}link_kcp_retransmissions_total", link="v6") == 4
+    # 4 resends among 96 + 4 segments sent; v4's fake transport has no TCP socket to read
+    assert matching(m, f"{g}link_loss_ratio") == {(("link", "v6"),): 0.04}
     assert value(m, f"{g}link_fec_recovered_total", link="v6") == 3
     assert value(m, f"{g}link_fec_unrecoverable_total", link="v6") == 1
     assert value(m, f"{g}link_fec_parity_sent_total", link="v6") == 9
