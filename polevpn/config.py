@@ -99,6 +99,8 @@ class RouterConfig:
     stats_interval: float = 300.0
     # accept super-packets from gateways that offer them (segmenting for those that do not)
     super_packets: bool = True
+    # accept gateways with several links (one session per link); false answers as PoleVPN
+    multi_link: bool = True
     gateways: tuple[GatewayGrant, ...] = ()
     # CA of the gateways' client certificates; the listeners ask for one when this is set
     client_ca_file: Path | None = None
@@ -660,6 +662,7 @@ def load_router_config(path: str | Path) -> RouterConfig:
         send_queue_bytes=r.integer("send_queue_bytes", 4 * 1024 * 1024, 65536, 1 << 30),
         stats_interval=r.number("stats_interval", 300.0, 0, 86400),
         super_packets=r.boolean("super_packets", True),
+        multi_link=r.boolean("multi_link", True),
         metrics_listen=metrics_listen,
         api_listen=api_listen,
         api_token=api_token,

@@ -58,6 +58,10 @@ class SetupError(FatalError):
     """The host would not give us the TUN device, its addresses or its routes."""
 
 
+class NoMultiLink(Exception):
+    """The router took AUTH but not multi-link: it can hold one connection per gateway."""
+
+
 @dataclass
 class GatewayStats(Counters):
     connects: int = 0
@@ -413,7 +417,7 @@ class Uplink:
             )
         else:
             gw.by_path.pop(self.path_id, None)
-            if gw._stopping.is_set():
+            if gw._stopping.is_set() or gw._stopping_links:
                 return  # not a failure: the gateway is closing its links
             self.downs += 1
             gw.stats.links_down += 1
@@ -446,6 +450,7 @@ class Gateway:
         )
         # path id -> the RouterLink of an up link
         self.by_path: dict[int, RouterLink] = {}
+        self._stopping_links = False
 
     def _filters(self, cfg: GatewayConfig) -> None:
         self.acl = NetworkSet(cfg.acls)
@@ -789,15 +794,23 @@ class Gateway:
         """Connect and register; a server that accepts the handshake but never registers us
         (KCP that cannot get through, say) counts as a failure like a refused connection."""
         link = await self._connect_once(server, via, request)
-        done, _ = await asyncio.wait(
-            [link.registered, link.closed],
-            timeout=self.cfg.heartbeat_timeout,
-            return_when=asyncio.FIRST_COMPLETED,
-        )
+        try:
+            done, _ = await asyncio.wait(
+                [link.registered, link.closed],
+                timeout=self.cfg.heartbeat_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except asyncio.CancelledError:
+            # a gateway stopping, or dropping its other links: this one goes with them
+            if link.transport is not None:
+                link.transport.abort()
+            raise
         if link.registered.done() and link.registered.exception() is None:
             return link
         if link.transport is not None:
             link.transport.abort()
+        if link.session.multilink_refused:
+            raise NoMultiLink(server.url)
         if link.rejected is not None:
             raise self._fatal(link)
         raise TimeoutError("no registration" if not done else "connection closed")
@@ -818,8 +831,9 @@ class Gateway:
             server = servers[i]
             try:
                 log.info("connecting to %s", server.url)
-                # a single entry in links: a plain gateway that keeps to its uplink
-                via = self.cfg.links[0] if self.cfg.links else None
+                # a plain gateway with links (one, or a router without multi-link) keeps
+                # each server to its own uplink
+                via = self.cfg.links[i] if self.cfg.links else None
                 return await self._establish(server, via), i
             except FatalError:
                 raise
@@ -1047,13 +1061,37 @@ class Gateway:
                 link.transport.close()
 
     async def _run_uplinks(self) -> None:
-        """Every link on its own until the gateway stops; a refusal by the router ends all."""
-        tasks = [asyncio.create_task(u.run()) for u in self.uplinks.values()]
+        """Every link on its own until the gateway stops; a refusal by the router ends all.
+
+        A router without multi-link (PoleVPN's) would let each link's REGISTER replace the
+        others'. The gateway then uses one link at a time, as route_servers in the order of
+        ``links``, until it is restarted.
+        """
+        uplinks = list(self.uplinks.values())
+        tasks = [asyncio.create_task(u.run()) for u in uplinks]
+        refused: NoMultiLink | None = None
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()
+        except NoMultiLink as exc:
+            refused = exc
         finally:
+            self._stopping_links = True
+            for u in uplinks:
+                if u.link is not None and u.link.transport is not None:
+                    u.link.transport.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self._stopping_links = False
+        if refused is None:
+            return
+        log.warning(
+            "router %s does not take multi-link (a PoleVPN router, an older polevpn, or "
+            "multi_link off): using one link at a time, in the order of links, until restarted",
+            refused,
+        )
+        self.uplinks = {}
+        self.by_path.clear()
+        await self._connect_loop()

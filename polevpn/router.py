@@ -323,9 +323,8 @@ class Router:
     def _take(self, cfg: RouterConfig) -> None:
         """The config and what follows from it alone: at start, and again on reload."""
         self.cfg = cfg
-        self.features = frozenset(
-            {FEATURE_MULTILINK, FEATURE_SUPER} if cfg.super_packets else {FEATURE_MULTILINK}
-        )
+        offered = {FEATURE_SUPER: cfg.super_packets, FEATURE_MULTILINK: cfg.multi_link}
+        self.features = frozenset(name for name, on in offered.items() if on)
         self.authority = cfg.authority()
 
     # -- lifecycle

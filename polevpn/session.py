@@ -282,6 +282,7 @@ class ClientSession(_FramedSession):
         "rtt",
         "_offer",
         "link",
+        "multilink_refused",
     )
 
     def __init__(
@@ -302,6 +303,8 @@ class ClientSession(_FramedSession):
             features = features | {FEATURE_MULTILINK}
         self._offer = features
         self.link = link
+        # the router took AUTH but not multi-link: it knows one connection per gateway
+        self.multilink_refused = False
         self.key = key
         self.gateway = gateway
         self.networks = networks
@@ -366,11 +369,12 @@ class ClientSession(_FramedSession):
             if self.link is not None and FEATURE_MULTILINK not in self.features:
                 # a plain REGISTER would replace the gateway's other links at the router
                 self.state = State.CLOSED
+                self.multilink_refused = True
                 events.append(
                     Rejected(
                         "AUTH",
-                        "the router does not support multi-link (a PoleVPN router, or an "
-                        "older polevpn): declare route_servers instead of links",
+                        "the router does not take multi-link (a PoleVPN router, an older "
+                        "polevpn, or multi_link off)",
                     )
                 )
                 return

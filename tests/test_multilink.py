@@ -277,3 +277,41 @@ def test_backup_link_idle_until_the_primary_fails(vpn):
     # the primary back: traffic leaves the backup again
     _wait_link_event(vpn, "up", "v4", v4_ups + 1, timeout=20)
     _backup_idle_during_transfers(vpn)
+
+
+# ------------------------------------------------------------------ router without it
+def test_router_without_multi_link_gets_one_link_at_a_time(vpn):
+    """A router that does not take multi-link (PoleVPN's; here ours with multi_link off)
+    would let each link's REGISTER replace the other's: gwA uses its links one at a time,
+    in order, as route_servers, and nothing is refused or lost."""
+    use_links(vpn, "tls-tls", TLS_TLS)
+    router_cfg = vpn.router_cfg
+    plain = t.ml_router_config(vpn.keys, stats_interval=1, multi_link=False)
+    vpn.router_cfg = t.write_json(vpn.work / "config-no-multi-link.json", plain)
+    try:
+        assert t.Topology.stop(vpn.router, timeout=5) is not None, "router did not stop"
+        vpn.stop_gateway("gwA")
+        vpn.start_router()
+        vpn.start_gateway("gwA")
+        log = _gw_log(vpn)
+        t.wait_log_lines(log, 1, "does not take multi-link", timeout=20,
+                         why="gwA: the router's refusal of multi-link")
+        assert vpn.wait_ping("hostA", t.HOST_B, deadline=20) is not None, vpn.logs()
+        res = vpn.topo.transfer("hostA", "hostB", t.HOST_B, 4 * MIB, timeout=60)
+        assert res["ok"], f"transfer over one link failed: {res}\n{vpn.logs()}"
+        # one plain registration, over the first link, and no replacing back and forth
+        assert vpn.router is not None
+        router_log = vpn.router.log_path  # type: ignore[attr-defined]
+        regs = t.log_lines(router_log, "event=registered", "gateway=169.254.0.1 ")
+        assert len(regs) == 1 and " link=" not in regs[0], regs
+        assert f"peer={t.GW_A_UL}:" in regs[0] or f"peer=::ffff:{t.GW_A_UL}:" in regs[0], regs
+        assert t.count_log_lines(router_log, "re-registered") == 0
+        assert t.count_log_lines(log, "link down") == 0
+    finally:
+        # the module's other tests run against the multi-link router
+        vpn.router_cfg = router_cfg
+        t.Topology.stop(vpn.router, timeout=5)
+        vpn.stop_gateway("gwA")
+        vpn.start_router()
+        vpn.start_gateway("gwA")
+        _wait_links(vpn, ["v4", "v6"])
