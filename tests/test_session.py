@@ -771,6 +771,8 @@ def test_client_with_a_link_refuses_a_router_without_multi_link(reply: bytes) ->
     assert isinstance(ev, Rejected) and ev.stage == "AUTH"
     assert "multi-link" in ev.error
     assert c.state is State.CLOSED and not c.ready
+    # the gateway tells this apart from a refused key by it: it goes on with one link
+    assert c.multilink_refused
     # no REGISTER: a plain one would replace the gateway's other links at the router
     assert c.data_to_send() == []
     # a REGISTER reply arriving anyway changes nothing
@@ -836,3 +838,13 @@ def test_full_loop_with_a_link_against_a_plain_router() -> None:
     # the server never saw a REGISTER
     assert [type(e) for e in link.server_events] == [AuthSucceeded]
     assert server.state is State.AUTHENTICATED
+
+
+def test_client_with_a_link_refused_key_is_not_a_multi_link_refusal() -> None:
+    # a wrong key stops the gateway; only a router that took AUTH without multi-link
+    # sends it down to one link at a time
+    c = link_client(SUPER)
+    c.data_to_send()
+    _, events = c.receive(encode_frame(wire.AUTH, messages.encode_error("invalid key")), 0.0)
+    assert events == [Rejected("AUTH", "invalid key")]
+    assert not c.multilink_refused
