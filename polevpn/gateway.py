@@ -305,6 +305,8 @@ class Uplink:
         self.downs = 0
         self.connects = 0
         self.reconnect_now = False
+        # taken out of the config by a reload: its end is no failure
+        self.retired = False
         # what the link's closed connections carried: counters that survive reconnects
         self._closed = [0, 0, 0, 0]
 
@@ -417,7 +419,7 @@ class Uplink:
             )
         else:
             gw.by_path.pop(self.path_id, None)
-            if gw._stopping.is_set() or gw._stopping_links:
+            if gw._stopping.is_set() or gw._stopping_links or self.retired:
                 return  # not a failure: the gateway is closing its links
             self.downs += 1
             gw.stats.links_down += 1
@@ -451,6 +453,12 @@ class Gateway:
         # path id -> the RouterLink of an up link
         self.by_path: dict[int, RouterLink] = {}
         self._stopping_links = False
+        # a link keeps its path id (its flows) across reloads that change it
+        self._path_ids = {name: u.path_id for name, u in self.uplinks.items()}
+        self._link_tasks: dict[str, asyncio.Task] = {}
+        self._links_changed = asyncio.Event()
+        # _run_uplinks runs the links' tasks: before it, it starts each itself
+        self._uplinks_running = False
 
     def _filters(self, cfg: GatewayConfig) -> None:
         self.acl = NetworkSet(cfg.acls)
@@ -496,6 +504,8 @@ class Gateway:
         for warning in cfg.warnings:
             log.warning("%s", warning)
         changes = plan.describe()
+        if plan.changed("links") and self.uplinks:
+            changes += self._apply_links(old, cfg)
         if cfg.announced != old.announced:
             for u in self.uplinks.values():
                 if u.link is not None and u.link.transport is not None:
@@ -1054,6 +1064,50 @@ class Gateway:
         self._stopping.set()
         self._close_links()
 
+    def _start_uplink(self, u: Uplink) -> None:
+        self._link_tasks[u.name] = asyncio.create_task(u.run())
+        self._links_changed.set()
+
+    def _apply_links(self, old: GatewayConfig, cfg: GatewayConfig) -> list[str]:
+        """A reload's links, while the gateway has several before and after: links that
+        went are closed, new ones connect, and changed ones connect again (REGISTER
+        carries weight and role, and the router holds them per connection)."""
+        before = {c.name: c for c in old.links}
+        after = {c.name: c for c in cfg.links}
+        changes = []
+        for name in [n for n in before if n not in after]:
+            u = self.uplinks.pop(name)
+            u.retired = True
+            task = self._link_tasks.pop(name, None)
+            if u.link is not None and u.link.transport is not None:
+                u.link.transport.close()
+            if task is not None:
+                task.cancel()
+            self.flows.remove(u.path_id)
+            self.by_path.pop(u.path_id, None)
+            changes.append(f"closed link {name}")
+        for name, c in after.items():
+            path = Path(0, c.weight, c.backup)
+            if name not in before:
+                path_id = self._path_ids.get(name)
+                if path_id is None:
+                    path_id = max(self._path_ids.values(), default=0) + 1
+                    self._path_ids[name] = path_id
+                u = self.uplinks[name] = Uplink(self, c, path_id)
+                self.flows.add(Path(path_id, path.weight, path.backup), up=False)
+                if self._uplinks_running:
+                    self._start_uplink(u)
+                changes.append(f"added link {name}")
+            elif before[name] != c:
+                u = self.uplinks[name]
+                u.config = c
+                self.flows.add(Path(u.path_id, path.weight, path.backup), up=u.up)
+                if u.link is not None and u.link.transport is not None:
+                    u.reconnect_now = True
+                    u.link.transport.close()
+                changes.append(f"reconnecting link {name} with its new settings")
+        return changes
+
     def _close_links(self) -> None:
         links = [self.link] + [u.link for u in self.uplinks.values()]
         for link in links:
@@ -1067,24 +1121,40 @@ class Gateway:
         others'. The gateway then uses one link at a time, as route_servers in the order of
         ``links``, until it is restarted.
         """
-        uplinks = list(self.uplinks.values())
-        tasks = [asyncio.create_task(u.run()) for u in uplinks]
+        self._uplinks_running = True
+        for u in self.uplinks.values():
+            self._start_uplink(u)
         refused: NoMultiLink | None = None
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                task.result()
+            while not self._stopping.is_set():
+                # a reload may add links (and their tasks) while we wait
+                self._links_changed.clear()
+                changed = asyncio.ensure_future(self._links_changed.wait())
+                tasks = set(self._link_tasks.values())
+                try:
+                    done, _ = await asyncio.wait(
+                        tasks | {changed}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    changed.cancel()
+                for task in done & tasks:
+                    self._link_tasks = {n: t for n, t in self._link_tasks.items() if t is not task}
+                    if not task.cancelled():
+                        task.result()  # FatalError ends the gateway, NoMultiLink below
         except NoMultiLink as exc:
             refused = exc
         finally:
             self._stopping_links = True
-            for u in uplinks:
+            for u in self.uplinks.values():
                 if u.link is not None and u.link.transport is not None:
                     u.link.transport.close()
+            tasks = list(self._link_tasks.values())
+            self._link_tasks.clear()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._stopping_links = False
+            self._uplinks_running = False
         if refused is None:
             return
         log.warning(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from .config import GatewayConfig, Listener, RouterConfig
+from .config import GatewayConfig, LinkConfig, Listener, RouterConfig
 
 C = TypeVar("C", RouterConfig, GatewayConfig)
 
@@ -32,8 +32,7 @@ GATEWAY_RESTART = frozenset(
         "metrics_listen",
         "forwarding",
         "masquerade",
-        # each link is a task with its own sessions; a new set of links starts afresh
-        "links",
+        # every link's REGISTER carries these, and the router holds them per connection
         "link_heartbeat_interval",
         "link_timeout",
     }
@@ -107,6 +106,23 @@ def _gateways(old: RouterConfig, new: RouterConfig) -> str:
     return f"gateways: {'; '.join(parts) or 'reordered'}"
 
 
+def _links_apply(old: GatewayConfig, new: GatewayConfig) -> bool:
+    """A reload changes a gateway's links in place while it has several before and after."""
+    return old.multi_link and new.multi_link
+
+
+def _fmt_links(links: tuple[LinkConfig, ...]) -> str:
+    return ", ".join(
+        # no "=": a log line would read name=url as a field of its own
+        f"{link.name} {link.server.url}"
+        + (f" from {link.bind}" if link.bind else "")
+        + (f" via {link.interface}" if link.interface else "")
+        + (f" weight {link.weight:g}" if link.weight != 1 else "")
+        + (" backup" if link.backup else "")
+        for link in links
+    ) or "none"
+
+
 def plan(old: C, new: C) -> Reload[C]:
     """How ``new`` (a freshly parsed file) replaces ``old`` (the config in force)."""
     restart_fields = ROUTER_RESTART if isinstance(old, RouterConfig) else GATEWAY_RESTART
@@ -121,7 +137,17 @@ def plan(old: C, new: C) -> Reload[C]:
             continue
         if name == "route_servers" and old.links != new.links:  # type: ignore[union-attr]
             # with links, the servers are the links' own: they change with them, or not at all
+            if not _links_apply(old, new):  # type: ignore[arg-type]
+                keep[name] = a
+            continue
+        if name == "links" and not _links_apply(old, new):  # type: ignore[arg-type]
+            # a plain gateway becoming a multi-link one, or back, is another way of running
             keep[name] = a
+            restart.append(name)
+            continue
+        if name == "links":
+            changes.append(f"links: {_fmt_links(a)} -> {_fmt_links(b)}")
+            fields.add(name)
             continue
         if name in restart_fields:
             keep[name] = a

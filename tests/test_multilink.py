@@ -279,6 +279,34 @@ def test_backup_link_idle_until_the_primary_fails(vpn):
     _backup_idle_during_transfers(vpn)
 
 
+# ----------------------------------------------------------------------------- reload
+def test_reload_changes_the_links_in_place(vpn):
+    """SIGHUP with other links: the backup v6 gives way to a primary v6b on the same uplink
+    (one link closed, one added) while v4 and the process stay, and v6b takes flows."""
+    from test_reload_e2e import _reloaded
+
+    use_links(vpn, "backup", WITH_BACKUP)
+    proc, log = vpn.gw["gwA"], _gw_log(vpn)
+    v4_downs = _link_lines(vpn, "down", "v4")
+    renamed = [t.ml_link("v4"), {**t.ml_link("v6"), "name": "v6b"}]
+    t.write_json(vpn.gw_cfg["gwA"], t.ml_gateway_config(vpn.keys, renamed, stats_interval=1))
+    changes = _reloaded(proc, log)
+    assert any("change=\"closed link v6\"" in c for c in changes), changes
+    assert any("change=\"added link v6b\"" in c for c in changes), changes
+    assert not any("restart" in c for c in changes), changes
+    _wait_link_event(vpn, "up", "v6b", 1)
+    assert vpn.router is not None
+    router_log = vpn.router.log_path  # type: ignore[attr-defined]
+    t.wait_log_lines(router_log, 1, "event=registered", " link=v6b ", "backup=false",
+                     timeout=10, why="router: v6b registered as a primary link")
+    # the same process, v4 never went down, and both links carry flows again
+    assert proc.poll() is None and vpn.gw["gwA"] is proc
+    assert _link_lines(vpn, "down", "v4") == v4_downs
+    _, shares = vpn.topo.iperf3_spread("hostA", "hostB", t.HOST_B, "gwA", GW_IFS, seconds=2,
+                                       streams=STREAMS, min_share=MIN_SHARE)
+    assert min(shares.values()) >= MIN_SHARE, f"a link carried no flow: {shares}"
+
+
 # ------------------------------------------------------------------ router without it
 def test_router_without_multi_link_gets_one_link_at_a_time(vpn):
     """A router that does not take multi-link (PoleVPN's; here ours with multi_link off)

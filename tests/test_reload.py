@@ -117,27 +117,41 @@ V6 = {"name": "v6", "route_server": "kcp://[2001:db8:ff01::1]:443", "weight": 2}
         [V4, dict(V6, weight=3)],  # a weight
         [V4, dict(V6, route_server="tls://[2001:db8:ff01::1]:443")],  # a server
         [V4, V6, {"name": "lte", "route_server": "tls://198.19.1.1:443", "backup": True}],
-        [V4],  # down to one link: a plain gateway
         [dict(V6, name="v6b"), V4],  # renamed, reordered
     ],
 )
-def test_gateway_plan_links_wait_for_a_restart(
-    tmp_path: Path, keys: Path, new_links: list[dict]
-) -> None:
+def test_gateway_plan_applies_new_links(tmp_path: Path, keys: Path, new_links: list[dict]) -> None:
+    # several links before and after: the gateway changes them in place
     path = _links_file(tmp_path / "g.json", keys, [V4, V6])
     old = load_gateway_config(path)
     _links_file(path, keys, new_links, acls=[LAN_B])
     new = load_gateway_config(path)
     assert new.links != old.links
     p = plan(old, new)
+    assert p.needs_restart == ()
+    assert p.config.links == new.links
+    # the servers are the links': they follow without a line of their own
+    assert p.config.route_servers == new.route_servers
+    assert p.changed("links") and not p.changed("route_servers")
+    assert not any("route_servers" in line for line in p.describe())
+    (line,) = [line for line in p.describe() if line.startswith("links:")]
+    assert line.startswith("links: v4 tls://198.19.0.1:443, v6 kcp://[2001:db8:ff01::1]:443 ")
+    assert "=" not in line  # it goes into a logfmt line as one value
+    assert p.changed("acls") and [str(n) for n in p.config.acls] == [LAN_B]
+
+
+def test_gateway_plan_down_to_one_link_waits_for_a_restart(tmp_path: Path, keys: Path) -> None:
+    # one link is a plain gateway: another way of running, so the running links stay
+    path = _links_file(tmp_path / "g.json", keys, [V4, V6])
+    old = load_gateway_config(path)
+    _links_file(path, keys, [V4], acls=[LAN_B])
+    p = plan(old, load_gateway_config(path))
     assert p.needs_restart == ("links",)
-    # the running links and their servers stay: route_servers is not changed on its own
     assert p.config.links == old.links
     assert p.config.route_servers == old.route_servers
     assert not p.changed("route_servers", "links")
     assert not any("route_servers" in line for line in p.describe())
     assert "links: changed, takes effect after a restart" in p.describe()
-    # what may change live still does
     assert p.changed("acls") and [str(n) for n in p.config.acls] == [LAN_B]
 
 
