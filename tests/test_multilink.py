@@ -306,6 +306,16 @@ def test_reload_changes_the_links_in_place(vpn):
                                        streams=STREAMS, min_share=MIN_SHARE)
     assert min(shares.values()) >= MIN_SHARE, f"a link carried no flow: {shares}"
 
+    # a new weight: that link registers again with it, the other stays as it is
+    renamed[1]["weight"] = 3
+    t.write_json(vpn.gw_cfg["gwA"], t.ml_gateway_config(vpn.keys, renamed, stats_interval=1))
+    changes = _reloaded(proc, log)
+    assert any("reconnecting link v6b" in c for c in changes), changes
+    t.wait_log_lines(router_log, 1, "event=registered", " link=v6b ", "weight=3 ",
+                     timeout=10, why="router: v6b registered again with weight 3")
+    assert _link_lines(vpn, "down", "v4") == v4_downs
+    assert vpn.wait_ping("hostA", t.HOST_B, deadline=10) is not None, vpn.logs()
+
 
 # ------------------------------------------------------------------ router without it
 def test_router_without_multi_link_gets_one_link_at_a_time(vpn):
