@@ -679,15 +679,6 @@ class Router:
                 self.routes.add(net, conn)
             conn.prefixes = prefixes
             self.by_gateway[req.gateway] = conn
-            if conn.link is not None:
-                # it was a link until this REGISTER: a plain gateway's queue again
-                conn.link = None
-                conn.link_up = True
-                conn.queue_limit = self._queue_limit(conn)
-                if conn.transport is not None:
-                    conn.transport.set_write_buffer_limits(
-                        high=conn.queue_limit, low=conn.queue_limit // 2
-                    )
         else:
             info = LinkInfo(link.name, link.weight, link.backup)
             try:
@@ -700,7 +691,8 @@ class Router:
                 conn.session.reject_register(ev.seq, str(exc))
                 return
             conn.link_timeout = link.timeout
-            self._bound_queue(conn)
+        # a link's queue is short; a connection that was a link until now has a plain one
+        self._set_queue(conn)
         conn.gateway = req.gateway
         conn.register_key = req.key
         conn.networks = tuple(req.networks)
@@ -773,10 +765,14 @@ class Router:
         conn.link = info
         conn.link_up = True
 
-    def _bound_queue(self, conn: GatewayConnection) -> None:
-        conn.queue_limit = self._queue_limit(conn)
-        if conn.transport is not None:
-            linksock.shorten_queue(conn.transport, conn.queue_limit)
+    def _set_queue(self, conn: GatewayConnection) -> None:
+        conn.queue_limit = limit = self._queue_limit(conn)
+        if conn.transport is None:
+            return
+        if conn.link is None:
+            conn.transport.set_write_buffer_limits(high=limit, low=limit // 2)
+        else:
+            linksock.shorten_queue(conn.transport, limit)
 
     def _queue_limit(self, conn: GatewayConnection) -> int:
         limit = self.cfg.send_queue_bytes
@@ -800,7 +796,10 @@ class Router:
             del self.by_gateway[conn.gateway]
         site = conn.site
         if site is not None:
+            # no longer a link: a REGISTER on it now makes it one again, or a plain gateway
             conn.site = None
+            conn.link = None
+            conn.link_up = True
             if site.links.unregister(conn):
                 # its last link: the site's networks are unreachable now
                 self._drop_site(site)
