@@ -217,9 +217,6 @@ async def login_link(
 ) -> None:
     """AUTH offering multi-link and REGISTER naming link ``name`` of ``gateway``, with a
     short timeout (LINK_TIMEOUT_MS) so that a silent link is down soon."""
-    await gw.send(frame(0, json.dumps({"key": loopback.KEY, "features": ["multi-link"]}).encode()))
-    cmd, seq, reply = await gw.recv_frame()
-    assert (cmd, seq) == (0, 0) and "multi-link" in json.loads(reply)["features"], reply
     link = {
         "name": name,
         "weight": weight,
@@ -227,9 +224,8 @@ async def login_link(
         "heartbeat_ms": LINK_HEARTBEAT_MS,
         "timeout_ms": LINK_TIMEOUT_MS,
     }
-    body = {"gateway": gateway, "key": loopback.KEY, "network": networks, "link": link}
-    await gw.send(frame(1, json.dumps(body).encode(), 7))
-    assert await gw.recv_frame() == (1, 7, b"{}")
+    reply = await gw.login(gateway, networks, features=["multi-link"], link=link)
+    assert "multi-link" in json.loads(reply)["features"], reply
 
 
 class Keepalive:
