@@ -328,6 +328,10 @@ class Uplink:
             t[3] + link.bytes_in,
         )
 
+    def path(self) -> Path:
+        """The link as the flow table knows it."""
+        return Path(self.path_id, self.config.weight, self.config.backup)
+
     def request(self) -> LinkRequest:
         cfg, c = self.gw.cfg, self.config
         return LinkRequest(
@@ -447,9 +451,7 @@ class Gateway:
         self.uplinks = {
             c.name: Uplink(self, c, i) for i, c in enumerate(cfg.links, 1) if cfg.multi_link
         }
-        self.flows = FlowTable(
-            Path(u.path_id, u.config.weight, u.config.backup) for u in self.uplinks.values()
-        )
+        self.flows = FlowTable(u.path() for u in self.uplinks.values())
         # path id -> the RouterLink of an up link
         self.by_path: dict[int, RouterLink] = {}
         self._stopping_links = False
@@ -1087,21 +1089,20 @@ class Gateway:
             self.by_path.pop(u.path_id, None)
             changes.append(f"closed link {name}")
         for name, c in after.items():
-            path = Path(0, c.weight, c.backup)
             if name not in before:
                 path_id = self._path_ids.get(name)
                 if path_id is None:
                     path_id = max(self._path_ids.values(), default=0) + 1
                     self._path_ids[name] = path_id
                 u = self.uplinks[name] = Uplink(self, c, path_id)
-                self.flows.add(Path(path_id, path.weight, path.backup), up=False)
+                self.flows.add(u.path(), up=False)
                 if self._uplinks_running:
                     self._start_uplink(u)
                 changes.append(f"added link {name}")
             elif before[name] != c:
                 u = self.uplinks[name]
                 u.config = c
-                self.flows.add(Path(u.path_id, path.weight, path.backup), up=u.up)
+                self.flows.add(u.path(), up=u.up)
                 if u.link is not None and u.link.transport is not None:
                     u.reconnect_now = True
                     u.link.transport.close()
