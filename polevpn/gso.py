@@ -39,6 +39,23 @@ GSO_ECN = 0x80
 
 MAX_SEGMENTS = 255
 MAX_IP_LEN = 65535
+# Bounds on what one super-packet may turn into. A segmenter copies the IP, extension and L4
+# headers into every segment, so a long header chain and a tiny gso_size multiply the bytes
+# (a 63 KB chain of destination options with gso_size 1 made 254x). RFC 8200 section 4.1
+# has at most one hop-by-hop and two destination-options headers in a chain (the only kinds
+# copied here); 512 bytes of them is far more than any real option needs.
+MAX_V6_EXT_HEADERS = 3
+MAX_V6_EXT_BYTES = 512
+# what all segments of one super-packet may add up to: twice the largest IP packet
+MAX_OUTPUT_BYTES = 2 * MAX_IP_LEN
+# The smallest gso_size `check` lets through: the payload of a segment on a path of the
+# family's minimum MTU (576 bytes every IPv4 host takes, RFC 1122; 1280, IPv6's minimum link
+# MTU, RFC 8200) after the largest IP and TCP headers (60 + 60, 40 + 60). A kernel cutting
+# for such a path never goes below it; with it, copied headers cost at most about 26% (v4)
+# or 65% (v6, with MAX_V6_EXT_BYTES of options) on top of the payload.
+MIN_GSO_SIZE_V4 = 576 - 60 - 60
+MIN_GSO_SIZE_V6 = 1280 - 40 - 60
+_KNOWN_FLAGS = 0x03  # NEEDS_CSUM, DATA_VALID
 
 Packet = bytes | bytearray | memoryview
 
@@ -129,14 +146,54 @@ def segment(hdr: Packet, pkt: Packet) -> list[Packet]:
 
     A packet that needs nothing is returned as the very object passed in.
     """
+    plan = _plan(hdr, pkt)
+    if plan is None:
+        return [pkt]
+    if len(plan) == 2:
+        return [_complete_checksum(pkt, *plan)]
+    return _split(*plan)
+
+
+def check(buf: Packet) -> None:
+    """Raise GsoError unless ``buf`` (virtio-net header + IP packet) is safe to pass on.
+
+    The router calls this for every super-packet before it forwards it, whole to a gateway
+    that takes super-packets (whose kernel would act on the header) or cut by ``to_plain``.
+    It refuses what ``to_plain`` refuses (unknown or UFO gso_type, gso_size 0, csum_start and
+    csum_offset that do not point at the L4 checksum, lengths that disagree), and beyond
+    that unknown flags, an ``hdr_len`` past the packet and a gso_size below the family's
+    floor (MIN_GSO_SIZE_V4/_V6), which no kernel cutting for a real path writes and which
+    only serves to multiply headers.
+    """
+    if len(buf) < VNET_HDR_LEN:
+        raise GsoError("shorter than the virtio-net header")
+    mv = memoryview(buf)
+    hdr, pkt = mv[:VNET_HDR_LEN], mv[VNET_HDR_LEN:]
+    _plan(hdr, pkt)
+    flags, gso_type, hdr_len, gso_size, _start, _offset = VNET_HDR.unpack(hdr)
+    if flags & ~_KNOWN_FLAGS:
+        raise GsoError(f"unknown virtio-net flags {flags:#x}")
+    if hdr_len > len(pkt):
+        # the receiving kernel refuses the write (EINVAL), which a gateway takes for a
+        # broken TUN
+        raise GsoError("hdr_len is past the end of the packet")
+    if gso_type != GSO_NONE:
+        floor = MIN_GSO_SIZE_V6 if pkt[0] >> 4 == 6 else MIN_GSO_SIZE_V4
+        if gso_size < floor:
+            raise GsoError(f"gso_size {gso_size} is below {floor}")
+
+
+def _plan(hdr: Packet, pkt: Packet) -> None | tuple:
+    """Validate header + packet: None when nothing is to be done, (csum_start, field) when
+    only the checksum is to be completed, else the arguments of ``_split``."""
     if len(hdr) != VNET_HDR_LEN:
         raise GsoError("virtio-net header is not 10 bytes")
     flags, gso_type, _hdr_len, gso_size, csum_start, csum_offset = VNET_HDR.unpack(hdr)
     needs_csum = flags & F_NEEDS_CSUM
     if gso_type == GSO_NONE:
         if not needs_csum:
-            return [pkt]
-        return [_complete_checksum(pkt, csum_start, csum_offset)]
+            return None
+        return csum_start, _csum_field(pkt, csum_start, csum_offset)
 
     kind = gso_type & ~GSO_ECN
     if kind in (GSO_TCPV4, GSO_TCPV6):
@@ -179,7 +236,16 @@ def segment(hdr: Packet, pkt: Packet) -> list[Packet]:
         l4_hdr_len = 8
         if l4 + 8 > n:
             raise GsoError("truncated UDP header")
-    return _split(mv, version == 6, l4, l4_hdr_len, proto, gso_size)
+    hlen = l4 + l4_hdr_len
+    plen = n - hlen
+    nseg = max(1, -(-plen // gso_size))
+    if nseg > MAX_SEGMENTS:
+        raise GsoError(f"{nseg} segments (at most {MAX_SEGMENTS})")
+    if hlen + min(plen, gso_size) > MAX_IP_LEN:
+        raise GsoError("segments would exceed 65535 bytes")
+    if nseg * hlen + plen > MAX_OUTPUT_BYTES:
+        raise GsoError(f"segments would add up to more than {MAX_OUTPUT_BYTES} bytes")
+    return mv, version == 6, l4, l4_hdr_len, proto, gso_size
 
 
 def _parse_v4_super(mv: memoryview, proto: int) -> int:
@@ -217,13 +283,19 @@ def _parse_v6_super(mv: memoryview, proto: int) -> int:
         raise GsoError("IPv6 payload length disagrees with the buffer")
     nh = mv[6]
     off = 40
-    # Each extension header is at least 8 bytes, so this ends within n/8 steps.
+    count = 0
     while nh in _V6_COPYABLE:
+        # each is copied into every segment: a few short ones at most (see MAX_V6_EXT_*)
+        count += 1
+        if count > MAX_V6_EXT_HEADERS:
+            raise GsoError(f"more than {MAX_V6_EXT_HEADERS} IPv6 extension headers")
         if off + 8 > n:
             raise GsoError("truncated IPv6 extension header")
         nh, off = mv[off], off + (mv[off + 1] + 1) * 8
-    if off > n:
-        raise GsoError("truncated IPv6 extension header")
+        if off > n:
+            raise GsoError("truncated IPv6 extension header")
+        if off - 40 > MAX_V6_EXT_BYTES:
+            raise GsoError(f"IPv6 extension headers longer than {MAX_V6_EXT_BYTES} bytes")
     if nh != proto:
         raise GsoError(f"IPv6 next header {nh} does not match the gso_type")
     return off
@@ -236,10 +308,6 @@ def _split(
     payload = mv[hlen:]
     plen = len(payload)
     nseg = max(1, -(-plen // gso_size))
-    if nseg > MAX_SEGMENTS:
-        raise GsoError(f"{nseg} segments (at most {MAX_SEGMENTS})")
-    if hlen + min(plen, gso_size) > MAX_IP_LEN:
-        raise GsoError("segments would exceed 65535 bytes")
 
     # One template with every per-segment field zeroed: its sums are computed once and
     # each segment only adds the few words that differ.
@@ -321,8 +389,8 @@ def _split(
     return out
 
 
-def _complete_checksum(pkt: Packet, csum_start: int, csum_offset: int) -> bytearray:
-    """Finish a CHECKSUM_PARTIAL packet: sum from csum_start to the end, store the complement."""
+def _csum_field(pkt: Packet, csum_start: int, csum_offset: int) -> int:
+    """Offset of the checksum field of a CHECKSUM_PARTIAL packet, checked against it."""
     n = len(pkt)
     if n < 20:
         raise GsoError("truncated IP header")
@@ -342,6 +410,12 @@ def _complete_checksum(pkt: Packet, csum_start: int, csum_offset: int) -> bytear
     field = csum_start + csum_offset
     if csum_start < l3 or field + 2 > n:
         raise GsoError("csum_start/csum_offset outside the packet")
+    return field
+
+
+def _complete_checksum(pkt: Packet, csum_start: int, field: int) -> bytearray:
+    """Finish a CHECKSUM_PARTIAL packet (``_csum_field`` found its field): sum from
+    csum_start to the end, store the complement."""
     # The field holds the pseudo-header sum, so summing over it completes the checksum.
     s = internet_checksum(pkt[csum_start:])
     out = bytearray(pkt)

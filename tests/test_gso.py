@@ -23,10 +23,13 @@ from polevpn.gso import (
     GSO_TCPV6,
     GSO_UDP,
     GSO_UDP_L4,
+    MIN_GSO_SIZE_V4,
+    MIN_GSO_SIZE_V6,
     PLAIN_HDR,
     VNET_HDR,
     VNET_HDR_LEN,
     GsoError,
+    check,
     internet_checksum,
     needs_work,
     segment,
@@ -693,6 +696,117 @@ def test_gso_error_is_a_value_error() -> None:
         segment(VNET_HDR.pack(F_NEEDS_CSUM, GSO_UDP, 0, 1000, 20, 6), bytes(100))
     with pytest.raises(GsoError):
         segment(b"\0" * 9, bytes(100))
+
+
+# -- what one super-packet may turn into (issue 20, finding 3)
+
+
+def options_chain(sizes: list[int], final: int) -> tuple[int, bytes]:
+    """(first next header, bytes) of destination-options headers of ``sizes`` bytes each
+    (multiples of 8), padded with Pad1 options."""
+    out = b""
+    for i, size in enumerate(sizes):
+        nxt = 60 if i + 1 < len(sizes) else final
+        out += bytes([nxt, size // 8 - 1]) + bytes(size - 2)
+    return (60 if sizes else final), out
+
+
+def chained(sizes: list[int], payload: bytes, gso_size: int) -> bytes:
+    """Virtio-net header + IPv6/UDP super-packet behind the given options headers."""
+    first, ext = options_chain(sizes, UDP)
+    udp = bytearray(udp_header(8 + len(payload)))
+    l4_len = len(udp) + len(payload)
+    struct.pack_into("!H", udp, 6, ref_sum(pseudo_header(True, SRC6, DST6, UDP, l4_len)))
+    pkt = ipv6_header(len(ext) + l4_len, first) + ext + bytes(udp) + payload
+    hdr = VNET_HDR.pack(F_NEEDS_CSUM, GSO_UDP_L4, 40 + len(ext) + 8, gso_size, 40 + len(ext), 6)
+    return hdr + pkt
+
+
+def test_the_amplification_attack_is_refused() -> None:
+    """The attack run's shape: many destination-options headers (one copy of the whole chain
+    per segment) and gso_size 1, 255 segments: about 254 times the bytes sent."""
+    buf = chained([8] * 250, rand_bytes(254), 1)
+    assert len(buf) < 2400
+    with pytest.raises(GsoError, match="more than 3 IPv6 extension headers"):
+        to_plain(buf)
+    with pytest.raises(GsoError):
+        check(buf)
+    # one 2 KB header in place of many: refused by length
+    buf = chained([2048], rand_bytes(254), 1)
+    with pytest.raises(GsoError, match="longer than 512 bytes"):
+        to_plain(buf)
+
+
+def test_options_headers_within_the_caps_are_cut() -> None:
+    payload = rand_bytes(3 * 1200 + 17)
+    for sizes in ([8], [8, 16, 8], [256, 248, 8]):
+        buf = chained(sizes, payload, 1200)
+        check(buf)
+        segs = to_plain(buf)
+        assert len(segs) == 4
+        hlen = 40 + sum(sizes) + 8
+        assert b"".join(bytes(s[hlen:]) for s in segs) == payload
+    with pytest.raises(GsoError, match="more than 3"):
+        to_plain(chained([8, 8, 8, 8], payload, 1200))
+    with pytest.raises(GsoError, match="longer than 512"):
+        to_plain(chained([256, 256, 8], payload, 1200))
+
+
+def test_output_of_one_super_packet_is_capped() -> None:
+    # 255 segments of 16 bytes behind 560 bytes of headers: 147 KB out of 5 KB
+    buf = chained([256, 256], rand_bytes(255 * 16), 16)
+    with pytest.raises(GsoError, match="add up to more than 131070 bytes"):
+        to_plain(buf)
+
+
+def test_check_sets_a_floor_under_gso_size() -> None:
+    """No kernel cutting for a real path writes a gso_size below the family's floor."""
+    for v6, floor in ((False, MIN_GSO_SIZE_V4), (True, MIN_GSO_SIZE_V6)):
+        for proto in (TCP, UDP):
+            sp = build(v6, proto, rand_bytes(3 * floor), floor)
+            check(sp.hdr + sp.pkt)
+            sp = build(v6, proto, rand_bytes(3 * floor), floor - 1)
+            with pytest.raises(GsoError, match=f"gso_size {floor - 1} is below {floor}"):
+                check(sp.hdr + sp.pkt)
+            # the cutter itself keeps taking it (a gateway cutting its own kernel's packets)
+            assert len(to_plain(sp.hdr + sp.pkt)) == 4
+    assert (MIN_GSO_SIZE_V4, MIN_GSO_SIZE_V6) == (456, 1180)
+
+
+@pytest.mark.parametrize("name", REJECTIONS)
+def test_check_refuses_what_to_plain_refuses(name: str) -> None:
+    buf, reason = REJECTIONS[name]
+    with pytest.raises(GsoError, match=reason):
+        check(buf)
+
+
+def test_check_refuses_headers_a_kernel_would_not_write() -> None:
+    """Finding 7: these reached a super-packet gateway's TUN unchanged."""
+    t4 = build(False, TCP, rand_bytes(3000), 1360)
+    names = ("flags", "type", "hdr_len", "gso_size", "start", "offset")
+
+    def hdr(**kw: int) -> bytes:
+        fields = dict(zip(names, VNET_HDR.unpack(t4.hdr), strict=True)) | kw
+        return VNET_HDR.pack(*fields.values()) + t4.pkt
+
+    check(hdr())
+    for bad, reason in (
+        (hdr(gso_size=0), "gso_size is 0"),
+        (hdr(type=0xFF), "unknown gso_type"),
+        (hdr(type=GSO_UDP), "UFO"),
+        (hdr(start=65000), "csum_start"),
+        (hdr(offset=65000), "csum_start"),
+        (hdr(type=GSO_NONE, start=65000), "outside the packet"),
+        (hdr(type=GSO_NONE, offset=65000), "outside the packet"),
+        (hdr(flags=0x04), "unknown virtio-net flags"),
+        (hdr(hdr_len=len(t4.pkt) + 1), "hdr_len"),
+    ):
+        with pytest.raises(GsoError, match=reason):
+            check(bad)
+    # a plain packet, a checksum to complete
+    check(PLAIN_HDR + t4.pkt[:40])
+    u4 = build(False, UDP, rand_bytes(100), 1360, gso_type=GSO_NONE)
+    check(u4.hdr + u4.pkt)
 
 
 # -- property tests
