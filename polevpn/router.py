@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from . import api, dtls, linksock, metrics, privileges, reloading, wire
 from .config import ConfigError, RouterConfig, load_router_config, set_log_level
 from .counters import Counters
+from .forwarding import forward
 from .gso import VNET_HDR_LEN as _VNET
-from .gso import GsoError, to_plain
-from .ippacket import addrs
 from .kcp_pool import KcpPool
 from .kcp_transport import KcpServer
 from .limits import Admission, source_key
 from .messages import FEATURE_MULTILINK, FEATURE_SUPER
-from .routing import IPAddress, IPNetwork, NetworkSet, RouteTable
+from .routing import IPAddress, NetworkSet, RouteTable
 from .session import (
     AuthFailed,
     ConnectionLost,
@@ -42,15 +41,12 @@ from .session import (
     ServerSession,
     State,
 )
-from .sitelinks import LinkInfo, SiteLinks, TooManyLinks
+from .sitelinks import LinkInfo, Site, TooManyLinks
 from .tlsconf import cert_fingerprint, server_context
 
 log = logging.getLogger("polevpn.router")
 
-_S2C = wire.S2C_IPDATA
-_SUPER = wire.SUPER_IPDATA
 _HDR = wire.HEADER_LEN
-_pack = wire.HEADER.pack
 
 # how often the links' silence is checked: a link is found down within this of its timeout
 LINK_CHECK_INTERVAL = 0.1
@@ -82,6 +78,9 @@ class RouterStats(Counters):
     dropped_malformed: int = 0
     dropped_queue_full: int = 0
     dropped_hairpin: int = 0
+    # IP packets of 65,528 bytes or more, which fit a super-packet but no PoleVPN frame,
+    # for a gateway without super-packets
+    dropped_oversized: int = 0
     # IPv6 from :: or fe80::/10 that the gateway did not register: its host's own MLD reports
     # and solicitations, link-scope chatter that is never forwarded (and is no attack)
     dropped_link_local: int = 0
@@ -94,23 +93,20 @@ class RouterStats(Counters):
     links_down: int = 0
 
 
-class Site:
-    """A gateway with several links: the route target of its networks.
-
-    ``Router.forward`` asks ``links.pick`` for the connection of each packet, so the packets
-    of one flow take one link and a link that goes down hands its flows to the others.
-    """
-
-    __slots__ = ("gateway", "links", "prefixes")
-
-    def __init__(self, gateway: IPAddress) -> None:
-        self.gateway = gateway
-        self.links: SiteLinks[GatewayConnection] = SiteLinks()
-        self.prefixes: list[IPNetwork] = []
-
-    @property
-    def networks(self) -> tuple[IPNetwork, ...]:
-        return tuple(self.prefixes[1:])
+def _fitting(parts: list[bytes | memoryview], supers: int, room: int) -> tuple[int, int]:
+    """How many of ``parts`` (whole frames) fit in ``room`` bytes, and how many of those
+    are SUPER_IPDATA frames."""
+    used = kept = 0
+    kept_supers = 0
+    for i in range(0, len(parts), 2):
+        n = len(parts[i]) + len(parts[i + 1])
+        if used + n > room:
+            break
+        used += n
+        kept = i + 2
+        if supers and parts[i][2:4] == b"\0\x10":
+            kept_supers += 1
+    return kept, kept_supers
 
 
 class GatewayConnection(asyncio.Protocol):
@@ -139,9 +135,6 @@ class GatewayConnection(asyncio.Protocol):
         self.networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
         # sources this gateway may send from: what it registered
         self.sources = NetworkSet(())
-        self.pending: list[bytes | memoryview] = []
-        # SUPER_IPDATA frames in ``pending``: their bodies carry a virtio-net header too
-        self.pending_super = 0
         # one link of a multi-link gateway (its site), or None for a plain gateway
         self.link: LinkInfo | None = None
         self.site: Site | None = None
@@ -244,28 +237,40 @@ class GatewayConnection(asyncio.Protocol):
             return
         transport.write(b"".join(frames))
 
-    def flush(self) -> None:
-        """Write the frames batched by ``Router.forward`` with one call, or drop them."""
-        pending = self.pending
+    @property
+    def super_packets(self) -> bool:
+        """Whether it negotiated super-packets: it is sent SUPER_IPDATA frames as they are."""
+        session = self.session
+        return session is not None and session.super_packets
+
+    def send_batch(self, parts: list[bytes | memoryview], supers: int) -> None:
+        """Write frames from ``Router.forward`` (headers and bodies, alternating; ``supers``
+        of them SUPER_IPDATA) with one call, as far as the queue limit lets them in; the
+        rest are dropped and counted."""
+        stats = self.router.stats
         transport = self.transport
         if transport is None or self.closing:
-            self.router.stats.dropped_queue_full += len(pending) // 2
-        elif transport.get_write_buffer_size() >= self.queue_limit:
-            # a slow gateway loses its own packets; it never holds up anyone else
-            self.router.stats.dropped_queue_full += len(pending) // 2
-        else:
-            # one write means one TLS record stream instead of a record per frame
-            data = b"".join(pending)
-            count = len(pending) // 2
-            ip_bytes = len(data) - count * _HDR - self.pending_super * _VNET
-            self.bytes_out += ip_bytes
-            self.packets_out += count
-            stats = self.router.stats
-            stats.packets_forwarded += count
-            stats.bytes_forwarded += ip_bytes
-            transport.write(data)
-        pending.clear()
-        self.pending_super = 0
+            stats.dropped_queue_full += len(parts) // 2
+            return
+        # one write means one TLS record stream instead of a record per frame
+        data = b"".join(parts)
+        room = self.queue_limit - transport.get_write_buffer_size()
+        if len(data) > room:
+            # a slow gateway loses its own packets; it never holds up anyone else. The
+            # limit holds for the batch as it is, however many frames one read turned into
+            kept, supers = _fitting(parts, supers, room)
+            stats.dropped_queue_full += (len(parts) - kept) // 2
+            if not kept:
+                return
+            parts = parts[:kept]
+            data = b"".join(parts)
+        count = len(parts) // 2
+        ip_bytes = len(data) - count * _HDR - supers * _VNET
+        self.bytes_out += ip_bytes
+        self.packets_out += count
+        stats.packets_forwarded += count
+        stats.bytes_forwarded += ip_bytes
+        transport.write(data)
 
     def close(self, reason: str | None, abort: bool = False) -> None:
         """Close after flushing what is queued (an error frame, say), or at once with
@@ -870,114 +875,11 @@ class Router:
     # -- data plane
 
     def forward(self, src: GatewayConnection, packets: list[memoryview]) -> None:
-        lookup4 = self.routes.lookup_v4
-        lookup6 = self.routes.lookup_v6
-        stats = self.stats
-        check = self.cfg.anti_spoofing
-        from4 = src.sources.contains_v4
-        from6 = src.sources.contains_v6
-        touched: list[GatewayConnection] = []
-        nbytes = 0
-        # the other links of src's own site are src too, as far as loops go
-        home = src.site
-        for pkt in packets:
-            version, saddr, addr = addrs(pkt)
-            if version == 4:
-                if check and not from4(saddr):
-                    stats.dropped_spoofed += 1
-                    continue
-                dst = lookup4(addr)
-            elif version == 6:
-                if check and not from6(saddr):
-                    if saddr == 0 or saddr >> 118 == 0x3FA:
-                        stats.dropped_link_local += 1
-                    else:
-                        stats.dropped_spoofed += 1
-                    continue
-                dst = lookup6(addr)
-            else:
-                # the session passes SUPER_IPDATA bodies only from a gateway that offered them
-                nbytes += self._forward_super(src, pkt, touched)
-                continue
-            if dst is None:
-                stats.dropped_no_route += 1
-                continue
-            if dst is src or dst is home:
-                # sending it back would loop between gateway and router until TTL ran out
-                stats.dropped_hairpin += 1
-                continue
-            if dst.__class__ is Site:
-                dst = dst.links.pick(pkt)
-                if dst is None:
-                    stats.dropped_links_down += 1
-                    continue
-            pending = dst.pending
-            if not pending:
-                touched.append(dst)
-            n = len(pkt)
-            pending.append(_pack(n + _HDR, _S2C, 0))
-            pending.append(pkt)
-            nbytes += n
-        src.bytes_in += nbytes
-        for dst in touched:
-            dst.flush()
-
-    def _forward_super(
-        self, src: GatewayConnection, buf: memoryview, touched: list[GatewayConnection]
-    ) -> int:
-        """Virtio-net header + packet, or garbage; returns the IP bytes taken."""
-        stats = self.stats
-        assert src.session is not None
-        if buf and buf[0] < 0x10 and src.session.super_packets:
-            version, saddr, addr = addrs(buf[_VNET:])
-        else:
-            # garbage, or a plain frame dressed as a super-packet by a peer that did not offer
-            version, saddr, addr = 0, 0, 0
-        if version == 4:
-            allowed = src.sources.contains_v4(saddr)
-            dst = self.routes.lookup_v4(addr)
-        elif version == 6:
-            allowed = src.sources.contains_v6(saddr)
-            dst = self.routes.lookup_v6(addr)
-        else:
-            stats.dropped_malformed += 1
-            return 0
-        if not allowed and self.cfg.anti_spoofing:
-            stats.dropped_spoofed += 1
-            return 0
-        if dst is None:
-            stats.dropped_no_route += 1
-            return 0
-        if dst is src or dst is src.site:
-            stats.dropped_hairpin += 1
-            return 0
-        if dst.__class__ is Site:
-            dst = dst.links.pick(buf[_VNET:])
-            if dst is None:
-                stats.dropped_links_down += 1
-                return 0
-        assert dst.session is not None
-        pending = dst.pending
-        start = len(pending)
-        if dst.session.super_packets:
-            pending.append(_pack(_HDR, _SUPER, len(buf)))
-            pending.append(buf)
-            dst.pending_super += 1
-        elif not (buf[0] or buf[1]):
-            ip = buf[_VNET:]
-            pending.append(_pack(len(ip) + _HDR, _S2C, 0))
-            pending.append(ip)
-        else:
-            try:
-                pkts = to_plain(buf)
-            except GsoError:
-                stats.dropped_malformed += 1
-                return 0
-            stats.segmented += 1
-            for pkt in pkts:
-                pending.append(_pack(len(pkt) + _HDR, _S2C, 0))
-                pending.append(pkt)
-        if not start:
-            touched.append(dst)
-        return len(buf) - _VNET
-
+        """Route one read's packets (forwarding.forward) and write each destination's
+        frames with one call; nothing of it is kept for the next read."""
+        out = forward(packets, src, self.routes, self.cfg.anti_spoofing)
+        src.bytes_in += out.bytes_in
+        out.add_to(self.stats)
+        supers = out.supers
+        for dst, parts in out.batches.items():
+            dst.send_batch(parts, supers.get(dst, 0) if supers else 0)

@@ -129,3 +129,23 @@ class SiteLinks(Generic[C]):
         self.links.clear()
         self.by_path.clear()
         self.flows = FlowTable()
+
+
+class Site(Generic[C]):
+    """A gateway with several links: the route target of its networks.
+
+    Forwarding asks ``links.pick`` for the connection of each packet, so the packets of one
+    flow take one link and a link that goes down hands its flows to the others.
+    """
+
+    __slots__ = ("gateway", "links", "prefixes")
+
+    def __init__(self, gateway: object) -> None:
+        self.gateway = gateway
+        self.links: SiteLinks[C] = SiteLinks()
+        # the gateway's host prefix first, then its networks
+        self.prefixes: list = []
+
+    @property
+    def networks(self) -> tuple:
+        return tuple(self.prefixes[1:])

@@ -507,6 +507,154 @@ def test_super_packets_whole_to_a_negotiated_gateway_cut_for_a_plain_one(keys):
     run(scenario())
 
 
+def test_an_over_long_packet_does_not_black_hole_other_gateways(keys):
+    """Issue 19 bug 1: a super frame carrying a 65,528-65,590-byte IP packet (or a segment
+    of 65,528-65,535 bytes) for a gateway without super-packets raised struct.error half-way
+    through a batch: the sender was closed, and a gateway whose frames were already batched
+    in that read got nothing from anyone again. Now the packet is dropped and counted."""
+    big = gso.PLAIN_HDR + ipv4_packet("198.18.10.2", "198.18.20.9", bytes(65530 - 20))
+    seg = tcp_super_packet("198.18.10.2", "198.18.20.9", bytes(65535 - 40), 65535 - 40)
+    seg = seg[:12] + struct.pack(">H", 65535) + seg[14:]  # the segment's IPv4 total length
+
+    async def scenario():
+        router = await started(router_config(keys))
+        a = await ProtoGateway.connect(router)
+        b = await ProtoGateway.connect(router)
+        c = await ProtoGateway.connect(router)
+        d = await ProtoGateway.connect(router)
+        await a.login("169.254.0.1", ["198.18.10.0/24"], features=SUPER)
+        await b.login("169.254.0.2", ["198.18.20.0/24"])
+        await c.login("169.254.0.3", ["198.18.30.0/24"])
+        await d.login("169.254.0.4", ["198.18.40.0/24"])
+        for n, bad in enumerate((big, seg)):
+            to_c = ipv4_packet("198.18.10.2", "198.18.30.2", bytes([n]) * 40)
+            await a.send(frame(3, to_c) + wire.super_header(len(bad)) + bad + frame(3, to_c))
+            assert await c.recv_any() == (2, to_c)
+            assert await c.recv_any() == (2, to_c)
+            # and c goes on getting what others send it
+            from_d = ipv4_packet("198.18.40.2", "198.18.30.2", bytes([n]) * 20)
+            await d.send(frame(3, from_d))
+            assert await c.recv_any() == (2, from_d)
+            assert router.stats.dropped_oversized == n + 1
+        # the sender broke no rule that closes it, and b still gets its packets
+        to_b = ipv4_packet("198.18.10.2", "198.18.20.2")
+        await a.send(frame(3, to_b))
+        assert await b.recv_any() == (2, to_b)
+        assert router.stats.malformed_frames == 0
+        await router.stop()
+
+    run(scenario())
+
+
+def test_an_exception_while_forwarding_strands_nothing(keys, monkeypatch):
+    """Whatever goes wrong in one read costs that read's sender its connection; frames
+    already routed to others in that read are not left behind to block their later ones."""
+    import polevpn.router as router_mod
+
+    real = router_mod.forward
+
+    def failing(packets, src, routes, anti_spoofing=True):
+        real(packets, src, routes, anti_spoofing)  # routes everything, then fails
+        if any(len(p) == 99 for p in packets):
+            raise RuntimeError("a bug reached by a peer's bytes")
+        return real(packets, src, routes, anti_spoofing)
+
+    monkeypatch.setattr(router_mod, "forward", failing)
+
+    async def scenario():
+        router = await started(router_config(keys))
+        a = await ProtoGateway.connect(router)
+        b = await ProtoGateway.connect(router)
+        c = await ProtoGateway.connect(router)
+        await a.login("169.254.0.1", ["198.18.10.0/24"])
+        await b.login("169.254.0.2", ["198.18.20.0/24"])
+        await c.login("169.254.0.3", ["198.18.30.0/24"])
+        poison = ipv4_packet("198.18.10.2", "198.18.20.2", bytes(79))
+        await a.send(frame(3, ipv4_packet("198.18.10.2", "198.18.20.2")) + frame(3, poison))
+        assert await a.closed_by_peer()
+        to_b = ipv4_packet("198.18.30.2", "198.18.20.2")
+        await c.send(frame(3, to_b))
+        assert await b.recv_any() == (2, to_b)
+        await router.stop()
+
+    run(scenario())
+
+
+def udp6_options_super_packet(src: str, dst: str, options: int, payload: int, gso_size: int):
+    """Virtio-net header + IPv6/UDP super-packet behind ``options`` 8-byte destination-options
+    headers: the attack run's shape (one copy of the whole chain per segment)."""
+    ext = b"".join(bytes([60 if i + 1 < options else 17, 0]) + bytes(6) for i in range(options))
+    s, d = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
+    ulen = 8 + payload
+    pseudo = gso.internet_checksum(s + d + struct.pack(">IxxxB", ulen, 17))
+    udp = struct.pack(">HHHH", 5353, 4500, ulen, pseudo) + bytes(payload)
+    ip = struct.pack(">IHBB16s16s", 6 << 28, len(ext) + ulen, 60, 64, s, d)
+    vnet = gso.VNET_HDR.pack(gso.F_NEEDS_CSUM, gso.GSO_UDP_L4, 0, gso_size, 40 + len(ext), 6)
+    return vnet + ip + ext + udp
+
+
+def test_super_packet_amplification_is_refused(keys):
+    """Issue 20 finding 3: 250 destination-options headers and gso_size 1 made 255 segments
+    with a copy of the 2 KB chain each (2.3 KB in, 520 KB out to a gateway without
+    super-packets). Now it is dropped and counted; an ordinary one still goes through."""
+    attack = udp6_options_super_packet("2001:db8:10::2", "2001:db8:20::2", 250, 254, 1)
+    fine = udp6_options_super_packet("2001:db8:10::2", "2001:db8:20::2", 1, 2500, 1232)
+    small = udp6_options_super_packet("2001:db8:10::2", "2001:db8:20::2", 0, 254, 1)
+
+    async def scenario():
+        router = await started(router_config(keys))
+        a = await ProtoGateway.connect(router)
+        plain = await ProtoGateway.connect(router)
+        await a.login("169.254.0.1", ["2001:db8:10::/64"], features=SUPER)
+        await plain.login("169.254.0.2", ["2001:db8:20::/64"])
+        for sp in (attack, small, fine):
+            await a.send(wire.super_header(len(sp)) + sp)
+        got = [await plain.recv_any() for _ in range(3)]
+        assert [len(p) for _, p in got] == [40 + 8 + 8 + 1232] * 2 + [40 + 8 + 8 + 36]
+        assert router.stats.dropped_malformed == 2
+        assert router.stats.segmented == 1
+        assert router.stats.packets_forwarded == 3
+        await router.stop()
+
+    run(scenario())
+
+
+def test_bad_virtio_net_headers_do_not_reach_a_super_packet_gateway(keys):
+    """Issue 20 finding 7: headers with gso_size 0, gso_type 0xff, UFO or csum_start/
+    csum_offset of 65000 were dropped for a gateway without super-packets but passed on
+    unchanged to one with them, which writes them to its TUN. Both drop them now."""
+    payload = bytes(range(256)) * 12
+    good = tcp_super_packet("198.18.10.2", "198.18.20.2", payload, 1360)
+
+    def bad(**kw: int) -> bytes:
+        names = ("flags", "type", "hdr_len", "gso_size", "start", "offset")
+        fields = dict(zip(names, gso.VNET_HDR.unpack(good[:10]), strict=True)) | kw
+        return gso.VNET_HDR.pack(*fields.values()) + good[10:]
+
+    bads = [
+        bad(gso_size=0),
+        bad(type=0xFF),
+        bad(type=gso.GSO_UDP),
+        bad(start=65000),
+        bad(offset=65000),
+        bad(type=gso.GSO_NONE, start=65000),
+        bad(gso_size=100),
+    ]
+
+    async def scenario():
+        router = await started(router_config(keys))
+        a = await ProtoGateway.connect(router)
+        b = await ProtoGateway.connect(router)
+        await a.login("169.254.0.1", ["198.18.10.0/24"], features=SUPER)
+        await b.login("169.254.0.2", ["198.18.20.0/24"], features=SUPER)
+        await a.send(b"".join(wire.super_header(len(sp)) + sp for sp in [*bads, good]))
+        assert await b.recv_any() == (wire.SUPER_IPDATA, good)
+        assert router.stats.dropped_malformed == len(bads)
+        await router.stop()
+
+    run(scenario())
+
+
 def test_router_with_super_packets_off_answers_like_go(keys):
     async def scenario():
         router = await started(router_config(keys, super_packets=False))

@@ -1,0 +1,249 @@
+"""polevpn.forwarding: one read's packets in, frames per destination and drop counts out.
+
+No router, no sockets: endpoints are plain objects, the routes a real RouteTable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+import pytest
+
+from polevpn import gso, wire
+from polevpn.forwarding import MAX_PLAIN, forward
+from polevpn.routing import NetworkSet, RouteTable
+from polevpn.sitelinks import LinkInfo, Site
+
+
+@dataclass(eq=False)
+class Peer:
+    name: str
+    networks: tuple[str, ...]
+    super_packets: bool = False
+    site: Site | None = None
+
+    def __post_init__(self) -> None:
+        self.sources = NetworkSet([ipaddress.ip_network(n) for n in self.networks])
+
+
+def table(*peers: Peer) -> RouteTable:
+    routes: RouteTable = RouteTable()
+    for p in peers:
+        for n in p.networks:
+            routes.add(ipaddress.ip_network(n), p)
+    return routes
+
+
+def ipv4(src: str, dst: str, size: int = 60, proto: int = 17) -> bytes:
+    s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
+    hdr = struct.pack(">BBHHHBBH4s4s", 0x45, 0, size, 0, 0, 64, proto, 0, s, d)
+    return hdr + bytes(size - 20)
+
+
+def tcp_super(src: str, dst: str, payload_len: int, mss: int) -> bytes:
+    """Virtio-net header + IPv4/TCP super-packet with a partial checksum, as a TUN reads it."""
+    s, d = ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed
+    total = 40 + payload_len
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, total, 1, 0x4000, 64, 6, 0, s, d)
+    pseudo = gso.internet_checksum(s + d + struct.pack(">BBH", 0, 6, 20 + payload_len))
+    tcp = struct.pack(">HHIIBBHHH", 40000, 5201, 1000, 1, 5 << 4, 0x18, 512, pseudo, 0)
+    vnet = gso.VNET_HDR.pack(gso.F_NEEDS_CSUM, gso.GSO_TCPV4, 40, mss, 20, 16)
+    return vnet + ip + tcp + bytes(payload_len)
+
+
+def frames(parts: list) -> list[tuple[int, bytes]]:
+    """(command, body) of the frames in a batch, decoded as a peer would."""
+    return [(cmd, bytes(body)) for cmd, _, body in wire.FrameDecoder().feed(b"".join(parts))]
+
+
+A = Peer("a", ("169.254.0.1/32", "198.18.10.0/24"), super_packets=True)
+B = Peer("b", ("169.254.0.2/32", "198.18.20.0/24"))
+C = Peer("c", ("169.254.0.3/32", "198.18.30.0/24"), super_packets=True)
+
+
+def test_frames_per_destination_in_order_and_drops_by_reason() -> None:
+    routes = table(A, B, C)
+    to_b1 = ipv4("198.18.10.2", "198.18.20.2")
+    to_c = ipv4("198.18.10.2", "198.18.30.2", 100)
+    to_b2 = ipv4("198.18.10.3", "198.18.20.3", 80)
+    pkts = [
+        to_b1,
+        to_c,
+        ipv4("198.18.99.1", "198.18.20.2"),  # spoofed
+        ipv4("198.18.10.2", "198.18.99.9"),  # no route
+        ipv4("198.18.10.2", "198.18.10.9"),  # back to A
+        to_b2,
+    ]
+    out = forward([memoryview(p) for p in pkts], A, routes)
+    assert set(out.batches) == {B, C}
+    assert frames(out.batches[B]) == [(2, to_b1), (2, to_b2)]
+    assert frames(out.batches[C]) == [(2, to_c)]
+    assert (out.dropped_spoofed, out.dropped_no_route, out.dropped_hairpin) == (1, 1, 1)
+    assert out.bytes_in == 60 + 100 + 80
+    assert not out.supers
+    # without anti-spoofing the spoofed one goes through
+    out = forward([memoryview(pkts[2])], A, routes, anti_spoofing=False)
+    assert frames(out.batches[B]) == [(2, pkts[2])]
+
+
+@pytest.mark.parametrize("size", [65528, 65535])
+def test_an_over_long_packet_in_a_super_frame_is_dropped_not_raised(size: int) -> None:
+    """Issue 19 bug 1: a 65,528-65,590-byte IP packet in a super frame (all-zero header) for
+    a gateway without super-packets raised struct.error half-way through the batch."""
+    routes = table(A, B, C)
+    before = ipv4("198.18.10.2", "198.18.30.2")
+    big = gso.PLAIN_HDR + ipv4("198.18.10.2", "198.18.20.9", size)
+    after = ipv4("198.18.10.2", "198.18.20.2")
+    out = forward([memoryview(before), memoryview(big), memoryview(after)], A, routes)
+    assert out.dropped_oversized == 1
+    assert frames(out.batches[B]) == [(2, after)]
+    assert frames(out.batches[C]) == [(2, before)]
+    # the largest body a SUPER_IPDATA frame holds: 65,590 bytes of "IP packet"
+    huge = gso.PLAIN_HDR + ipv4("198.18.10.2", "198.18.20.9", 65535) + bytes(55)
+    assert len(huge) == wire.MAX_SUPER_BODY
+    out = forward([memoryview(huge)], A, routes)
+    assert out.dropped_oversized == 1 and not out.batches
+    # to a gateway with super-packets it goes whole, as SUPER_IPDATA
+    C2 = Peer("c2", ("198.18.40.0/24",), super_packets=True)
+    big_c = gso.PLAIN_HDR + ipv4("198.18.10.2", "198.18.40.9", size)
+    out = forward([memoryview(big_c)], A, table(A, C2))
+    assert frames(out.batches[C2]) == [(wire.SUPER_IPDATA, big_c)]
+    assert out.supers == {C2: 1}
+
+
+@pytest.mark.parametrize("seg_len", [65528, 65535])
+def test_an_over_long_segment_is_dropped_not_raised(seg_len: int) -> None:
+    """The same through the cutter: one segment of 65,528-65,535 bytes."""
+    routes = table(A, B, C)
+    sp = tcp_super("198.18.10.2", "198.18.20.9", seg_len - 40, seg_len - 40)
+    assert len(gso.to_plain(sp)) == 1
+    before = ipv4("198.18.10.2", "198.18.20.2")
+    other = ipv4("198.18.10.2", "198.18.30.2")
+    out = forward([memoryview(before), memoryview(other), memoryview(sp)], A, routes)
+    assert out.dropped_oversized == 1
+    assert frames(out.batches[B]) == [(2, before)]
+    assert frames(out.batches[C]) == [(2, other)]
+
+
+def test_super_packets_whole_cut_or_refused() -> None:
+    routes = table(A, B, C)
+    sp_c = tcp_super("198.18.10.2", "198.18.30.2", 4000, 1360)
+    sp_b = tcp_super("198.18.10.2", "198.18.20.2", 4000, 1360)
+    out = forward([memoryview(sp_c), memoryview(sp_b)], A, routes)
+    assert frames(out.batches[C]) == [(wire.SUPER_IPDATA, sp_c)]
+    got = frames(out.batches[B])
+    assert [cmd for cmd, _ in got] == [2, 2, 2]
+    assert out.segmented == 1 and out.supers == {C: 1}
+    assert out.bytes_in == 2 * (len(sp_c) - gso.VNET_HDR_LEN)
+    # a header the far kernel should never see is dropped for both kinds of destination
+    bad = bytearray(sp_c)
+    struct.pack_into("<H", bad, 4, 0)  # gso_size 0
+    bad_b = bytearray(sp_b)
+    bad_b[1] = 0xFF  # gso_type
+    out = forward([memoryview(bytes(bad)), memoryview(bytes(bad_b))], A, routes)
+    assert out.dropped_malformed == 2 and not out.batches
+    # from a sender that did not negotiate them, a super body is garbage
+    out = forward([memoryview(sp_c)], B, routes)
+    assert out.dropped_malformed == 1 and not out.batches
+
+
+def test_a_multi_link_site_gets_one_link_per_flow_and_no_hairpin() -> None:
+    site: Site = Site(ipaddress.ip_address("169.254.0.5"))
+    l1 = Peer("l1", ("169.254.0.5/32", "198.18.50.0/24"), site=site)
+    l2 = Peer("l2", ("169.254.0.5/32", "198.18.50.0/24"), site=site)
+    site.links.register(l1, LinkInfo("one"))
+    site.links.register(l2, LinkInfo("two"))
+    routes = table(A)
+    routes.add(ipaddress.ip_network("198.18.50.0/24"), site)
+    pkts = [memoryview(ipv4("198.18.10.2", "198.18.50.7")) for _ in range(5)]
+    out = forward(pkts, A, routes)
+    ((dst, parts),) = out.batches.items()
+    assert dst in (l1, l2) and len(parts) == 10
+    # from one link of the site to the site: a loop
+    out = forward([memoryview(ipv4("198.18.50.2", "198.18.50.9"))], l1, routes)
+    assert out.dropped_hairpin == 1 and not out.batches
+    site.links.set_up(l1, False)
+    site.links.set_up(l2, False)
+    out = forward(pkts, A, routes)
+    assert out.dropped_links_down == 5 and not out.batches
+
+
+def test_nothing_survives_a_call_that_raises() -> None:
+    """A call that fails half-way leaves nothing behind: no endpoint holds anything of it,
+    and the next call returns its own frames only."""
+    routes = table(A, B, C)
+    to_b = ipv4("198.18.10.2", "198.18.20.2")
+    snapshot = {p.name: dict(vars(p)) for p in (A, B, C)}
+    with pytest.raises(TypeError):
+        forward([memoryview(to_b), None], A, routes)  # type: ignore[list-item]
+    assert {p.name: dict(vars(p)) for p in (A, B, C)} == snapshot
+    to_b2 = ipv4("198.18.10.2", "198.18.20.3")
+    out = forward([memoryview(to_b2)], A, routes)
+    assert frames(out.batches[B]) == [(2, to_b2)]
+
+
+def test_max_plain_is_the_largest_packet_a_frame_holds() -> None:
+    assert MAX_PLAIN == 65527
+    assert len(wire.encode_frame(wire.S2C_IPDATA, bytes(MAX_PLAIN))) == 0xFFFF
+    with pytest.raises(ValueError):
+        wire.encode_frame(wire.S2C_IPDATA, bytes(MAX_PLAIN + 1))
+
+
+# ---- the router's writing of a batch -------------------------------------------------------
+
+
+class FakeTransport:
+    """What GatewayConnection.send_batch uses of a transport: a write buffer that holds
+    everything written (the peer reads nothing)."""
+
+    def __init__(self, buffered: int = 0) -> None:
+        self.buffered = buffered
+        self.written: list[bytes] = []
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+        self.buffered += len(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_the_queue_limit_holds_for_the_whole_batch(tmp_path) -> None:
+    """Issue 20 finding 3: the limit was checked once before a batch of any size (one read,
+    or one super-packet cut into many) was written whole. Now what does not fit in what is
+    left of the queue is dropped and counted, whole frames only."""
+    from polevpn.config import Listener, RouterConfig
+    from polevpn.router import GatewayConnection, Router
+
+    off = Listener(False, "127.0.0.1", 0, None, None)
+    router = Router(RouterConfig(path=tmp_path / "r.json", tls=off, kcp=off, key="k"))
+    conn = GatewayConnection(router, "tls")
+    conn.queue_limit = 65536
+    conn.transport = FakeTransport(buffered=1000)  # type: ignore[assignment]
+    pkt = ipv4("198.18.10.2", "198.18.20.2", 4000)
+    parts: list = []
+    for _ in range(40):  # 160 KB in one batch
+        parts += [wire.frame_header(wire.S2C_IPDATA, len(pkt)), pkt]
+    conn.send_batch(parts, 0)
+    (data,) = conn.transport.written  # type: ignore[attr-defined]
+    assert len(data) == 16 * 4008 <= 65536 - 1000 < 17 * 4008
+    assert [cmd for cmd, _ in frames([data])] == [2] * 16
+    assert router.stats.dropped_queue_full == 24
+    assert router.stats.packets_forwarded == 16
+    assert router.stats.bytes_forwarded == 16 * 4000
+    # full: nothing more goes in
+    conn.send_batch(parts[:2], 0)
+    assert len(conn.transport.written) == 1  # type: ignore[attr-defined]
+    assert router.stats.dropped_queue_full == 25
+    # super frames count as such in what is kept
+    conn.transport = FakeTransport()  # type: ignore[assignment]
+    sp = tcp_super("198.18.10.2", "198.18.20.2", 30000, 1360)
+    sparts = [wire.super_header(len(sp)), sp] * 3
+    conn.send_batch(sparts, 3)
+    assert router.stats.dropped_queue_full == 26
+    assert router.stats.bytes_forwarded == 16 * 4000 + 2 * (len(sp) - gso.VNET_HDR_LEN)
