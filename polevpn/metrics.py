@@ -44,6 +44,8 @@ ROUTER_DROPS = {
     "dropped_unregistered": "unregistered",
     "dropped_link_local": "link_local",
     "dropped_links_down": "links_down",
+    "dropped_oversized": "oversized",
+    "dropped_closing": "closing",
 }
 GATEWAY_DROPS = {
     "dropped_no_link": "no_link",

@@ -85,6 +85,9 @@ class RouterStats(Counters):
     # and solicitations, link-scope chatter that is never forwarded (and is no attack)
     dropped_link_local: int = 0
     dropped_unregistered: int = 0
+    # from a connection the router is closing (replaced by a newer one of its gateway or
+    # link, say): stale, never forwarded
+    dropped_closing: int = 0
     # to a multi-link gateway none of whose links is up
     dropped_links_down: int = 0
     # super-packets cut into plain packets for a gateway that did not negotiate them
@@ -203,6 +206,12 @@ class GatewayConnection(asyncio.Protocol):
         session = self.session
         assert session is not None
         packets, events = session.receive(data, time.monotonic())
+        if self.closing:
+            # closed by the router: replaced by a newer connection of its gateway or link,
+            # refused or revoked. What it still sends is stale (a transport hands over
+            # what it had buffered while it shuts down), and it is no link any more
+            self.router.stats.dropped_closing += len(packets)
+            return
         if not self.link_up:
             self.router.link_heard(self)
         if events:

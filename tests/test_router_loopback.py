@@ -1207,3 +1207,57 @@ class TestMultiLinkTls:
             gw.close()
 
         ml_run(router_config(keys, send_queue_bytes=4 << 20), scenario)
+
+
+def test_a_replaced_connection_s_data_is_discarded(keys, caplog, transport):
+    """Issue 19 bug 11, the router's side: when a link's connection (or a gateway's) has been
+    replaced by a new one, whatever the old one still sends (its queue, once a cut link
+    comes back) is discarded: not forwarded, and no ``link up`` for it."""
+    if transport == "mixed":
+        pytest.skip("tls and kcp runs cover it")
+
+    async def scenario(router: Router, peers: list[LinkPeer]) -> None:
+        old = await ml_link(router, "v4", timeout_ms=SHORT_MS)
+        peers.append(old)
+        b = await other_site(router)
+        old.muted = True
+        await until(lambda: router.stats.links_down == 1)
+        old_conn = conn_of(router, "v4")
+        new = await ml_link(router, "v4")
+        peers.append(new)
+        await until(lambda: router.stats.replaced == 1)
+        # the old connection's queue arrives at last, heartbeats and packets: over the wire,
+        # and as a transport that shuts down hands over what it had buffered (asyncio's
+        # SSL protocol does, from the close on)
+        stale = [ipv4_packet("198.18.10.7", "198.18.20.5", bytes([i]) * 20) for i in range(20)]
+        queued = frame(4) + b"".join(frame(3, p) for p in stale) + frame(4)
+        old.gw.writer.write(queued)
+        old_conn.data_received(queued)
+        await asyncio.sleep(0.3)
+        fresh = ipv4_packet("198.18.10.8", "198.18.20.5")
+        await new.gw.send(frame(3, fresh))
+        assert await b.recv_frame() == (2, 0, fresh)
+        with pytest.raises(TimeoutError):
+            await b.recv_frame(0.3)
+        assert router.stats.packets_forwarded == 1
+        assert router.stats.dropped_closing >= 20
+        # a plain gateway replaced the same way
+        (b_conn,) = [c for c in router.connections if str(c.gateway) == OTHER]
+        gw = await ProtoGateway.connect(router)
+        await gw.login(OTHER, [LAN_OTHER])
+        await until(lambda: router.stats.replaced == 2)
+        b_conn.data_received(frame(3, ipv4_packet("198.18.20.5", "198.18.10.7")))
+        await asyncio.sleep(0.2)
+        assert router.stats.packets_forwarded == 1
+        assert not new.packets
+        return old_conn.peer
+
+    peers_seen: list[str] = []
+
+    async def wrapped(router: Router, peers: list[LinkPeer]) -> None:
+        peers_seen.append(await scenario(router, peers))
+
+    with caplog.at_level(logging.INFO, logger="polevpn.router"):
+        ml_run(router_config(keys), wrapped)
+    ups = [r.getMessage() for r in caplog.records if r.getMessage().startswith("link up")]
+    assert not [m for m in ups if f"peer={peers_seen[0]}" in m], ups
