@@ -64,6 +64,8 @@ class RouterStats(Counters):
     idle_timeouts: int = 0
     registrations: int = 0
     register_refused: int = 0
+    # closed for sending REGISTER faster than session.REGISTER_BURST/REGISTER_RATE allow
+    register_flood: int = 0
     # registered connections closed because a reload withdrew their credentials
     revoked: int = 0
     replaced: int = 0
@@ -648,6 +650,8 @@ class Router:
         elif isinstance(ev, ConnectionLost):
             if ev.kind == "oversized":
                 self.stats.oversized_frames += 1
+            elif ev.kind == "flood":
+                self.stats.register_flood += 1
             else:
                 self.stats.malformed_frames += 1
             log.warning("protocol error peer=%s reason=%s", conn.peer, ev.reason)

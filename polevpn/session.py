@@ -66,7 +66,8 @@ class ConnectionLost:
     """The session is over: protocol violation or timeout. The I/O layer closes the link.
 
     ``kind``: "malformed" (bytes that are no frame), "oversized" (a frame longer than the
-    protocol allows) or "protocol" (a valid frame at the wrong time or with a bad body).
+    protocol allows), "flood" (REGISTER faster than REGISTER_BURST/REGISTER_RATE allow) or
+    "protocol" (a valid frame at the wrong time or with a bad body).
     """
 
     reason: str
@@ -141,6 +142,15 @@ class _FramedSession:
 
 # ---- router side --------------------------------------------------------------------------
 
+# REGISTER per connection: a token bucket of this many, refilled at this rate (per second).
+# A gateway registers once per connection, and again on a reload that changes what it
+# announces; each REGISTER costs the router a route-table update and, for a link, a rebuild
+# of its site's flow table (about 2 ms). Past the bucket the REGISTER is answered with an
+# error and the connection closed, like any protocol violation: the gateway reconnects and
+# registers once. It also bounds the REGISTER work one read can cause to REGISTER_BURST.
+REGISTER_BURST = 5
+REGISTER_RATE = 2.0
+
 
 class ServerSession(_FramedSession):
     """The router's view of one gateway connection.
@@ -150,7 +160,14 @@ class ServerSession(_FramedSession):
     table. IP data before a successful REGISTER is dropped and counted.
     """
 
-    __slots__ = ("_check_key", "opened_at", "dropped_unregistered", "_offer")
+    __slots__ = (
+        "_check_key",
+        "opened_at",
+        "dropped_unregistered",
+        "_offer",
+        "_register_tokens",
+        "_register_at",
+    )
 
     def __init__(
         self,
@@ -163,6 +180,8 @@ class ServerSession(_FramedSession):
         self.opened_at = now
         self.dropped_unregistered = 0
         self._offer = features
+        self._register_tokens = float(REGISTER_BURST)
+        self._register_at = now
 
     def receive(self, data: bytes, now: float) -> tuple[Packets, list[Event]]:
         packets: Packets = []
@@ -182,13 +201,25 @@ class ServerSession(_FramedSession):
                 if self._super_body(body):
                     packets.append(body)
                 continue
-            self._control(command, seq, body, events)
+            self._control(command, seq, body, now, events)
             if self.state is State.CLOSED:
                 break
             registered = self.state is State.REGISTERED
         return packets, events
 
-    def _control(self, command: int, seq: int, body: memoryview, events: list[Event]) -> None:
+    def _register_allowed(self, now: float) -> bool:
+        """Take a REGISTER token, if there is one (REGISTER_BURST, REGISTER_RATE)."""
+        tokens = self._register_tokens + (now - self._register_at) * REGISTER_RATE
+        self._register_at = now
+        if tokens < 1.0:
+            self._register_tokens = tokens
+            return False
+        self._register_tokens = min(float(REGISTER_BURST), tokens) - 1.0
+        return True
+
+    def _control(
+        self, command: int, seq: int, body: memoryview, now: float, events: list[Event]
+    ) -> None:
         if self.state is State.AWAIT_AUTH and command != wire.AUTH:
             self._lose(events, f"command {command} before AUTH")
             return
@@ -214,6 +245,17 @@ class ServerSession(_FramedSession):
             self.outbox.append(encode_frame(wire.AUTH, messages.encode_ok(self.features), seq))
             events.append(AuthSucceeded())
         elif command == wire.REGISTER:
+            if not self._register_allowed(now):
+                self.outbox.append(
+                    encode_frame(wire.REGISTER, messages.encode_error("too many REGISTER"), seq)
+                )
+                self._lose(
+                    events,
+                    f"REGISTER flood (more than {REGISTER_BURST} at once, "
+                    f"{REGISTER_RATE:g} a second)",
+                    "flood",
+                )
+                return
             try:
                 req = messages.parse_register(body)
             except MessageError as exc:

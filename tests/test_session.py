@@ -10,6 +10,8 @@ import pytest
 from polevpn import messages, wire
 from polevpn.auth import keys_equal
 from polevpn.session import (
+    REGISTER_BURST,
+    REGISTER_RATE,
     AuthFailed,
     AuthSucceeded,
     ClientSession,
@@ -238,6 +240,41 @@ def test_server_bad_register_body() -> None:
     ((command, seq, reply),) = decode(s.data_to_send())
     assert (command, seq) == (wire.REGISTER, 6)
     assert messages.parse_reply(reply).error
+
+
+def test_server_register_flood_closes_after_the_burst() -> None:
+    """Issue 20 finding 8: 3,000 REGISTERs in one write each cost the router a table update.
+    A burst of REGISTER_BURST passes; the next one in that read is answered with an error,
+    the session closes and nothing after it in the read is looked at."""
+    s = authed_server(0.0)
+    flood = b"".join(encode_frame(wire.REGISTER, register_body(), i) for i in range(3000))
+    _, events = s.receive(flood, 0.5)
+    assert [type(e) for e in events] == [RegisterRequested] * REGISTER_BURST + [ConnectionLost]
+    assert events[-1].kind == "flood"
+    assert s.state is State.CLOSED
+    assert decode(s.data_to_send()) == [
+        (wire.REGISTER, REGISTER_BURST, b'{"error":"too many REGISTER"}')
+    ]
+
+
+def test_server_register_tokens_refill_at_the_rate() -> None:
+    s = authed_server(0.0)
+    t = 0.0
+    for i in range(REGISTER_BURST):
+        _, events = s.receive(encode_frame(wire.REGISTER, register_body(), i), t)
+        assert isinstance(events[0], RegisterRequested)
+        s.accept_register(i)
+    # then one every 1/REGISTER_RATE seconds, forever: a reload a second is no flood
+    for i in range(20):
+        t += 1 / REGISTER_RATE
+        _, events = s.receive(encode_frame(wire.REGISTER, register_body(), 100 + i), t)
+        assert isinstance(events[0], RegisterRequested), i
+    # and a refill never goes past the burst
+    t += 3600
+    frames = b"".join(encode_frame(wire.REGISTER, register_body(), i) for i in range(10))
+    _, events = s.receive(frames, t)
+    assert sum(isinstance(e, RegisterRequested) for e in events) == REGISTER_BURST
+    assert isinstance(events[-1], ConnectionLost)
 
 
 def test_server_ip_data_before_register_dropped() -> None:
