@@ -25,6 +25,12 @@ KNOWN_FEATURES = frozenset({FEATURE_SUPER, FEATURE_MULTILINK})
 
 # a link name: what logs, metrics labels and the API show, so short and plain
 LINK_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")
+# what an address field may hold before ``ipaddress`` reads it: hex digits, dots, colons and
+# the prefix slash. ``ipaddress`` itself takes IPv6 zone IDs ("2001:db8::1%x", any bytes
+# after the %), which would make a second, distinct "address" for one gateway and carry
+# control characters into the logs
+ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f.:]{1,45}")
+NETWORK_CHARS = re.compile(r"[0-9A-Fa-f.:]{1,45}(/[0-9]{1,3})?")
 
 
 class MessageError(ValueError):
@@ -68,10 +74,31 @@ class Reply:
     features: frozenset[str] = frozenset()
 
 
+def _unique(pairs: list[tuple[str, object]]) -> dict:
+    """A JSON object, or MessageError if it names a key twice: which of the two counts would
+    be a guess (Python takes the last, other parsers the first)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise MessageError(f"key {_quote(key)} appears twice")
+            seen.add(key)
+    return obj
+
+
 def _load_object(body: bytes | memoryview) -> dict:
     try:
-        obj = json.loads(bytes(body))
-    except (ValueError, UnicodeDecodeError) as exc:
+        # UTF-8 only, as RFC 8259 asks of JSON between systems and as Go's encoding/json
+        # writes it; json.loads on bytes would also take UTF-16 and UTF-32
+        text = bytes(body).decode("utf-8")
+    except UnicodeDecodeError:
+        raise MessageError("body is not UTF-8") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_unique)
+    except MessageError:
+        raise
+    except ValueError as exc:
         raise MessageError(f"body is not JSON: {exc}") from None
     except RecursionError:
         # an unauthenticated peer can nest brackets tens of thousands deep in one frame
@@ -130,6 +157,8 @@ def parse_register(body: bytes | memoryview) -> RegisterRequest:
     if not isinstance(raw_gw, str):
         raise MessageError("gateway is missing or not a string")
     try:
+        if not ADDRESS_CHARS.fullmatch(raw_gw):
+            raise ValueError
         gateway = ipaddress.ip_address(raw_gw)
     except ValueError:
         raise MessageError(f"gateway {_quote(raw_gw)} is not an IP address") from None
@@ -146,6 +175,8 @@ def parse_register(body: bytes | memoryview) -> RegisterRequest:
         if not isinstance(item, str):
             raise MessageError("network entry is not a string")
         try:
+            if not NETWORK_CHARS.fullmatch(item):
+                raise ValueError
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
             raise MessageError(f"network {_quote(item)} is not a CIDR") from None

@@ -525,3 +525,113 @@ def test_register_link_round_trip_any(link: dict, heartbeat_ms: int, extra_ms: i
 )
 def test_fuzz_link_object(link: dict) -> None:
     only_message_errors(parse_register, register_with_link(link))
+
+
+# ---- address fields and body encoding (issue 20 finding 9 and informational) ----------------
+
+
+@pytest.mark.parametrize(
+    "gateway",
+    [
+        "2001:db8:55::1%x",  # a zone ID: a second "address" next to 2001:db8:55::1
+        "fe80::1%eth0",
+        "2001:db8:55::1%\x1b[31m level=error peer=198.18.9.9",
+        "169.254.0.1\n",
+        "169.254.0.1\x00",
+        " 169.254.0.1",
+        "\u0661\u0666\u0669.254.0.1",
+        "169.254.0.1\u200b",
+    ],
+)
+def test_register_refuses_zone_ids_and_control_characters_in_gateway(gateway: str) -> None:
+    body = json.dumps({"gateway": gateway, "key": "k", "network": []}).encode()
+    with pytest.raises(MessageError, match="is not an IP address") as err:
+        parse_register(body)
+    assert not any(ch < " " or ch == "\x7f" for ch in str(err.value)), "raw bytes in the error"
+
+
+@pytest.mark.parametrize(
+    "network",
+    [
+        "fe80::%eth0/64",
+        "2001:db8:55::%x/64",
+        "198.18.10.0/24\n",
+        "198.18.10.0/24\x1b",
+        "198.18.10.0\t/24",
+        "198.18.10.0/\u0662\u0664",
+    ],
+)
+def test_register_refuses_zone_ids_and_control_characters_in_networks(network: str) -> None:
+    body = json.dumps({"gateway": "169.254.0.1", "key": "k", "network": [network]}).encode()
+    with pytest.raises(MessageError, match="is not a CIDR") as err:
+        parse_register(body)
+    assert not any(ch < " " or ch == "\x7f" for ch in str(err.value))
+
+
+def test_register_address_forms_still_accepted() -> None:
+    body = json.dumps(
+        {
+            "gateway": "2001:DB8:55::1",
+            "key": "k",
+            "network": ["198.18.10.0/24", "2001:db8:10::/64", "::ffff:198.18.0.0/112", "::/0"],
+        }
+    ).encode()
+    req = parse_register(body)
+    assert req.gateway == ipaddress.ip_address("2001:db8:55::1")
+    assert [str(n) for n in req.networks][-1] == "::/0"
+    assert parse_register(body.replace(b'"network"', b'"network":"198.18.1.1","x"')).networks
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-be"])
+def test_bodies_that_are_not_utf8_are_refused(encoding: str) -> None:
+    auth = GO_AUTH_BODY.decode().encode(encoding)
+    register = GO_REGISTER_BODY.decode().encode(encoding)
+    assert json.loads(auth) == {"key": "123456"}, "json.loads alone would take it"
+    # without a byte-order mark, UTF-16 and UTF-32 ASCII are valid UTF-8 with NULs in it
+    with pytest.raises(MessageError, match="not UTF-8|not JSON"):
+        parse_auth(auth)
+    with pytest.raises(MessageError, match="not UTF-8|not JSON"):
+        parse_register(register)
+    with pytest.raises(MessageError, match="not UTF-8|not JSON"):
+        parse_reply("{}".encode(encoding))
+
+
+def test_a_utf8_byte_order_mark_is_refused() -> None:
+    with pytest.raises(MessageError, match="not JSON"):
+        parse_auth(b"\xef\xbb\xbf" + GO_AUTH_BODY)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"key":"wrong","key":"123456"}',
+        b'{"key":"123456","features":[],"features":["super-packets"]}',
+    ],
+)
+def test_auth_with_a_duplicated_key_is_refused(body: bytes) -> None:
+    with pytest.raises(MessageError, match="appears twice"):
+        parse_auth(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        GO_REGISTER_BODY[:-1] + b',"gateway":"169.254.0.9"}',
+        GO_REGISTER_BODY[:-1] + b',"network":["198.18.99.0/24"]}',
+        b'{"gateway":"169.254.0.1","key":"123456","link":{"name":"a","name":"b"}}',
+    ],
+)
+def test_register_with_a_duplicated_key_is_refused(body: bytes) -> None:
+    with pytest.raises(MessageError, match="appears twice"):
+        parse_register(body)
+
+
+def test_go_bytes_still_accepted() -> None:
+    assert parse_auth(GO_AUTH_BODY).key == "123456"
+    req = parse_register(GO_REGISTER_BODY)
+    assert str(req.gateway) == "169.254.0.1"
+    assert [str(n) for n in req.networks] == ["198.18.10.0/24"]
+    assert parse_reply(b"{}").error is None
+    assert parse_reply(b'{"error":"invalid key"}').error == "invalid key"
+    # UTF-8 beyond ASCII is UTF-8
+    assert parse_auth('{"key":"kéy"}'.encode()).key == "kéy"
