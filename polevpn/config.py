@@ -558,6 +558,12 @@ def _limits(r: _Reader) -> LimitParams:
         ),
         auth_failures=sec.integer("auth_failures", d.auth_failures, 1, 1 << 20),
         auth_failure_window=sec.number("auth_failure_window", d.auth_failure_window, 0, 86400),
+        max_networks_per_gateway=sec.integer(
+            "max_networks_per_gateway", d.max_networks_per_gateway, 1, 1 << 16
+        ),
+        max_prefix_lengths_per_gateway=sec.integer(
+            "max_prefix_lengths_per_gateway", d.max_prefix_lengths_per_gateway, 1, 129
+        ),
     )
 
 

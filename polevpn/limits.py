@@ -31,6 +31,11 @@ class LimitParams:
     auth_failures: int = 10
     auth_failure_window: float = 60.0
     max_tracked_sources: int = 65536
+    # what one gateway may announce in REGISTER: networks, and distinct prefix lengths per
+    # address family (its own address included). The route lookup probes one table per
+    # distinct length present, so one gateway with a hundred lengths slows every packet
+    max_networks_per_gateway: int = 256
+    max_prefix_lengths_per_gateway: int = 16
 
 
 @dataclass

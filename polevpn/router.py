@@ -33,7 +33,7 @@ from .kcp_pool import KcpPool
 from .kcp_transport import KcpServer
 from .limits import Admission, source_key
 from .messages import FEATURE_MULTILINK, FEATURE_SUPER
-from .routing import IPAddress, NetworkSet, RouteTable
+from .routing import IPAddress, NetworkSet, RouteTable, announcement_error
 from .session import (
     AuthFailed,
     ConnectionLost,
@@ -670,6 +670,23 @@ class Router:
     def _register(self, conn: GatewayConnection, ev: RegisterRequested) -> None:
         req = ev.request
         assert conn.session is not None
+        host = ipaddress.ip_network(req.gateway)
+        prefixes = [host, *req.networks]
+        limits = self.cfg.limits
+        too_many = announcement_error(
+            prefixes, limits.max_networks_per_gateway, limits.max_prefix_lengths_per_gateway
+        )
+        if too_many is not None:
+            # a config matter, not a credential one: no AUTH failure is counted
+            self.stats.register_refused += 1
+            log.warning(
+                "registration refused gateway=%s peer=%s reason=%s",
+                req.gateway,
+                conn.peer,
+                too_many,
+            )
+            conn.session.reject_register(ev.seq, too_many)
+            return
         decision = self.authority.authorize(
             req.key, conn.fingerprint, req.gateway, req.networks
         )
@@ -689,8 +706,6 @@ class Router:
         if conn.gateway is not None:
             # a second REGISTER on the same connection replaces what it announced before
             self.withdraw(conn)
-        host = ipaddress.ip_network(req.gateway)
-        prefixes = [host, *req.networks]
         if link is None:
             self._replace_all(conn, req.gateway)
             for net in prefixes:

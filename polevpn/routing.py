@@ -133,3 +133,21 @@ class NetworkSet:
 
     def __contains__(self, addr: IPAddress) -> bool:
         return self._table.lookup(addr) is not None
+
+
+def announcement_error(
+    networks: list[IPNetwork] | tuple[IPNetwork, ...], max_networks: int, max_lengths: int
+) -> str | None:
+    """Why one gateway may not announce ``networks`` (its host prefix included), or None:
+    more than ``max_networks`` of them (the host prefix not counted), or more than
+    ``max_lengths`` distinct prefix lengths in one address family."""
+    if len(networks) - 1 > max_networks:
+        return f"{len(networks) - 1} networks (at most {max_networks})"
+    for version in (4, 6):
+        lengths = {n.prefixlen for n in networks if n.version == version}
+        if len(lengths) > max_lengths:
+            return (
+                f"{len(lengths)} distinct IPv{version} prefix lengths "
+                f"(at most {max_lengths})"
+            )
+    return None

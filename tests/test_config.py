@@ -890,6 +890,8 @@ def test_router_limits_and_user(tmp_path: Path, keys: keygen.KeygenResult) -> No
             "max_pending_per_source": 2,
             "auth_failures": 4,
             "auth_failure_window": 30,
+            "max_networks_per_gateway": 20,
+            "max_prefix_lengths_per_gateway": 3,
         },
         user="nobody",
         anti_spoofing=False,
@@ -897,11 +899,15 @@ def test_router_limits_and_user(tmp_path: Path, keys: keygen.KeygenResult) -> No
     cfg = load_router_config(write(tmp_path / "config.json", obj))
     assert (cfg.limits.max_pending, cfg.limits.max_pending_per_source) == (10, 2)
     assert (cfg.limits.auth_failures, cfg.limits.auth_failure_window) == (4, 30)
+    assert cfg.limits.max_networks_per_gateway == 20
+    assert cfg.limits.max_prefix_lengths_per_gateway == 3
     assert cfg.user == "nobody"
     assert not cfg.anti_spoofing
     assert any("anti_spoofing is off" in w for w in cfg.warnings)
     default = load_router_config(write(tmp_path / "d.json", router_obj(keys)))
     assert default.anti_spoofing and default.user is None and default.auth_timeout == 5
+    assert default.limits.max_networks_per_gateway == 256
+    assert default.limits.max_prefix_lengths_per_gateway == 16
 
 
 @pytest.mark.parametrize(
@@ -910,6 +916,12 @@ def test_router_limits_and_user(tmp_path: Path, keys: keygen.KeygenResult) -> No
         ({"limits": {"max_pending": 0}}, "limits.max_pending", ["outside"]),
         ({"limits": {"auth_failures": "3"}}, "limits.auth_failures", ["expected a number"]),
         ({"limits": 5}, "limits", ["expected an object"]),
+        (
+            {"limits": {"max_prefix_lengths_per_gateway": 0}},
+            "limits.max_prefix_lengths_per_gateway",
+            ["outside"],
+        ),
+        ({"limits": {"max_networks_per_gateway": 0}}, "limits.max_networks_per_gateway", []),
         ({"user": "no-such-user-here"}, "user", ["no such user"]),
         ({"user": "root"}, "user", ["is root"]),
         ({"anti_spoofing": "yes"}, "anti_spoofing", ["true or false"]),

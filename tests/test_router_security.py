@@ -529,3 +529,31 @@ def test_register_flood_closes_the_connection_and_bounds_the_work(keys, transpor
         await router.stop()
 
     run(scenario())
+
+
+def test_register_with_too_many_prefix_lengths_or_networks_is_refused(keys):
+    """Issue 20 finding 12: one shared-key REGISTER with about 118 distinct IPv6 prefix
+    lengths doubled the per-packet lookup cost. Both counts are bounded per gateway."""
+    lengths = [f"2001:db8:{0x8000 + i:x}::/{i + 8}" for i in range(25, 120)]
+    networks = [f"198.18.{i // 256}.{i % 256}/32" for i in range(300)]
+
+    async def scenario():
+        router = await started(cfg(keys, shared="123456"))
+        for nets, reason in (
+            (lengths, "95 distinct IPv6 prefix lengths (at most 16)"),
+            (networks, "300 networks (at most 256)"),
+        ):
+            gw = await tls_gateway(router)
+            await auth(gw, "123456")
+            assert await register(gw, "169.254.0.9", "123456", nets) == {"error": reason}
+            assert await gw.closed_by_peer()
+        assert len(router.routes) == 0
+        assert router.stats.register_refused == 2
+        # within the bounds, fine; and no AUTH failure was counted against the source
+        gw = await tls_gateway(router)
+        await auth(gw, "123456")
+        assert await register(gw, "169.254.0.9", "123456", lengths[:15]) == {}
+        assert not router.admission.failures
+        await router.stop()
+
+    run(scenario())

@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polevpn.routing import NetworkSet, RouteTable
+from polevpn.routing import NetworkSet, RouteTable, announcement_error
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -281,3 +281,26 @@ def test_network_set_matches_brute_force(networks: list, probes: list) -> None:
             assert acl.contains_v4(int(addr)) == want
         else:
             assert acl.contains_v6(int(addr)) == want
+
+
+def test_announcement_error_bounds_networks_and_prefix_lengths() -> None:
+    """Issue 20 finding 12: one REGISTER with 118 distinct IPv6 prefix lengths doubled the
+    per-packet lookup cost for everyone."""
+    host = ip_network("169.254.0.1/32")
+    many = [ip_network(f"2001:db8:{i:x}::/{i + 8}", strict=False) for i in range(24, 119)]
+    assert announcement_error([host, *many], 256, 16) == (
+        "95 distinct IPv6 prefix lengths (at most 16)"
+    )
+    # 16 per family, the host prefix counted among the v4 ones
+    v4 = [ip_network(f"198.18.0.0/{n}") for n in range(16, 31)]
+    v6 = [ip_network(f"2001:db8::/{n}") for n in range(33, 49)]
+    assert announcement_error([host, *v4, *v6], 256, 16) is None
+    assert announcement_error([host, *v4, ip_network("198.18.0.0/31"), *v6], 256, 16) == (
+        "17 distinct IPv4 prefix lengths (at most 16)"
+    )
+    # networks: the host prefix is not one of them
+    nets = [ip_network(f"198.18.{i}.0/24") for i in range(256)]
+    assert announcement_error([host, *nets], 256, 16) is None
+    assert announcement_error([host, *nets, ip_network("198.19.0.0/24")], 256, 16) == (
+        "257 networks (at most 256)"
+    )
