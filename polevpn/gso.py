@@ -52,7 +52,7 @@ MAX_OUTPUT_BYTES = 2 * MAX_IP_LEN
 # family's minimum MTU (576 bytes every IPv4 host takes, RFC 1122; 1280, IPv6's minimum link
 # MTU, RFC 8200) after the largest IP and TCP headers (60 + 60, 40 + 60). A kernel cutting
 # for such a path never goes below it; with it, copied headers cost at most about 26% (v4)
-# or 65% (v6, with MAX_V6_EXT_BYTES of options) on top of the payload.
+# or 52% (v6, with MAX_V6_EXT_BYTES of options) on top of the payload.
 MIN_GSO_SIZE_V4 = 576 - 60 - 60
 MIN_GSO_SIZE_V6 = 1280 - 40 - 60
 _KNOWN_FLAGS = 0x03  # NEEDS_CSUM, DATA_VALID
