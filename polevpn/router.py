@@ -2,9 +2,9 @@
 
 The protocol logic lives in ``session.ServerSession``, the table in ``routing``, who may
 announce what in ``auth`` and the connection limits in ``limits``; this module wires them to
-asyncio transports. The forwarding loop is the hot path: it reads source and destination
-straight out of the packet, drops spoofed sources, batches frames per destination connection
-and writes each batch with one call.
+asyncio transports. Forwarding, the hot path, is ``forwarding.forward``: it reads source
+and destination straight out of each packet, drops spoofed sources and returns the frames
+per destination connection, which ``Router.forward`` writes with one call each.
 
 The router accepts TCP connections itself, so that each is counted against the
 pending-connection limits (and refused) before any TLS work is spent on it; an admitted
