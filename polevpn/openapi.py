@@ -21,12 +21,17 @@ DROP_REASONS = {
     "spoofed": "source address outside the networks the sending gateway registered (anti_spoofing)",
     "queue_full": "the destination gateway's send queue was full (send_queue_bytes), or it "
     "was closing",
-    "malformed": "a super-packet that was not a valid IP packet with a virtio-net header",
+    "malformed": "a super-packet that was not a valid IP packet with a virtio-net header a "
+    "kernel would write (docs/protocol.md section 15)",
     "hairpin": "the destination was routed back to the gateway that sent it",
     "unregistered": "packets from a connection that had not registered yet",
     "link_local": "IPv6 from :: or fe80::/10 that the gateway did not register (its host's "
     "MLD reports): link-scope, never forwarded, not counted as spoofed",
     "links_down": "to a multi-link gateway none of whose links was up",
+    "oversized": "an IP packet of 65,528 bytes or more (from a super-packet) for a gateway "
+    "without super-packets: no frame holds it",
+    "closing": "from a connection the router was closing, e.g. one replaced by a newer "
+    "connection of its gateway or link: stale, never forwarded",
 }
 
 Schema = dict[str, Any]
