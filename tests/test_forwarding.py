@@ -10,9 +10,11 @@ import struct
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from polevpn import gso, wire
-from polevpn.forwarding import MAX_PLAIN, forward
+from polevpn.forwarding import DROPS, MAX_PLAIN, forward
 from polevpn.routing import NetworkSet, RouteTable
 from polevpn.sitelinks import LinkInfo, Site
 
@@ -247,3 +249,41 @@ def test_the_queue_limit_holds_for_the_whole_batch(tmp_path) -> None:
     conn.send_batch(sparts, 3)
     assert router.stats.dropped_queue_full == 26
     assert router.stats.bytes_forwarded == 16 * 4000 + 2 * (len(sp) - gso.VNET_HDR_LEN)
+
+
+# ---- properties ----------------------------------------------------------------------------
+
+_ADDRS = st.sampled_from(
+    ["198.18.10.2", "198.18.20.2", "198.18.30.2", "198.18.99.1", "169.254.0.2", "198.18.10.9"]
+)
+
+
+@st.composite
+def _plain(draw: st.DrawFn) -> bytes:
+    size = draw(st.integers(20, 1500))
+    pkt = bytearray(ipv4(draw(_ADDRS), draw(_ADDRS), size))
+    if draw(st.booleans()):  # a few broken bits here and there
+        for _ in range(draw(st.integers(1, 3))):
+            pkt[draw(st.integers(0, size - 1))] = draw(st.integers(0, 255))
+    return bytes(pkt)
+
+
+@given(st.lists(_plain(), max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_every_packet_is_forwarded_once_or_dropped_once(pkts: list[bytes]) -> None:
+    """Plain packets: one frame each, or one count under one drop reason, never both."""
+    out = forward([memoryview(p) for p in pkts], A, table(A, B, C))
+    sent = sum(len(parts) // 2 for parts in out.batches.values())
+    dropped = sum(getattr(out, name) for name in DROPS)
+    assert sent + dropped == len(pkts)
+    for dst, parts in out.batches.items():
+        assert dst in (B, C)
+        assert all(cmd == 2 for cmd, _ in frames(parts))
+
+
+@given(st.lists(st.binary(min_size=0, max_size=200), max_size=20), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_bodies_never_raise(bodies: list[bytes], super_ok: bool) -> None:
+    src = A if super_ok else B
+    out = forward([memoryview(b) for b in bodies], src, table(A, B, C), anti_spoofing=False)
+    assert sum(getattr(out, name) for name in DROPS) <= len(bodies)
