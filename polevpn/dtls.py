@@ -245,10 +245,14 @@ class CookieListener:
             return [], None
         self._conn = self._fresh()
         session = DtlsSession(conn, server=True, mtu=self.mtu, now=now)
+        # our flight continues from the record sequence number of this ClientHello: every
+        # HelloVerifyRequest this peer got from us carried a lower one
+        session.renumber = _Epoch0Renumber(record_seq(datagram))
         return session.step(now), session
 
 
-def _drain(conn: SSL.Connection, mtu: int) -> list[bytes]:
+def _read_out(conn: SSL.Connection) -> list[bytes]:
+    """Everything OpenSSL has written to the connection's memory BIO, in pieces."""
     chunks = []
     while True:
         try:
@@ -258,7 +262,11 @@ def _drain(conn: SSL.Connection, mtu: int) -> list[bytes]:
         if not data:
             break
         chunks.append(data)
-    return _to_datagrams(chunks, mtu)
+    return chunks
+
+
+def _drain(conn: SSL.Connection, mtu: int) -> list[bytes]:
+    return _to_datagrams(_read_out(conn), mtu)
 
 
 def _to_datagrams(chunks: list[bytes], mtu: int) -> list[bytes]:
@@ -266,6 +274,43 @@ def _to_datagrams(chunks: list[bytes], mtu: int) -> list[bytes]:
     if not chunks:
         return []
     return pack_datagrams(split_records(b"".join(chunks)), mtu)
+
+
+def record_seq(record: bytes) -> int:
+    """The 48-bit sequence number in a record's header."""
+    return int.from_bytes(record[5:11], "big")
+
+
+class _Epoch0Renumber:
+    """Moves a server's epoch-0 record sequence numbers up to the ClientHello's.
+
+    The HelloVerifyRequest carries the record sequence number of the ClientHello it answers
+    (RFC 6347 section 4.2.1), so after a lost first ClientHello the peer has already seen
+    our epoch-0 record 1; OpenSSL (3.2 and later) still numbers the server flight from 1,
+    and a client that applies the replay window to epoch 0 (pion, Go PoleVPN's gateway)
+    drops the ServerHello as a replay. OpenSSL's own DTLSv1_listen used to continue from
+    the sequence number of the ClientHello that carried the cookie, which is above every
+    HelloVerifyRequest sent to that peer; this does the same from outside. Epoch-0 records
+    carry no MAC, so their header may be rewritten; later epochs are left alone.
+    """
+
+    __slots__ = ("floor", "shift")
+
+    def __init__(self, floor: int) -> None:
+        self.floor = floor
+        self.shift: int | None = None  # fixed by the first epoch-0 record we send
+
+    def apply(self, records: list[bytes]) -> list[bytes]:
+        out = []
+        for rec in records:
+            if rec[3:5] == b"\x00\x00":
+                seq = record_seq(rec)
+                if self.shift is None:
+                    self.shift = max(0, self.floor - seq)
+                if self.shift:
+                    rec = rec[:5] + (seq + self.shift).to_bytes(6, "big") + rec[11:]
+            out.append(rec)
+        return out
 
 
 # ---- one association ----------------------------------------------------------------------
@@ -348,6 +393,8 @@ class DtlsSession:
         self.peer_closed = False
         self.bad_records = 0
         self._io: _RecordIO | None = None
+        # a server session made by CookieListener: how its epoch-0 records are numbered
+        self.renumber: _Epoch0Renumber | None = None
 
     @classmethod
     def client(
@@ -379,7 +426,7 @@ class DtlsSession:
         except SSL.WantReadError:
             pass
         except SSL.Error as exc:
-            out = _drain(self.conn, self.mtu)  # the alert that tells the peer why
+            out = self._out(_read_out(self.conn))  # the alert that tells the peer why
             self._fail(f"handshake failed: {_ssl_reason(exc)}")
             return out
         else:
@@ -391,7 +438,16 @@ class DtlsSession:
                 except DtlsError as exc:
                     self._fail(str(exc))
                     return []
-        return _drain(self.conn, self.mtu)
+        return self._out(_read_out(self.conn))
+
+    def _out(self, chunks: list[bytes]) -> list[bytes]:
+        """What OpenSSL wrote, as datagrams to send (epoch-0 records renumbered)."""
+        if not chunks:
+            return []
+        records = split_records(b"".join(chunks))
+        if self.renumber is not None:
+            records = self.renumber.apply(records)
+        return pack_datagrams(records, self.mtu)
 
     def _fail(self, reason: str) -> None:
         self.closed = True
@@ -431,7 +487,7 @@ class DtlsSession:
                 self._fail(f"dtls error: {_ssl_reason(exc)}")
                 break
             records.append(data)
-        pending = _drain(conn, self.mtu)
+        pending = self._out(_read_out(conn))
         if pending:
             out = out + pending
         return records, out
@@ -459,7 +515,7 @@ class DtlsSession:
                     end = n  # not a record: DTLS drops it as it would any junk
                 self._feed(io, datagram[pos:end], records)
                 pos = end
-        return records, _to_datagrams(io.drain(), self.mtu)
+        return records, self._out(io.drain())
 
     def _feed(self, io: _RecordIO, data: bytes, records: list[bytes]) -> None:
         lib = _lib
@@ -516,7 +572,7 @@ class DtlsSession:
         except SSL.Error as exc:
             self._fail(f"handshake failed: {_ssl_reason(exc)}")
             return []
-        return _drain(self.conn, self.mtu)
+        return self._out(_read_out(self.conn))
 
     def close(self) -> list[bytes]:
         """A close_notify for the peer, so it need not wait for its idle timeout."""
@@ -527,7 +583,7 @@ class DtlsSession:
             return []
         with contextlib.suppress(SSL.Error):
             self.conn.shutdown()
-        return _drain(self.conn, self.mtu)
+        return self._out(_read_out(self.conn))
 
 
 def _ssl_reason(exc: SSL.Error) -> str:

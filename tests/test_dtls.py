@@ -7,6 +7,7 @@ import struct
 import time
 
 import pytest
+import strictdtls
 from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -278,3 +279,54 @@ def test_coalesced_datagrams_yield_every_record(keys, count):
     assert p.server.receive(more[0] + more[1][:-5] + b"\x17junk", 0.0) == ([b"a" * 1000], [])
     assert p.server.receive(p.client.send(b"after"), 0.0) == ([b"after"], [])
     assert not p.server.closed
+
+
+# ---- record sequence numbers against a strict peer (issue 15) ------------------------------
+
+
+@pytest.mark.parametrize("loss", list(strictdtls.LOSSES))
+def test_strict_client_completes_whatever_is_lost(keys, loss):
+    """A client that applies the replay window to epoch 0 (pion, Go PoleVPN's gateway) must
+    finish the handshake with the router's listener whichever handshake datagram is lost:
+    the server's epoch-0 records never reuse a sequence number it has sent that peer."""
+    ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
+    client = strictdtls.Client(strict=True)
+    server = strictdtls.Server(dtls.CookieListener(ctx, jar), dtls.peer_key(PEER), strict=False)
+    path = strictdtls.Path(dict(strictdtls.LOSSES[loss]))
+    strictdtls.run(client, server, path)
+    assert client.strict.dropped == [], "the client saw a record it had seen before"
+    assert not any(n for n in path.lose.values()), f"the loss did not happen: {path.log}"
+    strictdtls.exchange(client, server)
+
+
+@pytest.mark.parametrize("loss", list(strictdtls.LOSSES))
+def test_our_client_completes_with_a_strict_server(keys, loss):
+    """The other way round: our gateway's client against a server that applies the window
+    to epoch 0 (Go PoleVPN's router)."""
+    ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
+    client = strictdtls.Client(strict=False)
+    server = strictdtls.Server(dtls.CookieListener(ctx, jar), dtls.peer_key(PEER), strict=True)
+    path = strictdtls.Path(dict(strictdtls.LOSSES[loss]))
+    strictdtls.run(client, server, path)
+    assert server.strict.dropped == []
+    assert not any(n for n in path.lose.values()), f"the loss did not happen: {path.log}"
+    strictdtls.exchange(client, server)
+
+
+def test_server_epoch0_numbers_continue_from_the_cookie_hello(keys):
+    """Record level: after a lost first ClientHello the HelloVerifyRequest is record 1
+    (mirrored); the flight that follows starts at the cookie ClientHello's number (2)."""
+    ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
+    listener = dtls.CookieListener(ctx, jar)
+    client = strictdtls.Client(strict=True)
+    first = client.start()[0]
+    retransmitted = first[:5] + (1).to_bytes(6, "big") + first[11:]
+    hvr, _ = listener.receive(retransmitted, dtls.peer_key(PEER), 0.0)
+    assert [strictdtls.describe(r)[2] for r in dtls.split_records(hvr[0])] == [1]
+    with_cookie = client.receive(hvr[0])[0]
+    assert dtls.record_seq(with_cookie) == 1  # OpenSSL's client numbers on from its own 0
+    with_cookie = with_cookie[:5] + (2).to_bytes(6, "big") + with_cookie[11:]
+    flight, session = listener.receive(with_cookie, dtls.peer_key(PEER), 0.0)
+    assert session is not None
+    seqs = [strictdtls.describe(r)[2] for d in flight for r in dtls.split_records(d)]
+    assert seqs == list(range(2, 2 + len(seqs)))
