@@ -43,6 +43,7 @@ RECORD_HEADER = 13  # type, version, epoch, sequence number (48 bits), length
 CT_HANDSHAKE = 22
 CT_APPLICATION_DATA = 23
 CT_ALERT = 21
+HS_CLIENT_HELLO = 1
 # ECDHE-RSA-AES128-GCM-SHA256 is what PoleVPN's Go side chooses; the rest keep ECDSA router
 # certificates and stronger suites working
 CIPHERS = (

@@ -27,6 +27,8 @@ from .config import KcpParams
 from .counters import Counters
 from .dtls import (
     CT_HANDSHAKE,
+    HS_CLIENT_HELLO,
+    RECORD_HEADER,
     CookieJar,
     CookieListener,
     DtlsError,
@@ -433,11 +435,14 @@ class KcpServer(asyncio.DatagramProtocol):
     def _received(self, data: bytes, addr: Addr) -> None:
         t = self.sessions.get(addr)
         if t is not None:
-            if data[:1] == b"\x16" and data[_EPOCH] == b"\x00\x00" and looks_like_dtls(data):
+            if _is_new_hello(data, t.dtls):
                 # a new handshake from an address with a live session: the gateway restarted
                 # and reused its port. Only a proven (cookie) peer may replace the session.
                 self._hello(data, addr, replacing=t)
                 return
+            # anything else, epoch-0 handshake records included, is the session's own: the
+            # gateway's flight retransmitted because our Finished was lost, which OpenSSL
+            # answers by sending its Finished again
             t.datagram_received(data)
             return
         p = self.pending.get(addr)
@@ -562,6 +567,31 @@ class KcpServer(asyncio.DatagramProtocol):
             self.stats.udp_batches = self.batch.batches
             self.stats.udp_batched = self.batch.batched_datagrams
         return self.stats
+
+
+# where a ClientHello's random starts: record header, handshake header, client_version
+_HELLO_RANDOM = slice(RECORD_HEADER + 12 + 2, RECORD_HEADER + 12 + 2 + 32)
+
+
+def _is_new_hello(data: bytes, session: DtlsSession) -> bool:
+    """A ClientHello (epoch 0, handshake type 1, first fragment) of another handshake than
+    ``session``'s: its random differs. The ClientHello that returns a cookie repeats the
+    first one's random (RFC 6347 section 4.2.1), so a restarted gateway's pair, message_seq
+    0 and 1, both qualify, while a late copy of the session's own ClientHello does not."""
+    if (
+        len(data) < _HELLO_RANDOM.stop
+        or data[0] != CT_HANDSHAKE
+        or data[_EPOCH] != b"\x00\x00"
+        or not looks_like_dtls(data)
+        or data[RECORD_HEADER] != HS_CLIENT_HELLO
+        or data[RECORD_HEADER + 6 : RECORD_HEADER + 9] != b"\x00\x00\x00"  # fragment_offset
+    ):
+        return False
+    try:
+        current = session.conn.client_random()
+    except SSL.Error:
+        current = None
+    return data[_HELLO_RANDOM] != current
 
 
 def _fmt(addr: Addr) -> str:

@@ -1,0 +1,184 @@
+"""The router's kcp:// endpoint before a session exists: cookie listener, pending handshakes,
+admission, and what a datagram from an address with a live session is taken for.
+
+A ``KcpServer`` on loopback; the client is our DTLS session behind the strict replay window
+of ``strictdtls`` (as pion's), driven datagram by datagram over a real UDP socket so that
+chosen datagrams can be lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import strictdtls
+
+from polevpn import dtls
+from polevpn.config import KcpParams
+from polevpn.kcp_transport import KcpServer
+from polevpn.keygen import generate
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory):
+    return generate(tmp_path_factory.mktemp("kcpserverkeys"))
+
+
+class Slots:
+    """The router's admission as the server sees it: who holds a slot, who was refused."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.held = 0
+        self.asked = 0
+
+    def admit(self, addr) -> bool:
+        self.asked += 1
+        if self.refuse:
+            return False
+        self.held += 1
+        return True
+
+    def release(self, addr) -> None:
+        self.held -= 1
+
+
+class Sink(asyncio.Protocol):
+    made: list[Sink] = []
+
+    def connection_made(self, transport) -> None:
+        Sink.made.append(self)
+
+
+async def serve(keys, slots: Slots | None = None, **kw) -> tuple[KcpServer, int]:
+    ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
+    slots = slots or Slots()
+    server = KcpServer(
+        ctx,
+        jar,
+        KcpParams(),
+        Sink,
+        handshake_timeout=kw.pop("handshake_timeout", 5.0),
+        admit=slots.admit,
+        release=slots.release,
+        **kw,
+    )
+    udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: server, local_addr=("127.0.0.1", 0)
+    )
+    return server, udp.get_extra_info("sockname")[1]
+
+
+class UdpClient(asyncio.DatagramProtocol):
+    """A ``strictdtls.Client`` on a UDP socket, losing what ``path`` says."""
+
+    def __init__(self, client: strictdtls.Client, path: strictdtls.Path) -> None:
+        self.client = client
+        self.path = path
+        self.transport: asyncio.DatagramTransport | None = None
+        self.received: list[bytes] = []
+
+    def send(self, datagrams: list[bytes]) -> None:
+        assert self.transport is not None
+        for d in datagrams:
+            if self.path.passes("c2s", d):
+                self.transport.sendto(d)
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.send(self.client.start())
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        self.received.append(data)
+        if self.path.passes("s2c", data):
+            self.send(self.client.receive(data))
+
+    async def handshake(self, within: float) -> float:
+        start = time.monotonic()
+        while not self.client.established:
+            if time.monotonic() - start > within:
+                raise AssertionError(f"no handshake within {within}s: {self.path.log}")
+            await asyncio.sleep(0.02)
+            self.send(self.client.handle_timeout())
+        return time.monotonic() - start
+
+
+async def connect(
+    port: int, loss: dict | None = None, strict: bool = True, source: str = "127.0.0.1"
+) -> tuple[UdpClient, asyncio.DatagramTransport]:
+    proto = UdpClient(strictdtls.Client(strict), strictdtls.Path(dict(loss or {})))
+    udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+        lambda: proto, local_addr=(source, 0), remote_addr=("127.0.0.1", port)
+    )
+    return proto, udp
+
+
+def test_lost_server_finished_is_resent_at_once(keys):
+    """The router's last handshake datagram (CCS, Finished) is lost: the gateway's
+    retransmitted flight (epoch-0 ClientKeyExchange first) reaches the session, which sends
+    its Finished again; no 5 s stall, no second pending slot, no orphan session."""
+
+    async def scenario():
+        Sink.made.clear()
+        slots = Slots()
+        server, port = await serve(keys, slots)
+        gw, udp = await connect(port, {("s2c", "CCS"): 1})
+        took = await gw.handshake(within=4.0)
+        assert took < 2.5, took
+        assert not any(gw.path.lose.values()), gw.path.log
+        assert gw.client.strict.dropped == []
+        assert server.pending == {} and len(server.sessions) == 1
+        assert slots.asked == 1 and slots.held == 1 and len(Sink.made) == 1
+        assert server.stats.handshakes == 1
+        # and the session carries data: the retransmission did not replace it
+        (t,) = server.sessions.values()
+        rec = gw.client.session.send(b"\x00" * 24)
+        assert rec is not None
+        before = t.datagrams_in
+        udp.sendto(rec)
+        await asyncio.sleep(0.1)
+        assert t.datagrams_in == before + 1
+        udp.close()
+        server.transport.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("loss", ["first ClientHello lost", "server flight lost"])
+def test_strict_client_over_loopback(keys, loss):
+    """Issue 15 through the real endpoint: a pion-like client that lost its first
+    ClientHello (or our flight) completes, with nothing dropped as a replay."""
+
+    async def scenario():
+        server, port = await serve(keys)
+        gw, udp = await connect(port, strictdtls.LOSSES[loss])
+        await gw.handshake(within=5.0)
+        assert gw.client.strict.dropped == []
+        assert len(server.sessions) == 1 and server.pending == {}
+        udp.close()
+        server.transport.close()
+
+    asyncio.run(scenario())
+
+
+def test_restarted_gateway_on_the_same_port_replaces_its_session(keys):
+    """A new ClientHello (another random) from the address of a live session still goes
+    through the cookie exchange and then replaces the session."""
+
+    async def scenario():
+        server, port = await serve(keys)
+        gw, udp = await connect(port)
+        await gw.handshake(within=3.0)
+        (old,) = server.sessions.values()
+        # the same socket, a new client: a gateway restarted with the same source port
+        gw.client = strictdtls.Client(True)
+        gw.send(gw.client.start())
+        await gw.handshake(within=3.0)
+        (new,) = server.sessions.values()
+        assert new is not old and old.is_closing()
+        assert server.stats.handshakes == 2
+        udp.close()
+        server.transport.close()
+
+    asyncio.run(scenario())
