@@ -112,9 +112,14 @@ def server_context(
     key_file: Path,
     cookie_secret: bytes | None = None,
     client_ca: Path | None = None,
+    jar: CookieJar | None = None,
 ) -> tuple[SSL.Context, CookieJar]:
     """``client_ca``: ask gateways for a certificate and verify it against this CA; one that
-    sends none is still accepted (PoleVPN gateways have none) and is judged by its key."""
+    sends none is still accepted (PoleVPN gateways have none) and is judged by its key.
+
+    ``jar``: the cookie jar to use, for a reload: the ``CookieListener`` tells its jar the
+    address of each datagram, and a context whose callbacks consult another jar would bind
+    every cookie to no address at all."""
     ctx = _base_context(SSL.DTLS_SERVER_METHOD)
     ctx.use_certificate_chain_file(str(cert_file))
     ctx.use_privatekey_file(str(key_file))
@@ -122,7 +127,8 @@ def server_context(
     if client_ca is not None:
         ctx.load_verify_locations(str(client_ca))
         ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
-    jar = CookieJar(cookie_secret)
+    if jar is None:
+        jar = CookieJar(cookie_secret)
     ctx.set_cookie_generate_callback(jar.generate)
     ctx.set_cookie_verify_callback(jar.verify)
     return ctx, jar

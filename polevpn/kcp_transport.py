@@ -399,6 +399,12 @@ class KcpServer(asyncio.DatagramProtocol):
         self.batch: UdpBatchSender | None = None
         self._loop = asyncio.get_event_loop()
 
+    def set_context(self, ctx: SSL.Context, jar: CookieJar) -> None:
+        """A reloaded certificate: new handshakes use ``ctx``, whose cookie callbacks must
+        be ``jar``'s (the listener tells its jar each datagram's address)."""
+        self.listener.ctx = ctx
+        self.listener.jar = jar
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self._loop = asyncio.get_running_loop()
