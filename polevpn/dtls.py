@@ -10,8 +10,8 @@ Two things pyOpenSSL's memory BIO does not do for us:
 * a server must not keep state for a peer that has not proven it can receive at its source
   address, or a spoofed ClientHello would make the router do work and send a certificate
   flight to a victim. ``CookieListener`` runs OpenSSL's stateless cookie exchange
-  (HelloVerifyRequest) on one shared connection object, and only a ClientHello that returns a
-  valid cookie gets a ``DtlsSession`` of its own.
+  (HelloVerifyRequest) on a throw-away connection object per datagram, and only a
+  ClientHello that returns a valid cookie (and is admitted) gets a ``DtlsSession``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import ipaddress
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,17 +208,24 @@ class CookieListener:
     """Answers ClientHellos statelessly until one comes back with a valid cookie.
 
     ``receive`` returns ``(reply_datagrams, session)``: replies go back to the peer (a
-    HelloVerifyRequest), and ``session`` is set once the peer has proven its address; the
-    listener then starts over with a fresh connection object for the next peer.
+    HelloVerifyRequest, or the first server flight), and ``session`` is set once the peer
+    has proven its address and was admitted.
+
+    Nothing is kept for a peer that has not proved its address: every datagram gets a
+    connection object of its own (about 6 us), which is dropped unless the cookie was good.
+    A shared object would keep what OpenSSL did not consume of one datagram in front of the
+    next peer's ClientHello. Datagrams larger than ``mtu`` are dropped unread: a ClientHello
+    is a few hundred bytes, and OpenSSL reads a memory BIO 16 KiB at a time.
     """
 
     def __init__(self, ctx: SSL.Context, jar: CookieJar, mtu: int = DEFAULT_MTU) -> None:
         self.ctx = ctx
         self.jar = jar
         self.mtu = mtu
-        self._conn = self._fresh()
         self.hello_verify_sent = 0
         self.rejected = 0
+        # cookie-proven ClientHellos that ``admit`` turned away (no handshake work done)
+        self.refused = 0
 
     def _fresh(self) -> SSL.Connection:
         conn = SSL.Connection(self.ctx, None)
@@ -226,14 +234,25 @@ class CookieListener:
         return conn
 
     def receive(
-        self, datagram: bytes, peer: bytes, now: float
+        self,
+        datagram: bytes,
+        peer: bytes,
+        now: float,
+        admit: Callable[[], bool] | None = None,
     ) -> tuple[list[bytes], DtlsSession | None]:
-        if not looks_like_dtls(datagram) or datagram[0] != CT_HANDSHAKE:
+        """``admit``: asked once the cookie is good and before any handshake work (the
+        server flight costs a signature and about 1.4 KB); False leaves the peer unanswered.
+        The HelloVerifyRequest never depends on it: it keeps no state."""
+        if (
+            len(datagram) > self.mtu
+            or not looks_like_dtls(datagram)
+            or datagram[0] != CT_HANDSHAKE
+        ):
             self.rejected += 1
             return [], None
         self.jar.rotate_if_due(now)
         self.jar.peer = peer
-        conn = self._conn
+        conn = self._fresh()
         try:
             conn.bio_write(datagram)
             conn.DTLSv1_listen()
@@ -246,11 +265,11 @@ class CookieListener:
                 self.rejected += 1
             return replies, None
         except SSL.Error:
-            # OpenSSL may have half-consumed the bytes: never reuse that object
             self.rejected += 1
-            self._conn = self._fresh()
             return [], None
-        self._conn = self._fresh()
+        if admit is not None and not admit():
+            self.refused += 1
+            return [], None
         session = DtlsSession(conn, server=True, mtu=self.mtu, now=now)
         # our flight continues from the record sequence number of this ClientHello: every
         # HelloVerifyRequest this peer got from us carried a lower one

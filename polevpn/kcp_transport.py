@@ -458,22 +458,22 @@ class KcpServer(asyncio.DatagramProtocol):
         self._hello(data, addr, replacing=None)
 
     def _hello(self, data: bytes, addr: Addr, replacing: KcpTransport | None) -> None:
-        if len(self.pending) >= self.MAX_PENDING or not looks_like_dtls(data):
-            self.stats.rejected_datagrams += 1
-            return
-        if data[0] != CT_HANDSHAKE:
-            self.stats.rejected_datagrams += 1
-            return
         now = time.monotonic()
-        replies, dtls = self.listener.receive(data, peer_key(addr), now)
+
+        def admit() -> bool:
+            # asked only for a valid cookie, before any handshake work: the
+            # HelloVerifyRequest itself is stateless and never refused
+            if len(self.pending) >= self.MAX_PENDING:
+                return False
+            return self.admit is None or self.admit(addr)
+
+        replies, dtls = self.listener.receive(data, peer_key(addr), now, admit)
         self.stats.hello_verify_sent = self.listener.hello_verify_sent
         self.stats.rejected_datagrams = self.listener.rejected
+        self.stats.refused_handshakes = self.listener.refused
         for d in replies:
             self._sendto(d, addr)
         if dtls is None:
-            return
-        if self.admit is not None and not self.admit(addr):
-            self.stats.refused_handshakes += 1
             return
         if replacing is not None:
             log.info("kcp peer=%s started a new handshake; closing its old session", addr[0])

@@ -206,3 +206,7 @@ LOSSES: dict[str, Loss] = {
     "server Finished lost": {("s2c", "CCS"): 1},
     "first ClientHello and server flight lost": {("c2s", "CH"): 1, ("s2c", "SH"): 1},
 }
+
+
+def kinds(datagrams: list[bytes]) -> list[str]:
+    return [first_kind(d) for d in datagrams]

@@ -182,3 +182,70 @@ def test_restarted_gateway_on_the_same_port_replaces_its_session(keys):
         server.transport.close()
 
     asyncio.run(scenario())
+
+
+def test_full_pending_table_still_answers_the_cookie_exchange(keys):
+    """With every handshake slot taken, a new peer still gets its (stateless)
+    HelloVerifyRequest; its cookie ClientHello is then refused without a server flight
+    (issue 19 bug 9)."""
+
+    async def scenario():
+        server, port = await serve(keys)
+        server.MAX_PENDING = 1
+        # A gets through the cookie and then loses everything it sends: it holds the slot
+        a, a_udp = await connect(port, {("c2s", "CKE"): 100})
+        await asyncio.sleep(0.2)
+        assert len(server.pending) == 1
+        b, b_udp = await connect(port, source="127.0.0.2")
+        await asyncio.sleep(0.3)
+        assert strictdtls.kinds(b.received) == ["HVR"], strictdtls.kinds(b.received)
+        assert server.stats.refused_handshakes == 1 and len(server.pending) == 1
+        for u in (a_udp, b_udp):
+            u.close()
+        server.transport.close()
+
+    asyncio.run(scenario())
+
+
+def test_refused_handshake_gets_no_server_flight(keys):
+    """Admission (pending caps, a source blocked for AUTH failures) is asked once the cookie
+    is good and before any handshake work: a refused peer gets its HelloVerifyRequest and
+    then nothing, retransmissions included (docs/protocol.md section 11; issue 20
+    finding 6)."""
+
+    async def scenario():
+        slots = Slots(refuse=True)
+        server, port = await serve(keys, slots)
+        gw, udp = await connect(port)
+        await asyncio.sleep(1.3)  # past the client's first retransmission of its ClientHello
+        gw.send(gw.client.handle_timeout())
+        await asyncio.sleep(0.2)
+        assert strictdtls.kinds(gw.received) == ["HVR"], strictdtls.kinds(gw.received)
+        assert slots.asked >= 2 and slots.held == 0
+        assert server.pending == {} and server.sessions == {}
+        assert server.stats.refused_handshakes == slots.asked
+        udp.close()
+        server.transport.close()
+
+    asyncio.run(scenario())
+
+
+def test_oversized_datagram_leaves_nothing_behind(keys):
+    """One oversized datagram (no key, source may be forged) must not delay the next peer's
+    ClientHello (issue 20 finding 1)."""
+
+    async def scenario():
+        server, port = await serve(keys)
+        junk_udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            asyncio.DatagramProtocol, remote_addr=("127.0.0.1", port)
+        )
+        junk_udp.sendto(b"\x16\xfe\xfd" + b"\x00" * 65000)
+        await asyncio.sleep(0.1)
+        gw, udp = await connect(port)
+        assert await gw.handshake(within=3.0) < 0.5
+        assert server.stats.rejected_datagrams >= 1
+        for u in (junk_udp, udp):
+            u.close()
+        server.transport.close()
+
+    asyncio.run(scenario())
