@@ -23,7 +23,7 @@ import ipaddress
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -342,6 +342,9 @@ class _Epoch0Renumber:
 # ---- one association ----------------------------------------------------------------------
 
 _IO_MAX = 65536
+# set (to anything) to run established associations on pyOpenSSL's public API, as when its
+# internals are missing; the tests run both paths
+PUBLIC_API_ENV = "POLEVPN_DTLS_PUBLIC_API"
 # the most fed to OpenSSL at once: under its 16 KiB read buffer, over any one datagram
 _FEED_MAX = 9216
 
@@ -370,7 +373,7 @@ class _RecordIO:
 
     @staticmethod
     def create(conn: SSL.Connection) -> _RecordIO | None:
-        if _lib is None:
+        if _lib is None or os.environ.get(PUBLIC_API_ENV):
             return None
         try:
             return _RecordIO(conn)
@@ -386,6 +389,33 @@ class _RecordIO:
             if n <= 0:
                 return chunks
             chunks.append(view[:n])
+
+
+def _pieces(datagram: bytes) -> Iterator[bytes]:
+    """``datagram`` cut at record boundaries into pieces of at most ``_FEED_MAX`` bytes.
+
+    A run of datagrams the kernel coalesced (UDP GRO) can be 64 KiB. OpenSSL takes each read
+    of a memory BIO (16 KiB at most) for one datagram: the record cut at the end of a read
+    is dropped as truncated, and the next read starts mid-record, so everything up to a
+    chance record boundary is dropped as junk (fed whole, 40 records of 1400 bytes gave 16).
+    Fed whole records at a time, OpenSSL sees every one.
+    """
+    n = len(datagram)
+    if n <= _FEED_MAX:
+        yield datagram
+        return
+    pos = 0
+    while pos < n:
+        end = pos
+        while end + RECORD_HEADER <= n:
+            stop = end + RECORD_HEADER + ((datagram[end + 11] << 8) | datagram[end + 12])
+            if stop > n or (stop - pos > _FEED_MAX and end > pos):
+                break
+            end = stop
+        if end == pos:
+            end = n  # not a record: DTLS drops it as it would any junk
+        yield datagram[pos:end]
+        pos = end
 
 
 def _queued_error() -> str:
@@ -485,20 +515,45 @@ class DtlsSession:
             return [], []
         if self._io is not None:
             return self._receive_established(self._io, datagram)
+        if not self.established:
+            return self._receive_handshake(datagram, now)
+        # the public API (pyOpenSSL without the internals _RecordIO uses): the same pieces
+        records: list[bytes] = []
+        conn = self.conn
+        for piece in _pieces(datagram):
+            if self.closed:
+                break
+            try:
+                conn.bio_write(piece)
+            except SSL.Error:
+                self.bad_records += 1
+                continue
+            self._recv_public(records)
+        return records, self._out(_read_out(conn))
+
+    def _receive_handshake(self, datagram: bytes, now: float) -> tuple[list[bytes], list[bytes]]:
         conn = self.conn
         try:
             conn.bio_write(datagram)
         except SSL.Error:
             self.bad_records += 1
             return [], []
+        out = self.step(now)
         if not self.established:
-            out = self.step(now)
-            if not self.established:
-                return [], out
-        else:
-            out = []
+            return [], out
+        # application data in the datagram that finished the handshake
         records: list[bytes] = []
-        while True:
+        self._recv_public(records)
+        pending = self._out(_read_out(conn))
+        return records, out + pending if pending else out
+
+    def _recv_public(self, records: list[bytes]) -> None:
+        conn = self.conn
+        while not self.closed:
+            if _lib is not None:
+                # a stale error left in the thread's queue would make SSL_get_error report
+                # this read as failed
+                _lib.ERR_clear_error()
             try:
                 data = conn.recv(65536)
             except SSL.WantReadError:
@@ -513,34 +568,18 @@ class DtlsSession:
                 self._fail(f"dtls error: {_ssl_reason(exc)}")
                 break
             records.append(data)
-        pending = self._out(_read_out(conn))
-        if pending:
-            out = out + pending
-        return records, out
 
     def _receive_established(
         self, io: _RecordIO, datagram: bytes
     ) -> tuple[list[bytes], list[bytes]]:
         records: list[bytes] = []
-        n = len(datagram)
-        if n <= _FEED_MAX:
+        if len(datagram) <= _FEED_MAX:
             self._feed(io, datagram, records)
         else:
-            # a run of datagrams the kernel coalesced (UDP GRO): OpenSSL reads a memory BIO
-            # in 16 KiB gulps and drops a record cut at the end of one, so feed it whole
-            # records at a time
-            pos = 0
-            while pos < n and not self.closed:
-                end = pos
-                while end + RECORD_HEADER <= n:
-                    stop = end + RECORD_HEADER + ((datagram[end + 11] << 8) | datagram[end + 12])
-                    if stop > n or (stop - pos > _FEED_MAX and end > pos):
-                        break
-                    end = stop
-                if end == pos:
-                    end = n  # not a record: DTLS drops it as it would any junk
-                self._feed(io, datagram[pos:end], records)
-                pos = end
+            for piece in _pieces(datagram):
+                if self.closed:
+                    break
+                self._feed(io, piece, records)
         return records, self._out(io.drain())
 
     def _feed(self, io: _RecordIO, data: bytes, records: list[bytes]) -> None:
@@ -551,6 +590,9 @@ class DtlsSession:
             return
         ssl, buf, view = io.ssl, io.buf, io.view
         while True:
+            # a stale error in the thread's queue (left by any other OpenSSL call) would
+            # make SSL_get_error report this read as fatal for the association
+            lib.ERR_clear_error()
             n = lib.SSL_read(ssl, buf, _IO_MAX)
             if n > 0:
                 records.append(view[:n])
