@@ -370,11 +370,13 @@ class Router:
             ctx,
             jar,
             self.cfg.kcp_params,
-            lambda: GatewayConnection(self, "kcp"),
+            # the AUTH deadline runs from the cookie, as the handshake's does: one budget
+            lambda started: GatewayConnection(self, "kcp", accepted_at=started),
             handshake_timeout=self.cfg.auth_timeout,
             pool=self.kcp_pool,
             admit=self._admit_kcp,
             release=lambda addr: self.admission.release(source_key(addr[0])),
+            limits=self.cfg.kcp_handshakes,
         )
         udp, _ = await loop.create_datagram_endpoint(
             lambda: server, local_addr=(kcp.host, kcp.port)
@@ -545,6 +547,7 @@ class Router:
         if self.kcp_server is not None and dtls_ctx is not None:
             self.kcp_server.set_context(*dtls_ctx)
             self.kcp_server.handshake_timeout = cfg.auth_timeout
+            self.kcp_server.slots.limits = cfg.kcp_handshakes
         self.admission.params = cfg.limits
         for conn in self.connections:
             conn.queue_limit = self._queue_limit(conn)

@@ -15,8 +15,8 @@ import pytest
 import strictdtls
 
 from polevpn import dtls
-from polevpn.config import KcpParams
-from polevpn.kcp_transport import KcpServer
+from polevpn.config import HandshakeLimits, KcpParams
+from polevpn.kcp_transport import HandshakeSlots, KcpServer
 from polevpn.keygen import generate
 
 
@@ -46,6 +46,9 @@ class Slots:
 
 class Sink(asyncio.Protocol):
     made: list[Sink] = []
+
+    def __init__(self, started: float) -> None:
+        self.started = started
 
     def connection_made(self, transport) -> None:
         Sink.made.append(self)
@@ -78,10 +81,13 @@ class UdpClient(asyncio.DatagramProtocol):
         self.path = path
         self.transport: asyncio.DatagramTransport | None = None
         self.received: list[bytes] = []
+        self.cookie_sent: float | None = None
 
     def send(self, datagrams: list[bytes]) -> None:
         assert self.transport is not None
         for d in datagrams:
+            if self.cookie_sent is None and strictdtls.first_kind(d) == "CH2":
+                self.cookie_sent = time.monotonic()
             if self.path.passes("c2s", d):
                 self.transport.sendto(d)
 
@@ -190,8 +196,7 @@ def test_full_pending_table_still_answers_the_cookie_exchange(keys):
     (issue 19 bug 9)."""
 
     async def scenario():
-        server, port = await serve(keys)
-        server.MAX_PENDING = 1
+        server, port = await serve(keys, limits=HandshakeLimits(max_handshakes=1))
         # A gets through the cookie and then loses everything it sends: it holds the slot
         a, a_udp = await connect(port, {("c2s", "CKE"): 100})
         await asyncio.sleep(0.2)
@@ -249,3 +254,91 @@ def test_oversized_datagram_leaves_nothing_behind(keys):
         server.transport.close()
 
     asyncio.run(scenario())
+
+
+def test_handshake_slots_are_shared_per_prefix():
+    """One IPv4 /24, one IPv6 /64, /56 or /48 cannot take every handshake slot (issue 20
+    finding 5): defaults 256 in all, 32 per /24 or /64, 64 per /56, 128 per /48."""
+    slots = HandshakeSlots(HandshakeLimits())
+    taken = [slots.take(f"198.18.7.{i}") for i in range(40)]
+    assert sum(t is not None for t in taken) == 32
+    assert slots.take("198.18.8.1") is not None  # the next /24 is another share
+    # a /48 spread over many /64s and /56s: 128 at most, and the rest is left for others
+    got = 0
+    for sub in range(256):
+        for host in range(3):
+            got += slots.take(f"2001:db8:77:{sub:02x}{host:02x}::1") is not None
+    assert got == 128  # the /48's share, though no /64 or /56 of it is full
+    assert slots.total == 33 + 128
+    assert slots.take("2001:db8:78::1") is not None
+    # an IPv4-mapped address counts as the IPv4 one
+    assert slots.take("::ffff:198.18.7.200") is None
+    # giving back frees exactly what was charged
+    charged = slots.take("198.18.9.1")
+    assert charged is not None
+    before = dict(slots.by_prefix)
+    slots.give_back(charged)
+    assert slots.by_prefix.get("198.18.9.0/24", 0) == before["198.18.9.0/24"] - 1
+
+
+def test_handshake_slots_total_and_small_tables():
+    slots = HandshakeSlots(HandshakeLimits(max_handshakes=4, max_per_prefix=32))
+    # no prefix more than half the table, whatever max_per_prefix says
+    assert [slots.take("198.18.1.1") is not None for _ in range(3)] == [True, True, False]
+    assert slots.take("198.18.2.1") and slots.take("198.18.3.1")
+    assert slots.take("198.18.4.1") is None  # the total
+    assert slots.total == 4
+
+
+def test_one_prefix_cannot_fill_the_kcp_handshake_table(keys):
+    """Through the endpoint: with max_handshakes 2 (one prefix may hold 1), a second
+    stalled handshake from 127.0.0.0/24 is refused while another /24 still gets in."""
+
+    async def scenario():
+        server, port = await serve(keys, limits=HandshakeLimits(max_handshakes=2))
+        stall = {("c2s", "CKE"): 100}
+        a, a_udp = await connect(port, stall, source="127.0.0.2")
+        b, b_udp = await connect(port, stall, source="127.0.0.3")
+        await asyncio.sleep(0.3)
+        assert len(server.pending) == 1 and server.stats.refused_handshakes >= 1
+        assert strictdtls.kinds(b.received) == ["HVR"]
+        assert server.slots.by_prefix == {"127.0.0.0/24": 1}
+        for u in (a_udp, b_udp):
+            u.close()
+        server.transport.close()
+        await asyncio.sleep(0.01)
+        assert server.pending == {} and server.slots.total == 0
+
+    asyncio.run(scenario())
+
+
+def test_kcp_connection_has_auth_timeout_from_the_cookie(keys):
+    """README: a connection has auth_timeout from its DTLS cookie for the handshake, AUTH
+    and REGISTER. A gateway whose handshake took 1 s (a lost flight) and then sends nothing
+    is closed auth_timeout after the cookie, not auth_timeout after the handshake (issue 20
+    finding 13: it lasted up to twice auth_timeout)."""
+    from test_router_loopback import router_config
+    from test_router_loopback import run as run_uvloop
+
+    from polevpn.router import Router
+
+    async def scenario():
+        router = Router(router_config(keys, auth_timeout=1.2))
+        await router.start()
+        try:
+            gw, udp = await connect(router.kcp_port, {("c2s", "CKE"): 1})
+            await gw.handshake(within=3.0)
+            assert gw.cookie_sent is not None
+            assert time.monotonic() - gw.cookie_sent > 0.9  # the lost flight cost a second
+            assert len(router.connections) == 1
+            while router.connections and time.monotonic() - gw.cookie_sent < 4:
+                await asyncio.sleep(0.02)
+            took = time.monotonic() - gw.cookie_sent
+            assert router.stats.auth_timeouts == 1
+            assert took < 1.2 + 0.6, took
+            assert router.admission.pending == 0 and router.kcp_server.slots.total == 0
+            udp.close()
+        finally:
+            await router.stop()
+
+    run_uvloop(scenario())
