@@ -342,3 +342,29 @@ def test_kcp_connection_has_auth_timeout_from_the_cookie(keys):
             await router.stop()
 
     run_uvloop(scenario())
+
+
+def test_short_and_stale_handshake_datagrams_leave_a_live_session_alone(keys):
+    """From a live session's address: an empty datagram, a cut record, and a late copy of
+    the session's own ClientHello (same random) go to the session, which drops them; none
+    starts a cookie exchange or ends the session."""
+
+    async def scenario():
+        server, port = await serve(keys)
+        gw, udp = await connect(port)
+        first = gw.client.session.conn.client_random()
+        await gw.handshake(within=3.0)
+        (t,) = server.sessions.values()
+        hvr_before = server.stats.hello_verify_sent
+        own_hello = strictdtls.Client(True)
+        hello = own_hello.start()[0]
+        late_copy = hello[:27] + first + hello[59:]  # the session's random, as if delayed
+        for d in (b"", b"\x16", b"\x16\xfe\xfd\x00\x00", late_copy):
+            udp.sendto(d)
+        await asyncio.sleep(0.1)
+        assert server.sessions == {t.peer: t} and not t.is_closing()
+        assert server.stats.hello_verify_sent == hvr_before
+        udp.close()
+        server.transport.close()
+
+    asyncio.run(scenario())
