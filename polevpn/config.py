@@ -85,6 +85,18 @@ FEC_MODES = ("off", "fixed", "adaptive")
 
 
 @dataclass(frozen=True)
+class HandshakeLimits:
+    """kcp:// handshakes in progress at the router (cookie returned, DTLS not finished).
+
+    ``max_per_prefix`` is the most from one IPv4 /24 or IPv6 /64; an IPv6 /56 may hold twice
+    that and a /48 four times, and no prefix more than half of ``max_handshakes``, so that
+    one network cannot take every slot."""
+
+    max_handshakes: int = 256
+    max_per_prefix: int = 32
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     path: Path
     tls: Listener
@@ -92,6 +104,7 @@ class RouterConfig:
     # PoleVPN's shared key; None when only the ``gateways`` table may connect
     key: str | None
     kcp_params: KcpParams = field(default_factory=KcpParams)
+    kcp_handshakes: HandshakeLimits = field(default_factory=HandshakeLimits)
     log_level: str = "info"
     idle_timeout: float = 60.0
     auth_timeout: float = 5.0
@@ -662,6 +675,7 @@ def load_router_config(path: str | Path) -> RouterConfig:
         user=_user(r),
         warnings=tuple(warnings),
         kcp_params=_kcp_params(kcp_sec) if kcp_sec else KcpParams(),
+        kcp_handshakes=_handshake_limits(kcp_sec),
         log_level=r.log_level(),
         idle_timeout=r.number("idle_timeout", 60.0, 0.1, 86400),
         auth_timeout=r.number("auth_timeout", 5.0, 0.1, 3600),
@@ -672,6 +686,19 @@ def load_router_config(path: str | Path) -> RouterConfig:
         metrics_listen=metrics_listen,
         api_listen=api_listen,
         api_token=api_token,
+    )
+
+
+def _handshake_limits(sec: _Reader | None) -> HandshakeLimits:
+    d = HandshakeLimits()
+    if sec is None:
+        return d
+    total = sec.integer("max_handshakes", d.max_handshakes, 1, 1 << 16)
+    return HandshakeLimits(
+        max_handshakes=total,
+        max_per_prefix=sec.integer(
+            "max_handshakes_per_prefix", min(d.max_per_prefix, total), 1, total
+        ),
     )
 
 

@@ -10,8 +10,8 @@ Two things pyOpenSSL's memory BIO does not do for us:
 * a server must not keep state for a peer that has not proven it can receive at its source
   address, or a spoofed ClientHello would make the router do work and send a certificate
   flight to a victim. ``CookieListener`` runs OpenSSL's stateless cookie exchange
-  (HelloVerifyRequest) on one shared connection object, and only a ClientHello that returns a
-  valid cookie gets a ``DtlsSession`` of its own.
+  (HelloVerifyRequest) on a throw-away connection object per datagram, and only a
+  ClientHello that returns a valid cookie (and is admitted) gets a ``DtlsSession``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import ipaddress
 import os
 import struct
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ RECORD_HEADER = 13  # type, version, epoch, sequence number (48 bits), length
 CT_HANDSHAKE = 22
 CT_APPLICATION_DATA = 23
 CT_ALERT = 21
+HS_CLIENT_HELLO = 1
 # ECDHE-RSA-AES128-GCM-SHA256 is what PoleVPN's Go side chooses; the rest keep ECDSA router
 # certificates and stronger suites working
 CIPHERS = (
@@ -111,9 +113,14 @@ def server_context(
     key_file: Path,
     cookie_secret: bytes | None = None,
     client_ca: Path | None = None,
+    jar: CookieJar | None = None,
 ) -> tuple[SSL.Context, CookieJar]:
     """``client_ca``: ask gateways for a certificate and verify it against this CA; one that
-    sends none is still accepted (PoleVPN gateways have none) and is judged by its key."""
+    sends none is still accepted (PoleVPN gateways have none) and is judged by its key.
+
+    ``jar``: the cookie jar to use, for a reload: the ``CookieListener`` tells its jar the
+    address of each datagram, and a context whose callbacks consult another jar would bind
+    every cookie to no address at all."""
     ctx = _base_context(SSL.DTLS_SERVER_METHOD)
     ctx.use_certificate_chain_file(str(cert_file))
     ctx.use_privatekey_file(str(key_file))
@@ -121,7 +128,8 @@ def server_context(
     if client_ca is not None:
         ctx.load_verify_locations(str(client_ca))
         ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
-    jar = CookieJar(cookie_secret)
+    if jar is None:
+        jar = CookieJar(cookie_secret)
     ctx.set_cookie_generate_callback(jar.generate)
     ctx.set_cookie_verify_callback(jar.verify)
     return ctx, jar
@@ -200,17 +208,24 @@ class CookieListener:
     """Answers ClientHellos statelessly until one comes back with a valid cookie.
 
     ``receive`` returns ``(reply_datagrams, session)``: replies go back to the peer (a
-    HelloVerifyRequest), and ``session`` is set once the peer has proven its address; the
-    listener then starts over with a fresh connection object for the next peer.
+    HelloVerifyRequest, or the first server flight), and ``session`` is set once the peer
+    has proven its address and was admitted.
+
+    Nothing is kept for a peer that has not proved its address: every datagram gets a
+    connection object of its own (about 6 us), which is dropped unless the cookie was good.
+    A shared object would keep what OpenSSL did not consume of one datagram in front of the
+    next peer's ClientHello. Datagrams larger than ``mtu`` are dropped unread: a ClientHello
+    is a few hundred bytes, and OpenSSL reads a memory BIO 16 KiB at a time.
     """
 
     def __init__(self, ctx: SSL.Context, jar: CookieJar, mtu: int = DEFAULT_MTU) -> None:
         self.ctx = ctx
         self.jar = jar
         self.mtu = mtu
-        self._conn = self._fresh()
         self.hello_verify_sent = 0
         self.rejected = 0
+        # cookie-proven ClientHellos that ``admit`` turned away (no handshake work done)
+        self.refused = 0
 
     def _fresh(self) -> SSL.Connection:
         conn = SSL.Connection(self.ctx, None)
@@ -219,14 +234,25 @@ class CookieListener:
         return conn
 
     def receive(
-        self, datagram: bytes, peer: bytes, now: float
+        self,
+        datagram: bytes,
+        peer: bytes,
+        now: float,
+        admit: Callable[[], bool] | None = None,
     ) -> tuple[list[bytes], DtlsSession | None]:
-        if not looks_like_dtls(datagram) or datagram[0] != CT_HANDSHAKE:
+        """``admit``: asked once the cookie is good and before any handshake work (the
+        server flight costs a signature and about 1.4 KB); False leaves the peer unanswered.
+        The HelloVerifyRequest never depends on it: it keeps no state."""
+        if (
+            len(datagram) > self.mtu
+            or not looks_like_dtls(datagram)
+            or datagram[0] != CT_HANDSHAKE
+        ):
             self.rejected += 1
             return [], None
         self.jar.rotate_if_due(now)
         self.jar.peer = peer
-        conn = self._conn
+        conn = self._fresh()
         try:
             conn.bio_write(datagram)
             conn.DTLSv1_listen()
@@ -239,16 +265,20 @@ class CookieListener:
                 self.rejected += 1
             return replies, None
         except SSL.Error:
-            # OpenSSL may have half-consumed the bytes: never reuse that object
             self.rejected += 1
-            self._conn = self._fresh()
             return [], None
-        self._conn = self._fresh()
+        if admit is not None and not admit():
+            self.refused += 1
+            return [], None
         session = DtlsSession(conn, server=True, mtu=self.mtu, now=now)
+        # our flight continues from the record sequence number of this ClientHello: every
+        # HelloVerifyRequest this peer got from us carried a lower one
+        session.renumber = _Epoch0Renumber(record_seq(datagram))
         return session.step(now), session
 
 
-def _drain(conn: SSL.Connection, mtu: int) -> list[bytes]:
+def _read_out(conn: SSL.Connection) -> list[bytes]:
+    """Everything OpenSSL has written to the connection's memory BIO, in pieces."""
     chunks = []
     while True:
         try:
@@ -258,7 +288,11 @@ def _drain(conn: SSL.Connection, mtu: int) -> list[bytes]:
         if not data:
             break
         chunks.append(data)
-    return _to_datagrams(chunks, mtu)
+    return chunks
+
+
+def _drain(conn: SSL.Connection, mtu: int) -> list[bytes]:
+    return _to_datagrams(_read_out(conn), mtu)
 
 
 def _to_datagrams(chunks: list[bytes], mtu: int) -> list[bytes]:
@@ -268,9 +302,49 @@ def _to_datagrams(chunks: list[bytes], mtu: int) -> list[bytes]:
     return pack_datagrams(split_records(b"".join(chunks)), mtu)
 
 
+def record_seq(record: bytes) -> int:
+    """The 48-bit sequence number in a record's header."""
+    return int.from_bytes(record[5:11], "big")
+
+
+class _Epoch0Renumber:
+    """Moves a server's epoch-0 record sequence numbers up to the ClientHello's.
+
+    The HelloVerifyRequest carries the record sequence number of the ClientHello it answers
+    (RFC 6347 section 4.2.1), so after a lost first ClientHello the peer has already seen
+    our epoch-0 record 1; OpenSSL (3.2 and later) still numbers the server flight from 1,
+    and a client that applies the replay window to epoch 0 (pion, Go PoleVPN's gateway)
+    drops the ServerHello as a replay. OpenSSL's own DTLSv1_listen used to continue from
+    the sequence number of the ClientHello that carried the cookie, which is above every
+    HelloVerifyRequest sent to that peer; this does the same from outside. Epoch-0 records
+    carry no MAC, so their header may be rewritten; later epochs are left alone.
+    """
+
+    __slots__ = ("floor", "shift")
+
+    def __init__(self, floor: int) -> None:
+        self.floor = floor
+        self.shift: int | None = None  # fixed by the first epoch-0 record we send
+
+    def apply(self, records: list[bytes]) -> list[bytes]:
+        out = []
+        for rec in records:
+            if rec[3:5] == b"\x00\x00":
+                seq = record_seq(rec)
+                if self.shift is None:
+                    self.shift = max(0, self.floor - seq)
+                if self.shift:
+                    rec = rec[:5] + (seq + self.shift).to_bytes(6, "big") + rec[11:]
+            out.append(rec)
+        return out
+
+
 # ---- one association ----------------------------------------------------------------------
 
 _IO_MAX = 65536
+# set (to anything) to run established associations on pyOpenSSL's public API, as when its
+# internals are missing; the tests run both paths
+PUBLIC_API_ENV = "POLEVPN_DTLS_PUBLIC_API"
 # the most fed to OpenSSL at once: under its 16 KiB read buffer, over any one datagram
 _FEED_MAX = 9216
 
@@ -299,7 +373,7 @@ class _RecordIO:
 
     @staticmethod
     def create(conn: SSL.Connection) -> _RecordIO | None:
-        if _lib is None:
+        if _lib is None or os.environ.get(PUBLIC_API_ENV):
             return None
         try:
             return _RecordIO(conn)
@@ -315,6 +389,33 @@ class _RecordIO:
             if n <= 0:
                 return chunks
             chunks.append(view[:n])
+
+
+def _pieces(datagram: bytes) -> Iterator[bytes]:
+    """``datagram`` cut at record boundaries into pieces of at most ``_FEED_MAX`` bytes.
+
+    A run of datagrams the kernel coalesced (UDP GRO) can be 64 KiB. OpenSSL takes each read
+    of a memory BIO (16 KiB at most) for one datagram: the record cut at the end of a read
+    is dropped as truncated, and the next read starts mid-record, so everything up to a
+    chance record boundary is dropped as junk (fed whole, 40 records of 1400 bytes gave 16).
+    Fed whole records at a time, OpenSSL sees every one.
+    """
+    n = len(datagram)
+    if n <= _FEED_MAX:
+        yield datagram
+        return
+    pos = 0
+    while pos < n:
+        end = pos
+        while end + RECORD_HEADER <= n:
+            stop = end + RECORD_HEADER + ((datagram[end + 11] << 8) | datagram[end + 12])
+            if stop > n or (stop - pos > _FEED_MAX and end > pos):
+                break
+            end = stop
+        if end == pos:
+            end = n  # not a record: DTLS drops it as it would any junk
+        yield datagram[pos:end]
+        pos = end
 
 
 def _queued_error() -> str:
@@ -348,6 +449,8 @@ class DtlsSession:
         self.peer_closed = False
         self.bad_records = 0
         self._io: _RecordIO | None = None
+        # a server session made by CookieListener: how its epoch-0 records are numbered
+        self.renumber: _Epoch0Renumber | None = None
 
     @classmethod
     def client(
@@ -379,7 +482,7 @@ class DtlsSession:
         except SSL.WantReadError:
             pass
         except SSL.Error as exc:
-            out = _drain(self.conn, self.mtu)  # the alert that tells the peer why
+            out = self._out(_read_out(self.conn))  # the alert that tells the peer why
             self._fail(f"handshake failed: {_ssl_reason(exc)}")
             return out
         else:
@@ -391,7 +494,16 @@ class DtlsSession:
                 except DtlsError as exc:
                     self._fail(str(exc))
                     return []
-        return _drain(self.conn, self.mtu)
+        return self._out(_read_out(self.conn))
+
+    def _out(self, chunks: list[bytes]) -> list[bytes]:
+        """What OpenSSL wrote, as datagrams to send (epoch-0 records renumbered)."""
+        if not chunks:
+            return []
+        records = split_records(b"".join(chunks))
+        if self.renumber is not None:
+            records = self.renumber.apply(records)
+        return pack_datagrams(records, self.mtu)
 
     def _fail(self, reason: str) -> None:
         self.closed = True
@@ -403,20 +515,45 @@ class DtlsSession:
             return [], []
         if self._io is not None:
             return self._receive_established(self._io, datagram)
+        if not self.established:
+            return self._receive_handshake(datagram, now)
+        # the public API (pyOpenSSL without the internals _RecordIO uses): the same pieces
+        records: list[bytes] = []
+        conn = self.conn
+        for piece in _pieces(datagram):
+            if self.closed:
+                break
+            try:
+                conn.bio_write(piece)
+            except SSL.Error:
+                self.bad_records += 1
+                continue
+            self._recv_public(records)
+        return records, self._out(_read_out(conn))
+
+    def _receive_handshake(self, datagram: bytes, now: float) -> tuple[list[bytes], list[bytes]]:
         conn = self.conn
         try:
             conn.bio_write(datagram)
         except SSL.Error:
             self.bad_records += 1
             return [], []
+        out = self.step(now)
         if not self.established:
-            out = self.step(now)
-            if not self.established:
-                return [], out
-        else:
-            out = []
+            return [], out
+        # application data in the datagram that finished the handshake
         records: list[bytes] = []
-        while True:
+        self._recv_public(records)
+        pending = self._out(_read_out(conn))
+        return records, out + pending if pending else out
+
+    def _recv_public(self, records: list[bytes]) -> None:
+        conn = self.conn
+        while not self.closed:
+            if _lib is not None:
+                # a stale error left in the thread's queue would make SSL_get_error report
+                # this read as failed
+                _lib.ERR_clear_error()
             try:
                 data = conn.recv(65536)
             except SSL.WantReadError:
@@ -431,35 +568,19 @@ class DtlsSession:
                 self._fail(f"dtls error: {_ssl_reason(exc)}")
                 break
             records.append(data)
-        pending = _drain(conn, self.mtu)
-        if pending:
-            out = out + pending
-        return records, out
 
     def _receive_established(
         self, io: _RecordIO, datagram: bytes
     ) -> tuple[list[bytes], list[bytes]]:
         records: list[bytes] = []
-        n = len(datagram)
-        if n <= _FEED_MAX:
+        if len(datagram) <= _FEED_MAX:
             self._feed(io, datagram, records)
         else:
-            # a run of datagrams the kernel coalesced (UDP GRO): OpenSSL reads a memory BIO
-            # in 16 KiB gulps and drops a record cut at the end of one, so feed it whole
-            # records at a time
-            pos = 0
-            while pos < n and not self.closed:
-                end = pos
-                while end + RECORD_HEADER <= n:
-                    stop = end + RECORD_HEADER + ((datagram[end + 11] << 8) | datagram[end + 12])
-                    if stop > n or (stop - pos > _FEED_MAX and end > pos):
-                        break
-                    end = stop
-                if end == pos:
-                    end = n  # not a record: DTLS drops it as it would any junk
-                self._feed(io, datagram[pos:end], records)
-                pos = end
-        return records, _to_datagrams(io.drain(), self.mtu)
+            for piece in _pieces(datagram):
+                if self.closed:
+                    break
+                self._feed(io, piece, records)
+        return records, self._out(io.drain())
 
     def _feed(self, io: _RecordIO, data: bytes, records: list[bytes]) -> None:
         lib = _lib
@@ -469,6 +590,9 @@ class DtlsSession:
             return
         ssl, buf, view = io.ssl, io.buf, io.view
         while True:
+            # a stale error in the thread's queue (left by any other OpenSSL call) would
+            # make SSL_get_error report this read as fatal for the association
+            lib.ERR_clear_error()
             n = lib.SSL_read(ssl, buf, _IO_MAX)
             if n > 0:
                 records.append(view[:n])
@@ -516,7 +640,7 @@ class DtlsSession:
         except SSL.Error as exc:
             self._fail(f"handshake failed: {_ssl_reason(exc)}")
             return []
-        return _drain(self.conn, self.mtu)
+        return self._out(_read_out(self.conn))
 
     def close(self) -> list[bytes]:
         """A close_notify for the peer, so it need not wait for its idle timeout."""
@@ -527,7 +651,7 @@ class DtlsSession:
             return []
         with contextlib.suppress(SSL.Error):
             self.conn.shutdown()
-        return _drain(self.conn, self.mtu)
+        return self._out(_read_out(self.conn))
 
 
 def _ssl_reason(exc: SSL.Error) -> str:

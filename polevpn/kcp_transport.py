@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -23,10 +24,12 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from . import linksock
-from .config import KcpParams
+from .config import HandshakeLimits, KcpParams
 from .counters import Counters
 from .dtls import (
     CT_HANDSHAKE,
+    HS_CLIENT_HELLO,
+    RECORD_HEADER,
     CookieJar,
     CookieListener,
     DtlsError,
@@ -355,36 +358,98 @@ class KcpServerStats(Counters):
     udp_batched: int = 0
 
 
+class HandshakeSlots:
+    """The kcp:// handshakes in progress, counted per network prefix (no I/O).
+
+    A slot is taken when a ClientHello returns a valid cookie and given back when the
+    handshake ends either way. Besides the total, each peer counts against its IPv4 /24, or
+    its IPv6 /64, /56 and /48 (see ``HandshakeLimits``): one host, or one site's whole
+    IPv6 allocation, cannot take every slot from other gateways.
+    """
+
+    __slots__ = ("limits", "total", "by_prefix")
+
+    def __init__(self, limits: HandshakeLimits) -> None:
+        self.limits = limits
+        self.total = 0
+        self.by_prefix: dict[str, int] = {}
+
+    def shares(self, host: str) -> tuple[tuple[str, int], ...]:
+        """The prefixes ``host`` counts against, each with its limit."""
+        per = self.limits.max_per_prefix
+        cap = max(1, self.limits.max_handshakes // 2)
+        try:
+            addr = ipaddress.ip_address(host.split("%", 1)[0])
+        except ValueError:
+            return ((host, min(per, cap)),)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        if isinstance(addr, ipaddress.IPv4Address):
+            return ((str(ipaddress.IPv4Network((addr, 24), strict=False)), min(per, cap)),)
+        return tuple(
+            (str(ipaddress.IPv6Network((addr, bits), strict=False)), min(per * mult, cap))
+            for bits, mult in ((64, 1), (56, 2), (48, 4))
+        )
+
+    def take(self, host: str) -> tuple[str, ...] | None:
+        """The prefixes charged for a new handshake from ``host``, or None: no room."""
+        if self.total >= self.limits.max_handshakes:
+            return None
+        shares = self.shares(host)
+        by_prefix = self.by_prefix
+        if any(by_prefix.get(key, 0) >= limit for key, limit in shares):
+            return None
+        for key, _ in shares:
+            by_prefix[key] = by_prefix.get(key, 0) + 1
+        self.total += 1
+        return tuple(key for key, _ in shares)
+
+    def give_back(self, prefixes: tuple[str, ...]) -> None:
+        self.total -= 1
+        for key in prefixes:
+            n = self.by_prefix[key] - 1
+            if n:
+                self.by_prefix[key] = n
+            else:
+                del self.by_prefix[key]
+
+
 class _Pending:
     """A peer whose cookie was good and whose handshake is under way."""
 
-    __slots__ = ("dtls", "started", "timer")
+    __slots__ = ("dtls", "started", "timer", "prefixes")
 
-    def __init__(self, dtls: DtlsSession, started: float) -> None:
+    def __init__(self, dtls: DtlsSession, started: float, prefixes: tuple[str, ...]) -> None:
         self.dtls = dtls
+        # when the peer proved its address: its handshake, AUTH and REGISTER must all be
+        # done within auth_timeout of this
         self.started = started
         self.timer: asyncio.TimerHandle | None = None
+        self.prefixes = prefixes
 
 
 class KcpServer(asyncio.DatagramProtocol):
-    MAX_PENDING = 256
-
     def __init__(
         self,
         ctx: SSL.Context,
         jar: CookieJar,
         params: KcpParams,
-        protocol_factory: Callable[[], asyncio.Protocol],
+        protocol_factory: Callable[[float], asyncio.Protocol],
         handshake_timeout: float,
         pool: KcpPool | None = None,
         admit: Callable[[Addr], bool] | None = None,
         release: Callable[[Addr], None] | None = None,
+        limits: HandshakeLimits | None = None,
     ) -> None:
-        """``admit``: asked once a peer has proved its address (valid cookie) whether its
-        handshake may take a slot; ``release`` gives the slot back if the handshake fails.
-        Once established, the slot belongs to the protocol ``protocol_factory`` made."""
+        """``admit``: asked once a peer has proved its address (valid cookie), and before
+        any handshake work, whether its handshake may take a slot; ``release`` gives the
+        slot back if the handshake fails. Once established, the slot belongs to the
+        protocol ``protocol_factory`` made, which is given the time of the cookie (its
+        deadlines run from there). ``limits``: the handshakes in progress this server
+        allows (``HandshakeSlots``), before ``admit`` is asked."""
         self.admit = admit
         self.release = release
+        self.slots = HandshakeSlots(limits or HandshakeLimits())
         self.params = params
         self.listener = CookieListener(ctx, jar, params.dtls_mtu)
         self.factory = protocol_factory
@@ -396,6 +461,12 @@ class KcpServer(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.batch: UdpBatchSender | None = None
         self._loop = asyncio.get_event_loop()
+
+    def set_context(self, ctx: SSL.Context, jar: CookieJar) -> None:
+        """A reloaded certificate: new handshakes use ``ctx``, whose cookie callbacks must
+        be ``jar``'s (the listener tells its jar each datagram's address)."""
+        self.listener.ctx = ctx
+        self.listener.jar = jar
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -414,10 +485,8 @@ class KcpServer(asyncio.DatagramProtocol):
             self.batch.close()
         for t in list(self.sessions.values()):
             t.abort()
-        for p in self.pending.values():
-            if p.timer is not None:
-                p.timer.cancel()
-        self.pending.clear()
+        for addr in list(self.pending):
+            self._drop_pending(addr)
 
     def datagram_received(self, data: bytes, addr: Addr) -> None:
         self.stats.datagrams_in += 1
@@ -433,11 +502,14 @@ class KcpServer(asyncio.DatagramProtocol):
     def _received(self, data: bytes, addr: Addr) -> None:
         t = self.sessions.get(addr)
         if t is not None:
-            if data[:1] == b"\x16" and data[_EPOCH] == b"\x00\x00" and looks_like_dtls(data):
+            if _is_new_hello(data, t.dtls):
                 # a new handshake from an address with a live session: the gateway restarted
                 # and reused its port. Only a proven (cookie) peer may replace the session.
                 self._hello(data, addr, replacing=t)
                 return
+            # anything else, epoch-0 handshake records included, is the session's own: the
+            # gateway's flight retransmitted because our Finished was lost, which OpenSSL
+            # answers by sending its Finished again
             t.datagram_received(data)
             return
         p = self.pending.get(addr)
@@ -447,27 +519,35 @@ class KcpServer(asyncio.DatagramProtocol):
         self._hello(data, addr, replacing=None)
 
     def _hello(self, data: bytes, addr: Addr, replacing: KcpTransport | None) -> None:
-        if len(self.pending) >= self.MAX_PENDING or not looks_like_dtls(data):
-            self.stats.rejected_datagrams += 1
-            return
-        if data[0] != CT_HANDSHAKE:
-            self.stats.rejected_datagrams += 1
-            return
         now = time.monotonic()
-        replies, dtls = self.listener.receive(data, peer_key(addr), now)
+
+        held: tuple[str, ...] | None = None
+
+        def admit() -> bool:
+            # asked only for a valid cookie, before any handshake work: the
+            # HelloVerifyRequest itself is stateless and never refused
+            nonlocal held
+            held = self.slots.take(str(addr[0]))
+            if held is None:
+                return False
+            if self.admit is not None and not self.admit(addr):
+                self.slots.give_back(held)
+                held = None
+                return False
+            return True
+
+        replies, dtls = self.listener.receive(data, peer_key(addr), now, admit)
         self.stats.hello_verify_sent = self.listener.hello_verify_sent
         self.stats.rejected_datagrams = self.listener.rejected
+        self.stats.refused_handshakes = self.listener.refused
         for d in replies:
             self._sendto(d, addr)
-        if dtls is None:
-            return
-        if self.admit is not None and not self.admit(addr):
-            self.stats.refused_handshakes += 1
+        if dtls is None or held is None:
             return
         if replacing is not None:
             log.info("kcp peer=%s started a new handshake; closing its old session", addr[0])
             replacing.abort()
-        p = _Pending(dtls, now)
+        p = _Pending(dtls, now, held)
         self.pending[addr] = p
         self._arm(p, addr)
         self._check_established(p, addr)
@@ -506,7 +586,7 @@ class KcpServer(asyncio.DatagramProtocol):
         )
         self.sessions[addr] = transport
         self.stats.sessions = len(self.sessions)
-        transport.start(self.factory())
+        transport.start(self.factory(p.started))
         if records:
             # application data that arrived in the datagram that finished the handshake
             transport.records_received(records, now)
@@ -538,6 +618,7 @@ class KcpServer(asyncio.DatagramProtocol):
         p = self.pending.pop(addr, None)
         if p is None:
             return
+        self.slots.give_back(p.prefixes)
         if p.timer is not None:
             p.timer.cancel()
         if not established and self.release is not None:
@@ -562,6 +643,31 @@ class KcpServer(asyncio.DatagramProtocol):
             self.stats.udp_batches = self.batch.batches
             self.stats.udp_batched = self.batch.batched_datagrams
         return self.stats
+
+
+# where a ClientHello's random starts: record header, handshake header, client_version
+_HELLO_RANDOM = slice(RECORD_HEADER + 12 + 2, RECORD_HEADER + 12 + 2 + 32)
+
+
+def _is_new_hello(data: bytes, session: DtlsSession) -> bool:
+    """A ClientHello (epoch 0, handshake type 1, first fragment) of another handshake than
+    ``session``'s: its random differs. The ClientHello that returns a cookie repeats the
+    first one's random (RFC 6347 section 4.2.1), so a restarted gateway's pair, message_seq
+    0 and 1, both qualify, while a late copy of the session's own ClientHello does not."""
+    if (
+        len(data) < _HELLO_RANDOM.stop
+        or data[0] != CT_HANDSHAKE
+        or data[_EPOCH] != b"\x00\x00"
+        or not looks_like_dtls(data)
+        or data[RECORD_HEADER] != HS_CLIENT_HELLO
+        or data[RECORD_HEADER + 6 : RECORD_HEADER + 9] != b"\x00\x00\x00"  # fragment_offset
+    ):
+        return False
+    try:
+        current = session.conn.client_random()
+    except SSL.Error:
+        current = None
+    return data[_HELLO_RANDOM] != current
 
 
 def _fmt(addr: Addr) -> str:

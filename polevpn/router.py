@@ -386,11 +386,13 @@ class Router:
             ctx,
             jar,
             self.cfg.kcp_params,
-            lambda: GatewayConnection(self, "kcp"),
+            # the AUTH deadline runs from the cookie, as the handshake's does: one budget
+            lambda started: GatewayConnection(self, "kcp", accepted_at=started),
             handshake_timeout=self.cfg.auth_timeout,
             pool=self.kcp_pool,
             admit=self._admit_kcp,
             release=lambda addr: self.admission.release(source_key(addr[0])),
+            limits=self.cfg.kcp_handshakes,
         )
         udp, _ = await loop.create_datagram_endpoint(
             lambda: server, local_addr=(kcp.host, kcp.port)
@@ -545,17 +547,23 @@ class Router:
         try:
             if self.kcp_server is not None:
                 assert cfg.kcp.cert_file is not None and cfg.kcp.key_file is not None
+                # one cookie jar for the server's life: cookies issued before the reload
+                # stay valid, and stay bound to their address
                 dtls_ctx = dtls.server_context(
-                    cfg.kcp.cert_file, cfg.kcp.key_file, client_ca=cfg.client_ca_file
-                )[0]
+                    cfg.kcp.cert_file,
+                    cfg.kcp.key_file,
+                    client_ca=cfg.client_ca_file,
+                    jar=self.kcp_server.listener.jar,
+                )
         except Exception as exc:  # pyOpenSSL raises its own errors, and OSError
             raise ConfigError(cfg.path, "kcp.cert_file", f"cannot load: {exc}") from None
         self._take(cfg)
         if tls_ctx is not None:
             self._tls_ctx = tls_ctx
         if self.kcp_server is not None and dtls_ctx is not None:
-            self.kcp_server.listener.ctx = dtls_ctx
+            self.kcp_server.set_context(*dtls_ctx)
             self.kcp_server.handshake_timeout = cfg.auth_timeout
+            self.kcp_server.slots.limits = cfg.kcp_handshakes
         self.admission.params = cfg.limits
         for conn in self.connections:
             conn.queue_limit = self._queue_limit(conn)

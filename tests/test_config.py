@@ -934,6 +934,49 @@ def test_router_limits_errors(
     assert_config_error(router_error(path), path, field, *words)
 
 
+def _kcp(keys: keygen.KeygenResult, **fields: Any) -> dict[str, Any]:
+    return {
+        "listen": "0.0.0.0:443",
+        "cert_file": str(keys.server_cert),
+        "key_file": str(keys.server_key),
+        **fields,
+    }
+
+
+def test_router_kcp_handshake_limits(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    default = load_router_config(write(tmp_path / "d.json", router_obj(keys, kcp=_kcp(keys))))
+    assert (default.kcp_handshakes.max_handshakes, default.kcp_handshakes.max_per_prefix) == (
+        256,
+        32,
+    )
+    obj = router_obj(keys, kcp=_kcp(keys, max_handshakes=64, max_handshakes_per_prefix=4))
+    cfg = load_router_config(write(tmp_path / "c.json", obj))
+    assert (cfg.kcp_handshakes.max_handshakes, cfg.kcp_handshakes.max_per_prefix) == (64, 4)
+    # a small table: the per-prefix default follows it down
+    obj = router_obj(keys, kcp=_kcp(keys, max_handshakes=8))
+    assert load_router_config(write(tmp_path / "s.json", obj)).kcp_handshakes.max_per_prefix == 8
+
+
+@pytest.mark.parametrize(
+    "fields,field,words",
+    [
+        ({"max_handshakes": 0}, "kcp.max_handshakes", ["outside"]),
+        ({"max_handshakes": 2.5}, "kcp.max_handshakes", ["whole number"]),
+        ({"max_handshakes": "256"}, "kcp.max_handshakes", ["expected a number"]),
+        (
+            {"max_handshakes": 16, "max_handshakes_per_prefix": 17},
+            "kcp.max_handshakes_per_prefix",
+            ["outside"],
+        ),
+    ],
+)
+def test_router_kcp_handshake_limit_errors(
+    tmp_path: Path, keys: keygen.KeygenResult, fields: dict, field: str, words: list[str]
+) -> None:
+    path = write(tmp_path / "config.json", router_obj(keys, kcp=_kcp(keys, **fields)))
+    assert_config_error(router_error(path), path, field, *words)
+
+
 def test_gateway_client_certificate(tmp_path: Path, keys: keygen.KeygenResult) -> None:
     cred = keygen.issue_gateways(
         keys.out_dir, ["169.254.0.7=198.18.70.0/24"], client_certs=True, days=1, force=True

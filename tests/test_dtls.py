@@ -7,6 +7,7 @@ import struct
 import time
 
 import pytest
+import strictdtls
 from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -70,7 +71,18 @@ class Pair:
                 break
 
 
-def test_handshake_cookie_and_data(keys):
+@pytest.fixture(params=["cffi", "public"])
+def record_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Established associations run on pyOpenSSL's cffi binding (``_RecordIO``) or, as with
+    a pyOpenSSL whose internals changed, on its public API: both must behave alike."""
+    if request.param == "public":
+        monkeypatch.setenv(dtls.PUBLIC_API_ENV, "1")
+    else:
+        monkeypatch.delenv(dtls.PUBLIC_API_ENV, raising=False)
+    return request.param
+
+
+def test_handshake_cookie_and_data(keys, record_path):
     verify = dtls.Verification(ca_file=keys.ca_cert, server_name="polevpn-router")
     p = Pair(keys, verify)
     p.handshake()
@@ -87,11 +99,12 @@ def test_handshake_cookie_and_data(keys):
     assert records == [b"\x00" * 1363] and replies == []
     back = p.server.send(b"hello")
     assert p.client.receive(back, 0.0) == ([b"hello"], [])
-    # established sessions take the cffi path; it must agree with what was tested above
-    assert p.server._io is not None and p.client._io is not None
+    # the path under test is the one taken
+    cffi = record_path == "cffi"
+    assert (p.server._io is not None) is cffi and (p.client._io is not None) is cffi
 
 
-def test_tampered_and_replayed_records_are_dropped_not_fatal(keys):
+def test_tampered_and_replayed_records_are_dropped_not_fatal(keys, record_path):
     p = Pair(keys, dtls.Verification(insecure=True))
     p.handshake()
     assert p.server is not None
@@ -106,7 +119,7 @@ def test_tampered_and_replayed_records_are_dropped_not_fatal(keys):
     assert p.server.receive(b"".join(two), 0.0) == ([b"one", b"two"], [])
 
 
-def test_close_notify_is_a_clean_close(keys):
+def test_close_notify_is_a_clean_close(keys, record_path):
     p = Pair(keys, dtls.Verification(insecure=True))
     p.handshake()
     assert p.server is not None
@@ -264,7 +277,7 @@ def test_retransmits_a_lost_flight(keys):
 
 
 @pytest.mark.parametrize("count", [1, 6, 7, 12, 40])
-def test_coalesced_datagrams_yield_every_record(keys, count):
+def test_coalesced_datagrams_yield_every_record(keys, record_path, count):
     """UDP GRO hands over up to 64 KiB of back-to-back datagrams as one buffer; OpenSSL
     alone would lose the record that straddles its 16 KiB read buffer."""
     p = Pair(keys, dtls.Verification(insecure=True))
@@ -278,3 +291,118 @@ def test_coalesced_datagrams_yield_every_record(keys, count):
     assert p.server.receive(more[0] + more[1][:-5] + b"\x17junk", 0.0) == ([b"a" * 1000], [])
     assert p.server.receive(p.client.send(b"after"), 0.0) == ([b"after"], [])
     assert not p.server.closed
+
+
+# ---- record sequence numbers against a strict peer (issue 15) ------------------------------
+
+
+@pytest.mark.parametrize("loss", list(strictdtls.LOSSES))
+def test_strict_client_completes_whatever_is_lost(keys, loss):
+    """A client that applies the replay window to epoch 0 (pion, Go PoleVPN's gateway) must
+    finish the handshake with the router's listener whichever handshake datagram is lost:
+    the server's epoch-0 records never reuse a sequence number it has sent that peer."""
+    ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
+    client = strictdtls.Client(strict=True)
+    server = strictdtls.Server(dtls.CookieListener(ctx, jar), dtls.peer_key(PEER), strict=False)
+    path = strictdtls.Path(dict(strictdtls.LOSSES[loss]))
+    strictdtls.run(client, server, path)
+    assert client.strict.dropped == [], "the client saw a record it had seen before"
+    assert not any(n for n in path.lose.values()), f"the loss did not happen: {path.log}"
+    strictdtls.exchange(client, server)
+
+
+@pytest.mark.parametrize("loss", list(strictdtls.LOSSES))
+def test_our_client_completes_with_a_strict_server(keys, loss):
+    """The other way round: our gateway's client against a server that applies the window
+    to epoch 0 (Go PoleVPN's router)."""
+    ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
+    client = strictdtls.Client(strict=False)
+    server = strictdtls.Server(dtls.CookieListener(ctx, jar), dtls.peer_key(PEER), strict=True)
+    path = strictdtls.Path(dict(strictdtls.LOSSES[loss]))
+    strictdtls.run(client, server, path)
+    assert server.strict.dropped == []
+    assert not any(n for n in path.lose.values()), f"the loss did not happen: {path.log}"
+    strictdtls.exchange(client, server)
+
+
+def test_server_epoch0_numbers_continue_from_the_cookie_hello(keys):
+    """Record level: after a lost first ClientHello the HelloVerifyRequest is record 1
+    (mirrored); the flight that follows starts at the cookie ClientHello's number (2)."""
+    ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
+    listener = dtls.CookieListener(ctx, jar)
+    client = strictdtls.Client(strict=True)
+    first = client.start()[0]
+    retransmitted = first[:5] + (1).to_bytes(6, "big") + first[11:]
+    hvr, _ = listener.receive(retransmitted, dtls.peer_key(PEER), 0.0)
+    assert [strictdtls.describe(r)[2] for r in dtls.split_records(hvr[0])] == [1]
+    with_cookie = client.receive(hvr[0])[0]
+    assert dtls.record_seq(with_cookie) == 1  # OpenSSL's client numbers on from its own 0
+    with_cookie = with_cookie[:5] + (2).to_bytes(6, "big") + with_cookie[11:]
+    flight, session = listener.receive(with_cookie, dtls.peer_key(PEER), 0.0)
+    assert session is not None
+    seqs = [strictdtls.describe(r)[2] for d in flight for r in dtls.split_records(d)]
+    assert seqs == list(range(2, 2 + len(seqs)))
+
+
+# ---- the cookie listener keeps nothing (issue 20 finding 1) -------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.parametrize(
+    "junk",
+    [
+        b"\x16\xfe\xfd" + b"\x00" * 65000,  # a 64 KB datagram that looks like a record
+        record(22, 0, 0, b"\x01" + b"\x00" * 300) * 4,  # several records, within the MTU
+        record(22, 0, 0, b"\x01\x00\x10\x00" + b"\x00" * 40)[:-20],  # a cut record
+    ],
+    ids=["oversized", "several-records", "truncated"],
+)
+def test_junk_does_not_delay_the_next_clienthello(keys, junk):
+    ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
+    listener = dtls.CookieListener(ctx, jar)
+    assert listener.receive(junk, dtls.peer_key(("198.19.0.66", 1)), 0.0) == ([], None)
+    client = strictdtls.Client(strict=True)
+    hvr, sess = listener.receive(client.start()[0], dtls.peer_key(PEER), 0.0)
+    assert sess is None and strictdtls.kinds(hvr) == ["HVR"]
+    flight, sess = listener.receive(client.receive(hvr[0])[0], dtls.peer_key(PEER), 0.0)
+    assert sess is not None and strictdtls.kinds(flight)[0] == "SH"
+
+
+def test_junk_datagrams_are_not_retained(keys):
+    """What OpenSSL did not consume of a datagram used to stay in a shared BIO, about 48 KB
+    per 64 KB datagram: 300 of them would keep 14 MB."""
+    ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
+    listener = dtls.CookieListener(ctx, jar)
+    junk = b"\x16\xfe\xfd" + bytes(range(256)) * 255
+    listener.receive(junk, b"p", 0.0)
+    before = _rss()
+    for i in range(300):
+        listener.receive(junk[:-i] if i else junk, b"p", 0.0)
+    assert _rss() - before < 4 << 20
+
+
+def _stale_openssl_error() -> None:
+    """Leave an error in this thread's OpenSSL error queue, as any failed call may."""
+    from OpenSSL._util import lib
+
+    ctx = dtls.SSL.Context(dtls.SSL.DTLS_SERVER_METHOD)
+    assert lib.SSL_CTX_use_certificate_chain_file(ctx._context, b"/nonexistent/x.pem") == 0
+    assert lib.ERR_peek_error() != 0
+
+
+def test_a_stale_openssl_error_does_not_kill_the_association(keys, record_path):
+    """OpenSSL 3.0's SSL_get_error (a system OpenSSL under pyOpenSSL may be one) reports any
+    error in the thread's queue as this read's failure, so an unrelated failure would close
+    a live session: the queue is cleared before each SSL_read. (OpenSSL 4, bundled with
+    cryptography 50, looks only at the call's own errors and passes either way.)"""
+    p = Pair(keys, dtls.Verification(insecure=True))
+    p.handshake()
+    assert p.server is not None
+    _stale_openssl_error()
+    d = p.client.send(b"still fine")
+    assert p.server.receive(d, 0.0) == ([b"still fine"], [])
+    assert not p.server.closed, p.server.error

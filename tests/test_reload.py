@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import topology as t
 from test_router_loopback import ProtoGateway, frame, ipv4_packet, run
 from test_router_security import auth, register, tls_gateway
 
-from polevpn import keygen
+from polevpn import dtls, keygen
 from polevpn.config import ConfigError, load_gateway_config, load_router_config
 from polevpn.reloading import plan
 from polevpn.router import Router
@@ -284,6 +285,56 @@ def test_pending_connections_authenticate_against_the_new_credentials(
             late = await tls_gateway(router, source="127.0.1.5")
             assert "error" in await auth(late, KEY_A)
         finally:
+            await router.stop()
+
+    run(scenario())
+
+
+def test_reload_keeps_the_kcp_cookie_bound_to_the_address(tmp_path: Path, keys: Path) -> None:
+    """After a reload (which loads the DTLS certificate again) a cookie issued to one
+    address and replayed from another still gets only a HelloVerifyRequest: no server
+    flight, no pending handshake (issue 19 bug 2: the new context had a jar of its own,
+    which the listener never told the peer's address)."""
+    kcp = {**tls(keys), "enable": True}
+    path = router_file(tmp_path / "r.json", keys, kcp=kcp)
+
+    async def exchange(sock: socket.socket, datagram: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(sock, datagram)
+        return await asyncio.wait_for(loop.sock_recv(sock, 4096), 2)
+
+    def udp(source: str, port: int) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", port))
+        return sock
+
+    async def scenario() -> None:
+        router = Router(load_router_config(path))
+        await router.start()
+        xs = [udp("127.0.1.6", router.kcp_port) for _ in range(2)]
+        y = udp("127.0.1.7", router.kcp_port)
+        try:
+            router_file(path, keys, kcp=kcp, idle_timeout=30)
+            router.reload()
+            assert router.kcp_server is not None
+            verify = dtls.Verification(insecure=True)
+            for i, x in enumerate(xs):  # the second runs on what the first handshake left
+                client = dtls.DtlsSession.client(dtls.client_context(verify), verify)
+                hvr = await exchange(x, client.step(0.0)[0])
+                assert hvr[0] == dtls.CT_HANDSHAKE and hvr[13] == 3  # HelloVerifyRequest
+                with_cookie = client.receive(hvr, 0.0)[1][0]
+                reply = await exchange(y, with_cookie)
+                assert reply[13] == 3 and len(dtls.split_records(reply)) == 1, "not bound"
+                assert len(router.kcp_server.pending) == i
+                # from the address it was issued to, the cookie is good: the flight comes
+                reply = await exchange(x, with_cookie)
+                assert reply[13] == 2  # ServerHello
+                assert len(router.kcp_server.pending) == i + 1
+        finally:
+            for sock in (*xs, y):
+                sock.close()
             await router.stop()
 
     run(scenario())
