@@ -19,15 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kcp import KCP
-
 from .config import KcpParams
-from .kcp_pool import RESET_SUPPORTED, KcpPool, control_block
+from .kcp_pool import KcpPool
 
 if TYPE_CHECKING:
     from . import fec as fec_mod
+    from ._ikcp import Kcp
 
-IKCP_ASK_TELL = 2  # ikcp.c: send a window-size segment on the next flush
 CONV = 0  # PoleVPN uses conversation id 0 on every kcp:// session
 OFFER_INTERVAL = 0.5  # s, how often an unanswered FEC offer is repeated
 
@@ -83,7 +81,7 @@ class KcpLink:
         self.reading = True
         self._t0 = now
         self._next_offer = now
-        self.kcp: KCP | None = pool.acquire(
+        self.kcp: Kcp | None = pool.acquire(
             CONV,
             self.kcp_mtu,
             params.nodelay,
@@ -93,7 +91,8 @@ class KcpLink:
             params.send_window,
             params.receive_window,
         )
-        self.kcp.include_outbound_handler(self._on_output)
+        # without FEC each KCP output buffer is a record as it is: straight into the list
+        self.kcp.set_output(self._on_output if self.fec is not None else self._out.append)
         self.mss = self.kcp_mtu - 24
         self.kcp.update(self._ms(now))
 
@@ -104,7 +103,7 @@ class KcpLink:
 
     # -- KCP output -> records
 
-    def _on_output(self, kcp: KCP, data: bytes) -> None:
+    def _on_output(self, data: bytes) -> None:
         if self.fec_state == FEC_ON:
             assert self.fec is not None
             self._out.extend(self.fec.send(data, self._now))
@@ -114,7 +113,9 @@ class KcpLink:
     _now = 0.0
 
     def records_to_send(self) -> list[bytes]:
-        out, self._out = self._out, []
+        # the list itself stays: KCP's output appends to it
+        out = self._out.copy()
+        self._out.clear()
         self.stats.records_out += len(out)
         return out
 
@@ -126,15 +127,8 @@ class KcpLink:
         if kcp is None:
             return
         self._now = now
-        mss = self.mss
-        n = len(data)
-        self.stats.stream_bytes_out += n
-        if n <= mss:
-            kcp.enqueue(bytes(data))
-        else:
-            view = memoryview(data)
-            for off in range(0, n, mss):
-                kcp.enqueue(bytes(view[off : off + mss]))
+        self.stats.stream_bytes_out += len(data)
+        kcp.write(data)
         kcp.update(self._ms(now))
         kcp.flush()
 
@@ -165,9 +159,7 @@ class KcpLink:
             self.stats.kcp_errors += 1
             return
         for p in payloads:
-            try:
-                kcp.receive(bytes(p))
-            except Exception:
+            if kcp.input(p) < 0:
                 # a foreign conversation id or a malformed segment: KCP ignores it, so do we
                 self.stats.kcp_errors += 1
 
@@ -187,10 +179,7 @@ class KcpLink:
         kcp = self.kcp
         if kcp is None:
             return b""
-        chunks = list(kcp.get_all_received())
-        if not chunks:
-            return b""
-        data = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
+        data = kcp.recv_all()
         self.stats.stream_bytes_in += len(data)
         return data
 
@@ -200,8 +189,7 @@ class KcpLink:
         kcp = self.kcp
         if kcp is None:
             return
-        if RESET_SUPPORTED:
-            control_block(kcp).probe |= IKCP_ASK_TELL
+        kcp.ask_tell()
         kcp.update(self._ms(now))
         kcp.flush()
 
@@ -227,7 +215,7 @@ class KcpLink:
         if kcp is None:
             return None
         deadline = None
-        if kcp.get_outbound_packets() > 0:
+        if kcp.waitsnd() > 0:
             deadline = now + self.params.interval / 1000
         fec = self.fec
         if fec is not None:
@@ -247,38 +235,30 @@ class KcpLink:
     def pending_bytes(self) -> int:
         """Bytes queued or unacknowledged in KCP: the transport's write-buffer size."""
         kcp = self.kcp
-        return kcp.get_outbound_packets() * self.mss if kcp is not None else 0
+        return kcp.waitsnd() * self.mss if kcp is not None else 0
 
     @property
     def dead(self) -> bool:
         """KCP gave up on a segment after ``dead_link`` retransmissions."""
         if self.kcp is None:
             return True
-        if not RESET_SUPPORTED:
-            return False
-        return control_block(self.kcp).state == 0xFFFFFFFF
+        return self.kcp.state == 0xFFFFFFFF
 
     @property
     def srtt_ms(self) -> int | None:
-        if self.kcp is None or not RESET_SUPPORTED:
-            return None
-        return control_block(self.kcp).rx_srtt
+        return self.kcp.srtt if self.kcp is not None else None
 
     @property
     def retransmissions(self) -> int | None:
         """Segments sent again after their retransmission timeout (ikcp's ``xmit``)."""
-        if self.kcp is None or not RESET_SUPPORTED:
-            return None
-        return control_block(self.kcp).xmit
+        return self.kcp.xmit if self.kcp is not None else None
 
     @property
     def segments_sent(self) -> int | None:
         """Data segments sent for the first time (ikcp's ``snd_nxt``: each new segment
         takes the next sequence number; resends do not), the base of a retransmission
         ratio."""
-        if self.kcp is None or not RESET_SUPPORTED:
-            return None
-        return control_block(self.kcp).snd_nxt
+        return self.kcp.snd_nxt if self.kcp is not None else None
 
     def close(self) -> None:
         if self.kcp is not None:
