@@ -19,7 +19,8 @@
  *   .buffered() -> (snd_queue, snd_buf, rcv_buf, rcv_queue) payload bytes (walks the lists)
  *   read-only attributes: conv mtu mss state snd_una snd_nxt rcv_nxt srtt rttval rto minrto
  *       snd_wnd rcv_wnd rmt_wnd cwnd probe interval xmit nrcv_buf nsnd_buf nrcv_que
- *       nsnd_que nodelay dead_link snd_bytes (payload bytes queued or unacknowledged)
+ *       nsnd_que nodelay_mode dead_link ackcount ackblock
+ *       snd_bytes (payload bytes queued or unacknowledged)
  *   module: allocated() -> (bytes, blocks) that every control block holds through ikcp's
  *       allocator right now (tests use it to see that a closed session kept nothing)
  *
@@ -451,6 +452,8 @@ static PyGetSetDef Kcp_getset[] = {
     {"dead_link", (getter)Kcp_field, NULL, NULL, U32(dead_link)},
     {"snd_bytes", (getter)Kcp_field, NULL, "payload bytes queued or unacknowledged",
      U32(nsnd_bytes)},
+    {"ackcount", (getter)Kcp_field, NULL, "ACKs waiting for the next flush", U32(ackcount)},
+    {"ackblock", (getter)Kcp_field, NULL, "ACK list capacity (entries)", U32(ackblock)},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

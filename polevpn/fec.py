@@ -45,7 +45,9 @@ one step at a time, so it does not flap, and a clean link decays to no parity at
 Receiving never raises: malformed shards, duplicates and shards of groups already
 forgotten are counted in :class:`FecStats` and dropped, except that a late data shard is
 still delivered (KCP drops a duplicate segment itself; dropping a real one would cost a
-retransmission). Receive state is bounded by ``rx_groups`` groups and ``rx_bytes`` bytes of
+retransmission). Until ``decoding`` is switched on (the peer has authenticated), data
+shards only pass their payloads on and parity shards are dropped: no receive state at all.
+Receive state is bounded by ``rx_groups`` groups and ``rx_bytes`` bytes of
 shards (the oldest group goes first; no shard is longer than ``max_shard``), and a group is
 forgotten once ``rx_group_ttl`` has passed since its first shard (checked by ``poll`` and
 whenever a group opens, so it needs no timer of its own).
@@ -152,6 +154,7 @@ class FecStats(Counters):
     recovered: int = 0  # payloads rebuilt from parity
     duplicates: int = 0
     late: int = 0  # shards of groups already forgotten
+    undecoded: int = 0  # parity shards dropped while decoding is off (peer not authenticated)
     malformed: int = 0
     unrecoverable: int = 0  # groups forgotten with data missing and too little parity
     reports_sent: int = 0
@@ -267,6 +270,10 @@ class FecSession:
         self._rx_expected = 0  # seqs the highest one advanced over, this interval
         self._rx_base = 0  # stats.received when this interval began
         self._next_report: float | None = None  # armed by the first shard of an interval
+        # False until the peer has authenticated: data shards go straight to KCP and
+        # parity is dropped, so an unauthenticated peer gets no receive state and no
+        # decoding work out of us
+        self.decoding = True
         # -- adaptive controller
         self._est_lost = 0.0
         self._est_expected = 0.0
@@ -392,7 +399,7 @@ class FecSession:
             self.stats.malformed += 1
             return []
         out = [datagram[DATA_OVERHEAD:]]
-        if m:
+        if m and self.decoding:
             group = self._groups.get(gid)
             if group is None:
                 if self._is_forgotten(gid):
@@ -450,6 +457,10 @@ class FecSession:
         length = n - HEADER_LEN
         if not (0 < k <= MAX_DATA_SHARDS and j < m <= MAX_PARITY_SHARDS) or length < 2:
             self.stats.malformed += 1
+            return []
+        if not self.decoding:
+            self.stats.undecoded += 1
+            self._account(seq, now)
             return []
         group = self._groups.get(gid)
         if group is None:

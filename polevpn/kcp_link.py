@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from ._ikcp import Kcp
 
 CONV = 0  # PoleVPN uses conversation id 0 on every kcp:// session
+# KCP receive window (segments) towards a peer that has not authenticated yet: enough for
+# AUTH, and it bounds what an unauthenticated peer can make us buffer (out-of-order
+# segments waiting for sn 0, in-order ones waiting to be read) to about 2 x 32 segments
+PRE_AUTH_WINDOW = 32
+# ACKs queued within one batch of records before they are sent anyway: bounds ikcp's ACK
+# list, which grows with every in-window segment (repeats too) and never shrinks
+ACK_FLUSH = 512
 OFFER_INTERVAL = 0.5  # s, how often an unanswered FEC offer is repeated
 
 FEC_OFF = "off"
@@ -50,7 +57,10 @@ class KcpLink:
         pool: KcpPool,
         record_mtu: int,
         now: float,
+        authenticated: bool = True,
     ) -> None:
+        """``authenticated`` False (the router's side, until AUTH succeeds): a small KCP
+        receive window and no FEC decoding, see ``authenticate``."""
         self.params = params
         self.pool = pool
         self.stats = LinkStats()
@@ -94,7 +104,26 @@ class KcpLink:
         # without FEC each KCP output buffer is a record as it is: straight into the list
         self.kcp.set_output(self._on_output if self.fec is not None else self._out.append)
         self.mss = self.kcp_mtu - 24
+        self.authenticated = authenticated
+        if not authenticated:
+            self.kcp.set_rcv_wnd(min(PRE_AUTH_WINDOW, params.receive_window))
+            if self.fec is not None:
+                self.fec.decoding = False
         self.kcp.update(self._ms(now))
+
+    def authenticate(self, now: float) -> None:
+        """The peer has authenticated: the configured receive window (announced at once,
+        so its sender need not wait for a probe) and FEC decoding."""
+        if self.authenticated:
+            return
+        self.authenticated = True
+        if self.fec is not None:
+            self.fec.decoding = True
+        kcp = self.kcp
+        if kcp is None:
+            return
+        kcp.wndsize(self.params.send_window, self.params.receive_window)
+        self.announce_window(now)
 
     # -- clock
 
@@ -162,6 +191,8 @@ class KcpLink:
             if kcp.input(p) < 0:
                 # a foreign conversation id or a malformed segment: KCP ignores it, so do we
                 self.stats.kcp_errors += 1
+        if kcp.ackcount >= ACK_FLUSH:
+            kcp.flush()
 
     def settle(self, now: float) -> bytes:
         """After a batch of ``feed``: ACK at once and return the stream bytes now in order."""

@@ -6,12 +6,14 @@ import asyncio
 import gc
 import hashlib
 import random
+import struct
 from pathlib import Path
 
 import pytest
 import uvloop
 
-from polevpn import _ikcp, dtls, kcp_transport
+from polevpn import _ikcp, dtls, kcp_link, kcp_transport
+from polevpn import fec as fec_mod
 from polevpn.config import FecParams, KcpParams, Listener, RouterConfig
 from polevpn.kcp_link import KcpLink
 from polevpn.kcp_pool import KcpPool
@@ -280,3 +282,114 @@ def test_thousand_reconnects_keep_router_memory_flat(tmp_path: Path):
     assert sessions == 0, "closed sessions were not removed"
     assert created <= 3, f"the router created {created} KCP objects instead of reusing"
     assert grown < 4 * 1024 * 1024, f"RSS grew {grown / 1e6:.1f} MB over 1000 reconnects"
+
+
+# -- before AUTH: small, bounded receive state (issue 20, finding 4)
+
+_SEG = struct.Struct("<IBBHIIII")  # ikcp's segment header: conv cmd frg wnd ts sn una len
+
+
+def push(sn: int, data: bytes) -> bytes:
+    return _SEG.pack(0, 81, 0, 2048, 0, sn, 0, len(data)) + data
+
+
+FEC_FIXED = KcpParams(fec=FecParams(mode="fixed"))
+
+
+@pytest.mark.parametrize("params", [NO_FEC, FEC_FIXED], ids=["no-fec", "fec"])
+def test_unauthenticated_session_buffers_little_and_frees_all(params):
+    """A peer that never sends sn 0 but everything after it: before AUTH KCP keeps at most
+    PRE_AUTH_WINDOW segments and FEC nothing; a closed session keeps nothing at all."""
+    pool = KcpPool()
+    gc.collect()
+    base = _ikcp.allocated()
+    payload = b"p" * 1300
+
+    def session() -> KcpLink:
+        link = KcpLink(params, pool, 1363, 0.0, authenticated=False)
+        fec = link.fec
+        for sn in range(1, 2048):
+            seg = push(sn, payload)
+            if fec is not None:
+                # data shard sn of a group of 10 with 3 parity shards to come
+                seg = (
+                    fec_mod.MAGIC.to_bytes(1, "big")
+                    + struct.pack(">BIIBBH", sn % 10, sn, sn // 10, 0, 3, len(seg))
+                    + seg
+                )
+            link.feed(seg, 0.001)
+        link.settle(0.002)
+        return link
+
+    link = session()
+    kcp = link.kcp
+    assert kcp is not None
+    assert kcp.rcv_wnd == kcp_link.PRE_AUTH_WINDOW
+    assert kcp.nrcv_buf <= kcp_link.PRE_AUTH_WINDOW and kcp.nrcv_que == 0
+    assert kcp.buffered()[2] <= kcp_link.PRE_AUTH_WINDOW * 1300
+    assert kcp.ackblock <= 2 * kcp_link.ACK_FLUSH
+    if link.fec is not None:
+        assert link.fec.held_bytes == 0 and link.fec.open_groups == 0
+    link.close()
+    assert kcp.buffered() == (0, 0, 0, 0) and kcp.nrcv_buf == 0
+    # a bounded loop of such sessions: the C side returns to one idle object, RSS stays flat
+    rss0 = rss_bytes()
+    for _ in range(30):
+        session().close()
+    gc.collect()
+    held, blocks = _ikcp.allocated()
+    assert blocks - base[1] == 2 and held - base[0] < 5000, (held - base[0], blocks - base[1])
+    assert rss_bytes() - rss0 < 4 * 1024 * 1024
+
+
+def test_authenticate_opens_the_window_and_decoding():
+    link = KcpLink(FEC_FIXED, KcpPool(), 1363, 0.0, authenticated=False)
+    assert link.fec is not None and not link.fec.decoding
+    link.authenticate(0.01)
+    kcp = link.kcp
+    assert kcp is not None and kcp.rcv_wnd == 2048 and link.fec.decoding
+    # the new window went out at once in a window-size segment (cmd 84, wnd 2048)
+    segs = [r for r in link.records_to_send() if r[:1] == b"\x00"]
+    assert any(r[4] == 84 and _SEG.unpack_from(r)[3] == 2048 for r in segs)
+    for sn in range(1, 2048):
+        link.feed(push(sn, b"q" * 100), 0.02)
+    assert kcp.nrcv_buf == 2047
+    link.close()
+
+
+def test_router_authenticates_the_kcp_session_after_auth(tmp_path: Path):
+    keys = generate(tmp_path / "keys")
+    listener = Listener(True, "127.0.0.1", 0, keys.server_cert, keys.server_key)
+    cfg = RouterConfig(
+        path=Path("t.json"), tls=listener, kcp=listener, key="123456", stats_interval=0
+    )
+
+    async def scenario() -> tuple[bool, int, bool, int]:
+        router = Router(cfg)
+        await router.start()
+        try:
+            verify = dtls.Verification(insecure=True)
+            reader = asyncio.StreamReader()
+            proto = asyncio.StreamReaderProtocol(reader)
+            tr = await kcp_transport.connect(
+                proto,
+                "127.0.0.1",
+                router.kcp_port,
+                dtls.client_context(verify),
+                verify,
+                KcpParams(),
+                KcpPool(),
+                5,
+            )
+            assert router.kcp_server is not None
+            (server,) = router.kcp_server.sessions.values()
+            before = (server.authenticated, server.link.kcp.rcv_wnd)
+            tr.write(b"\x00\x18\x00\x00\x00\x00\x00\x00" + b'{"key":"123456"}')
+            await asyncio.wait_for(reader.readexactly(10), 5)
+            after = (server.authenticated, server.link.kcp.rcv_wnd)
+            tr.close()
+            return (*before, *after)
+        finally:
+            await router.stop()
+
+    assert uvloop.run(scenario()) == (False, kcp_link.PRE_AUTH_WINDOW, True, 2048)
