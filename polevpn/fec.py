@@ -47,6 +47,10 @@ forgotten are counted in :class:`FecStats` and dropped, except that a late data 
 still delivered (KCP drops a duplicate segment itself; dropping a real one would cost a
 retransmission). Until ``decoding`` is switched on (the peer has authenticated), data
 shards only pass their payloads on and parity shards are dropped: no receive state at all.
+Groups larger than this side's own ``data_shards`` and ``parity_shards`` are not decoded
+(counted in ``oversized``; a data shard's payload still goes to KCP), and decoding is
+bounded by a token bucket of ``decode_rate`` groups per second per session
+(``decodes_refused``).
 Receive state is bounded by ``rx_groups`` groups and ``rx_bytes`` bytes of
 shards (the oldest group goes first; no shard is longer than ``max_shard``), and a group is
 forgotten once ``rx_group_ttl`` has passed since its first shard (checked by ``poll`` and
@@ -124,6 +128,10 @@ class FecConfig:
     # bytes of shards held for decoding; beyond it the oldest groups are forgotten first
     rx_bytes: int = 4 << 20
     rx_group_ttl: float = 1.0  # s: KCP has retransmitted by then, recovery is pointless
+    # decodes (groups rebuilt from parity) per second at most, and the burst allowed; a
+    # 10+3 decode costs 30-80 us, so this bounds one session to about 16% of a core
+    decode_rate: float = 2000.0
+    decode_burst: float = 400.0
     # adaptive controller
     residual_target: float = 0.01  # acceptable P(a group loses more than its parity)
     loss_margin: float = 1.5  # the measured rate is scaled by this before sizing parity
@@ -144,6 +152,8 @@ class FecConfig:
             raise FecError("residual_target must be in (0, 1) and loss_margin >= 1")
         if not 0 <= self.loss_memory < 1 or self.min_samples < 1 or self.down_reports < 1:
             raise FecError("bad loss_memory, min_samples or down_reports")
+        if not self.decode_rate > 0 or self.decode_burst < 1:
+            raise FecError("decode_rate must be positive and decode_burst at least 1")
 
 
 @dataclass
@@ -155,6 +165,10 @@ class FecStats(Counters):
     duplicates: int = 0
     late: int = 0  # shards of groups already forgotten
     undecoded: int = 0  # parity shards dropped while decoding is off (peer not authenticated)
+    # shards of groups larger than configured (k > data_shards or m > parity_shards): their
+    # groups are not kept (a data shard's payload still goes to KCP)
+    oversized: int = 0
+    decodes_refused: int = 0  # groups given up because the decode budget was spent
     malformed: int = 0
     unrecoverable: int = 0  # groups forgotten with data missing and too little parity
     reports_sent: int = 0
@@ -274,6 +288,13 @@ class FecSession:
         # parity is dropped, so an unauthenticated peer gets no receive state and no
         # decoding work out of us
         self.decoding = True
+        # the largest groups accepted: what this side is configured for (a larger group
+        # costs more to decode than anything we agreed to)
+        self._max_k = cfg.data_shards
+        self._max_m = cfg.parity_shards
+        # decode budget: a token bucket, refilled at decode_rate per second
+        self._tokens = cfg.decode_burst
+        self._tokens_at: float | None = None
         # -- adaptive controller
         self._est_lost = 0.0
         self._est_expected = 0.0
@@ -399,6 +420,10 @@ class FecSession:
             self.stats.malformed += 1
             return []
         out = [datagram[DATA_OVERHEAD:]]
+        if m and (m > self._max_m or ki >= self._max_k):
+            # a group larger than we decode: keep nothing of it, pass the payload on
+            self.stats.oversized += 1
+            m = 0
         if m and self.decoding:
             group = self._groups.get(gid)
             if group is None:
@@ -423,7 +448,7 @@ class FecSession:
                 if n - HEADER_LEN > group.dmax:
                     group.dmax = n - HEADER_LEN
                 if group.k:
-                    self._progress(group, out)
+                    self._progress(group, out, now)
         # _account() for the usual case, inline: the next seq of an ongoing interval
         hi = self._rx_hi
         d = (seq - hi) & _MASK32
@@ -462,6 +487,10 @@ class FecSession:
             self.stats.undecoded += 1
             self._account(seq, now)
             return []
+        if k > self._max_k or m > self._max_m:
+            self.stats.oversized += 1
+            self._account(seq, now)
+            return []
         group = self._groups.get(gid)
         if group is None:
             if self._is_forgotten(gid):
@@ -492,16 +521,21 @@ class FecSession:
         group.held += n
         self._held += n
         group.np += 1
-        self._progress(group, out)
+        self._progress(group, out, now)
         return out
 
-    def _progress(self, group: _RxGroup, out: list[bytes]) -> None:
+    def _progress(self, group: _RxGroup, out: list[bytes], now: float) -> None:
         """The group's size is known: finish it, rebuilding lost data if parity allows."""
         k = group.k
         if group.nd >= k:
             self._finish(group)
             return
         if group.nd + group.np < k:
+            return
+        if not self._take_token(now):
+            # over budget: give the group up (KCP retransmits what it lacked)
+            self.stats.decodes_refused += 1
+            self._finish(group)
             return
         data, parity = group.data, group.parity
         assert data is not None and parity is not None
@@ -520,6 +554,19 @@ class FecSession:
                 continue
             out.append(bytes(buf[2 : 2 + size]))
             self.stats.recovered += 1
+
+    def _take_token(self, now: float) -> bool:
+        cfg = self.config
+        last = self._tokens_at
+        tokens = self._tokens
+        if last is not None and now > last:
+            tokens = min(cfg.decode_burst, tokens + (now - last) * cfg.decode_rate)
+        self._tokens_at = now
+        if tokens < 1:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1
+        return True
 
     def _finish(self, group: _RxGroup) -> None:
         group.done = True
