@@ -174,6 +174,10 @@ class FecStats(Counters):
     reports_sent: int = 0
     reports_received: int = 0
     parity: int = 0  # parity shards per group now
+    # Two directions: ``parity`` follows ``peer_loss_ppm`` (what the peer reports on our
+    # shards), never ``loss_ppm`` (what we measure on the peer's). On a line whose queue
+    # drops only our bulk data the first is high while the second is 0 (issue 19, bug 12):
+    # export and read them side by side, never one for the other.
     loss_ppm: int = 0  # loss measured on what we receive, last report interval
     peer_loss_ppm: int = 0  # loss the peer measures on what we send (smoothed)
 

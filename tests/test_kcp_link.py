@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from polevpn import _ikcp, dtls, kcp_link, kcp_transport
+from polevpn import _ikcp, dtls, kcp_link, kcp_transport, metrics
 from polevpn import fec as fec_mod
 from polevpn.config import FecParams, KcpParams, Listener, RouterConfig
 from polevpn.kcp_link import KcpLink
@@ -393,3 +393,93 @@ def test_router_authenticates_the_kcp_session_after_auth(tmp_path: Path):
             await router.stop()
 
     assert uvloop.run(scenario()) == (False, kcp_link.PRE_AUTH_WINDOW, True, 2048)
+
+
+# -- adaptive FEC behind a rate-limited line (issue 19, bug 12)
+
+
+class RateLimitedLine:
+    """A tbf in miniature: a drop-tail queue of ``limit`` bytes drained at ``rate`` bit/s,
+    then a fixed delay. Deterministic."""
+
+    def __init__(self, rate: float, limit: int, delay: float) -> None:
+        self.rate, self.limit, self.delay = rate / 8, limit, delay
+        self.queue: list[bytes] = []
+        self.queued = 0
+        self.free_at = 0.0
+        self.flight: list[tuple[float, bytes]] = []
+        self.sent = self.dropped = 0
+
+    def put(self, record: bytes) -> None:
+        self.sent += 1
+        if self.queued + len(record) > self.limit:
+            self.dropped += 1
+            return
+        self.queue.append(record)
+        self.queued += len(record)
+
+    def take(self, now: float) -> list[bytes]:
+        t = max(self.free_at, now - 0.001)
+        while self.queue and t <= now:
+            record = self.queue.pop(0)
+            self.queued -= len(record)
+            t += len(record) / self.rate
+            self.flight.append((t + self.delay, record))
+        self.free_at = t
+        n = 0
+        while n < len(self.flight) and self.flight[n][0] <= now:
+            n += 1
+        out = [r for _, r in self.flight[:n]]
+        del self.flight[:n]
+        return out
+
+
+def test_adaptive_fec_metrics_agree_behind_a_rate_limited_line():
+    """Bulk data a -> b through a 50 Mbit/s drop-tail queue, ACKs back on a clean path:
+    a's parity goes to its maximum while the loss a *measures* (on what it receives) is 0.
+    The metrics must show the figure the parity follows, next to the link's loss."""
+    params = KcpParams(fec=FecParams(mode="adaptive"))
+    pool = KcpPool()
+    a = KcpLink(params, pool, 1363, 0.0)
+    b = KcpLink(params, pool, 1363, 0.0)
+    up = RateLimitedLine(50e6, 64 * 1024, 0.01)
+    down = RateLimitedLine(1e9, 1 << 20, 0.01)
+    now = 0.0
+    while now < 4.0:
+        now += 0.001
+        while a.pending_bytes < 1 << 20:
+            a.write(b"x" * 1300, now)
+        for r in a.records_to_send():
+            up.put(r)
+        for r in up.take(now):
+            b.feed(r, now)
+        b.settle(now)
+        a.poll(now)
+        b.poll(now)
+        for r in b.records_to_send():
+            down.put(r)
+        for r in down.take(now):
+            a.feed(r, now)
+        a.settle(now)
+    assert a.fec is not None and a.fec_state == "on"
+    resent, first = a.retransmissions, a.segments_sent
+    assert resent is not None and first is not None
+    link_loss = resent / (first + resent)
+    # the situation of the report: parity at its maximum, FEC's receive-side loss 0,
+    # the link's loss (KCP resends of what a sent) high
+    assert a.fec.stats.parity == 3 and a.fec.stats.loss_ppm == 0 and link_loss > 0.3
+    assert up.dropped > up.sent // 4 and down.dropped == 0
+
+    lm = metrics._LinkMetrics("link_", ["link"])
+    lm.add(["a"], a)
+    samples = {
+        s.name: s.value for fam in lm.families() for s in fam.samples if "reason" not in s.labels
+    }
+    peer_loss = samples["link_fec_peer_loss_ratio"]
+    assert samples["link_fec_parity_shards"] == 3 and samples["link_fec_loss_ratio"] == 0.0
+    # the exported figure explains the parity: at this loss the controller wants the maximum
+    cfg = a.fec.config
+    assert fec_mod.parity_for_loss(10, peer_loss * cfg.loss_margin, 3, cfg.residual_target) == 3
+    assert peer_loss > 0.1
+    a.close()
+    b.close()
