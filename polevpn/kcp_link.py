@@ -264,9 +264,11 @@ class KcpLink:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes queued or unacknowledged in KCP: the transport's write-buffer size."""
+        """Payload bytes queued or unacknowledged in KCP: the transport's write-buffer size.
+        Real bytes (counted by the extension as segments come and go), not segments times
+        the MSS, which made 100-byte packets weigh 13 times their size."""
         kcp = self.kcp
-        return kcp.waitsnd() * self.mss if kcp is not None else 0
+        return kcp.snd_bytes if kcp is not None else 0
 
     @property
     def dead(self) -> bool:

@@ -483,3 +483,28 @@ def test_adaptive_fec_metrics_agree_behind_a_rate_limited_line():
     assert peer_loss > 0.1
     a.close()
     b.close()
+
+
+def test_pending_bytes_counts_real_bytes():
+    """Flow control (the transport's write buffer) counts payload bytes, not segments x MSS
+    (issue 19, bug 14)."""
+    pool = KcpPool()
+    a = KcpLink(NO_FEC, pool, 1363, 0.0)
+    b = KcpLink(NO_FEC, pool, 1363, 0.0)
+    for _ in range(1000):
+        a.write(b"s" * 100, 0.0)
+    a.write(b"L" * 3000, 0.0)  # three segments: 1315 + 1315 + 370
+    assert a.pending_bytes == 100_000 + 3000
+    assert a.kcp is not None and a.kcp.waitsnd() == 1003
+    # the first window went out (128 segments: ikcp's assumed peer window); once those are
+    # acknowledged, their bytes are gone
+    sent = a.records_to_send()
+    for r in sent:
+        b.feed(r, 0.01)
+    b.settle(0.01)
+    for r in b.records_to_send():
+        a.feed(r, 0.02)
+    assert a.kcp.snd_nxt == 128 and a.kcp.nsnd_buf == 0
+    assert a.pending_bytes == 100_000 + 3000 - 128 * 100
+    a.close()
+    b.close()
