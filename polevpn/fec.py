@@ -623,6 +623,14 @@ class FecSession:
         floor = self._floor
         return floor is not None and (floor - 1 - gid) & _MASK32 < _HALF32
 
+    def release(self) -> None:
+        """The session is over: drop every shard kept (receive groups, the open send
+        group); the counters stay readable."""
+        self._groups.clear()
+        self._held = 0
+        self._tx_shards = []
+        self._tx_n = 0
+
     @property
     def held_bytes(self) -> int:
         """Bytes of shards kept for decoding, at most about ``rx_bytes`` plus one group."""

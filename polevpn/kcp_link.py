@@ -294,6 +294,10 @@ class KcpLink:
         return self.kcp.snd_nxt if self.kcp is not None else None
 
     def close(self) -> None:
+        """Free what the session holds now (KCP's segments, FEC's receive groups), not
+        when the last reference to it goes: the API or a log line may still hold one."""
         if self.kcp is not None:
             self.pool.release(self.kcp)
             self.kcp = None
+        if self.fec is not None:
+            self.fec.release()

@@ -354,7 +354,14 @@ def test_authenticate_opens_the_window_and_decoding():
     for sn in range(1, 2048):
         link.feed(push(sn, b"q" * 100), 0.02)
     assert kcp.nrcv_buf == 2047
+    # an authenticated session does keep FEC groups for decoding: until it closes
+    tx = fec_mod.FecSession(fec_mod.FecConfig(data_shards=10, parity_shards=3))
+    for i in range(5):
+        for shard in tx.send(push(3000 + i, b"r" * 200), 0.03):
+            link.feed(shard, 0.03)
+    assert link.fec.held_bytes > 0 and link.fec.open_groups == 1
     link.close()
+    assert kcp.nrcv_buf == 0 and link.fec.held_bytes == 0 and link.fec.open_groups == 0
 
 
 def test_router_authenticates_the_kcp_session_after_auth(tmp_path: Path):
