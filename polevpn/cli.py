@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from . import __version__, privileges
@@ -60,35 +60,52 @@ def _load(prog: str, argv: list[str] | None, default: str, loader: Callable[[str
     return cfg
 
 
-# glibc mallopt parameters
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
+# glibc malloc tunables, set in the daemon's own environment at start-up
 MMAP_THRESHOLD = 4 << 20
 TRIM_THRESHOLD = 32 << 20
+MALLOC_TUNABLES = (
+    f"glibc.malloc.mmap_threshold={MMAP_THRESHOLD}:glibc.malloc.trim_threshold={TRIM_THRESHOLD}"
+)
 
 
-def tune_malloc() -> bool:
-    """Keep the data path's 64 KiB-1 MiB buffers on the heap instead of fresh mmaps.
+def malloc_tunables(environ: Mapping[str, str], libc: str) -> str | None:
+    """The GLIBC_TUNABLES value to start again with, or None to run as we are.
 
-    glibc serves large allocations with mmap and gives them back at free, so every
-    super-packet, join and TLS read paid page faults and page zeroing: measured, the tls://
-    tunnel went from about 1.7 to 2.5 Gbit/s with these two settings. The trim threshold
-    bounds how much freed heap the process may keep.
+    Keeps the data path's 64 KiB-1 MiB buffers on the heap instead of fresh mmaps: glibc
+    serves large allocations with mmap and gives them back at free, so every super-packet,
+    join and TLS read paid page faults and page zeroing (measured: the tls:// tunnel went
+    from about 1.7 to 2.5 Gbit/s). The trim threshold bounds the freed heap kept. Set
+    through the environment at start-up (glibc reads it before the first allocation), not
+    by ``mallopt`` at run time, which also retuned any process that ran the daemon's code
+    in-process, the test suite's included. An operator's own malloc tunables win.
     """
-    try:
-        import ctypes
+    if libc != "glibc":
+        return None
+    current = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.mmap_threshold" in current or "glibc.malloc.trim_threshold" in current:
+        return None
+    return f"{current}:{MALLOC_TUNABLES}" if current else MALLOC_TUNABLES
 
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        return False
-    return bool(
-        mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
+
+def _start_tuned(which: str) -> None:
+    """Start the daemon again, once, as ``python -m polevpn.cli WHICH ARGS`` with the malloc
+    tunables in its environment (same PID, so a service manager sees nothing). The units
+    under router/ and gateway/ set GLIBC_TUNABLES themselves, which skips this."""
+    import platform
+
+    value = malloc_tunables(os.environ, platform.libc_ver()[0])
+    if value is None:
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=value)
+    # -P: never import from the working directory (the gateway runs as root)
+    argv = [sys.executable, "-P", "-m", "polevpn.cli", which, *sys.argv[1:]]
+    try:
+        os.execve(sys.executable, argv, env)
+    except OSError:  # run untuned rather than not at all
+        return
 
 
 def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    tune_malloc()
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
@@ -182,10 +199,12 @@ def gateway_main(argv: list[str] | None = None) -> int:
 
 
 def router_entry() -> None:
+    _start_tuned("router")
     raise SystemExit(router_main())
 
 
 def gateway_entry() -> None:
+    _start_tuned("gateway")
     raise SystemExit(gateway_main())
 
 
@@ -194,6 +213,7 @@ def main() -> None:  # pragma: no cover - ``python -m polevpn.cli router|gateway
         print("usage: python -m polevpn.cli router|gateway -configPath=FILE", file=sys.stderr)
         raise SystemExit(2)
     which = sys.argv.pop(1)
+    _start_tuned(which)
     raise SystemExit(router_main() if which == "router" else gateway_main())
 
 

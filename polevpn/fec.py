@@ -45,7 +45,13 @@ one step at a time, so it does not flap, and a clean link decays to no parity at
 Receiving never raises: malformed shards, duplicates and shards of groups already
 forgotten are counted in :class:`FecStats` and dropped, except that a late data shard is
 still delivered (KCP drops a duplicate segment itself; dropping a real one would cost a
-retransmission). Receive state is bounded by ``rx_groups`` groups and ``rx_bytes`` bytes of
+retransmission). Until ``decoding`` is switched on (the peer has authenticated), data
+shards only pass their payloads on and parity shards are dropped: no receive state at all.
+Groups larger than this side's own ``data_shards`` and ``parity_shards`` are not decoded
+(counted in ``oversized``; a data shard's payload still goes to KCP), and decoding is
+bounded by a token bucket of ``decode_rate`` groups per second per session
+(``decodes_refused``).
+Receive state is bounded by ``rx_groups`` groups and ``rx_bytes`` bytes of
 shards (the oldest group goes first; no shard is longer than ``max_shard``), and a group is
 forgotten once ``rx_group_ttl`` has passed since its first shard (checked by ``poll`` and
 whenever a group opens, so it needs no timer of its own).
@@ -122,6 +128,10 @@ class FecConfig:
     # bytes of shards held for decoding; beyond it the oldest groups are forgotten first
     rx_bytes: int = 4 << 20
     rx_group_ttl: float = 1.0  # s: KCP has retransmitted by then, recovery is pointless
+    # decodes (groups rebuilt from parity) per second at most, and the burst allowed; a
+    # 10+3 decode costs 30-80 us, so this bounds one session to about 16% of a core
+    decode_rate: float = 2000.0
+    decode_burst: float = 400.0
     # adaptive controller
     residual_target: float = 0.01  # acceptable P(a group loses more than its parity)
     loss_margin: float = 1.5  # the measured rate is scaled by this before sizing parity
@@ -142,6 +152,8 @@ class FecConfig:
             raise FecError("residual_target must be in (0, 1) and loss_margin >= 1")
         if not 0 <= self.loss_memory < 1 or self.min_samples < 1 or self.down_reports < 1:
             raise FecError("bad loss_memory, min_samples or down_reports")
+        if not self.decode_rate > 0 or self.decode_burst < 1:
+            raise FecError("decode_rate must be positive and decode_burst at least 1")
 
 
 @dataclass
@@ -152,11 +164,20 @@ class FecStats(Counters):
     recovered: int = 0  # payloads rebuilt from parity
     duplicates: int = 0
     late: int = 0  # shards of groups already forgotten
+    undecoded: int = 0  # parity shards dropped while decoding is off (peer not authenticated)
+    # shards of groups larger than configured (k > data_shards or m > parity_shards): their
+    # groups are not kept (a data shard's payload still goes to KCP)
+    oversized: int = 0
+    decodes_refused: int = 0  # groups given up because the decode budget was spent
     malformed: int = 0
     unrecoverable: int = 0  # groups forgotten with data missing and too little parity
     reports_sent: int = 0
     reports_received: int = 0
     parity: int = 0  # parity shards per group now
+    # Two directions: ``parity`` follows ``peer_loss_ppm`` (what the peer reports on our
+    # shards), never ``loss_ppm`` (what we measure on the peer's). On a line whose queue
+    # drops only our bulk data the first is high while the second is 0 (issue 19, bug 12):
+    # export and read them side by side, never one for the other.
     loss_ppm: int = 0  # loss measured on what we receive, last report interval
     peer_loss_ppm: int = 0  # loss the peer measures on what we send (smoothed)
 
@@ -267,6 +288,17 @@ class FecSession:
         self._rx_expected = 0  # seqs the highest one advanced over, this interval
         self._rx_base = 0  # stats.received when this interval began
         self._next_report: float | None = None  # armed by the first shard of an interval
+        # False until the peer has authenticated: data shards go straight to KCP and
+        # parity is dropped, so an unauthenticated peer gets no receive state and no
+        # decoding work out of us
+        self.decoding = True
+        # the largest groups accepted: what this side is configured for (a larger group
+        # costs more to decode than anything we agreed to)
+        self._max_k = cfg.data_shards
+        self._max_m = cfg.parity_shards
+        # decode budget: a token bucket, refilled at decode_rate per second
+        self._tokens = cfg.decode_burst
+        self._tokens_at: float | None = None
         # -- adaptive controller
         self._est_lost = 0.0
         self._est_expected = 0.0
@@ -392,7 +424,11 @@ class FecSession:
             self.stats.malformed += 1
             return []
         out = [datagram[DATA_OVERHEAD:]]
-        if m:
+        if m and (m > self._max_m or ki >= self._max_k):
+            # a group larger than we decode: keep nothing of it, pass the payload on
+            self.stats.oversized += 1
+            m = 0
+        if m and self.decoding:
             group = self._groups.get(gid)
             if group is None:
                 if self._is_forgotten(gid):
@@ -416,7 +452,7 @@ class FecSession:
                 if n - HEADER_LEN > group.dmax:
                     group.dmax = n - HEADER_LEN
                 if group.k:
-                    self._progress(group, out)
+                    self._progress(group, out, now)
         # _account() for the usual case, inline: the next seq of an ongoing interval
         hi = self._rx_hi
         d = (seq - hi) & _MASK32
@@ -451,6 +487,14 @@ class FecSession:
         if not (0 < k <= MAX_DATA_SHARDS and j < m <= MAX_PARITY_SHARDS) or length < 2:
             self.stats.malformed += 1
             return []
+        if not self.decoding:
+            self.stats.undecoded += 1
+            self._account(seq, now)
+            return []
+        if k > self._max_k or m > self._max_m:
+            self.stats.oversized += 1
+            self._account(seq, now)
+            return []
         group = self._groups.get(gid)
         if group is None:
             if self._is_forgotten(gid):
@@ -481,16 +525,21 @@ class FecSession:
         group.held += n
         self._held += n
         group.np += 1
-        self._progress(group, out)
+        self._progress(group, out, now)
         return out
 
-    def _progress(self, group: _RxGroup, out: list[bytes]) -> None:
+    def _progress(self, group: _RxGroup, out: list[bytes], now: float) -> None:
         """The group's size is known: finish it, rebuilding lost data if parity allows."""
         k = group.k
         if group.nd >= k:
             self._finish(group)
             return
         if group.nd + group.np < k:
+            return
+        if not self._take_token(now):
+            # over budget: give the group up (KCP retransmits what it lacked)
+            self.stats.decodes_refused += 1
+            self._finish(group)
             return
         data, parity = group.data, group.parity
         assert data is not None and parity is not None
@@ -509,6 +558,19 @@ class FecSession:
                 continue
             out.append(bytes(buf[2 : 2 + size]))
             self.stats.recovered += 1
+
+    def _take_token(self, now: float) -> bool:
+        cfg = self.config
+        last = self._tokens_at
+        tokens = self._tokens
+        if last is not None and now > last:
+            tokens = min(cfg.decode_burst, tokens + (now - last) * cfg.decode_rate)
+        self._tokens_at = now
+        if tokens < 1:
+            self._tokens = tokens
+            return False
+        self._tokens = tokens - 1
+        return True
 
     def _finish(self, group: _RxGroup) -> None:
         group.done = True
@@ -560,6 +622,14 @@ class FecSession:
     def _is_forgotten(self, gid: int) -> bool:
         floor = self._floor
         return floor is not None and (floor - 1 - gid) & _MASK32 < _HALF32
+
+    def release(self) -> None:
+        """The session is over: drop every shard kept (receive groups, the open send
+        group); the counters stay readable."""
+        self._groups.clear()
+        self._held = 0
+        self._tx_shards = []
+        self._tx_n = 0
 
     @property
     def held_bytes(self) -> int:

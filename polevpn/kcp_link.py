@@ -19,16 +19,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from kcp import KCP
-
 from .config import KcpParams
-from .kcp_pool import RESET_SUPPORTED, KcpPool, control_block
+from .kcp_pool import KcpPool
 
 if TYPE_CHECKING:
     from . import fec as fec_mod
+    from ._ikcp import Kcp
 
-IKCP_ASK_TELL = 2  # ikcp.c: send a window-size segment on the next flush
 CONV = 0  # PoleVPN uses conversation id 0 on every kcp:// session
+# KCP receive window (segments) towards a peer that has not authenticated yet: enough for
+# AUTH, and it bounds what an unauthenticated peer can make us buffer (out-of-order
+# segments waiting for sn 0, in-order ones waiting to be read) to about 2 x 32 segments
+PRE_AUTH_WINDOW = 32
+# ACKs queued within one batch of records before they are sent anyway: bounds ikcp's ACK
+# list, which grows with every in-window segment (repeats too) and never shrinks
+ACK_FLUSH = 512
 OFFER_INTERVAL = 0.5  # s, how often an unanswered FEC offer is repeated
 
 FEC_OFF = "off"
@@ -52,7 +57,10 @@ class KcpLink:
         pool: KcpPool,
         record_mtu: int,
         now: float,
+        authenticated: bool = True,
     ) -> None:
+        """``authenticated`` False (the router's side, until AUTH succeeds): a small KCP
+        receive window and no FEC decoding, see ``authenticate``."""
         self.params = params
         self.pool = pool
         self.stats = LinkStats()
@@ -83,7 +91,7 @@ class KcpLink:
         self.reading = True
         self._t0 = now
         self._next_offer = now
-        self.kcp: KCP | None = pool.acquire(
+        self.kcp: Kcp | None = pool.acquire(
             CONV,
             self.kcp_mtu,
             params.nodelay,
@@ -93,9 +101,29 @@ class KcpLink:
             params.send_window,
             params.receive_window,
         )
-        self.kcp.include_outbound_handler(self._on_output)
+        # without FEC each KCP output buffer is a record as it is: straight into the list
+        self.kcp.set_output(self._on_output if self.fec is not None else self._out.append)
         self.mss = self.kcp_mtu - 24
+        self.authenticated = authenticated
+        if not authenticated:
+            self.kcp.set_rcv_wnd(min(PRE_AUTH_WINDOW, params.receive_window))
+            if self.fec is not None:
+                self.fec.decoding = False
         self.kcp.update(self._ms(now))
+
+    def authenticate(self, now: float) -> None:
+        """The peer has authenticated: the configured receive window (announced at once,
+        so its sender need not wait for a probe) and FEC decoding."""
+        if self.authenticated:
+            return
+        self.authenticated = True
+        if self.fec is not None:
+            self.fec.decoding = True
+        kcp = self.kcp
+        if kcp is None:
+            return
+        kcp.wndsize(self.params.send_window, self.params.receive_window)
+        self.announce_window(now)
 
     # -- clock
 
@@ -104,7 +132,7 @@ class KcpLink:
 
     # -- KCP output -> records
 
-    def _on_output(self, kcp: KCP, data: bytes) -> None:
+    def _on_output(self, data: bytes) -> None:
         if self.fec_state == FEC_ON:
             assert self.fec is not None
             self._out.extend(self.fec.send(data, self._now))
@@ -114,7 +142,9 @@ class KcpLink:
     _now = 0.0
 
     def records_to_send(self) -> list[bytes]:
-        out, self._out = self._out, []
+        # the list itself stays: KCP's output appends to it
+        out = self._out.copy()
+        self._out.clear()
         self.stats.records_out += len(out)
         return out
 
@@ -126,15 +156,8 @@ class KcpLink:
         if kcp is None:
             return
         self._now = now
-        mss = self.mss
-        n = len(data)
-        self.stats.stream_bytes_out += n
-        if n <= mss:
-            kcp.enqueue(bytes(data))
-        else:
-            view = memoryview(data)
-            for off in range(0, n, mss):
-                kcp.enqueue(bytes(view[off : off + mss]))
+        self.stats.stream_bytes_out += len(data)
+        kcp.write(data)
         kcp.update(self._ms(now))
         kcp.flush()
 
@@ -165,11 +188,11 @@ class KcpLink:
             self.stats.kcp_errors += 1
             return
         for p in payloads:
-            try:
-                kcp.receive(bytes(p))
-            except Exception:
+            if kcp.input(p) < 0:
                 # a foreign conversation id or a malformed segment: KCP ignores it, so do we
                 self.stats.kcp_errors += 1
+        if kcp.ackcount >= ACK_FLUSH:
+            kcp.flush()
 
     def settle(self, now: float) -> bytes:
         """After a batch of ``feed``: ACK at once and return the stream bytes now in order."""
@@ -187,10 +210,7 @@ class KcpLink:
         kcp = self.kcp
         if kcp is None:
             return b""
-        chunks = list(kcp.get_all_received())
-        if not chunks:
-            return b""
-        data = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
+        data = kcp.recv_all()
         self.stats.stream_bytes_in += len(data)
         return data
 
@@ -200,8 +220,7 @@ class KcpLink:
         kcp = self.kcp
         if kcp is None:
             return
-        if RESET_SUPPORTED:
-            control_block(kcp).probe |= IKCP_ASK_TELL
+        kcp.ask_tell()
         kcp.update(self._ms(now))
         kcp.flush()
 
@@ -227,7 +246,7 @@ class KcpLink:
         if kcp is None:
             return None
         deadline = None
-        if kcp.get_outbound_packets() > 0:
+        if kcp.waitsnd() > 0:
             deadline = now + self.params.interval / 1000
         fec = self.fec
         if fec is not None:
@@ -245,42 +264,40 @@ class KcpLink:
 
     @property
     def pending_bytes(self) -> int:
-        """Bytes queued or unacknowledged in KCP: the transport's write-buffer size."""
+        """Payload bytes queued or unacknowledged in KCP: the transport's write-buffer size.
+        Real bytes (counted by the extension as segments come and go), not segments times
+        the MSS, which made 100-byte packets weigh 13 times their size."""
         kcp = self.kcp
-        return kcp.get_outbound_packets() * self.mss if kcp is not None else 0
+        return kcp.snd_bytes if kcp is not None else 0
 
     @property
     def dead(self) -> bool:
         """KCP gave up on a segment after ``dead_link`` retransmissions."""
         if self.kcp is None:
             return True
-        if not RESET_SUPPORTED:
-            return False
-        return control_block(self.kcp).state == 0xFFFFFFFF
+        return self.kcp.state == 0xFFFFFFFF
 
     @property
     def srtt_ms(self) -> int | None:
-        if self.kcp is None or not RESET_SUPPORTED:
-            return None
-        return control_block(self.kcp).rx_srtt
+        return self.kcp.srtt if self.kcp is not None else None
 
     @property
     def retransmissions(self) -> int | None:
         """Segments sent again after their retransmission timeout (ikcp's ``xmit``)."""
-        if self.kcp is None or not RESET_SUPPORTED:
-            return None
-        return control_block(self.kcp).xmit
+        return self.kcp.xmit if self.kcp is not None else None
 
     @property
     def segments_sent(self) -> int | None:
         """Data segments sent for the first time (ikcp's ``snd_nxt``: each new segment
         takes the next sequence number; resends do not), the base of a retransmission
         ratio."""
-        if self.kcp is None or not RESET_SUPPORTED:
-            return None
-        return control_block(self.kcp).snd_nxt
+        return self.kcp.snd_nxt if self.kcp is not None else None
 
     def close(self) -> None:
+        """Free what the session holds now (KCP's segments, FEC's receive groups), not
+        when the last reference to it goes: the API or a log line may still hold one."""
         if self.kcp is not None:
             self.pool.release(self.kcp)
             self.kcp = None
+        if self.fec is not None:
+            self.fec.release()

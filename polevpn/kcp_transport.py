@@ -148,6 +148,19 @@ class KcpTransport:
     def is_reading(self) -> bool:
         return self.link.reading
 
+    @property
+    def authenticated(self) -> bool:
+        """False on the router's side until the orchestrator sees AUTH succeed: until then
+        the session has a small KCP receive window and decodes no FEC (issue 20)."""
+        return self.link.authenticated
+
+    @authenticated.setter
+    def authenticated(self, value: bool) -> None:
+        if not value or self.link.authenticated or self._closing:
+            return
+        self.link.authenticate(time.monotonic())
+        self._pump()
+
     def writelines(self, chunks: list[bytes]) -> None:
         self.write(b"".join(chunks))
 
@@ -574,7 +587,8 @@ class KcpServer(asyncio.DatagramProtocol):
         self._drop_pending(addr, established=True)
         self.stats.handshakes += 1
         now = time.monotonic()
-        link = KcpLink(self.params, self.pool, dtls.cleartext_mtu, now)
+        # small receive state until the router flips ``authenticated`` after AUTH
+        link = KcpLink(self.params, self.pool, dtls.cleartext_mtu, now, authenticated=False)
         transport = KcpTransport(
             self._loop,
             dtls,

@@ -110,10 +110,30 @@ class _LinkMetrics:
             "parity shards per FEC group now (adaptive mode moves it with the loss)",
             labels=label_names,
         )
+        # Two directions, two figures (issue 19, bug 12). fec_parity_shards follows the loss
+        # the *peer* reports on the shards this side sends (peer_loss_ppm, smoothed), the
+        # same direction as kcp_retransmissions and loss_ratio. fec_loss_ratio is the other
+        # direction: what this side receives. Behind a rate-limited line the loss is all in
+        # the direction of the bulk data (the queue drops it), so a sender showed parity at
+        # its maximum with fec_loss_ratio 0.0 next to a loss_ratio of 0.3: both true, but
+        # the figure that explained the parity was not exported.
         self.loss = GaugeMetricFamily(
             f"{prefix}fec_loss_ratio",
-            "loss measured by FEC on what this side receives, last report interval",
+            "loss FEC measures on the shards this side receives (the peer's direction; "
+            "last report interval)",
             labels=label_names,
+        )
+        self.peer_loss = GaugeMetricFamily(
+            f"{prefix}fec_peer_loss_ratio",
+            "loss the peer reports on the shards this side sends (smoothed): what adaptive "
+            "parity (fec_parity_shards) follows",
+            labels=label_names,
+        )
+        self.refused = CounterMetricFamily(
+            f"{prefix}fec_refused",
+            "FEC work refused: shards of groups larger than configured (oversized), parity "
+            "before AUTH (unauthenticated), groups over the decode budget (budget)",
+            labels=[*label_names, "reason"],
         )
 
     def add(self, labels: list[str], link: KcpLink) -> None:
@@ -129,6 +149,10 @@ class _LinkMetrics:
             self.parity_sent.add_metric(labels, s.parity_sent)
             self.parity.add_metric(labels, s.parity)
             self.loss.add_metric(labels, s.loss_ppm / 1e6)
+            self.peer_loss.add_metric(labels, s.peer_loss_ppm / 1e6)
+            self.refused.add_metric([*labels, "oversized"], s.oversized)
+            self.refused.add_metric([*labels, "unauthenticated"], s.undecoded)
+            self.refused.add_metric([*labels, "budget"], s.decodes_refused)
 
     def families(self) -> list[Metric]:
         return [
@@ -139,6 +163,8 @@ class _LinkMetrics:
             self.parity_sent,
             self.parity,
             self.loss,
+            self.peer_loss,
+            self.refused,
         ]
 
 

@@ -36,6 +36,7 @@ from .messages import FEATURE_MULTILINK, FEATURE_SUPER
 from .routing import IPAddress, NetworkSet, RouteTable, announcement_error
 from .session import (
     AuthFailed,
+    AuthSucceeded,
     ConnectionLost,
     RegisterRequested,
     ServerSession,
@@ -651,6 +652,10 @@ class Router:
     def on_event(self, conn: GatewayConnection, ev: object) -> None:
         if isinstance(ev, RegisterRequested):
             self._register(conn, ev)
+        elif isinstance(ev, AuthSucceeded):
+            if conn.transport_name == "kcp" and conn.transport is not None:
+                # kcp:// sessions keep a small receive window and decode no FEC until now
+                conn.transport.authenticated = True  # type: ignore[attr-defined]
         elif isinstance(ev, AuthFailed):
             self.stats.auth_failures += 1
             log.warning("auth rejected peer=%s reason=%s", conn.peer, ev.reason)

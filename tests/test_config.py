@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import os
 import shutil
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -765,12 +769,59 @@ def test_offload_and_super_packets_default_on_and_can_be_turned_off(
     assert_config_error(err, tmp_path / "g-bad.json", "offload")
 
 
-def test_malloc_tuning_applies_on_glibc() -> None:
+def test_malloc_tunables_for_the_environment() -> None:
+    tuned = cli.MALLOC_TUNABLES
+    assert tuned == "glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=33554432"
+    assert cli.malloc_tunables({}, "glibc") == tuned
+    other = "glibc.malloc.tcache_count=0"
+    assert cli.malloc_tunables({"GLIBC_TUNABLES": other}, "glibc") == f"{other}:{tuned}"
+    # already there, the operator's own, or not glibc: run as we are (no loop of re-execs)
+    assert cli.malloc_tunables({"GLIBC_TUNABLES": tuned}, "glibc") is None
+    own = "glibc.malloc.mmap_threshold=131072"
+    assert cli.malloc_tunables({"GLIBC_TUNABLES": own}, "glibc") is None
+    assert cli.malloc_tunables({}, "musl") is None
+
+
+def test_daemon_sets_malloc_tunables_in_its_own_environment(tmp_path: Path) -> None:
+    """The console script starts itself again with GLIBC_TUNABLES (same PID); the process
+    that ran it, like this test process, is not retuned."""
     import platform
+    import subprocess
 
     if platform.libc_ver()[0] != "glibc":
-        pytest.skip("mallopt is glibc's")
-    assert cli.tune_malloc()
+        pytest.skip("GLIBC_TUNABLES is glibc's")
+    assert "glibc.malloc" not in os.environ.get("GLIBC_TUNABLES", "")
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)  # the daemon blocks reading its config: time to look at its environment
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    exe = Path(sys.executable).parent / "polevpn-router"
+    proc = subprocess.Popen([str(exe), f"-configPath={fifo}"], env=env, stderr=subprocess.PIPE)
+    try:
+        environ = b""
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and b"GLIBC_TUNABLES=" not in environ:
+            time.sleep(0.05)
+            with contextlib.suppress(OSError):
+                environ = Path(f"/proc/{proc.pid}/environ").read_bytes()
+        # (glibc's own parsing may leave a NUL where the ':' was: it has read them)
+        assert b"GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4194304" in environ
+        assert b"glibc.malloc.trim_threshold=33554432" in environ
+        fd = -1
+        while fd < 0 and time.monotonic() < deadline:
+            try:  # non-blocking: fails while the daemon has not opened it for reading
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.05)
+        assert fd >= 0, "the daemon never read its config"
+        os.write(fd, b"{")  # a broken config: exit status 2 as always
+        os.close(fd)
+        assert proc.wait(20) == cli.EXIT_CONFIG
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
 
 
 # ---- per-gateway credentials, limits, privileges, permissions -----------------------------

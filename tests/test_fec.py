@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polevpn import fec
+from polevpn import fec, gf256
 from polevpn.fec import (
     HEADER_LEN,
     KIND_DATA,
@@ -523,8 +523,71 @@ def test_property_up_to_m_losses_per_group_recover(k, m, payloads, data):
         drop = data.draw(st.sets(st.integers(0, n - 1), max_size=min(m, n)))
         keep += [s for i, s in enumerate(ws) if i not in drop]
     keep = data.draw(st.permutations(keep))
-    rx = FecSession()
+    # the receiver decodes groups up to its own configured size, so it is configured alike
+    rx = FecSession(tx.config)
     got = [p for s in keep for p in rx.receive(s, now)]
     assert sorted(got) == sorted(payloads)
     # an original arriving after parity rebuilt it is a duplicate, nothing else is
     assert rx.stats.malformed == 0 and rx.stats.duplicates <= rx.stats.recovered
+
+
+# -- what an unauthenticated or hostile peer can make us decode (issue 20, finding 2)
+
+
+def lossy_groups(tx: FecSession, groups: int, k: int, keep_data: int) -> list[bytes]:
+    """``groups`` full groups of ``k`` payloads, of whose data shards only the first
+    ``keep_data`` are kept (all parity is kept)."""
+    out: list[bytes] = []
+    for g in range(groups):
+        shards = send_all(tx, [bytes([g % 256, i]) * 20 for i in range(k)])
+        for sh in shards:
+            h = parse_header(sh)
+            assert h is not None
+            if h.kind == KIND_PARITY or h.index < keep_data:
+                out.append(sh)
+    return out
+
+
+def test_groups_larger_than_configured_are_not_decoded():
+    """The attack: k = m = 64, 4 data shards and 60 parity, a 60x60 inversion each."""
+    tx = FecSession(FecConfig(data_shards=64, parity_shards=64))
+    shards = lossy_groups(tx, 5, 64, keep_data=4)
+    rx = FecSession()  # configured 10 + 3
+    misses = gf256.decode_matrix.cache_info().misses
+    got = [p for s in shards for p in rx.receive(s, 0.0)]
+    assert len(got) == 5 * 4, "data shards' payloads still go to KCP"
+    assert rx.stats.recovered == 0 and rx.stats.oversized == 5 * (4 + 64)
+    assert rx.held_bytes == 0 and rx.open_groups == 0
+    assert gf256.decode_matrix.cache_info().misses == misses, "a matrix was inverted"
+    # a group within the configured size still decodes
+    ok = lossy_groups(FecSession(FecConfig(data_shards=10, parity_shards=3)), 1, 10, 7)
+    assert len([p for s in ok for p in rx.receive(s, 0.0)]) == 10
+    assert rx.stats.recovered == 3
+
+
+def test_no_decoding_and_no_receive_state_before_authentication():
+    tx = FecSession(FecConfig(data_shards=10, parity_shards=3))
+    rx = FecSession()
+    rx.decoding = False
+    got = [p for s in lossy_groups(tx, 3, 10, keep_data=7) for p in rx.receive(s, 0.0)]
+    assert len(got) == 3 * 7
+    assert rx.stats.recovered == 0 and rx.stats.undecoded == 3 * 3
+    assert rx.held_bytes == 0 and rx.open_groups == 0
+    assert rx.stats.received == 3 * 10, "loss accounting goes on"
+    rx.decoding = True
+    got = [p for s in lossy_groups(tx, 1, 10, keep_data=7) for p in rx.receive(s, 1.0)]
+    assert len(got) == 10 and rx.stats.recovered == 3
+
+
+def test_decode_budget_bounds_work_per_session():
+    tx = FecSession(FecConfig(data_shards=10, parity_shards=3))
+    rx = FecSession(FecConfig(decode_rate=10.0, decode_burst=5.0))
+    shards = lossy_groups(tx, 20, 10, keep_data=8)
+    for s in shards:
+        rx.receive(s, 0.0)
+    assert rx.stats.recovered == 5 * 2 and rx.stats.decodes_refused == 15
+    assert rx.held_bytes == 0, "a refused group is given up, not kept"
+    # one second later the bucket holds what a second refills, up to the burst
+    for s in lossy_groups(tx, 8, 10, keep_data=8):
+        rx.receive(s, 1.0)
+    assert rx.stats.recovered == 10 * 2 and rx.stats.decodes_refused == 15 + 3
