@@ -146,8 +146,5 @@ def announcement_error(
     for version in (4, 6):
         lengths = {n.prefixlen for n in networks if n.version == version}
         if len(lengths) > max_lengths:
-            return (
-                f"{len(lengths)} distinct IPv{version} prefix lengths "
-                f"(at most {max_lengths})"
-            )
+            return f"{len(lengths)} distinct IPv{version} prefix lengths (at most {max_lengths})"
     return None
