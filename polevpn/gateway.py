@@ -40,7 +40,7 @@ from .session import (
     State,
 )
 from .tlsconf import client_context, pin_matches, server_hostname
-from .tun import TunDevice
+from .tun import Tun, TunDevice
 
 log = logging.getLogger("polevpn.gateway")
 
@@ -189,17 +189,15 @@ class RouterLink(asyncio.Protocol):
         self.gw.on_link_lost(self)
 
     def pause_writing(self) -> None:
-        # stop reading the TUN: the kernel queues and then drops, which TCP inside reads as
-        # congestion, instead of our buffer growing. One link of several drops its own
-        # packets instead: the others must go on.
+        # the gateway stops reading the TUN while its link is paused: the kernel queues and
+        # then drops, which TCP inside reads as congestion, instead of our buffer growing.
+        # One link of several drops its own packets instead: the others must go on.
         self.paused = True
-        if not self.multi:
-            self.gw.pause_tun()
+        self.gw.sync_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
-        if not self.multi:
-            self.gw.resume_tun()
+        self.gw.sync_reading()
 
     def flush(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -437,8 +435,11 @@ class Gateway:
         self.cfg = cfg
         self.stats = GatewayStats()
         self._filters(cfg)
-        self.tun: TunDevice | None = None
-        self.link: RouterLink | None = None
+        self.tun: Tun | None = None
+        # the link of a plain gateway (see the property); None while there is none
+        self._link: RouterLink | None = None
+        # the data path runs (from set-up to shut-down), and the TUN reader is registered
+        self._data_path = False
         self._reading = False
         self._stopping = asyncio.Event()
         self.kcp_pool = KcpPool()
@@ -530,6 +531,17 @@ class Gateway:
 
     # -- TUN side
 
+    def host_setup(self) -> HostSetup:
+        """The host settings (forwarding, masquerading) that run makes and undoes."""
+        cfg = self.cfg
+        nets = (*cfg.local_networks, *cfg.route_networks)
+        return HostSetup(
+            cfg.tun_name,
+            forwarding=cfg.forwarding,
+            masquerade=cfg.masquerade,
+            ipv6=cfg.gateway6 is not None or any(n.version == 6 for n in nets),
+        )
+
     def open_tun(self) -> None:
         cfg = self.cfg
         if cfg.offload:
@@ -560,15 +572,47 @@ class Gateway:
             ",".join(str(n) for n in cfg.route_networks) or "-",
         )
 
-    def resume_tun(self) -> None:
-        if not self._reading and self.tun is not None:
-            asyncio.get_running_loop().add_reader(self.tun.fd, self._on_tun_readable)
-            self._reading = True
+    @property
+    def link(self) -> RouterLink | None:
+        """The link of a plain gateway. Changing it decides again whether to read the TUN."""
+        return self._link
 
-    def pause_tun(self) -> None:
-        if self._reading and self.tun is not None:
-            asyncio.get_running_loop().remove_reader(self.tun.fd)
-            self._reading = False
+    @link.setter
+    def link(self, link: RouterLink | None) -> None:
+        self._link = link
+        self.sync_reading()
+
+    def sync_reading(self) -> None:
+        """Read the TUN iff the data path runs and the current link (if any) is not paused.
+
+        Derived from the state of the moment, never from the order of events: a paused link
+        that stops being the current one (a move to the preferred server) must not leave
+        the TUN unread. Without a link the TUN is read and its packets are dropped, so that
+        stale ones are not sent later; a link of a multi-link gateway never pauses the TUN.
+        """
+        link = self._link
+        want = (
+            self._data_path
+            and self.tun is not None
+            and (link is None or link.multi or not link.paused)
+        )
+        if want == self._reading:
+            return
+        assert self.tun is not None
+        loop = asyncio.get_running_loop()
+        if want:
+            loop.add_reader(self.tun.fileno(), self._on_tun_readable)
+        else:
+            loop.remove_reader(self.tun.fileno())
+        self._reading = want
+
+    def _start_data_path(self) -> None:
+        self._data_path = True
+        self.sync_reading()
+
+    def _stop_data_path(self) -> None:
+        self._data_path = False
+        self.sync_reading()
 
     def _on_tun_readable(self) -> None:
         assert self.tun is not None
@@ -712,9 +756,6 @@ class Gateway:
     def on_link_lost(self, link: RouterLink) -> None:
         if self.link is link:
             self.link = None
-            if not self._stopping.is_set():
-                # keep draining the TUN while disconnected so stale packets are not sent later
-                self.resume_tun()
 
     async def _connect_once(
         self, server: RouteServer, via: LinkConfig | None, request: LinkRequest | None
@@ -917,13 +958,7 @@ class Gateway:
             raise SetupError(
                 f"cannot create TUN device {cfg.tun_name}: {exc.strerror or exc}{hint}"
             ) from None
-        nets = (*cfg.local_networks, *cfg.route_networks)
-        host = HostSetup(
-            cfg.tun_name,
-            forwarding=cfg.forwarding,
-            masquerade=cfg.masquerade,
-            ipv6=cfg.gateway6 is not None or any(n.version == 6 for n in nets),
-        )
+        host = self.host_setup()
         try:
             try:
                 await self.configure_tun()
@@ -934,7 +969,7 @@ class Gateway:
                 await asyncio.to_thread(host.apply)
             except HostSetupError as exc:
                 raise SetupError(str(exc)) from None
-            self.resume_tun()
+            self._start_data_path()
             stats_task = asyncio.create_task(self._stats_loop())
             try:
                 if cfg.metrics_listen is not None:
@@ -948,7 +983,7 @@ class Gateway:
                 stats_task.cancel()
         finally:
             self._stopping.set()
-            self.pause_tun()
+            self._stop_data_path()
             if self.metrics is not None:
                 self.metrics.close()
             self._close_links()

@@ -1,0 +1,331 @@
+"""The gateway orchestrator against in-memory fakes: a TUN (polevpn.tun.Tun) and routers.
+
+Everything of the gateway is real but the two ends: ``FakeTun`` stands in for the device
+and ``FakeNet`` for the route servers, each connection a ``FakeTransport`` that runs a real
+``ServerSession`` and accepts every REGISTER. No sockets, no namespaces, no root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from polevpn import wire
+from polevpn.config import GatewayConfig, LinkConfig, RouteServer, load_gateway_config
+from polevpn.gateway import Gateway, RouterLink
+from polevpn.hostsetup import HostSetup
+from polevpn.messages import LinkRequest
+from polevpn.session import RegisterRequested, ServerSession
+
+A = "tls://198.19.0.1:443"
+B = "tls://198.19.0.2:443"
+C = "tls://198.19.0.3:443"
+
+
+def udp4(src: str, dst: str, payload: bytes = b"x" * 20) -> bytes:
+    """An IPv4 UDP packet (checksums zero: nothing here checks them)."""
+    total = 20 + 8 + len(payload)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        total,
+        0,
+        0,
+        64,
+        17,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )
+    return ip + struct.pack("!HHHH", 1000, 2000, 8 + len(payload), 0) + payload
+
+
+LAN_PACKET = udp4("198.18.10.5", "198.18.20.5")  # this office -> the far one
+FAR_PACKET = udp4("198.18.20.5", "198.18.10.5")  # the far office -> this one
+
+
+class FakeTun:
+    """The TUN as the gateway sees it; a socketpair end gives the loop a readable fd."""
+
+    name = "fake0"
+    vnet_hdr = False
+    offloads = 0
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self.inbound: deque[bytes] = deque()  # from the LAN, for the gateway to read
+        self.written: list[bytes] = []  # what the gateway wrote towards the LAN
+        self.reads = 0
+        self.read_error: OSError | None = None
+        self.write_error: OSError | None = None
+        self.write_errors = 0
+        self.write_dropped = 0
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def inject(self, *packets: bytes) -> None:
+        """Packets arriving from the LAN: the fd becomes readable."""
+        self.inbound.extend(packets)
+        self._w.send(b"!")
+
+    def read_batch(self, limit: int = 64, max_bytes: int = 1 << 20) -> list[bytes]:
+        self.reads += 1
+        if self.read_error is not None:
+            raise self.read_error
+        with contextlib.suppress(BlockingIOError):
+            self._r.recv(4096)
+        out = []
+        while self.inbound and len(out) < limit:
+            out.append(self.inbound.popleft())
+        return out
+
+    def write(self, packet: bytes | memoryview) -> None:
+        if self.write_error is not None:
+            raise self.write_error
+        self.written.append(bytes(packet))
+
+    def write_super(self, buf: bytes | memoryview) -> None:
+        self.write(buf)
+
+    def close(self) -> None:
+        self.closed = True
+        self._r.close()
+        self._w.close()
+
+
+class FakeServer:
+    """One route server: refuses while down; with ``gate`` set it answers REGISTER only once
+    the gate is done."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.up = True
+        self.connect_error: BaseException | None = None
+        self.gate: asyncio.Future | None = None
+        self.attempts = 0
+        self.connections: list[FakeTransport] = []
+
+    def received(self) -> list[bytes]:
+        return [p for t in self.connections for p in t.packets]
+
+
+class FakeTransport:
+    """A connection to a FakeServer, in the shape of an asyncio transport."""
+
+    def __init__(self, protocol: RouterLink, server: FakeServer) -> None:
+        self.protocol = protocol
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.session = ServerSession(lambda key: True, time.monotonic())
+        self.packets: list[bytes] = []
+        self.closing = False
+        self.aborted = False
+        server.connections.append(self)
+        protocol.connection_made(self)
+
+    # what the gateway calls
+    def write(self, data: bytes | memoryview) -> None:
+        if self.closing:
+            return
+        packets, events = self.session.receive(bytes(data), time.monotonic())
+        self.packets += [bytes(p) for p in packets]
+        for ev in events:
+            if isinstance(ev, RegisterRequested):
+                self._register(ev.seq)
+        self._flush()
+
+    def close(self) -> None:
+        self._lose()
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._lose()
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    # what the test calls
+    def send_packets(self, *packets: bytes) -> None:
+        """Packets from the router to the gateway."""
+        data = b"".join(wire.encode_frame(wire.S2C_IPDATA, p) for p in packets)
+        self.loop.call_soon(self._deliver, data)
+
+    def _register(self, seq: int) -> None:
+        gate = self.server.gate
+        if gate is None or gate.done():
+            self.session.accept_register(seq)
+            return
+
+        def accept(_: object) -> None:
+            self.session.accept_register(seq)
+            self._flush()
+
+        gate.add_done_callback(accept)
+
+    def _flush(self) -> None:
+        out = self.session.data_to_send()
+        if out:
+            self.loop.call_soon(self._deliver, b"".join(out))
+
+    def _deliver(self, data: bytes) -> None:
+        if not self.closing:
+            self.protocol.data_received(data)
+
+    def _lose(self) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self.loop.call_soon(self.protocol.connection_lost, None)
+
+
+class FakeGateway(Gateway):
+    """A Gateway whose TUN, host and route servers are the fakes above."""
+
+    def __init__(self, cfg: GatewayConfig, proc_sys: Path) -> None:
+        super().__init__(cfg)
+        self.net = {s.url: FakeServer(s.url) for s in cfg.route_servers}
+        self.proc_sys = proc_sys
+        self.fake_tun = FakeTun()
+
+    def open_tun(self) -> None:
+        self.tun = self.fake_tun
+
+    async def configure_tun(self) -> None:
+        pass
+
+    def host_setup(self) -> HostSetup:
+        # forwarding on a private /proc/sys: whether run() undoes its host changes shows
+        return HostSetup(self.cfg.tun_name, forwarding=True, proc_sys=self.proc_sys)
+
+    async def _connect_once(
+        self, server: RouteServer, via: LinkConfig | None, request: LinkRequest | None
+    ) -> RouterLink:
+        fake = self.net.setdefault(server.url, FakeServer(server.url))
+        fake.attempts += 1
+        await asyncio.sleep(0)
+        if fake.connect_error is not None:
+            raise fake.connect_error
+        if not fake.up:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "connection refused")
+        link = RouterLink(self, server, request)
+        FakeTransport(link, fake)
+        return link
+
+
+def write_config(path: Path, **fields: object) -> Path:
+    obj = {
+        "route_servers": [A, B],
+        "key": "123456",
+        "gateway": "169.254.0.1",
+        "insecure_skip_verify": True,
+        "local_networks": ["198.18.10.0/24"],
+        "route_networks": ["198.18.20.0/24"],
+        "acls": ["198.18.20.0/24"],
+        "preferred_retry_interval": 0.1,
+        "reconnect_min_delay": 0.0,
+        "reconnect_max_delay": 0.05,
+        "stats_interval": 0,
+        **fields,
+    }
+    path.write_text(json.dumps(obj))
+    return path
+
+
+@pytest.fixture
+def proc_sys(tmp_path: Path) -> Path:
+    """A /proc/sys of our own with forwarding off: the gateway turns it on and back off."""
+    root = tmp_path / "proc_sys"
+    (root / "net" / "ipv4").mkdir(parents=True)
+    (root / "net" / "ipv4" / "ip_forward").write_text("0\n")
+    return root
+
+
+def forwarding(proc_sys: Path) -> str:
+    return (proc_sys / "net" / "ipv4" / "ip_forward").read_text().strip()
+
+
+def make_gateway(tmp_path: Path, proc_sys: Path, **fields: object) -> FakeGateway:
+    cfg = load_gateway_config(write_config(tmp_path / "gateway.json", **fields))
+    return FakeGateway(cfg, proc_sys)
+
+
+async def until(cond: Callable[[], object], timeout: float = 3.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.005)
+
+
+def on(gw: Gateway, url: str) -> bool:
+    """The gateway's link is registered with ``url``."""
+    link = gw.link
+    return link is not None and link.server.url == url and link.session.ready
+
+
+async def finish(gw: Gateway, task: asyncio.Task) -> None:
+    gw.stop()
+    await asyncio.wait_for(task, 3.0)
+
+
+# ---- bug 4: TUN reading follows the current link ----------------------------------------
+
+
+def test_tun_is_read_after_moving_off_a_paused_fallback(tmp_path, proc_sys) -> None:
+    """The fallback link's queue is full (the TUN reader is off) when the preferred server
+    comes back: after the move, the new link's traffic must flow."""
+
+    async def main() -> None:
+        gw = make_gateway(tmp_path, proc_sys)
+        gw.net[A].up = False
+        task = asyncio.create_task(gw.run())
+        await until(lambda: on(gw, B), what="fallback link")
+        fallback = gw.link
+        assert fallback is not None
+        fallback.pause_writing()  # what the transport does when its buffer is full
+        gw.net[A].up = True
+        await until(lambda: on(gw, A), what="move to the preferred server")
+        await until(lambda: fallback.closed.done(), what="fallback closed")
+        gw.fake_tun.inject(LAN_PACKET)
+        await until(lambda: gw.net[A].received() == [LAN_PACKET], what="packet via A")
+        await finish(gw, task)
+
+    asyncio.run(main())
+
+
+def test_tun_reading_pauses_and_resumes_with_the_current_link(tmp_path, proc_sys) -> None:
+    async def main() -> None:
+        gw = make_gateway(tmp_path, proc_sys)
+        task = asyncio.create_task(gw.run())
+        await until(lambda: on(gw, A))
+        link = gw.link
+        assert link is not None
+        link.pause_writing()
+        gw.fake_tun.inject(LAN_PACKET)
+        await asyncio.sleep(0.05)
+        assert gw.fake_tun.reads == 0 and gw.net[A].received() == []
+        link.resume_writing()
+        await until(lambda: gw.net[A].received() == [LAN_PACKET])
+        await finish(gw, task)
+
+    asyncio.run(main())
