@@ -462,6 +462,8 @@ class Gateway:
         self._links_changed = asyncio.Event()
         # _run_uplinks runs the links' tasks: before it, it starts each itself
         self._uplinks_running = False
+        # the task that connects and serves (see _serve_links); stop() cancels it
+        self._serving: asyncio.Future[None] | None = None
 
     def _filters(self, cfg: GatewayConfig) -> None:
         self.acl = NetworkSet(cfg.acls)
@@ -942,6 +944,12 @@ class Gateway:
         finally:
             if probe is not None:
                 probe.cancel()
+                # the gateway stopping: a probe that registered just before is closed too
+                await asyncio.wait([probe])
+                if not probe.cancelled() and probe.exception() is None:
+                    won = probe.result()
+                    if won is not None and won[0].transport is not None:
+                        won[0].transport.close()
         if link.rejected is not None:
             raise self._fatal(link)
 
@@ -975,10 +983,7 @@ class Gateway:
                 if cfg.metrics_listen is not None:
                     registry = metrics.gateway_registry(self)
                     self.metrics = await metrics.serve(registry, cfg.metrics_listen)
-                if self.uplinks:
-                    await self._run_uplinks()
-                else:
-                    await self._connect_loop()
+                await self._serve_links()
             finally:
                 stats_task.cancel()
         finally:
@@ -994,6 +999,27 @@ class Gateway:
             # blocking but bounded (nft timeout); the loop has nothing else left to do
             host.undo()
             log.info("stopped %s", summary)
+
+    async def _serve_links(self) -> None:
+        """Connect and carry traffic until stop(), in a task of its own that stop() cancels:
+        an attempt in flight (connecting, registering, probing the preferred server) ends
+        with it and closes what it made. Otherwise one that succeeded after the stop would
+        serve on, and the daemon would not exit and undo its host changes."""
+        serving = asyncio.ensure_future(
+            self._run_uplinks() if self.uplinks else self._connect_loop()
+        )
+        self._serving = serving
+        if self._stopping.is_set():
+            serving.cancel()
+        try:
+            await asyncio.wait([serving])
+        finally:
+            self._serving = None
+            if not serving.done():  # run() itself was cancelled
+                serving.cancel()
+                await asyncio.wait([serving])
+        if not serving.cancelled():
+            serving.result()  # FatalError ends the gateway
 
     async def _connect_loop(self) -> None:
         # Between two rounds over the route servers the gateway sleeps uniform(min, ceiling)
@@ -1100,6 +1126,8 @@ class Gateway:
     def stop(self) -> None:
         self._stopping.set()
         self._close_links()
+        if self._serving is not None:
+            self._serving.cancel()
 
     def _start_uplink(self, u: Uplink) -> None:
         self._link_tasks[u.name] = asyncio.create_task(u.run())

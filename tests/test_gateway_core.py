@@ -24,7 +24,7 @@ from polevpn import wire
 from polevpn.config import GatewayConfig, LinkConfig, RouteServer, load_gateway_config
 from polevpn.gateway import Gateway, RouterLink
 from polevpn.hostsetup import HostSetup
-from polevpn.messages import LinkRequest
+from polevpn.messages import FEATURE_MULTILINK, FEATURE_SUPER, LinkRequest
 from polevpn.session import RegisterRequested, ServerSession
 
 A = "tls://198.19.0.1:443"
@@ -130,7 +130,9 @@ class FakeTransport:
         self.protocol = protocol
         self.server = server
         self.loop = asyncio.get_running_loop()
-        self.session = ServerSession(lambda key: True, time.monotonic())
+        self.session = ServerSession(
+            lambda key: True, time.monotonic(), frozenset({FEATURE_SUPER, FEATURE_MULTILINK})
+        )
         self.packets: list[bytes] = []
         self.closing = False
         self.aborted = False
@@ -247,7 +249,7 @@ def write_config(path: Path, **fields: object) -> Path:
         "stats_interval": 0,
         **fields,
     }
-    path.write_text(json.dumps(obj))
+    path.write_text(json.dumps({k: v for k, v in obj.items() if v is not None}))
     return path
 
 
@@ -327,5 +329,63 @@ def test_tun_reading_pauses_and_resumes_with_the_current_link(tmp_path, proc_sys
         link.resume_writing()
         await until(lambda: gw.net[A].received() == [LAN_PACKET])
         await finish(gw, task)
+
+    asyncio.run(main())
+
+
+# ---- bug 5: a stop during a connection attempt ------------------------------------------
+
+
+def test_stop_while_registering_ends_the_gateway(tmp_path, proc_sys) -> None:
+    """SIGTERM while the router has not yet answered REGISTER, which it then does: the
+    gateway exits, closes that connection and undoes its host changes."""
+
+    async def main() -> None:
+        gw = make_gateway(tmp_path, proc_sys)
+        gate = gw.net[A].gate = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(gw.run())
+        await until(lambda: gw.net[A].connections, what="a connection to A")
+        assert forwarding(proc_sys) == "1"
+        gw.stop()
+        gate.set_result(None)  # the attempt would now succeed
+        await asyncio.wait_for(task, 3.0)
+        assert forwarding(proc_sys) == "0"
+        assert [t.closing for t in gw.net[A].connections] == [True]
+        assert gw.fake_tun.closed
+
+    asyncio.run(main())
+
+
+def test_stop_while_probing_the_preferred_server_ends_the_gateway(tmp_path, proc_sys) -> None:
+    async def main() -> None:
+        gw = make_gateway(tmp_path, proc_sys)
+        gw.net[A].up = False
+        task = asyncio.create_task(gw.run())
+        await until(lambda: on(gw, B), what="fallback link")
+        gate = gw.net[A].gate = asyncio.get_running_loop().create_future()
+        gw.net[A].up = True
+        await until(lambda: gw.net[A].connections, what="the probe's connection to A")
+        gw.stop()
+        gate.set_result(None)
+        await asyncio.wait_for(task, 3.0)
+        assert forwarding(proc_sys) == "0"
+        assert all(t.closing for t in gw.net[A].connections + gw.net[B].connections)
+
+    asyncio.run(main())
+
+
+def test_stop_while_a_link_registers_ends_a_multi_link_gateway(tmp_path, proc_sys) -> None:
+    async def main() -> None:
+        links = [{"name": "one", "route_server": A}, {"name": "two", "route_server": B}]
+        gw = make_gateway(tmp_path, proc_sys, route_servers=None, links=links)
+        gate = asyncio.get_running_loop().create_future()
+        gw.net[A].gate = gw.net[B].gate = gate
+        task = asyncio.create_task(gw.run())
+        await until(lambda: gw.net[A].connections and gw.net[B].connections)
+        gw.stop()
+        gate.set_result(None)
+        await asyncio.wait_for(task, 3.0)
+        assert forwarding(proc_sys) == "0"
+        assert all(t.closing for t in gw.net[A].connections + gw.net[B].connections)
 
     asyncio.run(main())
