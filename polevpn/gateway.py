@@ -58,6 +58,10 @@ class SetupError(FatalError):
     """The host would not give us the TUN device, its addresses or its routes."""
 
 
+class TunError(FatalError):
+    """The TUN device failed (deleted, or an I/O error): the data path cannot go on."""
+
+
 class NoMultiLink(Exception):
     """The router took AUTH but not multi-link: it can hold one connection per gateway."""
 
@@ -464,6 +468,8 @@ class Gateway:
         self._uplinks_running = False
         # the task that connects and serves (see _serve_links); stop() cancels it
         self._serving: asyncio.Future[None] | None = None
+        # the TUN failed: run() raises this once it has undone the host changes
+        self._tun_error: TunError | None = None
 
     def _filters(self, cfg: GatewayConfig) -> None:
         self.acl = NetworkSet(cfg.acls)
@@ -616,9 +622,27 @@ class Gateway:
         self._data_path = False
         self.sync_reading()
 
+    def _tun_failed(self, op: str, exc: OSError) -> None:
+        """A TUN read or write failed for good (EBADFD once the device is deleted, EIO):
+        stop, so that run() undoes the host changes and raises TunError, and the service
+        manager starts us afresh. Said once: the loop would call a failing reader again
+        and again, and every write to a dead device fails."""
+        if self._tun_error is not None:
+            return
+        name = self.tun.name if self.tun is not None else self.cfg.tun_name
+        self._tun_error = TunError(
+            f"TUN device {name} failed on {op}: {exc.strerror or exc}; exiting"
+        )
+        self._stop_data_path()
+        self.stop()
+
     def _on_tun_readable(self) -> None:
         assert self.tun is not None
-        packets = self.tun.read_batch()
+        try:
+            packets = self.tun.read_batch()
+        except OSError as exc:
+            self._tun_failed("read", exc)
+            return
         if not packets:
             return
         multi = bool(self.uplinks)
@@ -684,35 +708,39 @@ class Gateway:
         m4, m6 = mss or (0, 0)
         delivered = 0
         nbytes = 0
-        for pkt in packets:
-            version, addr = src_addr(pkt)
-            if version == 4:
-                if own4(addr):
-                    stats.dropped_spoofed += 1
+        try:
+            for pkt in packets:
+                version, addr = src_addr(pkt)
+                if version == 4:
+                    if own4(addr):
+                        stats.dropped_spoofed += 1
+                        continue
+                    allowed = acl4(addr)
+                elif version == 6:
+                    if own6(addr):
+                        stats.dropped_spoofed += 1
+                        continue
+                    allowed = acl6(addr)
+                else:
+                    if not whole:
+                        stats.dropped_malformed += 1
+                        continue
+                    n = self._super_to_tun(pkt)
+                    if n:
+                        delivered += 1
+                        nbytes += n
                     continue
-                allowed = acl4(addr)
-            elif version == 6:
-                if own6(addr):
-                    stats.dropped_spoofed += 1
+                if not allowed:
+                    stats.dropped_acl += 1
                     continue
-                allowed = acl6(addr)
-            else:
-                if not whole:
-                    stats.dropped_malformed += 1
-                    continue
-                n = self._super_to_tun(pkt)
-                if n:
-                    delivered += 1
-                    nbytes += n
-                continue
-            if not allowed:
-                stats.dropped_acl += 1
-                continue
-            if mss is not None:
-                pkt = clamped(pkt, m4, m6)
-            write(pkt)
-            delivered += 1
-            nbytes += len(pkt)
+                if mss is not None:
+                    pkt = clamped(pkt, m4, m6)
+                write(pkt)
+                delivered += 1
+                nbytes += len(pkt)
+        except OSError as exc:
+            # the device is gone (TunDevice raises only then): the data path cannot go on
+            self._tun_failed("write", exc)
         stats.packets_from_router += delivered
         stats.bytes_from_router += nbytes
         return nbytes
@@ -984,6 +1012,8 @@ class Gateway:
                     registry = metrics.gateway_registry(self)
                     self.metrics = await metrics.serve(registry, cfg.metrics_listen)
                 await self._serve_links()
+                if self._tun_error is not None:
+                    raise self._tun_error
             finally:
                 stats_task.cancel()
         finally:

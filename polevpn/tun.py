@@ -105,6 +105,10 @@ class TunDevice:
                     break
         except BlockingIOError:
             pass
+        except OSError:
+            # the device failed: what was read first goes out, and the next read raises
+            if not out:
+                raise
         return out
 
     def write(self, packet: bytes | memoryview) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import json
+import os
 import socket
 import struct
 import time
@@ -20,12 +21,14 @@ from pathlib import Path
 
 import pytest
 
+from polevpn import gateway as gwmod
 from polevpn import wire
 from polevpn.config import GatewayConfig, LinkConfig, RouteServer, load_gateway_config
 from polevpn.gateway import Gateway, RouterLink
 from polevpn.hostsetup import HostSetup
 from polevpn.messages import FEATURE_MULTILINK, FEATURE_SUPER, LinkRequest
 from polevpn.session import RegisterRequested, ServerSession
+from polevpn.tun import TunDevice
 
 A = "tls://198.19.0.1:443"
 B = "tls://198.19.0.2:443"
@@ -389,3 +392,72 @@ def test_stop_while_a_link_registers_ends_a_multi_link_gateway(tmp_path, proc_sy
         assert all(t.closing for t in gw.net[A].connections + gw.net[B].connections)
 
     asyncio.run(main())
+
+
+# ---- bug 6: a TUN that fails ends the gateway -------------------------------------------
+
+
+@pytest.mark.parametrize("err", [errno.EBADFD, errno.EIO])
+def test_a_tun_read_error_ends_the_gateway_once(tmp_path, proc_sys, err: int) -> None:
+    """EBADFD (the device was deleted) or EIO: one read, one error, exit non-zero with the
+    host changes undone, instead of a reader that fails on every turn of the loop."""
+
+    async def main() -> None:
+        gw = make_gateway(tmp_path, proc_sys)
+        task = asyncio.create_task(gw.run())
+        await until(lambda: on(gw, A))
+        gw.fake_tun.read_error = OSError(err, os.strerror(err))
+        gw.fake_tun.inject(LAN_PACKET)
+        with pytest.raises(gwmod.FatalError, match="fake0 failed on read"):
+            await asyncio.wait_for(task, 3.0)
+        assert gw.fake_tun.reads == 1
+        assert forwarding(proc_sys) == "0"
+        assert [t.closing for t in gw.net[A].connections] == [True]
+
+    asyncio.run(main())
+
+
+def test_a_tun_write_error_ends_the_gateway(tmp_path, proc_sys) -> None:
+    """A write to a deleted device: exit, rather than abort the link and reconnect forever."""
+
+    async def main() -> None:
+        gw = make_gateway(tmp_path, proc_sys)
+        task = asyncio.create_task(gw.run())
+        await until(lambda: on(gw, A))
+        gw.fake_tun.write_error = OSError(errno.EBADFD, os.strerror(errno.EBADFD))
+        gw.net[A].connections[0].send_packets(FAR_PACKET, FAR_PACKET)
+        with pytest.raises(gwmod.FatalError, match="fake0 failed on write"):
+            await asyncio.wait_for(task, 3.0)
+        assert forwarding(proc_sys) == "0"
+        assert len(gw.net[A].connections) == 1
+
+    asyncio.run(main())
+
+
+def test_packets_from_the_router_reach_the_tun(tmp_path, proc_sys) -> None:
+    async def main() -> None:
+        gw = make_gateway(tmp_path, proc_sys)
+        task = asyncio.create_task(gw.run())
+        await until(lambda: on(gw, A))
+        gw.net[A].connections[0].send_packets(FAR_PACKET)
+        await until(lambda: gw.fake_tun.written == [FAR_PACKET])
+        await finish(gw, task)
+
+    asyncio.run(main())
+
+
+def test_tun_device_read_batch_keeps_what_it_read_before_an_error(monkeypatch) -> None:
+    results: list[bytes | OSError] = [b"p1", b"p2", OSError(errno.EIO, "EIO")]
+
+    def read(fd: int, n: int) -> bytes:
+        r = results.pop(0) if results else OSError(errno.EIO, "EIO")
+        if isinstance(r, OSError):
+            raise r
+        return r
+
+    tun = TunDevice.__new__(TunDevice)
+    tun.fd = 1000
+    monkeypatch.setattr(os, "read", read)
+    assert tun.read_batch() == [b"p1", b"p2"]
+    with pytest.raises(OSError):
+        tun.read_batch()
