@@ -924,15 +924,26 @@ class Gateway:
                 log.warning("cannot connect to %s: %s", server.url, str(exc) or "timeout")
         return None
 
-    async def _run_link(self, link: RouterLink, index: int) -> None:
+    def _server_index(self, server: RouteServer) -> int:
+        """``server``'s place in route_servers now; 0 (nothing better) once it is not there
+        (the reload that removed it is closing its link)."""
+        servers = self.cfg.route_servers
+        return servers.index(server) if server in servers else 0
+
+    async def _run_link(self, link: RouterLink) -> RouterLink:
         """Serve on ``link`` until it is lost; while it is not the preferred route server,
-        try the better ones now and then and move over to one that works."""
-        cfg = self.cfg
-        tick = min(1.0, cfg.heartbeat_interval / 2)
+        try the better ones now and then and move over to one that works. Returns the link
+        it ended on.
+
+        Every turn reads the config of the moment: a reload may reorder route_servers (which
+        servers are better than this one) or change preferred_retry_interval."""
         probe: asyncio.Task | None = None
-        next_probe = time.monotonic() + cfg.preferred_retry_interval
+        # the link's start counts as a try of the better servers
+        last_probe = time.monotonic()
         try:
             while True:
+                cfg = self.cfg
+                tick = min(1.0, cfg.heartbeat_interval / 2)
                 self.link = link
                 await asyncio.wait(
                     [link.closed, probe] if probe is not None else [link.closed], timeout=tick
@@ -950,9 +961,9 @@ class Gateway:
                         else:
                             result = probe.result()
                     probe = None
-                    next_probe = now + cfg.preferred_retry_interval
+                    last_probe = now
                     if result is not None:
-                        old, (link, index) = link, result
+                        old, (link, _) = link, result
                         self.stats.server_switches += 1
                         log.info("moved to preferred route server %s", link.server.url)
                         self.link = link
@@ -967,8 +978,10 @@ class Gateway:
                         continue
                     break
                 link.tick(now)
-                if index > 0 and probe is None and now >= next_probe:
-                    probe = asyncio.create_task(self._try_servers(range(index)))
+                if probe is None and now >= last_probe + cfg.preferred_retry_interval:
+                    index = self._server_index(link.server)
+                    if index > 0:
+                        probe = asyncio.create_task(self._try_servers(range(index)))
         finally:
             if probe is not None:
                 probe.cancel()
@@ -980,6 +993,7 @@ class Gateway:
                         won[0].transport.close()
         if link.rejected is not None:
             raise self._fatal(link)
+        return link
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -1094,7 +1108,7 @@ class Gateway:
                         cfg.preferred_retry_interval,
                     )
                 since = time.monotonic()
-                await self._run_link(link, index)
+                link = await self._run_link(link)
                 if self._stopping.is_set():
                     break
                 if self._reconnect_now:
@@ -1105,11 +1119,11 @@ class Gateway:
                 log.warning(
                     "connection to router %s lost%s", link.server.url, f": {why}" if why else ""
                 )
-                lasted = time.monotonic() - since >= cfg.heartbeat_interval
+                lasted = time.monotonic() - since >= self.cfg.heartbeat_interval
                 failed = 0 if lasted else failed + 1
             failed = min(failed, 32)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=backoff(cfg, failed))
+                await asyncio.wait_for(self._stopping.wait(), timeout=backoff(self.cfg, failed))
 
     async def _stats_loop(self) -> None:
         interval = self.cfg.stats_interval

@@ -247,6 +247,8 @@ def write_config(path: Path, **fields: object) -> Path:
         "route_networks": ["198.18.20.0/24"],
         "acls": ["198.18.20.0/24"],
         "preferred_retry_interval": 0.1,
+        # the link loop wakes every heartbeat_interval / 2: probes every 0.1 s
+        "heartbeat_interval": 0.2,
         "reconnect_min_delay": 0.0,
         "reconnect_max_delay": 0.05,
         "stats_interval": 0,
@@ -461,3 +463,69 @@ def test_tun_device_read_batch_keeps_what_it_read_before_an_error(monkeypatch) -
     assert tun.read_batch() == [b"p1", b"p2"]
     with pytest.raises(OSError):
         tun.read_batch()
+
+
+# ---- bug 8: the link loop follows reloads -----------------------------------------------
+
+
+def test_a_reload_that_reorders_route_servers_probes_the_new_better_ones(
+    tmp_path, proc_sys
+) -> None:
+    """On C (third of A, B, C); a reload makes C the first: nothing is better, so nothing
+    is probed (before: the first two of the new order, C itself and A)."""
+
+    async def main() -> None:
+        gw = make_gateway(tmp_path, proc_sys, route_servers=[A, B, C])
+        gw.net[A].up = gw.net[B].up = False
+        task = asyncio.create_task(gw.run())
+        await until(lambda: on(gw, C))
+        await gw.reload()  # unchanged: the loop must go on probing A and B
+        attempts = gw.net[A].attempts
+        await until(lambda: gw.net[A].attempts > attempts, what="a probe of A")
+        write_config(tmp_path / "gateway.json", route_servers=[C, A, B])
+        gw.net[A].up = gw.net[B].up = True
+        await gw.reload()
+        attempts = gw.net[A].attempts, gw.net[B].attempts
+        await asyncio.sleep(0.5)  # five preferred_retry_intervals
+        assert (gw.net[A].attempts, gw.net[B].attempts) == attempts
+        assert len(gw.net[C].connections) == 1 and on(gw, C)
+        await finish(gw, task)
+
+    asyncio.run(main())
+
+
+def test_a_reload_that_makes_c_second_probes_only_the_first(tmp_path, proc_sys) -> None:
+    async def main() -> None:
+        gw = make_gateway(tmp_path, proc_sys, route_servers=[A, B, C])
+        gw.net[A].up = gw.net[B].up = False
+        task = asyncio.create_task(gw.run())
+        await until(lambda: on(gw, C))
+        write_config(tmp_path / "gateway.json", route_servers=[B, C, A])
+        gw.net[A].up = True
+        await gw.reload()
+        attempts = gw.net[A].attempts
+        b_attempts = gw.net[B].attempts
+        await until(lambda: gw.net[B].attempts >= b_attempts + 2, what="probes of B")
+        # before: the first two of the new order, B and C itself, so C a second time
+        assert gw.net[A].attempts == attempts and on(gw, C)
+        assert len(gw.net[C].connections) == 1
+        await finish(gw, task)
+
+    asyncio.run(main())
+
+
+def test_a_reload_of_preferred_retry_interval_applies_to_the_running_link(
+    tmp_path, proc_sys
+) -> None:
+    async def main() -> None:
+        gw = make_gateway(tmp_path, proc_sys, preferred_retry_interval=3600)
+        gw.net[A].up = False
+        task = asyncio.create_task(gw.run())
+        await until(lambda: on(gw, B))
+        gw.net[A].up = True
+        write_config(tmp_path / "gateway.json", preferred_retry_interval=0.1)
+        await gw.reload()
+        await until(lambda: on(gw, A), what="move to A")
+        await finish(gw, task)
+
+    asyncio.run(main())
