@@ -351,7 +351,9 @@ class Uplink:
                 link = await gw._establish(server, self.config, self.request())
             except FatalError:
                 raise
-            except (TimeoutError, OSError, dtls.DtlsError) as exc:
+            except (TimeoutError, OSError, dtls.DtlsError, SSL.Error) as exc:
+                # SSL.Error: the DTLS client context (its certificate or key) or the
+                # handshake; retried like any failure to connect, not the end of the daemon
                 log.warning(
                     "cannot connect link=%s server=%s error=%s",
                     self.name,
@@ -920,7 +922,8 @@ class Gateway:
                 return await self._establish(server, via), i
             except FatalError:
                 raise
-            except (TimeoutError, OSError, dtls.DtlsError) as exc:
+            except (TimeoutError, OSError, dtls.DtlsError, SSL.Error) as exc:
+                # SSL.Error: see Uplink.run
                 log.warning("cannot connect to %s: %s", server.url, str(exc) or "timeout")
         return None
 

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from OpenSSL import SSL
 
 from polevpn import gateway as gwmod
 from polevpn import wire
@@ -526,6 +527,41 @@ def test_a_reload_of_preferred_retry_interval_applies_to_the_running_link(
         write_config(tmp_path / "gateway.json", preferred_retry_interval=0.1)
         await gw.reload()
         await until(lambda: on(gw, A), what="move to A")
+        await finish(gw, task)
+
+    asyncio.run(main())
+
+
+# ---- bug 10: an SSL.Error from connecting is one more failed attempt --------------------
+
+
+def test_an_ssl_error_while_connecting_is_retried(tmp_path, proc_sys) -> None:
+    """The DTLS client context (a bad client certificate, say) raises SSL.Error: the gateway
+    logs it and tries the next server, and the failing one again later."""
+
+    async def main() -> None:
+        gw = make_gateway(tmp_path, proc_sys)
+        gw.net[A].connect_error = SSL.Error([("SSL routines", "", "ee key too small")])
+        task = asyncio.create_task(gw.run())
+        await until(lambda: on(gw, B), what="fallback to B")
+        attempts = gw.net[A].attempts
+        await until(lambda: gw.net[A].attempts > attempts, what="A tried again")
+        gw.net[A].connect_error = None
+        await until(lambda: on(gw, A), what="move to A")
+        await finish(gw, task)
+
+    asyncio.run(main())
+
+
+def test_an_ssl_error_while_connecting_a_link_is_retried(tmp_path, proc_sys) -> None:
+    async def main() -> None:
+        links = [{"name": "one", "route_server": A}, {"name": "two", "route_server": B}]
+        gw = make_gateway(tmp_path, proc_sys, route_servers=None, links=links)
+        gw.net[B].connect_error = SSL.Error([("SSL routines", "", "ee key too small")])
+        task = asyncio.create_task(gw.run())
+        await until(lambda: gw.uplinks["one"].up and gw.net[B].attempts >= 2)
+        gw.net[B].connect_error = None
+        await until(lambda: gw.uplinks["two"].up, what="link two up")
         await finish(gw, task)
 
     asyncio.run(main())
