@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import random
 import socket
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ _C2S = wire.C2S_IPDATA
 _SUPER = wire.SUPER_IPDATA
 _HDR = wire.HEADER_LEN
 _pack = wire.HEADER.pack
+# struct linger {l_onoff 1, l_linger 0}: close() discards the send queue and resets
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class FatalError(Exception):
@@ -154,8 +157,7 @@ class RouterLink(asyncio.Protocol):
         except Exception:
             # drop this connection and reconnect rather than let the daemon die
             log.exception("internal error handling data from the router; reconnecting")
-            if self.transport is not None:
-                self.transport.abort()
+            self.abort()
 
     def _received(self, data: bytes) -> None:
         session = self.session
@@ -203,6 +205,21 @@ class RouterLink(asyncio.Protocol):
         self.paused = False
         self.gw.sync_reading()
 
+    def abort(self) -> None:
+        """Give the connection up with everything it still has queued: asyncio's buffer, and
+        for tls:// the kernel's send queue too (SO_LINGER 0: a reset instead of a FIN after
+        the data). A plain abort() leaves the kernel sending that queue, so a cut link that
+        came back delivered the abandoned connection's stale data (68 KB seen) to the
+        router, seconds late and out of order with what the other links had carried."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and getattr(sock, "type", None) == socket.SOCK_STREAM:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
+
     def flush(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             out = self.session.data_to_send()
@@ -213,8 +230,7 @@ class RouterLink(asyncio.Protocol):
         lost = self.session.tick(now)
         if lost is not None:
             log.warning("closing connection to router: %s", lost.reason)
-            if self.transport is not None:
-                self.transport.abort()
+            self.abort()
             return
         if self.session.outbox:
             self.flush()
@@ -405,7 +421,7 @@ class Uplink:
                     self._set(False, f"silent for {silent * 1000:.0f} ms")
                 elif silent > 3 * cfg.link_timeout and link.transport is not None:
                     why = f"silent for {silent * 1000:.0f} ms"
-                    link.transport.abort()
+                    link.abort()
         finally:
             self._closed = list(self.totals())
             self.link = None
@@ -887,13 +903,11 @@ class Gateway:
             )
         except asyncio.CancelledError:
             # a gateway stopping, or dropping its other links: this one goes with them
-            if link.transport is not None:
-                link.transport.abort()
+            link.abort()
             raise
         if link.registered.done() and link.registered.exception() is None:
             return link
-        if link.transport is not None:
-            link.transport.abort()
+        link.abort()
         if link.session.multilink_refused:
             raise NoMultiLink(server.url)
         if link.rejected is not None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import socket
 import struct
+import termios
 import time
 from collections import deque
 from collections.abc import Callable
@@ -122,9 +124,28 @@ class FakeServer:
         self.gate: asyncio.Future | None = None
         self.attempts = 0
         self.connections: list[FakeTransport] = []
+        # takes what it is sent and answers nothing: a cut path
+        self.mute = False
 
     def received(self) -> list[bytes]:
         return [p for t in self.connections for p in t.packets]
+
+
+class FakeSocket:
+    """The transport's socket: the options set on it."""
+
+    type = socket.SOCK_STREAM
+
+    def __init__(self) -> None:
+        self.options: dict[tuple[int, int], bytes] = {}
+
+    def setsockopt(self, level: int, name: int, value: bytes) -> None:
+        self.options[level, name] = value
+
+    @property
+    def discards(self) -> bool:
+        """SO_LINGER 0: closing resets and drops the kernel's send queue."""
+        return self.options.get((socket.SOL_SOCKET, socket.SO_LINGER)) == struct.pack("ii", 1, 0)
 
 
 class FakeTransport:
@@ -140,12 +161,13 @@ class FakeTransport:
         self.packets: list[bytes] = []
         self.closing = False
         self.aborted = False
+        self.sock = FakeSocket()
         server.connections.append(self)
         protocol.connection_made(self)
 
     # what the gateway calls
     def write(self, data: bytes | memoryview) -> None:
-        if self.closing:
+        if self.closing or self.server.mute:
             return
         packets, events = self.session.receive(bytes(data), time.monotonic())
         self.packets += [bytes(p) for p in packets]
@@ -165,7 +187,7 @@ class FakeTransport:
         return self.closing
 
     def get_extra_info(self, name: str, default: object = None) -> object:
-        return default
+        return self.sock if name == "socket" else default
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         pass
@@ -563,5 +585,77 @@ def test_an_ssl_error_while_connecting_a_link_is_retried(tmp_path, proc_sys) -> 
         gw.net[B].connect_error = None
         await until(lambda: gw.uplinks["two"].up, what="link two up")
         await finish(gw, task)
+
+    asyncio.run(main())
+
+
+# ---- bug 11: a lost link goes with its queue --------------------------------------------
+
+
+def test_a_silent_link_is_aborted_with_its_queue(tmp_path, proc_sys) -> None:
+    """A multi-link gateway gives a link up after 3 link_timeouts of silence: its kernel
+    queue must go too (SO_LINGER 0 before the abort), or the connection would deliver it
+    when the cut path returns."""
+
+    async def main() -> None:
+        links = [{"name": "one", "route_server": A}, {"name": "two", "route_server": B}]
+        gw = make_gateway(
+            tmp_path,
+            proc_sys,
+            route_servers=None,
+            links=links,
+            link_timeout=0.1,
+            link_heartbeat_interval=0.02,
+        )
+        task = asyncio.create_task(gw.run())
+        await until(lambda: gw.uplinks["one"].up and gw.uplinks["two"].up)
+        gw.net[A].mute = True
+        first = gw.net[A].connections[0]
+        await until(lambda: first.closing, what="the silent link given up")
+        assert first.aborted and first.sock.discards
+        assert not any(t.closing for t in gw.net[B].connections)
+        await finish(gw, task)
+
+    asyncio.run(main())
+
+
+def test_a_timed_out_link_discards_the_kernel_send_queue(tmp_path) -> None:
+    """Over real loopback TCP: the router reads nothing, so the gateway's data sits in the
+    kernel. Once the heartbeat timeout gives the link up, the router must get nothing more
+    than it had already received (before: the kernel went on sending the queue)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        cfg = load_gateway_config(write_config(tmp_path / "gateway.json"))
+        gw = Gateway(cfg)
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.setblocking(False)
+        link = RouterLink(gw, cfg.route_servers[0])
+        accepting = asyncio.ensure_future(loop.sock_accept(listener))
+        await loop.create_connection(lambda: link, *listener.getsockname())
+        router, _ = await accepting
+        try:
+            assert link.transport is not None
+            link.transport.write(b"\0" * (4 << 20))
+            await asyncio.sleep(0.1)
+            fd = link.transport.get_extra_info("socket").fileno()
+            unsent = struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0]
+            buffered = struct.unpack("i", fcntl.ioctl(router, termios.FIONREAD, b"\0" * 4))[0]
+            assert unsent > 0, "the kernel's send queue should hold data"
+            link.tick(time.monotonic() + 3600)  # the heartbeat timeout: the link is lost
+            await asyncio.sleep(0.05)
+            got = 0
+            router.setblocking(True)
+            router.settimeout(1.0)
+            with contextlib.suppress(ConnectionResetError, TimeoutError):
+                while chunk := router.recv(1 << 20):
+                    got += len(chunk)
+            assert got <= buffered, f"{got - buffered} stale bytes reached the router"
+        finally:
+            router.close()
+            listener.close()
 
     asyncio.run(main())
