@@ -30,6 +30,8 @@ from .routing import IPNetwork
 from .sitelinks import MAX_LINKS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# the smallest link MTU IPv6 allows
+IPV6_MIN_MTU = 1280
 
 
 class ConfigError(Exception):
@@ -912,6 +914,10 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     warnings += _permission_warnings(secrets)
     metrics_listen, metrics_warnings = _metrics_listen(r)
     warnings += metrics_warnings
+    mtu = r.integer("mtu", 1400, 576, 65535 - 8)
+    if gateway6 is not None and mtu < IPV6_MIN_MTU:
+        # below it the kernel turns IPv6 off on the device (RFC 8200 section 5)
+        raise r.fail("mtu", f"{mtu}: IPv6 (gateway6 is set) needs at least {IPV6_MIN_MTU}")
     link_hb = r.number("link_heartbeat_interval", 0.25, 0.01, 60)
     link_timeout = r.number("link_timeout", 1.0, 0.1, 600)
     if link_timeout <= link_hb:
@@ -933,7 +939,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         insecure_skip_verify=insecure,
         server_name=server_name,
         tun_name=tun_name,
-        mtu=r.integer("mtu", 1400, 576, 65535 - 8),
+        mtu=mtu,
         heartbeat_interval=hb_interval,
         heartbeat_timeout=hb_timeout,
         connect_timeout=min(r.number("connect_timeout", 5.0, 0.1, 3600), hb_timeout),

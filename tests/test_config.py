@@ -1193,3 +1193,17 @@ def test_server_name_host_names_taken(tmp_path: Path, keys: keygen.KeygenResult,
     url = f"tls://{name}:443"
     path = write(tmp_path / "gateway.json", gateway_obj(keys, route_server=url))
     assert load_gateway_config(path).route_server.host == name.lower()
+
+
+# ---- IPv6 needs an MTU of 1280 (issue 19 item 14) ------------------------------------------
+
+
+def test_gateway6_needs_an_mtu_of_1280(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    obj = gateway_obj(keys, gateway6="2001:db8:1::1", mtu=1279)
+    path = write(tmp_path / "gateway.json", obj)
+    assert_config_error(gateway_error(path), path, "mtu", "1279", "IPv6", "1280")
+    obj = gateway_obj(keys, gateway6="2001:db8:1::1", mtu=1280)
+    assert load_gateway_config(write(tmp_path / "gateway.json", obj)).mtu == 1280
+    # IPv4 alone goes lower
+    obj = gateway_obj(keys, mtu=1000)
+    assert load_gateway_config(write(tmp_path / "gateway.json", obj)).mtu == 1000

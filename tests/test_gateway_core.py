@@ -24,11 +24,18 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
+from polevpn import dtls, kcp_transport, linksock, wire
 from polevpn import gateway as gwmod
-from polevpn import wire
-from polevpn.config import GatewayConfig, LinkConfig, RouteServer, load_gateway_config
+from polevpn.config import (
+    GatewayConfig,
+    KcpParams,
+    LinkConfig,
+    RouteServer,
+    load_gateway_config,
+)
 from polevpn.gateway import Gateway, RouterLink
 from polevpn.hostsetup import HostSetup
+from polevpn.kcp_pool import KcpPool
 from polevpn.messages import FEATURE_MULTILINK, FEATURE_SUPER, LinkRequest
 from polevpn.session import RegisterRequested, ServerSession
 from polevpn.tun import TunDevice
@@ -659,3 +666,39 @@ def test_a_timed_out_link_discards_the_kernel_send_queue(tmp_path) -> None:
             listener.close()
 
     asyncio.run(main())
+
+
+# ---- item 14: a failed kcp:// attempt leaves no socket behind ----------------------------
+
+
+def test_kcp_connect_closes_its_socket_when_the_endpoint_fails(monkeypatch) -> None:
+    made: list[socket.socket] = []
+    bound_socket = linksock.bound_socket
+
+    def record(*args: object) -> socket.socket:
+        sock = bound_socket(*args)  # type: ignore[arg-type]
+        made.append(sock)
+        return sock
+
+    async def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOBUFS, "no buffer space")
+
+    async def main() -> None:
+        monkeypatch.setattr(asyncio.get_running_loop(), "create_datagram_endpoint", refuse)
+        ctx = dtls.client_context(dtls.Verification(insecure=True))
+        with pytest.raises(OSError, match="no buffer space"):
+            await kcp_transport.connect(
+                asyncio.Protocol(),
+                "127.0.0.1",
+                9,
+                ctx,
+                dtls.Verification(insecure=True),
+                KcpParams(),
+                KcpPool(),
+                timeout=1.0,
+                interface="lo",
+            )
+
+    monkeypatch.setattr(linksock, "bound_socket", record)
+    asyncio.run(main())
+    assert len(made) == 1 and made[0].fileno() == -1
