@@ -1,8 +1,10 @@
 """The gateway orchestrator against in-memory fakes: a TUN (polevpn.tun.Tun) and routers.
 
 Everything of the gateway is real but the two ends: ``FakeTun`` stands in for the device
-and ``FakeNet`` for the route servers, each connection a ``FakeTransport`` that runs a real
-``ServerSession`` and accepts every REGISTER. No sockets, no namespaces, no root.
+and ``FakeServer`` for each route server (``FakeGateway.net``), each connection a
+``FakeTransport`` that runs a real ``ServerSession`` and accepts every REGISTER. No
+namespaces, no root; loopback sockets only where the kernel's behaviour is the point
+(a link's send queue, the kcp:// client's socket).
 """
 
 from __future__ import annotations
