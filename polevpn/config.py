@@ -7,12 +7,14 @@ Relative paths inside a config file are resolved against that file's directory.
 
 from __future__ import annotations
 
+import encodings.idna
 import hashlib
 import ipaddress
 import json
 import logging
 import os
 import pwd
+import re
 import ssl
 import stat
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ from .routing import IPNetwork
 from .sitelinks import MAX_LINKS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# the smallest link MTU IPv6 allows
+IPV6_MIN_MTU = 1280
 
 
 class ConfigError(Exception):
@@ -744,6 +748,9 @@ def _parse_route_server(r: _Reader, name: str, url: object) -> RouteServer:
         raise r.fail(name, f"{url!r}: {exc}") from None
     if not host or port is None:
         raise r.fail(name, f"{url!r}: expected scheme://host:port")
+    problem = _host_problem(host)
+    if problem is not None:
+        raise r.fail(name, f"{url!r}: host {host!r} is not a valid host name: {problem}")
     return RouteServer(parts.scheme, host, port, url)
 
 
@@ -759,6 +766,47 @@ def _route_servers(r: _Reader) -> tuple[RouteServer, ...]:
             _parse_route_server(r, f"route_servers[{i}]", u) for i, u in enumerate(urls)
         )
     return (_parse_route_server(r, "route_server", r.string("route_server")),)
+
+
+# a DNS label as a host name has it (RFC 952/1123): letters, digits and inner hyphens; and
+# underscores, which such rules forbid but DNS, the IDNA codec and TLS take (Docker's
+# service names have them), so a router so named keeps working
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _host_problem(host: str) -> str | None:
+    """Why ``host`` cannot name a router (in DNS, SNI and the certificate check), or None.
+
+    An IP literal, or a host name by IDNA and hostname rules: labels of 1-63 characters
+    once IDNA-encoded, letters, digits, underscores and inner hyphens, at most 253
+    characters. What
+    fails here would fail at every connection attempt instead (the IDNA codec raises
+    UnicodeError for a label over 63 characters)."""
+    if _literal_family(host) is not None:
+        return None
+    if not host:
+        return "empty"
+    labels = host.split(".")
+    if "" in labels:
+        return "has an empty label (a leading, trailing or doubled dot)"
+    ascii_labels = []
+    for label in labels:
+        shown = label if len(label) <= 20 else label[:20] + "..."
+        if label.isascii() and len(label) > 63:
+            return f"label {shown!r} has {len(label)} characters (at most 63)"
+        try:
+            encoded = encodings.idna.ToASCII(label).decode("ascii")
+        except UnicodeError as exc:
+            return f"label {shown!r} is not valid IDNA: {exc}"
+        if not _HOST_LABEL.fullmatch(encoded):
+            return (
+                f"label {shown!r}: use letters, digits, underscores and hyphens (not first "
+                "or last), 1-63 characters"
+            )
+        ascii_labels.append(encoded)
+    if len(".".join(ascii_labels)) > 253:
+        return f"{len('.'.join(ascii_labels))} characters (at most 253)"
+    return None
 
 
 def _literal_family(host: str) -> int | None:
@@ -851,6 +899,11 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
             gateway6 = ipaddress.IPv6Address(g6)
         except ValueError:
             raise r.fail("gateway6", f"{g6!r} is not an IPv6 address") from None
+    server_name = r.string("server_name") if r.has("server_name") else None
+    if server_name is not None:
+        problem = _host_problem(server_name)
+        if problem is not None:
+            raise r.fail("server_name", f"{server_name!r} is not a valid host name: {problem}")
     warnings: list[str] = []
     acls = r.networks("acls", required=False)
     if not acls:
@@ -894,6 +947,10 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     warnings += _permission_warnings(secrets)
     metrics_listen, metrics_warnings = _metrics_listen(r)
     warnings += metrics_warnings
+    mtu = r.integer("mtu", 1400, 576, 65535 - 8)
+    if gateway6 is not None and mtu < IPV6_MIN_MTU:
+        # below it the kernel turns IPv6 off on the device (RFC 8200 section 5)
+        raise r.fail("mtu", f"{mtu}: IPv6 (gateway6 is set) needs at least {IPV6_MIN_MTU}")
     link_hb = r.number("link_heartbeat_interval", 0.25, 0.01, 60)
     link_timeout = r.number("link_timeout", 1.0, 0.1, 600)
     if link_timeout <= link_hb:
@@ -913,9 +970,9 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         ca_file=ca_file,
         cert_pin=pin,
         insecure_skip_verify=insecure,
-        server_name=r.string("server_name") if r.has("server_name") else None,
+        server_name=server_name,
         tun_name=tun_name,
-        mtu=r.integer("mtu", 1400, 576, 65535 - 8),
+        mtu=mtu,
         heartbeat_interval=hb_interval,
         heartbeat_timeout=hb_timeout,
         connect_timeout=min(r.number("connect_timeout", 5.0, 0.1, 3600), hb_timeout),

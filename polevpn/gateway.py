@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import random
 import socket
+import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from .session import (
     State,
 )
 from .tlsconf import client_context, pin_matches, server_hostname
-from .tun import TunDevice
+from .tun import Tun, TunDevice
 
 log = logging.getLogger("polevpn.gateway")
 
@@ -48,6 +49,8 @@ _C2S = wire.C2S_IPDATA
 _SUPER = wire.SUPER_IPDATA
 _HDR = wire.HEADER_LEN
 _pack = wire.HEADER.pack
+# struct linger {l_onoff 1, l_linger 0}: close() discards the send queue and resets
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class FatalError(Exception):
@@ -56,6 +59,10 @@ class FatalError(Exception):
 
 class SetupError(FatalError):
     """The host would not give us the TUN device, its addresses or its routes."""
+
+
+class TunError(FatalError):
+    """The TUN device failed (deleted, or an I/O error): the data path cannot go on."""
 
 
 class NoMultiLink(Exception):
@@ -150,8 +157,7 @@ class RouterLink(asyncio.Protocol):
         except Exception:
             # drop this connection and reconnect rather than let the daemon die
             log.exception("internal error handling data from the router; reconnecting")
-            if self.transport is not None:
-                self.transport.abort()
+            self.abort()
 
     def _received(self, data: bytes) -> None:
         session = self.session
@@ -189,17 +195,30 @@ class RouterLink(asyncio.Protocol):
         self.gw.on_link_lost(self)
 
     def pause_writing(self) -> None:
-        # stop reading the TUN: the kernel queues and then drops, which TCP inside reads as
-        # congestion, instead of our buffer growing. One link of several drops its own
-        # packets instead: the others must go on.
+        # the gateway stops reading the TUN while its link is paused: the kernel queues and
+        # then drops, which TCP inside reads as congestion, instead of our buffer growing.
+        # One link of several drops its own packets instead: the others must go on.
         self.paused = True
-        if not self.multi:
-            self.gw.pause_tun()
+        self.gw.sync_reading()
 
     def resume_writing(self) -> None:
         self.paused = False
-        if not self.multi:
-            self.gw.resume_tun()
+        self.gw.sync_reading()
+
+    def abort(self) -> None:
+        """Give the connection up with everything it still has queued: asyncio's buffer, and
+        for tls:// the kernel's send queue too (SO_LINGER 0: a reset instead of a FIN after
+        the data). A plain abort() leaves the kernel sending that queue, so a cut link that
+        came back delivered the abandoned connection's stale data (68 KB seen) to the
+        router, seconds late and out of order with what the other links had carried."""
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None and getattr(sock, "type", None) == socket.SOCK_STREAM:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        transport.abort()
 
     def flush(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -211,8 +230,7 @@ class RouterLink(asyncio.Protocol):
         lost = self.session.tick(now)
         if lost is not None:
             log.warning("closing connection to router: %s", lost.reason)
-            if self.transport is not None:
-                self.transport.abort()
+            self.abort()
             return
         if self.session.outbox:
             self.flush()
@@ -349,7 +367,9 @@ class Uplink:
                 link = await gw._establish(server, self.config, self.request())
             except FatalError:
                 raise
-            except (TimeoutError, OSError, dtls.DtlsError) as exc:
+            except (TimeoutError, OSError, dtls.DtlsError, SSL.Error) as exc:
+                # SSL.Error: the DTLS client context (its certificate or key) or the
+                # handshake; retried like any failure to connect, not the end of the daemon
                 log.warning(
                     "cannot connect link=%s server=%s error=%s",
                     self.name,
@@ -401,7 +421,7 @@ class Uplink:
                     self._set(False, f"silent for {silent * 1000:.0f} ms")
                 elif silent > 3 * cfg.link_timeout and link.transport is not None:
                     why = f"silent for {silent * 1000:.0f} ms"
-                    link.transport.abort()
+                    link.abort()
         finally:
             self._closed = list(self.totals())
             self.link = None
@@ -437,8 +457,11 @@ class Gateway:
         self.cfg = cfg
         self.stats = GatewayStats()
         self._filters(cfg)
-        self.tun: TunDevice | None = None
-        self.link: RouterLink | None = None
+        self.tun: Tun | None = None
+        # the link of a plain gateway (see the property); None while there is none
+        self._link: RouterLink | None = None
+        # the data path runs (from set-up to shut-down), and the TUN reader is registered
+        self._data_path = False
         self._reading = False
         self._stopping = asyncio.Event()
         self.kcp_pool = KcpPool()
@@ -461,6 +484,10 @@ class Gateway:
         self._links_changed = asyncio.Event()
         # _run_uplinks runs the links' tasks: before it, it starts each itself
         self._uplinks_running = False
+        # the task that connects and serves (see _serve_links); stop() cancels it
+        self._serving: asyncio.Future[None] | None = None
+        # the TUN failed: run() raises this once it has undone the host changes
+        self._tun_error: TunError | None = None
 
     def _filters(self, cfg: GatewayConfig) -> None:
         self.acl = NetworkSet(cfg.acls)
@@ -530,6 +557,17 @@ class Gateway:
 
     # -- TUN side
 
+    def host_setup(self) -> HostSetup:
+        """The host settings (forwarding, masquerading) that run makes and undoes."""
+        cfg = self.cfg
+        nets = (*cfg.local_networks, *cfg.route_networks)
+        return HostSetup(
+            cfg.tun_name,
+            forwarding=cfg.forwarding,
+            masquerade=cfg.masquerade,
+            ipv6=cfg.gateway6 is not None or any(n.version == 6 for n in nets),
+        )
+
     def open_tun(self) -> None:
         cfg = self.cfg
         if cfg.offload:
@@ -560,19 +598,69 @@ class Gateway:
             ",".join(str(n) for n in cfg.route_networks) or "-",
         )
 
-    def resume_tun(self) -> None:
-        if not self._reading and self.tun is not None:
-            asyncio.get_running_loop().add_reader(self.tun.fd, self._on_tun_readable)
-            self._reading = True
+    @property
+    def link(self) -> RouterLink | None:
+        """The link of a plain gateway. Changing it decides again whether to read the TUN."""
+        return self._link
 
-    def pause_tun(self) -> None:
-        if self._reading and self.tun is not None:
-            asyncio.get_running_loop().remove_reader(self.tun.fd)
-            self._reading = False
+    @link.setter
+    def link(self, link: RouterLink | None) -> None:
+        self._link = link
+        self.sync_reading()
+
+    def sync_reading(self) -> None:
+        """Read the TUN iff the data path runs and the current link (if any) is not paused.
+
+        Derived from the state of the moment, never from the order of events: a paused link
+        that stops being the current one (a move to the preferred server) must not leave
+        the TUN unread. Without a link the TUN is read and its packets are dropped, so that
+        stale ones are not sent later; a link of a multi-link gateway never pauses the TUN.
+        """
+        link = self._link
+        want = (
+            self._data_path
+            and self.tun is not None
+            and (link is None or link.multi or not link.paused)
+        )
+        if want == self._reading:
+            return
+        assert self.tun is not None
+        loop = asyncio.get_running_loop()
+        if want:
+            loop.add_reader(self.tun.fileno(), self._on_tun_readable)
+        else:
+            loop.remove_reader(self.tun.fileno())
+        self._reading = want
+
+    def _start_data_path(self) -> None:
+        self._data_path = True
+        self.sync_reading()
+
+    def _stop_data_path(self) -> None:
+        self._data_path = False
+        self.sync_reading()
+
+    def _tun_failed(self, op: str, exc: OSError) -> None:
+        """A TUN read or write failed for good (EBADFD once the device is deleted, EIO):
+        stop, so that run() undoes the host changes and raises TunError, and the service
+        manager starts us afresh. Said once: the loop would call a failing reader again
+        and again, and every write to a dead device fails."""
+        if self._tun_error is not None:
+            return
+        name = self.tun.name if self.tun is not None else self.cfg.tun_name
+        self._tun_error = TunError(
+            f"TUN device {name} failed on {op}: {exc.strerror or exc}; exiting"
+        )
+        self._stop_data_path()
+        self.stop()
 
     def _on_tun_readable(self) -> None:
         assert self.tun is not None
-        packets = self.tun.read_batch()
+        try:
+            packets = self.tun.read_batch()
+        except OSError as exc:
+            self._tun_failed("read", exc)
+            return
         if not packets:
             return
         multi = bool(self.uplinks)
@@ -638,35 +726,39 @@ class Gateway:
         m4, m6 = mss or (0, 0)
         delivered = 0
         nbytes = 0
-        for pkt in packets:
-            version, addr = src_addr(pkt)
-            if version == 4:
-                if own4(addr):
-                    stats.dropped_spoofed += 1
+        try:
+            for pkt in packets:
+                version, addr = src_addr(pkt)
+                if version == 4:
+                    if own4(addr):
+                        stats.dropped_spoofed += 1
+                        continue
+                    allowed = acl4(addr)
+                elif version == 6:
+                    if own6(addr):
+                        stats.dropped_spoofed += 1
+                        continue
+                    allowed = acl6(addr)
+                else:
+                    if not whole:
+                        stats.dropped_malformed += 1
+                        continue
+                    n = self._super_to_tun(pkt)
+                    if n:
+                        delivered += 1
+                        nbytes += n
                     continue
-                allowed = acl4(addr)
-            elif version == 6:
-                if own6(addr):
-                    stats.dropped_spoofed += 1
+                if not allowed:
+                    stats.dropped_acl += 1
                     continue
-                allowed = acl6(addr)
-            else:
-                if not whole:
-                    stats.dropped_malformed += 1
-                    continue
-                n = self._super_to_tun(pkt)
-                if n:
-                    delivered += 1
-                    nbytes += n
-                continue
-            if not allowed:
-                stats.dropped_acl += 1
-                continue
-            if mss is not None:
-                pkt = clamped(pkt, m4, m6)
-            write(pkt)
-            delivered += 1
-            nbytes += len(pkt)
+                if mss is not None:
+                    pkt = clamped(pkt, m4, m6)
+                write(pkt)
+                delivered += 1
+                nbytes += len(pkt)
+        except OSError as exc:
+            # the device is gone (TunDevice raises only then): the data path cannot go on
+            self._tun_failed("write", exc)
         stats.packets_from_router += delivered
         stats.bytes_from_router += nbytes
         return nbytes
@@ -712,9 +804,6 @@ class Gateway:
     def on_link_lost(self, link: RouterLink) -> None:
         if self.link is link:
             self.link = None
-            if not self._stopping.is_set():
-                # keep draining the TUN while disconnected so stale packets are not sent later
-                self.resume_tun()
 
     async def _connect_once(
         self, server: RouteServer, via: LinkConfig | None, request: LinkRequest | None
@@ -814,13 +903,11 @@ class Gateway:
             )
         except asyncio.CancelledError:
             # a gateway stopping, or dropping its other links: this one goes with them
-            if link.transport is not None:
-                link.transport.abort()
+            link.abort()
             raise
         if link.registered.done() and link.registered.exception() is None:
             return link
-        if link.transport is not None:
-            link.transport.abort()
+        link.abort()
         if link.session.multilink_refused:
             raise NoMultiLink(server.url)
         if link.rejected is not None:
@@ -849,19 +936,31 @@ class Gateway:
                 return await self._establish(server, via), i
             except FatalError:
                 raise
-            except (TimeoutError, OSError, dtls.DtlsError) as exc:
+            except (TimeoutError, OSError, dtls.DtlsError, SSL.Error) as exc:
+                # SSL.Error: see Uplink.run
                 log.warning("cannot connect to %s: %s", server.url, str(exc) or "timeout")
         return None
 
-    async def _run_link(self, link: RouterLink, index: int) -> None:
+    def _server_index(self, server: RouteServer) -> int:
+        """``server``'s place in route_servers now; 0 (nothing better) once it is not there
+        (the reload that removed it is closing its link)."""
+        servers = self.cfg.route_servers
+        return servers.index(server) if server in servers else 0
+
+    async def _run_link(self, link: RouterLink) -> RouterLink:
         """Serve on ``link`` until it is lost; while it is not the preferred route server,
-        try the better ones now and then and move over to one that works."""
-        cfg = self.cfg
-        tick = min(1.0, cfg.heartbeat_interval / 2)
+        try the better ones now and then and move over to one that works. Returns the link
+        it ended on.
+
+        Every turn reads the config of the moment: a reload may reorder route_servers (which
+        servers are better than this one) or change preferred_retry_interval."""
         probe: asyncio.Task | None = None
-        next_probe = time.monotonic() + cfg.preferred_retry_interval
+        # the link's start counts as a try of the better servers
+        last_probe = time.monotonic()
         try:
             while True:
+                cfg = self.cfg
+                tick = min(1.0, cfg.heartbeat_interval / 2)
                 self.link = link
                 await asyncio.wait(
                     [link.closed, probe] if probe is not None else [link.closed], timeout=tick
@@ -879,9 +978,9 @@ class Gateway:
                         else:
                             result = probe.result()
                     probe = None
-                    next_probe = now + cfg.preferred_retry_interval
+                    last_probe = now
                     if result is not None:
-                        old, (link, index) = link, result
+                        old, (link, _) = link, result
                         self.stats.server_switches += 1
                         log.info("moved to preferred route server %s", link.server.url)
                         self.link = link
@@ -896,13 +995,22 @@ class Gateway:
                         continue
                     break
                 link.tick(now)
-                if index > 0 and probe is None and now >= next_probe:
-                    probe = asyncio.create_task(self._try_servers(range(index)))
+                if probe is None and now >= last_probe + cfg.preferred_retry_interval:
+                    index = self._server_index(link.server)
+                    if index > 0:
+                        probe = asyncio.create_task(self._try_servers(range(index)))
         finally:
             if probe is not None:
                 probe.cancel()
+                # the gateway stopping: a probe that registered just before is closed too
+                await asyncio.wait([probe])
+                if not probe.cancelled() and probe.exception() is None:
+                    won = probe.result()
+                    if won is not None and won[0].transport is not None:
+                        won[0].transport.close()
         if link.rejected is not None:
             raise self._fatal(link)
+        return link
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -917,13 +1025,7 @@ class Gateway:
             raise SetupError(
                 f"cannot create TUN device {cfg.tun_name}: {exc.strerror or exc}{hint}"
             ) from None
-        nets = (*cfg.local_networks, *cfg.route_networks)
-        host = HostSetup(
-            cfg.tun_name,
-            forwarding=cfg.forwarding,
-            masquerade=cfg.masquerade,
-            ipv6=cfg.gateway6 is not None or any(n.version == 6 for n in nets),
-        )
+        host = self.host_setup()
         try:
             try:
                 await self.configure_tun()
@@ -934,21 +1036,20 @@ class Gateway:
                 await asyncio.to_thread(host.apply)
             except HostSetupError as exc:
                 raise SetupError(str(exc)) from None
-            self.resume_tun()
+            self._start_data_path()
             stats_task = asyncio.create_task(self._stats_loop())
             try:
                 if cfg.metrics_listen is not None:
                     registry = metrics.gateway_registry(self)
                     self.metrics = await metrics.serve(registry, cfg.metrics_listen)
-                if self.uplinks:
-                    await self._run_uplinks()
-                else:
-                    await self._connect_loop()
+                await self._serve_links()
+                if self._tun_error is not None:
+                    raise self._tun_error
             finally:
                 stats_task.cancel()
         finally:
             self._stopping.set()
-            self.pause_tun()
+            self._stop_data_path()
             if self.metrics is not None:
                 self.metrics.close()
             self._close_links()
@@ -959,6 +1060,27 @@ class Gateway:
             # blocking but bounded (nft timeout); the loop has nothing else left to do
             host.undo()
             log.info("stopped %s", summary)
+
+    async def _serve_links(self) -> None:
+        """Connect and carry traffic until stop(), in a task of its own that stop() cancels:
+        an attempt in flight (connecting, registering, probing the preferred server) ends
+        with it and closes what it made. Otherwise one that succeeded after the stop would
+        serve on, and the daemon would not exit and undo its host changes."""
+        serving = asyncio.ensure_future(
+            self._run_uplinks() if self.uplinks else self._connect_loop()
+        )
+        self._serving = serving
+        if self._stopping.is_set():
+            serving.cancel()
+        try:
+            await asyncio.wait([serving])
+        finally:
+            self._serving = None
+            if not serving.done():  # run() itself was cancelled
+                serving.cancel()
+                await asyncio.wait([serving])
+        if not serving.cancelled():
+            serving.result()  # FatalError ends the gateway
 
     async def _connect_loop(self) -> None:
         # Between two rounds over the route servers the gateway sleeps uniform(min, ceiling)
@@ -1003,7 +1125,7 @@ class Gateway:
                         cfg.preferred_retry_interval,
                     )
                 since = time.monotonic()
-                await self._run_link(link, index)
+                link = await self._run_link(link)
                 if self._stopping.is_set():
                     break
                 if self._reconnect_now:
@@ -1014,11 +1136,11 @@ class Gateway:
                 log.warning(
                     "connection to router %s lost%s", link.server.url, f": {why}" if why else ""
                 )
-                lasted = time.monotonic() - since >= cfg.heartbeat_interval
+                lasted = time.monotonic() - since >= self.cfg.heartbeat_interval
                 failed = 0 if lasted else failed + 1
             failed = min(failed, 32)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=backoff(cfg, failed))
+                await asyncio.wait_for(self._stopping.wait(), timeout=backoff(self.cfg, failed))
 
     async def _stats_loop(self) -> None:
         interval = self.cfg.stats_interval
@@ -1065,6 +1187,8 @@ class Gateway:
     def stop(self) -> None:
         self._stopping.set()
         self._close_links()
+        if self._serving is not None:
+            self._serving.cancel()
 
     def _start_uplink(self, u: Uplink) -> None:
         self._link_tasks[u.name] = asyncio.create_task(u.run())

@@ -799,27 +799,32 @@ async def connect(
         sock = linksock.bound_socket(family, socket.SOCK_DGRAM, bind, interface)
         try:
             sock.connect(addr)
-        except OSError:
+            udp, _ = await loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
+        except BaseException:
+            # the endpoint did not take the socket (or closed it already: closing twice is
+            # harmless), so it is ours to close
             sock.close()
             raise
-        udp, _ = await loop.create_datagram_endpoint(lambda: endpoint, sock=sock)
-    try:
-        await asyncio.wait_for(asyncio.shield(endpoint.done), timeout)
-    except BaseException:
-        endpoint.cancel()
-        udp.abort()
-        raise
-    now = time.monotonic()
-    link = KcpLink(params, pool, dtls.cleartext_mtu, now)
-
-    batch = UdpBatchSender(udp)
+    batch: UdpBatchSender | None = None
 
     def closed(_t: KcpTransport) -> None:
         endpoint.cancel()
-        batch.close()
+        if batch is not None:
+            batch.close()
         udp.close()
 
-    transport = KcpTransport(loop, dtls, link, udp.sendto, addr, closed, batch.send)
+    try:
+        await asyncio.wait_for(asyncio.shield(endpoint.done), timeout)
+        link = KcpLink(params, pool, dtls.cleartext_mtu, time.monotonic())
+        batch = UdpBatchSender(udp)
+        transport = KcpTransport(loop, dtls, link, udp.sendto, addr, closed, batch.send)
+    except BaseException:
+        # nothing may outlive a failed attempt: the socket, nor the batch sender's copy of it
+        endpoint.cancel()
+        if batch is not None:
+            batch.close()
+        udp.abort()
+        raise
     endpoint.kcp = transport
     transport.start(protocol)
     return transport

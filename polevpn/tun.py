@@ -13,6 +13,7 @@ import errno
 import fcntl
 import os
 import struct
+from typing import Protocol
 
 from .gso import PLAIN_HDR, VNET_HDR_LEN
 
@@ -32,6 +33,32 @@ TUN_F_USO6 = 0x40
 
 # a TUN hands out one IP packet per read, at most 64 KiB (plus the virtio-net header)
 READ_SIZE = 65536 + 64
+
+
+class Tun(Protocol):
+    """What the gateway needs of a TUN device: ``TunDevice``, or an in-memory fake in tests.
+
+    ``fileno`` is what the event loop watches for readability; ``read_batch`` returns the
+    packets ready now (maybe none) and raises OSError only when the device is unusable;
+    ``write`` and ``write_super`` drop and count what the kernel refuses, and raise OSError
+    only when the device is gone.
+    """
+
+    name: str
+    vnet_hdr: bool
+    offloads: int
+    write_errors: int
+    write_dropped: int
+
+    def fileno(self) -> int: ...
+
+    def read_batch(self, limit: int = 64, max_bytes: int = 1 << 20) -> list[bytes]: ...
+
+    def write(self, packet: bytes | memoryview) -> None: ...
+
+    def write_super(self, buf: bytes | memoryview) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TunDevice:
@@ -56,6 +83,9 @@ class TunDevice:
         self.write_errors = 0
         self.write_dropped = 0
 
+    def fileno(self) -> int:
+        return self.fd
+
     @property
     def uso(self) -> bool:
         return bool(self.offloads & TUN_F_USO4)
@@ -75,6 +105,10 @@ class TunDevice:
                     break
         except BlockingIOError:
             pass
+        except OSError:
+            # the device failed: what was read first goes out, and the next read raises
+            if not out:
+                raise
         return out
 
     def write(self, packet: bytes | memoryview) -> None:

@@ -1258,3 +1258,58 @@ def test_gateway_link_timing_errors(
     links = [{"route_server": _SERVER}, {"route_server": "tls://198.19.0.2:443"}]
     path = write(tmp_path / "gateway.json", links_obj(keys, links, **changes))
     assert_config_error(gateway_error(path), path, field, *words)
+
+
+# ---- host names (issue 19 bug 10: an over-long label raised UnicodeError at connect) ------
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [
+        ("a" * 64 + ".example", ["64 characters", "at most 63"]),
+        ("router..example", ["empty label"]),
+        ("router.example.", ["empty label"]),
+        ("-router.example", ["'-router'", "hyphens"]),
+        ("router example", ["'router example'"]),
+        (("a" * 60 + ".") * 5 + "com", ["at most 253"]),
+    ],
+)
+def test_server_name_must_be_a_host_name(
+    tmp_path: Path, keys: keygen.KeygenResult, name: str, words: list[str]
+) -> None:
+    path = write(tmp_path / "gateway.json", gateway_obj(keys, server_name=name))
+    assert_config_error(gateway_error(path), path, "server_name", "valid host name", *words)
+
+
+def test_route_server_host_must_be_a_host_name(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    url = f"kcp://{'r' * 70}.example:443"
+    path = write(tmp_path / "gateway.json", gateway_obj(keys, route_server=url))
+    assert_config_error(gateway_error(path), path, "route_server", "70 characters")
+    links = [{"name": "v4", "route_server": url}]
+    path = write(tmp_path / "gateway.json", gateway_obj(keys, route_server=_DROP, links=links))
+    assert_config_error(gateway_error(path), path, "links[0].route_server", "70 characters")
+
+
+@pytest.mark.parametrize(
+    "name", ["polevpn-router", "router.example.com", "bücher.example", "polevpn_router", "r" * 63]
+)
+def test_server_name_host_names_taken(tmp_path: Path, keys: keygen.KeygenResult, name: str) -> None:
+    path = write(tmp_path / "gateway.json", gateway_obj(keys, server_name=name))
+    assert load_gateway_config(path).server_name == name
+    url = f"tls://{name}:443"
+    path = write(tmp_path / "gateway.json", gateway_obj(keys, route_server=url))
+    assert load_gateway_config(path).route_server.host == name.lower()
+
+
+# ---- IPv6 needs an MTU of 1280 (issue 19 item 14) ------------------------------------------
+
+
+def test_gateway6_needs_an_mtu_of_1280(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    obj = gateway_obj(keys, gateway6="2001:db8:1::1", mtu=1279)
+    path = write(tmp_path / "gateway.json", obj)
+    assert_config_error(gateway_error(path), path, "mtu", "1279", "IPv6", "1280")
+    obj = gateway_obj(keys, gateway6="2001:db8:1::1", mtu=1280)
+    assert load_gateway_config(write(tmp_path / "gateway.json", obj)).mtu == 1280
+    # IPv4 alone goes lower
+    obj = gateway_obj(keys, mtu=1000)
+    assert load_gateway_config(write(tmp_path / "gateway.json", obj)).mtu == 1000

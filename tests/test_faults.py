@@ -272,6 +272,25 @@ class TestTls:
             vpn.start_gateway("gwB")
         assert vpn.wait_ping("hostA", t.HOST_B, deadline=15) is not None, vpn.logs()
 
+    def test_gateway_exits_when_its_tun_is_deleted(self, vpn):
+        """The TUN deleted under a running gateway: it says so once and exits with status 1
+        (the service manager starts it afresh) instead of a reader failing with EBADFD on
+        every turn of the loop at 100% CPU. Started again, it carries traffic."""
+        proc = vpn.gw["gwB"]
+        try:
+            vpn.topo.run("gwB", ["ip", "link", "del", "polevpn0"])
+            rc = proc.wait(timeout=5)
+            vpn.gw.pop("gwB")
+            assert rc == 1, t.log_tail(proc.log_path)
+            assert _count(proc.log_path, "TUN device polevpn0 failed on") == 1, t.log_tail(
+                proc.log_path
+            )
+        finally:
+            if "gwB" in vpn.gw:
+                vpn.stop_gateway("gwB")
+            vpn.start_gateway("gwB")
+        assert vpn.wait_ping("hostA", t.HOST_B, deadline=15) is not None, vpn.logs()
+
     STREAM = 16 * MIB
     RATE = 4 * MIB  # so the stream lasts at least four seconds: the faults land inside it
 

@@ -60,8 +60,8 @@ def _sleeps(
         link.closed.set_result(ConnectionResetError("lost at once"))  # type: ignore[attr-defined]
         return link, 0
 
-    async def run_link(link, index: int) -> None:
-        return None
+    async def run_link(link):
+        return link
 
     monkeypatch.setattr(gwmod.random, "uniform", uniform)
     monkeypatch.setattr(gw, "_try_servers", try_servers)
