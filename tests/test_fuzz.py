@@ -507,10 +507,13 @@ def test_fec_receive_state_stays_under_its_cap_with_random_group_ids() -> None:
     delivered = peak = peak_bytes = 0
     for i, gid in enumerate(rnd.sample(range(1 << 32), 10_000)):
         if i % 3:
-            d = data_shard(rnd.randrange(64), rnd.getrandbits(32), gid, rnd.randint(1, 64), b"p")
+            # shard counts within the configured ones: other groups are never opened
+            k = rnd.randint(1, cfg.data_shards)
+            m = rnd.randint(1, cfg.parity_shards)
+            d = data_shard(rnd.randrange(k), rnd.getrandbits(32), gid, m, b"p")
             delivered += len(rx.receive(d, 0.0))
         else:
-            k, m = rnd.randint(1, 64), rnd.randint(1, 64)
+            k, m = rnd.randint(1, cfg.data_shards), rnd.randint(1, cfg.parity_shards)
             rx.receive(shard(KIND_PARITY, rnd.randrange(m), i, gid, k, m, bytes(40)), 0.0)
         peak = max(peak, rx.open_groups)
         if i % 250 == 0:
@@ -527,8 +530,9 @@ def test_fec_receive_state_holds_at_most_rx_groups_times_64_shards() -> None:
     """The byte bound, as it stands: shards are kept only until their group can be decoded,
     which is when ``k`` of them are there (k <= 64), or when ``k`` is not yet known (no
     parity came) for up to 64 data shards. So at most ``rx_groups * 64`` shards, each as
-    large as the record that carried it, for up to ``rx_group_ttl``."""
-    cfg = FecConfig(rx_groups=16)
+    large as the record that carried it, for up to ``rx_group_ttl``. (Groups beyond the
+    configured shard counts are never opened, so this takes a config of 64 + 64.)"""
+    cfg = FecConfig(rx_groups=16, data_shards=64, parity_shards=64)
     seq = 0
     rx = FecSession(cfg)
     for gid in range(100):
