@@ -357,6 +357,8 @@ class KcpServerStats(Counters):
     udp_batched: int = 0
     # sessions closed because the local address their peer dialled left the host
     source_gone: int = 0
+    # datagrams dropped because the socket's send buffer and our queue behind it were full
+    udp_send_dropped: int = 0
 
 
 class _Pending:
@@ -607,6 +609,7 @@ class KcpServer(asyncio.DatagramProtocol):
         if self.batch is not None:
             self.stats.udp_batches = self.batch.batches
             self.stats.udp_batched = self.batch.batched_datagrams
+        self.stats.udp_send_dropped = getattr(self.transport, "send_dropped", 0)
         return self.stats
 
 

@@ -190,6 +190,59 @@ def test_source_of_reads_both_families() -> None:
     assert udpsock.source_of(None) is None and udpsock.source_of([(17, 104, bytes(4))]) is None
 
 
+class _Blocking:
+    """A socket whose sends say EAGAIN while ``blocked``."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.blocked = True
+
+    def sendto(self, data: bytes, addr) -> int:
+        if self.blocked:
+            raise BlockingIOError
+        return self.sock.sendto(data, addr)
+
+    def sendmsg(self, *args) -> int:
+        if self.blocked:
+            raise BlockingIOError
+        return self.sock.sendmsg(*args)
+
+    def __getattr__(self, name: str):
+        return getattr(self.sock, name)
+
+
+def test_a_full_send_buffer_queues_in_order_and_drops_beyond_the_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(udpsock, "SEND_QUEUE_BYTES", 3000)
+
+    async def main() -> None:
+        echo = Echo()
+        ep = await udpsock.open_endpoint(echo, "0.0.0.0", 0)
+        c = _client("127.0.0.2", ep.get_extra_info("sockname")[1])
+        try:
+            c.send(b"x")
+            assert await _recv(c) is not None
+            source, peer = echo.sources[0], c.getsockname()
+            fake = _Blocking(ep._sock)
+            ep._sock = fake  # type: ignore[assignment]
+            for i in range(4):  # 3 x 1000 bytes fit the queue, the 4th does not
+                ep.sendto(bytes([i]) * 1000, peer, source)
+            assert ep.get_write_buffer_size() == 3000 and ep.send_dropped == 1
+            fake.blocked = False
+            got = [await _recv(c) for _ in range(3)]
+            assert got == [(bytes([i]) * 1000, "127.0.0.2") for i in range(3)]
+            assert ep.get_write_buffer_size() == 0
+            ep.sendto(b"after", peer, source)  # straight out again
+            assert await _recv(c) == (b"after", "127.0.0.2")
+        finally:
+            c.close()
+            ep.close()
+            await asyncio.sleep(0)
+
+    uvloop.run(main())
+
+
 # ---- a kcp:// session through KcpServer ---------------------------------------------------
 
 PARAMS = KcpParams(fec=FecParams(mode="off"))
