@@ -62,12 +62,13 @@ class SourceGone(OSError):
 class Source:
     """A local address replies leave from: the ancillary data ``sendmsg`` takes for it."""
 
-    __slots__ = ("address", "cmsg", "family", "gone", "scope_id")
+    __slots__ = ("address", "cmsg", "cmsgs", "family", "gone", "scope_id")
 
     def __init__(self, address: str, cmsg: tuple[int, int, bytes], family: int,
                  scope_id: int = 0) -> None:
         self.address = address
         self.cmsg = cmsg
+        self.cmsgs = [cmsg]  # what sendmsg takes, made once (it is only read)
         self.family = family
         self.scope_id = scope_id
         # set once sendmsg found the address missing: no further system calls for it
@@ -219,19 +220,28 @@ class UdpEndpoint:
     def sendto(self, data: bytes, addr: Any = None, source: Source | None = None) -> None:
         """Send one datagram, from ``source`` if given; raises ``SourceGone`` if that
         address has left the host, reports other errors to the protocol."""
-        if self._closing:
+        if self._queue or self._closing:
+            if not self._closing:
+                self._enqueue(data, addr, source)
             return
-        if self._queue:
-            self._enqueue(data, addr, source)
-            return
+        # _send inlined: this is every datagram the router sends
         try:
-            self._send(data, addr, source)
+            if source is None:
+                self._sock.sendto(data, addr)
+            elif source.gone:
+                raise SourceGone(errno.EADDRNOTAVAIL, f"{source.address} is no longer local")
+            else:
+                self._sock.sendmsg([data], source.cmsgs, 0, addr)
         except (BlockingIOError, InterruptedError):
             self._enqueue(data, addr, source)
             self._loop.add_writer(self._fileno, self._write_ready)
         except SourceGone:
             raise
         except OSError as exc:
+            if source is not None:
+                exc = source_error(exc, source)
+                if isinstance(exc, SourceGone):
+                    raise exc from None
             self._protocol.error_received(exc)
 
     def _send(self, data: bytes, addr: Any, source: Source | None) -> None:
@@ -241,7 +251,7 @@ class UdpEndpoint:
         if source.gone:
             raise SourceGone(errno.EADDRNOTAVAIL, f"{source.address} is no longer local")
         try:
-            self._sock.sendmsg([data], [source.cmsg], 0, addr)
+            self._sock.sendmsg([data], source.cmsgs, 0, addr)
         except OSError as exc:
             raise source_error(exc, source) from None
 
@@ -284,7 +294,9 @@ async def open_endpoint(protocol: asyncio.DatagramProtocol, host: str | None,
     """Bind a UDP socket to ``host``:``port`` (as ``create_datagram_endpoint`` resolves it)
     and start reading it into ``protocol``. ``::`` serves IPv4 peers too."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
+    # "" (a listen of ":443") is the wildcard, as for bind; getaddrinfo wants None for it
+    infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM,
+                                   flags=socket.AI_PASSIVE)
     if not infos:
         raise OSError(f"getaddrinfo({host!r}) returned nothing")
     family, type_, proto, _, addr = infos[0]
