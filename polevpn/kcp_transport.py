@@ -3,8 +3,9 @@
 ``KcpTransport`` looks like an asyncio stream transport (write, close, flow control through
 pause_writing/resume_writing), so the router's ``GatewayConnection`` and the gateway's
 ``RouterLink`` run unchanged on kcp:// and tls://. ``KcpServer`` is the router's UDP
-endpoint: one socket, sessions told apart by the peer's address, the cookie exchange in
-front of any per-peer state. ``connect`` is the gateway's side.
+endpoint: one socket (a ``udpsock.UdpEndpoint``), sessions told apart by the peer's address,
+the cookie exchange in front of any per-peer state, every reply from the local address the
+peer sent to. ``connect`` is the gateway's side.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .dtls import (
 from .kcp_link import KcpLink
 from .kcp_pool import KcpPool
 from .udp_batch import SOL_UDP, UdpBatchSender
+from .udpsock import Ancillary, Source, SourceGone, source_of
 
 log = logging.getLogger("polevpn.kcp")
 
@@ -369,6 +371,10 @@ class KcpServerStats(Counters):
     # sendmsg calls that carried several datagrams (UDP GSO), and how many they carried
     udp_batches: int = 0
     udp_batched: int = 0
+    # sessions closed because the local address their peer dialled left the host
+    source_gone: int = 0
+    # datagrams dropped because the socket's send buffer and our queue behind it were full
+    udp_send_dropped: int = 0
 
 
 class HandshakeSlots:
@@ -430,15 +436,23 @@ class HandshakeSlots:
 class _Pending:
     """A peer whose cookie was good and whose handshake is under way."""
 
-    __slots__ = ("dtls", "started", "timer", "prefixes")
+    __slots__ = ("dtls", "source", "started", "timer", "prefixes")
 
-    def __init__(self, dtls: DtlsSession, started: float, prefixes: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        dtls: DtlsSession,
+        started: float,
+        prefixes: tuple[str, ...],
+        source: Source | None = None,
+    ) -> None:
         self.dtls = dtls
         # when the peer proved its address: its handshake, AUTH and REGISTER must all be
         # done within auth_timeout of this
         self.started = started
         self.timer: asyncio.TimerHandle | None = None
         self.prefixes = prefixes
+        # the local address the peer sent to: every reply leaves from it
+        self.source = source
 
 
 class KcpServer(asyncio.DatagramProtocol):
@@ -474,6 +488,9 @@ class KcpServer(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
         self.batch: UdpBatchSender | None = None
         self._loop = asyncio.get_event_loop()
+        # the ancillary data (destination address) of the datagram being handled
+        self._ancdata: Ancillary | None = None
+        self._source_gone_closing: set[KcpTransport] = set()
 
     def set_context(self, ctx: SSL.Context, jar: CookieJar) -> None:
         """A reloaded certificate: new handshakes use ``ctx``, whose cookie callbacks must
@@ -501,8 +518,11 @@ class KcpServer(asyncio.DatagramProtocol):
         for addr in list(self.pending):
             self._drop_pending(addr)
 
-    def datagram_received(self, data: bytes, addr: Addr) -> None:
+    def datagram_received(self, data: bytes, addr: Addr, ancdata: Ancillary | None = None) -> None:
+        """``ancdata``: what ``udpsock.UdpEndpoint`` read with it (the destination address);
+        made into a reply source only for a peer without a session (``_current_source``)."""
         self.stats.datagrams_in += 1
+        self._ancdata = ancdata
         try:
             self._received(data, addr)
         except Exception:
@@ -553,14 +573,15 @@ class KcpServer(asyncio.DatagramProtocol):
         self.stats.hello_verify_sent = self.listener.hello_verify_sent
         self.stats.rejected_datagrams = self.listener.rejected
         self.stats.refused_handshakes = self.listener.refused
+        source = self._current_source()
         for d in replies:
-            self._sendto(d, addr)
+            self._sendto(d, addr, source)
         if dtls is None or held is None:
             return
         if replacing is not None:
             log.info("kcp peer=%s started a new handshake; closing its old session", addr[0])
             replacing.abort()
-        p = _Pending(dtls, now, held)
+        p = _Pending(dtls, now, held, source)
         self.pending[addr] = p
         self._arm(p, addr)
         self._check_established(p, addr)
@@ -569,7 +590,7 @@ class KcpServer(asyncio.DatagramProtocol):
         now = time.monotonic()
         records, replies = p.dtls.receive(data, now)
         for d in replies:
-            self._sendto(d, addr)
+            self._sendto(d, addr, p.source)
         self._check_established(p, addr, records)
 
     def _check_established(
@@ -589,14 +610,15 @@ class KcpServer(asyncio.DatagramProtocol):
         now = time.monotonic()
         # small receive state until the router flips ``authenticated`` after AUTH
         link = KcpLink(self.params, self.pool, dtls.cleartext_mtu, now, authenticated=False)
+        src = p.source
         transport = KcpTransport(
             self._loop,
             dtls,
             link,
-            lambda d, a=addr: self._sendto(d, a),
+            lambda d, a=addr: self._sendto(d, a, src),
             addr,
             self._session_closed,
-            lambda ds, a=addr: self._send_many(ds, a),
+            lambda ds, a=addr: self._send_many(ds, a, src),
         )
         self.sessions[addr] = transport
         self.stats.sessions = len(self.sessions)
@@ -625,7 +647,7 @@ class KcpServer(asyncio.DatagramProtocol):
             self._drop_pending(addr)
             return
         for d in p.dtls.handle_timeout(now):
-            self._sendto(d, addr)
+            self._sendto(d, addr, p.source)
         self._check_established(p, addr)
 
     def _drop_pending(self, addr: Addr, established: bool = False) -> None:
@@ -643,19 +665,52 @@ class KcpServer(asyncio.DatagramProtocol):
             del self.sessions[t.peer]
         self.stats.sessions = len(self.sessions)
 
-    def _sendto(self, data: bytes, addr: Addr) -> None:
-        if self.transport is not None:
-            self.transport.sendto(data, addr)
+    def _current_source(self) -> Source | None:
+        """The reply source of the datagram being handled (None: the socket's own)."""
+        return source_of(self._ancdata)
 
-    def _send_many(self, datagrams: list[bytes], addr: Addr) -> None:
+    def _sendto(self, data: bytes, addr: Addr, source: Source | None = None) -> None:
+        if self.transport is None:
+            return
+        try:
+            if source is None:
+                self.transport.sendto(data, addr)
+            else:
+                self.transport.sendto(data, addr, source)  # type: ignore[call-arg]
+        except SourceGone as exc:
+            self._source_gone(addr, exc)
+
+    def _send_many(self, datagrams: list[bytes], addr: Addr, source: Source | None = None) -> None:
         if self.batch is not None:
-            self.batch.send(datagrams, addr)
+            try:
+                self.batch.send(datagrams, addr, source)
+            except SourceGone as exc:
+                self._source_gone(addr, exc)
+
+    def _source_gone(self, addr: Addr, exc: SourceGone) -> None:
+        """The address this peer dialled has left the host: replying from another one would
+        only be dropped by the peer's connected socket, so the session ends and the gateway
+        reconnects (to an address that is there). A handshake under way just times out."""
+        t = self.sessions.get(addr)
+        if t is None or t.is_closing() or t in self._source_gone_closing:
+            return
+        self.stats.source_gone += 1
+        log.warning("kcp peer=%s: %s; closing its session", _fmt(addr), exc.strerror)
+        # not inside the session's own send path (KCP's flush): on the next turn
+        self._source_gone_closing.add(t)
+        self._loop.call_soon(self._close_session, addr, t)
+
+    def _close_session(self, addr: Addr, t: KcpTransport) -> None:
+        self._source_gone_closing.discard(t)
+        if self.sessions.get(addr) is t:
+            t.abort()
 
     def counters(self) -> KcpServerStats:
         """The stats, with the batch sender's own counts copied in at reading time."""
         if self.batch is not None:
             self.stats.udp_batches = self.batch.batches
             self.stats.udp_batched = self.batch.batched_datagrams
+        self.stats.udp_send_dropped = getattr(self.transport, "send_dropped", 0)
         return self.stats
 
 

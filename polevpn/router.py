@@ -24,7 +24,7 @@ import ssl
 import time
 from dataclasses import dataclass
 
-from . import api, dtls, linksock, metrics, privileges, reloading, wire
+from . import api, dtls, linksock, metrics, privileges, reloading, udpsock, wire
 from .config import ConfigError, RouterConfig, load_router_config, set_log_level
 from .counters import Counters
 from .forwarding import forward
@@ -326,7 +326,7 @@ class Router:
         self.stats = RouterStats()
         self.listen_sockets: list[socket.socket] = []
         self.kcp_server: KcpServer | None = None
-        self._kcp_udp: asyncio.DatagramTransport | None = None
+        self._kcp_udp: udpsock.UdpEndpoint | None = None
         self.kcp_pool = KcpPool()
         self._tasks: list[asyncio.Task] = []
         # TLS upgrades under way; held here because the loop keeps only weak references
@@ -377,7 +377,6 @@ class Router:
         log.info("dropped privileges user=%s uid=%d gid=%d", self.cfg.user, uid, gid)
 
     async def _start_kcp(self) -> None:
-        loop = asyncio.get_running_loop()
         kcp = self.cfg.kcp
         assert kcp.cert_file is not None and kcp.key_file is not None
         ctx, jar = dtls.server_context(
@@ -395,9 +394,8 @@ class Router:
             release=lambda addr: self.admission.release(source_key(addr[0])),
             limits=self.cfg.kcp_handshakes,
         )
-        udp, _ = await loop.create_datagram_endpoint(
-            lambda: server, local_addr=(kcp.host, kcp.port)
-        )
+        # our own reader: replies leave from the address each peer sent to (udpsock)
+        udp = await udpsock.open_endpoint(server, kcp.host, kcp.port)
         self.kcp_server = server
         self._kcp_udp = udp
         host, port = udp.get_extra_info("sockname")[:2]

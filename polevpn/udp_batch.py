@@ -5,6 +5,10 @@ KCP sends a window's worth of equal-sized segments at once; one ``sendmsg`` with
 the NIC does). On the wire nothing changes: the peer receives ordinary datagrams, so a Go
 PoleVPN peer is unaffected. Where the kernel or the route refuses (EIO: no checksum offload
 on the way out), the sender falls back to one datagram per call for good.
+
+A ``source`` (``udpsock.Source``) rides along as ``IP_PKTINFO`` / ``IPV6_PKTINFO`` next to
+``UDP_SEGMENT``, so a batch leaves from the same local address as single datagrams do; a
+source that has left the host raises ``udpsock.SourceGone`` to the caller.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import socket
 import struct
 from collections.abc import Sequence
 from typing import Any
+
+from .udpsock import Source, SourceGone, source_error
 
 SOL_UDP = getattr(socket, "SOL_UDP", 17)
 UDP_SEGMENT = 103
@@ -55,13 +61,20 @@ class UdpBatchSender:
     def gso(self) -> bool:
         return self._sock is not None
 
-    def send(self, datagrams: Sequence[bytes], addr: Any = None) -> None:
-        sendto = self.transport.sendto
+    def send(self, datagrams: Sequence[bytes], addr: Any = None,
+             source: Source | None = None) -> None:
+        """``source``: the local address to send from (a ``udpsock.UdpEndpoint`` only)."""
         sock = self._sock
         n = len(datagrams)
         if sock is None or n < 2 or self.transport.get_write_buffer_size():
-            self._send_each(datagrams, addr)
+            self._send_each(datagrams, addr, source)
             return
+        sendto = self.transport.sendto
+        extra: list[tuple[int, int, bytes]] = []
+        if source is not None:
+            if source.gone:
+                raise SourceGone(errno.EADDRNOTAVAIL, f"{source.address} is no longer local")
+            extra.append(source.cmsg)
         i = 0
         while i < n:
             size = len(datagrams[i])
@@ -77,11 +90,14 @@ class UdpBatchSender:
                 if k < size:
                     break
             if j - i == 1:
-                sendto(datagrams[i], addr)
+                if source is None:
+                    sendto(datagrams[i], addr)
+                else:
+                    sendto(datagrams[i], addr, source)  # type: ignore[call-arg]
                 i = j
                 continue
             payload = b"".join(datagrams[i:j])
-            cmsg = [(SOL_UDP, UDP_SEGMENT, _u16(size))]
+            cmsg = [(SOL_UDP, UDP_SEGMENT, _u16(size)), *extra]
             try:
                 if addr is None:
                     sock.sendmsg([payload], cmsg)
@@ -89,12 +105,17 @@ class UdpBatchSender:
                     sock.sendmsg([payload], cmsg, 0, addr)
             except BlockingIOError:
                 # the socket buffer is full: the transport queues the rest, in order
-                self._send_each(datagrams[i:], addr)
+                self._send_each(datagrams[i:], addr, source)
                 return
             except OSError as exc:
+                if source is not None:
+                    # EINVAL from a vanished source is no verdict on GSO
+                    exc = source_error(exc, source)
+                    if isinstance(exc, SourceGone):
+                        raise exc from None
                 if exc.errno in _GSO_REFUSED:
                     self.close()
-                    self._send_each(datagrams[i:], addr)
+                    self._send_each(datagrams[i:], addr, source)
                     return
                 # unreachable and the like: this run is lost as a datagram would be and KCP
                 # retransmits. The call consumed the socket's pending error (an ICMP port
@@ -112,10 +133,15 @@ class UdpBatchSender:
         if protocol is not None:
             asyncio.get_running_loop().call_soon(protocol.error_received, exc)
 
-    def _send_each(self, datagrams: Sequence[bytes], addr: Any) -> None:
+    def _send_each(self, datagrams: Sequence[bytes], addr: Any,
+                   source: Source | None = None) -> None:
         sendto = self.transport.sendto
-        for d in datagrams:
-            sendto(d, addr)
+        if source is None:
+            for d in datagrams:
+                sendto(d, addr)
+        else:
+            for d in datagrams:
+                sendto(d, addr, source)  # type: ignore[call-arg]
 
     def close(self) -> None:
         if self._sock is not None:

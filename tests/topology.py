@@ -40,6 +40,18 @@ Both ends of wan1 keep their addresses across ``ip link set down`` (keep_addr_on
 :meth:`Topology.link_down` / :meth:`Topology.link_up` and :meth:`Topology.flap` model a
 cable pulled and plugged back.  :meth:`Topology.rate_limit` (tc tbf, egress) and
 :meth:`Topology.if_bytes` work on any interface of any topology.
+
+``Topology(service_address=True)`` gives the router a service address on ``lo``, the one
+gateways dial, apart from its link addresses (a secondary, floating or anycast address; issue
+21), and both underlay links an IPv6 subnet too:
+
+    router lo     198.19.0.1/32, 2001:db8:ff02::1/128                      (service)
+    gwA wan0 ==== ul-a router    198.19.0.10/30 <-> 198.19.0.9/30, 2001:db8:ff0a::2/64 <-> ::1
+    gwB wan0 ==== ul-b router    198.19.0.6/30  <-> 198.19.0.5/30, 2001:db8:ff0b::2/64 <-> ::1
+
+The gateways reach the service address through host routes via the router's link address;
+the router's routes back have no ``src``, so a reply from a wildcard socket that does not
+choose its source leaves from the link address.
 """
 
 from __future__ import annotations
@@ -93,6 +105,16 @@ GW_A_UL6 = "2001:db8:ff01::2"
 ROUTER_UL_A6 = "2001:db8:ff01::1"
 GW_A_UL6_IF = "wan1"  # in gwA
 ROUTER_UL_A6_IF = "ul-a6"  # in router
+
+# Topology(service_address=True): the router's service address on lo, its link addresses.
+SERVICE4 = ROUTER_UL_A  # 198.19.0.1: what gateways dial, as without the option
+SERVICE6 = "2001:db8:ff02::1"
+SVC_GW_A_UL = "198.19.0.10"
+SVC_ROUTER_UL_A = "198.19.0.9"
+SVC_GW_A_UL6 = "2001:db8:ff0a::2"
+SVC_ROUTER_UL_A6 = "2001:db8:ff0a::1"
+SVC_GW_B_UL6 = "2001:db8:ff0b::2"
+SVC_ROUTER_UL_B6 = "2001:db8:ff0b::1"
 
 # Impairment middlebox (Topology(impair=True)): node, interfaces, TUNs, routing tables.
 IMP_NODE = "imp"
@@ -376,10 +398,14 @@ class Topology:
         log_dir: str | os.PathLike | None = None,
         impair: bool = False,
         dual_uplink: bool = False,
+        service_address: bool = False,
     ):
+        if service_address and (impair or dual_uplink):
+            raise ValueError("service_address goes with neither impair nor dual_uplink")
         self.prefix = prefix or f"pv{secrets.token_hex(2)}"
         self.impair = impair
         self.dual_uplink = dual_uplink
+        self.service_address = service_address
         self._flappers: list[LinkFlapper] = []
         self.nodes: tuple[str, ...] = (*NODES, IMP_NODE) if impair else NODES
         self.ns = {node: f"{self.prefix}-{node}" for node in self.nodes}
@@ -554,8 +580,11 @@ class Topology:
             self._veth(IMP_NODE, IMP_IF_R, "router", "ul-a")
         else:
             self._veth("gwA", "wan0", "router", "ul-a")
-        self._addr("gwA", "wan0", f"{GW_A_UL}/30")
-        self._addr("router", "ul-a", f"{ROUTER_UL_A}/30")
+        if self.service_address:
+            self._setup_service_address()
+        else:
+            self._addr("gwA", "wan0", f"{GW_A_UL}/30")
+            self._addr("router", "ul-a", f"{ROUTER_UL_A}/30")
         self._veth("gwB", "wan0", "router", "ul-b")
         self._addr("gwB", "wan0", f"{GW_B_UL}/30")
         self._addr("router", "ul-b", f"{ROUTER_UL_B}/30")
@@ -563,10 +592,30 @@ class Topology:
         for gw in ("gwA", "gwB"):
             self._sysctl(gw, "net.ipv4.ip_forward", "1")
             self._sysctl(gw, "net.ipv6.conf.all.forwarding", "1")
+        if self.service_address:
+            self._service_routes()
         if self.impair:
             self._setup_imp()
         if self.dual_uplink:
             self._setup_dual_uplink()
+
+    def _setup_service_address(self) -> None:
+        """The router's service address on lo; gwA's link renumbered off it (see above)."""
+        self._addr("router", "lo", f"{SERVICE4}/32")
+        self._addr("router", "lo", f"{SERVICE6}/128")
+        self._addr("gwA", "wan0", f"{SVC_GW_A_UL}/30")
+        self._addr("router", "ul-a", f"{SVC_ROUTER_UL_A}/30")
+
+    def _service_routes(self) -> None:
+        links = (
+            ("gwA", SVC_GW_A_UL6, SVC_ROUTER_UL_A6, "ul-a", SVC_ROUTER_UL_A),
+            ("gwB", SVC_GW_B_UL6, SVC_ROUTER_UL_B6, "ul-b", ROUTER_UL_B),
+        )
+        for gw, gw6, router6, router_if, router4 in links:
+            self._addr(gw, "wan0", f"{gw6}/64")
+            self._addr("router", router_if, f"{router6}/64")
+            self.run(gw, ["ip", "route", "add", f"{SERVICE4}/32", "via", router4])
+            self.run(gw, ["ip", "-6", "route", "add", f"{SERVICE6}/128", "via", router6])
 
     def _setup_dual_uplink(self) -> None:
         """gwA's second underlay link (IPv6 only); the first becomes IPv4 only."""
