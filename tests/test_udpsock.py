@@ -293,7 +293,7 @@ async def kcp_server(keys, listen: str) -> tuple[kcp_transport.KcpServer, udpsoc
     ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
     sessions: list[EchoStream] = []
     server = kcp_transport.KcpServer(
-        ctx, jar, PARAMS, lambda: EchoStream(sessions), handshake_timeout=5
+        ctx, jar, PARAMS, lambda _started: EchoStream(sessions), handshake_timeout=5
     )
     ep = await udpsock.open_endpoint(server, listen, 0)
     return server, ep, sessions
