@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import unquote
 
+from .logfmt import kv
+
 log = logging.getLogger("polevpn.http")
 
 MAX_REQUEST = 8192  # bytes of request line and headers
@@ -120,7 +122,7 @@ class HttpServer:
         addr = self.server.sockets[0].getsockname()
         log_name = f"polevpn.{self.name}"
         logging.getLogger(log_name).info(
-            "%s listening address=%s port=%d", self.name, addr[0], addr[1]
+            f"{self.name} listening", extra=kv(address=addr[0], port=addr[1])
         )
         return addr[0], addr[1]
 
@@ -151,7 +153,7 @@ class HttpServer:
             pass
         except Exception:
             # a request must never take the daemon down
-            log.exception("%s request failed", self.name)
+            log.exception(f"{self.name} request failed")
         finally:
             self._clients.discard(writer)
             writer.close()
@@ -261,6 +263,8 @@ class HttpServer:
         except HttpError as exc:
             return self._error(exc.status, exc.message, exc.headers, head_only)
         except Exception:
-            log.exception("%s handler for %s %s failed", self.name, request.method, request.path)
+            log.exception(
+                f"{self.name} handler failed", extra=kv(method=request.method, path=request.path)
+            )
             return self._error(500, "internal error", head_only=head_only)
         return self._response(status, ctype, body, headers, head_only)

@@ -25,6 +25,8 @@ import kcp as _kcp_pkg
 from kcp import KCP
 from kcp import extension as _ext
 
+from .logfmt import kv
+
 log = logging.getLogger("polevpn.kcp")
 
 IKCP_OVERHEAD = 24
@@ -170,9 +172,9 @@ class KcpPool:
         elif not self._warned:
             self._warned = True
             log.warning(
-                "kcp %s: object layout not recognised, KCP objects cannot be reused "
+                "kcp object layout not recognised, KCP objects cannot be reused "
                 "and each closed session leaks about 4 KB",
-                getattr(_kcp_pkg, "__version__", "?"),
+                extra=kv(kcp_version=getattr(_kcp_pkg, "__version__", "?")),
             )
 
     @property

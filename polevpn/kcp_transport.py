@@ -37,6 +37,7 @@ from .dtls import (
 )
 from .kcp_link import KcpLink
 from .kcp_pool import KcpPool
+from .logfmt import kv
 from .udp_batch import SOL_UDP, UdpBatchSender
 
 log = logging.getLogger("polevpn.kcp")
@@ -195,7 +196,7 @@ class KcpTransport:
                 self._protocol.data_received(data_in)
             self._maybe_resume_writing()
         except Exception:
-            log.exception("internal error on kcp input from peer=%s; closing it", self.peer)
+            log.exception("internal error on kcp input; closing it", extra=kv(peer=_fmt(self.peer)))
             self._shutdown(None, False)
 
     def _maybe_resume_writing(self) -> None:
@@ -255,7 +256,7 @@ class KcpTransport:
             self._pump()
             self._maybe_resume_writing()
         except Exception:
-            log.exception("internal error in kcp timer for peer=%s; closing it", self.peer)
+            log.exception("internal error in kcp timer; closing it", extra=kv(peer=_fmt(self.peer)))
             self._shutdown(None, False)
 
     def _silent(self, now: float) -> bool:
@@ -407,7 +408,7 @@ class KcpServer(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for one peer arrive on the shared socket; the session's own timeouts
         # decide, not one error
-        log.debug("udp error: %s", exc)
+        log.debug("udp error", extra=kv(error=exc))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.batch is not None:
@@ -424,7 +425,10 @@ class KcpServer(asyncio.DatagramProtocol):
         try:
             self._received(data, addr)
         except Exception:
-            log.exception("internal error handling a datagram from %s; dropping its session", addr)
+            log.exception(
+                "internal error handling a datagram; dropping its session",
+                extra=kv(peer=_fmt(addr)),
+            )
             t = self.sessions.get(addr)
             if t is not None:
                 t.abort()
@@ -465,7 +469,10 @@ class KcpServer(asyncio.DatagramProtocol):
             self.stats.refused_handshakes += 1
             return
         if replacing is not None:
-            log.info("kcp peer=%s started a new handshake; closing its old session", addr[0])
+            log.info(
+                "kcp peer started a new handshake; closing its old session",
+                extra=kv(peer=_fmt(addr)),
+            )
             replacing.abort()
         p = _Pending(dtls, now)
         self.pending[addr] = p
@@ -485,7 +492,7 @@ class KcpServer(asyncio.DatagramProtocol):
         dtls = p.dtls
         if dtls.closed:
             self.stats.handshake_failures += 1
-            log.info("kcp handshake with %s failed: %s", _fmt(addr), dtls.error)
+            log.info("kcp handshake failed", extra=kv(peer=_fmt(addr), error=dtls.error))
             self._drop_pending(addr)
             return
         if not dtls.established:

@@ -787,7 +787,7 @@ def test_router_logs_where_the_api_listens_never_the_token(tmp_path, keys, caplo
 
     with caplog.at_level("DEBUG"):
         port = run(scenario())
-    assert f"api listening address=127.0.0.1 port={port}" in caplog.text
+    assert f'msg="api listening" address=127.0.0.1 port={port}' in caplog.text
     assert TOKEN not in caplog.text
 
 

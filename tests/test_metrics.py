@@ -787,7 +787,7 @@ def test_router_logs_where_metrics_listen_and_the_config_warning(tmp_path, keys,
     with caplog.at_level("INFO"):
         port = run(scenario())
     assert "metrics_listen 198.18.0.1:9400 is not a loopback address" in caplog.text
-    assert f"metrics listening address=127.0.0.1 port={port}" in caplog.text
+    assert f'msg="metrics listening" address=127.0.0.1 port={port}' in caplog.text
 
 
 # -- real daemons in network namespaces
