@@ -37,6 +37,7 @@ from .dtls import (
 )
 from .kcp_link import KcpLink
 from .kcp_pool import KcpPool
+from .logfmt import endpoint as fmt
 from .logfmt import kv
 from .udp_batch import SOL_UDP, UdpBatchSender
 
@@ -196,7 +197,7 @@ class KcpTransport:
                 self._protocol.data_received(data_in)
             self._maybe_resume_writing()
         except Exception:
-            log.exception("internal error on kcp input; closing it", extra=kv(peer=_fmt(self.peer)))
+            log.exception("internal error on kcp input; closing it", extra=kv(peer=fmt(self.peer)))
             self._shutdown(None, False)
 
     def _maybe_resume_writing(self) -> None:
@@ -256,7 +257,7 @@ class KcpTransport:
             self._pump()
             self._maybe_resume_writing()
         except Exception:
-            log.exception("internal error in kcp timer; closing it", extra=kv(peer=_fmt(self.peer)))
+            log.exception("internal error in kcp timer; closing it", extra=kv(peer=fmt(self.peer)))
             self._shutdown(None, False)
 
     def _silent(self, now: float) -> bool:
@@ -427,7 +428,7 @@ class KcpServer(asyncio.DatagramProtocol):
         except Exception:
             log.exception(
                 "internal error handling a datagram; dropping its session",
-                extra=kv(peer=_fmt(addr)),
+                extra=kv(peer=fmt(addr)),
             )
             t = self.sessions.get(addr)
             if t is not None:
@@ -471,7 +472,7 @@ class KcpServer(asyncio.DatagramProtocol):
         if replacing is not None:
             log.info(
                 "kcp peer started a new handshake; closing its old session",
-                extra=kv(peer=_fmt(addr)),
+                extra=kv(peer=fmt(addr)),
             )
             replacing.abort()
         p = _Pending(dtls, now)
@@ -492,7 +493,7 @@ class KcpServer(asyncio.DatagramProtocol):
         dtls = p.dtls
         if dtls.closed:
             self.stats.handshake_failures += 1
-            log.info("kcp handshake failed", extra=kv(peer=_fmt(addr), error=dtls.error))
+            log.info("kcp handshake failed", extra=kv(peer=fmt(addr), error=dtls.error))
             self._drop_pending(addr)
             return
         if not dtls.established:
@@ -571,8 +572,6 @@ class KcpServer(asyncio.DatagramProtocol):
         return self.stats
 
 
-def _fmt(addr: Addr) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
 
 
 # ---- gateway side -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ is always one line. Tracebacks go into one escaped ``exc`` field.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import time
@@ -33,6 +34,29 @@ FIELDS = "kv"
 def kv(**fields: object) -> dict[str, dict[str, object]]:
     """``extra=`` for a logging call: the record's fields, in this order."""
     return {FIELDS: fields}
+
+
+def endpoint(addr: tuple | None) -> str:
+    """A socket address as logs, the API, polevpn-ctl and the dashboard show it.
+
+    ``198.19.0.6:45443`` and ``[2001:db8::1]:50111``: an IPv4-mapped address from a ``[::]``
+    listener is shown as the IPv4 address it is, and an IPv6 address is bracketed so that
+    its port cannot be read as part of it. None (no address known) is ``?``.
+    """
+    if not addr:
+        return "?"
+    host, port = str(addr[0]), addr[1]
+    bare, pct, zone = host.partition("%")
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped  # type: ignore[union-attr]
+        if mapped is not None:
+            return f"{mapped}:{port}"
+        return f"[{ip}{pct}{zone}]:{port}"
+    return f"{ip}:{port}"
 
 
 def _escape(c: str) -> str:

@@ -33,7 +33,7 @@ from .ippacket import addrs
 from .kcp_pool import KcpPool
 from .kcp_transport import KcpServer
 from .limits import Admission, source_key
-from .logfmt import kv
+from .logfmt import endpoint, kv
 from .messages import FEATURE_MULTILINK, FEATURE_SUPER
 from .routing import IPAddress, IPNetwork, NetworkSet, RouteTable
 from .session import (
@@ -168,7 +168,7 @@ class GatewayConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer = endpoint(peer)
         if peer:
             self.source = source_key(peer[0])
         ssl_obj = transport.get_extra_info("ssl_object")
