@@ -947,7 +947,9 @@ class Gateway:
             try:
                 if cfg.metrics_listen is not None:
                     registry = metrics.gateway_registry(self)
-                    self.metrics = await metrics.serve(registry, cfg.metrics_listen)
+                    self.metrics = await metrics.serve(
+                        registry, cfg.metrics_listen, lambda: self.cfg.metrics_token
+                    )
                 if self.uplinks:
                     await self._run_uplinks()
                 else:

@@ -115,3 +115,118 @@ class Admission:
             self.failures.move_to_end(source)
         times.append(now)
         return len(times) == self.params.auth_failures and self.blocked(source, now)
+
+
+# -- HTTP clients (the REST API and /metrics)
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """How many HTTP clients a server (the API, /metrics) serves at once.
+
+    ``reserved`` of the ``max_clients`` slots are only for trusted clients (loopback: the
+    operator's polevpn-ctl, an SSH tunnel to the dashboard, a local Prometheus), and a
+    trusted client that finds every slot taken closes the oldest connection still waiting
+    for its request, so idle connections, wherever they come from, cannot lock it out.
+    Others get at most ``per_client`` connections per source (an address, or an IPv6 /64).
+    """
+
+    max_clients: int = 64
+    per_client: int = 8
+    reserved: int = 16
+
+
+HTTP_REFUSED_FULL = "full"
+HTTP_REFUSED_SOURCE = "per-client"
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        addr = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if addr.version == 6 and addr.ipv4_mapped is not None:  # type: ignore[union-attr]
+        addr = addr.ipv4_mapped  # type: ignore[union-attr]
+    return addr.is_loopback
+
+
+@dataclass
+class _Client:
+    source: str
+    trusted: bool
+    waiting: bool = True  # its request head has not arrived yet: it may be evicted
+
+
+@dataclass(frozen=True)
+class ClientVerdict:
+    refused: str | None = None
+    # a connection to close to make room for this one (its id), or None
+    evict: object | None = None
+
+
+class ClientSlots:
+    """Slot accounting for one HTTP server: ids and addresses in, verdicts out (no I/O)."""
+
+    def __init__(self, params: ClientLimits, trusted=is_loopback) -> None:
+        self.params = params
+        self.trusted = trusted
+        # id -> client, in order of arrival (the first waiting one is the oldest)
+        self.clients: dict[object, _Client] = {}
+        self.untrusted = 0
+        self.by_source: dict[str, int] = {}
+        self.refused = 0
+        self.evicted = 0
+
+    def admit(self, cid: object, host: str) -> ClientVerdict:
+        """A new connection ``cid`` from ``host``: take a slot, maybe after evicting one."""
+        p = self.params
+        trusted = bool(self.trusted(host))
+        source = source_key(host)
+        evict = None
+        if trusted:
+            if len(self.clients) >= p.max_clients:
+                evict = self._oldest_waiting()
+                if evict is None:
+                    self.refused += 1
+                    return ClientVerdict(HTTP_REFUSED_FULL)
+                self.release(evict)
+                self.evicted += 1
+        else:
+            if self.by_source.get(source, 0) >= p.per_client:
+                self.refused += 1
+                return ClientVerdict(HTTP_REFUSED_SOURCE)
+            if self.untrusted >= p.max_clients - p.reserved or len(self.clients) >= p.max_clients:
+                self.refused += 1
+                return ClientVerdict(HTTP_REFUSED_FULL)
+            self.untrusted += 1
+            self.by_source[source] = self.by_source.get(source, 0) + 1
+        self.clients[cid] = _Client(source, trusted)
+        return ClientVerdict(None, evict)
+
+    def _oldest_waiting(self) -> object | None:
+        # an untrusted one first: a local client never loses its slot to a remote one
+        first_trusted = None
+        for cid, c in self.clients.items():
+            if c.waiting:
+                if not c.trusted:
+                    return cid
+                if first_trusted is None:
+                    first_trusted = cid
+        return first_trusted
+
+    def started(self, cid: object) -> None:
+        """Its request head arrived: it is being served and is no longer evicted."""
+        c = self.clients.get(cid)
+        if c is not None:
+            c.waiting = False
+
+    def release(self, cid: object) -> None:
+        c = self.clients.pop(cid, None)
+        if c is None or c.trusted:
+            return
+        self.untrusted -= 1
+        n = self.by_source[c.source]
+        if n <= 1:
+            del self.by_source[c.source]
+        else:
+            self.by_source[c.source] = n - 1

@@ -41,7 +41,7 @@ GATEWAY_RESTART = frozenset(
 # not settings: the file's path and the parser's warnings
 _IGNORED = frozenset({"path", "warnings"})
 # secrets: a change is reported by name only
-_SECRET = frozenset({"key", "api_token"})
+_SECRET = frozenset({"key", "api_token", "metrics_token"})
 
 
 class ReloadError(Exception):

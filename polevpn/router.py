@@ -342,7 +342,9 @@ class Router:
         if self.cfg.metrics_listen is not None:
             # before dropping privileges, so that a port below 1024 works
             registry = metrics.router_registry(self)
-            self.metrics = await metrics.serve(registry, self.cfg.metrics_listen)
+            self.metrics = await metrics.serve(
+                registry, self.cfg.metrics_listen, lambda: self.cfg.metrics_token
+            )
         if self.cfg.api_listen is not None:
             self.api = await api.serve(self, self.cfg.api_listen)
         self._drop_privileges()

@@ -196,6 +196,32 @@ def test_token_required_and_public_paths(keys):
     run(scenario())
 
 
+def test_malformed_content_length_is_a_400(keys, caplog):
+    """Issue 20 finding 11: 4,301 digits raised ValueError in int() (no reply, a traceback
+    logged); repeated Content-Length headers are refused too."""
+
+    async def scenario():
+        router = await started(api_config(keys))
+        port = router.api.port
+        try:
+            out = []
+            for value in ("9" * 4301, "1" * 13, "-1", "+5", "1_0", "0x10", "١٢"):
+                req = f"POST /api/v1/reload HTTP/1.1\r\nContent-Length: {value}\r\n\r\n"
+                out.append((await http(port, req.encode("utf-8")))[0])
+            req = b"POST /api/v1/reload HTTP/1.1\r\nContent-Length: 0\r\nContent-length: 5\r\n\r\n"
+            out.append((await http(port, req))[0])
+            # a plain zero, and a bounded body, still work
+            status, _, _ = await get(port, "/api/v1/status")
+            return out, status
+        finally:
+            await router.stop()
+
+    with caplog.at_level("ERROR"):
+        statuses, ok = run(scenario())
+    assert statuses == [400] * 8 and ok == 200
+    assert "Traceback" not in caplog.text and "exc=" not in caplog.text
+
+
 # -- the views
 
 

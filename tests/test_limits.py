@@ -7,10 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from polevpn.limits import (
+    HTTP_REFUSED_FULL,
+    HTTP_REFUSED_SOURCE,
     REFUSED_RATE,
     REFUSED_SOURCE,
     REFUSED_TOTAL,
     Admission,
+    ClientLimits,
+    ClientSlots,
+    ClientVerdict,
     LimitParams,
     source_key,
 )
@@ -99,3 +104,67 @@ def test_counts_stay_consistent(ops) -> None:
         assert adm.pending == sum(held.values()) <= 5
         assert all(v <= 3 for v in adm.by_source.values())
         assert {k: v for k, v in held.items() if v} == adm.by_source
+
+
+# -- HTTP clients
+
+
+def test_http_slots_per_client_and_the_reserve() -> None:
+    slots = ClientSlots(ClientLimits(max_clients=6, per_client=2, reserved=2))
+    assert slots.admit(1, "198.18.0.1") == ClientVerdict()
+    assert slots.admit(2, "198.18.0.1") == ClientVerdict()
+    assert slots.admit(3, "198.18.0.1").refused == HTTP_REFUSED_SOURCE
+    # one IPv6 /64 is one client
+    assert slots.admit(4, "2001:db8:1:2::1") == ClientVerdict()
+    assert slots.admit(5, "2001:db8:1:2::2") == ClientVerdict()
+    assert slots.admit(6, "2001:db8:1:2::3").refused == HTTP_REFUSED_SOURCE
+    # four remote ones take everything but the reserve
+    assert slots.admit(7, "198.18.0.9").refused == HTTP_REFUSED_FULL
+    # loopback (IPv4, IPv6, mapped) takes the reserve, then the oldest waiting remote slot
+    assert slots.admit(8, "127.0.0.1") == ClientVerdict()
+    assert slots.admit(9, "::1") == ClientVerdict()
+    assert slots.admit(10, "::ffff:127.0.0.1") == ClientVerdict(None, evict=1)
+    assert 1 not in slots.clients and slots.evicted == 1
+    # a remote client being served is not evicted; a trusted waiting one is, last
+    for cid in (2, 4, 5):
+        slots.started(cid)
+    assert slots.admit(11, "127.0.0.1") == ClientVerdict(None, evict=8)
+    for cid in (9, 10, 11):
+        slots.started(cid)
+    assert slots.admit(12, "127.0.0.1").refused == HTTP_REFUSED_FULL
+    assert slots.refused == 4
+    for cid in list(slots.clients):
+        slots.release(cid)
+    slots.release(2)  # twice: nothing changes
+    assert slots.clients == {} and slots.untrusted == 0 and slots.by_source == {}
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["admit", "start", "release"]),
+            st.integers(0, 30),
+            st.sampled_from(["127.0.0.1", "198.18.0.1", "198.18.0.2", "2001:db8::1"]),
+        ),
+        max_size=200,
+    )
+)
+def test_http_slots_stay_consistent(ops) -> None:
+    p = ClientLimits(max_clients=8, per_client=3, reserved=3)
+    slots = ClientSlots(p)
+    for op, cid, host in ops:
+        if op == "admit":
+            if cid in slots.clients:
+                continue
+            v = slots.admit(cid, host)
+            if v.refused is None:
+                assert cid in slots.clients and v.evict not in slots.clients
+        elif op == "start":
+            slots.started(cid)
+        else:
+            slots.release(cid)
+        remote = [c for c in slots.clients.values() if not c.trusted]
+        assert len(slots.clients) <= p.max_clients
+        assert slots.untrusted == len(remote) <= p.max_clients - p.reserved
+        assert all(n <= p.per_client for n in slots.by_source.values())
+        assert sum(slots.by_source.values()) == len(remote)
