@@ -445,7 +445,7 @@ def test_kcp_over_ipv6(keys, transport):
         gw = await ProtoGateway.connect_kcp(router, "::1", verify)
         await gw.login("169.254.0.1", ["2001:db8:10::/64"])
         (conn,) = router.connections
-        assert conn.transport_name == "kcp" and conn.peer.startswith("::1")
+        assert conn.transport_name == "kcp" and conn.peer.startswith("[::1]:")
         gw.close()
         await router.stop()
 
