@@ -572,6 +572,15 @@ def _limits(r: _Reader) -> LimitParams:
         max_pending_per_source=sec.integer(
             "max_pending_per_source", d.max_pending_per_source, 1, 1 << 20
         ),
+        max_pending_share_per_net=sec.number(
+            "max_pending_share_per_net", d.max_pending_share_per_net, 0, 1
+        ),
+        max_pending_share_per_site=sec.number(
+            "max_pending_share_per_site", d.max_pending_share_per_site, 0, 1
+        ),
+        reserved_share_known=sec.number("reserved_share_known", d.reserved_share_known, 0, 0.9),
+        known_source_ttl=sec.number("known_source_ttl", d.known_source_ttl, 0, 30 * 86400),
+        pre_tls_timeout=sec.number("pre_tls_timeout", d.pre_tls_timeout, 0.1, 3600),
         auth_failures=sec.integer("auth_failures", d.auth_failures, 1, 1 << 20),
         auth_failure_window=sec.number("auth_failure_window", d.auth_failure_window, 0, 86400),
     )

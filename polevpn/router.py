@@ -16,6 +16,7 @@ TLS protocol is installed.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -38,6 +39,7 @@ from .messages import FEATURE_MULTILINK, FEATURE_SUPER
 from .routing import IPAddress, IPNetwork, NetworkSet, RouteTable
 from .session import (
     AuthFailed,
+    AuthSucceeded,
     ConnectionLost,
     RegisterRequested,
     ServerSession,
@@ -466,7 +468,49 @@ class Router:
         self._upgrades.add(task)
         task.add_done_callback(self._upgrades.discard)
 
+    async def _first_bytes(self, sock: socket.socket) -> bool:
+        """Whether the client's first bytes, a TLS handshake record, come within
+        ``limits.pre_tls_timeout``: an idle TCP connection holds its pending slot for that
+        long, not for the whole ``auth_timeout``."""
+        loop = asyncio.get_running_loop()
+        readable = loop.create_future()
+        fd = sock.fileno()
+        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+        pre_tls, whole = self.cfg.limits.pre_tls_timeout, self.cfg.auth_timeout
+        try:
+            await asyncio.wait_for(readable, min(pre_tls, whole))
+        except TimeoutError:
+            self.stats.handshake_timeouts += 1
+            if pre_tls < whole:
+                self.admission.stats.pre_tls_timeouts += 1
+            return False
+        finally:
+            loop.remove_reader(fd)
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return True  # not readable after all: the TLS handshake timeout decides
+        except OSError:
+            first = b""
+        if first != b"\x16":  # closed, or not a TLS handshake record
+            self.stats.handshake_failures += 1
+            return False
+        return True
+
     async def _handshake(self, sock: socket.socket, source: str, now: float) -> None:
+        try:
+            first = await self._first_bytes(sock)
+        except asyncio.CancelledError:
+            sock.close()
+            self.admission.release(source)
+            raise
+        if not first:
+            # a reset, as for a refused connection: nothing stays behind in TIME_WAIT
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            sock.close()
+            self.admission.release(source)
+            return
         conn = GatewayConnection(self, "tls", accepted_at=now)
         conn.source = source
         loop = asyncio.get_running_loop()
@@ -476,7 +520,7 @@ class Router:
                 lambda: conn,
                 sock,
                 ssl=self._tls_ctx,
-                ssl_handshake_timeout=self.cfg.auth_timeout,
+                ssl_handshake_timeout=max(0.1, self.cfg.auth_timeout - (time.monotonic() - now)),
             )
         except Exception as exc:
             # timeouts surface as ConnectionAbortedError; tell them apart by the clock
@@ -638,6 +682,9 @@ class Router:
     def on_event(self, conn: GatewayConnection, ev: object) -> None:
         if isinstance(ev, RegisterRequested):
             self._register(conn, ev)
+        elif isinstance(ev, AuthSucceeded):
+            # its source keeps a share of the pending slots that strangers cannot take
+            self.admission.authenticated(conn.source, time.monotonic())
         elif isinstance(ev, AuthFailed):
             self.stats.auth_failures += 1
             log.warning("auth rejected", extra=kv(peer=conn.peer, reason=ev.reason))

@@ -890,6 +890,11 @@ def test_router_limits_and_user(tmp_path: Path, keys: keygen.KeygenResult) -> No
             "max_pending_per_source": 2,
             "auth_failures": 4,
             "auth_failure_window": 30,
+            "max_pending_share_per_net": 0.5,
+            "max_pending_share_per_site": 0.75,
+            "reserved_share_known": 0.2,
+            "known_source_ttl": 3600,
+            "pre_tls_timeout": 2.5,
         },
         user="nobody",
         anti_spoofing=False,
@@ -897,6 +902,8 @@ def test_router_limits_and_user(tmp_path: Path, keys: keygen.KeygenResult) -> No
     cfg = load_router_config(write(tmp_path / "config.json", obj))
     assert (cfg.limits.max_pending, cfg.limits.max_pending_per_source) == (10, 2)
     assert (cfg.limits.auth_failures, cfg.limits.auth_failure_window) == (4, 30)
+    assert (cfg.limits.net_cap(), cfg.limits.site_cap(), cfg.limits.shared()) == (5, 8, 8)
+    assert (cfg.limits.known_source_ttl, cfg.limits.pre_tls_timeout) == (3600, 2.5)
     assert cfg.user == "nobody"
     assert not cfg.anti_spoofing
     assert any("anti_spoofing is off" in w for w in cfg.warnings)
@@ -910,6 +917,8 @@ def test_router_limits_and_user(tmp_path: Path, keys: keygen.KeygenResult) -> No
         ({"limits": {"max_pending": 0}}, "limits.max_pending", ["outside"]),
         ({"limits": {"auth_failures": "3"}}, "limits.auth_failures", ["expected a number"]),
         ({"limits": 5}, "limits", ["expected an object"]),
+        ({"limits": {"reserved_share_known": 1}}, "limits.reserved_share_known", ["outside"]),
+        ({"limits": {"pre_tls_timeout": 0}}, "limits.pre_tls_timeout", ["outside"]),
         ({"user": "no-such-user-here"}, "user", ["no such user"]),
         ({"user": "root"}, "user", ["is root"]),
         ({"anti_spoofing": "yes"}, "anti_spoofing", ["true or false"]),

@@ -333,7 +333,13 @@ async def refused(reader: asyncio.StreamReader) -> bool:
 
 
 def test_pending_connections_are_capped_per_source_and_in_total(keys):
-    limits = LimitParams(max_pending=5, max_pending_per_source=2)
+    # every source here is in 127.0.0.0/24, and none is known: no share of either
+    limits = LimitParams(
+        max_pending=5,
+        max_pending_per_source=2,
+        max_pending_share_per_net=1,
+        reserved_share_known=0,
+    )
 
     async def scenario():
         router = await started(cfg(keys, limits=limits, auth_timeout=3))
@@ -419,6 +425,71 @@ def test_silent_connection_is_closed_at_the_handshake_deadline(keys):
         await asyncio.sleep(0.1)
         assert router.stats.handshake_timeouts == 1
         assert router.admission.pending == 0
+        await router.stop()
+
+    run(scenario())
+
+
+def test_silent_tcp_gives_its_slot_back_at_the_pre_tls_deadline(keys):
+    """Issue 20 finding 5: idle TCP connections that send no TLS held their pending slot
+    for the whole auth_timeout; now for limits.pre_tls_timeout."""
+    limits = LimitParams(pre_tls_timeout=0.3)
+
+    async def scenario():
+        router = await started(cfg(keys, limits=limits, auth_timeout=5))
+        t0 = asyncio.get_running_loop().time()
+        held = [await raw_tcp(router, "127.0.0.12") for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert router.admission.pending == 3
+        for r, _ in held:
+            assert await refused(r)
+        assert asyncio.get_running_loop().time() - t0 < 1.5
+        await asyncio.sleep(0.05)
+        assert router.admission.pending == 0
+        assert router.admission.stats.pre_tls_timeouts == 3
+        assert router.stats.handshake_timeouts == 3
+        # bytes that are not a TLS handshake record are refused at once
+        r, w = await raw_tcp(router, "127.0.0.12")
+        w.write(b"GET / HTTP/1.0\r\n\r\n")
+        assert await refused(r)
+        # and a real gateway, slower than that to start its handshake only by a little, is in
+        gw = await tls_gateway(router, "127.0.0.12")
+        assert await auth(gw, key_of(keys[1], A)) == {}
+        for _, w in held:
+            w.close()
+        await router.stop()
+
+    run(scenario())
+
+
+def test_known_gateways_keep_a_share_strangers_cannot_take(keys):
+    limits = LimitParams(
+        max_pending=4,
+        max_pending_per_source=4,
+        max_pending_share_per_net=1,
+        reserved_share_known=0.5,
+        pre_tls_timeout=5,
+    )
+
+    async def scenario():
+        router = await started(cfg(keys, limits=limits))
+        # a gateway from 127.0.0.20 passes AUTH: its address is known from now on
+        gw = await tls_gateway(router, "127.0.0.20")
+        assert await auth(gw, key_of(keys[1], A)) == {}
+        assert await register(gw, A, key_of(keys[1], A), [LAN_A]) == {}
+        assert router.admission.pending == 0
+        # strangers take the shared half, and no more
+        held = [await raw_tcp(router, "127.0.0.21") for _ in range(2)]
+        await asyncio.sleep(0.1)
+        r, _ = await raw_tcp(router, "127.0.0.22")
+        assert await refused(r)
+        assert router.admission.stats.refused_pending == 1
+        # the known gateway reconnects (a second link, say) all the same
+        again = await tls_gateway(router, "127.0.0.20")
+        assert await auth(again, key_of(keys[1], A)) == {}
+        assert router.admission.stats.admitted_known == 1
+        for _, w in held:
+            w.close()
         await router.stop()
 
     run(scenario())
