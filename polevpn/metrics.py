@@ -238,9 +238,13 @@ class RouterCollector(Collector):
             labels=["reason"],
         )
         for f in fields(r.admission.stats):
-            refused.add_metric(
-                [f.name.removeprefix("refused_")], getattr(r.admission.stats, f.name)
-            )
+            if f.name.startswith("refused_"):
+                refused.add_metric(
+                    [f.name.removeprefix("refused_")], getattr(r.admission.stats, f.name)
+                )
+            else:  # admitted_known, pre_tls_timeouts
+                value = getattr(r.admission.stats, f.name)
+                yield _counter(f"{p}admission_{f.name}", f"AdmissionStats.{f.name}", value)
         yield refused
 
         if r.kcp_server is not None:
