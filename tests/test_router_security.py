@@ -511,6 +511,25 @@ def test_oversized_frame_closes_and_is_counted(keys):
     run(scenario())
 
 
+def test_a_long_frame_before_auth_is_not_buffered(keys):
+    """A connection that has not authenticated may not make the router hold a partial
+    65 KB frame for it: its first frame is at most PRE_AUTH_MAX_FRAME bytes."""
+
+    async def scenario():
+        router = await started(cfg(keys))
+        gws = [await tls_gateway(router) for _ in range(3)]
+        for gw in gws:
+            await gw.send(struct.pack(">HHI", 0xFFFF, 0, 0) + b"{" * 2000)
+        for gw in gws:
+            assert await gw.closed_by_peer()
+        assert router.stats.oversized_frames == 3
+        await asyncio.sleep(0.1)
+        assert router.admission.pending == 0
+        await router.stop()
+
+    run(scenario())
+
+
 def test_peer_that_does_not_read_its_replies_is_closed(keys):
     """Heartbeats are echoed; a peer that sends them without reading must not grow our buffer."""
 
