@@ -7,6 +7,7 @@ test_router_loopback: what a hostile or broken peer can and cannot do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import socket
@@ -31,6 +32,7 @@ from polevpn.auth import GatewayGrant
 from polevpn.config import load_router_config
 from polevpn.kcp_pool import KcpPool
 from polevpn.limits import LimitParams
+from polevpn.logfmt import pairs
 from polevpn.router import Router
 
 A, B = "169.254.0.1", "169.254.0.2"
@@ -509,6 +511,37 @@ def test_oversized_frame_closes_and_is_counted(keys):
         await router.stop()
 
     run(scenario())
+
+
+def test_a_peer_supplied_name_cannot_forge_log_fields(keys, caplog):
+    """Issue 19 bug 7: a gateway field that reads like pairs, with ESC and a newline, was
+    turned into fields (``peer=198.18.9.9``) of the router's log line."""
+    forged = "2001:db8:55::1%x\x1b[31m peer=198.18.9.9 gateway=169.254.0.1\nlevel=error"
+
+    async def scenario():
+        router = await started(cfg(keys))
+        gw = await tls_gateway(router)
+        assert await auth(gw, key_of(keys[1], A)) == {}
+        body = json.dumps({"gateway": forged, "key": key_of(keys[1], A), "network": []})
+        await gw.send(frame(1, body.encode(), 9))
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            await gw.recv_frame()
+        gw.close()
+        await router.stop()
+
+    with caplog.at_level("DEBUG", logger="polevpn.router"):
+        run(scenario())
+    lines = caplog.text.splitlines()
+    assert len(lines) == len(caplog.records)  # one line per record
+    assert "\x1b" not in caplog.text
+    for line in lines:
+        fields = pairs(line)
+        assert [k for k, _ in fields].count("peer") <= 1, line
+        assert ("peer", "198.18.9.9") not in fields, line
+        assert ("level", "error") not in fields, line
+    # where it is logged at all (a router may refuse such a name before), it is one field
+    logged = [dict(pairs(ln)).get("gateway") for ln in lines if "198.18.9.9" in ln]
+    assert all(g == forged for g in logged), logged
 
 
 def test_a_long_frame_before_auth_is_not_buffered(keys):
