@@ -889,6 +889,15 @@ def test_ctl_formatting():
     assert ctl._url_for("0.0.0.0", 8080) == "http://127.0.0.1:8080"
     assert ctl._url_for("::", 8080) == "http://[::1]:8080"
     assert ctl._url_for("::1", 1) == "http://[::1]:1"
+    listeners = [
+        {"transport": t, "address": a, "port": p}
+        for t, a, p in [("tls", "::", 443), ("kcp", "0.0.0.0", 443), ("tls", "2001:db8::1", 8443)]
+    ]
+    assert [ctl._endpoint(x) for x in listeners] == [
+        "tls://[::]:443",
+        "kcp://0.0.0.0:443",
+        "tls://[2001:db8::1]:8443",
+    ]
 
 
 def _view(gateway: str, transport: str, peer: str, n: int, **extra) -> dict:
