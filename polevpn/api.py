@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from . import __version__, httpserver, openapi, pathstats
 from .config import ConfigError
 from .httpserver import HttpError, Reply, Request
+from .logfmt import kv
 from .metrics import ROUTER_DROPS
 
 if TYPE_CHECKING:
@@ -355,7 +356,7 @@ class ApiServer(httpserver.HttpServer):
             changes = self.router.reload()
         except ConfigError as exc:
             # logged as for SIGHUP: the journal tells the whole story either way
-            log.error("reload failed, keeping the running config: %s", exc)
+            log.error("reload failed, keeping the running config", extra=kv(error=exc))
             raise HttpError(400, str(exc)) from None
         return _ok({"reloaded": True, "changes": changes})
 

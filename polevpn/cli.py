@@ -24,6 +24,7 @@ from .config import (
     load_gateway_config,
     load_router_config,
 )
+from .logfmt import kv
 from .reloading import ReloadError
 
 EXIT_CONFIG = 2
@@ -127,7 +128,7 @@ def _install_reload(reload: Callable[[], Awaitable[object]], log: logging.Logger
         try:
             await reload()
         except (ConfigError, ReloadError) as exc:
-            log.error("reload failed, keeping the running config: %s", exc)
+            log.error("reload failed, keeping the running config", extra=kv(error=exc))
         except Exception:
             log.exception("reload failed, keeping the running config")
 
@@ -152,7 +153,7 @@ def router_main(argv: list[str] | None = None) -> int:
             await router.start()
         except OSError as exc:
             logging.getLogger("polevpn.router").error(
-                "cannot listen on %s: %s", cfg.tls.address, exc.strerror or exc
+                "cannot listen", extra=kv(address=cfg.tls.address, error=exc.strerror or exc)
             )
             return 1
         _install_stop(done.set)
@@ -180,7 +181,7 @@ def gateway_main(argv: list[str] | None = None) -> int:
         try:
             privileges.keep_only(privileges.CAP_NET_ADMIN)
         except OSError as exc:
-            log.error("cannot drop capabilities: %s", exc)
+            log.error("cannot drop capabilities", extra=kv(error=exc))
             return 1
         log.info("running as root with CAP_NET_ADMIN only")
 
@@ -191,7 +192,7 @@ def gateway_main(argv: list[str] | None = None) -> int:
         try:
             await gw.run()
         except FatalError as exc:
-            log.error("%s", exc)
+            log.error("fatal", extra=kv(error=exc))
             return 1
         return 0
 

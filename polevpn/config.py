@@ -128,6 +128,8 @@ class RouterConfig:
     user: str | None = None
     # (host, port) to serve Prometheus metrics on; None: off
     metrics_listen: tuple[str, int] | None = None
+    # bearer token /metrics requires; None: none
+    metrics_token: str | None = field(default=None, repr=False)
     # (host, port) of the REST API (polevpn.api) and the bearer token it requires; None: off
     api_listen: tuple[str, int] | None = None
     api_token: str | None = field(default=None, repr=False)
@@ -196,6 +198,8 @@ class GatewayConfig:
     client_key_file: Path | None = None
     # (host, port) to serve Prometheus metrics on; None: off
     metrics_listen: tuple[str, int] | None = None
+    # bearer token /metrics requires; None: none
+    metrics_token: str | None = field(default=None, repr=False)
     # drop packets from the tunnel whose source is one of this office's own addresses
     anti_spoofing: bool = True
     # lower the MSS option of TCP SYNs crossing the tunnel to fit the TUN mtu (polevpn.mss)
@@ -458,7 +462,9 @@ def _gateways(r: _Reader, secrets: list[Path]) -> tuple[GatewayGrant, ...]:
     return tuple(grants.values())
 
 
-def _metrics_listen(r: _Reader) -> tuple[tuple[str, int] | None, list[str]]:
+def _metrics_listen(
+    r: _Reader, has_token: bool = False
+) -> tuple[tuple[str, int] | None, list[str]]:
     """`metrics_listen` ("127.0.0.1:9400"), and a warning if others could scrape it."""
     if not r.has("metrics_listen"):
         return None, []
@@ -467,7 +473,7 @@ def _metrics_listen(r: _Reader) -> tuple[tuple[str, int] | None, list[str]]:
         addr = ipaddress.ip_address(host) if host != "localhost" else None
     except ValueError as exc:
         raise r.fail("metrics_listen", f"{exc} (expected host:port, e.g. 127.0.0.1:9400)") from None
-    if addr is not None and not addr.is_loopback:
+    if addr is not None and not addr.is_loopback and not has_token:
         return (host, port), [
             f"metrics_listen {host}:{port} is not a loopback address: the metrics are not "
             "authenticated and show every gateway and its traffic to whoever reaches them"
@@ -475,12 +481,14 @@ def _metrics_listen(r: _Reader) -> tuple[tuple[str, int] | None, list[str]]:
     return (host, port), []
 
 
-def _api_token(r: _Reader, secrets: list[Path]) -> tuple[str, list[str]]:
-    """`api_token` inline or `api_token_file`; the API has no other way in."""
-    if r.has("api_token") and r.has("api_token_file"):
-        raise r.fail("api_token", "set api_token or api_token_file, not both")
-    if r.has("api_token_file"):
-        name = "api_token_file"
+def _api_token(r: _Reader, secrets: list[Path], prefix: str = "api") -> tuple[str, list[str]]:
+    """`api_token` inline or `api_token_file`; the API has no other way in. With ``prefix``
+    "metrics": `metrics_token` or `metrics_token_file` (call only when one is set)."""
+    inline, in_file = f"{prefix}_token", f"{prefix}_token_file"
+    if r.has(inline) and r.has(in_file):
+        raise r.fail(inline, f"set {inline} or {in_file}, not both")
+    if r.has(in_file):
+        name = in_file
         p = r.file(name, required=True)
         assert p is not None
         try:
@@ -490,8 +498,8 @@ def _api_token(r: _Reader, secrets: list[Path]) -> tuple[str, list[str]]:
         if not token:
             raise r.fail(name, f"{p} is empty")
         secrets.append(p)
-    elif r.has("api_token"):
-        name = "api_token"
+    elif r.has(inline):
+        name = inline
         token = r.string(name)
         if not token:
             raise r.fail(name, "is empty")
@@ -508,6 +516,14 @@ def _api_token(r: _Reader, secrets: list[Path]) -> tuple[str, list[str]]:
     if len(token) < 16:
         return token, [f"{name} is short ({len(token)} characters): use 16 or more random ones"]
     return token, []
+
+
+def _metrics_token(r: _Reader, secrets: list[Path]) -> tuple[str | None, list[str]]:
+    """`metrics_token` or `metrics_token_file`: optional; /metrics then needs it as a bearer
+    token (Prometheus: `authorization: {credentials: ...}` in the scrape config)."""
+    if not (r.has("metrics_token") or r.has("metrics_token_file")):
+        return None, []
+    return _api_token(r, secrets, "metrics")
 
 
 def _api(r: _Reader, secrets: list[Path]) -> tuple[tuple[str, int] | None, str | None, list[str]]:
@@ -573,6 +589,15 @@ def _limits(r: _Reader) -> LimitParams:
         max_pending_per_source=sec.integer(
             "max_pending_per_source", d.max_pending_per_source, 1, 1 << 20
         ),
+        max_pending_share_per_net=sec.number(
+            "max_pending_share_per_net", d.max_pending_share_per_net, 0, 1
+        ),
+        max_pending_share_per_site=sec.number(
+            "max_pending_share_per_site", d.max_pending_share_per_site, 0, 1
+        ),
+        reserved_share_known=sec.number("reserved_share_known", d.reserved_share_known, 0, 0.9),
+        known_source_ttl=sec.number("known_source_ttl", d.known_source_ttl, 0, 30 * 86400),
+        pre_tls_timeout=sec.number("pre_tls_timeout", d.pre_tls_timeout, 0.1, 3600),
         auth_failures=sec.integer("auth_failures", d.auth_failures, 1, 1 << 20),
         auth_failure_window=sec.number("auth_failure_window", d.auth_failure_window, 0, 86400),
         max_networks_per_gateway=sec.integer(
@@ -663,10 +688,11 @@ def load_router_config(path: str | Path) -> RouterConfig:
         )
     secrets += [p for p in (tls.key_file, kcp.key_file) if p is not None]
     api_listen, api_token, api_warnings = _api(r, secrets)
+    metrics_token, token_warnings = _metrics_token(r, secrets)
     anti_spoofing = r.boolean("anti_spoofing", True)
     warnings = _router_warnings(key, grants, anti_spoofing) + _permission_warnings(secrets)
-    metrics_listen, metrics_warnings = _metrics_listen(r)
-    warnings += metrics_warnings + api_warnings
+    metrics_listen, metrics_warnings = _metrics_listen(r, metrics_token is not None)
+    warnings += metrics_warnings + api_warnings + token_warnings
     return RouterConfig(
         path=path,
         tls=tls,
@@ -688,6 +714,7 @@ def load_router_config(path: str | Path) -> RouterConfig:
         super_packets=r.boolean("super_packets", True),
         multi_link=r.boolean("multi_link", True),
         metrics_listen=metrics_listen,
+        metrics_token=metrics_token,
         api_listen=api_listen,
         api_token=api_token,
     )
@@ -944,9 +971,10 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     client_cert, client_key = _client_cert(r, secrets)
     has_key = r.has("key") or r.has("key_file")
     key = _key(r, secrets) if has_key or client_cert is None else ""
+    metrics_token, token_warnings = _metrics_token(r, secrets)
     warnings += _permission_warnings(secrets)
-    metrics_listen, metrics_warnings = _metrics_listen(r)
-    warnings += metrics_warnings
+    metrics_listen, metrics_warnings = _metrics_listen(r, metrics_token is not None)
+    warnings += metrics_warnings + token_warnings
     mtu = r.integer("mtu", 1400, 576, 65535 - 8)
     if gateway6 is not None and mtu < IPV6_MIN_MTU:
         # below it the kernel turns IPv6 off on the device (RFC 8200 section 5)
@@ -985,6 +1013,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         preferred_retry_interval=r.number("preferred_retry_interval", 30.0, 0.1, 86400),
         offload=r.boolean("offload", True),
         metrics_listen=metrics_listen,
+        metrics_token=metrics_token,
         mss_clamp=r.boolean("mss_clamp", True),
         forwarding=r.boolean("forwarding", False),
         masquerade=r.boolean("masquerade", False),

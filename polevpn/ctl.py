@@ -24,6 +24,7 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError, load_api_access
+from .logfmt import endpoint
 
 EXIT_API = 1
 EXIT_USAGE = 2
@@ -93,9 +94,7 @@ def table(headers: list[str], rows: list[list[str]], right: set[int] | None = No
 
 
 def _endpoint(listener: dict[str, Any]) -> str:
-    addr = listener["address"]
-    host = f"[{addr}]" if ":" in addr else addr
-    return f"{listener['transport']}://{host}:{listener['port']}"
+    return f"{listener['transport']}://{endpoint((listener['address'], listener['port']))}"
 
 
 def _loss(ratio: float | None) -> str:

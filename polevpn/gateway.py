@@ -27,6 +27,7 @@ from .gso import GsoError, Packet, to_plain
 from .hostsetup import HostSetup, HostSetupError
 from .ippacket import src_addr
 from .kcp_pool import KcpPool
+from .logfmt import kv
 from .messages import FEATURE_SUPER, LinkRequest
 from .mss import clamped, clamped_vnet, limits
 from .multipath import FlowTable, Path
@@ -145,7 +146,9 @@ class RouterLink(asyncio.Protocol):
             else:
                 der = transport.get_extra_info("peercert_der")
             if not pin_matches(der, cfg.cert_pin):
-                log.error("router certificate does not match cert_pin in %s; closing", cfg.path)
+                log.error(
+                    "router certificate does not match cert_pin; closing", extra=kv(config=cfg.path)
+                )
                 self.session.state = State.CLOSED
                 transport.abort()
                 return
@@ -183,7 +186,7 @@ class RouterLink(asyncio.Protocol):
         elif isinstance(ev, Rejected):
             self.rejected = ev
         elif isinstance(ev, ConnectionLost):
-            log.warning("closing connection to router: %s", ev.reason)
+            log.warning("closing connection to router", extra=kv(reason=ev.reason))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.state = State.CLOSED
@@ -229,7 +232,7 @@ class RouterLink(asyncio.Protocol):
     def tick(self, now: float) -> None:
         lost = self.session.tick(now)
         if lost is not None:
-            log.warning("closing connection to router: %s", lost.reason)
+            log.warning("closing connection to router", extra=kv(reason=lost.reason))
             self.abort()
             return
         if self.session.outbox:
@@ -363,7 +366,7 @@ class Uplink:
             cfg = gw.cfg
             server = self.config.server
             try:
-                log.info("connecting link=%s server=%s", self.name, server.url)
+                log.info("connecting", extra=kv(link=self.name, server=server.url))
                 link = await gw._establish(server, self.config, self.request())
             except FatalError:
                 raise
@@ -371,10 +374,8 @@ class Uplink:
                 # SSL.Error: the DTLS client context (its certificate or key) or the
                 # handshake; retried like any failure to connect, not the end of the daemon
                 log.warning(
-                    "cannot connect link=%s server=%s error=%s",
-                    self.name,
-                    server.url,
-                    str(exc) or "timeout",
+                    "cannot connect",
+                    extra=kv(link=self.name, server=server.url, error=str(exc) or "timeout"),
                 )
                 failed += 1
             else:
@@ -390,7 +391,7 @@ class Uplink:
                     self.reconnect_now = False
                     failed = 0
                     continue
-                log.warning("link lost link=%s server=%s reason=%s", self.name, server.url, why)
+                log.warning("link lost", extra=kv(link=self.name, server=server.url, reason=why))
                 # see Gateway._connect_loop: a link dropped at once keeps backing off
                 failed = 0 if time.monotonic() - since >= cfg.heartbeat_interval else failed + 1
             with contextlib.suppress(TimeoutError):
@@ -439,7 +440,7 @@ class Uplink:
             assert self.link is not None
             gw.by_path[self.path_id] = self.link
             log.info(
-                "link up link=%s server=%s reason=%s", self.name, self.config.server.url, reason
+                "link up", extra=kv(link=self.name, server=self.config.server.url, reason=reason)
             )
         else:
             gw.by_path.pop(self.path_id, None)
@@ -448,7 +449,7 @@ class Uplink:
             self.downs += 1
             gw.stats.links_down += 1
             log.warning(
-                "link down link=%s server=%s reason=%s", self.name, self.config.server.url, reason
+                "link down", extra=kv(link=self.name, server=self.config.server.url, reason=reason)
             )
 
 
@@ -574,14 +575,12 @@ class Gateway:
             try:
                 self.tun = TunDevice(cfg.tun_name, offload=True)
             except OSError as exc:
-                log.warning("tun offloads unavailable (%s); reading plain packets", exc)
+                log.warning("tun offloads unavailable; reading plain packets", extra=kv(error=exc))
         if self.tun is None:
             self.tun = TunDevice(cfg.tun_name)
         log.info(
-            "opened tun device %s mtu=%d offloads=0x%x",
-            self.tun.name,
-            cfg.mtu,
-            self.tun.offloads,
+            "opened tun device",
+            extra=kv(name=self.tun.name, mtu=cfg.mtu, offloads=f"0x{self.tun.offloads:x}"),
         )
 
     async def configure_tun(self) -> None:
@@ -592,10 +591,12 @@ class Gateway:
             netconf.configure_tun, self.tun.name, cfg.mtu, addrs, list(cfg.route_networks)
         )
         log.info(
-            "tun %s up address=%s routes=%s",
-            self.tun.name,
-            ",".join(str(a) for a in addrs),
-            ",".join(str(n) for n in cfg.route_networks) or "-",
+            "tun up",
+            extra=kv(
+                name=self.tun.name,
+                address=",".join(str(a) for a in addrs),
+                routes=",".join(str(n) for n in cfg.route_networks) or "-",
+            ),
         )
 
     @property
@@ -794,11 +795,13 @@ class Gateway:
     def on_registered(self, link: RouterLink) -> None:
         cfg = self.cfg
         log.info(
-            "registered with router %s gateway=%s features=%s networks=%s",
-            link.server.url,
-            cfg.gateway,
-            ",".join(sorted(link.session.features)) or "-",
-            ",".join(cfg.announced) or "-",
+            "registered with router",
+            extra=kv(
+                server=link.server.url,
+                gateway=cfg.gateway,
+                features=",".join(sorted(link.session.features)) or "-",
+                networks=",".join(cfg.announced) or "-",
+            ),
         )
 
     def on_link_lost(self, link: RouterLink) -> None:
@@ -929,7 +932,7 @@ class Gateway:
         for i in indices:
             server = servers[i]
             try:
-                log.info("connecting to %s", server.url)
+                log.info("connecting", extra=kv(server=server.url))
                 # a plain gateway with links (one, or a router without multi-link) keeps
                 # each server to its own uplink
                 via = self.cfg.links[i] if self.cfg.links else None
@@ -938,7 +941,10 @@ class Gateway:
                 raise
             except (TimeoutError, OSError, dtls.DtlsError, SSL.Error) as exc:
                 # SSL.Error: see Uplink.run
-                log.warning("cannot connect to %s: %s", server.url, str(exc) or "timeout")
+                log.warning(
+                    "cannot connect to router",
+                    extra=kv(server=server.url, error=str(exc) or "timeout"),
+                )
         return None
 
     def _server_index(self, server: RouteServer) -> int:
@@ -972,8 +978,8 @@ class Gateway:
                     if not probe.cancelled():
                         if probe.exception() is not None:
                             log.warning(
-                                "retrying the preferred route server failed: %r",
-                                probe.exception(),
+                                "retrying the preferred route server failed",
+                                extra=kv(error=repr(probe.exception())),
                             )
                         else:
                             result = probe.result()
@@ -982,7 +988,9 @@ class Gateway:
                     if result is not None:
                         old, (link, _) = link, result
                         self.stats.server_switches += 1
-                        log.info("moved to preferred route server %s", link.server.url)
+                        log.info(
+                            "moved to preferred route server", extra=kv(server=link.server.url)
+                        )
                         self.link = link
                         if old.transport is not None:
                             old.transport.close()
@@ -1041,7 +1049,9 @@ class Gateway:
             try:
                 if cfg.metrics_listen is not None:
                     registry = metrics.gateway_registry(self)
-                    self.metrics = await metrics.serve(registry, cfg.metrics_listen)
+                    self.metrics = await metrics.serve(
+                        registry, cfg.metrics_listen, lambda: self.cfg.metrics_token
+                    )
                 await self._serve_links()
                 if self._tun_error is not None:
                     raise self._tun_error
@@ -1059,7 +1069,7 @@ class Gateway:
                 self.tun = None
             # blocking but bounded (nft timeout); the loop has nothing else left to do
             host.undo()
-            log.info("stopped %s", summary)
+            log.info("stopped", extra=kv(**summary))
 
     async def _serve_links(self) -> None:
         """Connect and carry traffic until stop(), in a task of its own that stop() cancels:
@@ -1119,10 +1129,12 @@ class Gateway:
                 if index > 0:
                     self.stats.fallbacks += 1
                     log.warning(
-                        "using fallback route server %s; will retry %s every %gs",
-                        link.server.url,
-                        servers[0].url,
-                        cfg.preferred_retry_interval,
+                        "using fallback route server",
+                        extra=kv(
+                            server=link.server.url,
+                            retry=servers[0].url,
+                            every=f"{cfg.preferred_retry_interval:g}s",
+                        ),
                     )
                 since = time.monotonic()
                 link = await self._run_link(link)
@@ -1134,7 +1146,7 @@ class Gateway:
                     continue
                 why = link.closed.result() if link.closed.done() else None
                 log.warning(
-                    "connection to router %s lost%s", link.server.url, f": {why}" if why else ""
+                    "connection to router lost", extra=kv(server=link.server.url, reason=why)
                 )
                 lasted = time.monotonic() - since >= self.cfg.heartbeat_interval
                 failed = 0 if lasted else failed + 1
@@ -1148,25 +1160,25 @@ class Gateway:
             return
         while True:
             await asyncio.sleep(interval)
-            log.info("stats %s", self._summary())
+            log.info("stats", extra=kv(**self._summary()))
 
-    def _summary(self) -> str:
+    def _summary(self) -> dict[str, object]:
         # the TUN counts its own write failures; copy them in when reporting
         if self.tun is not None:
             self.stats.tun_write_errors = self.tun.write_errors
             self.stats.tun_write_dropped = self.tun.write_dropped
-        line = self.stats.summary()
+        fields = self.stats.fields()
         link = self.link
         kcp = link.transport.get_extra_info("kcp_link") if link and link.transport else None
         if kcp is not None:
-            line += f" transport=kcp fec={kcp.fec_state} srtt_ms={kcp.srtt_ms}"
+            fields.update(transport="kcp", fec=kcp.fec_state, srtt_ms=kcp.srtt_ms)
             if kcp.fec is not None:
-                line += " " + kcp.fec.stats.summary("fec_")
+                fields.update(kcp.fec.stats.fields("fec_"))
         elif link is not None:
-            line += f" transport={link.server.scheme}"
+            fields["transport"] = link.server.scheme
         if self.uplinks:
-            line += " links=" + ",".join(self._link_state(u) for u in self.uplinks.values())
-        return line
+            fields["links"] = ",".join(self._link_state(u) for u in self.uplinks.values())
+        return fields
 
     @staticmethod
     def _link_state(u: Uplink) -> str:
@@ -1283,9 +1295,9 @@ class Gateway:
         if refused is None:
             return
         log.warning(
-            "router %s does not take multi-link (a PoleVPN router, an older polevpn, or "
+            "router does not take multi-link (a PoleVPN router, an older polevpn, or "
             "multi_link off): using one link at a time, in the order of links, until restarted",
-            refused,
+            extra=kv(router=refused),
         )
         self.uplinks = {}
         self.by_path.clear()

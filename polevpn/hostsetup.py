@@ -23,6 +23,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .logfmt import kv
+
 log = logging.getLogger("polevpn.hostsetup")
 
 PROC_SYS = Path("/proc/sys")
@@ -115,18 +117,23 @@ class HostSetup:
             try:
                 res = _nft(["delete", "table", "inet", self._table])
                 if res.returncode != 0:
-                    log.warning("cannot delete nftables table %s: %s", self._table, _nft_error(res))
+                    log.warning(
+                        "cannot delete nftables table",
+                        extra=kv(table=self._table, error=_nft_error(res)),
+                    )
                 else:
-                    log.info("removed nftables table inet %s", self._table)
+                    log.info("removed nftables table", extra=kv(table=f"inet {self._table}"))
             except HostSetupError as exc:
-                log.warning("cannot delete nftables table %s: %s", self._table, exc)
+                log.warning("cannot delete nftables table", extra=kv(table=self._table, error=exc))
             self._table = None
         for path, old in reversed(list(self._saved.items())):
             try:
                 path.write_text(old + "\n")
-                log.info("restored %s to %s", path, old)
+                log.info("restored", extra=kv(path=path, value=old))
             except OSError as exc:
-                log.warning("cannot restore %s to %s: %s", path, old, exc.strerror or exc)
+                log.warning(
+                    "cannot restore", extra=kv(path=path, value=old, error=exc.strerror or exc)
+                )
         self._saved.clear()
 
     def _forward(self, key: str) -> None:
@@ -143,7 +150,7 @@ class HostSetup:
                 f"cannot enable forwarding in {path}: {exc.strerror or exc}{hint}"
             ) from None
         self._saved[path] = old
-        log.info("enabled forwarding: %s 1 (was %s)", path, old)
+        log.info("enabled forwarding", extra=kv(path=path, value=1, was=old))
 
     def _add_table(self) -> None:
         table = table_name(self.tun_name)
@@ -154,5 +161,7 @@ class HostSetup:
             raise HostSetupError(f"cannot add nftables table inet {table}: {_nft_error(res)}")
         self._table = table
         if stale:
-            log.warning("replaced nftables table inet %s left by an earlier run", table)
-        log.info("masquerading traffic leaving through %s (nftables inet %s)", self.tun_name, table)
+            log.warning(
+                "replaced nftables table left by an earlier run", extra=kv(table=f"inet {table}")
+            )
+        log.info("masquerading", extra=kv(tun=self.tun_name, table=f"inet {table}"))

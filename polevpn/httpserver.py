@@ -1,11 +1,13 @@
 """A small HTTP/1.1 server on the daemon's own event loop, for /metrics and the REST API.
 
 Not a general web server: one request per connection (the reply says ``Connection:
-close``), request line and headers bounded in size, a body only by Content-Length and only
-up to a small limit, the whole request and the reply each bounded in time, and a fixed
-number of clients at once. So a slow or hostile client costs at most a few sockets for a
-few seconds, and nothing it sends can raise out of the server: a handler's exception is
-logged and answered with a 500.
+close``), request line and headers bounded in size and in time (HEADER_TIMEOUT from the
+connection), a body only by a well-formed Content-Length and only up to a small limit, the
+body and the reply each bounded in time, and a bounded number of clients at once with a
+share per client and a reserve for trusted (loopback) ones (``limits.ClientSlots``). So a
+slow or hostile client costs at most a few sockets for a few seconds, cannot lock out the
+operator, and nothing it sends can raise out of the server: a handler's exception is logged
+and answered with a 500.
 
 It is asyncio rather than ``http.server`` in a thread because the gateway drops its
 capabilities thread by thread and the router may switch to another uid after binding; a
@@ -24,12 +26,19 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import unquote
 
+from .limits import ClientLimits, ClientSlots, is_loopback
+from .logfmt import kv
+
 log = logging.getLogger("polevpn.http")
 
 MAX_REQUEST = 8192  # bytes of request line and headers
 MAX_BODY = 4096  # bytes of request body
 REQUEST_TIMEOUT = 5.0  # s for the whole request to arrive, and again for the reply to leave
-MAX_CLIENTS = 16  # requests served at once; more are closed unanswered
+# s from the connection until its request line and headers are in: an idle or slow client
+# gives its slot back soon (a real client sends its request at once)
+HEADER_TIMEOUT = 2.0
+# a Content-Length of more digits than this is refused before it is turned into a number
+MAX_LENGTH_DIGITS = 12
 
 
 @dataclass
@@ -61,6 +70,20 @@ class HttpError(Exception):
         self.status = status
         self.message = message
         self.headers = headers or {}
+
+
+def content_length(value: str | None) -> int | None:
+    """The body length a Content-Length header gives (0 without one), or None if it is
+    malformed: only ASCII digits, and few enough of them to be a sane number (Python's
+    int() refuses more than 4,300 digits with a ValueError)."""
+    if value is None:
+        return 0
+    value = value.strip()
+    if not value:
+        return 0
+    if len(value) > MAX_LENGTH_DIGITS or not (value.isascii() and value.isdigit()):
+        return None
+    return int(value)
 
 
 @dataclass
@@ -96,7 +119,9 @@ class HttpServer:
         max_request: int = MAX_REQUEST,
         max_body: int = MAX_BODY,
         timeout: float = REQUEST_TIMEOUT,
-        max_clients: int = MAX_CLIENTS,
+        header_timeout: float = HEADER_TIMEOUT,
+        limits: ClientLimits | None = None,
+        trusted: Callable[[str], bool] = is_loopback,
     ) -> None:
         self._routes = [
             _Route(method, tuple(path.split("/")), handler)
@@ -109,7 +134,8 @@ class HttpServer:
         self.max_request = max_request
         self.max_body = max_body
         self.timeout = timeout
-        self.max_clients = max_clients
+        self.header_timeout = min(header_timeout, timeout)
+        self.slots = ClientSlots(limits or ClientLimits(), trusted)
         self.server: asyncio.Server | None = None
         self._clients: set[asyncio.StreamWriter] = set()
 
@@ -120,7 +146,7 @@ class HttpServer:
         addr = self.server.sockets[0].getsockname()
         log_name = f"polevpn.{self.name}"
         logging.getLogger(log_name).info(
-            "%s listening address=%s port=%d", self.name, addr[0], addr[1]
+            f"{self.name} listening", extra=kv(address=addr[0], port=addr[1])
         )
         return addr[0], addr[1]
 
@@ -138,12 +164,17 @@ class HttpServer:
             writer.transport.abort()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self._clients) >= self.max_clients:
+        peer = writer.get_extra_info("peername")
+        verdict = self.slots.admit(writer, str(peer[0]) if peer else "?")
+        if verdict.refused is not None:
             writer.transport.abort()
             return
+        if verdict.evict is not None:
+            # its handler ends as for any lost client; its slot is already given back
+            verdict.evict.transport.abort()  # type: ignore[attr-defined]
         self._clients.add(writer)
         try:
-            reply = await self._reply(reader)
+            reply = await self._reply(reader, writer)
             if reply:
                 writer.write(reply)
                 await asyncio.wait_for(writer.drain(), self.timeout)
@@ -151,9 +182,10 @@ class HttpServer:
             pass
         except Exception:
             # a request must never take the daemon down
-            log.exception("%s request failed", self.name)
+            log.exception(f"{self.name} request failed")
         finally:
             self._clients.discard(writer)
+            self.slots.release(writer)
             writer.close()
 
     def _error(
@@ -184,31 +216,32 @@ class HttpServer:
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
         return head if head_only else head + body
 
-    async def _reply(self, reader: asyncio.StreamReader) -> bytes | None:
+    async def _reply(self, reader: asyncio.StreamReader, writer: object = None) -> bytes | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.header_timeout)
         except (asyncio.LimitOverrunError, ValueError):
             return self._error(431, "request too large")
         except TimeoutError:
             return None
         except asyncio.IncompleteReadError:
             return None
+        self.slots.started(writer)
         request = self._parse(head)
         if isinstance(request, bytes):
             return request
-        length = request.headers.get("content-length", "0").strip() or "0"
         if "transfer-encoding" in request.headers:
             return self._error(411, "a request body needs Content-Length")
-        if not (length.isascii() and length.isdigit()):
+        length = content_length(request.headers.get("content-length"))
+        if length is None:
             return self._error(400, "bad Content-Length")
-        if int(length) > self.max_body:
+        if length > self.max_body:
             return self._error(413, f"request body over {self.max_body} bytes")
-        if int(length):
+        if length:
             try:
                 request.body = await asyncio.wait_for(
-                    reader.readexactly(int(length)), max(0.0, deadline - loop.time())
+                    reader.readexactly(length), max(0.0, deadline - loop.time())
                 )
             except TimeoutError:
                 return None
@@ -230,7 +263,11 @@ class HttpServer:
             name, sep, value = raw.partition(":")
             if not sep or not name or name != name.strip():
                 return self._error(400, "bad header line")
-            headers[name.lower()] = value.strip()
+            key = name.lower()
+            if key in ("content-length", "transfer-encoding") and key in headers:
+                # two framings of one body: refused, whichever a proxy in front would take
+                return self._error(400, f"repeated {name}")
+            headers[key] = value.strip()
         path, _, query = line[1].partition("?")
         return Request(line[0], path, query, headers)
 
@@ -261,6 +298,8 @@ class HttpServer:
         except HttpError as exc:
             return self._error(exc.status, exc.message, exc.headers, head_only)
         except Exception:
-            log.exception("%s handler for %s %s failed", self.name, request.method, request.path)
+            log.exception(
+                f"{self.name} handler failed", extra=kv(method=request.method, path=request.path)
+            )
             return self._error(500, "internal error", head_only=head_only)
         return self._response(status, ctype, body, headers, head_only)

@@ -41,6 +41,8 @@ from .dtls import (
 )
 from .kcp_link import KcpLink
 from .kcp_pool import KcpPool
+from .logfmt import endpoint as fmt
+from .logfmt import kv
 from .udp_batch import SOL_UDP, UdpBatchSender
 from .udpsock import Ancillary, Source, SourceGone, source_of
 
@@ -213,7 +215,7 @@ class KcpTransport:
                 self._protocol.data_received(data_in)
             self._maybe_resume_writing()
         except Exception:
-            log.exception("internal error on kcp input from peer=%s; closing it", self.peer)
+            log.exception("internal error on kcp input; closing it", extra=kv(peer=fmt(self.peer)))
             self._shutdown(None, False)
 
     def _maybe_resume_writing(self) -> None:
@@ -273,7 +275,7 @@ class KcpTransport:
             self._pump()
             self._maybe_resume_writing()
         except Exception:
-            log.exception("internal error in kcp timer for peer=%s; closing it", self.peer)
+            log.exception("internal error in kcp timer; closing it", extra=kv(peer=fmt(self.peer)))
             self._shutdown(None, False)
 
     def _silent(self, now: float) -> bool:
@@ -508,7 +510,7 @@ class KcpServer(asyncio.DatagramProtocol):
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for one peer arrive on the shared socket; the session's own timeouts
         # decide, not one error
-        log.debug("udp error: %s", exc)
+        log.debug("udp error", extra=kv(error=exc))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.batch is not None:
@@ -526,7 +528,10 @@ class KcpServer(asyncio.DatagramProtocol):
         try:
             self._received(data, addr)
         except Exception:
-            log.exception("internal error handling a datagram from %s; dropping its session", addr)
+            log.exception(
+                "internal error handling a datagram; dropping its session",
+                extra=kv(peer=fmt(addr)),
+            )
             t = self.sessions.get(addr)
             if t is not None:
                 t.abort()
@@ -579,7 +584,10 @@ class KcpServer(asyncio.DatagramProtocol):
         if dtls is None or held is None:
             return
         if replacing is not None:
-            log.info("kcp peer=%s started a new handshake; closing its old session", addr[0])
+            log.info(
+                "kcp peer started a new handshake; closing its old session",
+                extra=kv(peer=fmt(addr)),
+            )
             replacing.abort()
         p = _Pending(dtls, now, held, source)
         self.pending[addr] = p
@@ -599,7 +607,7 @@ class KcpServer(asyncio.DatagramProtocol):
         dtls = p.dtls
         if dtls.closed:
             self.stats.handshake_failures += 1
-            log.info("kcp handshake with %s failed: %s", _fmt(addr), dtls.error)
+            log.info("kcp handshake failed", extra=kv(peer=fmt(addr), error=dtls.error))
             self._drop_pending(addr)
             return
         if not dtls.established:
@@ -695,7 +703,10 @@ class KcpServer(asyncio.DatagramProtocol):
         if t is None or t.is_closing() or t in self._source_gone_closing:
             return
         self.stats.source_gone += 1
-        log.warning("kcp peer=%s: %s; closing its session", _fmt(addr), exc.strerror)
+        log.warning(
+            "kcp address gone; closing the session",
+            extra=kv(peer=fmt(addr), error=exc.strerror),
+        )
         # not inside the session's own send path (KCP's flush): on the next turn
         self._source_gone_closing.add(t)
         self._loop.call_soon(self._close_session, addr, t)
@@ -737,10 +748,6 @@ def _is_new_hello(data: bytes, session: DtlsSession) -> bool:
     except SSL.Error:
         current = None
     return data[_HELLO_RANDOM] != current
-
-
-def _fmt(addr: Addr) -> str:
-    return f"[{addr[0]}]:{addr[1]}" if ":" in str(addr[0]) else f"{addr[0]}:{addr[1]}"
 
 
 # ---- gateway side -------------------------------------------------------------------------

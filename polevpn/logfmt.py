@@ -1,61 +1,104 @@
 """One log line per event, in logfmt (``key=value``), for journald and log shippers.
 
-Every line starts ``time=... level=... logger=...``. The daemons write their messages as
-``"<what happened> key=value key=value"``; the formatter keeps such key=value pairs as
-fields of the line and puts the leading words in ``event=`` (one word) or ``msg="..."``
-(several), so a line reads the same to a person and parses as logfmt. A message that does
-not have that shape becomes one quoted ``msg``. Tracebacks go into one escaped ``exc``
-field: a multi-line record would be split into several journal entries.
+Every line starts ``time=... level=... logger=...``, then the message, then the record's
+fields. The message is fixed text chosen by the code: a single word becomes ``event=``,
+anything else one quoted ``msg``. Values that vary, above all anything a peer sent, go in
+structured fields, never into the message::
+
+    log.info("link up", extra=kv(gateway=name, link=link, peer=peer))
+
+The message is never parsed for ``key=value`` pairs: a peer-supplied value such as a
+gateway name ``x peer=198.18.9.9`` stays inside its one quoted field. Every value is quoted
+when it needs to be, and control characters (newlines, ESC, ...) are escaped, so one record
+is always one line. Tracebacks go into one escaped ``exc`` field.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import re
 import time
+from collections.abc import Iterable
 
-# a value that needs no quotes in logfmt
+# a value that needs no quotes in logfmt (and has no control characters: checked apart)
 _BARE = re.compile(r"[^\s\"=\\]+")
-_PAIR = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*=")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
+_SIMPLE_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
+# the attribute of a LogRecord that holds its fields (set through ``extra=kv(...)``)
+FIELDS = "kv"
+
+
+def kv(**fields: object) -> dict[str, dict[str, object]]:
+    """``extra=`` for a logging call: the record's fields, in this order."""
+    return {FIELDS: fields}
+
+
+def endpoint(addr: tuple | None) -> str:
+    """A socket address as logs, the API, polevpn-ctl and the dashboard show it.
+
+    ``198.19.0.6:45443`` and ``[2001:db8::1]:50111``: an IPv4-mapped address from a ``[::]``
+    listener is shown as the IPv4 address it is, and an IPv6 address is bracketed so that
+    its port cannot be read as part of it. None (no address known) is ``?``.
+    """
+    if not addr:
+        return "?"
+    host, port = str(addr[0]), addr[1]
+    bare, pct, zone = host.partition("%")
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if ip.version == 6:
+        mapped = ip.ipv4_mapped  # type: ignore[union-attr]
+        if mapped is not None:
+            return f"{mapped}:{port}"
+        return f"[{ip}{pct}{zone}]:{port}"
+    return f"{ip}:{port}"
+
+
+def _escape(c: str) -> str:
+    simple = _SIMPLE_ESCAPES.get(c)
+    if simple is not None:
+        return simple
+    if c == " " or c.isprintable():
+        return c
+    # control and separator characters (ESC, DEL, NEL, U+2028, ...): they could end a
+    # line or rewrite a terminal, so they never reach the log raw
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
 def quote(value: str) -> str:
     """``value`` as a logfmt value: bare when it can be, else quoted and escaped."""
-    if value and _BARE.fullmatch(value):
+    if value and _BARE.fullmatch(value) and value.isprintable():
         return value
-    escaped = (
-        value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-    )
-    return f'"{escaped}"'
+    return '"' + "".join(_escape(c) for c in value) + '"'
 
 
-def render(message: str) -> str:
-    """The message part of a line: ``event=...`` or ``msg="..."``, then its pairs.
+def value_text(value: object) -> str:
+    """How a field's value is written: booleans as ``true``/``false``, None as ``-``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "-"
+    return str(value)
 
-    Words after a pair that are not pairs themselves continue its value
-    (``reason=idle for 60s`` is ``reason="idle for 60s"``).
-    """
-    words = message.split(" ")
-    i = 0
-    while i < len(words) and not _PAIR.match(words[i]):
-        i += 1
-    head = " ".join(words[:i])
-    pairs: list[list[str]] = []
-    for w in words[i:]:
-        m = _PAIR.match(w)
-        if m is not None:
-            key, _, value = w.partition("=")
-            pairs.append([key, value])
-        else:
-            pairs[-1][1] += " " + w
-    if i == 0:
-        lead = [] if pairs else ['msg=""']
-    elif _WORD.fullmatch(head):
-        lead = [f"event={head}"]
-    else:
-        lead = [f"msg={quote(head)}"]
-    return " ".join(lead + [f"{k}={quote(v) if v else v}" for k, v in pairs])
+
+def render(message: str, fields: dict[str, object] | None = None) -> str:
+    """The message part of a line: ``event=...`` or ``msg="..."``, then the fields."""
+    head = f"event={message}" if _WORD.fullmatch(message) else f"msg={quote(message)}"
+    if not fields:
+        return head
+    parts = [head]
+    for key, value in fields.items():
+        # keys come from the code, but a bad one must not break the line's shape either
+        k = key if _KEY.fullmatch(key) else "field_" + re.sub(r"[^A-Za-z0-9_.]", "_", key)
+        text = value_text(value)
+        parts.append(f"{k}={quote(text) if text else ''}")
+    return " ".join(parts)
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -65,9 +108,11 @@ class LogfmtFormatter(logging.Formatter):
         return f"{time.strftime('%Y-%m-%dT%H:%M:%S', t)}.{int(record.msecs):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, FIELDS, None)
         line = (
             f"time={self.formatTime(record)} level={record.levelname.lower()} "
-            f"logger={record.name} {render(record.getMessage())}"
+            f"logger={quote(record.name)} "
+            f"{render(record.getMessage(), fields if isinstance(fields, dict) else None)}"
         )
         if record.exc_info:
             line += f" exc={quote(self.formatException(record.exc_info))}"
@@ -78,9 +123,26 @@ class LogfmtFormatter(logging.Formatter):
         return line
 
 
+def lines(records: Iterable[logging.LogRecord]) -> list[str]:
+    """The lines the daemons would write for ``records`` (for tests, e.g. pytest's caplog)."""
+    formatter = LogfmtFormatter()
+    return [formatter.format(r) for r in records]
+
+
 def parse(line: str) -> dict[str, str]:
     """The fields of one logfmt line (for tests and tools); quoted values unescaped."""
     return dict(pairs(line))
+
+
+def _unescape(line: str, j: int) -> tuple[str, int]:
+    """The character escaped at ``line[j]`` (just after a backslash), and where it ends."""
+    c = line[j]
+    width = {"x": 2, "u": 4, "U": 8}.get(c)
+    if width is not None:
+        digits = line[j + 1 : j + 1 + width]
+        if len(digits) == width and all(d in "0123456789abcdefABCDEF" for d in digits):
+            return chr(int(digits, 16)), j + 1 + width
+    return _UNESCAPES.get(c, c), j + 1
 
 
 def pairs(line: str) -> list[tuple[str, str]]:
@@ -106,10 +168,10 @@ def pairs(line: str) -> list[tuple[str, str]]:
             while j < n and line[j] != '"':
                 c = line[j]
                 if c == "\\" and j + 1 < n:
+                    c, j = _unescape(line, j + 1)
+                else:
                     j += 1
-                    c = {"n": "\n", "r": "\r"}.get(line[j], line[j])
                 chars.append(c)
-                j += 1
             out.append((key, "".join(chars)))
             i = j + 1
         else:

@@ -8,13 +8,17 @@ The HTTP side is ``polevpn.httpserver`` on the daemon's loop rather than
 ``prometheus_client.start_http_server``: that one runs a thread, and the gateway drops its
 capabilities thread by thread while the router may switch to another uid after binding.
 Every scrape gets one response and a close; a request is bounded in size and time, and so
-is the number of clients at once.
+is the number of clients at once (with a reserve for loopback ones). The rendered page is
+kept for CACHE_SECONDS, so a flood of scrapes costs one rendering a second, and an optional
+bearer token (``metrics_token``) keeps the page from anyone without it.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
@@ -31,7 +35,10 @@ if TYPE_CHECKING:
 
 MAX_REQUEST = 4096  # bytes of request line and headers; a GET needs a fraction of that
 REQUEST_TIMEOUT = 5.0  # s for the whole request to arrive, and again for the reply to leave
-MAX_CLIENTS = 16  # scrapes served at once; more are closed unanswered
+HEADER_TIMEOUT = 2.0  # s for the request head to arrive
+# s a rendered page is served again: Prometheus scrapes every 15-60 s, so nobody who scrapes
+# sanely sees a difference, and 250 scrapes a second cost one rendering a second
+CACHE_SECONDS = 1.0
 
 
 # RouterStats fields that are packets dropped, by the ``reason`` label they get
@@ -259,9 +266,13 @@ class RouterCollector(Collector):
             labels=["reason"],
         )
         for f in fields(r.admission.stats):
-            refused.add_metric(
-                [f.name.removeprefix("refused_")], getattr(r.admission.stats, f.name)
-            )
+            if f.name.startswith("refused_"):
+                refused.add_metric(
+                    [f.name.removeprefix("refused_")], getattr(r.admission.stats, f.name)
+                )
+            else:  # admitted_known, pre_tls_timeouts
+                value = getattr(r.admission.stats, f.name)
+                yield _counter(f"{p}admission_{f.name}", f"AdmissionStats.{f.name}", value)
         yield refused
 
         if r.kcp_server is not None:
@@ -601,9 +612,20 @@ def _metrics_error(status: int, message: str) -> tuple[str, bytes]:
 
 
 class MetricsServer(httpserver.HttpServer):
-    """``GET /metrics`` on one address, from the running event loop."""
+    """``GET /metrics`` on one address, from the running event loop.
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    ``token`` gives the bearer token scrapes need (read at each request, so a reload that
+    changes it applies at once), or None for none.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        token: Callable[[], str | None] = lambda: None,
+        cache_seconds: float | None = None,
+        header_timeout: float | None = None,
+        **kw,
+    ) -> None:
         super().__init__(
             {("GET", "/metrics"): self._metrics},
             name="metrics",
@@ -612,15 +634,43 @@ class MetricsServer(httpserver.HttpServer):
             # a scrape has no body
             max_body=0,
             timeout=REQUEST_TIMEOUT,
-            max_clients=MAX_CLIENTS,
+            header_timeout=HEADER_TIMEOUT if header_timeout is None else header_timeout,
+            **kw,
         )
         self.registry = registry
+        self.token = token
+        self.cache_seconds = CACHE_SECONDS if cache_seconds is None else cache_seconds
+        self._page = b""
+        self._page_until = float("-inf")
+        self.renderings = 0
+
+    def page(self, now: float) -> bytes:
+        """The rendered metrics, at most ``cache_seconds`` old."""
+        if now >= self._page_until:
+            self._page = generate_latest(self.registry)
+            self._page_until = now + self.cache_seconds
+            self.renderings += 1
+        return self._page
 
     async def _metrics(self, request: httpserver.Request) -> httpserver.Reply:
-        return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry), {}
+        token = self.token()
+        if token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            # latin-1 as the header was decoded: any byte string compares, none raises
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("latin-1"), token.encode()
+            ):
+                raise httpserver.HttpError(
+                    401, "bearer token required", {"WWW-Authenticate": "Bearer"}
+                )
+        return 200, CONTENT_TYPE_LATEST, self.page(time.monotonic()), {}
 
 
-async def serve(registry: CollectorRegistry, listen: tuple[str, int]) -> MetricsServer:
-    server = MetricsServer(registry)
+async def serve(
+    registry: CollectorRegistry,
+    listen: tuple[str, int],
+    token: Callable[[], str | None] = lambda: None,
+) -> MetricsServer:
+    server = MetricsServer(registry, token)
     await server.start(*listen)
     return server

@@ -136,7 +136,10 @@ LINK = _object(
         "downs": _int("times it went down since it connected"),
         "timeout_ms": _int("silence after which the router counts it as down"),
         "transport": TRANSPORT,
-        "peer": {"type": "string", "description": "underlay address:port it connects from"},
+        "peer": {
+            "type": "string",
+            "description": "underlay address:port it connects from (IPv6 as [address]:port)",
+        },
         "features": {
             "type": "array",
             "items": {"type": "string"},

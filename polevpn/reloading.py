@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from .config import GatewayConfig, LinkConfig, Listener, RouterConfig
+from .logfmt import kv
 
 C = TypeVar("C", RouterConfig, GatewayConfig)
 
@@ -40,7 +41,7 @@ GATEWAY_RESTART = frozenset(
 # not settings: the file's path and the parser's warnings
 _IGNORED = frozenset({"path", "warnings"})
 # secrets: a change is reported by name only
-_SECRET = frozenset({"key", "api_token"})
+_SECRET = frozenset({"key", "api_token", "metrics_token"})
 
 
 class ReloadError(Exception):
@@ -70,8 +71,8 @@ def log_changes(log: logging.Logger, path: Path, changes: list[str]) -> None:
     """One line per change, then the line that says the reload is done (last, so that
     whoever waits for it finds the changes already written)."""
     for line in changes:
-        log.info("reload change=%s", line)
-    log.info("reloaded config=%s changes=%d", path, len(changes))
+        log.info("reload", extra=kv(change=line))
+    log.info("reloaded", extra=kv(config=path, changes=len(changes)))
 
 
 def _fmt(value: Any) -> str:

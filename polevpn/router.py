@@ -16,6 +16,7 @@ TLS protocol is installed.)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -32,6 +33,7 @@ from .gso import VNET_HDR_LEN as _VNET
 from .kcp_pool import KcpPool
 from .kcp_transport import KcpServer
 from .limits import Admission, source_key
+from .logfmt import endpoint, kv
 from .messages import FEATURE_MULTILINK, FEATURE_SUPER
 from .routing import IPAddress, NetworkSet, RouteTable, announcement_error
 from .session import (
@@ -166,7 +168,7 @@ class GatewayConnection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, only alike
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
-        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        self.peer = endpoint(peer)
         if peer:
             self.source = source_key(peer[0])
         ssl_obj = transport.get_extra_info("ssl_object")
@@ -201,7 +203,7 @@ class GatewayConnection(asyncio.Protocol):
             self._received(data)
         except Exception:
             # a bug reached by one peer's bytes costs that peer its connection, nothing more
-            log.exception("internal error handling data from peer=%s; closing it", self.peer)
+            log.exception("internal error handling data; closing it", extra=kv(peer=self.peer))
             self.router.stats.malformed_frames += 1
             self.close(None)
 
@@ -293,7 +295,7 @@ class GatewayConnection(asyncio.Protocol):
         self.closing = True
         if reason:
             log.info(
-                "closing connection peer=%s gateway=%s reason=%s", self.peer, self.gateway, reason
+                "closing connection", extra=kv(peer=self.peer, gateway=self.gateway, reason=reason)
             )
         # its routes go now: the close itself may wait on a peer that no longer answers
         self.router.withdraw(self)
@@ -358,7 +360,9 @@ class Router:
         if self.cfg.metrics_listen is not None:
             # before dropping privileges, so that a port below 1024 works
             registry = metrics.router_registry(self)
-            self.metrics = await metrics.serve(registry, self.cfg.metrics_listen)
+            self.metrics = await metrics.serve(
+                registry, self.cfg.metrics_listen, lambda: self.cfg.metrics_token
+            )
         if self.cfg.api_listen is not None:
             self.api = await api.serve(self, self.cfg.api_listen)
         self._drop_privileges()
@@ -369,12 +373,12 @@ class Router:
             return
         if self.cfg.user is None:
             log.warning(
-                'running as root: set "user" in %s to drop privileges once listening',
-                self.cfg.path,
+                'running as root: set "user" in the config to drop privileges once listening',
+                extra=kv(config=self.cfg.path),
             )
             return
         uid, gid = privileges.drop_to_user(self.cfg.user)
-        log.info("dropped privileges user=%s uid=%d gid=%d", self.cfg.user, uid, gid)
+        log.info("dropped privileges", extra=kv(user=self.cfg.user, uid=uid, gid=gid))
 
     async def _start_kcp(self) -> None:
         kcp = self.cfg.kcp
@@ -401,10 +405,13 @@ class Router:
         host, port = udp.get_extra_info("sockname")[:2]
         fec = self.cfg.kcp_params.fec
         log.info(
-            "listening transport=kcp address=%s port=%d fec=%s",
-            host,
-            port,
-            f"{fec.mode}:{fec.data_shards}+{fec.parity_shards}" if fec.enabled else "off",
+            "listening",
+            extra=kv(
+                transport="kcp",
+                address=host,
+                port=port,
+                fec=f"{fec.mode}:{fec.data_shards}+{fec.parity_shards}" if fec.enabled else "off",
+            ),
         )
 
     @property
@@ -438,7 +445,7 @@ class Router:
                 raise
             self.listen_sockets.append(sock)
             host, port = sock.getsockname()[:2]
-            log.info("listening transport=tls address=%s port=%d", host, port)
+            log.info("listening", extra=kv(transport="tls", address=host, port=port))
         for sock in self.listen_sockets:
             self._tasks.append(asyncio.create_task(self._accept_loop(sock)))
 
@@ -457,7 +464,7 @@ class Router:
                 # out of file descriptors, say: existing gateways go on; retry shortly
                 n = self.stats.accept_errors = self.stats.accept_errors + 1
                 if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th...: the log stays readable
-                    log.warning("accept failed (%d times so far): %s", n, exc)
+                    log.warning("accept failed", extra=kv(times=n, error=exc))
                 await asyncio.sleep(0.1)
                 continue
             self.accept_tls(sock, addr)
@@ -468,7 +475,7 @@ class Router:
         source = source_key(addr[0]) if addr else "?"
         refused = self.admission.admit(source, now)
         if refused is not None:
-            log.debug("refused tls connection source=%s reason=%s", source, refused)
+            log.debug("refused tls connection", extra=kv(source=source, reason=refused))
             # a reset rather than a close: nothing of it stays behind in TIME_WAIT here
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
             sock.close()
@@ -477,7 +484,49 @@ class Router:
         self._upgrades.add(task)
         task.add_done_callback(self._upgrades.discard)
 
+    async def _first_bytes(self, sock: socket.socket) -> bool:
+        """Whether the client's first bytes, a TLS handshake record, come within
+        ``limits.pre_tls_timeout``: an idle TCP connection holds its pending slot for that
+        long, not for the whole ``auth_timeout``."""
+        loop = asyncio.get_running_loop()
+        readable = loop.create_future()
+        fd = sock.fileno()
+        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+        pre_tls, whole = self.cfg.limits.pre_tls_timeout, self.cfg.auth_timeout
+        try:
+            await asyncio.wait_for(readable, min(pre_tls, whole))
+        except TimeoutError:
+            self.stats.handshake_timeouts += 1
+            if pre_tls < whole:
+                self.admission.stats.pre_tls_timeouts += 1
+            return False
+        finally:
+            loop.remove_reader(fd)
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return True  # not readable after all: the TLS handshake timeout decides
+        except OSError:
+            first = b""
+        if first != b"\x16":  # closed, or not a TLS handshake record
+            self.stats.handshake_failures += 1
+            return False
+        return True
+
     async def _handshake(self, sock: socket.socket, source: str, now: float) -> None:
+        try:
+            first = await self._first_bytes(sock)
+        except asyncio.CancelledError:
+            sock.close()
+            self.admission.release(source)
+            raise
+        if not first:
+            # a reset, as for a refused connection: nothing stays behind in TIME_WAIT
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            sock.close()
+            self.admission.release(source)
+            return
         conn = GatewayConnection(self, "tls", accepted_at=now)
         conn.source = source
         loop = asyncio.get_running_loop()
@@ -487,7 +536,7 @@ class Router:
                 lambda: conn,
                 sock,
                 ssl=self._tls_ctx,
-                ssl_handshake_timeout=self.cfg.auth_timeout,
+                ssl_handshake_timeout=max(0.1, self.cfg.auth_timeout - (time.monotonic() - now)),
             )
         except Exception as exc:
             # timeouts surface as ConnectionAbortedError; tell them apart by the clock
@@ -495,14 +544,14 @@ class Router:
                 self.stats.handshake_timeouts += 1
             else:
                 self.stats.handshake_failures += 1
-            log.debug("tls handshake from source=%s failed: %r", source, exc)
+            log.debug("tls handshake failed", extra=kv(source=source, error=repr(exc)))
             conn.release_slot()
 
     def _admit_kcp(self, addr: tuple) -> bool:
         source = source_key(addr[0])
         refused = self.admission.admit(source, time.monotonic())
         if refused is not None:
-            log.debug("refused kcp handshake source=%s reason=%s", source, refused)
+            log.debug("refused kcp handshake", extra=kv(source=source, reason=refused))
             return False
         return True
 
@@ -521,7 +570,7 @@ class Router:
             self.metrics.close()
         if self.api is not None:
             self.api.close()
-        log.info("stopped %s", self.stats.summary())
+        log.info("stopped", extra=kv(**self.stats.fields()))
 
     # -- reload
 
@@ -614,18 +663,22 @@ class Router:
             if cfg.stats_interval and now >= next_stats:
                 next_stats = now + cfg.stats_interval
                 log.info(
-                    "stats connections=%d routes=%d pending=%d %s %s%s",
-                    len(self.connections),
-                    len(self.routes),
-                    self.admission.pending,
-                    self.stats.summary(),
-                    self.admission.stats.summary(),
-                    f" {self.kcp_server.counters().summary('kcp_')}{self._fec_totals()}"
-                    if self.kcp_server
-                    else "",
+                    "stats",
+                    extra=kv(
+                        connections=len(self.connections),
+                        routes=len(self.routes),
+                        pending=self.admission.pending,
+                        **self.stats.fields(),
+                        **self.admission.stats.fields(),
+                        **(
+                            {**self.kcp_server.counters().fields("kcp_"), **self._fec_totals()}
+                            if self.kcp_server
+                            else {}
+                        ),
+                    ),
                 )
 
-    def _fec_totals(self) -> str:
+    def _fec_totals(self) -> dict[str, int]:
         """FEC counters summed over the live kcp:// sessions."""
         assert self.kcp_server is not None
         recovered = parity_sent = unrecoverable = 0
@@ -635,17 +688,18 @@ class Router:
                 recovered += fec.stats.recovered
                 parity_sent += fec.stats.parity_sent
                 unrecoverable += fec.stats.unrecoverable
-        return (
-            f" fec_recovered={recovered} fec_parity_sent={parity_sent}"
-            f" fec_unrecoverable={unrecoverable}"
-        )
+        return {
+            "fec_recovered": recovered,
+            "fec_parity_sent": parity_sent,
+            "fec_unrecoverable": unrecoverable,
+        }
 
     # -- control plane
 
     def on_connect(self, conn: GatewayConnection) -> None:
         self.stats.connections_accepted += 1
         self.connections.add(conn)
-        log.debug("connection from %s", conn.peer)
+        log.debug("connection", extra=kv(peer=conn.peer))
 
     def on_event(self, conn: GatewayConnection, ev: object) -> None:
         if isinstance(ev, RegisterRequested):
@@ -654,9 +708,11 @@ class Router:
             if conn.transport_name == "kcp" and conn.transport is not None:
                 # kcp:// sessions keep a small receive window and decode no FEC until now
                 conn.transport.authenticated = True  # type: ignore[attr-defined]
+            # its source keeps a share of the pending slots that strangers cannot take
+            self.admission.authenticated(conn.source, time.monotonic())
         elif isinstance(ev, AuthFailed):
             self.stats.auth_failures += 1
-            log.warning("auth rejected peer=%s reason=%s", conn.peer, ev.reason)
+            log.warning("auth rejected", extra=kv(peer=conn.peer, reason=ev.reason))
             self._failed(conn)
         elif isinstance(ev, ConnectionLost):
             if ev.kind == "oversized":
@@ -665,17 +721,19 @@ class Router:
                 self.stats.register_flood += 1
             else:
                 self.stats.malformed_frames += 1
-            log.warning("protocol error peer=%s reason=%s", conn.peer, ev.reason)
+            log.warning("protocol error", extra=kv(peer=conn.peer, reason=ev.reason))
 
     def _failed(self, conn: GatewayConnection) -> None:
         """Credentials refused: count it against the source's AUTH failure budget."""
         if self.admission.failure(conn.source, time.monotonic()):
             p = self.cfg.limits
             log.warning(
-                "blocked source=%s window=%gs failures=%d",
-                conn.source,
-                p.auth_failure_window,
-                p.auth_failures,
+                "blocked",
+                extra=kv(
+                    source=conn.source,
+                    window=f"{p.auth_failure_window:g}s",
+                    failures=p.auth_failures,
+                ),
             )
 
     def _register(self, conn: GatewayConnection, ev: RegisterRequested) -> None:
@@ -691,10 +749,8 @@ class Router:
             # a config matter, not a credential one: no AUTH failure is counted
             self.stats.register_refused += 1
             log.warning(
-                "registration refused gateway=%s peer=%s reason=%s",
-                req.gateway,
-                conn.peer,
-                too_many,
+                "registration refused",
+                extra=kv(gateway=req.gateway, peer=conn.peer, reason=too_many),
             )
             conn.session.reject_register(ev.seq, too_many)
             return
@@ -705,10 +761,8 @@ class Router:
             # nothing of it is installed, and an existing registration stays as it is
             self.stats.register_refused += 1
             log.warning(
-                "registration refused gateway=%s peer=%s reason=%s",
-                req.gateway,
-                conn.peer,
-                decision.error,
+                "registration refused",
+                extra=kv(gateway=req.gateway, peer=conn.peer, reason=decision.error),
             )
             conn.session.reject_register(ev.seq, decision.error)
             self._failed(conn)
@@ -730,7 +784,8 @@ class Router:
             except TooManyLinks as exc:
                 self.stats.register_refused += 1
                 log.warning(
-                    "registration refused gateway=%s peer=%s reason=%s", req.gateway, conn.peer, exc
+                    "registration refused",
+                    extra=kv(gateway=req.gateway, peer=conn.peer, reason=exc),
                 )
                 conn.session.reject_register(ev.seq, str(exc))
                 return
@@ -745,15 +800,19 @@ class Router:
         conn.release_slot()
         self.stats.registrations += 1
         log.info(
-            "registered gateway=%s peer=%s transport=%s features=%s networks=%s%s",
-            req.gateway,
-            conn.peer,
-            conn.transport_name,
-            ",".join(sorted(conn.session.features)) or "-",
-            ",".join(str(n) for n in req.networks) or "-",
-            f" link={link.name} weight={link.weight:g} backup={str(link.backup).lower()}"
-            if link is not None
-            else "",
+            "registered",
+            extra=kv(
+                gateway=req.gateway,
+                peer=conn.peer,
+                transport=conn.transport_name,
+                features=",".join(sorted(conn.session.features)) or "-",
+                networks=",".join(str(n) for n in req.networks) or "-",
+                **(
+                    {"link": link.name, "weight": f"{link.weight:g}", "backup": link.backup}
+                    if link is not None
+                    else {}
+                ),
+            ),
         )
 
     def _replace_all(self, conn: GatewayConnection, gateway: IPAddress) -> None:
@@ -773,9 +832,7 @@ class Router:
     def _replace(self, old: GatewayConnection, conn: GatewayConnection, what: str) -> None:
         """``conn`` registered ``what`` (a gateway, or one link of it) that ``old`` held."""
         self.stats.replaced += 1
-        log.info(
-            "%s re-registered from %s, replacing connection from %s", what, conn.peer, old.peer
-        )
+        log.info("re-registered", extra=kv(what=what, peer=conn.peer, replaced_peer=old.peer))
         self.withdraw(old)
         old.close("replaced by a new registration")
 
@@ -858,7 +915,7 @@ class Router:
         conn.link_up = True
         site.links.set_up(conn, True)
         assert conn.link is not None
-        log.info("link up gateway=%s link=%s peer=%s", conn.gateway, conn.link.name, conn.peer)
+        log.info("link up", extra=kv(gateway=conn.gateway, link=conn.link.name, peer=conn.peer))
 
     def _check_links(self, now: float) -> None:
         """Give up on links that have been silent longer than they said they may be."""
@@ -875,11 +932,13 @@ class Router:
                 site.links.set_up(conn, False)
                 assert conn.link is not None
                 log.warning(
-                    "link down gateway=%s link=%s peer=%s silent_ms=%d",
-                    conn.gateway,
-                    conn.link.name,
-                    conn.peer,
-                    silent * 1000,
+                    "link down",
+                    extra=kv(
+                        gateway=conn.gateway,
+                        link=conn.link.name,
+                        peer=conn.peer,
+                        silent_ms=int(silent * 1000),
+                    ),
                 )
 
     async def _watch_links(self) -> None:
@@ -898,17 +957,18 @@ class Router:
             kcp = conn.transport.get_extra_info("kcp_link") if conn.transport else None
             fec = kcp.fec if kcp is not None else None
             log.info(
-                "disconnected gateway=%s peer=%s transport=%s packets_in=%d "
-                "packets_out=%d bytes_in=%d bytes_out=%d%s%s",
-                conn.gateway,
-                conn.peer,
-                conn.transport_name,
-                conn.packets_in,
-                conn.packets_out,
-                conn.bytes_in,
-                conn.bytes_out,
-                f" {fec.stats.summary('fec_')}" if fec is not None else "",
-                f" error={exc}" if exc else "",
+                "disconnected",
+                extra=kv(
+                    gateway=conn.gateway,
+                    peer=conn.peer,
+                    transport=conn.transport_name,
+                    packets_in=conn.packets_in,
+                    packets_out=conn.packets_out,
+                    bytes_in=conn.bytes_in,
+                    bytes_out=conn.bytes_out,
+                    **(fec.stats.fields("fec_") if fec is not None else {}),
+                    **({"error": exc} if exc else {}),
+                ),
             )
 
     # -- data plane

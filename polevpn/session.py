@@ -16,6 +16,11 @@ from . import messages, wire
 from .messages import FEATURE_MULTILINK, LinkRequest, MessageError, RegisterRequest
 from .wire import FrameDecoder, FrameTooLong, ProtocolError, encode_frame
 
+# the longest frame the router takes before AUTH: an AUTH body is a key and a few features,
+# and a connection that has not authenticated holds at most this much of a partial frame
+# (1,024 pending connections with partial 65,600-byte frames held +230 MB)
+PRE_AUTH_MAX_FRAME = 4096
+
 
 class State(Enum):
     AWAIT_AUTH = "await-auth"
@@ -187,6 +192,10 @@ class ServerSession(_FramedSession):
         packets: Packets = []
         events: list[Event] = []
         frames = self._frames(data, now, events)
+        if self.state is State.AWAIT_AUTH and self._first_frame_too_long(frames):
+            self._decoder.clear()
+            self._lose(events, f"frame before AUTH over {PRE_AUTH_MAX_FRAME} bytes", "oversized")
+            return packets, events
         registered = self.state is State.REGISTERED
         for command, seq, body in frames:
             if command == wire.C2S_IPDATA:
@@ -206,6 +215,15 @@ class ServerSession(_FramedSession):
                 break
             registered = self.state is State.REGISTERED
         return packets, events
+
+    def _first_frame_too_long(self, frames: list[wire.Frame]) -> bool:
+        """Whether the connection's first frame (AUTH, or the connection is closed anyway)
+        is longer than PRE_AUTH_MAX_FRAME, complete or, from its header, still partial.
+        Frames after it in the same read may be longer: AUTH, REGISTER and data are often
+        sent in one go."""
+        if frames:
+            return len(frames[0][2]) + wire.HEADER_LEN > PRE_AUTH_MAX_FRAME
+        return self._decoder.pending_length > PRE_AUTH_MAX_FRAME
 
     def _register_allowed(self, now: float) -> bool:
         """Take a REGISTER token, if there is one (REGISTER_BURST, REGISTER_RATE)."""

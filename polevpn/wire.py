@@ -102,6 +102,17 @@ class FrameDecoder:
     def buffered(self) -> int:
         return len(self._pending)
 
+    @property
+    def pending_length(self) -> int:
+        """The whole length of the partial frame kept for the next ``feed`` (as far as its
+        header, once complete, says), or 0."""
+        return len(self._pending) + self._need if self._pending else 0
+
+    def clear(self) -> None:
+        """Drop the partial frame (the connection is closing: free its memory now)."""
+        self._pending = bytearray()
+        self._need = 0
+
     def feed(self, data: bytes) -> list[Frame]:
         frames: list[Frame] = []
         pos = 0

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -40,8 +41,9 @@ from test_metrics import (
 from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
 
 from polevpn import api, ctl, metrics, openapi, pathstats
-from polevpn.config import ConfigError, load_api_access, load_router_config
+from polevpn.config import ConfigError, Listener, load_api_access, load_router_config
 from polevpn.keygen import generate
+from polevpn.logfmt import endpoint
 from polevpn.router import Router
 
 try:
@@ -74,6 +76,62 @@ async def get(port: int, path: str, token: str | None = TOKEN, method: str = "GE
     if headers.get("content-type", "").startswith("application/json") and body:
         return status, headers, json.loads(body)
     return status, headers, body
+
+
+# -- how peers are written
+
+
+@pytest.mark.parametrize(
+    "addr,text",
+    [
+        (("198.19.0.6", 45443), "198.19.0.6:45443"),
+        (("::ffff:198.19.0.6", 45443, 0, 0), "198.19.0.6:45443"),
+        (("2001:db8:f1::2", 52085, 0, 0), "[2001:db8:f1::2]:52085"),
+        (("2001:0db8:0000::1", 1), "[2001:db8::1]:1"),
+        (("fe80::1%eth0", 7, 0, 2), "[fe80::1%eth0]:7"),
+        (None, "?"),
+    ],
+)
+def test_endpoint(addr, text):
+    assert endpoint(addr) == text
+
+
+def test_peers_on_a_dual_stack_listener_are_unmapped_and_bracketed(keys, caplog):
+    """Issue 19 bug 13: on a [::] listener an IPv4 peer was ``::ffff:127.0.0.1:5`` and an
+    IPv6 one ``::1:5``, in the API and in the log alike."""
+    cert, key = keys.server_cert, keys.server_key
+    any6 = Listener(True, "::", 0, cert, key)
+    cfg = api_config(keys, tls=any6, kcp=any6)
+
+    async def scenario():
+        router = await started(cfg)
+        gws = []
+        try:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            for host in ("127.0.0.1", "::1"):
+                reader, writer = await asyncio.open_connection(
+                    host, router.tls_port, ssl=ctx, server_hostname="polevpn.com"
+                )
+                gws.append(ProtoGateway(reader, writer))
+            await gws[0].login(A, [LAN_A])
+            await gws[1].login(B, [LAN_B])
+            _, _, body = await get(router.api.port, "/api/v1/gateways")
+            peers = {g["gateway"]: g["peer"] for g in body["gateways"]}
+            local = [g.writer.get_extra_info("sockname") for g in gws]
+            return peers, local
+        finally:
+            for g in gws:
+                g.close()
+            await router.stop()
+
+    with caplog.at_level("INFO", logger="polevpn.router"):
+        peers, (local4, local6) = run(scenario())
+    assert peers == {A: f"127.0.0.1:{local4[1]}", B: f"[::1]:{local6[1]}"}
+    assert f"event=registered gateway={A} peer=127.0.0.1:{local4[1]} " in caplog.text
+    assert f"event=registered gateway={B} peer=[::1]:{local6[1]} " in caplog.text
+    assert "::ffff:" not in caplog.text
 
 
 # -- auth and HTTP behaviour
@@ -136,6 +194,32 @@ def test_token_required_and_public_paths(keys):
             await asyncio.open_connection("127.0.0.1", port)
 
     run(scenario())
+
+
+def test_malformed_content_length_is_a_400(keys, caplog):
+    """Issue 20 finding 11: 4,301 digits raised ValueError in int() (no reply, a traceback
+    logged); repeated Content-Length headers are refused too."""
+
+    async def scenario():
+        router = await started(api_config(keys))
+        port = router.api.port
+        try:
+            out = []
+            for value in ("9" * 4301, "1" * 13, "-1", "+5", "1_0", "0x10", "١٢"):
+                req = f"POST /api/v1/reload HTTP/1.1\r\nContent-Length: {value}\r\n\r\n"
+                out.append((await http(port, req.encode("utf-8")))[0])
+            req = b"POST /api/v1/reload HTTP/1.1\r\nContent-Length: 0\r\nContent-length: 5\r\n\r\n"
+            out.append((await http(port, req))[0])
+            # a plain zero, and a bounded body, still work
+            status, _, _ = await get(port, "/api/v1/status")
+            return out, status
+        finally:
+            await router.stop()
+
+    with caplog.at_level("ERROR"):
+        statuses, ok = run(scenario())
+    assert statuses == [400] * 8 and ok == 200
+    assert "Traceback" not in caplog.text and "exc=" not in caplog.text
 
 
 # -- the views
@@ -787,7 +871,7 @@ def test_router_logs_where_the_api_listens_never_the_token(tmp_path, keys, caplo
 
     with caplog.at_level("DEBUG"):
         port = run(scenario())
-    assert f"api listening address=127.0.0.1 port={port}" in caplog.text
+    assert f'msg="api listening" address=127.0.0.1 port={port}' in caplog.text
     assert TOKEN not in caplog.text
 
 
@@ -805,6 +889,15 @@ def test_ctl_formatting():
     assert ctl._url_for("0.0.0.0", 8080) == "http://127.0.0.1:8080"
     assert ctl._url_for("::", 8080) == "http://[::1]:8080"
     assert ctl._url_for("::1", 1) == "http://[::1]:1"
+    listeners = [
+        {"transport": t, "address": a, "port": p}
+        for t, a, p in [("tls", "::", 443), ("kcp", "0.0.0.0", 443), ("tls", "2001:db8::1", 8443)]
+    ]
+    assert [ctl._endpoint(x) for x in listeners] == [
+        "tls://[::]:443",
+        "kcp://0.0.0.0:443",
+        "tls://[2001:db8::1]:8443",
+    ]
 
 
 def _view(gateway: str, transport: str, peer: str, n: int, **extra) -> dict:

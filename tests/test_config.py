@@ -943,6 +943,11 @@ def test_router_limits_and_user(tmp_path: Path, keys: keygen.KeygenResult) -> No
             "auth_failure_window": 30,
             "max_networks_per_gateway": 20,
             "max_prefix_lengths_per_gateway": 3,
+            "max_pending_share_per_net": 0.5,
+            "max_pending_share_per_site": 0.75,
+            "reserved_share_known": 0.2,
+            "known_source_ttl": 3600,
+            "pre_tls_timeout": 2.5,
         },
         user="nobody",
         anti_spoofing=False,
@@ -952,6 +957,8 @@ def test_router_limits_and_user(tmp_path: Path, keys: keygen.KeygenResult) -> No
     assert (cfg.limits.auth_failures, cfg.limits.auth_failure_window) == (4, 30)
     assert cfg.limits.max_networks_per_gateway == 20
     assert cfg.limits.max_prefix_lengths_per_gateway == 3
+    assert (cfg.limits.net_cap(), cfg.limits.site_cap(), cfg.limits.shared()) == (5, 8, 8)
+    assert (cfg.limits.known_source_ttl, cfg.limits.pre_tls_timeout) == (3600, 2.5)
     assert cfg.user == "nobody"
     assert not cfg.anti_spoofing
     assert any("anti_spoofing is off" in w for w in cfg.warnings)
@@ -973,6 +980,8 @@ def test_router_limits_and_user(tmp_path: Path, keys: keygen.KeygenResult) -> No
             ["outside"],
         ),
         ({"limits": {"max_networks_per_gateway": 0}}, "limits.max_networks_per_gateway", []),
+        ({"limits": {"reserved_share_known": 1}}, "limits.reserved_share_known", ["outside"]),
+        ({"limits": {"pre_tls_timeout": 0}}, "limits.pre_tls_timeout", ["outside"]),
         ({"user": "no-such-user-here"}, "user", ["no such user"]),
         ({"user": "root"}, "user", ["is root"]),
         ({"anti_spoofing": "yes"}, "anti_spoofing", ["true or false"]),

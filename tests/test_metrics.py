@@ -21,7 +21,8 @@ from types import SimpleNamespace
 
 import pytest
 import test_router_loopback as loopback
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
 
@@ -36,6 +37,7 @@ from polevpn.config import (
 from polevpn.fec import FecStats
 from polevpn.gateway import Gateway
 from polevpn.keygen import generate
+from polevpn.limits import ClientLimits
 
 A, B = "169.254.0.1", "169.254.0.2"
 LAN_A, LAN_B = "198.18.10.0/24", "198.18.20.0/24"
@@ -46,6 +48,13 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory):
     return generate(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pages(monkeypatch):
+    """Scrapes here follow traffic within a second: no cached page, except where a test
+    checks the cache itself (test_scrapes_within_a_second_share_one_rendering)."""
+    monkeypatch.setattr(metrics, "CACHE_SECONDS", 0.0)
 
 
 async def http(port: int, request: bytes, host: str = "127.0.0.1") -> tuple[int, dict, bytes]:
@@ -460,6 +469,7 @@ def test_http_other_paths_methods_and_garbage(keys):
 
 def test_http_oversized_and_slow_requests_are_cut_off(keys, monkeypatch):
     monkeypatch.setattr(metrics, "REQUEST_TIMEOUT", 0.5)
+    monkeypatch.setattr(metrics, "HEADER_TIMEOUT", 0.5)
 
     async def scenario():
         router = await started(router_config(keys, metrics_listen=("127.0.0.1", 0)))
@@ -477,22 +487,150 @@ def test_http_oversized_and_slow_requests_are_cut_off(keys, monkeypatch):
             assert time.monotonic() - t0 < 8
             writer.close()
 
-            # clients beyond MAX_CLIENTS are closed at once; the held ones time out, and
-            # then scraping works again
-            held = [
-                await asyncio.open_connection("127.0.0.1", port) for _ in range(metrics.MAX_CLIENTS)
-            ]
+            # issue 20 finding 10: 16 idle connections blocked every scrape (and 64, the
+            # limit now, would have too); a loopback client takes the slot of the oldest
+            # idle one, and the idle ones are closed after HEADER_TIMEOUT
+            held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(70)]
             await asyncio.sleep(0.1)
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
-            # aborted: a reset is as good a refusal as a close
-            with contextlib.suppress(ConnectionResetError):
-                assert await asyncio.wait_for(reader.read(), 0.4) == b""
-            writer.close()
-            for r, w in held:
-                assert await asyncio.wait_for(r.read(), 10) == b""
-                w.close()
+            t0 = time.monotonic()
             assert (await scrape(port))[("polevpn_router_registered_gateways", ())] == 0
+            assert time.monotonic() - t0 < 0.4  # not after the idle ones timed out
+            for r, w in held:
+                with contextlib.suppress(ConnectionResetError):
+                    assert await asyncio.wait_for(r.read(), 10) == b""
+                w.close()
+            assert time.monotonic() - t0 < 3
+        finally:
+            await router.stop()
+
+    run(scenario())
+
+
+def _registry() -> tuple[CollectorRegistry, list[int]]:
+    """A registry whose collector counts how often it is rendered."""
+    calls = [0]
+
+    class Counting:
+        def collect(self):
+            calls[0] += 1
+            yield GaugeMetricFamily("polevpn_test_renderings", "renderings", value=calls[0])
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(Counting())
+    return reg, calls
+
+
+async def _idle(host: str, port: int, n: int) -> list:
+    out = []
+    for _ in range(n):
+        out.append(await asyncio.open_connection("127.0.0.1", port, local_addr=(host, 0)))
+    await asyncio.sleep(0.05)
+    return out
+
+
+async def _refused(conn) -> bool:
+    """The server closed ``conn`` at once, unanswered."""
+    reader, writer = conn
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+        return await asyncio.wait_for(reader.read(), 1) == b""
+    except ConnectionResetError:
+        return True
+    finally:
+        writer.close()
+
+
+def test_http_clients_limited_per_client_with_a_reserve_for_the_operator(monkeypatch):
+    """Remote clients (here: 127.0.0.3-6, with only 127.0.0.2 trusted) get ``per_client``
+    connections each and together at most ``max_clients - reserved``; the trusted client
+    still scrapes, and when every slot is taken it takes an idle remote one's."""
+    limits = ClientLimits(max_clients=6, per_client=2, reserved=2)
+
+    async def scenario():
+        reg, _ = _registry()
+        server = metrics.MetricsServer(
+            reg, limits=limits, trusted=lambda h: h == "127.0.0.2", header_timeout=5
+        )
+        await server.start("127.0.0.1", 0)
+        port = server.port
+        try:
+            a = await _idle("127.0.0.3", port, 2)
+            assert await _refused((await _idle("127.0.0.3", port, 1))[0])  # per client
+            b = await _idle("127.0.0.4", port, 2)
+            assert await _refused((await _idle("127.0.0.5", port, 1))[0])  # the reserve
+            assert server.slots.untrusted == 4 and server.slots.refused == 2
+            # the operator: two slots of the reserve, then an idle remote client's
+            ops = await _idle("127.0.0.2", port, 2)
+            (reader, writer), = await _idle("127.0.0.2", port, 1)
+            writer.write(b"GET /metrics HTTP/1.1\r\n\r\n")
+            reply = await asyncio.wait_for(reader.read(), 5)
+            writer.close()
+            assert reply.startswith(b"HTTP/1.1 200 ") and b"polevpn_test_renderings" in reply
+            assert server.slots.evicted == 1
+            # the oldest idle remote connection was the one closed
+            assert await asyncio.wait_for(a[0][0].read(), 1) == b""
+            for _, w in a + b + ops:
+                w.close()
+        finally:
+            server.close()
+
+    run(scenario())
+
+
+def test_scrapes_within_a_second_share_one_rendering(monkeypatch):
+    monkeypatch.setattr(metrics, "CACHE_SECONDS", 1.0)
+
+    async def scenario():
+        reg, calls = _registry()
+        server = metrics.MetricsServer(reg)
+        await server.start("127.0.0.1", 0)
+        try:
+            t0 = time.monotonic()
+            bodies = set()
+            for _ in range(20):
+                status, _, body = await http(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+                assert status == 200
+                bodies.add(body)
+            if time.monotonic() - t0 < 0.9:
+                assert calls[0] == 1 and len(bodies) == 1
+            await asyncio.sleep(1.05)
+            await http(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+            assert calls[0] == server.renderings >= 2
+        finally:
+            server.close()
+
+    run(scenario())
+
+
+def test_metrics_bearer_token_when_configured(tmp_path, keys):
+    token = "m" * 32
+    cfg = load_router_config(
+        router_file(
+            tmp_path,
+            keys,
+            metrics_listen="127.0.0.1:0",
+            metrics_token=token,
+            tls={
+                "listen": "127.0.0.1:0",
+                "cert_file": str(keys.server_cert),
+                "key_file": str(keys.server_key),
+            },
+        )
+    )
+    assert cfg.metrics_token == token and token not in repr(cfg)
+
+    async def scenario():
+        router = await started(cfg)
+        port = router.metrics.port
+        try:
+            wrong = ("", "Authorization: Bearer x\r\n", f"Authorization: Basic {token}\r\n")
+            for auth in wrong:
+                req = f"GET /metrics HTTP/1.1\r\n{auth}\r\n".encode()
+                status, headers, _ = await http(port, req)
+                assert status == 401 and headers["www-authenticate"] == "Bearer", auth
+            req = f"GET /metrics HTTP/1.1\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            status, _, body = await http(port, req)
+            assert status == 200 and b"polevpn_router_registered_gateways" in body
         finally:
             await router.stop()
 
@@ -787,7 +925,7 @@ def test_router_logs_where_metrics_listen_and_the_config_warning(tmp_path, keys,
     with caplog.at_level("INFO"):
         port = run(scenario())
     assert "metrics_listen 198.18.0.1:9400 is not a loopback address" in caplog.text
-    assert f"metrics listening address=127.0.0.1 port={port}" in caplog.text
+    assert f'msg="metrics listening" address=127.0.0.1 port={port}' in caplog.text
 
 
 # -- real daemons in network namespaces

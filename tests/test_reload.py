@@ -259,7 +259,7 @@ def test_router_reload_revokes_only_what_changed(tmp_path: Path, keys: Path, cap
 
     with caplog.at_level(logging.INFO, logger="polevpn.router"):
         run(scenario())
-    assert "reload change=gateways: added" in caplog.text
+    assert 'event=reload change="gateways: added' in caplog.text
     assert KEY_B not in caplog.text and KEY_C not in caplog.text
 
 

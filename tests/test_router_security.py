@@ -7,6 +7,7 @@ test_router_loopback: what a hostile or broken peer can and cannot do.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import socket
@@ -31,6 +32,7 @@ from polevpn.auth import GatewayGrant
 from polevpn.config import load_router_config
 from polevpn.kcp_pool import KcpPool
 from polevpn.limits import LimitParams
+from polevpn.logfmt import pairs
 from polevpn.router import Router
 from polevpn.session import REGISTER_BURST
 
@@ -160,7 +162,7 @@ def test_register_outside_grant_is_refused_and_nothing_installed(keys, transport
 
     with caplog.at_level("WARNING", logger="polevpn.router"):
         run(scenario())
-    refused = [r.message for r in caplog.records if "registration refused" in r.message]
+    refused = [ln for ln in caplog.text.splitlines() if 'msg="registration refused"' in ln]
     assert len(refused) == 2 and f"gateway={A}" in refused[0], refused
     for addr in (A, B):
         assert key_of(creds, addr) not in caplog.text, "a key reached the log"
@@ -334,7 +336,13 @@ async def refused(reader: asyncio.StreamReader) -> bool:
 
 
 def test_pending_connections_are_capped_per_source_and_in_total(keys):
-    limits = LimitParams(max_pending=5, max_pending_per_source=2)
+    # every source here is in 127.0.0.0/24, and none is known: no share of either
+    limits = LimitParams(
+        max_pending=5,
+        max_pending_per_source=2,
+        max_pending_share_per_net=1,
+        reserved_share_known=0,
+    )
 
     async def scenario():
         router = await started(cfg(keys, limits=limits, auth_timeout=3))
@@ -425,6 +433,71 @@ def test_silent_connection_is_closed_at_the_handshake_deadline(keys):
     run(scenario())
 
 
+def test_silent_tcp_gives_its_slot_back_at_the_pre_tls_deadline(keys):
+    """Issue 20 finding 5: idle TCP connections that send no TLS held their pending slot
+    for the whole auth_timeout; now for limits.pre_tls_timeout."""
+    limits = LimitParams(pre_tls_timeout=0.3)
+
+    async def scenario():
+        router = await started(cfg(keys, limits=limits, auth_timeout=5))
+        t0 = asyncio.get_running_loop().time()
+        held = [await raw_tcp(router, "127.0.0.12") for _ in range(3)]
+        await asyncio.sleep(0.1)
+        assert router.admission.pending == 3
+        for r, _ in held:
+            assert await refused(r)
+        assert asyncio.get_running_loop().time() - t0 < 1.5
+        await asyncio.sleep(0.05)
+        assert router.admission.pending == 0
+        assert router.admission.stats.pre_tls_timeouts == 3
+        assert router.stats.handshake_timeouts == 3
+        # bytes that are not a TLS handshake record are refused at once
+        r, w = await raw_tcp(router, "127.0.0.12")
+        w.write(b"GET / HTTP/1.0\r\n\r\n")
+        assert await refused(r)
+        # and a real gateway, slower than that to start its handshake only by a little, is in
+        gw = await tls_gateway(router, "127.0.0.12")
+        assert await auth(gw, key_of(keys[1], A)) == {}
+        for _, w in held:
+            w.close()
+        await router.stop()
+
+    run(scenario())
+
+
+def test_known_gateways_keep_a_share_strangers_cannot_take(keys):
+    limits = LimitParams(
+        max_pending=4,
+        max_pending_per_source=4,
+        max_pending_share_per_net=1,
+        reserved_share_known=0.5,
+        pre_tls_timeout=5,
+    )
+
+    async def scenario():
+        router = await started(cfg(keys, limits=limits))
+        # a gateway from 127.0.0.20 passes AUTH: its address is known from now on
+        gw = await tls_gateway(router, "127.0.0.20")
+        assert await auth(gw, key_of(keys[1], A)) == {}
+        assert await register(gw, A, key_of(keys[1], A), [LAN_A]) == {}
+        assert router.admission.pending == 0
+        # strangers take the shared half, and no more
+        held = [await raw_tcp(router, "127.0.0.21") for _ in range(2)]
+        await asyncio.sleep(0.1)
+        r, _ = await raw_tcp(router, "127.0.0.22")
+        assert await refused(r)
+        assert router.admission.stats.refused_pending == 1
+        # the known gateway reconnects (a second link, say) all the same
+        again = await tls_gateway(router, "127.0.0.20")
+        assert await auth(again, key_of(keys[1], A)) == {}
+        assert router.admission.stats.admitted_known == 1
+        for _, w in held:
+            w.close()
+        await router.stop()
+
+    run(scenario())
+
+
 def test_oversized_frame_closes_and_is_counted(keys):
     async def scenario():
         router = await started(cfg(keys))
@@ -436,6 +509,56 @@ def test_oversized_frame_closes_and_is_counted(keys):
         assert router.stats.oversized_frames == 1
         await asyncio.sleep(0.1)  # connection_lost runs after the close the client saw
         assert routes(router) == {}
+        await router.stop()
+
+    run(scenario())
+
+
+def test_a_peer_supplied_name_cannot_forge_log_fields(keys, caplog):
+    """Issue 19 bug 7: a gateway field that reads like pairs, with ESC and a newline, was
+    turned into fields (``peer=198.18.9.9``) of the router's log line."""
+    forged = "2001:db8:55::1%x\x1b[31m peer=198.18.9.9 gateway=169.254.0.1\nlevel=error"
+
+    async def scenario():
+        router = await started(cfg(keys))
+        gw = await tls_gateway(router)
+        assert await auth(gw, key_of(keys[1], A)) == {}
+        body = json.dumps({"gateway": forged, "key": key_of(keys[1], A), "network": []})
+        await gw.send(frame(1, body.encode(), 9))
+        with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+            await gw.recv_frame()
+        gw.close()
+        await router.stop()
+
+    with caplog.at_level("DEBUG", logger="polevpn.router"):
+        run(scenario())
+    lines = caplog.text.splitlines()
+    assert len(lines) == len(caplog.records)  # one line per record
+    assert "\x1b" not in caplog.text
+    for line in lines:
+        fields = pairs(line)
+        assert [k for k, _ in fields].count("peer") <= 1, line
+        assert ("peer", "198.18.9.9") not in fields, line
+        assert ("level", "error") not in fields, line
+    # where it is logged at all (a router may refuse such a name before), it is one field
+    logged = [dict(pairs(ln)).get("gateway") for ln in lines if "198.18.9.9" in ln]
+    assert all(g == forged for g in logged), logged
+
+
+def test_a_long_frame_before_auth_is_not_buffered(keys):
+    """A connection that has not authenticated may not make the router hold a partial
+    65 KB frame for it: its first frame is at most PRE_AUTH_MAX_FRAME bytes."""
+
+    async def scenario():
+        router = await started(cfg(keys))
+        gws = [await tls_gateway(router) for _ in range(3)]
+        for gw in gws:
+            await gw.send(struct.pack(">HHI", 0xFFFF, 0, 0) + b"{" * 2000)
+        for gw in gws:
+            assert await gw.closed_by_peer()
+        assert router.stats.oversized_frames == 3
+        await asyncio.sleep(0.1)
+        assert router.admission.pending == 0
         await router.stop()
 
     run(scenario())

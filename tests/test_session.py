@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import struct
 
 import pytest
 
 from polevpn import messages, wire
 from polevpn.auth import keys_equal
 from polevpn.session import (
+    PRE_AUTH_MAX_FRAME,
     REGISTER_BURST,
     REGISTER_RATE,
     AuthFailed,
@@ -885,3 +887,43 @@ def test_client_with_a_link_refused_key_is_not_a_multi_link_refusal() -> None:
     _, events = c.receive(encode_frame(wire.AUTH, messages.encode_error("invalid key")), 0.0)
     assert events == [Rejected("AUTH", "invalid key")]
     assert not c.multilink_refused
+
+
+# ---- the first frame before AUTH is small
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        struct.pack(">HHI", 0xFFFF, wire.AUTH, 0),  # a 64 KB AUTH, of which the header came
+        struct.pack(">HHI", 8, wire.SUPER_IPDATA, 65_592),  # a 65,600-byte super-packet
+        struct.pack(">HHI", PRE_AUTH_MAX_FRAME + 1, wire.AUTH, 0),
+    ],
+)
+def test_a_long_first_frame_closes_before_it_is_buffered(header: bytes) -> None:
+    # issue 20: 1,024 connections holding partial 65,600-byte frames before AUTH: +230 MB
+    s = ServerSession(check_key, 0.0)
+    packets, events = s.receive(header + b"x" * 100, 0.0)
+    assert packets == [] and s.state is State.CLOSED
+    assert [(type(e), e.kind) for e in events] == [(ConnectionLost, "oversized")]
+    assert s._decoder.buffered == 0
+
+
+def test_first_frame_limit_is_inclusive_and_later_frames_are_not_limited() -> None:
+    body = json.dumps({"key": KEY, "pad": "p" * 4000}).encode()
+    body += b" " * (PRE_AUTH_MAX_FRAME - wire.HEADER_LEN - len(body))
+    s = ServerSession(check_key, 0.0)
+    # exactly the limit, arriving a byte at a time
+    frame = encode_frame(wire.AUTH, body, 1)
+    assert len(frame) == PRE_AUTH_MAX_FRAME
+    for i in range(len(frame) - 1):
+        assert s.receive(frame[i : i + 1], 0.0) == ([], [])
+    _, events = s.receive(frame[-1:], 0.0)
+    assert [type(e) for e in events] == [AuthSucceeded]
+    # AUTH, REGISTER and a full-size frame in one read, as gateways send them
+    s = ServerSession(check_key, 0.0)
+    big = encode_frame(wire.C2S_IPDATA, b"\x45" + b"\0" * (wire.MAX_BODY - 1))
+    chunk = encode_frame(wire.AUTH, messages.encode_auth(KEY), 1) + big
+    _, events = s.receive(chunk, 0.0)
+    assert [type(e) for e in events] == [AuthSucceeded] and s.state is State.AUTHENTICATED
+    assert s.dropped_unregistered == 1
