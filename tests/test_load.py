@@ -3,7 +3,7 @@
 The router is the ``polevpn-router`` console script with tls and kcp listeners on
 127.0.0.1. 150 gateways connect over tls:// and 50 over kcp:// (``tests/protoclient.py``), all
 at once, each from its own loopback source address (127.0.1.1, 127.0.1.2, ...), so the
-router's per-source caps never come into it. Gateway i registers 169.254.1.(i+1), the /28
+router's per-source and per-network caps never come into it. Gateway i registers 169.254.1.(i+1), the /28
 198.18.(i // 16).((i % 16) * 16) and 2001:db8:1:i::/64. Then for 30 s every gateway sends
 20 packets/s (bursts of 5 every 250 ms, one in four IPv6) to a rotating set of peers, so
 over the run each gateway addresses each of its 199 peers about three times and receives
@@ -205,8 +205,16 @@ def test_200_gateways_through_one_router(tmp_path: Path) -> None:
         keys,
         idle_timeout=10,
         auth_timeout=30,
-        limits={"max_pending": 1024, "max_pending_per_source": 1024},
+        # every source is in 127.0.1.0/24: the per-network shares (TLS pending slots,
+        # kcp:// handshakes) are turned off with the per-source cap
+        limits={
+            "max_pending": 1024,
+            "max_pending_per_source": 1024,
+            "max_pending_share_per_net": 1,
+            "max_pending_share_per_site": 1,
+        },
     )
+    cfg["kcp"]["max_handshakes_per_prefix"] = 256
     router = RouterProcess.start(cfg, tmp_path)
     try:
         report = uvloop.run(asyncio.wait_for(scenario(router, key), 150))
