@@ -15,8 +15,9 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
-from . import __version__, privileges
-from .config import (
+from polevpn import __version__
+from polevpn.common.logfmt import kv
+from polevpn.config import (
     ConfigError,
     GatewayConfig,
     RouterConfig,
@@ -24,8 +25,8 @@ from .config import (
     load_gateway_config,
     load_router_config,
 )
-from .logfmt import kv
-from .reloading import ReloadError
+from polevpn.config.reloading import ReloadError
+from polevpn.host import privileges
 
 EXIT_CONFIG = 2
 
@@ -144,7 +145,7 @@ def router_main(argv: list[str] | None = None) -> int:
     cfg = _load("polevpn-router", argv, "config.json", load_router_config)
     if cfg is None:
         return EXIT_CONFIG
-    from .router import Router
+    from polevpn.router.router import Router
 
     async def main() -> int:
         router = Router(cfg)
@@ -173,7 +174,7 @@ def gateway_main(argv: list[str] | None = None) -> int:
     cfg = _load("polevpn-gateway", argv, "gateway.json", load_gateway_config)
     if cfg is None:
         return EXIT_CONFIG
-    from .gateway import FatalError, Gateway
+    from polevpn.gateway.gateway import FatalError, Gateway
 
     log = logging.getLogger("polevpn.gateway")
     if os.geteuid() == 0:

@@ -7,9 +7,9 @@ from the 10 data shards; decode = the 3 lost data shards rebuilt from the 7 left
 ISA-L and zfec report theirs, so the rows compare directly.
 
 Rows:
-  polevpn.gf256 avx2/ssse3/scalar  our C kernels through the Python API fec.py uses
+  polevpn.kcp.gf256 avx2/ssse3/scalar  our C kernels through the Python API fec.py uses
                                    (matmul with the cached coefficient matrices)
-  polevpn.gf256 python             the pure-Python fallback (no C compiler)
+  polevpn.kcp.gf256 python             the pure-Python fallback (no C compiler)
   FecSession                       the whole FEC layer: send() of 10 payloads of 1386
                                    bytes (a 1400-byte budget) and receive() of the 10
                                    shards left after losing 3 data shards; MB/s of payload
@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from polevpn import fec, gf256  # noqa: E402
+from polevpn.kcp import fec, gf256
 
 K, M, SHARD = 10, 3, 1400
 LOST = (0, 4, 7)  # data shards lost in the decode runs
@@ -232,8 +232,8 @@ def run(seconds: float = 0.6) -> dict:
     codecs: dict[str, dict | None] = {}
     try:
         for level in reversed(gf256.simd_levels()):
-            codecs[f"polevpn.gf256 {gf256.KERNELS[level]}"] = ours(level, data, seconds)
-        codecs["polevpn.gf256 python"] = ours(None, data, seconds / 3)
+            codecs[f"polevpn.kcp.gf256 {gf256.KERNELS[level]}"] = ours(level, data, seconds)
+        codecs["polevpn.kcp.gf256 python"] = ours(None, data, seconds / 3)
         codecs["pyeclib isa_l_rs_vand"] = pyeclib_backend("isa_l_rs_vand", data, seconds)
         codecs["pyeclib liberasurecode_rs_vand"] = pyeclib_backend(
             "liberasurecode_rs_vand", data, seconds

@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from polevpn.config import FecParams, KcpParams  # noqa: E402
-from polevpn.kcp_link import KcpLink  # noqa: E402
-from polevpn.kcp_pool import KcpPool  # noqa: E402
+from polevpn.config import FecParams, KcpParams
+from polevpn.kcp.kcp_link import KcpLink
+from polevpn.kcp.kcp_pool import KcpPool
 
 MSG = 1300
 BATCH = 64

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from polevpn.logfmt import LogfmtFormatter
+from polevpn.common.logfmt import LogfmtFormatter
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own logging plugin exists

@@ -1,12 +1,12 @@
 """Protocol-level test gateways (no TUN, no root) and a router process to point them at.
 
 ``ProtoClient`` is one gateway as the router sees it, on tls:// (stdlib ``ssl`` under an
-asyncio Protocol) or kcp:// (``polevpn.kcp_transport`` with the same Protocol): it connects
+asyncio Protocol) or kcp:// (``polevpn.io.kcp_transport`` with the same Protocol): it connects
 from a chosen loopback source address, AUTHs, REGISTERs, sends IP packets as C2S_IPDATA
 frames, counts the S2C_IPDATA packets it receives, sends heartbeats so the router's idle
 timeout leaves it alone, and answers nothing. Many of them run on one event loop, which is
-what the load test and the soak benchmark need; the frame encoding is ``polevpn.wire`` and
-``polevpn.messages``, so these clients check the router, not a second copy of the codec.
+what the load test and the soak benchmark need; the frame encoding is ``polevpn.proto.wire`` and
+``polevpn.proto.messages``, so these clients check the router, not a second copy of the codec.
 
 ``RouterProcess`` runs the real ``polevpn-router`` console script on 127.0.0.1 (port 0, the
 ports read from its log) and reads its memory, descriptors and stats lines from /proc and
@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polevpn import dtls, kcp_transport, messages, wire
 from polevpn.config import FecParams, KcpParams
-from polevpn.gso import internet_checksum
-from polevpn.ippacket import dst_addr
-from polevpn.kcp_pool import KcpPool
+from polevpn.io import kcp_transport
+from polevpn.kcp import dtls
+from polevpn.kcp.kcp_pool import KcpPool
+from polevpn.packet.gso import internet_checksum
+from polevpn.packet.ippacket import dst_addr
+from polevpn.proto import messages, wire
 
 try:  # tests/ is on sys.path (pytest rootdir-less import mode) ...
     import topology

@@ -13,7 +13,7 @@ Router VmRSS is sampled after WARMUP cycles (the start), every SAMPLE_EVERY cycl
 the end, once the router reports every cycle's connection closed. Pass: growth from start
 to end below GROWTH_LIMIT_MB per transport, and the router's open descriptors after the
 cycles equal those after the warm-up. A KCP object left to the ``kcp`` package's dealloc
-leaks about 4 KB (polevpn/kcp_pool.py), which 1000 kcp:// cycles would show as ~4 MB.
+leaks about 4 KB (polevpn/kcp/kcp_pool.py), which 1000 kcp:// cycles would show as ~4 MB.
 
 Prints a summary and writes docs/soak.json and the soak section of docs/benchmarks.md
 (between SOAK_BEGIN and SOAK_END; `make bench` keeps that section when it rewrites the

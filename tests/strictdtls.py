@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from polevpn import dtls
+from polevpn.kcp import dtls
 
 WINDOW = 64
 

@@ -1,4 +1,4 @@
-"""The router's REST API (polevpn.api), its OpenAPI document, its config and polevpn-ctl.
+"""The router's REST API (polevpn.ops.api), its OpenAPI document, its config and polevpn-ctl.
 
 An in-process router with protocol-level gateways (test_router_loopback.ProtoGateway) is
 checked over HTTP against what the test itself sent; schemathesis then fuzzes every
@@ -40,11 +40,12 @@ from test_metrics import (
 )
 from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
 
-from polevpn import api, ctl, metrics, openapi, pathstats
+from polevpn.common.logfmt import endpoint
 from polevpn.config import ConfigError, Listener, load_api_access, load_router_config
+from polevpn.io import pathstats
 from polevpn.keygen import generate
-from polevpn.logfmt import endpoint
-from polevpn.router import Router
+from polevpn.ops import api, ctl, metrics, openapi
+from polevpn.router.router import Router
 
 try:
     import topology as t

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polevpn.auth import Authority, GatewayGrant, keys_equal
+from polevpn.proto.auth import Authority, GatewayGrant, keys_equal
 
 N = ipaddress.ip_network
 A = ipaddress.ip_address

@@ -1,4 +1,4 @@
-"""The router's web dashboard (polevpn/web/index.html) in headless Chromium, end to end.
+"""The router's web dashboard (polevpn/ops/web/index.html) in headless Chromium, end to end.
 
 The first test runs the real daemons in network namespaces; the second an in-process router
 with protocol-level gateways on loopback (test_api's ThreadedRouter), one of them

@@ -12,9 +12,9 @@ from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polevpn import dtls
+from polevpn.kcp import dtls
 from polevpn.keygen import generate
-from polevpn.tlsconf import hostname_matches
+from polevpn.proto.certs import hostname_matches
 
 PEER = ("198.19.0.2", 40000)
 
@@ -254,7 +254,7 @@ def test_hostname_matching(keys):
 
 
 def test_wildcard_rules():
-    from polevpn.tlsconf import _dns_match
+    from polevpn.proto.certs import _dns_match
 
     assert _dns_match("*.example.net", "a.example.net")
     assert not _dns_match("*.example.net", "a.b.example.net")

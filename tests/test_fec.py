@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polevpn import fec, gf256
-from polevpn.fec import (
+from polevpn.kcp import fec, gf256
+from polevpn.kcp.fec import (
     HEADER_LEN,
     KIND_DATA,
     KIND_PARITY,

@@ -42,11 +42,13 @@ from pathlib import Path
 
 import uvloop
 
-from polevpn import dtls, kcp_transport, messages, wire
 from polevpn.config import FecParams, KcpParams
-from polevpn.fec import MAGIC
-from polevpn.kcp_pool import KcpPool
+from polevpn.io import kcp_transport
+from polevpn.kcp import dtls
+from polevpn.kcp.fec import MAGIC
+from polevpn.kcp.kcp_pool import KcpPool
 from polevpn.keygen import generate
+from polevpn.proto import messages, wire
 
 TOTAL = 10_000  # garbage frames and datagrams, at least
 N_PACKETS = 20  # legitimate packets each way afterwards

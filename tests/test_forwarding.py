@@ -1,4 +1,4 @@
-"""polevpn.forwarding: one read's packets in, frames per destination and drop counts out.
+"""polevpn.router.forwarding: one read's packets in, frames per destination and drop counts out.
 
 No router, no sockets: endpoints are plain objects, the routes a real RouteTable.
 """
@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polevpn import gso, wire
-from polevpn.forwarding import DROPS, MAX_PLAIN, forward
-from polevpn.routing import NetworkSet, RouteTable
-from polevpn.sitelinks import LinkInfo, Site
+from polevpn.packet import gso
+from polevpn.packet.routing import NetworkSet, RouteTable
+from polevpn.proto import wire
+from polevpn.router.forwarding import DROPS, MAX_PLAIN, forward
+from polevpn.router.sitelinks import LinkInfo, Site
 
 
 @dataclass(eq=False)
@@ -220,7 +221,7 @@ def test_the_queue_limit_holds_for_the_whole_batch(tmp_path) -> None:
     or one super-packet cut into many) was written whole. Now what does not fit in what is
     left of the queue is dropped and counted, whole frames only."""
     from polevpn.config import Listener, RouterConfig
-    from polevpn.router import GatewayConnection, Router
+    from polevpn.router.router import GatewayConnection, Router
 
     off = Listener(False, "127.0.0.1", 0, None, None)
     router = Router(RouterConfig(path=tmp_path / "r.json", tls=off, kcp=off, key="k"))

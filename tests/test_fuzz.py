@@ -18,10 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polevpn import dtls, messages, wire
-from polevpn.auth import keys_equal
 from polevpn.config import FecParams, KcpParams
-from polevpn.fec import (
+from polevpn.kcp import dtls
+from polevpn.kcp.fec import (
     HEADER_LEN,
     KIND_DATA,
     KIND_PARITY,
@@ -30,11 +29,13 @@ from polevpn.fec import (
     FecConfig,
     FecSession,
 )
-from polevpn.kcp_link import KcpLink
-from polevpn.kcp_pool import KcpPool
+from polevpn.kcp.kcp_link import KcpLink
+from polevpn.kcp.kcp_pool import KcpPool
 from polevpn.keygen import generate
-from polevpn.messages import MessageError
-from polevpn.session import (
+from polevpn.proto import messages, wire
+from polevpn.proto.auth import keys_equal
+from polevpn.proto.messages import MessageError
+from polevpn.proto.session import (
     AuthFailed,
     AuthSucceeded,
     ClientSession,
@@ -46,7 +47,7 @@ from polevpn.session import (
     ServerSession,
     State,
 )
-from polevpn.wire import FrameDecoder
+from polevpn.proto.wire import FrameDecoder
 
 KEY = "123456"
 

@@ -1,4 +1,4 @@
-"""The gateway orchestrator against in-memory fakes: a TUN (polevpn.tun.Tun) and routers.
+"""The gateway orchestrator against in-memory fakes: a TUN (polevpn.io.tun.Tun) and routers.
 
 Everything of the gateway is real but the two ends: ``FakeTun`` stands in for the device
 and ``FakeServer`` for each route server (``FakeGateway.net``), each connection a
@@ -26,21 +26,17 @@ from pathlib import Path
 import pytest
 from OpenSSL import SSL
 
-from polevpn import dtls, kcp_transport, linksock, wire
-from polevpn import gateway as gwmod
-from polevpn.config import (
-    GatewayConfig,
-    KcpParams,
-    LinkConfig,
-    RouteServer,
-    load_gateway_config,
-)
-from polevpn.gateway import Gateway, RouterLink
-from polevpn.hostsetup import HostSetup
-from polevpn.kcp_pool import KcpPool
-from polevpn.messages import FEATURE_MULTILINK, FEATURE_SUPER, LinkRequest
-from polevpn.session import RegisterRequested, ServerSession
-from polevpn.tun import TunDevice
+from polevpn.config import GatewayConfig, KcpParams, LinkConfig, RouteServer, load_gateway_config
+from polevpn.gateway import gateway as gwmod
+from polevpn.gateway.gateway import Gateway, RouterLink
+from polevpn.host.hostsetup import HostSetup
+from polevpn.io import kcp_transport, linksock
+from polevpn.io.tun import TunDevice
+from polevpn.kcp import dtls
+from polevpn.kcp.kcp_pool import KcpPool
+from polevpn.proto import wire
+from polevpn.proto.messages import FEATURE_MULTILINK, FEATURE_SUPER, LinkRequest
+from polevpn.proto.session import RegisterRequested, ServerSession
 
 A = "tls://198.19.0.1:443"
 B = "tls://198.19.0.2:443"

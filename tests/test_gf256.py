@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from polevpn import gf256
+from polevpn.kcp import gf256
 
 
 def ref_mul(a: int, b: int) -> int:

@@ -1,7 +1,7 @@
 """Software GSO: cutting TUN super-packets into plain packets, checksums completed.
 
 Every output is checked against a deliberately naive reference checksum (a loop over
-16-bit words), never against polevpn.gso's own arithmetic.
+16-bit words), never against polevpn.packet.gso's own arithmetic.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from polevpn.gso import (
+from polevpn.packet.gso import (
     F_DATA_VALID,
     F_NEEDS_CSUM,
     GSO_ECN,

@@ -23,7 +23,7 @@ except ImportError:  # ... or tests/ is a package
     from tests import topology as t
     from tests.test_e2e import Vpn, keys  # noqa: F401
 
-from polevpn.hostsetup import table_name
+from polevpn.host.hostsetup import table_name
 
 _ok, _reason = t.have_netns_support()
 if _ok and shutil.which("nft") is None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polevpn.ippacket import addrs, dst_addr, src_addr
+from polevpn.packet.ippacket import addrs, dst_addr, src_addr
 
 
 def ipv4_packet(src: str, dst: str, payload: bytes = b"", proto: int = 17) -> bytes:

@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from polevpn import _ikcp, dtls, kcp_link, kcp_transport, metrics
-from polevpn import fec as fec_mod
 from polevpn.config import FecParams, KcpParams, Listener, RouterConfig
-from polevpn.kcp_link import KcpLink
-from polevpn.kcp_pool import KcpPool
+from polevpn.io import kcp_transport
+from polevpn.kcp import _ikcp, dtls, kcp_link
+from polevpn.kcp import fec as fec_mod
+from polevpn.kcp.kcp_link import KcpLink
+from polevpn.kcp.kcp_pool import KcpPool
 from polevpn.keygen import generate
-from polevpn.router import Router
+from polevpn.ops import metrics
+from polevpn.router.router import Router
 
 NO_FEC = KcpParams(fec=FecParams(mode="off"))
 

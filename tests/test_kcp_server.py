@@ -14,9 +14,9 @@ import time
 import pytest
 import strictdtls
 
-from polevpn import dtls
 from polevpn.config import HandshakeLimits, KcpParams
-from polevpn.kcp_transport import HandshakeSlots, KcpServer
+from polevpn.io.kcp_transport import HandshakeSlots, KcpServer
+from polevpn.kcp import dtls
 from polevpn.keygen import generate
 
 
@@ -320,7 +320,7 @@ def test_kcp_connection_has_auth_timeout_from_the_cookie(keys):
     from test_router_loopback import router_config
     from test_router_loopback import run as run_uvloop
 
-    from polevpn.router import Router
+    from polevpn.router.router import Router
 
     async def scenario():
         router = Router(router_config(keys, auth_timeout=1.2))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polevpn.limits import (
+from polevpn.router.limits import (
     HTTP_REFUSED_FULL,
     HTTP_REFUSED_SOURCE,
     REFUSED_RATE,

@@ -2,8 +2,9 @@
 
 The router is the ``polevpn-router`` console script with tls and kcp listeners on
 127.0.0.1. 150 gateways connect over tls:// and 50 over kcp:// (``tests/protoclient.py``), all
-at once, each from its own loopback source address (127.0.1.1, 127.0.1.2, ...), so the
-router's per-source and per-network caps never come into it. Gateway i registers 169.254.1.(i+1), the /28
+at once, each from its own loopback source address (127.0.1.1, 127.0.1.2, ...); the
+router's per-source and per-network caps are raised so they never come into it. Gateway i
+registers 169.254.1.(i+1), the /28
 198.18.(i // 16).((i % 16) * 16) and 2001:db8:1:i::/64. Then for 30 s every gateway sends
 20 packets/s (bursts of 5 every 250 ms, one in four IPv6) to a rotating set of peers, so
 over the run each gateway addresses each of its 199 peers about three times and receives
@@ -38,8 +39,8 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from polevpn.gso import internet_checksum
 from polevpn.keygen import generate
+from polevpn.packet.gso import internet_checksum
 
 try:  # tests/ is on sys.path (pytest rootdir-less import mode) ...
     from protoclient import ProtoClient, RouterProcess, marker, router_config, udp_packet

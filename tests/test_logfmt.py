@@ -8,7 +8,7 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polevpn.logfmt import LogfmtFormatter, kv, lines, pairs, parse, quote, render
+from polevpn.common.logfmt import LogfmtFormatter, kv, lines, pairs, parse, quote, render
 
 
 def _record(msg: str, *args: object, fields: dict | None = None, level=logging.INFO):

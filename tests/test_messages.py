@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polevpn import messages, wire
-from polevpn.messages import MessageError, parse_auth, parse_register, parse_reply
+from polevpn.proto import messages, wire
+from polevpn.proto.messages import MessageError, parse_auth, parse_register, parse_reply
 
 GO_AUTH_BODY = b'{"key":"123456"}'
 GO_REGISTER_BODY = b'{"gateway":"169.254.0.1","key":"123456","network":["198.18.10.0/24"]}'

@@ -26,7 +26,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
 
-from polevpn import metrics
 from polevpn.config import (
     ConfigError,
     FecParams,
@@ -34,10 +33,11 @@ from polevpn.config import (
     load_gateway_config,
     load_router_config,
 )
-from polevpn.fec import FecStats
-from polevpn.gateway import Gateway
+from polevpn.gateway.gateway import Gateway
+from polevpn.kcp.fec import FecStats
 from polevpn.keygen import generate
-from polevpn.limits import ClientLimits
+from polevpn.ops import metrics
+from polevpn.router.limits import ClientLimits
 
 A, B = "169.254.0.1", "169.254.0.2"
 LAN_A, LAN_B = "198.18.10.0/24", "198.18.20.0/24"

@@ -1,4 +1,4 @@
-"""MSS clamping (polevpn.mss): exact bytes, checksums recomputed from scratch, fuzzing.
+"""MSS clamping (polevpn.packet.mss): exact bytes, checksums recomputed from scratch, fuzzing.
 
 The expected packet after clamping is always built afresh with the lower MSS and its
 checksum computed over the whole segment, so the incremental update is never checked
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from polevpn.gso import (
+from polevpn.packet.gso import (
     F_DATA_VALID,
     F_NEEDS_CSUM,
     GSO_NONE,
@@ -22,7 +22,7 @@ from polevpn.gso import (
     internet_checksum,
     to_plain,
 )
-from polevpn.mss import clamp_mss, clamped, clamped_vnet, limits
+from polevpn.packet.mss import clamp_mss, clamped, clamped_vnet, limits
 
 TCP, UDP = 6, 17
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10

@@ -28,7 +28,7 @@ from test_e2e import (
 )
 
 from polevpn.config import GatewayConfig
-from polevpn.mss import limits
+from polevpn.packet.mss import limits
 
 _ok, _reason = t.daemons_ready()
 _integrated = any(f.name == "mss_clamp" for f in dataclasses.fields(GatewayConfig))

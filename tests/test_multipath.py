@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polevpn.multipath import BUCKETS, FlowTable, Path, flow_hash
+from polevpn.packet.multipath import BUCKETS, FlowTable, Path, flow_hash
 
 
 def v4(
@@ -170,7 +170,7 @@ def test_replacing_and_removing_paths() -> None:
 def test_the_mapping_is_the_same_in_every_process() -> None:
     """No per-process hash seed goes into it: runs and logs stay comparable."""
     code = (
-        "from polevpn.multipath import FlowTable, Path\n"
+        "from polevpn.packet.multipath import FlowTable, Path\n"
         "t = FlowTable([Path(1), Path(2), Path(3, 2.5)])\n"
         "[t.set_up(i, True) for i in (1, 2, 3)]\n"
         "print(t.table)\n"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from polevpn import gateway as gwmod
 from polevpn.config import GatewayConfig, RouteServer, load_gateway_config
+from polevpn.gateway import gateway as gwmod
 
 
 def _config(**overrides) -> GatewayConfig:

@@ -1,6 +1,6 @@
 """Config reload: what changes, what waits for a restart, and who stays connected.
 
-The plan is pure (``polevpn.reloading``); the router's part runs in-process on loopback
+The plan is pure (``polevpn.config.reloading``); the router's part runs in-process on loopback
 with protocol-level gateways, its config a real file rewritten between reloads.
 """
 
@@ -17,10 +17,11 @@ import topology as t
 from test_router_loopback import ProtoGateway, frame, ipv4_packet, run
 from test_router_security import auth, register, tls_gateway
 
-from polevpn import dtls, keygen
+from polevpn import keygen
 from polevpn.config import ConfigError, load_gateway_config, load_router_config
-from polevpn.reloading import plan
-from polevpn.router import Router
+from polevpn.config.reloading import plan
+from polevpn.kcp import dtls
+from polevpn.router.router import Router
 
 A, B, C = "169.254.0.1", "169.254.0.2", "169.254.0.3"
 LAN_A, LAN_B, LAN_C = "198.18.10.0/24", "198.18.20.0/24", "198.18.30.0/24"

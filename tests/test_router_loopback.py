@@ -18,11 +18,14 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from polevpn import dtls, gso, kcp_transport, wire
 from polevpn.config import FecParams, KcpParams, Listener, RouterConfig
-from polevpn.kcp_pool import KcpPool
+from polevpn.io import kcp_transport
+from polevpn.kcp import dtls
+from polevpn.kcp.kcp_pool import KcpPool
 from polevpn.keygen import generate
-from polevpn.router import Router
+from polevpn.packet import gso
+from polevpn.proto import wire
+from polevpn.router.router import Router
 
 KEY = "123456"
 
@@ -552,7 +555,7 @@ def test_an_over_long_packet_does_not_black_hole_other_gateways(keys):
 def test_an_exception_while_forwarding_strands_nothing(keys, monkeypatch):
     """Whatever goes wrong in one read costs that read's sender its connection; frames
     already routed to others in that read are not left behind to block their later ones."""
-    import polevpn.router as router_mod
+    import polevpn.router.router as router_mod
 
     real = router_mod.forward
 

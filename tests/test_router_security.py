@@ -27,14 +27,16 @@ from test_router_loopback import (
     started,
 )
 
-from polevpn import dtls, kcp_transport, keygen
-from polevpn.auth import GatewayGrant
+from polevpn import keygen
+from polevpn.common.logfmt import pairs
 from polevpn.config import load_router_config
-from polevpn.kcp_pool import KcpPool
-from polevpn.limits import LimitParams
-from polevpn.logfmt import pairs
-from polevpn.router import Router
-from polevpn.session import REGISTER_BURST
+from polevpn.io import kcp_transport
+from polevpn.kcp import dtls
+from polevpn.kcp.kcp_pool import KcpPool
+from polevpn.proto.auth import GatewayGrant
+from polevpn.proto.session import REGISTER_BURST
+from polevpn.router.limits import LimitParams
+from polevpn.router.router import Router
 
 A, B = "169.254.0.1", "169.254.0.2"
 LAN_A, LAN_B = "198.18.10.0/24", "198.18.20.0/24"

@@ -8,7 +8,7 @@ from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polevpn.routing import NetworkSet, RouteTable, announcement_error
+from polevpn.packet.routing import NetworkSet, RouteTable, announcement_error
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

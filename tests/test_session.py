@@ -8,9 +8,9 @@ import struct
 
 import pytest
 
-from polevpn import messages, wire
-from polevpn.auth import keys_equal
-from polevpn.session import (
+from polevpn.proto import messages, wire
+from polevpn.proto.auth import keys_equal
+from polevpn.proto.session import (
     PRE_AUTH_MAX_FRAME,
     REGISTER_BURST,
     REGISTER_RATE,
@@ -25,7 +25,7 @@ from polevpn.session import (
     ServerSession,
     State,
 )
-from polevpn.wire import FrameDecoder, encode_frame
+from polevpn.proto.wire import FrameDecoder, encode_frame
 
 KEY = "123456"
 GO_AUTH = bytes.fromhex("0018 0000 00000000") + b'{"key":"123456"}'

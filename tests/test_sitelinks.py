@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from test_multipath import v4
 
-from polevpn.sitelinks import MAX_LINKS, LinkInfo, SiteLinks, TooManyLinks
+from polevpn.router.sitelinks import MAX_LINKS, LinkInfo, SiteLinks, TooManyLinks
 
 PLAIN = LinkInfo()
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 import uvloop
 
-from polevpn.udp_batch import MAX_SEGMENTS, UdpBatchSender
+from polevpn.io.udp_batch import MAX_SEGMENTS, UdpBatchSender
 
 
 class Sink(asyncio.DatagramProtocol):

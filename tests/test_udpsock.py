@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from polevpn import dtls, kcp_transport, udpsock
 from polevpn.config import FecParams, KcpParams
-from polevpn.kcp_pool import KcpPool
+from polevpn.io import kcp_transport, udpsock
+from polevpn.io.udp_batch import UdpBatchSender
+from polevpn.kcp import dtls
+from polevpn.kcp.kcp_pool import KcpPool
 from polevpn.keygen import generate
-from polevpn.udp_batch import UdpBatchSender
 
 NETNS_ENV = "POLEVPN_UDPSOCK_NETNS"
 inside = pytest.mark.skipif(

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from polevpn import messages, wire
-from polevpn.wire import HEADER_LEN, MAX_BODY, FrameDecoder, ProtocolError, encode_frame
+from polevpn.proto import messages, wire
+from polevpn.proto.wire import HEADER_LEN, MAX_BODY, FrameDecoder, ProtocolError, encode_frame
 
 # Captured from the Go PoleVPN gateway and router (see docs/protocol.md).
 GO_AUTH = bytes.fromhex("0018 0000 00000000") + b'{"key":"123456"}'

@@ -1,0 +1,508 @@
+/*
+ * polevpn.kcp._ikcp: KCP (skywind3000/kcp, vendored in vendor/kcp/, MIT) for kcp_link and
+ * kcp_pool, as one small CPython type. Replaces the `kcp` PyPI package, whose control block
+ * polevpn had to reach through ctypes for statistics and to free it.
+ *
+ *   Kcp(conv=0)                 a control block (ikcp_create); freed with the object
+ *   .reset(conv)                release the control block with all its segments now and
+ *                               start a fresh one (settings back to ikcp's defaults)
+ *   .set_output(callable|None)  called with one bytes object per KCP output buffer
+ *   .send(buf) -> int           ikcp_send (one message); ValueError when ikcp refuses
+ *   .write(buf) -> int          messages of at most mss bytes each, as kcp-go writes
+ *   .input(buf) -> int          ikcp_input's result (< 0: not a valid segment for us)
+ *   .update(ms) .check(ms) .flush()
+ *   .recv() -> bytes|None       one message;  .recv_all() -> bytes: every message joined
+ *   .peeksize() .waitsnd() .setmtu(mtu) .wndsize(snd, rcv) .nodelay(nd, iv, resend, nc)
+ *   .set_rcv_wnd(n)             the receive window as given (ikcp_wndsize keeps >= 128;
+ *                               a smaller one is for a peer not yet authenticated)
+ *   .ask_tell()                 announce the receive window with the next flush
+ *   .buffered() -> (snd_queue, snd_buf, rcv_buf, rcv_queue) payload bytes (walks the lists)
+ *   read-only attributes: conv mtu mss state snd_una snd_nxt rcv_nxt srtt rttval rto minrto
+ *       snd_wnd rcv_wnd rmt_wnd cwnd probe interval xmit nrcv_buf nsnd_buf nrcv_que
+ *       nsnd_que nodelay_mode dead_link ackcount ackblock
+ *       snd_bytes (payload bytes queued or unacknowledged)
+ *   module: allocated() -> (bytes, blocks) that every control block holds through ikcp's
+ *       allocator right now (tests use it to see that a closed session kept nothing)
+ *
+ * The output callback may raise: the exception is kept, further output of that call is
+ * dropped, and the method that flushed raises it.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "vendor/kcp/ikcp.c"
+
+/* -- allocator with accounting: ikcp's hook is process-wide (for this module) */
+
+typedef union {
+    size_t size;
+    max_align_t align;
+} alloc_head;
+
+static size_t alloc_bytes = 0;
+static size_t alloc_blocks = 0;
+
+static void *counted_malloc(size_t size)
+{
+    alloc_head *h = (alloc_head *)malloc(sizeof(alloc_head) + size);
+    if (h == NULL)
+        return NULL;
+    h->size = size;
+    alloc_bytes += size;
+    alloc_blocks++;
+    return h + 1;
+}
+
+static void counted_free(void *p)
+{
+    if (p == NULL)
+        return;
+    alloc_head *h = (alloc_head *)p - 1;
+    alloc_bytes -= h->size;
+    alloc_blocks--;
+    free(h);
+}
+
+/* -- the type */
+
+typedef struct {
+    PyObject_HEAD
+    ikcpcb *kcp;
+    PyObject *output;
+    int failed; /* the output callback raised during the current call */
+} KcpObject;
+
+static int kcp_output(const char *buf, int len, ikcpcb *kcp, void *user)
+{
+    KcpObject *self = (KcpObject *)user;
+    (void)kcp;
+    if (self->failed || self->output == NULL)
+        return 0;
+    PyObject *data = PyBytes_FromStringAndSize(buf, len);
+    if (data == NULL) {
+        self->failed = 1;
+        return 0;
+    }
+    PyObject *r = PyObject_CallOneArg(self->output, data);
+    Py_DECREF(data);
+    if (r == NULL)
+        self->failed = 1;
+    else
+        Py_DECREF(r);
+    return 0;
+}
+
+/* after an ikcp call that may have produced output: NULL if the callback raised */
+static PyObject *done(KcpObject *self, PyObject *result)
+{
+    if (self->failed) {
+        self->failed = 0;
+        Py_XDECREF(result);
+        return NULL;
+    }
+    return result;
+}
+
+static int fresh(KcpObject *self, IUINT32 conv)
+{
+    ikcpcb *kcp = ikcp_create(conv, self);
+    if (kcp == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    kcp->output = kcp_output;
+    self->kcp = kcp;
+    return 0;
+}
+
+static PyObject *Kcp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"conv", NULL};
+    unsigned int conv = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|I", kwlist, &conv))
+        return NULL;
+    KcpObject *self = (KcpObject *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->output = NULL;
+    self->failed = 0;
+    if (fresh(self, conv) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int Kcp_traverse(KcpObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->output);
+    return 0;
+}
+
+static int Kcp_clear(KcpObject *self)
+{
+    Py_CLEAR(self->output);
+    return 0;
+}
+
+static void Kcp_dealloc(KcpObject *self)
+{
+    PyObject_GC_UnTrack(self);
+    Kcp_clear(self);
+    if (self->kcp != NULL) {
+        ikcp_release(self->kcp);
+        self->kcp = NULL;
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *Kcp_reset(KcpObject *self, PyObject *arg)
+{
+    unsigned long conv = PyLong_AsUnsignedLong(arg);
+    if (conv == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    ikcpcb *old = self->kcp;
+    if (fresh(self, (IUINT32)conv) < 0)
+        return NULL;
+    ikcp_release(old);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Kcp_set_output(KcpObject *self, PyObject *arg)
+{
+    if (arg == Py_None) {
+        Py_CLEAR(self->output);
+        Py_RETURN_NONE;
+    }
+    if (!PyCallable_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "output must be callable or None");
+        return NULL;
+    }
+    Py_INCREF(arg);
+    Py_XSETREF(self->output, arg);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Kcp_send(KcpObject *self, PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (b.len > INT_MAX) {
+        PyBuffer_Release(&b);
+        PyErr_SetString(PyExc_ValueError, "message too long");
+        return NULL;
+    }
+    int rc = ikcp_send(self->kcp, (const char *)b.buf, (int)b.len);
+    PyBuffer_Release(&b);
+    if (rc < 0) {
+        PyErr_Format(PyExc_ValueError, "ikcp_send refused the message (%d)", rc);
+        return NULL;
+    }
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *Kcp_write(KcpObject *self, PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const char *p = (const char *)b.buf;
+    Py_ssize_t left = b.len;
+    Py_ssize_t mss = (Py_ssize_t)self->kcp->mss;
+    long n = 0;
+    while (left > 0) {
+        int size = (int)(left < mss ? left : mss);
+        if (ikcp_send(self->kcp, p, size) < 0) {
+            PyBuffer_Release(&b);
+            return PyErr_NoMemory();
+        }
+        p += size;
+        left -= size;
+        n++;
+    }
+    PyBuffer_Release(&b);
+    return PyLong_FromLong(n);
+}
+
+static PyObject *Kcp_input(KcpObject *self, PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int rc = ikcp_input(self->kcp, (const char *)b.buf, (long)b.len);
+    PyBuffer_Release(&b);
+    /* input itself never outputs, but keep the rule uniform */
+    return done(self, PyLong_FromLong(rc));
+}
+
+static PyObject *Kcp_update(KcpObject *self, PyObject *arg)
+{
+    unsigned long ms = PyLong_AsUnsignedLongMask(arg);
+    if (ms == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    ikcp_update(self->kcp, (IUINT32)ms);
+    Py_INCREF(Py_None);
+    return done(self, Py_None);
+}
+
+static PyObject *Kcp_check(KcpObject *self, PyObject *arg)
+{
+    unsigned long ms = PyLong_AsUnsignedLongMask(arg);
+    if (ms == (unsigned long)-1 && PyErr_Occurred())
+        return NULL;
+    return PyLong_FromUnsignedLong(ikcp_check(self->kcp, (IUINT32)ms));
+}
+
+static PyObject *Kcp_flush(KcpObject *self, PyObject *Py_UNUSED(ignored))
+{
+    ikcp_flush(self->kcp);
+    Py_INCREF(Py_None);
+    return done(self, Py_None);
+}
+
+static PyObject *Kcp_peeksize(KcpObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLong(ikcp_peeksize(self->kcp));
+}
+
+static PyObject *Kcp_recv(KcpObject *self, PyObject *Py_UNUSED(ignored))
+{
+    int n = ikcp_peeksize(self->kcp);
+    if (n < 0)
+        Py_RETURN_NONE;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (out == NULL)
+        return NULL;
+    int rc = ikcp_recv(self->kcp, PyBytes_AS_STRING(out), n);
+    if (rc != n) {
+        Py_DECREF(out);
+        PyErr_Format(PyExc_RuntimeError, "ikcp_recv returned %d for %d bytes", rc, n);
+        return NULL;
+    }
+    return out;
+}
+
+static PyObject *Kcp_recv_all(KcpObject *self, PyObject *Py_UNUSED(ignored))
+{
+    int n = ikcp_peeksize(self->kcp);
+    if (n < 0)
+        return PyBytes_FromStringAndSize(NULL, 0);
+    Py_ssize_t cap = n < 65536 ? 65536 : n, off = 0;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
+    if (out == NULL)
+        return NULL;
+    while (n >= 0) {
+        if (off + n > cap) {
+            while (off + n > cap)
+                cap *= 2;
+            if (_PyBytes_Resize(&out, cap) < 0)
+                return NULL;
+        }
+        int rc = ikcp_recv(self->kcp, PyBytes_AS_STRING(out) + off, n);
+        if (rc != n) {
+            Py_DECREF(out);
+            PyErr_Format(PyExc_RuntimeError, "ikcp_recv returned %d for %d bytes", rc, n);
+            return NULL;
+        }
+        off += n;
+        n = ikcp_peeksize(self->kcp);
+    }
+    if (off != cap && _PyBytes_Resize(&out, off) < 0)
+        return NULL;
+    return out;
+}
+
+static PyObject *Kcp_waitsnd(KcpObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLong(ikcp_waitsnd(self->kcp));
+}
+
+static PyObject *Kcp_setmtu(KcpObject *self, PyObject *arg)
+{
+    long mtu = PyLong_AsLong(arg);
+    if (mtu == -1 && PyErr_Occurred())
+        return NULL;
+    if (mtu < 50 || mtu > 65535 || ikcp_setmtu(self->kcp, (int)mtu) < 0) {
+        PyErr_Format(PyExc_ValueError, "bad KCP MTU %ld", mtu);
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Kcp_wndsize(KcpObject *self, PyObject *args)
+{
+    int snd, rcv;
+    if (!PyArg_ParseTuple(args, "ii", &snd, &rcv))
+        return NULL;
+    ikcp_wndsize(self->kcp, snd, rcv);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Kcp_set_rcv_wnd(KcpObject *self, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > 65535) {
+        PyErr_Format(PyExc_ValueError, "bad receive window %ld", n);
+        return NULL;
+    }
+    self->kcp->rcv_wnd = (IUINT32)n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Kcp_nodelay(KcpObject *self, PyObject *args)
+{
+    int nodelay, interval, resend, nc;
+    if (!PyArg_ParseTuple(args, "pii" "p", &nodelay, &interval, &resend, &nc))
+        return NULL;
+    ikcp_nodelay(self->kcp, nodelay, interval, resend, nc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Kcp_ask_tell(KcpObject *self, PyObject *Py_UNUSED(ignored))
+{
+    self->kcp->probe |= IKCP_ASK_TELL;
+    Py_RETURN_NONE;
+}
+
+static size_t queue_bytes(const struct IQUEUEHEAD *head)
+{
+    size_t n = 0;
+    const struct IQUEUEHEAD *p;
+    for (p = head->next; p != head; p = p->next)
+        n += iqueue_entry(p, IKCPSEG, node)->len;
+    return n;
+}
+
+static PyObject *Kcp_buffered(KcpObject *self, PyObject *Py_UNUSED(ignored))
+{
+    ikcpcb *k = self->kcp;
+    return Py_BuildValue("(nnnn)", (Py_ssize_t)queue_bytes(&k->snd_queue),
+                         (Py_ssize_t)queue_bytes(&k->snd_buf),
+                         (Py_ssize_t)queue_bytes(&k->rcv_buf),
+                         (Py_ssize_t)queue_bytes(&k->rcv_queue));
+}
+
+static PyMethodDef Kcp_methods[] = {
+    {"reset", (PyCFunction)Kcp_reset, METH_O, "free everything now; a fresh control block"},
+    {"set_output", (PyCFunction)Kcp_set_output, METH_O, "output callable(bytes) or None"},
+    {"send", (PyCFunction)Kcp_send, METH_O, "ikcp_send: one message"},
+    {"write", (PyCFunction)Kcp_write, METH_O, "messages of at most mss bytes each"},
+    {"input", (PyCFunction)Kcp_input, METH_O, "ikcp_input; its result"},
+    {"update", (PyCFunction)Kcp_update, METH_O, "ikcp_update(ms)"},
+    {"check", (PyCFunction)Kcp_check, METH_O, "ikcp_check(ms)"},
+    {"flush", (PyCFunction)Kcp_flush, METH_NOARGS, "ikcp_flush"},
+    {"peeksize", (PyCFunction)Kcp_peeksize, METH_NOARGS, "ikcp_peeksize"},
+    {"recv", (PyCFunction)Kcp_recv, METH_NOARGS, "one message or None"},
+    {"recv_all", (PyCFunction)Kcp_recv_all, METH_NOARGS, "every message ready, joined"},
+    {"waitsnd", (PyCFunction)Kcp_waitsnd, METH_NOARGS, "ikcp_waitsnd"},
+    {"setmtu", (PyCFunction)Kcp_setmtu, METH_O, "ikcp_setmtu"},
+    {"wndsize", (PyCFunction)Kcp_wndsize, METH_VARARGS, "ikcp_wndsize(snd, rcv)"},
+    {"set_rcv_wnd", (PyCFunction)Kcp_set_rcv_wnd, METH_O, "receive window, any size"},
+    {"nodelay", (PyCFunction)Kcp_nodelay, METH_VARARGS, "ikcp_nodelay(nd, iv, resend, nc)"},
+    {"ask_tell", (PyCFunction)Kcp_ask_tell, METH_NOARGS, "send our window on next flush"},
+    {"buffered", (PyCFunction)Kcp_buffered, METH_NOARGS,
+     "payload bytes in (snd_queue, snd_buf, rcv_buf, rcv_queue)"},
+    {NULL, NULL, 0, NULL},
+};
+
+/* read-only control block fields: the closure is the field's offset, the sign its type */
+#define U32(f) (void *)(intptr_t)(offsetof(ikcpcb, f) + 1)
+#define I32(f) (void *)(intptr_t)(-(intptr_t)offsetof(ikcpcb, f) - 1)
+
+static PyObject *Kcp_field(KcpObject *self, void *closure)
+{
+    intptr_t c = (intptr_t)closure;
+    const char *base = (const char *)self->kcp;
+    if (c > 0)
+        return PyLong_FromUnsignedLong(*(const IUINT32 *)(base + c - 1));
+    return PyLong_FromLong(*(const IINT32 *)(base + (-c - 1)));
+}
+
+static PyGetSetDef Kcp_getset[] = {
+    {"conv", (getter)Kcp_field, NULL, NULL, U32(conv)},
+    {"mtu", (getter)Kcp_field, NULL, NULL, U32(mtu)},
+    {"mss", (getter)Kcp_field, NULL, NULL, U32(mss)},
+    {"state", (getter)Kcp_field, NULL, "0xFFFFFFFF once dead_link transmissions failed",
+     U32(state)},
+    {"snd_una", (getter)Kcp_field, NULL, NULL, U32(snd_una)},
+    {"snd_nxt", (getter)Kcp_field, NULL, "next sequence number: data segments sent once",
+     U32(snd_nxt)},
+    {"rcv_nxt", (getter)Kcp_field, NULL, NULL, U32(rcv_nxt)},
+    {"srtt", (getter)Kcp_field, NULL, "smoothed RTT (ms)", I32(rx_srtt)},
+    {"rttval", (getter)Kcp_field, NULL, NULL, I32(rx_rttval)},
+    {"rto", (getter)Kcp_field, NULL, NULL, I32(rx_rto)},
+    {"minrto", (getter)Kcp_field, NULL, NULL, I32(rx_minrto)},
+    {"snd_wnd", (getter)Kcp_field, NULL, NULL, U32(snd_wnd)},
+    {"rcv_wnd", (getter)Kcp_field, NULL, NULL, U32(rcv_wnd)},
+    {"rmt_wnd", (getter)Kcp_field, NULL, NULL, U32(rmt_wnd)},
+    {"cwnd", (getter)Kcp_field, NULL, NULL, U32(cwnd)},
+    {"probe", (getter)Kcp_field, NULL, NULL, U32(probe)},
+    {"interval", (getter)Kcp_field, NULL, NULL, U32(interval)},
+    {"xmit", (getter)Kcp_field, NULL, "segments resent after their timeout", U32(xmit)},
+    {"nrcv_buf", (getter)Kcp_field, NULL, NULL, U32(nrcv_buf)},
+    {"nsnd_buf", (getter)Kcp_field, NULL, NULL, U32(nsnd_buf)},
+    {"nrcv_que", (getter)Kcp_field, NULL, NULL, U32(nrcv_que)},
+    {"nsnd_que", (getter)Kcp_field, NULL, NULL, U32(nsnd_que)},
+    {"nodelay_mode", (getter)Kcp_field, NULL, NULL, U32(nodelay)},
+    {"dead_link", (getter)Kcp_field, NULL, NULL, U32(dead_link)},
+    {"snd_bytes", (getter)Kcp_field, NULL, "payload bytes queued or unacknowledged",
+     U32(nsnd_bytes)},
+    {"ackcount", (getter)Kcp_field, NULL, "ACKs waiting for the next flush", U32(ackcount)},
+    {"ackblock", (getter)Kcp_field, NULL, "ACK list capacity (entries)", U32(ackblock)},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject KcpType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "polevpn.kcp._ikcp.Kcp",
+    .tp_doc = "A KCP control block (ikcp.c)",
+    .tp_basicsize = sizeof(KcpObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Kcp_new,
+    .tp_dealloc = (destructor)Kcp_dealloc,
+    .tp_traverse = (traverseproc)Kcp_traverse,
+    .tp_clear = (inquiry)Kcp_clear,
+    .tp_methods = Kcp_methods,
+    .tp_getset = Kcp_getset,
+};
+
+static PyObject *mod_allocated(PyObject *m, PyObject *Py_UNUSED(ignored))
+{
+    return Py_BuildValue("(nn)", (Py_ssize_t)alloc_bytes, (Py_ssize_t)alloc_blocks);
+}
+
+static PyMethodDef module_methods[] = {
+    {"allocated", mod_allocated, METH_NOARGS,
+     "(bytes, blocks) held by all KCP control blocks through ikcp's allocator"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "polevpn.kcp._ikcp", "KCP (ikcp.c) for polevpn", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__ikcp(void)
+{
+    if (PyType_Ready(&KcpType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&KcpType);
+    if (PyModule_AddObject(m, "Kcp", (PyObject *)&KcpType) < 0) {
+        Py_DECREF(&KcpType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(m, "OVERHEAD", 24) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    ikcp_allocator(counted_malloc, counted_free);
+    return m;
+}

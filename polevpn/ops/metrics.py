@@ -1,0 +1,677 @@
+"""Prometheus metrics for the router and the gateway, served from the daemon's own loop.
+
+Nothing here runs per packet: the collectors read the counters the daemons already keep
+(``RouterStats``, ``GatewayStats``, each connection's packet and byte counts, KCP's control
+block and the FEC session's stats) when ``/metrics`` is scraped.
+
+The HTTP side is ``polevpn.ops.httpserver`` on the daemon's loop rather than
+``prometheus_client.start_http_server``: that one runs a thread, and the gateway drops its
+capabilities thread by thread while the router may switch to another uid after binding.
+Every scrape gets one response and a close; a request is bounded in size and time, and so
+is the number of clients at once (with a reserve for loopback ones). The rendered page is
+kept for CACHE_SECONDS, so a flood of scrapes costs one rendering a second, and an optional
+bearer token (``metrics_token``) keeps the page from anyone without it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import fields
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from polevpn.io import pathstats
+from polevpn.ops import httpserver
+
+if TYPE_CHECKING:
+    from polevpn.gateway.gateway import Gateway, RouterLink, Uplink
+    from polevpn.kcp.kcp_link import KcpLink
+    from polevpn.router.router import GatewayConnection, Router, Site
+
+MAX_REQUEST = 4096  # bytes of request line and headers; a GET needs a fraction of that
+REQUEST_TIMEOUT = 5.0  # s for the whole request to arrive, and again for the reply to leave
+HEADER_TIMEOUT = 2.0  # s for the request head to arrive
+# s a rendered page is served again: Prometheus scrapes every 15-60 s, so nobody who scrapes
+# sanely sees a difference, and 250 scrapes a second cost one rendering a second
+CACHE_SECONDS = 1.0
+
+
+# RouterStats fields that are packets dropped, by the ``reason`` label they get
+ROUTER_DROPS = {
+    "dropped_no_route": "no_route",
+    "dropped_spoofed": "spoofed",
+    "dropped_malformed": "malformed",
+    "dropped_queue_full": "queue_full",
+    "dropped_hairpin": "hairpin",
+    "dropped_unregistered": "unregistered",
+    "dropped_link_local": "link_local",
+    "dropped_links_down": "links_down",
+    "dropped_oversized": "oversized",
+    "dropped_closing": "closing",
+}
+GATEWAY_DROPS = {
+    "dropped_no_link": "no_link",
+    "dropped_link_busy": "link_busy",
+    "dropped_acl": "acl",
+    "dropped_spoofed": "spoofed",
+    "dropped_malformed": "malformed",
+    "dropped_too_big": "too_big",
+    "tun_write_dropped": "tun_full",
+}
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# -- collectors
+
+
+def _counter(name: str, doc: str, value: float, labels: dict[str, str] | None = None) -> Metric:
+    m = CounterMetricFamily(name, doc, labels=list(labels) if labels else None)
+    m.add_metric(list(labels.values()) if labels else [], value)
+    return m
+
+
+def _gauge(name: str, doc: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+class _LinkMetrics:
+    """KCP and FEC figures of kcp:// links, one sample per label set."""
+
+    def __init__(self, prefix: str, label_names: list[str]) -> None:
+        self.retransmissions = CounterMetricFamily(
+            f"{prefix}kcp_retransmissions",
+            "KCP segments sent again after their retransmission timeout (ikcp xmit)",
+            labels=label_names,
+        )
+        self.srtt = GaugeMetricFamily(
+            f"{prefix}kcp_srtt_seconds", "KCP's smoothed round-trip time", labels=label_names
+        )
+        self.recovered = CounterMetricFamily(
+            f"{prefix}fec_recovered",
+            "payloads rebuilt from FEC parity shards (losses KCP did not have to resend)",
+            labels=label_names,
+        )
+        self.unrecoverable = CounterMetricFamily(
+            f"{prefix}fec_unrecoverable",
+            "FEC groups given up with data missing and too little parity",
+            labels=label_names,
+        )
+        self.parity_sent = CounterMetricFamily(
+            f"{prefix}fec_parity_sent", "FEC parity shards sent", labels=label_names
+        )
+        self.parity = GaugeMetricFamily(
+            f"{prefix}fec_parity_shards",
+            "parity shards per FEC group now (adaptive mode moves it with the loss)",
+            labels=label_names,
+        )
+        # Two directions, two figures (issue 19, bug 12). fec_parity_shards follows the loss
+        # the *peer* reports on the shards this side sends (peer_loss_ppm, smoothed), the
+        # same direction as kcp_retransmissions and loss_ratio. fec_loss_ratio is the other
+        # direction: what this side receives. Behind a rate-limited line the loss is all in
+        # the direction of the bulk data (the queue drops it), so a sender showed parity at
+        # its maximum with fec_loss_ratio 0.0 next to a loss_ratio of 0.3: both true, but
+        # the figure that explained the parity was not exported.
+        self.loss = GaugeMetricFamily(
+            f"{prefix}fec_loss_ratio",
+            "loss FEC measures on the shards this side receives (the peer's direction; "
+            "last report interval)",
+            labels=label_names,
+        )
+        self.peer_loss = GaugeMetricFamily(
+            f"{prefix}fec_peer_loss_ratio",
+            "loss the peer reports on the shards this side sends (smoothed): what adaptive "
+            "parity (fec_parity_shards) follows",
+            labels=label_names,
+        )
+        self.refused = CounterMetricFamily(
+            f"{prefix}fec_refused",
+            "FEC work refused: shards of groups larger than configured (oversized), parity "
+            "before AUTH (unauthenticated), groups over the decode budget (budget)",
+            labels=[*label_names, "reason"],
+        )
+
+    def add(self, labels: list[str], link: KcpLink) -> None:
+        srtt, retransmissions = link.srtt_ms, link.retransmissions
+        if srtt is not None and retransmissions is not None:
+            self.retransmissions.add_metric(labels, retransmissions)
+            self.srtt.add_metric(labels, srtt / 1000)
+        fec = link.fec
+        if fec is not None:
+            s = fec.stats
+            self.recovered.add_metric(labels, s.recovered)
+            self.unrecoverable.add_metric(labels, s.unrecoverable)
+            self.parity_sent.add_metric(labels, s.parity_sent)
+            self.parity.add_metric(labels, s.parity)
+            self.loss.add_metric(labels, s.loss_ppm / 1e6)
+            self.peer_loss.add_metric(labels, s.peer_loss_ppm / 1e6)
+            self.refused.add_metric([*labels, "oversized"], s.oversized)
+            self.refused.add_metric([*labels, "unauthenticated"], s.undecoded)
+            self.refused.add_metric([*labels, "budget"], s.decodes_refused)
+
+    def families(self) -> list[Metric]:
+        return [
+            self.retransmissions,
+            self.srtt,
+            self.recovered,
+            self.unrecoverable,
+            self.parity_sent,
+            self.parity,
+            self.loss,
+            self.peer_loss,
+            self.refused,
+        ]
+
+
+def _kcp_link(transport: object) -> KcpLink | None:
+    get = getattr(transport, "get_extra_info", None)
+    return get("kcp_link") if get is not None else None
+
+
+class RouterCollector(Collector):
+    P = "polevpn_router_"
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[Metric]:
+        r = self.router
+        p = self.P
+        stats = r.stats
+        conns = list(r.connections)
+        sites = list(r.sites.values())
+        yield from self._per_gateway(list(r.by_gateway.values()), sites)
+        yield from self._per_link(sites)
+
+        by_transport = GaugeMetricFamily(
+            f"{p}connections",
+            "open gateway connections, registered or not yet",
+            labels=["transport"],
+        )
+        for name in ("tls", "kcp"):
+            by_transport.add_metric([name], sum(1 for c in conns if c.transport_name == name))
+        yield by_transport
+        yield _gauge(
+            f"{p}registered_gateways",
+            "gateways registered now (a multi-link gateway counts once)",
+            len(r.by_gateway) + len(sites),
+        )
+        links = [c for site in sites for c in site.links.connections()]
+        by_state = GaugeMetricFamily(
+            f"{p}links", "links of multi-link gateways, by state", labels=["state"]
+        )
+        up = sum(1 for c in links if c.link_up)
+        by_state.add_metric(["up"], up)
+        by_state.add_metric(["down"], len(links) - up)
+        yield by_state
+        yield _gauge(
+            f"{p}pending_connections",
+            "connections accepted and not yet registered (counted against the limits)",
+            r.admission.pending,
+        )
+        yield _gauge(f"{p}routes", "prefixes in the routing table", len(r.routes))
+
+        drops = CounterMetricFamily(
+            f"{p}dropped_packets", "packets the router dropped, by reason", labels=["reason"]
+        )
+        # sessions count what arrives before REGISTER themselves; the router adds it up at
+        # disconnect, so live sessions are added here to keep the counter monotonic
+        unregistered = sum(c.session.dropped_unregistered for c in conns if c.session)
+        for field, reason in ROUTER_DROPS.items():
+            value = getattr(stats, field)
+            if field == "dropped_unregistered":
+                value += unregistered
+            drops.add_metric([reason], value)
+        yield drops
+        yield _counter(
+            f"{p}forwarded_packets", "packets forwarded to a gateway", stats.packets_forwarded
+        )
+        yield _counter(
+            f"{p}forwarded_bytes", "IP bytes forwarded to a gateway", stats.bytes_forwarded
+        )
+
+        timeouts = CounterMetricFamily(
+            f"{p}timeouts", "connections closed for a timeout, by stage", labels=["stage"]
+        )
+        timeouts.add_metric(["handshake"], stats.handshake_timeouts)
+        timeouts.add_metric(["auth"], stats.auth_timeouts)
+        timeouts.add_metric(["idle"], stats.idle_timeouts)
+        yield timeouts
+        skip = set(ROUTER_DROPS) | {
+            "packets_forwarded",
+            "bytes_forwarded",
+            "handshake_timeouts",
+            "auth_timeouts",
+            "idle_timeouts",
+        }
+        for f in fields(stats):
+            if f.name not in skip:
+                yield _counter(f"{p}{f.name}", f"RouterStats.{f.name}", getattr(stats, f.name))
+
+        refused = CounterMetricFamily(
+            f"{p}admission_refused",
+            "connections refused by the connection limits, by reason",
+            labels=["reason"],
+        )
+        for f in fields(r.admission.stats):
+            if f.name.startswith("refused_"):
+                refused.add_metric(
+                    [f.name.removeprefix("refused_")], getattr(r.admission.stats, f.name)
+                )
+            else:  # admitted_known, pre_tls_timeouts
+                value = getattr(r.admission.stats, f.name)
+                yield _counter(f"{p}admission_{f.name}", f"AdmissionStats.{f.name}", value)
+        yield refused
+
+        if r.kcp_server is not None:
+            ks = r.kcp_server.counters()
+            for f in fields(ks):
+                value = getattr(ks, f.name)
+                if f.name == "sessions":
+                    yield _gauge(f"{p}kcp_sessions", "established kcp:// sessions", value)
+                else:
+                    yield _counter(f"{p}kcp_{f.name}", f"KcpServerStats.{f.name}", value)
+
+    def _per_gateway(self, conns: list[GatewayConnection], sites: list[Site]) -> Iterable[Metric]:
+        """Per gateway; a multi-link gateway's counters are its links' sums (they drop when
+        a link reconnects, which Prometheus reads as a reset) and its KCP figures are
+        per link only."""
+        p = self.P
+        names = ["gateway", "transport"]
+        # "received" is what the gateway sent to the router, "sent" what the router sent it
+        rx_p = CounterMetricFamily(
+            f"{p}gateway_received_packets", "packets received from the gateway", labels=names
+        )
+        tx_p = CounterMetricFamily(
+            f"{p}gateway_sent_packets", "packets sent to the gateway", labels=names
+        )
+        rx_b = CounterMetricFamily(
+            f"{p}gateway_received_bytes",
+            "IP bytes received from the gateway and forwarded or dropped",
+            labels=names,
+        )
+        tx_b = CounterMetricFamily(
+            f"{p}gateway_sent_bytes", "IP bytes sent to the gateway", labels=names
+        )
+        links = _LinkMetrics(f"{p}gateway_", names)
+        for c in conns:
+            labels = [str(c.gateway), c.transport_name]
+            rx_p.add_metric(labels, c.packets_in)
+            tx_p.add_metric(labels, c.packets_out)
+            rx_b.add_metric(labels, c.bytes_in)
+            tx_b.add_metric(labels, c.bytes_out)
+            link = _kcp_link(c.transport) if c.transport_name == "kcp" else None
+            if link is not None:
+                links.add(labels, link)
+        for site in sites:
+            members = site.links.connections()
+            names = {c.transport_name for c in members}
+            labels = [str(site.gateway), names.pop() if len(names) == 1 else "mixed"]
+            rx_p.add_metric(labels, sum(c.packets_in for c in members))
+            tx_p.add_metric(labels, sum(c.packets_out for c in members))
+            rx_b.add_metric(labels, sum(c.bytes_in for c in members))
+            tx_b.add_metric(labels, sum(c.bytes_out for c in members))
+        return [rx_p, tx_p, rx_b, tx_b, *links.families()]
+
+    def _per_link(self, sites: list[Site]) -> Iterable[Metric]:
+        """Each link of each multi-link gateway, labelled gateway and link (its name)."""
+        p = f"{self.P}link_"
+        names = ["gateway", "link"]
+        info = GaugeMetricFamily(
+            f"{p}info",
+            "a link of a multi-link gateway (value 1): its transport and role",
+            labels=[*names, "transport", "role"],
+        )
+        weight = GaugeMetricFamily(f"{p}weight", "the link's weight", labels=names)
+        up = GaugeMetricFamily(
+            f"{p}up", "1 while the router hears from the link, 0 after its timeout", labels=names
+        )
+        downs = CounterMetricFamily(
+            f"{p}downs", "times the link went down since it connected", labels=names
+        )
+        rx_p = CounterMetricFamily(
+            f"{p}received_packets", "packets received on the link", labels=names
+        )
+        tx_p = CounterMetricFamily(f"{p}sent_packets", "packets sent on the link", labels=names)
+        rx_b = CounterMetricFamily(
+            f"{p}received_bytes", "IP bytes received on the link", labels=names
+        )
+        tx_b = CounterMetricFamily(f"{p}sent_bytes", "IP bytes sent on the link", labels=names)
+        rtt = GaugeMetricFamily(
+            f"{p}rtt_seconds",
+            "round-trip time: KCP's srtt on kcp://, the kernel's TCP estimate on tls://",
+            labels=names,
+        )
+        resent = CounterMetricFamily(
+            f"{p}retransmissions",
+            "data segments the router sent again (TCP total_retrans, KCP timeout resends)",
+            labels=names,
+        )
+        segments = CounterMetricFamily(
+            f"{p}sent_segments", "data segments the router sent, resends included", labels=names
+        )
+        loss = GaugeMetricFamily(
+            f"{p}loss_ratio",
+            "retransmissions / sent_segments since the link connected",
+            labels=names,
+        )
+        kcp = _LinkMetrics(p, names)
+        for site in sites:
+            for c in site.links.connections():
+                if c.link is None:  # being replaced right now
+                    continue
+                labels = [str(site.gateway), str(c.link.name)]
+                role = "backup" if c.link.backup else "primary"
+                info.add_metric([*labels, c.transport_name, role], 1)
+                weight.add_metric(labels, c.link.weight)
+                up.add_metric(labels, int(c.link_up))
+                downs.add_metric(labels, c.link_downs)
+                rx_p.add_metric(labels, c.packets_in)
+                tx_p.add_metric(labels, c.packets_out)
+                rx_b.add_metric(labels, c.bytes_in)
+                tx_b.add_metric(labels, c.bytes_out)
+                path = pathstats.path_figures(c.transport, c.transport_name)
+                if path.rtt_ms is not None:
+                    rtt.add_metric(labels, path.rtt_ms / 1000)
+                if path.retransmissions is not None and path.segments_sent is not None:
+                    resent.add_metric(labels, path.retransmissions)
+                    segments.add_metric(labels, path.segments_sent)
+                if path.loss is not None:
+                    loss.add_metric(labels, path.loss)
+                k = _kcp_link(c.transport) if c.transport_name == "kcp" else None
+                if k is not None:
+                    kcp.add(labels, k)
+        return [
+            info,
+            weight,
+            up,
+            downs,
+            rx_p,
+            tx_p,
+            rx_b,
+            tx_b,
+            rtt,
+            resent,
+            segments,
+            loss,
+            *kcp.families(),
+        ]
+
+
+class GatewayCollector(Collector):
+    P = "polevpn_gateway_"
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self.gw
+        p = self.P
+        stats = gw.stats
+        tun = gw.tun
+        if tun is not None:
+            # the TUN counts its own write failures; GatewayStats has them only after a summary
+            stats.tun_write_dropped = tun.write_dropped
+            stats.tun_write_errors = tun.write_errors
+        yield _counter(
+            f"{p}to_router_packets", "packets sent to the router", stats.packets_to_router
+        )
+        yield _counter(f"{p}to_router_bytes", "IP bytes sent to the router", stats.bytes_to_router)
+        yield _counter(
+            f"{p}from_router_packets",
+            "packets from the router written to the TUN",
+            stats.packets_from_router,
+        )
+        yield _counter(
+            f"{p}from_router_bytes",
+            "IP bytes from the router written to the TUN",
+            stats.bytes_from_router,
+        )
+        drops = CounterMetricFamily(
+            f"{p}dropped_packets", "packets the gateway dropped, by reason", labels=["reason"]
+        )
+        for field, reason in GATEWAY_DROPS.items():
+            drops.add_metric([reason], getattr(stats, field))
+        yield drops
+        skip = set(GATEWAY_DROPS) | {
+            "packets_to_router",
+            "bytes_to_router",
+            "packets_from_router",
+            "bytes_from_router",
+        }
+        for f in fields(stats):
+            if f.name not in skip:
+                yield _counter(f"{p}{f.name}", f"GatewayStats.{f.name}", getattr(stats, f.name))
+
+        uplinks = list(gw.uplinks.values())
+        link = gw.link
+        registered = _registered(link) or any(_registered(u.link) for u in uplinks)
+        yield _gauge(
+            f"{p}connected",
+            "1 while registered with a router (on any of its links, with several)",
+            int(registered),
+        )
+        # one family for both kinds of gateway: ``link`` and ``role`` are empty (to
+        # Prometheus, absent) on a plain one, whose series stays what it always was
+        info = GaugeMetricFamily(
+            f"{p}link_info",
+            "the route server of each link (value 1); a plain gateway's while connected",
+            labels=["route_server", "transport", "link", "role"],
+        )
+        rtt = GaugeMetricFamily(
+            f"{p}heartbeat_rtt_seconds", "round-trip time of the last answered heartbeat"
+        )
+        links = _LinkMetrics(p, [])
+        fec_state = GaugeMetricFamily(
+            f"{p}fec_state", "FEC state of the kcp:// link (value 1)", labels=["state"]
+        )
+        if link is not None and _registered(link):
+            info.add_metric([link.server.url, link.server.scheme, "", ""], 1)
+            if link.session.rtt is not None:
+                rtt.add_metric([], link.session.rtt)
+            kcp = _kcp_link(link.transport) if link.transport is not None else None
+            if kcp is not None:
+                links.add([], kcp)
+                fec_state.add_metric([kcp.fec_state], 1)
+        for u in uplinks:
+            role = "backup" if u.config.backup else "primary"
+            server = u.config.server
+            info.add_metric([server.url, server.scheme, u.name, role], 1)
+        yield info
+        yield rtt
+        yield fec_state
+        yield from links.families()
+        if uplinks:
+            yield from self._per_link(uplinks)
+
+    def _per_link(self, uplinks: list[Uplink]) -> Iterable[Metric]:
+        """Each link of a multi-link gateway, labelled ``link`` (its name). Its packet and
+        byte counters add up all of the link's connections, so they survive reconnects."""
+        p = f"{self.P}link_"
+        names = ["link"]
+        by_state = GaugeMetricFamily(
+            f"{self.P}links", "links of this multi-link gateway, by state", labels=["state"]
+        )
+        up_now = sum(1 for u in uplinks if u.up)
+        by_state.add_metric(["up"], up_now)
+        by_state.add_metric(["down"], len(uplinks) - up_now)
+        weight = GaugeMetricFamily(f"{p}weight", "the link's weight", labels=names)
+        up = GaugeMetricFamily(
+            f"{p}up",
+            "1 while registered and the router was heard within link_timeout, else 0",
+            labels=names,
+        )
+        downs = CounterMetricFamily(f"{p}downs", "times the link went down", labels=names)
+        connects = CounterMetricFamily(
+            f"{p}connects", "connections of the link that registered", labels=names
+        )
+        tx_p = CounterMetricFamily(
+            f"{p}sent_packets", "packets sent to the router on the link", labels=names
+        )
+        tx_b = CounterMetricFamily(
+            f"{p}sent_bytes", "IP bytes sent to the router on the link", labels=names
+        )
+        rx_p = CounterMetricFamily(
+            f"{p}received_packets", "packets received from the router on the link", labels=names
+        )
+        rx_b = CounterMetricFamily(
+            f"{p}received_bytes", "IP bytes received from the router on the link", labels=names
+        )
+        rtt = GaugeMetricFamily(
+            f"{p}heartbeat_rtt_seconds",
+            "round-trip time of the link's last answered heartbeat, while connected",
+            labels=names,
+        )
+        fec_state = GaugeMetricFamily(
+            f"{p}fec_state",
+            "FEC state of a kcp:// link (value 1), while connected",
+            labels=[*names, "state"],
+        )
+        loss = GaugeMetricFamily(
+            f"{p}loss_ratio",
+            "share of the data segments the gateway sent on the link's connection that were "
+            "retransmissions (TCP_INFO on tls://, KCP's counters on kcp://), while connected",
+            labels=names,
+        )
+        kcp = _LinkMetrics(p, names)
+        for u in uplinks:
+            labels = [u.name]
+            weight.add_metric(labels, u.config.weight)
+            up.add_metric(labels, int(u.up))
+            downs.add_metric(labels, u.downs)
+            connects.add_metric(labels, u.connects)
+            packets_out, bytes_out, packets_in, bytes_in = u.totals()
+            tx_p.add_metric(labels, packets_out)
+            tx_b.add_metric(labels, bytes_out)
+            rx_p.add_metric(labels, packets_in)
+            rx_b.add_metric(labels, bytes_in)
+            link = u.link
+            if link is None or not _registered(link):
+                continue
+            if link.session.rtt is not None:
+                rtt.add_metric(labels, link.session.rtt)
+            ratio = pathstats.path_figures(link.transport, link.server.scheme).loss
+            if ratio is not None:
+                loss.add_metric(labels, ratio)
+            k = _kcp_link(link.transport) if link.transport is not None else None
+            if k is not None:
+                kcp.add(labels, k)
+                fec_state.add_metric([*labels, k.fec_state], 1)
+        return [
+            by_state,
+            weight,
+            up,
+            downs,
+            connects,
+            tx_p,
+            tx_b,
+            rx_p,
+            rx_b,
+            rtt,
+            loss,
+            fec_state,
+            *kcp.families(),
+        ]
+
+
+def _registered(link: RouterLink | None) -> bool:
+    return link is not None and link.registered.done() and not link.closed.done()
+
+
+def router_registry(router: Router) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(RouterCollector(router))
+    return reg
+
+
+def gateway_registry(gateway: Gateway) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(GatewayCollector(gateway))
+    return reg
+
+
+# -- HTTP
+
+
+def _metrics_error(status: int, message: str) -> tuple[str, bytes]:
+    if status == 404:
+        message = "not found; try /metrics"
+    return httpserver.text_error(status, message)
+
+
+class MetricsServer(httpserver.HttpServer):
+    """``GET /metrics`` on one address, from the running event loop.
+
+    ``token`` gives the bearer token scrapes need (read at each request, so a reload that
+    changes it applies at once), or None for none.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        token: Callable[[], str | None] = lambda: None,
+        cache_seconds: float | None = None,
+        header_timeout: float | None = None,
+        **kw,
+    ) -> None:
+        super().__init__(
+            {("GET", "/metrics"): self._metrics},
+            name="metrics",
+            error_body=_metrics_error,
+            max_request=MAX_REQUEST,
+            # a scrape has no body
+            max_body=0,
+            timeout=REQUEST_TIMEOUT,
+            header_timeout=HEADER_TIMEOUT if header_timeout is None else header_timeout,
+            **kw,
+        )
+        self.registry = registry
+        self.token = token
+        self.cache_seconds = CACHE_SECONDS if cache_seconds is None else cache_seconds
+        self._page = b""
+        self._page_until = float("-inf")
+        self.renderings = 0
+
+    def page(self, now: float) -> bytes:
+        """The rendered metrics, at most ``cache_seconds`` old."""
+        if now >= self._page_until:
+            self._page = generate_latest(self.registry)
+            self._page_until = now + self.cache_seconds
+            self.renderings += 1
+        return self._page
+
+    async def _metrics(self, request: httpserver.Request) -> httpserver.Reply:
+        token = self.token()
+        if token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            # latin-1 as the header was decoded: any byte string compares, none raises
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("latin-1"), token.encode()
+            ):
+                raise httpserver.HttpError(
+                    401, "bearer token required", {"WWW-Authenticate": "Bearer"}
+                )
+        return 200, CONTENT_TYPE_LATEST, self.page(time.monotonic()), {}
+
+
+async def serve(
+    registry: CollectorRegistry,
+    listen: tuple[str, int],
+    token: Callable[[], str | None] = lambda: None,
+) -> MetricsServer:
+    server = MetricsServer(registry, token)
+    await server.start(*listen)
+    return server

@@ -1,0 +1,415 @@
+"""The OpenAPI 3.0 document of the router's REST API (polevpn.ops.api), served at
+``/api/v1/openapi.json``.
+
+It is the reference for the API's shapes: tests/test_api.py runs schemathesis against a live
+router with this document, so a reply that strays from it fails there. The counter names are
+passed in by the API, which takes them from the router's own stats dataclasses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from polevpn import __version__
+
+API_PREFIX = "/api/v1"
+
+# packets the router dropped, by reason; the API's "drops" object has exactly these keys
+DROP_REASONS = {
+    "no_route": "no route to the destination address",
+    "spoofed": "source address outside the networks the sending gateway registered (anti_spoofing)",
+    "queue_full": "the destination gateway's send queue was full (send_queue_bytes), or it "
+    "was closing",
+    "malformed": "a super-packet that was not a valid IP packet with a virtio-net header a "
+    "kernel would write (docs/protocol.md section 15)",
+    "hairpin": "the destination was routed back to the gateway that sent it",
+    "unregistered": "packets from a connection that had not registered yet",
+    "link_local": "IPv6 from :: or fe80::/10 that the gateway did not register (its host's "
+    "MLD reports): link-scope, never forwarded, not counted as spoofed",
+    "links_down": "to a multi-link gateway none of whose links was up",
+    "oversized": "an IP packet of 65,528 bytes or more (from a super-packet) for a gateway "
+    "without super-packets: no frame holds it",
+    "closing": "from a connection the router was closing, e.g. one replaced by a newer "
+    "connection of its gateway or link: stale, never forwarded",
+}
+
+Schema = dict[str, Any]
+
+
+def _int(description: str | None = None) -> Schema:
+    s: Schema = {"type": "integer", "minimum": 0}
+    if description:
+        s["description"] = description
+    return s
+
+
+def _nullable(schema: Schema) -> Schema:
+    return {**schema, "nullable": True}
+
+
+def _object(properties: dict[str, Schema], description: str | None = None) -> Schema:
+    s: Schema = {
+        "type": "object",
+        "required": list(properties),
+        "properties": properties,
+        "additionalProperties": False,
+    }
+    if description:
+        s["description"] = description
+    return s
+
+
+TRANSPORT: Schema = {"type": "string", "enum": ["tls", "kcp"]}
+# a gateway's or a route's: a multi-link gateway's links may use both
+GATEWAY_TRANSPORT: Schema = {
+    "type": "string",
+    "enum": ["tls", "kcp", "mixed"],
+    "description": "mixed: a multi-link gateway whose links do not all use one transport",
+}
+LOSS_DESCRIPTION = (
+    "share of the data segments the router sent on this link that were retransmissions, "
+    "since it connected: on tls:// the kernel's tcpi_total_retrans / tcpi_data_segs_out, on "
+    "kcp:// KCP's timeout resends / (new segments + those resends). It estimates loss "
+    "towards the gateway (a lost ACK costs a resend too); null when unknown or before any "
+    "data was sent"
+)
+TIMESTAMP: Schema = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"}
+
+FEC = _object(
+    {
+        "state": {
+            "type": "string",
+            "enum": ["off", "offered", "on"],
+            "description": "offered: this side offers FEC and the peer has not taken it up yet",
+        },
+        "parity": _int("parity shards per group now (adaptive mode moves it with the loss)"),
+        "parity_sent": _int("parity shards sent"),
+        "recovered": _int("payloads rebuilt from parity (losses KCP did not have to resend)"),
+        "unrecoverable": _int("groups given up with data missing and too little parity"),
+        "loss": {
+            "type": "number",
+            "minimum": 0,
+            "description": "loss ratio measured on what the router receives, last interval",
+        },
+    },
+    "forward error correction on this kcp:// link",
+)
+
+KCP = _object(
+    {
+        "srtt_ms": _nullable(
+            {"type": "number", "minimum": 0, "description": "KCP's smoothed round-trip time"}
+        ),
+        "retransmissions": _nullable(_int("KCP segments resent after their timeout")),
+        "fec": _nullable(FEC),
+    },
+    "KCP figures of a kcp:// link",
+)
+
+RTT: Schema = _nullable(
+    {
+        "type": "number",
+        "minimum": 0,
+        "description": "round-trip time: KCP's srtt on kcp://, the kernel's TCP "
+        "estimate on tls://; null when unknown",
+    }
+)
+
+LINK = _object(
+    {
+        "name": {"type": "string", "description": "the link's name in the gateway's config"},
+        "weight": {
+            "type": "number",
+            "exclusiveMinimum": True,
+            "minimum": 0,
+            "description": "its share of the flows among the links that are up",
+        },
+        "backup": {
+            "type": "boolean",
+            "description": "carries traffic only while no primary link is up",
+        },
+        "up": {
+            "type": "boolean",
+            "description": "false while the router has heard nothing on it for timeout_ms",
+        },
+        "downs": _int("times it went down since it connected"),
+        "timeout_ms": _int("silence after which the router counts it as down"),
+        "transport": TRANSPORT,
+        "peer": {
+            "type": "string",
+            "description": "underlay address:port it connects from (IPv6 as [address]:port)",
+        },
+        "features": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "protocol extensions agreed in AUTH on this link",
+        },
+        "connected_at": TIMESTAMP,
+        "uptime": {"type": "number", "minimum": 0, "description": "seconds since it connected"},
+        "packets_in": _int("packets received on this link"),
+        "packets_out": _int("packets sent on this link"),
+        "bytes_in": _int("IP bytes received on this link"),
+        "bytes_out": _int("IP bytes sent on this link"),
+        "rtt_ms": RTT,
+        "retransmissions": _nullable(
+            _int(
+                "data segments the router sent again (tls: tcpi_total_retrans; kcp: resends "
+                "after a timeout)"
+            )
+        ),
+        "segments_sent": _nullable(_int("data segments the router sent, resends included")),
+        "loss": _nullable(
+            {"type": "number", "minimum": 0, "maximum": 1, "description": LOSS_DESCRIPTION}
+        ),
+        "kcp": _nullable(KCP),
+    },
+    "one link (connection) of a multi-link gateway",
+)
+
+GATEWAY = _object(
+    {
+        "gateway": {
+            "type": "string",
+            "description": "the gateway's address",
+            "example": "169.254.0.1",
+        },
+        "peer": {
+            "type": "string",
+            "description": "underlay address:port it connects from; a multi-link gateway's "
+            "links' peers, comma-separated",
+        },
+        "transport": GATEWAY_TRANSPORT,
+        "networks": {
+            "type": "array",
+            "items": {"type": "string", "description": "CIDR"},
+            "description": "networks it registered, without its own address",
+        },
+        "features": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "protocol extensions agreed in AUTH",
+        },
+        "connected_at": {
+            **TIMESTAMP,
+            "description": "RFC 3339, UTC; a multi-link gateway's oldest link's",
+        },
+        "uptime": {
+            "type": "number",
+            "minimum": 0,
+            "description": "seconds since it connected (its oldest link)",
+        },
+        "packets_in": _int("packets received from the gateway (summed over its links)"),
+        "packets_out": _int("packets sent to the gateway (summed over its links)"),
+        "bytes_in": _int("IP bytes received from the gateway (summed over its links)"),
+        "bytes_out": _int("IP bytes sent to the gateway (summed over its links)"),
+        "rtt_ms": {
+            **RTT,
+            "description": RTT["description"] + "; null for a multi-link gateway (see its links)",
+        },
+        "kcp": _nullable(KCP),
+        "links": {
+            "type": "array",
+            "items": {"$ref": "#/components/schemas/Link"},
+            "description": "a multi-link gateway's links, by name; empty for a plain gateway",
+        },
+    },
+    "a registered gateway",
+)
+
+ROUTE = _object(
+    {
+        "network": {"type": "string", "description": "CIDR"},
+        "gateway": {"type": "string", "description": "the gateway it is routed to"},
+        "transport": GATEWAY_TRANSPORT,
+    }
+)
+
+LISTENER = _object(
+    {
+        "transport": TRANSPORT,
+        "address": {"type": "string"},
+        "port": {"type": "integer", "minimum": 0, "maximum": 65535},
+    }
+)
+
+ERROR = _object({"error": {"type": "string", "description": "what went wrong, one line"}})
+
+
+def _status(counters: Iterable[str]) -> Schema:
+    names = list(counters)
+    return _object(
+        {
+            "version": {"type": "string"},
+            "started_at": TIMESTAMP,
+            "uptime": {"type": "number", "minimum": 0, "description": "seconds"},
+            "listen": {"type": "array", "items": {"$ref": "#/components/schemas/Listener"}},
+            "connections": _int("open gateway connections, registered or not yet"),
+            "gateways": _int("registered gateways, a multi-link gateway counted once"),
+            "links": _int("links of the multi-link gateways"),
+            "links_up": _int("those of them up"),
+            "routes": _int("prefixes in the routing table"),
+            "pending": _int("connections accepted and not yet registered"),
+            "counters": {
+                "type": "object",
+                "description": "the router's counters since start: RouterStats, the "
+                "connection limits' refusals, and with a kcp listener the kcp_ ones",
+                "required": names,
+                "properties": {n: _int() for n in names},
+                "additionalProperties": _int(),
+            },
+            "drops": _object(
+                {reason: _int(text) for reason, text in DROP_REASONS.items()},
+                "packets dropped since start, by reason",
+            ),
+        }
+    )
+
+
+def _json(ref: str, description: str) -> Schema:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}},
+    }
+
+
+def _get(summary: str, ok: Schema, *, public: bool = False, more: Schema | None = None) -> Schema:
+    op: Schema = {"summary": summary, "responses": {"200": ok, **(more or {})}}
+    if public:
+        op["security"] = []
+    else:
+        op["responses"]["401"] = {"$ref": "#/components/responses/Unauthorized"}
+    return op
+
+
+def document(counters: Iterable[str]) -> Schema:
+    """The OpenAPI document; ``counters``: the counter names every status reply has."""
+    p = API_PREFIX
+    not_found = {"404": _json("Error", "no such gateway")}
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "polevpn router API",
+            "version": __version__,
+            "description": "Read-only views of the router (status, gateways, routes) and a "
+            "config reload. Every /api/v1 operation but this document needs "
+            "'Authorization: Bearer <api_token>'. Replies are JSON; errors are "
+            '{"error": "..."}.',
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            f"{p}/status": {"get": _get("router status and counters", _json("Status", "status"))},
+            f"{p}/gateways": {
+                "get": _get(
+                    "registered gateways, by address",
+                    _json("GatewayList", "the registered gateways"),
+                )
+            },
+            f"{p}/gateways/{{address}}": {
+                "parameters": [
+                    {
+                        "name": "address",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "minLength": 1},
+                        "example": "169.254.0.1",
+                    }
+                ],
+                "get": _get(
+                    "one registered gateway",
+                    _json("Gateway", "the gateway"),
+                    more={**not_found, "400": _json("Error", "path not UTF-8")},
+                ),
+            },
+            f"{p}/routes": {
+                "get": _get("the routing table", _json("RouteList", "active routes, IPv4 first"))
+            },
+            f"{p}/reload": {
+                "post": {
+                    "summary": "reload the config file, as SIGHUP does",
+                    "responses": {
+                        "200": _json("Reload", "reloaded; what changed"),
+                        "400": _json("Error", "the config file is invalid; nothing changed"),
+                        "401": {"$ref": "#/components/responses/Unauthorized"},
+                    },
+                }
+            },
+            f"{p}/openapi.json": {
+                "get": _get(
+                    "this document",
+                    {
+                        "description": "OpenAPI 3.0 document",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    public=True,
+                )
+            },
+            "/": {
+                "get": _get(
+                    "the dashboard page (it asks for the token and calls the API)",
+                    {
+                        "description": "HTML page",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    },
+                    public=True,
+                    more={"404": _json("Error", "no dashboard installed")},
+                )
+            },
+            "/favicon.ico": {
+                "get": {
+                    "summary": "no icon (so browsers stop asking)",
+                    "security": [],
+                    "responses": {"204": {"description": "no icon"}},
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "bearer": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "the router's api_token (or the content of api_token_file)",
+                }
+            },
+            "responses": {
+                "Unauthorized": {
+                    "description": "no or wrong bearer token",
+                    "headers": {
+                        "WWW-Authenticate": {"required": True, "schema": {"type": "string"}}
+                    },
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                    },
+                }
+            },
+            "schemas": {
+                "Error": ERROR,
+                "Listener": LISTENER,
+                "Status": _status(counters),
+                "Gateway": GATEWAY,
+                "Link": LINK,
+                "GatewayList": _object(
+                    {
+                        "gateways": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Gateway"},
+                        }
+                    }
+                ),
+                "Route": ROUTE,
+                "RouteList": _object(
+                    {"routes": {"type": "array", "items": {"$ref": "#/components/schemas/Route"}}}
+                ),
+                "Reload": _object(
+                    {
+                        "reloaded": {"type": "boolean", "enum": [True]},
+                        "changes": {
+                            "type": "array",
+                            "items": {"type": "string"},
+                            "description": "what the reload changed, one line each; may be empty",
+                        },
+                    }
+                ),
+            },
+        },
+    }

@@ -1,0 +1,989 @@
+"""The router (hub): accepts gateways over TLS and forwards IP packets between them.
+
+The protocol logic lives in ``session.ServerSession``, the table in ``routing``, who may
+announce what in ``auth`` and the connection limits in ``limits``; this module wires them to
+asyncio transports. Forwarding, the hot path, is ``forwarding.forward``: it reads source
+and destination straight out of each packet, drops spoofed sources and returns the frames
+per destination connection, which ``Router.forward`` writes with one call each.
+
+The router accepts TCP connections itself, so that each is counted against the
+pending-connection limits (and refused) before any TLS work is spent on it; an admitted
+socket is handed to ``loop.connect_accepted_socket`` for the handshake. (uvloop's
+``start_tls`` cannot take over a server-side connection: the ClientHello is read before the
+TLS protocol is installed.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+
+from polevpn.common.counters import Counters
+from polevpn.common.logfmt import endpoint, kv
+from polevpn.config import ConfigError, RouterConfig, load_router_config, reloading, set_log_level
+from polevpn.host import privileges
+from polevpn.io import linksock, udpsock
+from polevpn.io.kcp_transport import KcpServer
+from polevpn.io.tlsconf import server_context
+from polevpn.kcp import dtls
+from polevpn.kcp.kcp_pool import KcpPool
+from polevpn.ops import api, metrics
+from polevpn.packet.gso import VNET_HDR_LEN as _VNET
+from polevpn.packet.routing import IPAddress, NetworkSet, RouteTable, announcement_error
+from polevpn.proto import wire
+from polevpn.proto.certs import cert_fingerprint
+from polevpn.proto.messages import FEATURE_MULTILINK, FEATURE_SUPER
+from polevpn.proto.session import (
+    AuthFailed,
+    AuthSucceeded,
+    ConnectionLost,
+    RegisterRequested,
+    ServerSession,
+    State,
+)
+from polevpn.router.forwarding import forward
+from polevpn.router.limits import Admission, source_key
+from polevpn.router.sitelinks import LinkInfo, Site, TooManyLinks
+
+log = logging.getLogger("polevpn.router")
+
+_HDR = wire.HEADER_LEN
+
+# how often the links' silence is checked: a link is found down within this of its timeout
+LINK_CHECK_INTERVAL = 0.1
+
+
+@dataclass
+class RouterStats(Counters):
+    connections_accepted: int = 0
+    accept_errors: int = 0
+    connections_closed: int = 0
+    handshake_failures: int = 0
+    handshake_timeouts: int = 0
+    auth_failures: int = 0
+    auth_timeouts: int = 0
+    idle_timeouts: int = 0
+    registrations: int = 0
+    register_refused: int = 0
+    # closed for sending REGISTER faster than session.REGISTER_BURST/REGISTER_RATE allow
+    register_flood: int = 0
+    # registered connections closed because a reload withdrew their credentials
+    revoked: int = 0
+    replaced: int = 0
+    malformed_frames: int = 0
+    oversized_frames: int = 0
+    # closed because it sent control frames faster than it read the replies
+    closed_unread: int = 0
+    packets_forwarded: int = 0
+    bytes_forwarded: int = 0
+    dropped_no_route: int = 0
+    dropped_spoofed: int = 0
+    dropped_malformed: int = 0
+    dropped_queue_full: int = 0
+    dropped_hairpin: int = 0
+    # IP packets of 65,528 bytes or more, which fit a super-packet but no PoleVPN frame,
+    # for a gateway without super-packets
+    dropped_oversized: int = 0
+    # IPv6 from :: or fe80::/10 that the gateway did not register: its host's own MLD reports
+    # and solicitations, link-scope chatter that is never forwarded (and is no attack)
+    dropped_link_local: int = 0
+    dropped_unregistered: int = 0
+    # from a connection the router is closing (replaced by a newer one of its gateway or
+    # link, say): stale, never forwarded
+    dropped_closing: int = 0
+    # to a multi-link gateway none of whose links is up
+    dropped_links_down: int = 0
+    # super-packets cut into plain packets for a gateway that did not negotiate them
+    segmented: int = 0
+    # links of multi-link gateways that fell silent (and were given up for the others)
+    links_down: int = 0
+
+
+def _fitting(parts: list[bytes | memoryview], supers: int, room: int) -> tuple[int, int]:
+    """How many of ``parts`` (whole frames) fit in ``room`` bytes, and how many of those
+    are SUPER_IPDATA frames."""
+    used = kept = 0
+    kept_supers = 0
+    for i in range(0, len(parts), 2):
+        n = len(parts[i]) + len(parts[i + 1])
+        if used + n > room:
+            break
+        used += n
+        kept = i + 2
+        if supers and parts[i][2:4] == b"\0\x10":
+            kept_supers += 1
+    return kept, kept_supers
+
+
+class GatewayConnection(asyncio.Protocol):
+    """One gateway's connection (tls or kcp), as seen by the router.
+
+    It holds one of the router's pending-connection slots for ``source`` from acceptance
+    until it registers or closes.
+    """
+
+    def __init__(
+        self, router: Router, transport_name: str, accepted_at: float | None = None
+    ) -> None:
+        self.router = router
+        self.transport_name = transport_name
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self.source = "?"
+        self.holds_slot = True
+        self.accepted_at = accepted_at
+        self.fingerprint: bytes | None = None
+        self.session: ServerSession | None = None
+        self.gateway: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self.prefixes: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        # what REGISTER presented, so that a reload can check it against new credentials
+        self.register_key = ""
+        self.networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+        # sources this gateway may send from: what it registered
+        self.sources = NetworkSet(())
+        # one link of a multi-link gateway (its site), or None for a plain gateway
+        self.link: LinkInfo | None = None
+        self.site: Site | None = None
+        self.link_up = True
+        self.link_downs = 0
+        self.link_timeout = 1.0
+        self.connected_at = 0.0
+        self.connected_wall = 0.0
+        self.packets_in = 0
+        self.packets_out = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.closing = False
+        # set from the config when the connection is made; a link's is shorter
+        self.queue_limit = router.cfg.send_queue_bytes
+
+    def __repr__(self) -> str:
+        return f"<gateway {self.gateway or '-'} {self.peer}>"
+
+    # -- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = endpoint(peer)
+        if peer:
+            self.source = source_key(peer[0])
+        ssl_obj = transport.get_extra_info("ssl_object")
+        if ssl_obj is not None:
+            der = ssl_obj.getpeercert(binary_form=True)
+        else:
+            der = transport.get_extra_info("peercert_der")
+        self.fingerprint = cert_fingerprint(der)
+        now = time.monotonic()
+        self.connected_at = now
+        # for the API: a wall-clock time derived from the uptime would drift per request
+        self.connected_wall = time.time()
+        router, fingerprint = self.router, self.fingerprint
+        self.session = ServerSession(
+            # the authority of the moment: a reload may have replaced it since the accept
+            lambda key: router.authority.authenticate(key, fingerprint),
+            # the AUTH deadline runs from the TCP accept, so TLS and AUTH share one budget
+            self.accepted_at if self.accepted_at is not None else now,
+            self.router.features,
+        )
+        limit = self.router.cfg.send_queue_bytes
+        transport.set_write_buffer_limits(high=limit, low=limit // 2)
+        self.router.on_connect(self)
+
+    def release_slot(self) -> None:
+        if self.holds_slot:
+            self.holds_slot = False
+            self.router.admission.release(self.source)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._received(data)
+        except Exception:
+            # a bug reached by one peer's bytes costs that peer its connection, nothing more
+            log.exception("internal error handling data; closing it", extra=kv(peer=self.peer))
+            self.router.stats.malformed_frames += 1
+            self.close(None)
+
+    def _received(self, data: bytes) -> None:
+        session = self.session
+        assert session is not None
+        packets, events = session.receive(data, time.monotonic())
+        if self.closing:
+            # closed by the router: replaced by a newer connection of its gateway or link,
+            # refused or revoked. What it still sends is stale (a transport hands over
+            # what it had buffered while it shuts down), and it is no link any more
+            self.router.stats.dropped_closing += len(packets)
+            return
+        if not self.link_up:
+            self.router.link_heard(self)
+        if events:
+            for ev in events:
+                self.router.on_event(self, ev)
+        if packets:
+            self.packets_in += len(packets)
+            self.router.forward(self, packets)
+        if session.outbox:
+            self._write_control(session.data_to_send())
+        if session.state is State.CLOSED and not self.closing:
+            self.close(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.release_slot()
+        if self.session is not None:
+            self.router.on_disconnect(self, exc)
+        # break the transport <-> protocol cycle now rather than at the next full GC
+        self.transport = None
+
+    # -- output
+
+    def _write_control(self, frames: list[bytes]) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > self.queue_limit:
+            # replies it does not read (heartbeats, say) would otherwise pile up here
+            self.router.stats.closed_unread += 1
+            self.close("sends control frames without reading the replies", abort=True)
+            return
+        transport.write(b"".join(frames))
+
+    @property
+    def super_packets(self) -> bool:
+        """Whether it negotiated super-packets: it is sent SUPER_IPDATA frames as they are."""
+        session = self.session
+        return session is not None and session.super_packets
+
+    def send_batch(self, parts: list[bytes | memoryview], supers: int) -> None:
+        """Write frames from ``Router.forward`` (headers and bodies, alternating; ``supers``
+        of them SUPER_IPDATA) with one call, as far as the queue limit lets them in; the
+        rest are dropped and counted."""
+        stats = self.router.stats
+        transport = self.transport
+        if transport is None or self.closing:
+            stats.dropped_queue_full += len(parts) // 2
+            return
+        # one write means one TLS record stream instead of a record per frame
+        data = b"".join(parts)
+        room = self.queue_limit - transport.get_write_buffer_size()
+        if len(data) > room:
+            # a slow gateway loses its own packets; it never holds up anyone else. The
+            # limit holds for the batch as it is, however many frames one read turned into
+            kept, supers = _fitting(parts, supers, room)
+            stats.dropped_queue_full += (len(parts) - kept) // 2
+            if not kept:
+                return
+            parts = parts[:kept]
+            data = b"".join(parts)
+        count = len(parts) // 2
+        ip_bytes = len(data) - count * _HDR - supers * _VNET
+        self.bytes_out += ip_bytes
+        self.packets_out += count
+        stats.packets_forwarded += count
+        stats.bytes_forwarded += ip_bytes
+        transport.write(data)
+
+    def close(self, reason: str | None, abort: bool = False) -> None:
+        """Close after flushing what is queued (an error frame, say), or at once with
+        ``abort``. A peer that stops reading cannot hold a closing connection open: it is
+        aborted after ``auth_timeout``."""
+        if self.closing:
+            return
+        self.closing = True
+        if reason:
+            log.info(
+                "closing connection", extra=kv(peer=self.peer, gateway=self.gateway, reason=reason)
+            )
+        # its routes go now: the close itself may wait on a peer that no longer answers
+        self.router.withdraw(self)
+        transport = self.transport
+        if transport is None:
+            return
+        if abort:
+            if self.transport_name == "kcp":
+                # kcp's close sends one close_notify and waits for nothing; it saves a
+                # live peer its own timeout
+                transport.close()
+            else:
+                transport.abort()
+            return
+        if self.session is not None and self.session.outbox:
+            out = self.session.data_to_send()
+            if not transport.is_closing():
+                transport.write(b"".join(out))
+        transport.close()
+        asyncio.get_running_loop().call_later(self.router.cfg.auth_timeout, transport.abort)
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig) -> None:
+        # a network leads to a plain gateway's connection, or to a multi-link gateway's site
+        self.routes: RouteTable[GatewayConnection | Site] = RouteTable()
+        self.by_gateway: dict[IPAddress, GatewayConnection] = {}
+        self.sites: dict[IPAddress, Site] = {}
+        self.connections: set[GatewayConnection] = set()
+        self.stats = RouterStats()
+        self.listen_sockets: list[socket.socket] = []
+        self.kcp_server: KcpServer | None = None
+        self._kcp_udp: udpsock.UdpEndpoint | None = None
+        self.kcp_pool = KcpPool()
+        self._tasks: list[asyncio.Task] = []
+        # TLS upgrades under way; held here because the loop keeps only weak references
+        self._upgrades: set[asyncio.Task] = set()
+        self._tls_ctx: ssl.SSLContext | None = None
+        self._take(cfg)
+        self.admission = Admission(cfg.limits)
+        self.metrics: metrics.MetricsServer | None = None
+        self.api: api.ApiServer | None = None
+
+    def _take(self, cfg: RouterConfig) -> None:
+        """The config and what follows from it alone: at start, and again on reload."""
+        self.cfg = cfg
+        offered = {FEATURE_SUPER: cfg.super_packets, FEATURE_MULTILINK: cfg.multi_link}
+        self.features = frozenset(name for name, on in offered.items() if on)
+        self.authority = cfg.authority()
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        for warning in self.cfg.warnings:
+            log.warning("%s", warning)
+        if self.cfg.tls.enable:
+            await self._start_tls()
+        if self.cfg.kcp.enable:
+            await self._start_kcp()
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._tasks.append(asyncio.create_task(self._watch_links()))
+        if self.cfg.metrics_listen is not None:
+            # before dropping privileges, so that a port below 1024 works
+            registry = metrics.router_registry(self)
+            self.metrics = await metrics.serve(
+                registry, self.cfg.metrics_listen, lambda: self.cfg.metrics_token
+            )
+        if self.cfg.api_listen is not None:
+            self.api = await api.serve(self, self.cfg.api_listen)
+        self._drop_privileges()
+
+    def _drop_privileges(self) -> None:
+        """Sockets are bound and keys loaded: nothing left that needs root."""
+        if os.geteuid() != 0:
+            return
+        if self.cfg.user is None:
+            log.warning(
+                'running as root: set "user" in the config to drop privileges once listening',
+                extra=kv(config=self.cfg.path),
+            )
+            return
+        uid, gid = privileges.drop_to_user(self.cfg.user)
+        log.info("dropped privileges", extra=kv(user=self.cfg.user, uid=uid, gid=gid))
+
+    async def _start_kcp(self) -> None:
+        kcp = self.cfg.kcp
+        assert kcp.cert_file is not None and kcp.key_file is not None
+        ctx, jar = dtls.server_context(
+            kcp.cert_file, kcp.key_file, client_ca=self.cfg.client_ca_file
+        )
+        server = KcpServer(
+            ctx,
+            jar,
+            self.cfg.kcp_params,
+            # the AUTH deadline runs from the cookie, as the handshake's does: one budget
+            lambda started: GatewayConnection(self, "kcp", accepted_at=started),
+            handshake_timeout=self.cfg.auth_timeout,
+            pool=self.kcp_pool,
+            admit=self._admit_kcp,
+            release=lambda addr: self.admission.release(source_key(addr[0])),
+            limits=self.cfg.kcp_handshakes,
+        )
+        # our own reader: replies leave from the address each peer sent to (udpsock)
+        udp = await udpsock.open_endpoint(server, kcp.host, kcp.port)
+        self.kcp_server = server
+        self._kcp_udp = udp
+        host, port = udp.get_extra_info("sockname")[:2]
+        fec = self.cfg.kcp_params.fec
+        log.info(
+            "listening",
+            extra=kv(
+                transport="kcp",
+                address=host,
+                port=port,
+                fec=f"{fec.mode}:{fec.data_shards}+{fec.parity_shards}" if fec.enabled else "off",
+            ),
+        )
+
+    @property
+    def kcp_port(self) -> int:
+        assert self._kcp_udp is not None
+        return self._kcp_udp.get_extra_info("sockname")[1]
+
+    async def _start_tls(self) -> None:
+        loop = asyncio.get_running_loop()
+        tls = self.cfg.tls
+        assert tls.cert_file is not None and tls.key_file is not None
+        self._tls_ctx = server_context(tls.cert_file, tls.key_file, self.cfg.client_ca_file)
+        infos = await loop.getaddrinfo(
+            tls.host, tls.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        infos = list(dict.fromkeys(infos))
+        both = {info[0] for info in infos} >= {socket.AF_INET, socket.AF_INET6}
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    # an IPv6 socket next to an IPv4 one of the same name serves IPv6 only
+                    # (as asyncio does); "[::]" alone serves both families, as kcp:// does
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if both else 0)
+                sock.bind(addr)
+                sock.listen(1024)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+            self.listen_sockets.append(sock)
+            host, port = sock.getsockname()[:2]
+            log.info("listening", extra=kv(transport="tls", address=host, port=port))
+        for sock in self.listen_sockets:
+            self._tasks.append(asyncio.create_task(self._accept_loop(sock)))
+
+    @property
+    def tls_port(self) -> int:
+        return self.listen_sockets[0].getsockname()[1]
+
+    # -- admission
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(listener)
+            except OSError as exc:
+                # out of file descriptors, say: existing gateways go on; retry shortly
+                n = self.stats.accept_errors = self.stats.accept_errors + 1
+                if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th...: the log stays readable
+                    log.warning("accept failed", extra=kv(times=n, error=exc))
+                await asyncio.sleep(0.1)
+                continue
+            self.accept_tls(sock, addr)
+
+    def accept_tls(self, sock: socket.socket, addr: tuple) -> None:
+        """A new TCP connection: refuse it, or start its TLS handshake."""
+        now = time.monotonic()
+        source = source_key(addr[0]) if addr else "?"
+        refused = self.admission.admit(source, now)
+        if refused is not None:
+            log.debug("refused tls connection", extra=kv(source=source, reason=refused))
+            # a reset rather than a close: nothing of it stays behind in TIME_WAIT here
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            sock.close()
+            return
+        task = asyncio.get_running_loop().create_task(self._handshake(sock, source, now))
+        self._upgrades.add(task)
+        task.add_done_callback(self._upgrades.discard)
+
+    async def _first_bytes(self, sock: socket.socket) -> bool:
+        """Whether the client's first bytes, a TLS handshake record, come within
+        ``limits.pre_tls_timeout``: an idle TCP connection holds its pending slot for that
+        long, not for the whole ``auth_timeout``."""
+        loop = asyncio.get_running_loop()
+        readable = loop.create_future()
+        fd = sock.fileno()
+        loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+        pre_tls, whole = self.cfg.limits.pre_tls_timeout, self.cfg.auth_timeout
+        try:
+            await asyncio.wait_for(readable, min(pre_tls, whole))
+        except TimeoutError:
+            self.stats.handshake_timeouts += 1
+            if pre_tls < whole:
+                self.admission.stats.pre_tls_timeouts += 1
+            return False
+        finally:
+            loop.remove_reader(fd)
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return True  # not readable after all: the TLS handshake timeout decides
+        except OSError:
+            first = b""
+        if first != b"\x16":  # closed, or not a TLS handshake record
+            self.stats.handshake_failures += 1
+            return False
+        return True
+
+    async def _handshake(self, sock: socket.socket, source: str, now: float) -> None:
+        try:
+            first = await self._first_bytes(sock)
+        except asyncio.CancelledError:
+            sock.close()
+            self.admission.release(source)
+            raise
+        if not first:
+            # a reset, as for a refused connection: nothing stays behind in TIME_WAIT
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            sock.close()
+            self.admission.release(source)
+            return
+        conn = GatewayConnection(self, "tls", accepted_at=now)
+        conn.source = source
+        loop = asyncio.get_running_loop()
+        assert self._tls_ctx is not None
+        try:
+            await loop.connect_accepted_socket(
+                lambda: conn,
+                sock,
+                ssl=self._tls_ctx,
+                ssl_handshake_timeout=max(0.1, self.cfg.auth_timeout - (time.monotonic() - now)),
+            )
+        except Exception as exc:
+            # timeouts surface as ConnectionAbortedError; tell them apart by the clock
+            if time.monotonic() - now >= self.cfg.auth_timeout * 0.99:
+                self.stats.handshake_timeouts += 1
+            else:
+                self.stats.handshake_failures += 1
+            log.debug("tls handshake failed", extra=kv(source=source, error=repr(exc)))
+            conn.release_slot()
+
+    def _admit_kcp(self, addr: tuple) -> bool:
+        source = source_key(addr[0])
+        refused = self.admission.admit(source, time.monotonic())
+        if refused is not None:
+            log.debug("refused kcp handshake", extra=kv(source=source, reason=refused))
+            return False
+        return True
+
+    async def stop(self) -> None:
+        for conn in list(self.connections):
+            conn.close("router shutting down")
+        for task in self._tasks:
+            task.cancel()
+        for task in list(self._upgrades):
+            task.cancel()
+        if self._kcp_udp is not None:
+            self._kcp_udp.close()
+        for sock in self.listen_sockets:
+            sock.close()
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.api is not None:
+            self.api.close()
+        log.info("stopped", extra=kv(**self.stats.fields()))
+
+    # -- reload
+
+    def reload(self) -> list[str]:
+        """Re-read the config file and apply it; returns what changed, one line each.
+
+        An invalid file raises ConfigError and changes nothing. Connections stay up unless
+        the new credentials no longer allow what they registered: those are closed (and
+        their routes withdrawn) with the reason in the log.
+        """
+        plan = reloading.plan(self.cfg, load_router_config(self.cfg.path))
+        cfg = plan.config
+        # certificates are read again on every reload (renewed files keep their names);
+        # one that fails to load fails the reload before anything has changed
+        tls_ctx = dtls_ctx = None
+        try:
+            if self._tls_ctx is not None:
+                assert cfg.tls.cert_file is not None and cfg.tls.key_file is not None
+                tls_ctx = server_context(cfg.tls.cert_file, cfg.tls.key_file, cfg.client_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(cfg.path, "tls.cert_file", f"cannot load: {exc}") from None
+        try:
+            if self.kcp_server is not None:
+                assert cfg.kcp.cert_file is not None and cfg.kcp.key_file is not None
+                # one cookie jar for the server's life: cookies issued before the reload
+                # stay valid, and stay bound to their address
+                dtls_ctx = dtls.server_context(
+                    cfg.kcp.cert_file,
+                    cfg.kcp.key_file,
+                    client_ca=cfg.client_ca_file,
+                    jar=self.kcp_server.listener.jar,
+                )
+        except Exception as exc:  # pyOpenSSL raises its own errors, and OSError
+            raise ConfigError(cfg.path, "kcp.cert_file", f"cannot load: {exc}") from None
+        self._take(cfg)
+        if tls_ctx is not None:
+            self._tls_ctx = tls_ctx
+        if self.kcp_server is not None and dtls_ctx is not None:
+            self.kcp_server.set_context(*dtls_ctx)
+            self.kcp_server.handshake_timeout = cfg.auth_timeout
+            self.kcp_server.slots.limits = cfg.kcp_handshakes
+        self.admission.params = cfg.limits
+        for conn in self.connections:
+            conn.queue_limit = self._queue_limit(conn)
+        set_log_level(cfg.log_level)
+        changes = plan.describe()
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
+        for line in self._recheck():
+            changes.append(line)
+        reloading.log_changes(log, cfg.path, changes)
+        return changes
+
+    def _recheck(self) -> list[str]:
+        """Close the registered connections the new credentials refuse."""
+        closed = []
+        for conn in list(self.connections):
+            if conn.gateway is None or conn.closing:
+                continue
+            decision = self.authority.authorize(
+                conn.register_key, conn.fingerprint, conn.gateway, conn.networks
+            )
+            if decision.error is None:
+                continue
+            self.stats.revoked += 1
+            closed.append(f"closed gateway {conn.gateway}: {decision.error}")
+            conn.close(f"no longer allowed after reload: {decision.error}")
+        return closed
+
+    async def _housekeeping(self) -> None:
+        next_stats = time.monotonic() + self.cfg.stats_interval
+        while True:
+            # the config of the moment: a reload may change the timeouts and the interval
+            cfg = self.cfg
+            await asyncio.sleep(max(0.05, min(1.0, cfg.idle_timeout / 4, cfg.auth_timeout / 4)))
+            cfg = self.cfg
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn.session is None or conn.closing:
+                    continue
+                registered = conn.session.state is State.REGISTERED
+                reason = conn.session.check_timeouts(now, cfg.auth_timeout, cfg.idle_timeout)
+                if reason:
+                    if registered:
+                        self.stats.idle_timeouts += 1
+                    else:
+                        self.stats.auth_timeouts += 1
+                    # a silent peer would never acknowledge a TLS close_notify
+                    conn.close(reason, abort=True)
+            if cfg.stats_interval and now >= next_stats:
+                next_stats = now + cfg.stats_interval
+                log.info(
+                    "stats",
+                    extra=kv(
+                        connections=len(self.connections),
+                        routes=len(self.routes),
+                        pending=self.admission.pending,
+                        **self.stats.fields(),
+                        **self.admission.stats.fields(),
+                        **(
+                            {**self.kcp_server.counters().fields("kcp_"), **self._fec_totals()}
+                            if self.kcp_server
+                            else {}
+                        ),
+                    ),
+                )
+
+    def _fec_totals(self) -> dict[str, int]:
+        """FEC counters summed over the live kcp:// sessions."""
+        assert self.kcp_server is not None
+        recovered = parity_sent = unrecoverable = 0
+        for t in self.kcp_server.sessions.values():
+            fec = t.link.fec
+            if fec is not None:
+                recovered += fec.stats.recovered
+                parity_sent += fec.stats.parity_sent
+                unrecoverable += fec.stats.unrecoverable
+        return {
+            "fec_recovered": recovered,
+            "fec_parity_sent": parity_sent,
+            "fec_unrecoverable": unrecoverable,
+        }
+
+    # -- control plane
+
+    def on_connect(self, conn: GatewayConnection) -> None:
+        self.stats.connections_accepted += 1
+        self.connections.add(conn)
+        log.debug("connection", extra=kv(peer=conn.peer))
+
+    def on_event(self, conn: GatewayConnection, ev: object) -> None:
+        if isinstance(ev, RegisterRequested):
+            self._register(conn, ev)
+        elif isinstance(ev, AuthSucceeded):
+            if conn.transport_name == "kcp" and conn.transport is not None:
+                # kcp:// sessions keep a small receive window and decode no FEC until now
+                conn.transport.authenticated = True  # type: ignore[attr-defined]
+            # its source keeps a share of the pending slots that strangers cannot take
+            self.admission.authenticated(conn.source, time.monotonic())
+        elif isinstance(ev, AuthFailed):
+            self.stats.auth_failures += 1
+            log.warning("auth rejected", extra=kv(peer=conn.peer, reason=ev.reason))
+            self._failed(conn)
+        elif isinstance(ev, ConnectionLost):
+            if ev.kind == "oversized":
+                self.stats.oversized_frames += 1
+            elif ev.kind == "flood":
+                self.stats.register_flood += 1
+            else:
+                self.stats.malformed_frames += 1
+            log.warning("protocol error", extra=kv(peer=conn.peer, reason=ev.reason))
+
+    def _failed(self, conn: GatewayConnection) -> None:
+        """Credentials refused: count it against the source's AUTH failure budget."""
+        if self.admission.failure(conn.source, time.monotonic()):
+            p = self.cfg.limits
+            log.warning(
+                "blocked",
+                extra=kv(
+                    source=conn.source,
+                    window=f"{p.auth_failure_window:g}s",
+                    failures=p.auth_failures,
+                ),
+            )
+
+    def _register(self, conn: GatewayConnection, ev: RegisterRequested) -> None:
+        req = ev.request
+        assert conn.session is not None
+        host = ipaddress.ip_network(req.gateway)
+        prefixes = [host, *req.networks]
+        limits = self.cfg.limits
+        too_many = announcement_error(
+            prefixes, limits.max_networks_per_gateway, limits.max_prefix_lengths_per_gateway
+        )
+        if too_many is not None:
+            # a config matter, not a credential one: no AUTH failure is counted
+            self.stats.register_refused += 1
+            log.warning(
+                "registration refused",
+                extra=kv(gateway=req.gateway, peer=conn.peer, reason=too_many),
+            )
+            conn.session.reject_register(ev.seq, too_many)
+            return
+        decision = self.authority.authorize(
+            req.key, conn.fingerprint, req.gateway, req.networks
+        )
+        if decision.error is not None:
+            # nothing of it is installed, and an existing registration stays as it is
+            self.stats.register_refused += 1
+            log.warning(
+                "registration refused",
+                extra=kv(gateway=req.gateway, peer=conn.peer, reason=decision.error),
+            )
+            conn.session.reject_register(ev.seq, decision.error)
+            self._failed(conn)
+            return
+        link = req.link if FEATURE_MULTILINK in conn.session.features else None
+        if conn.gateway is not None:
+            # a second REGISTER on the same connection replaces what it announced before
+            self.withdraw(conn)
+        if link is None:
+            self._replace_all(conn, req.gateway)
+            for net in prefixes:
+                self.routes.add(net, conn)
+            conn.prefixes = prefixes
+            self.by_gateway[req.gateway] = conn
+        else:
+            info = LinkInfo(link.name, link.weight, link.backup)
+            try:
+                self._join_site(conn, req.gateway, info, prefixes)
+            except TooManyLinks as exc:
+                self.stats.register_refused += 1
+                log.warning(
+                    "registration refused",
+                    extra=kv(gateway=req.gateway, peer=conn.peer, reason=exc),
+                )
+                conn.session.reject_register(ev.seq, str(exc))
+                return
+            conn.link_timeout = link.timeout
+        # a link's queue is short; a connection that was a link until now has a plain one
+        self._set_queue(conn)
+        conn.gateway = req.gateway
+        conn.register_key = req.key
+        conn.networks = tuple(req.networks)
+        conn.sources = NetworkSet(prefixes)
+        conn.session.accept_register(ev.seq)
+        conn.release_slot()
+        self.stats.registrations += 1
+        log.info(
+            "registered",
+            extra=kv(
+                gateway=req.gateway,
+                peer=conn.peer,
+                transport=conn.transport_name,
+                features=",".join(sorted(conn.session.features)) or "-",
+                networks=",".join(str(n) for n in req.networks) or "-",
+                **(
+                    {"link": link.name, "weight": f"{link.weight:g}", "backup": link.backup}
+                    if link is not None
+                    else {}
+                ),
+            ),
+        )
+
+    def _replace_all(self, conn: GatewayConnection, gateway: IPAddress) -> None:
+        """A plain REGISTER: whatever held ``gateway`` before (a connection, or every link of
+        a site) is closed, as PoleVPN's router does."""
+        olds = []
+        old = self.by_gateway.get(gateway)
+        if old is not None and old is not conn:
+            olds.append(old)
+        site = self.sites.get(gateway)
+        if site is not None:
+            olds += [c for c in site.links.connections() if c is not conn]
+            self._drop_site(site)
+        for old in olds:
+            self._replace(old, conn, f"gateway {gateway}")
+
+    def _replace(self, old: GatewayConnection, conn: GatewayConnection, what: str) -> None:
+        """``conn`` registered ``what`` (a gateway, or one link of it) that ``old`` held."""
+        self.stats.replaced += 1
+        log.info("re-registered", extra=kv(what=what, peer=conn.peer, replaced_peer=old.peer))
+        self.withdraw(old)
+        old.close("replaced by a new registration")
+
+    def _join_site(
+        self, conn: GatewayConnection, gateway: IPAddress, info: LinkInfo, prefixes: list
+    ) -> None:
+        """A REGISTER naming a link: ``conn`` becomes that link of the gateway's site.
+
+        Raises TooManyLinks before anything has changed.
+        """
+        site = self.sites.get(gateway)
+        if site is None:
+            site = Site(gateway)
+        replaced = site.links.register(conn, info)
+        self.sites[gateway] = site
+        plain = self.by_gateway.get(gateway)
+        if plain is not None:
+            replaced.append(plain)
+        for old in replaced:
+            # out of the site already: its withdrawal must not touch the site's links
+            old.site = None
+            self._replace(old, conn, f"gateway {gateway} link {info.name}")
+        if site.prefixes != prefixes:
+            # every link registers the same networks; the newest registration says which
+            for net in site.prefixes:
+                self.routes.remove(net, site)
+            for net in prefixes:
+                self.routes.add(net, site)
+            site.prefixes = prefixes
+        conn.site = site
+        conn.link = info
+        conn.link_up = True
+
+    def _set_queue(self, conn: GatewayConnection) -> None:
+        conn.queue_limit = limit = self._queue_limit(conn)
+        if conn.transport is None:
+            return
+        if conn.link is None:
+            conn.transport.set_write_buffer_limits(high=limit, low=limit // 2)
+        else:
+            linksock.shorten_queue(conn.transport, limit)
+
+    def _queue_limit(self, conn: GatewayConnection) -> int:
+        limit = self.cfg.send_queue_bytes
+        return limit if conn.link is None else min(limit, linksock.LINK_QUEUE_BYTES)
+
+    def _drop_site(self, site: Site) -> None:
+        for net in site.prefixes:
+            self.routes.remove(net, site)
+        site.prefixes = []
+        if self.sites.get(site.gateway) is site:
+            del self.sites[site.gateway]
+        for conn in site.links.connections():
+            conn.site = None
+
+    def withdraw(self, conn: GatewayConnection) -> None:
+        """Remove ``conn``'s routes; it may be called again, and then does nothing."""
+        for net in conn.prefixes:
+            self.routes.remove(net, conn)
+        conn.prefixes = []
+        if conn.gateway is not None and self.by_gateway.get(conn.gateway) is conn:
+            del self.by_gateway[conn.gateway]
+        site = conn.site
+        if site is not None:
+            # no longer a link: a REGISTER on it now makes it one again, or a plain gateway
+            conn.site = None
+            conn.link = None
+            conn.link_up = True
+            if site.links.unregister(conn):
+                # its last link: the site's networks are unreachable now
+                self._drop_site(site)
+
+    # -- link health of multi-link gateways
+
+    def link_heard(self, conn: GatewayConnection) -> None:
+        """A link marked down is talking again: it takes its flows back."""
+        site = conn.site
+        if site is None or conn.closing:
+            return
+        conn.link_up = True
+        site.links.set_up(conn, True)
+        assert conn.link is not None
+        log.info("link up", extra=kv(gateway=conn.gateway, link=conn.link.name, peer=conn.peer))
+
+    def _check_links(self, now: float) -> None:
+        """Give up on links that have been silent longer than they said they may be."""
+        for site in list(self.sites.values()):
+            for conn in site.links.connections():
+                if not conn.link_up or conn.session is None:
+                    continue
+                silent = now - conn.session.last_heard
+                if silent <= conn.link_timeout:
+                    continue
+                conn.link_up = False
+                conn.link_downs += 1
+                self.stats.links_down += 1
+                site.links.set_up(conn, False)
+                assert conn.link is not None
+                log.warning(
+                    "link down",
+                    extra=kv(
+                        gateway=conn.gateway,
+                        link=conn.link.name,
+                        peer=conn.peer,
+                        silent_ms=int(silent * 1000),
+                    ),
+                )
+
+    async def _watch_links(self) -> None:
+        while True:
+            await asyncio.sleep(LINK_CHECK_INTERVAL)
+            if self.sites:
+                self._check_links(time.monotonic())
+
+    def on_disconnect(self, conn: GatewayConnection, exc: Exception | None) -> None:
+        self.connections.discard(conn)
+        self.stats.connections_closed += 1
+        if conn.session is not None:
+            self.stats.dropped_unregistered += conn.session.dropped_unregistered
+        if conn.gateway is not None:
+            self.withdraw(conn)
+            kcp = conn.transport.get_extra_info("kcp_link") if conn.transport else None
+            fec = kcp.fec if kcp is not None else None
+            log.info(
+                "disconnected",
+                extra=kv(
+                    gateway=conn.gateway,
+                    peer=conn.peer,
+                    transport=conn.transport_name,
+                    packets_in=conn.packets_in,
+                    packets_out=conn.packets_out,
+                    bytes_in=conn.bytes_in,
+                    bytes_out=conn.bytes_out,
+                    **(fec.stats.fields("fec_") if fec is not None else {}),
+                    **({"error": exc} if exc else {}),
+                ),
+            )
+
+    # -- data plane
+
+    def forward(self, src: GatewayConnection, packets: list[memoryview]) -> None:
+        """Route one read's packets (forwarding.forward) and write each destination's
+        frames with one call; nothing of it is kept for the next read."""
+        out = forward(packets, src, self.routes, self.cfg.anti_spoofing)
+        src.bytes_in += out.bytes_in
+        out.add_to(self.stats)
+        supers = out.supers
+        for dst, parts in out.batches.items():
+            dst.send_batch(parts, supers.get(dst, 0) if supers else 0)
