@@ -78,7 +78,7 @@ lint: $(STAMP)
 
 test: venv
 	$(VENV)/bin/ruff check polevpn tests
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -rs
 
 demo: venv keys
 	$(VPY) tests/demo.py

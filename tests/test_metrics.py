@@ -161,9 +161,10 @@ def test_router_metrics_count_what_the_gateways_sent(keys, transport, monkeypatc
             if transport == "kcp":
                 for gw in (gw_a, gw_b):
                     assert value(before, f"{p}gateway_fec_parity_shards", **gw) == 2
-                    assert value(before, f"{p}gateway_kcp_retransmissions_total", **gw) >= 0
+                    # loopback: a resend only when the loaded machine delays an ACK past the RTO
+                    assert 0 <= value(before, f"{p}gateway_kcp_retransmissions_total", **gw) < 50
                     assert value(before, f"{p}gateway_fec_recovered_total", **gw) == 0
-                    assert value(before, f"{p}gateway_kcp_srtt_seconds", **gw) >= 0
+                    assert 0 <= value(before, f"{p}gateway_kcp_srtt_seconds", **gw) < 1.0
                 assert value(before, f"{p}kcp_sessions") == 2
                 assert value(before, f"{p}kcp_handshakes_total") == 2
             else:
@@ -354,7 +355,7 @@ def test_router_metrics_per_link_of_a_multi_link_gateway(keys, transport, monkey
             )
             assert value(m, f"{p}gateway_sent_packets_total", **gw_a) == len(to_a)
             for link in (v4l, v6l):
-                assert value(m, f"{p}link_rtt_seconds", **link) >= 0
+                assert 0 <= value(m, f"{p}link_rtt_seconds", **link) < 1.0
                 resent = value(m, f"{p}link_retransmissions_total", **link)
                 sent = value(m, f"{p}link_sent_segments_total", **link)
                 # at least the AUTH and REGISTER replies went out on each
@@ -365,7 +366,7 @@ def test_router_metrics_per_link_of_a_multi_link_gateway(keys, transport, monkey
                 k for k in matching(m, f"{p}gateway_kcp_srtt_seconds") if ("gateway", A) in k
             ]
             if transport == "kcp":
-                assert value(m, f"{p}link_kcp_srtt_seconds", **v6l) >= 0
+                assert 0 <= value(m, f"{p}link_kcp_srtt_seconds", **v6l) < 1.0
             else:
                 assert not matching(m, f"{p}link_kcp_srtt_seconds")
 
