@@ -398,3 +398,39 @@ def test_a_tun_that_cannot_be_opened_fails_the_start(keys, monkeypatch) -> None:
         assert "CAP_NET_ADMIN" in info.value.strerror
 
     run(scenario())
+
+
+def test_a_tun_gone_under_the_router_withdraws_local_and_nothing_else(keys, mem_tun, caplog):
+    async def scenario() -> None:
+        router = Router(router_config(keys, tun=tun_cfg()))
+        await router.start()
+        tun = mem_tun["tun"]
+        a = await ProtoGateway.connect(router)
+        await a.login("169.254.0.1", ["198.18.10.0/24"])
+        b = await ProtoGateway.connect(router)
+        await b.login("169.254.0.2", ["198.18.20.0/24"])
+        tun.gone = True
+        await a.send(frame(3, ipv4_packet("198.18.10.2", "198.18.30.7")))
+        await until(lambda: router.local is None)
+        assert tun.closed
+        assert {str(n) for n, _ in router.routes.routes()} == {
+            "169.254.0.1/32",
+            "169.254.0.2/32",
+            "198.18.10.0/24",
+            "198.18.20.0/24",
+        }
+        # the gateway whose packet found the TUN gone is still connected and forwarding
+        pkt = ipv4_packet("198.18.10.2", "198.18.20.2")
+        await a.send(frame(3, pkt))
+        assert await b.recv_frame() == (2, 0, pkt)
+        # the VPC has no route now: dropped and counted, not sent anywhere
+        await a.send(frame(3, ipv4_packet("198.18.10.2", "198.18.30.7")))
+        await until(lambda: router.stats.dropped_no_route == 1)
+        assert router.stats.malformed_frames == 0
+        a.close()
+        b.close()
+        await router.stop()
+
+    with caplog.at_level("ERROR", logger="polevpn.router"):
+        run(scenario())
+    assert sum("tun failed" in r.getMessage() for r in caplog.records) == 1
