@@ -145,13 +145,16 @@ def router_main(argv: list[str] | None = None) -> int:
     cfg = _load("polevpn-router", argv, "config.json", load_router_config)
     if cfg is None:
         return EXIT_CONFIG
-    from polevpn.router.router import Router
+    from polevpn.router.router import Router, TunSetupError
 
     async def main() -> int:
         router = Router(cfg)
         done = asyncio.Event()
         try:
             await router.start()
+        except TunSetupError as exc:
+            logging.getLogger("polevpn.router").error("fatal", extra=kv(error=exc.strerror))
+            return 1
         except OSError as exc:
             logging.getLogger("polevpn.router").error(
                 "cannot listen", extra=kv(address=cfg.tls.address, error=exc.strerror or exc)

@@ -41,6 +41,11 @@ Both ends of wan1 keep their addresses across ``ip link set down`` (keep_addr_on
 cable pulled and plugged back.  :meth:`Topology.rate_limit` (tc tbf, egress) and
 :meth:`Topology.if_bytes` work on any interface of any topology.
 
+:meth:`Topology.add_vpc` adds a host ``vpc`` behind the router on 198.18.30.0/24 (router
+``vpc0`` 198.18.30.1, vpc 198.18.30.2), for the router's own TUN:
+
+    vpc --198.18.30.0/24-- router [polevpn0: 169.254.0.254]
+
 ``Topology(service_address=True)`` gives the router a service address on ``lo``, the one
 gateways dial, apart from its link addresses (a secondary, floating or anycast address; issue
 21), and both underlay links an IPv6 subnet too:
@@ -115,6 +120,12 @@ SVC_GW_A_UL6 = "2001:db8:ff0a::2"
 SVC_ROUTER_UL_A6 = "2001:db8:ff0a::1"
 SVC_GW_B_UL6 = "2001:db8:ff0b::2"
 SVC_ROUTER_UL_B6 = "2001:db8:ff0b::1"
+
+# Topology.add_vpc(): a host behind the router, for the router's own TUN ("tun" in its config)
+VPC = "198.18.30.0/24"
+VPC_HOST = "198.18.30.2"
+VPC_ROUTER = "198.18.30.1"
+VPC_ROUTER_IF = "vpc0"  # in router
 
 # Impairment middlebox (Topology(impair=True)): node, interfaces, TUNs, routing tables.
 IMP_NODE = "imp"
@@ -551,6 +562,18 @@ class Topology:
         self._addr(node, "wan0", f"{gw_ul}/30")
         self._addr("router", router_if, f"{router_ul}/30")
         self._sysctl(node, "net.ipv4.ip_forward", "1")
+
+    def add_vpc(self) -> None:
+        """A host ``vpc`` behind the router (the cloud VM's VPC, for the router's own TUN):
+        vpc eth0 198.18.30.2/24 <-> router vpc0 198.18.30.1/24, the vpc's default route via
+        the router, and forwarding on in the router namespace; removed with the rest."""
+        self.ns["vpc"] = f"{self.prefix}-vpc"
+        self._add_ns("vpc")
+        self._veth("router", VPC_ROUTER_IF, "vpc", "eth0")
+        self._addr("router", VPC_ROUTER_IF, f"{VPC_ROUTER}/24")
+        self._addr("vpc", "eth0", f"{VPC_HOST}/24")
+        self.run("vpc", ["ip", "route", "add", "default", "via", VPC_ROUTER])
+        self._sysctl("router", "net.ipv4.ip_forward", "1")
 
     def _setup(self) -> None:
         for node in self.nodes:

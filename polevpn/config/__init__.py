@@ -137,6 +137,36 @@ class LimitParams:
 
 
 @dataclass(frozen=True)
+class RouterTun:
+    """The router's own TUN (the ``tun`` section): the router host joins the network.
+
+    ``gateway``/``gateway6`` are the router's tunnel addresses, ``networks`` the networks
+    behind the router host (its VPC): together they are the pseudo-gateway "local" in the
+    router's table, always registered. ``route_networks`` are routed into the TUN on the
+    router host (the offices' networks), as a gateway's are.
+    """
+
+    name: str
+    gateway: ipaddress.IPv4Address
+    gateway6: ipaddress.IPv6Address | None
+    networks: tuple[IPNetwork, ...]
+    route_networks: tuple[IPNetwork, ...]
+    mtu: int = 1400
+
+    @property
+    def prefixes(self) -> tuple[IPNetwork, ...]:
+        """What the pseudo-gateway holds in the table: its addresses and its networks."""
+        hosts: list[IPNetwork] = [ipaddress.ip_network(self.gateway)]
+        if self.gateway6 is not None:
+            hosts.append(ipaddress.ip_network(self.gateway6))
+        return (*hosts, *(n for n in self.networks if n not in hosts))
+
+    @property
+    def addresses(self) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+        return [self.gateway] + ([self.gateway6] if self.gateway6 is not None else [])
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     path: Path
     tls: Listener
@@ -169,6 +199,8 @@ class RouterConfig:
     # (host, port) of the REST API (polevpn.ops.api) and the bearer token it requires; None: off
     api_listen: tuple[str, int] | None = None
     api_token: str | None = field(default=None, repr=False)
+    # the router's own TUN; None (the default): off, and the router needs no privilege
+    tun: RouterTun | None = None
     warnings: tuple[str, ...] = field(default=())
 
     def authority(self) -> Authority:
@@ -729,6 +761,8 @@ def load_router_config(path: str | Path) -> RouterConfig:
     warnings = _router_warnings(key, grants, anti_spoofing) + _permission_warnings(secrets)
     metrics_listen, metrics_warnings = _metrics_listen(r, metrics_token is not None)
     warnings += metrics_warnings + api_warnings + token_warnings
+    tun, tun_warnings = _router_tun(r, grants)
+    warnings += tun_warnings
     return RouterConfig(
         path=path,
         tls=tls,
@@ -753,7 +787,77 @@ def load_router_config(path: str | Path) -> RouterConfig:
         metrics_token=metrics_token,
         api_listen=api_listen,
         api_token=api_token,
+        tun=tun,
     )
+
+
+def _tun_name(r: _Reader, key: str) -> str:
+    name = r.string(key, "polevpn0")
+    if not 0 < len(name.encode()) < 16 or "/" in name or " " in name:
+        raise r.fail(key, f"{name!r} is not a valid interface name (1-15 characters)")
+    return name
+
+
+def _router_tun(
+    r: _Reader, grants: tuple[GatewayGrant, ...]
+) -> tuple[RouterTun | None, list[str]]:
+    """The optional ``tun`` section; its addresses and networks must be nobody else's."""
+    sec = r.section("tun", required=False)
+    if sec is None or not sec.boolean("enable", True):
+        return None, []
+    text = sec.string("gateway")
+    try:
+        gateway = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise sec.fail("gateway", f"{text!r} is not an IPv4 address") from None
+    gateway6 = None
+    if sec.has("gateway6"):
+        text6 = sec.string("gateway6")
+        try:
+            gateway6 = ipaddress.IPv6Address(text6)
+        except ValueError:
+            raise sec.fail("gateway6", f"{text6!r} is not an IPv6 address") from None
+    mtu = sec.integer("mtu", 1400, 576, 65535 - 8)
+    if gateway6 is not None and mtu < IPV6_MIN_MTU:
+        raise sec.fail("mtu", f"{mtu}: IPv6 (gateway6 is set) needs at least {IPV6_MIN_MTU}")
+    tun = RouterTun(
+        name=_tun_name(sec, "name"),
+        gateway=gateway,
+        gateway6=gateway6,
+        networks=sec.networks("networks", required=False),
+        route_networks=sec.networks("route_networks", required=False),
+        mtu=mtu,
+    )
+    own = tun.prefixes
+    for key, nets in (("networks", tun.networks), ("route_networks", tun.route_networks)):
+        for i, net in enumerate(nets):
+            if key == "route_networks" and any(
+                net.version == o.version and net.subnet_of(o)  # type: ignore[arg-type]
+                for o in own
+            ):
+                # they would go into the TUN, come back to the router and be dropped
+                raise ConfigError(
+                    r.path,
+                    f"{sec.name(key)}[{i}]",
+                    f"{net} is within the tun's own address or networks; "
+                    "route_networks are the offices' networks",
+                )
+    for net in own:
+        for g in grants:
+            if g.gateway.version == net.version and net.overlaps(ipaddress.ip_network(g.gateway)):
+                raise sec.fail("networks", f"{net} overlaps gateway {g.gateway}'s address")
+            for granted in g.networks:
+                if granted.version == net.version and net.overlaps(granted):  # type: ignore[arg-type]
+                    raise sec.fail(
+                        "networks", f"{net} overlaps {granted}, granted to gateway {g.gateway}"
+                    )
+    warnings = []
+    if not tun.route_networks:
+        warnings.append(
+            "tun.route_networks is empty: the router host routes nothing into its tun, so "
+            "the offices' packets reach it but its replies take the host's other routes"
+        )
+    return tun, warnings
 
 
 def _handshake_limits(sec: _Reader | None) -> HandshakeLimits:
@@ -990,9 +1094,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
             ssl.create_default_context(cafile=str(ca_file))
         except (ssl.SSLError, OSError) as exc:
             raise r.fail("ca_file", f"cannot load {ca_file}: {exc}") from None
-    tun_name = r.string("tun_name", "polevpn0")
-    if not 0 < len(tun_name.encode()) < 16 or "/" in tun_name or " " in tun_name:
-        raise r.fail("tun_name", f"{tun_name!r} is not a valid interface name (1-15 characters)")
+    tun_name = _tun_name(r, "tun_name")
     hb_interval = r.number("heartbeat_interval", 10.0, 0.05, 3600)
     hb_timeout = r.number("heartbeat_timeout", 20.0, 0.1, 86400)
     if hb_timeout <= hb_interval:

@@ -21,7 +21,8 @@ from polevpn.config import GatewayConfig, LinkConfig, Listener, RouterConfig
 C = TypeVar("C", RouterConfig, GatewayConfig)
 
 # bound or set up at start; a changed value waits for a restart
-ROUTER_RESTART = frozenset({"kcp_params", "user", "metrics_listen", "api_listen"})
+# the tun: opened, addressed and routed before privileges are dropped
+ROUTER_RESTART = frozenset({"kcp_params", "user", "metrics_listen", "api_listen", "tun"})
 LISTENER_RESTART = ("enable", "host", "port")
 GATEWAY_RESTART = frozenset(
     {

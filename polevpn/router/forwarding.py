@@ -33,7 +33,9 @@ _pack = wire.HEADER.pack
 
 
 class Endpoint(Protocol):
-    """A gateway connection as forwarding sees it (the router's GatewayConnection)."""
+    """A gateway connection as forwarding sees it (the router's GatewayConnection), or the
+    router's own TUN (``local.LocalEndpoint``, which never negotiates super-packets): either
+    is a destination of the table and a source of ``forward``, checked the same way."""
 
     # the sources it may send from: what it registered
     sources: NetworkSet

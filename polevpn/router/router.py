@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from polevpn.common.counters import Counters
 from polevpn.common.logfmt import endpoint, kv
 from polevpn.config import ConfigError, RouterConfig, load_router_config, reloading, set_log_level
-from polevpn.host import privileges
+from polevpn.host import netconf, privileges
 from polevpn.io import linksock, udpsock
 from polevpn.io.kcp_transport import KcpServer
 from polevpn.io.tlsconf import server_context
+from polevpn.io.tun import Tun, TunDevice
 from polevpn.kcp import dtls
 from polevpn.kcp.kcp_pool import KcpPool
 from polevpn.ops import api, metrics
@@ -50,6 +51,7 @@ from polevpn.proto.session import (
 )
 from polevpn.router.forwarding import forward
 from polevpn.router.limits import Admission, source_key
+from polevpn.router.local import LocalEndpoint, conflict
 from polevpn.router.sitelinks import LinkInfo, Site, TooManyLinks
 
 log = logging.getLogger("polevpn.router")
@@ -104,6 +106,18 @@ class RouterStats(Counters):
     segmented: int = 0
     # links of multi-link gateways that fell silent (and were given up for the others)
     links_down: int = 0
+    # the router's own TUN ("tun" in the config): IP packets and bytes read from it and
+    # written to it (those written are in packets_forwarded too), and what the kernel refused
+    tun_packets_in: int = 0
+    tun_bytes_in: int = 0
+    tun_packets_out: int = 0
+    tun_bytes_out: int = 0
+    tun_write_dropped: int = 0
+    tun_write_errors: int = 0
+
+
+class TunSetupError(OSError):
+    """The router's TUN could not be opened or configured at start."""
 
 
 def _fitting(parts: list[bytes | memoryview], supers: int, room: int) -> tuple[int, int]:
@@ -343,6 +357,9 @@ class Router:
         self.admission = Admission(cfg.limits)
         self.metrics: metrics.MetricsServer | None = None
         self.api: api.ApiServer | None = None
+        # the router's own TUN and its pseudo-gateway "local"; None unless cfg.tun is set
+        self.tun: Tun | None = None
+        self.local: LocalEndpoint | None = None
 
     def _take(self, cfg: RouterConfig) -> None:
         """The config and what follows from it alone: at start, and again on reload."""
@@ -356,6 +373,9 @@ class Router:
     async def start(self) -> None:
         for warning in self.cfg.warnings:
             log.warning("%s", warning)
+        if self.cfg.tun is not None:
+            # needs CAP_NET_ADMIN: before privileges are dropped
+            await self._start_tun()
         if self.cfg.tls.enable:
             await self._start_tls()
         if self.cfg.kcp.enable:
@@ -575,6 +595,7 @@ class Router:
             self.metrics.close()
         if self.api is not None:
             self.api.close()
+        self._stop_tun()
         log.info("stopped", extra=kv(**self.stats.fields()))
 
     # -- reload
@@ -758,6 +779,8 @@ class Router:
                 extra=kv(gateway=req.gateway, peer=conn.peer, reason=too_many),
             )
             conn.session.reject_register(ev.seq, too_many)
+            return
+        if self._tun_refuses(conn, ev):
             return
         decision = self.authority.authorize(
             req.key, conn.fingerprint, req.gateway, req.networks
@@ -978,12 +1001,120 @@ class Router:
 
     # -- data plane
 
-    def forward(self, src: GatewayConnection, packets: list[memoryview]) -> None:
+    def forward(
+        self, src: GatewayConnection | LocalEndpoint, packets: list[memoryview] | list[bytes]
+    ) -> None:
         """Route one read's packets (forwarding.forward) and write each destination's
         frames with one call; nothing of it is kept for the next read."""
-        out = forward(packets, src, self.routes, self.cfg.anti_spoofing)
+        out = forward(packets, src, self.routes, self.cfg.anti_spoofing)  # type: ignore[arg-type]
         src.bytes_in += out.bytes_in
         out.add_to(self.stats)
         supers = out.supers
         for dst, parts in out.batches.items():
             dst.send_batch(parts, supers.get(dst, 0) if supers else 0)
+
+    # -- the router's own TUN (cfg.tun): the pseudo-gateway "local"
+
+    async def _start_tun(self) -> None:
+        """Open the TUN, give it its addresses and the routes to the offices, and put
+        "local" in the table: its packets are routed like a gateway's from now on.
+
+        Plain packets, no offloads: the router host's own traffic is small next to what
+        passes between offices, and gateways' super-packets are cut for it by forwarding.
+        Nothing of it needs a privilege later: the routes are the configured ones, and
+        closing the device at exit takes its addresses and routes with it.
+        """
+        tcfg = self.cfg.tun
+        assert tcfg is not None
+        try:
+            tun = TunDevice(tcfg.name)
+        except OSError as exc:
+            denied = isinstance(exc, PermissionError)
+            hint = " (run as root or with CAP_NET_ADMIN)" if denied else ""
+            raise TunSetupError(
+                exc.errno, f"cannot create TUN device {tcfg.name}: {exc.strerror or exc}{hint}"
+            ) from None
+        try:
+            await asyncio.to_thread(
+                netconf.configure_tun,
+                tun.name,
+                tcfg.mtu,
+                tcfg.addresses,
+                list(tcfg.route_networks),
+            )
+        except Exception as exc:
+            tun.close()
+            raise TunSetupError(0, f"cannot configure TUN device {tun.name}: {exc}") from None
+        self.tun = tun
+        local = self.local = LocalEndpoint(tcfg, tun, self.stats, self._tun_failed)
+        for net in local.prefixes:
+            self.routes.add(net, local)
+        asyncio.get_running_loop().add_reader(tun.fileno(), self._on_tun_readable)
+        log.info(
+            "tun up",
+            extra=kv(
+                name=tun.name,
+                address=",".join(str(a) for a in tcfg.addresses),
+                networks=",".join(str(n) for n in tcfg.networks) or "-",
+                routes=",".join(str(n) for n in tcfg.route_networks) or "-",
+            ),
+        )
+
+    def _on_tun_readable(self) -> None:
+        """The router host's packets: forwarded with "local" as their source."""
+        tun, local = self.tun, self.local
+        assert tun is not None and local is not None
+        try:
+            packets = tun.read_batch()
+        except OSError as exc:
+            self._tun_failed("read", exc)
+            return
+        if not packets:
+            return
+        stats = self.stats
+        stats.tun_packets_in += len(packets)
+        stats.tun_bytes_in += sum(map(len, packets))
+        local.packets_in += len(packets)
+        self.forward(local, packets)
+
+    def _tun_failed(self, op: str, exc: OSError) -> None:
+        """The TUN failed for good (deleted under us, say): the offices lose the router
+        host's networks, and everything else goes on."""
+        if self.tun is None:
+            return
+        log.error(
+            "tun failed; its networks are withdrawn",
+            extra=kv(name=self.tun.name if self.tun else "-", op=op, error=exc.strerror or exc),
+        )
+        self._stop_tun()
+
+    def _stop_tun(self) -> None:
+        tun, local = self.tun, self.local
+        self.tun = self.local = None
+        if local is not None:
+            for net in local.prefixes:
+                self.routes.remove(net, local)
+        if tun is not None:
+            self.stats.tun_write_dropped = tun.write_dropped
+            self.stats.tun_write_errors = tun.write_errors
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(tun.fileno())
+            tun.close()
+
+    def _tun_refuses(self, conn: GatewayConnection, ev: RegisterRequested) -> bool:
+        """Refuse a REGISTER that claims the tun's addresses or networks, whatever key
+        it holds (a credential matter: it counts as an AUTH failure)."""
+        if self.cfg.tun is None:
+            return False
+        req = ev.request
+        reason = conflict(self.cfg.tun, req.gateway, req.networks)
+        if reason is None:
+            return False
+        assert conn.session is not None
+        self.stats.register_refused += 1
+        log.warning(
+            "registration refused", extra=kv(gateway=req.gateway, peer=conn.peer, reason=reason)
+        )
+        conn.session.reject_register(ev.seq, reason)
+        self._failed(conn)
+        return True
