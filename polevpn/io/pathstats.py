@@ -79,20 +79,80 @@ class PathFigures:
 
 
 def path_figures(transport: object, transport_name: str) -> PathFigures:
-    if transport is None:
-        return PathFigures()
     if transport_name == "kcp":
-        get = getattr(transport, "get_extra_info", None)
-        link = get("kcp_link") if get is not None else None
-        if link is None:
-            return PathFigures()
-        srtt, resent, first = link.srtt_ms, link.retransmissions, link.segments_sent
-        return PathFigures(
-            None if srtt is None else float(srtt),
-            resent,
-            None if resent is None or first is None else first + resent,
-        )
-    info = tcp_info(transport)
+        return transport_figures(transport, transport_name).path
+    info = tcp_info(transport) if transport is not None else None
     if info is None:
         return PathFigures()
     return PathFigures(info.rtt_us / 1000, info.total_retrans, info.data_segs_out)
+
+
+# -- one connection's transport figures, as the read models (router.view, gateway.view) give
+# them to operations: the one place that reads a transport for the API, /metrics and the logs
+
+
+@dataclass(frozen=True, slots=True)
+class FecFigures:
+    """A kcp:// link's FEC session (``FecStats``) at one moment."""
+
+    parity: int
+    parity_sent: int
+    recovered: int
+    unrecoverable: int
+    # what this side receives (last report interval), and what the peer reports on what this
+    # side sends (smoothed; adaptive parity follows it), as ratios
+    loss: float
+    peer_loss: float
+    # work refused: oversized groups, parity before AUTH, groups over the decode budget
+    oversized: int
+    undecoded: int
+    decodes_refused: int
+
+
+@dataclass(frozen=True, slots=True)
+class KcpFigures:
+    """KCP's control block and FEC of a kcp:// link at one moment."""
+
+    srtt_ms: float | None
+    retransmissions: int | None
+    fec_state: str
+    fec: FecFigures | None
+
+
+@dataclass(frozen=True, slots=True)
+class TransportFigures:
+    """What the transport of one connection knows: its path, and KCP's figures on kcp://."""
+
+    path: PathFigures = PathFigures()
+    kcp: KcpFigures | None = None
+
+
+def transport_figures(transport: object, transport_name: str) -> TransportFigures:
+    """``transport``'s figures; a kcp:// transport holds its ``KcpLink`` as extra info."""
+    if transport is None:
+        return TransportFigures()
+    if transport_name != "kcp":
+        return TransportFigures(path_figures(transport, transport_name))
+    # KCP's control block: srtt, and xmit / (snd_nxt + xmit) (the module docstring)
+    get = getattr(transport, "get_extra_info", None)
+    link = get("kcp_link") if get is not None else None
+    if link is None:
+        return TransportFigures()
+    srtt, resent, first = link.srtt_ms, link.retransmissions, link.segments_sent
+    srtt_ms = None if srtt is None else float(srtt)
+    path = PathFigures(srtt_ms, resent, None if resent is None or first is None else first + resent)
+    fec = None
+    if link.fec is not None:
+        s = link.fec.stats
+        fec = FecFigures(
+            parity=s.parity,
+            parity_sent=s.parity_sent,
+            recovered=s.recovered,
+            unrecoverable=s.unrecoverable,
+            loss=s.loss_ppm / 1e6,
+            peer_loss=s.peer_loss_ppm / 1e6,
+            oversized=s.oversized,
+            undecoded=s.undecoded,
+            decodes_refused=s.decodes_refused,
+        )
+    return TransportFigures(path, KcpFigures(srtt_ms, resent, link.fec_state, fec))
