@@ -33,6 +33,7 @@ from polevpn.config import (
     load_gateway_config,
     load_router_config,
 )
+from polevpn.gateway import view as gateway_view
 from polevpn.gateway.gateway import Gateway
 from polevpn.kcp.fec import FecStats
 from polevpn.keygen import generate
@@ -690,7 +691,8 @@ class FakeRouterLink:
 
 
 def _gateway_scrape(gw: Gateway) -> Samples:
-    return parse(generate_latest(metrics.gateway_registry(gw)).decode())
+    registry = metrics.gateway_registry(lambda: gateway_view.snapshot(gw))
+    return parse(generate_latest(registry).decode())
 
 
 def _ml_gateway(tmp_path: Path) -> Gateway:

@@ -30,6 +30,7 @@ from polevpn.config import (
     set_log_level,
 )
 from polevpn.config.reloading import ReloadError
+from polevpn.gateway import view
 from polevpn.host import netconf
 from polevpn.host.hostsetup import HostSetup, HostSetupError
 from polevpn.io import kcp_transport, linksock, pathstats
@@ -1060,7 +1061,7 @@ class Gateway:
             stats_task = asyncio.create_task(self._stats_loop())
             try:
                 if cfg.metrics_listen is not None:
-                    registry = metrics.gateway_registry(self)
+                    registry = metrics.gateway_registry(lambda: view.snapshot(self))
                     self.metrics = await metrics.serve(
                         registry, cfg.metrics_listen, lambda: self.cfg.metrics_token
                     )

@@ -9,12 +9,14 @@ costs nothing per packet. Endpoints (``polevpn.ops.openapi`` has the precise sha
                                   and each link of a multi-link gateway
   GET  /api/v1/gateways/{address} one of them, or 404
   GET  /api/v1/routes             the routing table
-  POST /api/v1/reload             Router.reload(): 200 with the changes, 400 with the error
+  POST /api/v1/reload             the router's reload(): 200 with the changes, 400 with the error
   GET  /api/v1/openapi.json       the OpenAPI document (public: it holds no data)
   GET  /                          the dashboard page, polevpn/ops/web/index.html (public)
 
-The token is compared in constant time and read from the router's config at each request,
-so a reload that changes it takes effect at once. It is never logged.
+Every reply is made from one snapshot of the router's read model (``polevpn.router.view``);
+the reload goes through the narrow ``RouterControl``. The token is compared in constant
+time and read at each request, so a reload that changes it takes effect at once. It is
+never logged.
 """
 
 from __future__ import annotations
@@ -24,22 +26,26 @@ import ipaddress
 import json
 import logging
 import time
-from dataclasses import fields
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from polevpn import __version__
 from polevpn.common.logfmt import kv
 from polevpn.config import ConfigError
 from polevpn.io import pathstats
+from polevpn.io.pathstats import KcpFigures
 from polevpn.ops import httpserver, openapi
 from polevpn.ops.httpserver import HttpError, Reply, Request
-from polevpn.ops.metrics import ROUTER_DROPS
-
-if TYPE_CHECKING:
-    from polevpn.kcp.kcp_link import KcpLink
-    from polevpn.router.router import GatewayConnection, Router, Site
+from polevpn.router.view import (
+    ConnectionView,
+    GatewayView,
+    RouterControl,
+    RouterView,
+    SiteView,
+    Traffic,
+)
 
 log = logging.getLogger("polevpn.api")
 
@@ -71,48 +77,52 @@ def tcp_rtt_ms(transport: object) -> float | None:
     return None if info is None else info.rtt_us / 1000
 
 
-def _kcp_view(link: KcpLink) -> dict[str, Any]:
-    srtt, retrans = link.srtt_ms, link.retransmissions
+def _kcp(kcp: KcpFigures | None) -> dict[str, Any] | None:
+    if kcp is None:
+        return None
     fec = None
-    if link.fec is not None:
-        s = link.fec.stats
+    if kcp.fec is not None:
+        s = kcp.fec
         fec = {
-            "state": link.fec_state,
+            "state": kcp.fec_state,
             "parity": s.parity,
             "parity_sent": s.parity_sent,
             "recovered": s.recovered,
             "unrecoverable": s.unrecoverable,
-            "loss": s.loss_ppm / 1e6,
+            "loss": s.loss,
         }
+    return {"srtt_ms": kcp.srtt_ms, "retransmissions": kcp.retransmissions, "fec": fec}
+
+
+def _traffic(t: Traffic) -> dict[str, int]:
     return {
-        "srtt_ms": None if srtt is None else float(srtt),
-        "retransmissions": retrans,
-        "fec": fec,
+        "packets_in": t.packets_in,
+        "packets_out": t.packets_out,
+        "bytes_in": t.bytes_in,
+        "bytes_out": t.bytes_out,
     }
 
 
-def _traffic(conns: list[GatewayConnection]) -> dict[str, int]:
-    return {
-        "packets_in": sum(c.packets_in for c in conns),
-        "packets_out": sum(c.packets_out for c in conns),
-        "bytes_in": sum(c.bytes_in for c in conns),
-        "bytes_out": sum(c.bytes_out for c in conns),
-    }
-
-
-def _transport_of(conns: list[GatewayConnection]) -> str:
-    """The transport the connections share, or "mixed" (a multi-link gateway's links)."""
-    names = {c.transport_name for c in conns}
-    return names.pop() if len(names) == 1 else "mixed"
-
-
-def _network_key(net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> tuple[int, int, int]:
-    return net.version, int(net.network_address), net.prefixlen
+def _since(wall: float, uptime: float) -> dict[str, Any]:
+    return {"connected_at": rfc3339(wall), "uptime": round(uptime, 3)}
 
 
 class ApiServer(httpserver.HttpServer):
-    def __init__(self, router: Router) -> None:
-        self.router = router
+    """The API of the router whose state ``view`` returns (a fresh snapshot at each call).
+
+    ``token`` gives the bearer token of the moment and ``control`` takes the reload: both
+    are read at each request, so a reload that changes the token applies at once.
+    """
+
+    def __init__(
+        self,
+        view: Callable[[], RouterView],
+        token: Callable[[], str | None],
+        control: RouterControl,
+    ) -> None:
+        self.view = view
+        self.token = token
+        self.control = control
         self.started_at = time.time()
         self._started = time.monotonic()
         routes: dict[tuple[str, str], httpserver.Handler] = {
@@ -141,7 +151,7 @@ class ApiServer(httpserver.HttpServer):
 
     def _authorized(self, handler: httpserver.Handler) -> httpserver.Handler:
         async def checked(request: Request) -> Reply:
-            token = self.router.cfg.api_token
+            token = self.token()
             value = request.headers.get("authorization")
             if value is None:
                 raise HttpError(401, "bearer token required", {"WWW-Authenticate": "Bearer"})
@@ -159,172 +169,105 @@ class ApiServer(httpserver.HttpServer):
 
         return checked
 
-    # -- views
+    # -- replies, from the router's read model (polevpn.router.view)
 
     def counter_names(self) -> list[str]:
-        r = self.router
-        return [f.name for f in fields(r.stats)] + [f.name for f in fields(r.admission.stats)]
+        v = self.view()
+        return [*v.stats, *v.admission]
 
-    def _listeners(self) -> list[dict[str, Any]]:
-        r = self.router
-        out = []
-        for sock in r.listen_sockets:
-            try:
-                host, port = sock.getsockname()[:2]
-            except OSError:  # closed while stopping
-                continue
-            out.append({"transport": "tls", "address": host, "port": port})
-        udp = r.kcp_server.transport if r.kcp_server is not None else None
-        if udp is not None:
-            sockname = udp.get_extra_info("sockname")
-            if sockname:
-                out.append({"transport": "kcp", "address": sockname[0], "port": sockname[1]})
-        return out
-
-    def status(self) -> dict[str, Any]:
-        r = self.router
-        stats = r.stats
-        conns = list(r.connections)
-        links = [c for site in r.sites.values() for c in site.links.connections()]
-        counters: dict[str, int] = {f.name: getattr(stats, f.name) for f in fields(stats)}
-        # sessions count what arrives before REGISTER themselves; the router adds it up at
-        # disconnect, so live sessions are added here to keep the figure monotonic
-        counters["dropped_unregistered"] += sum(
-            c.session.dropped_unregistered for c in conns if c.session
-        )
-        adm = r.admission.stats
-        counters.update({f.name: getattr(adm, f.name) for f in fields(adm)})
-        if r.kcp_server is not None:
-            ks = r.kcp_server.counters()
-            counters.update({f"kcp_{f.name}": getattr(ks, f.name) for f in fields(ks)})
+    def status(self, v: RouterView | None = None) -> dict[str, Any]:
+        v = self.view() if v is None else v
+        counters: dict[str, int] = {**v.stats, **v.admission}
+        if v.kcp is not None:
+            counters.update({f"kcp_{name}": value for name, value in v.kcp.items()})
+        links = v.links
         return {
             "version": __version__,
             "started_at": rfc3339(self.started_at),
             "uptime": round(time.monotonic() - self._started, 3),
-            "listen": self._listeners(),
-            "connections": len(conns),
-            "gateways": len(r.by_gateway) + len(r.sites),
+            "listen": [
+                {"transport": x.transport, "address": x.address, "port": x.port}
+                for x in v.listeners
+            ],
+            "connections": sum(v.connections.values()),
+            "gateways": len(v.gateways),
             "links": len(links),
-            "links_up": sum(1 for c in links if c.link_up),
-            "routes": len(r.routes),
-            "pending": r.admission.pending,
+            "links_up": sum(1 for c in links if c.link is not None and c.link.up),
+            "routes": len(v.routes),
+            "pending": v.pending,
             "counters": counters,
-            "drops": {reason: counters[field] for field, reason in ROUTER_DROPS.items()},
+            "drops": v.drops,
         }
 
-    def gateway_view(self, conn: GatewayConnection) -> dict[str, Any]:
+    def gateway_view(self, conn: ConnectionView) -> dict[str, Any]:
         """A plain (single-link) gateway."""
-        transport = conn.transport
-        kcp = None
-        rtt: float | None = None
-        if conn.transport_name == "kcp":
-            get = getattr(transport, "get_extra_info", None)
-            link = get("kcp_link") if get is not None else None
-            if link is not None:
-                kcp = _kcp_view(link)
-                rtt = kcp["srtt_ms"]
-        elif transport is not None:
-            rtt = tcp_rtt_ms(transport)
         return {
-            "gateway": str(conn.gateway),
+            "gateway": conn.gateway,
             "peer": conn.peer,
-            "transport": conn.transport_name,
-            # the first prefix is the gateway's own address
-            "networks": [str(n) for n in conn.prefixes[1:]],
-            "features": sorted(conn.session.features) if conn.session else [],
-            **self._since(conn.connected_wall, conn.connected_at),
-            **_traffic([conn]),
-            "rtt_ms": rtt,
-            "kcp": kcp,
+            "transport": conn.transport,
+            "networks": list(conn.networks),
+            "features": list(conn.features),
+            **_since(conn.connected_wall, conn.uptime),
+            **_traffic(conn.traffic),
+            "rtt_ms": conn.figures.path.rtt_ms,
+            "kcp": _kcp(conn.figures.kcp),
             "links": [],
         }
 
-    def link_view(self, conn: GatewayConnection) -> dict[str, Any]:
-        """One link of a multi-link gateway: the connection registered under its name."""
-        info = conn.link
-        assert info is not None
-        transport = conn.transport
-        get = getattr(transport, "get_extra_info", None)
-        kcp_link = get("kcp_link") if get is not None and conn.transport_name == "kcp" else None
-        path = pathstats.path_figures(transport, conn.transport_name)
+    def link_view(self, conn: ConnectionView) -> dict[str, Any]:
+        """One link of a multi-link gateway."""
+        link = conn.link
+        assert link is not None
+        path = conn.figures.path
         return {
-            "name": info.name,
-            "weight": info.weight,
-            "backup": info.backup,
-            "up": conn.link_up,
-            "downs": conn.link_downs,
-            "timeout_ms": round(conn.link_timeout * 1000),
-            "transport": conn.transport_name,
+            "name": link.name,
+            "weight": link.weight,
+            "backup": link.backup,
+            "up": link.up,
+            "downs": link.downs,
+            "timeout_ms": round(link.timeout * 1000),
+            "transport": conn.transport,
             "peer": conn.peer,
-            "features": sorted(conn.session.features) if conn.session else [],
-            **self._since(conn.connected_wall, conn.connected_at),
-            **_traffic([conn]),
+            "features": list(conn.features),
+            **_since(conn.connected_wall, conn.uptime),
+            **_traffic(conn.traffic),
             "rtt_ms": path.rtt_ms,
             "retransmissions": path.retransmissions,
             "segments_sent": path.segments_sent,
             "loss": path.loss,
-            "kcp": _kcp_view(kcp_link) if kcp_link is not None else None,
+            "kcp": _kcp(conn.figures.kcp),
         }
 
-    def site_view(self, site: Site) -> dict[str, Any]:
+    def site_view(self, site: SiteView) -> dict[str, Any]:
         """A multi-link gateway: what holds for all its links, its traffic summed over them,
         and each link (by name)."""
-        named = [(c.link.name, c) for c in site.links.connections() if c.link is not None]
-        conns = [c for _, c in sorted(named, key=lambda nc: str(nc[0]))]
-        first = min(conns, key=lambda c: c.connected_at) if conns else None
-        features: set[str] = set()
-        for c in conns:
-            if c.session is not None:
-                features |= c.session.features
         return {
-            "gateway": str(site.gateway),
-            "peer": ", ".join(c.peer for c in conns),
-            "transport": _transport_of(conns),
-            "networks": [str(n) for n in site.networks],
-            "features": sorted(features),
-            # its oldest link: the gateway has been reachable at least that long
-            **self._since(
-                first.connected_wall if first else time.time(),
-                first.connected_at if first else time.monotonic(),
-            ),
-            **_traffic(conns),
+            "gateway": site.gateway,
+            "peer": site.peer,
+            "transport": site.transport,
+            "networks": list(site.networks),
+            "features": list(site.features),
+            **_since(site.connected_wall, site.uptime),
+            **_traffic(site.traffic),
             # each link has its own
             "rtt_ms": None,
             "kcp": None,
-            "links": [self.link_view(c) for c in conns],
+            "links": [self.link_view(c) for c in site.links],
         }
 
-    def _since(self, wall: float, mono: float) -> dict[str, Any]:
-        return {
-            "connected_at": rfc3339(wall),
-            "uptime": round(max(0.0, time.monotonic() - mono), 3),
-        }
+    def one_gateway(self, g: GatewayView) -> dict[str, Any]:
+        return self.site_view(g) if isinstance(g, SiteView) else self.gateway_view(g)
 
-    def gateways(self) -> list[dict[str, Any]]:
-        r = self.router
-        views: list[tuple[Any, dict[str, Any]]] = [
-            (addr, self.gateway_view(conn)) for addr, conn in r.by_gateway.items()
+    def gateways(self, v: RouterView | None = None) -> list[dict[str, Any]]:
+        v = self.view() if v is None else v
+        return [self.one_gateway(g) for g in v.gateways]
+
+    def routes(self, v: RouterView | None = None) -> list[dict[str, Any]]:
+        v = self.view() if v is None else v
+        return [
+            {"network": r.network, "gateway": r.gateway, "transport": r.transport}
+            for r in v.routes
         ]
-        views += [(addr, self.site_view(site)) for addr, site in r.sites.items()]
-        views.sort(key=lambda av: (av[0].version, int(av[0])))
-        return [view for _, view in views]
-
-    def routes(self) -> list[dict[str, Any]]:
-        from polevpn.router.router import Site
-
-        table = sorted(self.router.routes.routes(), key=lambda nv: _network_key(nv[0]))
-        out = []
-        for net, target in table:
-            # a plain gateway's connection, or a multi-link gateway's site
-            links = target.links.connections() if isinstance(target, Site) else [target]
-            out.append(
-                {
-                    "network": str(net),
-                    "gateway": str(target.gateway),
-                    "transport": _transport_of(links),
-                }
-            )
-        return out
 
     # -- handlers
 
@@ -337,17 +280,14 @@ class ApiServer(httpserver.HttpServer):
     async def _gateway(self, request: Request) -> Reply:
         text = request.params["address"]
         try:
-            addr = ipaddress.ip_address(text)
+            # the canonical form: 2001:DB8::0001 names 2001:db8::1
+            address = str(ipaddress.ip_address(text))
         except ValueError:
-            addr = None
-        if addr is not None:
-            conn = self.router.by_gateway.get(addr)
-            if conn is not None:
-                return _ok(self.gateway_view(conn))
-            site = self.router.sites.get(addr)
-            if site is not None:
-                return _ok(self.site_view(site))
-        raise HttpError(404, f"no registered gateway {text!r}")
+            address = None
+        found = self.view().gateway(address) if address is not None else None
+        if found is None:
+            raise HttpError(404, f"no registered gateway {text!r}")
+        return _ok(self.one_gateway(found))
 
     async def _routes(self, request: Request) -> Reply:
         return _ok({"routes": self.routes()})
@@ -355,7 +295,7 @@ class ApiServer(httpserver.HttpServer):
     async def _reload(self, request: Request) -> Reply:
         log.info("reload requested over the API")
         try:
-            changes = self.router.reload()
+            changes = self.control.reload()
         except ConfigError as exc:
             # logged as for SIGHUP: the journal tells the whole story either way
             log.error("reload failed, keeping the running config", extra=kv(error=exc))
@@ -376,7 +316,12 @@ class ApiServer(httpserver.HttpServer):
         return 204, "image/x-icon", b"", {}
 
 
-async def serve(router: Router, listen: tuple[str, int]) -> ApiServer:
-    server = ApiServer(router)
+async def serve(
+    view: Callable[[], RouterView],
+    token: Callable[[], str | None],
+    control: RouterControl,
+    listen: tuple[str, int],
+) -> ApiServer:
+    server = ApiServer(view, token, control)
     await server.start(*listen)
     return server

@@ -1,8 +1,9 @@
 """Prometheus metrics for the router and the gateway, served from the daemon's own loop.
 
-Nothing here runs per packet: the collectors read the counters the daemons already keep
-(``RouterStats``, ``GatewayStats``, each connection's packet and byte counts, KCP's control
-block and the FEC session's stats) when ``/metrics`` is scraped.
+Nothing here runs per packet: when ``/metrics`` is scraped, the collectors take a snapshot
+of the daemon's read model (``polevpn.router.view``, ``polevpn.gateway.view``: the counters
+the daemons already keep, each connection's packets and bytes, KCP's control block and the
+FEC session's stats) through the callable they were given.
 
 The HTTP side is ``polevpn.ops.httpserver`` on the daemon's loop rather than
 ``prometheus_client.start_http_server``: that one runs a thread, and the gateway drops its
@@ -19,20 +20,15 @@ import hmac
 import ipaddress
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import fields
-from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from polevpn.io import pathstats
+from polevpn.gateway.view import GATEWAY_DROPS, GatewayView, UplinkView
+from polevpn.io.pathstats import KcpFigures
 from polevpn.ops import httpserver
-
-if TYPE_CHECKING:
-    from polevpn.gateway.gateway import Gateway, RouterLink, Uplink
-    from polevpn.kcp.kcp_link import KcpLink
-    from polevpn.router.router import GatewayConnection, Router, Site
+from polevpn.router.view import ROUTER_DROPS, ConnectionView, RouterView, SiteView
 
 MAX_REQUEST = 4096  # bytes of request line and headers; a GET needs a fraction of that
 REQUEST_TIMEOUT = 5.0  # s for the whole request to arrive, and again for the reply to leave
@@ -41,29 +37,7 @@ HEADER_TIMEOUT = 2.0  # s for the request head to arrive
 # sanely sees a difference, and 250 scrapes a second cost one rendering a second
 CACHE_SECONDS = 1.0
 
-
-# RouterStats fields that are packets dropped, by the ``reason`` label they get
-ROUTER_DROPS = {
-    "dropped_no_route": "no_route",
-    "dropped_spoofed": "spoofed",
-    "dropped_malformed": "malformed",
-    "dropped_queue_full": "queue_full",
-    "dropped_hairpin": "hairpin",
-    "dropped_unregistered": "unregistered",
-    "dropped_link_local": "link_local",
-    "dropped_links_down": "links_down",
-    "dropped_oversized": "oversized",
-    "dropped_closing": "closing",
-}
-GATEWAY_DROPS = {
-    "dropped_no_link": "no_link",
-    "dropped_link_busy": "link_busy",
-    "dropped_acl": "acl",
-    "dropped_spoofed": "spoofed",
-    "dropped_malformed": "malformed",
-    "dropped_too_big": "too_big",
-    "tun_write_dropped": "tun_full",
-}
+__all__ = ["GATEWAY_DROPS", "ROUTER_DROPS", "MetricsServer", "serve"]
 
 
 def is_loopback(host: str) -> bool:
@@ -144,20 +118,18 @@ class _LinkMetrics:
             labels=[*label_names, "reason"],
         )
 
-    def add(self, labels: list[str], link: KcpLink) -> None:
-        srtt, retransmissions = link.srtt_ms, link.retransmissions
-        if srtt is not None and retransmissions is not None:
-            self.retransmissions.add_metric(labels, retransmissions)
-            self.srtt.add_metric(labels, srtt / 1000)
-        fec = link.fec
-        if fec is not None:
-            s = fec.stats
+    def add(self, labels: list[str], kcp: KcpFigures) -> None:
+        if kcp.srtt_ms is not None and kcp.retransmissions is not None:
+            self.retransmissions.add_metric(labels, kcp.retransmissions)
+            self.srtt.add_metric(labels, kcp.srtt_ms / 1000)
+        s = kcp.fec
+        if s is not None:
             self.recovered.add_metric(labels, s.recovered)
             self.unrecoverable.add_metric(labels, s.unrecoverable)
             self.parity_sent.add_metric(labels, s.parity_sent)
             self.parity.add_metric(labels, s.parity)
-            self.loss.add_metric(labels, s.loss_ppm / 1e6)
-            self.peer_loss.add_metric(labels, s.peer_loss_ppm / 1e6)
+            self.loss.add_metric(labels, s.loss)
+            self.peer_loss.add_metric(labels, s.peer_loss)
             self.refused.add_metric([*labels, "oversized"], s.oversized)
             self.refused.add_metric([*labels, "unauthenticated"], s.undecoded)
             self.refused.add_metric([*labels, "budget"], s.decodes_refused)
@@ -176,25 +148,20 @@ class _LinkMetrics:
         ]
 
 
-def _kcp_link(transport: object) -> KcpLink | None:
-    get = getattr(transport, "get_extra_info", None)
-    return get("kcp_link") if get is not None else None
-
-
 class RouterCollector(Collector):
+    """The router's metrics, from a fresh snapshot of its read model at each collection."""
+
     P = "polevpn_router_"
 
-    def __init__(self, router: Router) -> None:
-        self.router = router
+    def __init__(self, view: Callable[[], RouterView]) -> None:
+        self.view = view
 
     def collect(self) -> Iterator[Metric]:
-        r = self.router
+        v = self.view()
         p = self.P
-        stats = r.stats
-        conns = list(r.connections)
-        sites = list(r.sites.values())
-        yield from self._per_gateway(list(r.by_gateway.values()), sites)
-        yield from self._per_link(sites)
+        stats = v.stats
+        yield from self._per_gateway(v)
+        yield from self._per_link(v)
 
         by_transport = GaugeMetricFamily(
             f"{p}connections",
@@ -202,53 +169,47 @@ class RouterCollector(Collector):
             labels=["transport"],
         )
         for name in ("tls", "kcp"):
-            by_transport.add_metric([name], sum(1 for c in conns if c.transport_name == name))
+            by_transport.add_metric([name], v.connections.get(name, 0))
         yield by_transport
         yield _gauge(
             f"{p}registered_gateways",
             "gateways registered now (a multi-link gateway counts once)",
-            len(r.by_gateway) + len(sites),
+            len(v.gateways),
         )
-        links = [c for site in sites for c in site.links.connections()]
+        links = v.links
         by_state = GaugeMetricFamily(
             f"{p}links", "links of multi-link gateways, by state", labels=["state"]
         )
-        up = sum(1 for c in links if c.link_up)
+        up = sum(1 for c in links if c.link is not None and c.link.up)
         by_state.add_metric(["up"], up)
         by_state.add_metric(["down"], len(links) - up)
         yield by_state
         yield _gauge(
             f"{p}pending_connections",
             "connections accepted and not yet registered (counted against the limits)",
-            r.admission.pending,
+            v.pending,
         )
-        yield _gauge(f"{p}routes", "prefixes in the routing table", len(r.routes))
+        yield _gauge(f"{p}routes", "prefixes in the routing table", len(v.routes))
 
         drops = CounterMetricFamily(
             f"{p}dropped_packets", "packets the router dropped, by reason", labels=["reason"]
         )
-        # sessions count what arrives before REGISTER themselves; the router adds it up at
-        # disconnect, so live sessions are added here to keep the counter monotonic
-        unregistered = sum(c.session.dropped_unregistered for c in conns if c.session)
-        for field, reason in ROUTER_DROPS.items():
-            value = getattr(stats, field)
-            if field == "dropped_unregistered":
-                value += unregistered
+        for reason, value in v.drops.items():
             drops.add_metric([reason], value)
         yield drops
         yield _counter(
-            f"{p}forwarded_packets", "packets forwarded to a gateway", stats.packets_forwarded
+            f"{p}forwarded_packets", "packets forwarded to a gateway", stats["packets_forwarded"]
         )
         yield _counter(
-            f"{p}forwarded_bytes", "IP bytes forwarded to a gateway", stats.bytes_forwarded
+            f"{p}forwarded_bytes", "IP bytes forwarded to a gateway", stats["bytes_forwarded"]
         )
 
         timeouts = CounterMetricFamily(
             f"{p}timeouts", "connections closed for a timeout, by stage", labels=["stage"]
         )
-        timeouts.add_metric(["handshake"], stats.handshake_timeouts)
-        timeouts.add_metric(["auth"], stats.auth_timeouts)
-        timeouts.add_metric(["idle"], stats.idle_timeouts)
+        timeouts.add_metric(["handshake"], stats["handshake_timeouts"])
+        timeouts.add_metric(["auth"], stats["auth_timeouts"])
+        timeouts.add_metric(["idle"], stats["idle_timeouts"])
         yield timeouts
         skip = set(ROUTER_DROPS) | {
             "packets_forwarded",
@@ -257,35 +218,30 @@ class RouterCollector(Collector):
             "auth_timeouts",
             "idle_timeouts",
         }
-        for f in fields(stats):
-            if f.name not in skip:
-                yield _counter(f"{p}{f.name}", f"RouterStats.{f.name}", getattr(stats, f.name))
+        for name, value in stats.items():
+            if name not in skip:
+                yield _counter(f"{p}{name}", f"RouterStats.{name}", value)
 
         refused = CounterMetricFamily(
             f"{p}admission_refused",
             "connections refused by the connection limits, by reason",
             labels=["reason"],
         )
-        for f in fields(r.admission.stats):
-            if f.name.startswith("refused_"):
-                refused.add_metric(
-                    [f.name.removeprefix("refused_")], getattr(r.admission.stats, f.name)
-                )
+        for name, value in v.admission.items():
+            if name.startswith("refused_"):
+                refused.add_metric([name.removeprefix("refused_")], value)
             else:  # admitted_known, pre_tls_timeouts
-                value = getattr(r.admission.stats, f.name)
-                yield _counter(f"{p}admission_{f.name}", f"AdmissionStats.{f.name}", value)
+                yield _counter(f"{p}admission_{name}", f"AdmissionStats.{name}", value)
         yield refused
 
-        if r.kcp_server is not None:
-            ks = r.kcp_server.counters()
-            for f in fields(ks):
-                value = getattr(ks, f.name)
-                if f.name == "sessions":
+        if v.kcp is not None:
+            for name, value in v.kcp.items():
+                if name == "sessions":
                     yield _gauge(f"{p}kcp_sessions", "established kcp:// sessions", value)
                 else:
-                    yield _counter(f"{p}kcp_{f.name}", f"KcpServerStats.{f.name}", value)
+                    yield _counter(f"{p}kcp_{name}", f"KcpServerStats.{name}", value)
 
-    def _per_gateway(self, conns: list[GatewayConnection], sites: list[Site]) -> Iterable[Metric]:
+    def _per_gateway(self, v: RouterView) -> Iterable[Metric]:
         """Per gateway; a multi-link gateway's counters are its links' sums (they drop when
         a link reconnects, which Prometheus reads as a reset) and its KCP figures are
         per link only."""
@@ -307,26 +263,18 @@ class RouterCollector(Collector):
             f"{p}gateway_sent_bytes", "IP bytes sent to the gateway", labels=names
         )
         links = _LinkMetrics(f"{p}gateway_", names)
-        for c in conns:
-            labels = [str(c.gateway), c.transport_name]
-            rx_p.add_metric(labels, c.packets_in)
-            tx_p.add_metric(labels, c.packets_out)
-            rx_b.add_metric(labels, c.bytes_in)
-            tx_b.add_metric(labels, c.bytes_out)
-            link = _kcp_link(c.transport) if c.transport_name == "kcp" else None
-            if link is not None:
-                links.add(labels, link)
-        for site in sites:
-            members = site.links.connections()
-            names = {c.transport_name for c in members}
-            labels = [str(site.gateway), names.pop() if len(names) == 1 else "mixed"]
-            rx_p.add_metric(labels, sum(c.packets_in for c in members))
-            tx_p.add_metric(labels, sum(c.packets_out for c in members))
-            rx_b.add_metric(labels, sum(c.bytes_in for c in members))
-            tx_b.add_metric(labels, sum(c.bytes_out for c in members))
+        for g in v.gateways:
+            labels = [g.gateway, g.transport]
+            t = g.traffic
+            rx_p.add_metric(labels, t.packets_in)
+            tx_p.add_metric(labels, t.packets_out)
+            rx_b.add_metric(labels, t.bytes_in)
+            tx_b.add_metric(labels, t.bytes_out)
+            if not isinstance(g, SiteView) and g.figures.kcp is not None:
+                links.add(labels, g.figures.kcp)
         return [rx_p, tx_p, rx_b, tx_b, *links.families()]
 
-    def _per_link(self, sites: list[Site]) -> Iterable[Metric]:
+    def _per_link(self, v: RouterView) -> Iterable[Metric]:
         """Each link of each multi-link gateway, labelled gateway and link (its name)."""
         p = f"{self.P}link_"
         names = ["gateway", "link"]
@@ -369,21 +317,19 @@ class RouterCollector(Collector):
             labels=names,
         )
         kcp = _LinkMetrics(p, names)
-        for site in sites:
-            for c in site.links.connections():
-                if c.link is None:  # being replaced right now
-                    continue
-                labels = [str(site.gateway), str(c.link.name)]
-                role = "backup" if c.link.backup else "primary"
-                info.add_metric([*labels, c.transport_name, role], 1)
-                weight.add_metric(labels, c.link.weight)
-                up.add_metric(labels, int(c.link_up))
-                downs.add_metric(labels, c.link_downs)
-                rx_p.add_metric(labels, c.packets_in)
-                tx_p.add_metric(labels, c.packets_out)
-                rx_b.add_metric(labels, c.bytes_in)
-                tx_b.add_metric(labels, c.bytes_out)
-                path = pathstats.path_figures(c.transport, c.transport_name)
+        for site in v.gateways:
+            if not isinstance(site, SiteView):
+                continue
+            for c in site.links:
+                link = c.link
+                assert link is not None
+                labels = [site.gateway, link.name]
+                info.add_metric([*labels, c.transport, link.role], 1)
+                weight.add_metric(labels, link.weight)
+                up.add_metric(labels, int(link.up))
+                downs.add_metric(labels, link.downs)
+                _traffic(labels, c, rx_p, tx_p, rx_b, tx_b)
+                path = c.figures.path
                 if path.rtt_ms is not None:
                     rtt.add_metric(labels, path.rtt_ms / 1000)
                 if path.retransmissions is not None and path.segments_sent is not None:
@@ -391,9 +337,8 @@ class RouterCollector(Collector):
                     segments.add_metric(labels, path.segments_sent)
                 if path.loss is not None:
                     loss.add_metric(labels, path.loss)
-                k = _kcp_link(c.transport) if c.transport_name == "kcp" else None
-                if k is not None:
-                    kcp.add(labels, k)
+                if c.figures.kcp is not None:
+                    kcp.add(labels, c.figures.kcp)
         return [
             info,
             weight,
@@ -411,40 +356,48 @@ class RouterCollector(Collector):
         ]
 
 
+def _traffic(labels: list[str], c: ConnectionView, *families: CounterMetricFamily) -> None:
+    """A connection's packets and bytes: received and sent packets, received and sent bytes."""
+    t = c.traffic
+    for family, value in zip(
+        families, (t.packets_in, t.packets_out, t.bytes_in, t.bytes_out), strict=True
+    ):
+        family.add_metric(labels, value)
+
+
 class GatewayCollector(Collector):
+    """The gateway's metrics, from a fresh snapshot of its read model at each collection."""
+
     P = "polevpn_gateway_"
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gw = gateway
+    def __init__(self, view: Callable[[], GatewayView]) -> None:
+        self.view = view
 
     def collect(self) -> Iterator[Metric]:
-        gw = self.gw
+        v = self.view()
         p = self.P
-        stats = gw.stats
-        tun = gw.tun
-        if tun is not None:
-            # the TUN counts its own write failures; GatewayStats has them only after a summary
-            stats.tun_write_dropped = tun.write_dropped
-            stats.tun_write_errors = tun.write_errors
+        stats = v.stats
         yield _counter(
-            f"{p}to_router_packets", "packets sent to the router", stats.packets_to_router
+            f"{p}to_router_packets", "packets sent to the router", stats["packets_to_router"]
         )
-        yield _counter(f"{p}to_router_bytes", "IP bytes sent to the router", stats.bytes_to_router)
+        yield _counter(
+            f"{p}to_router_bytes", "IP bytes sent to the router", stats["bytes_to_router"]
+        )
         yield _counter(
             f"{p}from_router_packets",
             "packets from the router written to the TUN",
-            stats.packets_from_router,
+            stats["packets_from_router"],
         )
         yield _counter(
             f"{p}from_router_bytes",
             "IP bytes from the router written to the TUN",
-            stats.bytes_from_router,
+            stats["bytes_from_router"],
         )
         drops = CounterMetricFamily(
             f"{p}dropped_packets", "packets the gateway dropped, by reason", labels=["reason"]
         )
         for field, reason in GATEWAY_DROPS.items():
-            drops.add_metric([reason], getattr(stats, field))
+            drops.add_metric([reason], stats[field])
         yield drops
         skip = set(GATEWAY_DROPS) | {
             "packets_to_router",
@@ -452,17 +405,14 @@ class GatewayCollector(Collector):
             "packets_from_router",
             "bytes_from_router",
         }
-        for f in fields(stats):
-            if f.name not in skip:
-                yield _counter(f"{p}{f.name}", f"GatewayStats.{f.name}", getattr(stats, f.name))
+        for name, value in stats.items():
+            if name not in skip:
+                yield _counter(f"{p}{name}", f"GatewayStats.{name}", value)
 
-        uplinks = list(gw.uplinks.values())
-        link = gw.link
-        registered = _registered(link) or any(_registered(u.link) for u in uplinks)
         yield _gauge(
             f"{p}connected",
             "1 while registered with a router (on any of its links, with several)",
-            int(registered),
+            int(v.connected),
         )
         # one family for both kinds of gateway: ``link`` and ``role`` are empty (to
         # Prometheus, absent) on a plain one, whose series stays what it always was
@@ -478,26 +428,25 @@ class GatewayCollector(Collector):
         fec_state = GaugeMetricFamily(
             f"{p}fec_state", "FEC state of the kcp:// link (value 1)", labels=["state"]
         )
-        if link is not None and _registered(link):
-            info.add_metric([link.server.url, link.server.scheme, "", ""], 1)
-            if link.session.rtt is not None:
-                rtt.add_metric([], link.session.rtt)
-            kcp = _kcp_link(link.transport) if link.transport is not None else None
+        link = v.link
+        if link is not None and link.registered:
+            info.add_metric([link.route_server, link.transport, "", ""], 1)
+            if link.heartbeat_rtt is not None:
+                rtt.add_metric([], link.heartbeat_rtt)
+            kcp = link.figures.kcp
             if kcp is not None:
                 links.add([], kcp)
                 fec_state.add_metric([kcp.fec_state], 1)
-        for u in uplinks:
-            role = "backup" if u.config.backup else "primary"
-            server = u.config.server
-            info.add_metric([server.url, server.scheme, u.name, role], 1)
+        for u in v.uplinks:
+            info.add_metric([u.route_server, u.transport, u.name, u.role], 1)
         yield info
         yield rtt
         yield fec_state
         yield from links.families()
-        if uplinks:
-            yield from self._per_link(uplinks)
+        if v.uplinks:
+            yield from self._per_link(v.uplinks)
 
-    def _per_link(self, uplinks: list[Uplink]) -> Iterable[Metric]:
+    def _per_link(self, uplinks: tuple[UplinkView, ...]) -> Iterable[Metric]:
         """Each link of a multi-link gateway, labelled ``link`` (its name). Its packet and
         byte counters add up all of the link's connections, so they survive reconnects."""
         p = f"{self.P}link_"
@@ -549,24 +498,24 @@ class GatewayCollector(Collector):
         kcp = _LinkMetrics(p, names)
         for u in uplinks:
             labels = [u.name]
-            weight.add_metric(labels, u.config.weight)
+            weight.add_metric(labels, u.weight)
             up.add_metric(labels, int(u.up))
             downs.add_metric(labels, u.downs)
             connects.add_metric(labels, u.connects)
-            packets_out, bytes_out, packets_in, bytes_in = u.totals()
-            tx_p.add_metric(labels, packets_out)
-            tx_b.add_metric(labels, bytes_out)
-            rx_p.add_metric(labels, packets_in)
-            rx_b.add_metric(labels, bytes_in)
-            link = u.link
-            if link is None or not _registered(link):
+            t = u.traffic
+            tx_p.add_metric(labels, t.packets_out)
+            tx_b.add_metric(labels, t.bytes_out)
+            rx_p.add_metric(labels, t.packets_in)
+            rx_b.add_metric(labels, t.bytes_in)
+            conn = u.connection
+            if conn is None or not conn.registered:
                 continue
-            if link.session.rtt is not None:
-                rtt.add_metric(labels, link.session.rtt)
-            ratio = pathstats.path_figures(link.transport, link.server.scheme).loss
+            if conn.heartbeat_rtt is not None:
+                rtt.add_metric(labels, conn.heartbeat_rtt)
+            ratio = conn.figures.path.loss
             if ratio is not None:
                 loss.add_metric(labels, ratio)
-            k = _kcp_link(link.transport) if link.transport is not None else None
+            k = conn.figures.kcp
             if k is not None:
                 kcp.add(labels, k)
                 fec_state.add_metric([*labels, k.fec_state], 1)
@@ -587,19 +536,15 @@ class GatewayCollector(Collector):
         ]
 
 
-def _registered(link: RouterLink | None) -> bool:
-    return link is not None and link.registered.done() and not link.closed.done()
-
-
-def router_registry(router: Router) -> CollectorRegistry:
+def router_registry(view: Callable[[], RouterView]) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(RouterCollector(router))
+    reg.register(RouterCollector(view))
     return reg
 
 
-def gateway_registry(gateway: Gateway) -> CollectorRegistry:
+def gateway_registry(view: Callable[[], GatewayView]) -> CollectorRegistry:
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(GatewayCollector(gateway))
+    reg.register(GatewayCollector(view))
     return reg
 
 

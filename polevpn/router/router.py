@@ -49,6 +49,7 @@ from polevpn.proto.session import (
     ServerSession,
     State,
 )
+from polevpn.router import view
 from polevpn.router.forwarding import forward
 from polevpn.router.limits import Admission, source_key
 from polevpn.router.local import LocalEndpoint, conflict
@@ -384,12 +385,14 @@ class Router:
         self._tasks.append(asyncio.create_task(self._watch_links()))
         if self.cfg.metrics_listen is not None:
             # before dropping privileges, so that a port below 1024 works
-            registry = metrics.router_registry(self)
+            registry = metrics.router_registry(lambda: view.snapshot(self))
             self.metrics = await metrics.serve(
                 registry, self.cfg.metrics_listen, lambda: self.cfg.metrics_token
             )
         if self.cfg.api_listen is not None:
-            self.api = await api.serve(self, self.cfg.api_listen)
+            self.api = await api.serve(
+                lambda: view.snapshot(self), lambda: self.cfg.api_token, self, self.cfg.api_listen
+            )
         self._drop_privileges()
 
     def _drop_privileges(self) -> None:
