@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from polevpn import __version__
 from polevpn.common.logfmt import kv
@@ -27,6 +27,12 @@ from polevpn.config import (
 )
 from polevpn.config.reloading import ReloadError
 from polevpn.host import privileges
+
+if TYPE_CHECKING:
+    from polevpn.gateway.gateway import Gateway
+    from polevpn.ops.api import ApiServer
+    from polevpn.ops.metrics import MetricsServer
+    from polevpn.router.router import Router
 
 EXIT_CONFIG = 2
 
@@ -141,17 +147,102 @@ def _install_reload(reload: Callable[[], Awaitable[object]], log: logging.Logger
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, on_hup)
 
 
+# -- the daemons with their operations servers: the only place that knows both
+
+
+class RouterDaemon:
+    """The router with its /metrics and REST API, which read it through its read model
+    (``polevpn.router.view``) and reload it through the router's ``reload`` alone.
+
+    The router opens them (``Router.start``'s services) once its listeners are up and
+    before it drops privileges, and closes them when it stops.
+    """
+
+    def __init__(self, cfg: RouterConfig) -> None:
+        from polevpn.router.router import Router
+
+        self.router: Router = Router(cfg)
+        self.metrics: MetricsServer | None = None
+        self.api: ApiServer | None = None
+
+    async def start(self) -> None:
+        await self.router.start(services=(self,))
+
+    async def stop(self) -> None:
+        await self.router.stop()
+
+    async def open(self) -> None:
+        from polevpn.ops import api, metrics
+        from polevpn.router import view
+
+        router = self.router
+        cfg = router.cfg
+
+        def snapshot() -> view.RouterView:
+            return view.snapshot(router)
+
+        # the tokens of the moment: a reload that changes them applies at once
+        if cfg.metrics_listen is not None:
+            self.metrics = await metrics.serve(
+                metrics.router_registry(snapshot),
+                cfg.metrics_listen,
+                lambda: router.cfg.metrics_token,
+            )
+        if cfg.api_listen is not None:
+            self.api = await api.serve(
+                snapshot, lambda: router.cfg.api_token, router, cfg.api_listen
+            )
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.api is not None:
+            self.api.close()
+
+
+class GatewayDaemon:
+    """The gateway with its /metrics, which reads it through its read model
+    (``polevpn.gateway.view``). The gateway opens it once the TUN and the host are set up,
+    and closes it when it stops."""
+
+    def __init__(self, cfg: GatewayConfig) -> None:
+        from polevpn.gateway.gateway import Gateway
+
+        self.gateway: Gateway = Gateway(cfg)
+        self.metrics: MetricsServer | None = None
+
+    async def run(self) -> None:
+        await self.gateway.run(services=(self,))
+
+    async def open(self) -> None:
+        from polevpn.gateway import view
+        from polevpn.ops import metrics
+
+        gw = self.gateway
+        if gw.cfg.metrics_listen is not None:
+            self.metrics = await metrics.serve(
+                metrics.gateway_registry(lambda: view.snapshot(gw)),
+                gw.cfg.metrics_listen,
+                lambda: gw.cfg.metrics_token,
+            )
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+
 def router_main(argv: list[str] | None = None) -> int:
     cfg = _load("polevpn-router", argv, "config.json", load_router_config)
     if cfg is None:
         return EXIT_CONFIG
-    from polevpn.router.router import Router, TunSetupError
+    from polevpn.router.router import TunSetupError
 
     async def main() -> int:
-        router = Router(cfg)
+        daemon = RouterDaemon(cfg)
+        router = daemon.router
         done = asyncio.Event()
         try:
-            await router.start()
+            await daemon.start()
         except TunSetupError as exc:
             logging.getLogger("polevpn.router").error("fatal", extra=kv(error=exc.strerror))
             return 1
@@ -167,7 +258,7 @@ def router_main(argv: list[str] | None = None) -> int:
 
         _install_reload(reload, logging.getLogger("polevpn.router"))
         await done.wait()
-        await router.stop()
+        await daemon.stop()
         return 0
 
     return _run(main)
@@ -177,7 +268,7 @@ def gateway_main(argv: list[str] | None = None) -> int:
     cfg = _load("polevpn-gateway", argv, "gateway.json", load_gateway_config)
     if cfg is None:
         return EXIT_CONFIG
-    from polevpn.gateway.gateway import FatalError, Gateway
+    from polevpn.gateway.gateway import FatalError
 
     log = logging.getLogger("polevpn.gateway")
     if os.geteuid() == 0:
@@ -190,11 +281,12 @@ def gateway_main(argv: list[str] | None = None) -> int:
         log.info("running as root with CAP_NET_ADMIN only")
 
     async def main() -> int:
-        gw = Gateway(cfg)
+        daemon = GatewayDaemon(cfg)
+        gw = daemon.gateway
         _install_stop(gw.stop)
         _install_reload(gw.reload, log)
         try:
-            await gw.run()
+            await daemon.run()
         except FatalError as exc:
             log.error("fatal", extra=kv(error=exc))
             return 1

@@ -38,8 +38,16 @@ from test_metrics import (
     router_file,
     wait_until,
 )
-from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
+from test_router_loopback import (
+    ProtoGateway,
+    frame,
+    ipv4_packet,
+    router_config,
+    run,
+    started_ops,
+)
 
+from polevpn.cli import RouterDaemon
 from polevpn.common.logfmt import endpoint
 from polevpn.config import ConfigError, Listener, load_api_access, load_router_config
 from polevpn.io import pathstats
@@ -105,7 +113,7 @@ def test_peers_on_a_dual_stack_listener_are_unmapped_and_bracketed(keys, caplog)
     cfg = api_config(keys, tls=any6, kcp=any6)
 
     async def scenario():
-        router = await started(cfg)
+        router, ops = await started_ops(cfg)
         gws = []
         try:
             ctx = ssl.create_default_context()
@@ -118,7 +126,7 @@ def test_peers_on_a_dual_stack_listener_are_unmapped_and_bracketed(keys, caplog)
                 gws.append(ProtoGateway(reader, writer))
             await gws[0].login(A, [LAN_A])
             await gws[1].login(B, [LAN_B])
-            _, _, body = await get(router.api.port, "/api/v1/gateways")
+            _, _, body = await get(ops.api.port, "/api/v1/gateways")
             peers = {g["gateway"]: g["peer"] for g in body["gateways"]}
             local = [g.writer.get_extra_info("sockname") for g in gws]
             return peers, local
@@ -140,8 +148,8 @@ def test_peers_on_a_dual_stack_listener_are_unmapped_and_bracketed(keys, caplog)
 
 def test_token_required_and_public_paths(keys):
     async def scenario():
-        router = await started(api_config(keys))
-        port = router.api.port
+        router, ops = await started_ops(api_config(keys))
+        port = ops.api.port
         try:
             for path in ("status", "gateways", "routes", f"gateways/{A}"):
                 status, headers, body = await get(port, f"/api/v1/{path}", token=None)
@@ -202,8 +210,8 @@ def test_malformed_content_length_is_a_400(keys, caplog):
     logged); repeated Content-Length headers are refused too."""
 
     async def scenario():
-        router = await started(api_config(keys))
-        port = router.api.port
+        router, ops = await started_ops(api_config(keys))
+        port = ops.api.port
         try:
             out = []
             for value in ("9" * 4301, "1" * 13, "-1", "+5", "1_0", "0x10", "١٢"):
@@ -238,8 +246,8 @@ def test_views_follow_two_gateways_and_their_traffic(keys, transport, monkeypatc
     n_ab, n_ba = 11, 5
 
     async def scenario():
-        router = await started(api_config(keys))
-        port = router.api.port
+        router, ops = await started_ops(api_config(keys))
+        port = ops.api.port
         try:
             # B registers first: the list is sorted by address, not by arrival
             gb = await ProtoGateway.connect(router)
@@ -360,8 +368,8 @@ def test_views_of_a_multi_link_gateway(keys, transport, monkeypatch):
     monkeypatch.setitem(loopback._transport, "count", 0)
 
     async def scenario():
-        router = await started(api_config(keys))
-        port = router.api.port
+        router, ops = await started_ops(api_config(keys))
+        port = ops.api.port
         alive: list[Keepalive] = []
         gws: list[ProtoGateway] = []
         try:
@@ -535,10 +543,10 @@ def test_openapi_document_is_valid_and_complete(keys):
     import schemathesis
 
     async def scenario():
-        router = await started(api_config(keys))
+        router, ops = await started_ops(api_config(keys))
         try:
-            status, _, doc = await get(router.api.port, "/api/v1/openapi.json", token=None)
-            server_routes = {(r.method, "/".join(r.segments)) for r in router.api._routes}
+            status, _, doc = await get(ops.api.port, "/api/v1/openapi.json", token=None)
+            server_routes = {(r.method, "/".join(r.segments)) for r in ops.api._routes}
         finally:
             await router.stop()
         return doc, server_routes
@@ -587,8 +595,8 @@ def test_reload_over_the_api(keys, tmp_path):
     cfg = load_router_config(path)
 
     async def scenario():
-        router = await started(cfg)
-        port = router.api.port
+        router, ops = await started_ops(cfg)
+        port = ops.api.port
         try:
             status, _, body = await get(port, "/api/v1/reload", token=None, method="POST")
             assert status == 401
@@ -639,11 +647,13 @@ class ThreadedRouter:
 
 
 @contextlib.contextmanager
-def threaded_router(cfg, gateways: int = 2) -> Iterator[tuple[Router, ThreadedRouter]]:
+def threaded_router(
+    cfg, gateways: int = 2
+) -> Iterator[tuple[Router, ThreadedRouter, RouterDaemon]]:
     """The router with ``gateways`` plain gateways and a multi-link one of two links
     (169.254.0.9, 198.18.90.0/24), one link kept up and one silent (so down soon)."""
     tr = ThreadedRouter()
-    router = tr.call(started(cfg))
+    router, ops = tr.call(started_ops(cfg))
     gws: list[ProtoGateway] = []
     alive: list[Keepalive] = []
     try:
@@ -662,7 +672,7 @@ def threaded_router(cfg, gateways: int = 2) -> Iterator[tuple[Router, ThreadedRo
             await gws[1].recv_frame(timeout=5)
 
         tr.call(connect())
-        yield router, tr
+        yield router, tr, ops
     finally:
         shut_down(tr, router, alive, gws)
 
@@ -745,8 +755,8 @@ def test_schemathesis_against_the_served_document(keys, tmp_path, monkeypatch):
     )
     cfg = load_router_config(path)
     t0 = time.monotonic()
-    with threaded_router(cfg) as (router, _):
-        ran = fuzz(f"http://127.0.0.1:{router.api.port}")
+    with threaded_router(cfg) as (router, _, ops):
+        ran = fuzz(f"http://127.0.0.1:{ops.api.port}")
     # every operation but the document itself, which schemathesis leaves out
     assert set(ran) >= {
         "GET /api/v1/status",
@@ -776,10 +786,10 @@ def test_schemathesis_catches_a_reply_that_strays_from_the_document(keys, monkey
 
     monkeypatch.setattr(api.ApiServer, view, broken)
     with (
-        threaded_router(api_config(keys)) as (router, _),
+        threaded_router(api_config(keys)) as (router, _, ops),
         pytest.raises((FailureGroup, AssertionError)) as err,
     ):
-        fuzz(f"http://127.0.0.1:{router.api.port}", max_examples=5)
+        fuzz(f"http://127.0.0.1:{ops.api.port}", max_examples=5)
     assert field in str(err.value)
 
 
@@ -861,12 +871,12 @@ def test_router_logs_where_the_api_listens_never_the_token(tmp_path, keys, caplo
     cfg = dataclasses.replace(api_config(keys), log_level="debug")
 
     async def scenario():
-        router = await started(cfg)
+        router, ops = await started_ops(cfg)
         try:
-            await get(router.api.port, "/api/v1/status")
-            await get(router.api.port, "/api/v1/status", token="wrong")
-            await get(router.api.port, "/api/v1/reload", method="POST")
-            return router.api.port
+            await get(ops.api.port, "/api/v1/status")
+            await get(ops.api.port, "/api/v1/status", token="wrong")
+            await get(ops.api.port, "/api/v1/reload", method="POST")
+            return ops.api.port
         finally:
             await router.stop()
 

@@ -324,7 +324,7 @@ def test_dashboard_shows_the_links_of_a_multi_link_gateway(tmp_path, monkeypatch
     import test_router_loopback as loopback
     from test_api import TOKEN, ThreadedRouter, api_config, get, shut_down
     from test_metrics import Keepalive, flows_to, login_link, wait_until
-    from test_router_loopback import ProtoGateway, frame, started
+    from test_router_loopback import ProtoGateway, frame, started_ops
 
     from polevpn.keygen import generate
 
@@ -335,8 +335,8 @@ def test_dashboard_shows_the_links_of_a_multi_link_gateway(tmp_path, monkeypatch
     profile = tmp_path / "chromium-profile"
     profile.mkdir()
     tr = ThreadedRouter()
-    router = tr.call(started(api_config(keys)))
-    port = router.api.port
+    router, ops = tr.call(started_ops(api_config(keys)))
+    port = ops.api.port
     gws: list = []
     alive: list = []
     driver = None

@@ -24,7 +24,14 @@ import test_router_loopback as loopback
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
-from test_router_loopback import ProtoGateway, frame, ipv4_packet, router_config, run, started
+from test_router_loopback import (
+    ProtoGateway,
+    frame,
+    ipv4_packet,
+    router_config,
+    run,
+    started_ops,
+)
 
 from polevpn.config import (
     ConfigError,
@@ -123,9 +130,9 @@ def test_router_metrics_count_what_the_gateways_sent(keys, transport, monkeypatc
     )
 
     async def scenario():
-        router = await started(cfg)
-        assert router.metrics is not None
-        port = router.metrics.port
+        router, ops = await started_ops(cfg)
+        assert ops.metrics is not None
+        port = ops.metrics.port
         try:
             ga = await ProtoGateway.connect(router)
             gb = await ProtoGateway.connect(router)
@@ -301,8 +308,8 @@ def test_router_metrics_per_link_of_a_multi_link_gateway(keys, transport, monkey
     p = "polevpn_router_"
 
     async def scenario():
-        router = await started(router_config(keys, metrics_listen=("127.0.0.1", 0)))
-        port = router.metrics.port
+        router, ops = await started_ops(router_config(keys, metrics_listen=("127.0.0.1", 0)))
+        port = ops.metrics.port
         alive: list[Keepalive] = []
         gws: list[ProtoGateway] = []
         try:
@@ -433,9 +440,9 @@ def test_router_metrics_per_link_of_a_multi_link_gateway(keys, transport, monkey
 
 def test_router_metrics_and_api_off_by_default(keys):
     async def scenario():
-        router = await started(router_config(keys))
+        router, ops = await started_ops(router_config(keys))
         try:
-            assert router.metrics is None and router.api is None
+            assert ops.metrics is None and ops.api is None
         finally:
             await router.stop()
 
@@ -447,8 +454,8 @@ def test_router_metrics_and_api_off_by_default(keys):
 
 def test_http_other_paths_methods_and_garbage(keys):
     async def scenario():
-        router = await started(router_config(keys, metrics_listen=("127.0.0.1", 0)))
-        port = router.metrics.port
+        router, ops = await started_ops(router_config(keys, metrics_listen=("127.0.0.1", 0)))
+        port = ops.metrics.port
         try:
             status, _, _ = await http(port, b"GET / HTTP/1.1\r\n\r\n")
             assert status == 404
@@ -474,8 +481,8 @@ def test_http_oversized_and_slow_requests_are_cut_off(keys, monkeypatch):
     monkeypatch.setattr(metrics, "HEADER_TIMEOUT", 0.5)
 
     async def scenario():
-        router = await started(router_config(keys, metrics_listen=("127.0.0.1", 0)))
-        port = router.metrics.port
+        router, ops = await started_ops(router_config(keys, metrics_listen=("127.0.0.1", 0)))
+        port = ops.metrics.port
         try:
             big = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"p" * (2 * metrics.MAX_REQUEST)
             status, _, _ = await http(port, big)
@@ -622,8 +629,8 @@ def test_metrics_bearer_token_when_configured(tmp_path, keys):
     assert cfg.metrics_token == token and token not in repr(cfg)
 
     async def scenario():
-        router = await started(cfg)
-        port = router.metrics.port
+        router, ops = await started_ops(cfg)
+        port = ops.metrics.port
         try:
             wrong = ("", "Authorization: Bearer x\r\n", f"Authorization: Basic {token}\r\n")
             for auth in wrong:
@@ -917,9 +924,9 @@ def test_router_logs_where_metrics_listen_and_the_config_warning(tmp_path, keys,
     cfg = dataclasses.replace(cfg, warnings=exposed.warnings)
 
     async def scenario():
-        router = await started(cfg)
+        router, ops = await started_ops(cfg)
         try:
-            port = router.metrics.port
+            port = ops.metrics.port
             assert (await scrape(port))[("polevpn_router_registered_gateways", ())] == 0
         finally:
             await router.stop()

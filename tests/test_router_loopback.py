@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from polevpn.cli import RouterDaemon
 from polevpn.config import FecParams, KcpParams, Listener, RouterConfig
 from polevpn.io import kcp_transport
 from polevpn.kcp import dtls
@@ -209,6 +210,14 @@ async def started(cfg: RouterConfig) -> Router:
     router = Router(cfg)
     await router.start()
     return router
+
+
+async def started_ops(cfg: RouterConfig) -> tuple[Router, RouterDaemon]:
+    """The router with its ops servers (/metrics, the API), wired as polevpn-router does;
+    ``router.stop()`` closes them too."""
+    daemon = RouterDaemon(cfg)
+    await daemon.start()
+    return daemon.router, daemon
 
 
 def run(coro):

@@ -16,6 +16,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from OpenSSL import SSL
 
@@ -33,12 +34,11 @@ from polevpn.config.reloading import ReloadError
 from polevpn.gateway import view
 from polevpn.host import netconf
 from polevpn.host.hostsetup import HostSetup, HostSetupError
-from polevpn.io import kcp_transport, linksock, pathstats
+from polevpn.io import kcp_transport, linksock
 from polevpn.io.tlsconf import client_context, server_hostname
 from polevpn.io.tun import Tun, TunDevice
 from polevpn.kcp import dtls
 from polevpn.kcp.kcp_pool import KcpPool
-from polevpn.ops import metrics
 from polevpn.packet.gso import VNET_HDR_LEN as _VNET
 from polevpn.packet.gso import GsoError, Packet, to_plain
 from polevpn.packet.ippacket import src_addr
@@ -466,6 +466,16 @@ class Uplink:
             )
 
 
+class Service(Protocol):
+    """What the entry point runs next to the gateway (its /metrics, polevpn.cli): opened
+    once the TUN and the host are set up, closed when the gateway stops, before the host
+    changes are undone. The gateway knows nothing else of it."""
+
+    async def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Gateway:
     def __init__(self, cfg: GatewayConfig) -> None:
         self.cfg = cfg
@@ -480,7 +490,6 @@ class Gateway:
         self._stopping = asyncio.Event()
         self.kcp_pool = KcpPool()
         self._dtls_ctx: SSL.Context | None = None
-        self.metrics: metrics.MetricsServer | None = None
         # the next link loss is ours, to apply a reload: reconnect at once
         self._reconnect_now = False
         self._reloading = asyncio.Lock()
@@ -1033,7 +1042,7 @@ class Gateway:
             raise self._fatal(link)
         return link
 
-    async def run(self) -> None:
+    async def run(self, services: Sequence[Service] = ()) -> None:
         cfg = self.cfg
         for warning in cfg.warnings:
             log.warning("%s", warning)
@@ -1047,6 +1056,7 @@ class Gateway:
                 f"cannot create TUN device {cfg.tun_name}: {exc.strerror or exc}{hint}"
             ) from None
         host = self.host_setup()
+        opened: list[Service] = []
         try:
             try:
                 await self.configure_tun()
@@ -1060,11 +1070,9 @@ class Gateway:
             self._start_data_path()
             stats_task = asyncio.create_task(self._stats_loop())
             try:
-                if cfg.metrics_listen is not None:
-                    registry = metrics.gateway_registry(lambda: view.snapshot(self))
-                    self.metrics = await metrics.serve(
-                        registry, cfg.metrics_listen, lambda: self.cfg.metrics_token
-                    )
+                for service in services:
+                    opened.append(service)
+                    await service.open()
                 await self._serve_links()
                 if self._tun_error is not None:
                     raise self._tun_error
@@ -1073,8 +1081,8 @@ class Gateway:
         finally:
             self._stopping.set()
             self._stop_data_path()
-            if self.metrics is not None:
-                self.metrics.close()
+            for service in opened:
+                service.close()
             self._close_links()
             summary = self._summary()
             if self.tun is not None:
@@ -1198,10 +1206,11 @@ class Gateway:
         """One link for the stats line: ``v4:up:rtt_ms=3:loss=0.0012:downs=0:tx=1200:rx=800``
         (loss: pathstats' retransmitted share of what we sent; bytes over all of its
         connections)."""
-        link = u.link if u.up else None
-        rtt = link.session.rtt if link is not None else None
-        loss = pathstats.path_figures(link.transport, link.server.scheme).loss if link else None
-        _, tx, _, rx = u.totals()
+        v = view.uplink_view(u)
+        conn = v.connection if v.up else None
+        rtt = conn.heartbeat_rtt if conn is not None else None
+        loss = conn.figures.path.loss if conn is not None else None
+        tx, rx = v.traffic.bytes_out, v.traffic.bytes_in
         return (
             f"{u.name}:{'up' if u.up else 'down'}"
             + (f":rtt_ms={rtt * 1000:.0f}" if rtt is not None else "")

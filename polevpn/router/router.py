@@ -23,7 +23,9 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from polevpn.common.counters import Counters
 from polevpn.common.logfmt import endpoint, kv
@@ -35,7 +37,6 @@ from polevpn.io.tlsconf import server_context
 from polevpn.io.tun import Tun, TunDevice
 from polevpn.kcp import dtls
 from polevpn.kcp.kcp_pool import KcpPool
-from polevpn.ops import api, metrics
 from polevpn.packet.gso import VNET_HDR_LEN as _VNET
 from polevpn.packet.routing import IPAddress, NetworkSet, RouteTable, announcement_error
 from polevpn.proto import wire
@@ -49,7 +50,6 @@ from polevpn.proto.session import (
     ServerSession,
     State,
 )
-from polevpn.router import view
 from polevpn.router.forwarding import forward
 from polevpn.router.limits import Admission, source_key
 from polevpn.router.local import LocalEndpoint, conflict
@@ -338,6 +338,16 @@ class GatewayConnection(asyncio.Protocol):
         asyncio.get_running_loop().call_later(self.router.cfg.auth_timeout, transport.abort)
 
 
+class Service(Protocol):
+    """What the entry point runs next to the router (the ops servers, polevpn.cli): opened
+    once the listeners are up and before privileges are dropped (so a port below 1024
+    works), closed when the router stops. The router knows nothing else of them."""
+
+    async def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class Router:
     def __init__(self, cfg: RouterConfig) -> None:
         # a network leads to a plain gateway's connection, or to a multi-link gateway's site
@@ -356,8 +366,7 @@ class Router:
         self._tls_ctx: ssl.SSLContext | None = None
         self._take(cfg)
         self.admission = Admission(cfg.limits)
-        self.metrics: metrics.MetricsServer | None = None
-        self.api: api.ApiServer | None = None
+        self.services: Sequence[Service] = ()
         # the router's own TUN and its pseudo-gateway "local"; None unless cfg.tun is set
         self.tun: Tun | None = None
         self.local: LocalEndpoint | None = None
@@ -371,7 +380,7 @@ class Router:
 
     # -- lifecycle
 
-    async def start(self) -> None:
+    async def start(self, services: Sequence[Service] = ()) -> None:
         for warning in self.cfg.warnings:
             log.warning("%s", warning)
         if self.cfg.tun is not None:
@@ -383,16 +392,10 @@ class Router:
             await self._start_kcp()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._watch_links()))
-        if self.cfg.metrics_listen is not None:
+        self.services = services
+        for service in services:
             # before dropping privileges, so that a port below 1024 works
-            registry = metrics.router_registry(lambda: view.snapshot(self))
-            self.metrics = await metrics.serve(
-                registry, self.cfg.metrics_listen, lambda: self.cfg.metrics_token
-            )
-        if self.cfg.api_listen is not None:
-            self.api = await api.serve(
-                lambda: view.snapshot(self), lambda: self.cfg.api_token, self, self.cfg.api_listen
-            )
+            await service.open()
         self._drop_privileges()
 
     def _drop_privileges(self) -> None:
@@ -594,10 +597,8 @@ class Router:
             self._kcp_udp.close()
         for sock in self.listen_sockets:
             sock.close()
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.api is not None:
-            self.api.close()
+        for service in self.services:
+            service.close()
         self._stop_tun()
         log.info("stopped", extra=kv(**self.stats.fields()))
 
