@@ -909,6 +909,34 @@ def test_config_metrics_listen_absent_and_invalid(tmp_path, keys):
         assert "metrics_listen" in str(err.value)
 
 
+@pytest.mark.parametrize("which", ["metrics", "api"])
+def test_a_busy_metrics_or_api_port_stops_the_router_with_one_line(tmp_path, keys, capfd, which):
+    """polevpn-router opens its ops servers before it drops privileges; one whose port is
+    taken ends start-up as a busy listener does: one "cannot listen" line, exit status 1."""
+    import socket
+
+    from polevpn import cli
+
+    tls = {
+        "listen": "127.0.0.1:0",
+        "cert_file": str(keys.server_cert),
+        "key_file": str(keys.server_key),
+    }
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        extra: dict = {f"{which}_listen": f"127.0.0.1:{port}", "tls": tls, "stats_interval": 0}
+        if which == "api":
+            extra["api_token"] = "t" * 32
+        path = router_file(tmp_path, keys, **extra)
+        capfd.readouterr()
+        assert cli.router_main([f"-configPath={path}"]) == 1
+    errors = [line for line in capfd.readouterr().err.splitlines() if "level=error" in line]
+    assert len(errors) == 1, errors
+    assert 'msg="cannot listen"' in errors[0] and str(port) in errors[0]
+
+
 def test_router_logs_where_metrics_listen_and_the_config_warning(tmp_path, keys, caplog):
     tls = {
         "listen": "127.0.0.1:0",
