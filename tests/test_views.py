@@ -295,6 +295,9 @@ def test_snapshot_of_a_router(router):
     router.sites[link.gateway] = site
     router.routes.add(ipaddress.ip_network("198.18.90.0/24"), site)
     router.connections.update([v6, v4b, v4a, pending, link])
+    # the router's own TUN, the pseudo-gateway "local": in the table, never a connection
+    local = FakeConnection(gateway=ipaddress.ip_address("169.254.0.254"), transport_name="tun")
+    router.routes.add(ipaddress.ip_network("198.18.30.0/24"), local)
     router.stats.dropped_unregistered = 10
     router.stats.dropped_spoofed = 4
 
@@ -313,6 +316,7 @@ def test_snapshot_of_a_router(router):
     assert [(r.network, r.gateway, r.transport) for r in snap.routes] == [
         ("198.18.3.0/24", "169.254.0.3", "tls"),
         ("198.18.20.0/24", "169.254.0.20", "kcp"),
+        ("198.18.30.0/24", "169.254.0.254", "tun"),
         ("198.18.90.0/24", "169.254.0.9", "tls"),
         ("2001:db8:1::/48", "2001:db8::1", "tls"),
     ]
