@@ -13,7 +13,7 @@ import pytest
 import uvloop
 
 from polevpn.config import FecParams, KcpParams, Listener, RouterConfig
-from polevpn.io import kcp_transport
+from polevpn.io import kcp_transport, pathstats
 from polevpn.kcp import _ikcp, dtls, kcp_link
 from polevpn.kcp import fec as fec_mod
 from polevpn.kcp.kcp_link import KcpLink
@@ -480,7 +480,7 @@ def test_adaptive_fec_metrics_agree_behind_a_rate_limited_line():
     assert up.dropped > up.sent // 4 and down.dropped == 0
 
     lm = metrics._LinkMetrics("link_", ["link"])
-    lm.add(["a"], a)
+    lm.add(["a"], pathstats.kcp_figures(a))
     samples = {
         s.name: s.value for fam in lm.families() for s in fam.samples if "reason" not in s.labels
     }

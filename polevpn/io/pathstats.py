@@ -17,6 +17,7 @@ from __future__ import annotations
 import socket
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 # struct tcp_info (linux/tcp.h): eight u8 fields, then u32s from offset 8. tcpi_rtt (µs) is
 # the 16th u32; tcpi_total_retrans follows tcpi_rcv_space; then four u64s (pacing rates,
@@ -138,9 +139,17 @@ def transport_figures(transport: object, transport_name: str) -> TransportFigure
     link = get("kcp_link") if get is not None else None
     if link is None:
         return TransportFigures()
-    srtt, resent, first = link.srtt_ms, link.retransmissions, link.segments_sent
-    srtt_ms = None if srtt is None else float(srtt)
-    path = PathFigures(srtt_ms, resent, None if resent is None or first is None else first + resent)
+    kcp = kcp_figures(link)
+    resent, first = link.retransmissions, link.segments_sent
+    path = PathFigures(
+        kcp.srtt_ms, resent, None if resent is None or first is None else first + resent
+    )
+    return TransportFigures(path, kcp)
+
+
+def kcp_figures(link: Any) -> KcpFigures:
+    """A ``KcpLink``'s KCP and FEC figures at this moment."""
+    srtt = link.srtt_ms
     fec = None
     if link.fec is not None:
         s = link.fec.stats
@@ -155,4 +164,6 @@ def transport_figures(transport: object, transport_name: str) -> TransportFigure
             undecoded=s.undecoded,
             decodes_refused=s.decodes_refused,
         )
-    return TransportFigures(path, KcpFigures(srtt_ms, resent, link.fec_state, fec))
+    return KcpFigures(
+        None if srtt is None else float(srtt), link.retransmissions, link.fec_state, fec
+    )
