@@ -32,9 +32,21 @@ conditions
     ``restart``     the router is killed (SIGKILL, by PID) under running gateways and started
                     again; ``recovery_s`` is the time from the new start to the first
                     hostA -> hostB echo reply
-checks
-    ping hostA -> hostB and back, a 20 MB TCP transfer hostA -> hostB compared by SHA-256,
-    iperf3 (10 s, one stream) hostA -> hostB and hostB -> hostA.
+checks (a row is ok when all pass)
+    20 pings hostA -> hostB and back, every one answered (late replies count: KCP delivers
+    a lost one after a retransmission timeout); a 20 MB TCP transfer hostA -> hostB compared
+    by SHA-256; iperf3 (10 s, one stream) hostA -> hostB and hostB -> hostA; no gateway
+    exited.
+figures recorded besides
+    ``registered_s`` (both gateways started -> registered), ``recovery_s`` (restart rows),
+    per iperf3 run the TCP retransmissions inside the tunnel, the CPU seconds of each daemon,
+    and on loss rows the datagrams and bytes that crossed gwA's underlay and their ratio to
+    the iperf3 payload (``wire_per_payload``: KCP headers, DTLS, resends); ``router_segmented``
+    (our router's super-packets cut for a peer that did not negotiate them).
+
+Options for experiments: ``--our-kcp JSON`` (extra "kcp" settings for our router and
+gateways), ``--rate-mbit N`` (loss rows: shape gwA's underlay to N Mbit/s both ways).
+``--table results.jsonl`` prints the markdown table docs/interop.md carries.
 
 Figures depend on the machine and its load; correctness is what a row asserts.
 """
@@ -46,6 +58,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -66,6 +79,7 @@ NODE = {"A": "gwA", "B": "gwB"}
 GW_ADDR = {"A": t.GW_A_TUN4, "B": t.GW_B_TUN4}
 ROUTER_ADDR = {"A": t.ROUTER_UL_A, "B": t.ROUTER_UL_B}
 TRANSFER_BYTES = 20_000_000
+PINGS = 20
 LOSS = {"delay_ms": 20, "loss_pct": 5}
 
 # Go PoleVPN's polevpn_router/config_dev.json (3090979), as shipped: both listeners on
@@ -208,7 +222,8 @@ class Fleet:
             assert exe, "polevpn-router not installed (make venv)"
             cmd = [exe, f"-configPath={self.our_router_config()}"]
             name = "router"
-        proc = self.topo.popen("router", cmd, log_name=name)
+        # cwd: the Go binaries write log files into their working directory
+        proc = self.topo.popen("router", cmd, log_name=name, cwd=self.cfg_dir)
         wait_listening(self.topo, proc)
         self.router = proc
         return proc
@@ -224,7 +239,7 @@ class Fleet:
             assert exe, "polevpn-gateway not installed (make venv)"
             cmd = [exe, f"-configPath={self.our_gateway_config(side)}"]
             name = f"gw{side}"
-        proc = self.topo.popen(node, cmd, log_name=name)
+        proc = self.topo.popen(node, cmd, log_name=name, cwd=self.cfg_dir)
         self.gateways[side] = proc
         return proc
 
@@ -234,6 +249,21 @@ class Fleet:
             t.wait_for_log(proc, "received register route response", timeout=timeout)
         else:
             t.wait_for_log(proc, "registered", timeout=timeout)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """user + system CPU seconds of the router and each gateway process so far."""
+        procs = {"router": self.router, **{f"gw{k}": v for k, v in self.gateways.items()}}
+        tick = os.sysconf("SC_CLK_TCK")
+        out = {}
+        for name, proc in procs.items():
+            if proc is None or proc.poll() is not None:
+                continue
+            try:  # `ip netns exec` execs the daemon: the PID is the daemon's own
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        return out
 
     def kill_router(self) -> None:
         assert self.router is not None
@@ -303,6 +333,17 @@ def remove_first_lost(topo: t.Topology) -> None:
 
 
 # ------------------------------------------------------------------------------- checks
+def tun_drops(topo: t.Topology, node: str) -> int:
+    """tx + rx drops of every TUN device (link type none) in ``node``."""
+    res = topo.run(node, ["ip", "-s", "-j", "link", "show"], check=False)
+    total = 0
+    for link in json.loads(res.stdout or "[]"):
+        if link.get("link_type") == "none" and "stats64" in link:
+            st = link["stats64"]
+            total += st["tx"].get("dropped", 0) + st["rx"].get("dropped", 0)
+    return total
+
+
 def mbit(data: dict) -> float:
     return round(data["end"]["sum_received"]["bits_per_second"] / 1e6, 1)
 
@@ -312,8 +353,14 @@ def checks(topo: t.Topology, fleet: Fleet, res: Result, iperf_seconds: int,
     c = res.checks
     for src, dst, key in (("hostA", t.HOST_B, "ping_a_to_b"), ("hostB", t.HOST_A,
                                                                "ping_b_to_a")):
-        stats = topo.ping_stats(src, dst, count=20, interval=0.05, wait=2)
-        c[key] = f"{stats['received']}/{stats['transmitted']}"
+        # -w: wait for PINGS replies (iputils otherwise lingers only 2 x the largest RTT after
+        # the last request, and a reply KCP delivers after a retransmission timeout would
+        # count as lost); ping keeps sending meanwhile, so what counts is how many of the
+        # first PINGS requests were answered, late or not
+        ping = topo.run(src, ["ping", "-n", "-c", str(PINGS), "-i", "0.05", "-W", "2",
+                              "-w", "15", dst], check=False, timeout=30)
+        answered = {int(n) for n in re.findall(r"icmp_seq=(\d+)", ping.stdout)}
+        c[key] = f"{len(answered & set(range(1, PINGS + 1)))}/{PINGS}"
     x = topo.transfer("hostA", "hostB", t.HOST_B, transfer_bytes, timeout=180)
     c["sha256_ok"] = x["ok"]
     c["transfer_mbit"] = round(x["mbit_s"], 1)
@@ -322,12 +369,16 @@ def checks(topo: t.Topology, fleet: Fleet, res: Result, iperf_seconds: int,
                                       ("hostB", "hostA", t.HOST_A, "iperf_b_to_a")):
         if impaired:
             topo.impair_stats(reset=True)
+        cpu0 = fleet.cpu_seconds()
         try:
             data = topo.iperf3(client, server, addr, seconds=iperf_seconds)
         except t.TopologyError as exc:
             c[key] = f"failed: {str(exc)[:200]}"
             continue
         c[key] = mbit(data)
+        cpu1 = fleet.cpu_seconds()
+        # CPU seconds each daemon spent on this run (the machine's load shows up here)
+        c[f"{key}_cpu_s"] = {n: round(cpu1[n] - cpu0[n], 2) for n in cpu1 if n in cpu0}
         # TCP retransmissions inside the tunnel: packets the tunnel lost or dropped
         c[f"{key}_tcp_retr"] = data["end"]["sum_sent"].get("retransmits")
         if impaired:
@@ -354,14 +405,18 @@ def checks(topo: t.Topology, fleet: Fleet, res: Result, iperf_seconds: int,
     for side, proc in fleet.gateways.items():
         if proc.poll() is not None:
             c[f"gw{side}_exited"] = proc.returncode
-    pings_ok = all(v.split("/")[0] != "0" for k, v in c.items() if k.startswith("ping_"))
+        # packets the kernel dropped at the gateway's TUN (a gateway reading its TUN more
+        # slowly than the LAN sends): the inner TCP's retransmissions come from here
+        c[f"gw{side}_tun_drops"] = tun_drops(topo, NODE[side])
+    pings_ok = all(int(v.split("/")[0]) >= PINGS for k, v in c.items() if k.startswith("ping_"))
     res.ok = (pings_ok and bool(c["sha256_ok"])
               and all(isinstance(c[k], float) for k in ("iperf_a_to_b", "iperf_b_to_a"))
               and not any(k.endswith("_exited") for k in c))
 
 
 def run_row(row: Row, go_router: str, go_gateway: str, keys: Path, log_root: Path,
-            iperf_seconds: int, transfer_bytes: int, our_kcp: dict | None = None) -> Result:
+            iperf_seconds: int, transfer_bytes: int, our_kcp: dict | None = None,
+            rate_mbit: float | None = None) -> Result:
     res = Result(row.name)
     started = time.monotonic()
     log_dir = log_root / row.name.replace("/", "_").replace(":", "-")
@@ -387,6 +442,11 @@ def run_row(row: Row, go_router: str, go_gateway: str, keys: Path, log_root: Pat
                 raise t.TopologyError("no echo reply hostA -> hostB within 20 s of start")
             if row.condition == "loss":
                 topo.start_impair(seed=15, **LOSS)
+                if rate_mbit:
+                    # a bandwidth-limited path: resends then cost goodput, not just CPU
+                    topo.rate_limit("gwA", t.GW_A_UL_IF, rate_mbit)
+                    topo.rate_limit("router", t.ROUTER_UL_A_IF, rate_mbit)
+                    res.checks["rate_mbit"] = rate_mbit
             if row.condition == "restart":
                 fleet.kill_router()
                 t0 = time.monotonic()
@@ -408,6 +468,33 @@ def run_row(row: Row, go_router: str, go_gateway: str, keys: Path, log_root: Pat
     return res
 
 
+# ------------------------------------------------------------------------------- report
+def table(lines: list[dict]) -> str:
+    """A markdown table of result lines (as --json writes them)."""
+    out = ["| row | result | gw up s | recovery s | pings a>b / b>a | 20 MB SHA-256 "
+           "| Mbit/s a>b | Mbit/s b>a | wire/payload a>b | note |",
+           "|---|---|---:|---:|---|---|---:|---:|---:|---|"]
+    for d in lines:
+        note = []
+        if "first_lost_dropped" in d:
+            note.append(f"{d['first_lost_dropped']} dropped")
+        if d.get("router_segmented"):
+            note.append(f"router cut {d['router_segmented']} super-packets")
+        if d.get("error"):
+            err = [ln for ln in d["error"].splitlines() if ln.strip()]
+            text = err[0][:100] + (f" ... {err[-1][-140:]}" if len(err) > 1 else "")
+            note.append(text.replace("|", "/"))
+        sha = d.get("sha256_ok")
+        out.append("| " + " | ".join(str(x) for x in (
+            f"`{d['row']}`", "ok" if d["ok"] else "**FAIL**", d.get("registered_s", "-"),
+            d.get("recovery_s", "-"),
+            f"{d.get('ping_a_to_b', '-')} / {d.get('ping_b_to_a', '-')}",
+            "-" if sha is None else ("ok" if sha else "**mismatch**"),
+            d.get("iperf_a_to_b", "-"), d.get("iperf_b_to_a", "-"),
+            d.get("iperf_a_to_b_wire_per_payload", "-"), "; ".join(note))) + " |")
+    return "\n".join(out)
+
+
 # --------------------------------------------------------------------------------- main
 def skip(reason: str) -> int:
     print(f"interop_go: skipped: {reason}")
@@ -425,14 +512,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", default=None,
                     help="row names (pairing:scheme:condition) or substrings of them")
     ap.add_argument("--list", action="store_true", help="list the rows and exit")
+    ap.add_argument("--table", metavar="JSONL",
+                    help="print a markdown table of the results in JSONL (from --json) and exit")
     ap.add_argument("--json", help="append one JSON line per row to this file")
     ap.add_argument("--log-dir", help="keep every daemon log here (default: a temp dir)")
     ap.add_argument("--iperf-seconds", type=int, default=10)
     ap.add_argument("--transfer-bytes", type=int, default=TRANSFER_BYTES)
+    ap.add_argument("--rate-mbit", type=float, default=None,
+                    help="loss rows: also shape gwA's underlay to this rate, both ways")
     ap.add_argument("--our-kcp", type=json.loads, default=None, metavar="JSON",
                     help='extra "kcp" settings for our daemons, e.g. \'{"send_window": 2048}\'')
     args = ap.parse_args(argv)
 
+    if args.table:
+        with open(args.table) as fh:
+            print(table([json.loads(line) for line in fh if line.strip()]))
+        return 0
     rows = all_rows()
     if args.only:
         rows = [r for r in rows if any(o == r.name or o in r.name for o in args.only)]
@@ -466,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"--- {row.name}", flush=True)
         res = run_row(row, args.go_router, args.go_gateway, keys, log_root,
-                      args.iperf_seconds, args.transfer_bytes, args.our_kcp)
+                      args.iperf_seconds, args.transfer_bytes, args.our_kcp,
+                      args.rate_mbit)
         line = {"row": res.row, "ok": res.ok, "seconds": res.seconds, **res.checks}
         if res.error:
             line["error"] = res.error
