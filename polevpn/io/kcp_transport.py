@@ -704,7 +704,7 @@ class KcpServer(asyncio.DatagramProtocol):
             return
         self.stats.source_gone += 1
         log.warning(
-            "kcp address gone; closing the session",
+            "kcp source address gone; closing its session",
             extra=kv(peer=fmt(addr), error=exc.strerror),
         )
         # not inside the session's own send path (KCP's flush): on the next turn
