@@ -203,7 +203,7 @@ class KcpServerCore:
         self.slots = HandshakeSlots(limits or HandshakeLimits())
         self.params = params
         self.listener = CookieListener(ctx, jar, params.dtls_mtu)
-        self.handshake_timeout = handshake_timeout
+        self._handshake_timeout = handshake_timeout
         self.pool = pool or KcpPool()
         self.pending: dict[Addr, Pending] = {}
         self.sessions: dict[Addr, KcpConnection] = {}
@@ -213,6 +213,16 @@ class KcpServerCore:
         # the earliest pending deadline, recomputed only when the pending table changed
         self._timer: float | None = None
         self._timer_stale = False
+
+    @property
+    def handshake_timeout(self) -> float:
+        """Seconds from a peer's cookie to its handshake's end (a reload may change it)."""
+        return self._handshake_timeout
+
+    @handshake_timeout.setter
+    def handshake_timeout(self, value: float) -> None:
+        self._handshake_timeout = value
+        self._timer_stale = True
 
     def set_context(self, ctx: SSL.Context, jar: CookieJar) -> None:
         """A reloaded certificate: new handshakes use ``ctx``, whose cookie callbacks must
