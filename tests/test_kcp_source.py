@@ -132,11 +132,11 @@ def test_session_closed_when_its_address_goes_and_the_gateway_reconnects(svpn):
     try:
         # traffic toward gwB: the router must send to it, from an address it no longer has
         svpn.topo.ping("hostA", t.HOST_B, count=3, wait=1)
-        line = t.find_log_line(log, "is no longer local", "closing its session")
+        line = t.find_log_line(log, "is no longer local", "closing the session")
         deadline = time.monotonic() + 10
         while line is None and time.monotonic() < deadline:
             svpn.topo.ping("hostA", t.HOST_B, count=1, wait=1)
-            line = t.find_log_line(log, "is no longer local", "closing its session")
+            line = t.find_log_line(log, "is no longer local", "closing the session")
         # (with listen-v4 gwA dialled that address too: its session goes the same way)
         assert line, t.log_tail(log)
     finally:
