@@ -29,6 +29,7 @@ from polevpn.kcp.kcp_link import PRE_AUTH_WINDOW
 from polevpn.kcp.kcp_pool import KcpPool
 from polevpn.kcp.server import (
     HandshakeEnded,
+    HandshakeRefused,
     KcpServerCore,
     SessionEstablished,
     SessionReplaced,
@@ -364,13 +365,19 @@ def test_a_full_pending_table_still_answers_the_hello_verify_request(keys):
     (hello,) = other.datagrams_to_send(net.clock.now)
     net.server.datagram_received(hello, OTHER, SOURCE, net.clock.now)
     ((datagrams, addr, _),) = net.server.datagrams_to_send()
-    assert addr == OTHER and [handshake_types(d) for d in datagrams] == [[3]]
+    assert addr == OTHER
+    assert [handshake_types(d) for d in datagrams] == [[HS_HELLO_VERIFY_REQUEST]]
     for d in datagrams:
         other.receive_datagram(d, net.clock.now)
     (with_cookie,) = other.datagrams_to_send(net.clock.now)
     net.server.datagram_received(with_cookie, OTHER, SOURCE, net.clock.now)
     assert net.server.datagrams_to_send() == []
     assert OTHER not in net.server.pending and net.server.stats.refused_handshakes == 1
+    assert net.server.next_event() == HandshakeRefused(OTHER)
+    # a full table still answers a fresh ClientHello from the same peer: no state was kept
+    net.server.datagram_received(hello, OTHER, SOURCE, net.clock.now)
+    ((datagrams, addr, _),) = net.server.datagrams_to_send()
+    assert [handshake_types(d) for d in datagrams] == [[HS_HELLO_VERIFY_REQUEST]]
 
 
 def test_pre_auth_window_is_bounded_until_authenticate(keys):

@@ -171,7 +171,16 @@ class HandshakeEnded:
     timed_out: bool
 
 
-ServerEvent = SessionEstablished | SessionReplaced | HandshakeEnded
+@dataclass(slots=True)
+class HandshakeRefused:
+    """A peer proved its address (valid cookie) but its handshake found no room: the
+    handshake table (``HandshakeSlots``) or the caller's ``admit`` turned it away, before
+    any handshake work. It was sent nothing; its HelloVerifyRequests are still answered."""
+
+    addr: Addr
+
+
+ServerEvent = SessionEstablished | SessionReplaced | HandshakeEnded | HandshakeRefused
 Outgoing = tuple[list[bytes], Addr, Any]
 
 
@@ -277,12 +286,16 @@ class KcpServerCore:
                 return False
             return True
 
-        replies, dtls = self.listener.receive(data, peer_key(addr), now, admit)
+        listener = self.listener
+        refused = listener.refused
+        replies, dtls = listener.receive(data, peer_key(addr), now, admit)
         if self.make_source is not None:
             source = self.make_source(source)
-        self.stats.hello_verify_sent = self.listener.hello_verify_sent
-        self.stats.rejected_datagrams = self.listener.rejected
-        self.stats.refused_handshakes = self.listener.refused
+        self.stats.hello_verify_sent = listener.hello_verify_sent
+        self.stats.rejected_datagrams = listener.rejected
+        self.stats.refused_handshakes = listener.refused
+        if listener.refused != refused:
+            self._events.append(HandshakeRefused(addr))
         if replies:
             self._out.append((replies, addr, source))
         if dtls is None or held is None:
@@ -439,6 +452,7 @@ def _is_new_hello(data: bytes, session: DtlsSession) -> bool:
 __all__ = [
     "ConnectionTerminated",
     "HandshakeEnded",
+    "HandshakeRefused",
     "HandshakeSlots",
     "KcpServerCore",
     "KcpServerStats",
