@@ -22,7 +22,6 @@ import hmac
 import ipaddress
 import os
 import struct
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,11 +185,14 @@ class CookieJar:
 
     def __init__(self, secret: bytes | None = None) -> None:
         self._secrets = [secret or os.urandom(32)] * 2
-        self._rotated = time.monotonic()
+        # the caller's clock starts with the first datagram (no clock is read here)
+        self._rotated: float | None = None
         self.peer = b""  # the address of the datagram being processed; set by CookieListener
 
     def rotate_if_due(self, now: float) -> None:
-        if now - self._rotated >= self.ROTATE:
+        if self._rotated is None:
+            self._rotated = now
+        elif now - self._rotated >= self.ROTATE:
             self._secrets = [os.urandom(32), self._secrets[0]]
             self._rotated = now
 
@@ -449,6 +451,8 @@ class DtlsSession:
         self.peer_closed = False
         self.bad_records = 0
         self._io: _RecordIO | None = None
+        # when the handshake flight must be resent, on the caller's clock (None: no timer)
+        self._deadline: float | None = None
         # a server session made by CookieListener: how its epoch-0 records are numbered
         self.renumber: _Epoch0Renumber | None = None
 
@@ -494,7 +498,28 @@ class DtlsSession:
                 except DtlsError as exc:
                     self._fail(str(exc))
                     return []
-        return self._out(_read_out(self.conn))
+        out = self._out(_read_out(self.conn))
+        self._rearm(now)
+        return out
+
+    def _rearm(self, now: float) -> None:
+        """The retransmission deadline on the caller's clock, from what OpenSSL has left.
+
+        OpenSSL's DTLS timer reads the wall clock itself (pyOpenSSL offers no
+        DTLS_set_timer_cb), so its remaining time is carried over to ``now``: the caller
+        decides when ``handle_timeout`` runs, and OpenSSL resends only once its own timer has
+        also run out (otherwise the deadline moves to what it has left)."""
+        if self.established or self.closed:
+            self._deadline = None
+            return
+        t = self.conn.DTLSv1_get_timeout()
+        self._deadline = now + t if t is not None else None
+
+    def next_timeout(self) -> float | None:
+        """When ``handle_timeout`` must run next, on the caller's clock; None: no timer."""
+        if self.established or self.closed:
+            return None
+        return self._deadline
 
     def _out(self, chunks: list[bytes]) -> list[bytes]:
         """What OpenSSL wrote, as datagrams to send (epoch-0 records renumbered)."""
@@ -633,14 +658,19 @@ class DtlsSession:
         return t if t is not None else None
 
     def handle_timeout(self, now: float) -> list[bytes]:
+        """Resend the last flight if its deadline (``next_timeout``) has passed."""
         if self.established or self.closed:
+            return []
+        if self._deadline is not None and now < self._deadline:
             return []
         try:
             self.conn.DTLSv1_handle_timeout()
         except SSL.Error as exc:
             self._fail(f"handshake failed: {_ssl_reason(exc)}")
             return []
-        return self._out(_read_out(self.conn))
+        out = self._out(_read_out(self.conn))
+        self._rearm(now)
+        return out
 
     def close(self) -> list[bytes]:
         """A close_notify for the peer, so it need not wait for its idle timeout."""
