@@ -282,12 +282,31 @@ def test_handshake_slots_are_shared_per_prefix():
 
 
 def test_handshake_slots_total_and_small_tables():
-    slots = HandshakeSlots(HandshakeLimits(max_handshakes=4, max_per_prefix=32))
+    slots = HandshakeSlots(
+        HandshakeLimits(max_handshakes=4, max_per_prefix=32, reserved_share_known=0)
+    )
     # no prefix more than half the table, whatever max_per_prefix says
     assert [slots.take("198.18.1.1") is not None for _ in range(3)] == [True, True, False]
     assert slots.take("198.18.2.1") and slots.take("198.18.3.1")
     assert slots.take("198.18.4.1") is None  # the total
     assert slots.total == 4
+
+
+def test_known_sources_keep_a_share_of_the_handshake_table():
+    """Issue 20 finding 5: strangers spread over many networks fill at most 3/4 of the
+    table; a known source (it passed AUTH lately) still gets a slot, charged to no prefix,
+    and only the total stops it."""
+    slots = HandshakeSlots(HandshakeLimits(max_handshakes=16, max_per_prefix=2))
+    strangers = [slots.take(f"198.18.{i}.1") for i in range(16)]
+    assert sum(s is not None for s in strangers) == 12
+    assert slots.take("198.18.200.1") is None  # a stranger: the strangers' part is full
+    known = [slots.take("198.18.0.1", known=True) for _ in range(5)]
+    assert known == [(), (), (), (), None]  # the reserve, then the total
+    assert slots.total == 16 and slots.by_prefix["198.18.0.0/24"] == 1
+    slots.give_back(())  # a known peer's handshake ended: no stranger slot comes free
+    assert slots.take("198.18.201.1") is None and slots.take("198.18.0.1", known=True) == ()
+    slots.give_back(strangers[0])
+    assert slots.take("198.18.201.1") is not None
 
 
 def test_one_prefix_cannot_fill_the_kcp_handshake_table(keys):

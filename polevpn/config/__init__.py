@@ -97,6 +97,10 @@ class HandshakeLimits:
 
     max_handshakes: int = 256
     max_per_prefix: int = 32
+    # kept for known sources (a connection from there passed AUTH lately, as the router's
+    # admission tracks them): strangers from many networks cannot take the whole table, and
+    # a known source is not counted against its networks
+    reserved_share_known: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -869,6 +873,9 @@ def _handshake_limits(sec: _Reader | None) -> HandshakeLimits:
         max_handshakes=total,
         max_per_prefix=sec.integer(
             "max_handshakes_per_prefix", min(d.max_per_prefix, total), 1, total
+        ),
+        reserved_share_known=sec.number(
+            "reserved_share_known", d.reserved_share_known, 0, 0.9
         ),
     )
 

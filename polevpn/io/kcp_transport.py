@@ -353,12 +353,22 @@ class KcpServer(asyncio.DatagramProtocol):
         admit: Callable[[Addr], bool] | None = None,
         release: Callable[[Addr], None] | None = None,
         limits: HandshakeLimits | None = None,
+        known: Callable[[Addr], bool] | None = None,
     ) -> None:
-        """See ``KcpServerCore`` for ``admit``, ``release`` and ``limits``. Once established,
-        the admission slot belongs to the protocol ``protocol_factory`` made, which is given
+        """See ``KcpServerCore`` for ``admit``, ``release``, ``limits`` and ``known``. Once
+        established, the admission slot belongs to the protocol ``protocol_factory`` made, which is given
         the time of the cookie (its deadlines run from there)."""
         self.core = KcpServerCore(
-            ctx, jar, params, handshake_timeout, pool, admit, release, limits, source_of
+            ctx,
+            jar,
+            params,
+            handshake_timeout,
+            pool,
+            admit,
+            release,
+            limits,
+            make_source=source_of,
+            known=known,
         )
         self.factory = protocol_factory
         self.sessions: dict[Addr, KcpTransport] = {}

@@ -68,15 +68,21 @@ class HandshakeSlots:
     A slot is taken when a ClientHello returns a valid cookie and given back when the
     handshake ends either way. Besides the total, each peer counts against its IPv4 /24, or
     its IPv6 /64, /56 and /48 (see ``HandshakeLimits``): one host, or one site's whole
-    IPv6 allocation, cannot take every slot from other gateways.
+    IPv6 allocation, cannot take every slot from other gateways. A share of the table
+    (``reserved_share_known``) is kept for known peers, which count against no prefix.
     """
 
-    __slots__ = ("limits", "total", "by_prefix")
+    __slots__ = ("limits", "total", "strangers", "by_prefix")
 
     def __init__(self, limits: HandshakeLimits) -> None:
         self.limits = limits
         self.total = 0
+        self.strangers = 0
         self.by_prefix: dict[str, int] = {}
+
+    def stranger_cap(self) -> int:
+        lim = self.limits
+        return lim.max_handshakes - int(lim.max_handshakes * lim.reserved_share_known)
 
     def shares(self, host: str) -> tuple[tuple[str, int], ...]:
         """The prefixes ``host`` counts against, each with its limit."""
@@ -95,9 +101,15 @@ class HandshakeSlots:
             for bits, mult in ((64, 1), (56, 2), (48, 4))
         )
 
-    def take(self, host: str) -> tuple[str, ...] | None:
-        """The prefixes charged for a new handshake from ``host``, or None: no room."""
+    def take(self, host: str, known: bool = False) -> tuple[str, ...] | None:
+        """The prefixes charged for a new handshake from ``host``, or None: no room. A
+        known peer is charged to no prefix (the empty tuple)."""
         if self.total >= self.limits.max_handshakes:
+            return None
+        if known:
+            self.total += 1
+            return ()
+        if self.strangers >= self.stranger_cap():
             return None
         shares = self.shares(host)
         by_prefix = self.by_prefix
@@ -106,10 +118,13 @@ class HandshakeSlots:
         for key, _ in shares:
             by_prefix[key] = by_prefix.get(key, 0) + 1
         self.total += 1
+        self.strangers += 1
         return tuple(key for key, _ in shares)
 
     def give_back(self, prefixes: tuple[str, ...]) -> None:
         self.total -= 1
+        if prefixes:  # a stranger's: every stranger is charged to at least one prefix
+            self.strangers -= 1
         for key in prefixes:
             n = self.by_prefix[key] - 1
             if n:
@@ -198,6 +213,7 @@ class KcpServerCore:
         release: Callable[[Addr], None] | None = None,
         limits: HandshakeLimits | None = None,
         make_source: Callable[[Any], Any] | None = None,
+        known: Callable[[Addr], bool] | None = None,
     ) -> None:
         """``admit``: asked once a peer has proved its address (valid cookie), and before
         any handshake work, whether its handshake may take a slot; ``release`` gives it back
@@ -205,7 +221,10 @@ class KcpServerCore:
         ``SessionEstablished`` event). ``limits``: the handshakes in progress allowed
         (``HandshakeSlots``), before ``admit`` is asked. ``make_source``: turns the ``source``
         a datagram came with into the reply source kept for its peer; called only for a
-        datagram the demux answers itself (a live session's own datagrams need none)."""
+        datagram the demux answers itself (a live session's own datagrams need none).
+        ``known``: whether a peer's source is known (it passed AUTH lately), so that it
+        may use the share of the table strangers cannot take."""
+        self.known = known
         self.make_source = make_source
         self.admit = admit
         self.release = release
@@ -277,7 +296,8 @@ class KcpServerCore:
             # asked only for a valid cookie, before any handshake work: the
             # HelloVerifyRequest itself is stateless and never refused
             nonlocal held
-            held = self.slots.take(str(addr[0]))
+            known = self.known is not None and self.known(addr)
+            held = self.slots.take(str(addr[0]), known)
             if held is None:
                 return False
             if self.admit is not None and not self.admit(addr):

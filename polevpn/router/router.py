@@ -428,6 +428,7 @@ class Router:
             admit=self._admit_kcp,
             release=lambda addr: self.admission.release(source_key(addr[0])),
             limits=self.cfg.kcp_handshakes,
+            known=lambda addr: self.admission.is_known(source_key(addr[0]), time.monotonic()),
         )
         # our own reader: replies leave from the address each peer sent to (udpsock)
         udp = await udpsock.open_endpoint(server, kcp.host, kcp.port)
