@@ -356,8 +356,8 @@ class KcpServer(asyncio.DatagramProtocol):
         known: Callable[[Addr], bool] | None = None,
     ) -> None:
         """See ``KcpServerCore`` for ``admit``, ``release``, ``limits`` and ``known``. Once
-        established, the admission slot belongs to the protocol ``protocol_factory`` made, which is given
-        the time of the cookie (its deadlines run from there)."""
+        established, the admission slot belongs to the protocol ``protocol_factory`` made,
+        which is given the time of the cookie (its deadlines run from there)."""
         self.core = KcpServerCore(
             ctx,
             jar,
