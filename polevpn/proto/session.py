@@ -216,6 +216,10 @@ class ServerSession(_FramedSession):
             registered = self.state is State.REGISTERED
         return packets, events
 
+    def _refuse(self, command: int, error: str, seq: int) -> None:
+        """Answer an AUTH or REGISTER with an error body (PoleVPN's shape)."""
+        self.outbox.append(encode_frame(command, messages.encode_error(error), seq))
+
     def _first_frame_too_long(self, frames: list[wire.Frame]) -> bool:
         """Whether the connection's first frame (AUTH, or the connection is closed anyway)
         is longer than PRE_AUTH_MAX_FRAME, complete or, from its header, still partial.
@@ -252,9 +256,7 @@ class ServerSession(_FramedSession):
                 self._lose(events, f"bad AUTH: {exc}")
                 return
             if not self._check_key(auth.key):
-                self.outbox.append(
-                    encode_frame(wire.AUTH, messages.encode_error("invalid key"), seq)
-                )
+                self._refuse(wire.AUTH, "invalid key", seq)
                 self.state = State.CLOSED
                 events.append(AuthFailed("invalid key"))
                 return
@@ -264,9 +266,7 @@ class ServerSession(_FramedSession):
             events.append(AuthSucceeded())
         elif command == wire.REGISTER:
             if not self._register_allowed(now):
-                self.outbox.append(
-                    encode_frame(wire.REGISTER, messages.encode_error("too many REGISTER"), seq)
-                )
+                self._refuse(wire.REGISTER, "too many REGISTER", seq)
                 self._lose(
                     events,
                     f"REGISTER flood (more than {REGISTER_BURST} at once, "
@@ -277,15 +277,11 @@ class ServerSession(_FramedSession):
             try:
                 req = messages.parse_register(body)
             except MessageError as exc:
-                self.outbox.append(
-                    encode_frame(wire.REGISTER, messages.encode_error(str(exc)), seq)
-                )
+                self._refuse(wire.REGISTER, str(exc), seq)
                 self._lose(events, f"bad REGISTER: {exc}")
                 return
             if not self._check_key(req.key):
-                self.outbox.append(
-                    encode_frame(wire.REGISTER, messages.encode_error("invalid key"), seq)
-                )
+                self._refuse(wire.REGISTER, "invalid key", seq)
                 self.state = State.CLOSED
                 events.append(AuthFailed("invalid key in REGISTER"))
                 return
@@ -307,7 +303,7 @@ class ServerSession(_FramedSession):
     def reject_register(self, seq: int, error: str) -> None:
         if self.state is State.CLOSED:
             return
-        self.outbox.append(encode_frame(wire.REGISTER, messages.encode_error(error), seq))
+        self._refuse(wire.REGISTER, error, seq)
         self.state = State.CLOSED
 
     def check_timeouts(self, now: float, auth_timeout: float, idle_timeout: float) -> str | None:
