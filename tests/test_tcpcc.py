@@ -52,38 +52,59 @@ def settable(algorithm: str) -> bool:
 
 def test_absent_takes_bbr_where_there_is_bbr() -> None:
     c = tcpcc.choose(None, ["reno", "cubic", "bbr"], "cubic")
-    assert (c.algorithm, c.used, c.warning) == ("bbr", "bbr", None)
+    assert (c.algorithm, c.used, c.unavailable) == ("bbr", "bbr", False)
     assert c.fields() == {"algorithm": "bbr", "requested": "unset"}
 
 
 def test_absent_without_bbr_keeps_the_default_quietly() -> None:
     c = tcpcc.choose(None, ["reno", "cubic"], "cubic")
-    assert (c.algorithm, c.used, c.warning) == (None, "cubic", None)
+    assert (c.algorithm, c.used, c.unavailable) == (None, "cubic", False)
 
 
 def test_default_asked_keeps_the_default() -> None:
     c = tcpcc.choose("", ["reno", "cubic", "bbr"], "cubic")
-    assert (c.algorithm, c.used, c.warning) == (None, "cubic", None)
+    assert (c.algorithm, c.used, c.unavailable) == (None, "cubic", False)
     assert c.fields() == {"algorithm": "cubic", "requested": "default"}
 
 
 def test_available_request_is_used() -> None:
     c = tcpcc.choose("reno", ["reno", "cubic", "bbr"], "cubic")
-    assert (c.algorithm, c.used, c.warning) == ("reno", "reno", None)
+    assert (c.algorithm, c.used, c.unavailable) == ("reno", "reno", False)
     assert c.fields() == {"algorithm": "reno", "requested": "reno"}
 
 
-def test_unavailable_request_falls_back_with_a_warning() -> None:
+def test_unavailable_request_falls_back_with_a_warning(caplog) -> None:
     c = tcpcc.choose("vegas", ["reno", "cubic"], "cubic")
-    assert (c.algorithm, c.used, c.requested) == (None, "cubic", "vegas")
-    assert c.warning is not None
+    assert (c.algorithm, c.used, c.requested, c.unavailable) == (None, "cubic", "vegas", True)
+    caplog.set_level(logging.INFO)
+    c.log(logging.getLogger("test"), Path("gateway.json"))
+    warning, used = caplog.records
     # names what was asked, what there is and what is used
-    assert "'vegas'" in c.warning and "reno cubic" not in c.warning
-    assert "cubic reno" in c.warning and c.warning.endswith("use cubic")
-    # nothing known of the kernel (no /proc): still a line that says what happens
+    assert warning.levelno == logging.WARNING
+    assert warning.kv == {  # type: ignore[attr-defined]
+        "config": Path("gateway.json"),
+        "requested": "vegas",
+        "algorithm": "cubic",
+        "available": "cubic reno",
+    }
+    assert used.levelno == logging.INFO and used.getMessage() == "tcp congestion control"
+    assert used.kv == {"transport": "tls", "algorithm": "cubic", "requested": "vegas"}  # type: ignore[attr-defined]
+    # nothing known of the kernel (no /proc): still says what happens
     c = tcpcc.choose("bbr", [], "")
-    assert c.algorithm is None and c.used == "the kernel default"
-    assert c.warning is not None and "available: none" in c.warning
+    assert (c.algorithm, c.used, c.unavailable, c.available) == (
+        None,
+        "the kernel default",
+        True,
+        (),
+    )
+
+
+def test_available_request_logs_one_line(caplog) -> None:
+    caplog.set_level(logging.INFO)
+    tcpcc.choose(None, ["bbr"], "cubic").log(logging.getLogger("test"), Path("config.json"))
+    (line,) = caplog.records
+    assert line.levelno == logging.INFO
+    assert line.kv == {"transport": "tls", "algorithm": "bbr", "requested": "unset"}  # type: ignore[attr-defined]
 
 
 # -- what the kernel offers: the list, corrected by trying
@@ -99,7 +120,7 @@ def test_usable_drops_a_listed_name_the_kernel_refuses(tmp_path: Path) -> None:
     proc = _proc(tmp_path, "reno cubic nosuch_cc", "cubic")
     assert tcpcc.usable("nosuch_cc", proc) == (["reno", "cubic"], "cubic")
     c = tcpcc.decide("nosuch_cc", proc)
-    assert c.algorithm is None and c.warning is not None and "'nosuch_cc'" in c.warning
+    assert (c.algorithm, c.unavailable, c.available) == (None, True, ("cubic", "reno"))
 
 
 def test_usable_adds_an_unlisted_name_the_kernel_takes(tmp_path: Path) -> None:
@@ -202,10 +223,11 @@ def test_unavailable_request_falls_back_and_warns(keys, caplog) -> None:
     caplog.set_level(logging.INFO)
     _, accepted, gateway, router, gw = run(_both_ends(keys, "nosuch_cc"))
     assert accepted == gateway == default
-    warnings = [r for r in caplog.records if "'nosuch_cc'" in r.getMessage()]
+    warnings = [r for r in caplog.records if r.getMessage().startswith("tcp_congestion")]
     # one from the router, one from the gateway, each naming what is used instead
     assert [r.levelno for r in warnings] == [logging.WARNING, logging.WARNING]
-    assert all(f"use {default}" in r.getMessage() for r in warnings)
+    assert all(r.kv["requested"] == "nosuch_cc" for r in warnings)
+    assert all(r.kv["algorithm"] == default for r in warnings)
     used = [r.kv for r in caplog.records if r.getMessage() == "tcp congestion control"]
     assert used == [{"transport": "tls", "algorithm": default, "requested": "nosuch_cc"}] * 2
 

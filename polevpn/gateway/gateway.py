@@ -522,10 +522,8 @@ class Gateway:
         """The congestion control for tls:// connections: decided and logged at start, or at
         the first tls:// connection (a reload may bring tls:// route servers in)."""
         if self._congestion is None:
-            choice = self._congestion = tcpcc.decide(self.cfg.tcp_congestion)
-            if choice.warning is not None:
-                log.warning("%s", choice.warning, extra=kv(config=self.cfg.path))
-            log.info("tcp congestion control", extra=kv(transport="tls", **choice.fields()))
+            self._congestion = tcpcc.decide(self.cfg.tcp_congestion)
+            self._congestion.log(log, self.cfg.path)
         return self._congestion
 
     def _filters(self, cfg: GatewayConfig) -> None:

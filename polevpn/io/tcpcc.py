@@ -21,10 +21,13 @@ asked for on a throwaway socket instead of trusting the list alone.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+
+from polevpn.common.logfmt import kv
 
 PROC = Path("/proc/sys/net/ipv4")
 # Linux's number (13) for Pythons built without the constant
@@ -43,13 +46,30 @@ class Choice:
     used: str
     # what was asked for: None when the config does not say
     requested: str | None
-    # for the log when what was asked for is not available
-    warning: str | None = None
+    # what was asked for is not available: the kernel's default is used instead
+    unavailable: bool = False
+    # what this process can set (for the warning)
+    available: tuple[str, ...] = ()
 
     def fields(self) -> dict[str, str]:
         """For the start-up log line."""
         asked = {None: "unset", "": "default"}.get(self.requested, self.requested)
         return {"algorithm": self.used, "requested": str(asked)}
+
+    def log(self, log: logging.Logger, config: Path) -> None:
+        """The start-up lines: a warning if the request could not be met, then which
+        algorithm the tls:// sockets use."""
+        if self.unavailable:
+            log.warning(
+                "tcp_congestion is not available: tls:// sockets use the kernel default",
+                extra=kv(
+                    config=config,
+                    requested=self.requested,
+                    algorithm=self.used,
+                    available=" ".join(self.available) or "none",
+                ),
+            )
+        log.info("tcp congestion control", extra=kv(transport="tls", **self.fields()))
 
 
 def choose(requested: str | None, available: Collection[str], default: str) -> Choice:
@@ -69,14 +89,7 @@ def choose(requested: str | None, available: Collection[str], default: str) -> C
         return Choice(None, shown, "")
     if requested in available:
         return Choice(requested, requested, requested)
-    listed = " ".join(sorted(available)) or "none"
-    return Choice(
-        None,
-        shown,
-        requested,
-        f"tcp_congestion {requested!r} is not available (available: {listed}): "
-        f"tls:// tunnel sockets use {shown}",
-    )
+    return Choice(None, shown, requested, unavailable=True, available=tuple(sorted(available)))
 
 
 def _read_proc(name: str, proc: Path) -> str:

@@ -458,10 +458,8 @@ class Router:
         the first: accepted sockets inherit it, and it is set here, before privileges are
         dropped, because an unprivileged process may not set every algorithm."""
         if self.congestion is None:
-            choice = self.congestion = tcpcc.decide(self.cfg.tcp_congestion)
-            if choice.warning is not None:
-                log.warning("%s", choice.warning, extra=kv(config=self.cfg.path))
-            log.info("tcp congestion control", extra=kv(transport="tls", **choice.fields()))
+            self.congestion = tcpcc.decide(self.cfg.tcp_congestion)
+            self.congestion.log(log, self.cfg.path)
         tcpcc.apply(listener, self.congestion)
 
     async def _start_tls(self) -> None:
