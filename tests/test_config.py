@@ -1322,3 +1322,46 @@ def test_gateway6_needs_an_mtu_of_1280(tmp_path: Path, keys: keygen.KeygenResult
     # IPv4 alone goes lower
     obj = gateway_obj(keys, mtu=1000)
     assert load_gateway_config(write(tmp_path / "gateway.json", obj)).mtu == 1000
+
+
+# ---- tcp_congestion of the tls:// sockets (issue 16 item 3) ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    # null counts as absent, as for every field
+    [(_DROP, None), (None, None), ("", ""), ("default", ""), ("bbr", "bbr"), ("my_cc2", "my_cc2")],
+)
+def test_tcp_congestion_parsed(
+    tmp_path: Path, keys: keygen.KeygenResult, value: object, parsed: str | None
+) -> None:
+    path = write(tmp_path / "config.json", router_obj(keys, tcp_congestion=value))
+    assert load_router_config(path).tcp_congestion == parsed
+    path = write(tmp_path / "gateway.json", gateway_obj(keys, tcp_congestion=value))
+    assert load_gateway_config(path).tcp_congestion == parsed
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("BBR", ["'BBR'", "a-z"]),
+        ("bbr ", ["'bbr '"]),
+        ("b-b-r", ["'b-b-r'"]),
+        ("x" * 16, ["1-15"]),
+        (1, ["expected a string"]),
+    ],
+)
+def test_tcp_congestion_refused(
+    tmp_path: Path, keys: keygen.KeygenResult, value: object, words: list[str]
+) -> None:
+    path = write(tmp_path / "config.json", router_obj(keys, tcp_congestion=value))
+    assert_config_error(router_error(path), path, "tcp_congestion", *words)
+    path = write(tmp_path / "gateway.json", gateway_obj(keys, tcp_congestion=value))
+    assert_config_error(gateway_error(path), path, "tcp_congestion", *words)
+
+
+def test_tcp_congestion_error_exits_2(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    path = write(tmp_path / "config.json", router_obj(keys, tcp_congestion="Cubic"))
+    assert cli.router_main(["-config", str(path)]) == cli.EXIT_CONFIG == 2
+    path = write(tmp_path / "gateway.json", gateway_obj(keys, tcp_congestion="Cubic"))
+    assert cli.gateway_main(["-config", str(path)]) == 2

@@ -179,6 +179,22 @@ def test_gateway_plan_link_timing_waits_for_a_restart(tmp_path: Path, keys: Path
     assert p.config.links == old.links and p.changes == ()
 
 
+def test_tcp_congestion_waits_for_a_restart(tmp_path: Path, keys: Path) -> None:
+    # set on the listeners (router) and decided once (both) at start: polevpn.io.tcpcc
+    path = router_file(tmp_path / "r.json", keys)
+    old = load_router_config(path)
+    router_file(path, keys, tcp_congestion="reno")
+    p = plan(old, load_router_config(path))
+    assert p.needs_restart == ("tcp_congestion",) and p.changes == ()
+    assert p.config.tcp_congestion is None
+    path = t.write_json(tmp_path / "g.json", t.gateway_config("A", keys))
+    old = load_gateway_config(path)
+    t.write_json(path, t.gateway_config("A", keys, tcp_congestion="default"))
+    p = plan(old, load_gateway_config(path))
+    assert p.needs_restart == ("tcp_congestion",) and p.changes == ()
+    assert p.config.tcp_congestion is None
+
+
 def test_gateway_plan_unchanged_links(tmp_path: Path, keys: Path) -> None:
     path = _links_file(tmp_path / "g.json", keys, [V4, V6])
     p = plan(load_gateway_config(path), load_gateway_config(path))

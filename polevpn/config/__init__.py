@@ -205,6 +205,9 @@ class RouterConfig:
     api_token: str | None = field(default=None, repr=False)
     # the router's own TUN; None (the default): off, and the router needs no privilege
     tun: RouterTun | None = None
+    # TCP congestion control of tls:// sockets: None (not set): bbr if the kernel has it;
+    # "": the kernel's default; else that algorithm (polevpn.io.tcpcc)
+    tcp_congestion: str | None = None
     warnings: tuple[str, ...] = field(default=())
 
     def authority(self) -> Authority:
@@ -284,6 +287,8 @@ class GatewayConfig:
     # on each link of a multi-link gateway: heartbeats this often, and down after this silence
     link_heartbeat_interval: float = 0.25
     link_timeout: float = 1.0
+    # as RouterConfig.tcp_congestion, for the gateway's tls:// connections
+    tcp_congestion: str | None = None
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -702,6 +707,26 @@ def _router_warnings(
     return out
 
 
+# a kernel congestion control module's name (TCP_CA_NAME_MAX is 16 with the NUL)
+_TCP_CONGESTION = re.compile(r"[a-z0-9_]{1,15}")
+
+
+def _tcp_congestion(r: _Reader) -> str | None:
+    """None when absent (bbr where the kernel has it), "" for the kernel's default."""
+    if not r.has("tcp_congestion"):
+        return None
+    name = r.string("tcp_congestion")
+    if name in ("", "default"):
+        return ""
+    if not _TCP_CONGESTION.fullmatch(name):
+        raise r.fail(
+            "tcp_congestion",
+            f"{name!r} is not a congestion control name (1-15 of a-z, 0-9, _; "
+            '"default" for the kernel\'s)',
+        )
+    return name
+
+
 def _listener(r: _Reader, name: str, required: bool) -> Listener:
     sec = r.section(name, required=required)
     if sec is None:
@@ -792,6 +817,7 @@ def load_router_config(path: str | Path) -> RouterConfig:
         api_listen=api_listen,
         api_token=api_token,
         tun=tun,
+        tcp_congestion=_tcp_congestion(r),
     )
 
 
@@ -1165,6 +1191,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         links=links,
         link_heartbeat_interval=link_hb,
         link_timeout=link_timeout,
+        tcp_congestion=_tcp_congestion(r),
         warnings=tuple(warnings),
     )
 

@@ -22,7 +22,10 @@ C = TypeVar("C", RouterConfig, GatewayConfig)
 
 # bound or set up at start; a changed value waits for a restart
 # the tun: opened, addressed and routed before privileges are dropped
-ROUTER_RESTART = frozenset({"kcp_params", "user", "metrics_listen", "api_listen", "tun"})
+# tcp_congestion: set on the tls:// listeners, and checked once, at start (polevpn.io.tcpcc)
+ROUTER_RESTART = frozenset(
+    {"kcp_params", "user", "metrics_listen", "api_listen", "tun", "tcp_congestion"}
+)
 LISTENER_RESTART = ("enable", "host", "port")
 GATEWAY_RESTART = frozenset(
     {
@@ -37,6 +40,8 @@ GATEWAY_RESTART = frozenset(
         # every link's REGISTER carries these, and the router holds them per connection
         "link_heartbeat_interval",
         "link_timeout",
+        # checked against the kernel once, at start (polevpn.io.tcpcc)
+        "tcp_congestion",
     }
 )
 # not settings: the file's path and the parser's warnings

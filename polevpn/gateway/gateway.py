@@ -34,7 +34,7 @@ from polevpn.config.reloading import ReloadError
 from polevpn.gateway import view
 from polevpn.host import netconf
 from polevpn.host.hostsetup import HostSetup, HostSetupError
-from polevpn.io import kcp_transport, linksock
+from polevpn.io import kcp_transport, linksock, tcpcc
 from polevpn.io.tlsconf import client_context, server_hostname
 from polevpn.io.tun import Tun, TunDevice
 from polevpn.kcp import dtls
@@ -146,6 +146,10 @@ class RouterLink(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.type == socket.SOCK_STREAM:
+            # after the TLS handshake, before the tunnel's data: a few packets on the default
+            tcpcc.apply(sock, self.gw.tcp_congestion())
         limit = self.gw.cfg.send_queue_bytes
         if self.multi:
             linksock.shorten_queue(transport, limit // 4)
@@ -511,6 +515,16 @@ class Gateway:
         self._serving: asyncio.Future[None] | None = None
         # the TUN failed: run() raises this once it has undone the host changes
         self._tun_error: TunError | None = None
+        # the tls:// sockets' congestion control, decided once (tcp_congestion())
+        self._congestion: tcpcc.Choice | None = None
+
+    def tcp_congestion(self) -> tcpcc.Choice:
+        """The congestion control for tls:// connections: decided and logged at start, or at
+        the first tls:// connection (a reload may bring tls:// route servers in)."""
+        if self._congestion is None:
+            self._congestion = tcpcc.decide(self.cfg.tcp_congestion)
+            self._congestion.log(log, self.cfg.path)
+        return self._congestion
 
     def _filters(self, cfg: GatewayConfig) -> None:
         self.acl = NetworkSet(cfg.acls)
@@ -1046,6 +1060,8 @@ class Gateway:
         cfg = self.cfg
         for warning in cfg.warnings:
             log.warning("%s", warning)
+        if any(server.scheme == "tls" for server in cfg.route_servers):
+            self.tcp_congestion()
         try:
             self.open_tun()
         except OSError as exc:

@@ -31,7 +31,7 @@ from polevpn.common.counters import Counters
 from polevpn.common.logfmt import endpoint, kv
 from polevpn.config import ConfigError, RouterConfig, load_router_config, reloading, set_log_level
 from polevpn.host import netconf, privileges
-from polevpn.io import linksock, udpsock
+from polevpn.io import linksock, tcpcc, udpsock
 from polevpn.io.kcp_transport import KcpServer
 from polevpn.io.tlsconf import server_context
 from polevpn.io.tun import Tun, TunDevice
@@ -364,6 +364,8 @@ class Router:
         # TLS upgrades under way; held here because the loop keeps only weak references
         self._upgrades: set[asyncio.Task] = set()
         self._tls_ctx: ssl.SSLContext | None = None
+        # the tls:// sockets' congestion control, decided at start (_start_tls)
+        self.congestion: tcpcc.Choice | None = None
         self._take(cfg)
         self.admission = Admission(cfg.limits)
         self.services: Sequence[Service] = ()
@@ -451,6 +453,15 @@ class Router:
         assert self._kcp_udp is not None
         return self._kcp_udp.get_extra_info("sockname")[1]
 
+    def _set_congestion(self, listener: socket.socket) -> None:
+        """The configured congestion control on a tls:// listener, decided (and logged) on
+        the first: accepted sockets inherit it, and it is set here, before privileges are
+        dropped, because an unprivileged process may not set every algorithm."""
+        if self.congestion is None:
+            self.congestion = tcpcc.decide(self.cfg.tcp_congestion)
+            self.congestion.log(log, self.cfg.path)
+        tcpcc.apply(listener, self.congestion)
+
     async def _start_tls(self) -> None:
         loop = asyncio.get_running_loop()
         tls = self.cfg.tls
@@ -470,6 +481,7 @@ class Router:
                     # (as asyncio does); "[::]" alone serves both families, as kcp:// does
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if both else 0)
                 sock.bind(addr)
+                self._set_congestion(sock)
                 sock.listen(1024)
                 sock.setblocking(False)
             except OSError:
