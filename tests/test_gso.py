@@ -23,8 +23,7 @@ from polevpn.packet.gso import (
     GSO_TCPV6,
     GSO_UDP,
     GSO_UDP_L4,
-    MIN_GSO_SIZE_V4,
-    MIN_GSO_SIZE_V6,
+    MAX_EXPANSION,
     PLAIN_HDR,
     VNET_HDR,
     VNET_HDR_LEN,
@@ -759,18 +758,20 @@ def test_output_of_one_super_packet_is_capped() -> None:
         to_plain(buf)
 
 
-def test_check_sets_a_floor_under_gso_size() -> None:
-    """No kernel cutting for a real path writes a gso_size below the family's floor."""
-    for v6, floor in ((False, MIN_GSO_SIZE_V4), (True, MIN_GSO_SIZE_V6)):
-        for proto in (TCP, UDP):
-            sp = build(v6, proto, rand_bytes(3 * floor), floor)
+def test_small_real_segments_pass_and_header_multiplication_does_not() -> None:
+    """Small segments a real flow makes (a TCP peer's MSS of 400, UDP GSO of 148-byte
+    datagrams) pass check, and cut; gso_size 1 or 8 behind the headers (41 and 6 times the
+    bytes) is refused by check, which the router applies whole or cut (to_plain itself, which
+    a gateway uses on its own kernel's packets, keeps only the absolute bound)."""
+    for v6 in (False, True):
+        for proto, size in ((TCP, 400), (UDP, 148), (TCP, 96)):
+            sp = build(v6, proto, rand_bytes(20 * size), size)
             check(sp.hdr + sp.pkt)
-            sp = build(v6, proto, rand_bytes(3 * floor), floor - 1)
-            with pytest.raises(GsoError, match=f"gso_size {floor - 1} is below {floor}"):
+            assert len(to_plain(sp.hdr + sp.pkt)) == 20
+        for size in (1, 8):
+            sp = build(v6, TCP, rand_bytes(200), size)
+            with pytest.raises(GsoError, match=f"more than {MAX_EXPANSION} times the packet"):
                 check(sp.hdr + sp.pkt)
-            # the cutter itself keeps taking it (a gateway cutting its own kernel's packets)
-            assert len(to_plain(sp.hdr + sp.pkt)) == 4
-    assert (MIN_GSO_SIZE_V4, MIN_GSO_SIZE_V6) == (456, 1180)
 
 
 @pytest.mark.parametrize("name", REJECTIONS)

@@ -48,13 +48,11 @@ MAX_V6_EXT_HEADERS = 3
 MAX_V6_EXT_BYTES = 512
 # what all segments of one super-packet may add up to: twice the largest IP packet
 MAX_OUTPUT_BYTES = 2 * MAX_IP_LEN
-# The smallest gso_size `check` lets through: the payload of a segment on a path of the
-# family's minimum MTU (576 bytes every IPv4 host takes, RFC 1122; 1280, IPv6's minimum link
-# MTU, RFC 8200) after the largest IP and TCP headers (60 + 60, 40 + 60). A kernel cutting
-# for such a path never goes below it; with it, copied headers cost at most about 26% (v4)
-# or 52% (v6, with MAX_V6_EXT_BYTES of options) on top of the payload.
-MIN_GSO_SIZE_V4 = 576 - 60 - 60
-MIN_GSO_SIZE_V6 = 1280 - 40 - 60
+# and at most this many times the super-packet itself. The copied headers are what a small
+# gso_size multiplies; a bound on the ratio, rather than a floor under gso_size, keeps real
+# small segments (a TCP peer's MSS of a few hundred bytes, UDP GSO of small datagrams: 1.1 to
+# 1.3 times) while gso_size 1 behind 40 bytes of headers (41 times) is refused.
+MAX_EXPANSION = 2
 _KNOWN_FLAGS = 0x03  # NEEDS_CSUM, DATA_VALID
 
 Packet = bytes | bytearray | memoryview
@@ -161,15 +159,27 @@ def check(buf: Packet) -> None:
     that takes super-packets (whose kernel would act on the header) or cut by ``to_plain``.
     It refuses what ``to_plain`` refuses (unknown or UFO gso_type, gso_size 0, csum_start and
     csum_offset that do not point at the L4 checksum, lengths that disagree), and beyond
-    that unknown flags, an ``hdr_len`` past the packet and a gso_size below the family's
-    floor (MIN_GSO_SIZE_V4/_V6), which no kernel cutting for a real path writes and which
-    only serves to multiply headers.
+    that unknown flags and an ``hdr_len`` past the packet. The expansion bound of
+    and at most MAX_EXPANSION times the packet once cut, whole or by ``to_plain`` (the
+    receiving kernel copies the headers into every segment just as ``to_plain`` does).
+    ``to_plain`` itself keeps only the absolute bound, for a gateway cutting its own
+    kernel's packets.
     """
     if len(buf) < VNET_HDR_LEN:
         raise GsoError("shorter than the virtio-net header")
     mv = memoryview(buf)
     hdr, pkt = mv[:VNET_HDR_LEN], mv[VNET_HDR_LEN:]
-    _plan(hdr, pkt)
+    plan = _plan(hdr, pkt)
+    if plan is not None and len(plan) == 6:
+        _mv, _v6, l4, l4_hdr_len, _proto, gso_size = plan
+        hlen = l4 + l4_hdr_len
+        plen = len(pkt) - hlen
+        nseg = max(1, -(-plen // gso_size))
+        if nseg * hlen + plen > MAX_EXPANSION * len(pkt):
+            raise GsoError(
+                f"segments would add up to more than {MAX_EXPANSION} times the packet "
+                f"(gso_size {gso_size} behind {hlen} bytes of headers)"
+            )
     flags, gso_type, hdr_len, gso_size, _start, _offset = VNET_HDR.unpack(hdr)
     if flags & ~_KNOWN_FLAGS:
         raise GsoError(f"unknown virtio-net flags {flags:#x}")
@@ -177,10 +187,6 @@ def check(buf: Packet) -> None:
         # the receiving kernel refuses the write (EINVAL), which a gateway takes for a
         # broken TUN
         raise GsoError("hdr_len is past the end of the packet")
-    if gso_type != GSO_NONE:
-        floor = MIN_GSO_SIZE_V6 if pkt[0] >> 4 == 6 else MIN_GSO_SIZE_V4
-        if gso_size < floor:
-            raise GsoError(f"gso_size {gso_size} is below {floor}")
 
 
 def _plan(hdr: Packet, pkt: Packet) -> None | tuple:
