@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import json
@@ -112,13 +113,30 @@ ATTACKS = [
     Attack("refused_hello", "6", "refused ClientHellos with valid cookies, blocked source",
            "400/s cookie ClientHellos from a source blocked for AUTH failures"),
     Attack("register_flood", "8", "REGISTER floods (shared key)",
-           "3,000 multi-link REGISTERs in one write, reconnecting"),
+           "3,000 multi-link REGISTERs in one write, a new connection every 0.25 s"),
     Attack("api_idle", "10", "idle connections to the API and /metrics, scrapes",
            "64 idle connections to each + 250 unauthenticated /metrics scrapes/s"),
     Attack("content_length", "11", "huge Content-Length to the API and /metrics",
            "50 requests/s with a 5,000-digit Content-Length"),
 ]
 BY_KEY = {a.key: a for a in ATTACKS}
+# the router's counters (its stats line) that show what it made of each attack
+EVIDENCE = {
+    "oversized": ("kcp_rejected_datagrams", "kcp_datagrams_in"),
+    "fec": ("kcp_handshakes", "auth_timeouts", "fec_recovered"),
+    "superpacket": ("dropped_malformed", "segmented", "packets_forwarded"),
+    "unauth_kcp": ("kcp_handshakes", "kcp_refused_handshakes", "auth_timeouts",
+                   "refused_pending_per_source"),
+    "pending_tcp": ("connections_accepted", "refused_pending", "refused_pending_per_source",
+                    "handshake_timeouts", "auth_timeouts"),
+    "pending_kcp": ("kcp_hello_verify_sent", "kcp_refused_handshakes", "kcp_handshake_timeouts",
+                    "refused_pending_per_source"),
+    "refused_hello": ("auth_failures", "refused_rate_limited", "kcp_refused_handshakes",
+                      "kcp_handshakes"),
+    "register_flood": ("register_flood", "registrations", "connections_accepted"),
+    "api_idle": (),
+    "content_length": (),
+}
 
 
 # ==== generators (run in their own process: --generate NAME) ================================
@@ -151,6 +169,7 @@ class DtlsPeer(asyncio.DatagramProtocol):
         self.flight = False  # the router answered the cookie ClientHello
         self.lost = False
         self.started = time.monotonic()
+        self.sent = 0  # handshake bytes (records from send_record are counted by the caller)
 
     def _send(self, datagrams: list[bytes]) -> None:
         for d in datagrams:
@@ -161,6 +180,7 @@ class DtlsPeer(asyncio.DatagramProtocol):
                 continue
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.sendto(d)
+                self.sent += len(d)
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -274,7 +294,9 @@ async def gen_fec(t: dict, st: GenStats) -> None:
     while time.monotonic() < end and group < 5000:
         peer = await dtls_peer(ctx, verify, "127.0.12.1", t["kcp"])
         st.connections += 1
-        if not await peer.handshake(3.0):
+        ok = await peer.handshake(3.0)
+        st.bytes += peer.sent
+        if not ok:
             st.refused += 1
             peer.close()
             continue
@@ -346,6 +368,7 @@ async def gen_unauth_kcp(t: dict, st: GenStats) -> None:
                 peer = await dtls_peer(ctx, verify, src, t["kcp"])
                 st.connections += 1
                 ok = await peer.handshake(3.0)
+                st.bytes += peer.sent
             if not ok:
                 st.refused += 1
                 peer.close()
@@ -436,6 +459,7 @@ async def gen_pending_kcp(t: dict, st: GenStats) -> None:
                 refused = not p.flight and now - p.started > 1.0
                 if refused or now - p.started > AUTH_TIMEOUT + 0.5:
                     st.refused += refused
+                    st.bytes += p.sent
                     p.close()
                     peers[i] = None
             if peers[i] is None:
@@ -448,6 +472,7 @@ async def gen_pending_kcp(t: dict, st: GenStats) -> None:
         await asyncio.sleep(0.25)
     for p in peers:
         if p is not None:
+            st.bytes += p.sent
             p.close()
 
 
@@ -460,10 +485,8 @@ async def gen_refused_hello(t: dict, st: GenStats) -> None:
             c = await ProtoClient.connect_tls(ROUTER_V4, t["tls"], source=src, timeout=3)
         except (OSError, TimeoutError, ssl.SSLError):
             break  # blocked already
-        try:
+        with contextlib.suppress(RouterRefused):
             await c.auth(f"wrong-key-{i}", timeout=3)
-        except RouterRefused:
-            pass
         c.close()
     ctx, verify = _dtls_ctx()
     peers = [await dtls_peer(ctx, verify, src, t["kcp"]) for _ in range(4)]
@@ -500,7 +523,7 @@ async def gen_register_flood(t: dict, st: GenStats) -> None:
         for i in range(3000)
     )
     first = True
-    while time.monotonic() < end and st.connections < 200:
+    while time.monotonic() < end and st.connections < 40:
         c = await ProtoClient.connect_tls(ROUTER_V4, t["tls"], source="127.0.51.1")
         st.connections += 1
         await c.auth(key, frozenset({messages.FEATURE_MULTILINK}))
@@ -513,6 +536,7 @@ async def gen_register_flood(t: dict, st: GenStats) -> None:
         if not await c.wait_closed(2.0):
             st.refused += 1  # still open: the flood was not cut
             c.close()
+        await asyncio.sleep(0.25)
 
 
 async def _http(host: str, port: int, request: bytes, src: str, timeout: float) -> bytes:
@@ -589,6 +613,7 @@ async def gen_content_length(t: dict, st: GenStats) -> None:
             k = "no reply"
         except IndexError:
             k = "bad reply"
+        k = f"{('API', '/metrics')[i % 2]} {k}"
         replies[k] = replies.get(k, 0) + 1
 
     ready()
@@ -694,11 +719,19 @@ def router_cfg(keys: Any) -> dict:
 
 
 def http_ports(router: RouterProcess) -> dict[str, int]:
+    """The API's and /metrics' ports, from the log (they start after the listeners)."""
     import re
 
-    text = router.log_path.read_text(errors="replace")
-    return {m[1]: int(m[2]) for m in re.finditer(r"(api|metrics) listening address=\S+ port=(\d+)",
-                                                   text)}
+    deadline = time.monotonic() + 10
+    while True:
+        text = router.log_path.read_text(errors="replace")
+        found = {m[1]: int(m[2])
+                 for m in re.finditer(r"(api|metrics) listening\"? address=\S+ port=(\d+)", text)}
+        if len(found) == 2:
+            return found
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no API/metrics listening lines in the log: {found}")
+        time.sleep(0.05)
 
 
 async def connect_probe(router: RouterProcess, transport: str) -> float | None:
@@ -910,9 +943,10 @@ def summarize(attack: Attack, idle: Window, during: Window, after: Window, rss_a
         "rss_after_mb": round(rss_after_kb / 1024, 1),
         "cpu_attack_s": round(during.cpu_s, 2),
         "cpu_idle_s_per_s": round(idle.cpu_s / idle.seconds, 3),
-        "cpu_s_per_mb": round(during.cpu_s / mb_sent, 3) if mb_sent else None,
+        "cpu_ms_per_mb": round(1000 * during.cpu_s / mb_sent, 1) if mb_sent >= 0.01 else None,
         "cpu_busy_pct": round(100 * during.cpu_s / during.seconds, 1),
         "router_stats": stats,
+        "evidence": {k: stats.get(k) for k in EVIDENCE[attack.key]},
     }
     for name in ("api_ms", "metrics_ms"):
         vals = getattr(during, name)
@@ -953,8 +987,9 @@ def combine(attack: Attack, runs: list[dict]) -> dict:
         "connect_kcp_after_s": worst("connect_kcp_after_s"),
         "rss_idle_mb": med("rss_idle_mb"), "rss_max_mb": max(r["rss_max_mb"] for r in runs),
         "rss_after_mb": med("rss_after_mb"),
-        "cpu_s_per_mb": med("cpu_s_per_mb"), "cpu_busy_pct": med("cpu_busy_pct"),
+        "cpu_ms_per_mb": med("cpu_ms_per_mb"), "cpu_busy_pct": med("cpu_busy_pct"),
         "notes": sorted({r["generator"]["note"] for r in runs if r["generator"].get("note")}),
+        "evidence": [r["evidence"] for r in runs],
     }
     for k in ("api_answered", "metrics_answered"):
         if k in runs[0]:
@@ -988,8 +1023,9 @@ def targets(row: dict) -> dict[str, bool]:
 
 
 def run_all(only: list[str] | None, runs: int, seconds: float) -> list[dict]:
-    from polevpn.keygen import generate as keygen
     import uvloop
+
+    from polevpn.keygen import generate as keygen
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="polevpn-attack-") as tmp:
@@ -1020,7 +1056,7 @@ def brief(r: dict) -> str:
             f"connect tls {s(r['connect_tls_worst_s'])} kcp {s(r['connect_kcp_worst_s'])} s "
             f"(after {s(r['connect_tls_after_s'])}/{s(r['connect_kcp_after_s'])}), rss "
             f"{r['rss_idle_mb']} / {r['rss_max_mb']} / {r['rss_after_mb']} MB, cpu "
-            f"{r['cpu_busy_pct']}% ({s(r['cpu_s_per_mb'])} s/MB); {r['generator']['note']}")
+            f"{r['cpu_busy_pct']}% ({s(r['cpu_ms_per_mb'])} ms/MB); {r['generator']['note']}")
 
 
 # ==== the namespace =========================================================================
@@ -1047,6 +1083,10 @@ def in_namespace(argv: list[str]) -> int:
 
 def _s(v: float | None) -> str:
     return "failed" if v is None else f"{v:.2f}"
+
+
+def _n(v: float | None) -> str:
+    return "-" if v is None else f"{v:g}"
 
 
 def _mark(ok: bool) -> str:
@@ -1081,11 +1121,11 @@ def section(report: dict) -> str:
         f"Targets: connect within {CONNECT_LIMIT_S:g} s on both transports during the "
         f"attack; echo round trip (median) within {LATENCY_FACTOR:g}x idle; VmRSS under "
         f"{RSS_LIMIT_MB:g} MB during and within {100 * (RSS_AFTER_FACTOR - 1):.0f}% of idle "
-        "after. CPU s/MB: the router's CPU seconds in the attack window per MB the generator "
+        "after. CPU ms/MB: the router's CPU milliseconds in the attack window per MB the generator "
         "sent; busy: the router's CPU in that window.",
         "",
         "| # | attack (rate) | MB sent | connect tls / kcp s (idle) | during | after "
-        "| echo ms idle / during (p95) | VmRSS MB idle / max / after | router CPU s/MB (busy) "
+        "| echo ms idle / during (p95) | VmRSS MB idle / max / after | router CPU ms/MB (busy) "
         "| connect | latency | RSS during | RSS after |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|",
     ]
@@ -1098,7 +1138,7 @@ def section(report: dict) -> str:
             f"| {_s(r['connect_tls_after_s'])} / {_s(r['connect_kcp_after_s'])} "
             f"| {_s(r['rtt_idle_ms'])} / {_s(r['rtt_attack_ms'])} ({_s(r['rtt_attack_p95_ms'])}) "
             f"| {r['rss_idle_mb']} / {r['rss_max_mb']} / {r['rss_after_mb']} "
-            f"| {_s(r['cpu_s_per_mb'])} ({r['cpu_busy_pct']}%) "
+            f"| {_n(r['cpu_ms_per_mb'])} ({r['cpu_busy_pct']}%) "
             f"| {_mark(t['connect'])} | {_mark(t['latency'])} | {_mark(t['rss_during'])} "
             f"| {_mark(t['rss_after'])} |"
         )
@@ -1119,6 +1159,10 @@ def section(report: dict) -> str:
             bits.append(f"up to {r['lost_probes']} echo probes lost (no answer in "
                         f"{PROBE_TIMEOUT:g} s)")
         bits += [f"generator: {n}" for n in r["notes"]]
+        if r.get("evidence") and r["evidence"][0]:
+            ev = r["evidence"][0]
+            bits.append("router counters (run 1): "
+                        + ", ".join(f"{k} {v}" for k, v in ev.items()))
         if bits:
             extra.append(f"* {r['finding']} ({r['attack']}): " + "; ".join(bits) + ".")
     lines += extra
