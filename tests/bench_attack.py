@@ -95,6 +95,12 @@ class Attack:
     finding: str
     title: str
     rate: str
+    generator: str = ""  # GENERATORS key, if not ``key``
+    params: tuple[tuple[str, Any], ...] = ()  # for the generator
+
+    @property
+    def gen(self) -> str:
+        return self.generator or self.key
 
 
 ATTACKS = [
@@ -110,10 +116,16 @@ ATTACKS = [
            "33 per /64 x 32 /64s (1,056), reopened when closed"),
     Attack("pending_kcp", "5", "kcp:// handshakes stalled after the cookie, 8 addresses",
            "8 addresses of one /24, 32 in flight each, replaced when done"),
+    Attack("pending_kcp_spread", "5", "as above, the 8 addresses in 8 different /24s",
+           "8 addresses of 8 /24s, 32 in flight each, replaced when done",
+           "pending_kcp", (("spread", True),)),
     Attack("refused_hello", "6", "refused ClientHellos with valid cookies, blocked source",
            "400/s cookie ClientHellos from a source blocked for AUTH failures"),
     Attack("register_flood", "8", "REGISTER floods (shared key)",
            "3,000 multi-link REGISTERs in one write, a new connection every 0.25 s"),
+    Attack("register_flood_fast", "8", "REGISTER floods, reconnecting at once",
+           "3,000 multi-link REGISTERs in one write per connection, up to 200 connections",
+           "register_flood", (("interval", 0.0), ("max_connections", 200))),
     Attack("api_idle", "10", "idle connections to the API and /metrics, scrapes",
            "64 idle connections to each + 250 unauthenticated /metrics scrapes/s"),
     Attack("content_length", "11", "huge Content-Length to the API and /metrics",
@@ -126,11 +138,14 @@ EVIDENCE = {
     "fec": ("kcp_handshakes", "auth_timeouts", "fec_recovered"),
     "superpacket": ("dropped_malformed", "segmented", "packets_forwarded"),
     "unauth_kcp": ("kcp_handshakes", "kcp_refused_handshakes", "auth_timeouts",
-                   "refused_pending_per_source"),
+                   "refused_pending_per_source", "refused_pending_per_prefix"),
     "pending_tcp": ("connections_accepted", "refused_pending", "refused_pending_per_source",
-                    "handshake_timeouts", "auth_timeouts"),
+                    "refused_pending_per_prefix", "pre_tls_timeouts", "handshake_timeouts"),
+    "pending_kcp_spread": ("kcp_hello_verify_sent", "kcp_refused_handshakes",
+                           "kcp_handshake_timeouts", "refused_pending_per_prefix"),
+    "register_flood_fast": ("register_flood", "registrations", "connections_accepted"),
     "pending_kcp": ("kcp_hello_verify_sent", "kcp_refused_handshakes", "kcp_handshake_timeouts",
-                    "refused_pending_per_source"),
+                    "refused_pending_per_source", "refused_pending_per_prefix"),
     "refused_hello": ("auth_failures", "refused_rate_limited", "kcp_refused_handshakes",
                       "kcp_handshakes"),
     "register_flood": ("register_flood", "registrations", "connections_accepted"),
@@ -449,7 +464,10 @@ async def gen_pending_kcp(t: dict, st: GenStats) -> None:
     refused (only a HelloVerifyRequest) or gave up on is replaced."""
     ctx, verify = _dtls_ctx()
     end = time.monotonic() + t["seconds"]
-    sources = [f"127.0.31.{1 + a}" for a in range(8)]
+    if t.get("spread"):
+        sources = [f"127.0.{31 + a}.1" for a in range(8)]
+    else:
+        sources = [f"127.0.31.{1 + a}" for a in range(8)]
     peers: list[DtlsPeer | None] = [None] * (32 * len(sources))
     first = True
     while time.monotonic() < end and st.connections < 20000:
@@ -523,7 +541,7 @@ async def gen_register_flood(t: dict, st: GenStats) -> None:
         for i in range(3000)
     )
     first = True
-    while time.monotonic() < end and st.connections < 40:
+    while time.monotonic() < end and st.connections < t.get("max_connections", 40):
         c = await ProtoClient.connect_tls(ROUTER_V4, t["tls"], source="127.0.51.1")
         st.connections += 1
         await c.auth(key, frozenset({messages.FEATURE_MULTILINK}))
@@ -536,7 +554,7 @@ async def gen_register_flood(t: dict, st: GenStats) -> None:
         if not await c.wait_closed(2.0):
             st.refused += 1  # still open: the flood was not cut
             c.close()
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(t.get("interval", 0.25))
 
 
 async def _http(host: str, port: int, request: bytes, src: str, timeout: float) -> bytes:
@@ -876,9 +894,9 @@ async def measure(attack: Attack, keys: Any, workdir: Path, seconds: float) -> d
         await probes.run(idle, asyncio.sleep(IDLE_SECONDS), 0.2)
 
         target = {"tls": router.ports["tls"], "kcp": router.ports["kcp"], "key": key,
-                  "seconds": seconds, **http}
+                  "seconds": seconds, **http, **dict(attack.params)}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--generate", attack.key, "--target", json.dumps(target),
+            sys.executable, __file__, "--generate", attack.gen, "--target", json.dumps(target),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         started: asyncio.Future = asyncio.get_running_loop().create_future()
         reader = asyncio.create_task(read_generator(proc, started))
@@ -1056,7 +1074,8 @@ def brief(r: dict) -> str:
             f"connect tls {s(r['connect_tls_worst_s'])} kcp {s(r['connect_kcp_worst_s'])} s "
             f"(after {s(r['connect_tls_after_s'])}/{s(r['connect_kcp_after_s'])}), rss "
             f"{r['rss_idle_mb']} / {r['rss_max_mb']} / {r['rss_after_mb']} MB, cpu "
-            f"{r['cpu_busy_pct']}% ({s(r['cpu_ms_per_mb'])} ms/MB); {r['generator']['note']}")
+            f"{r['cpu_busy_pct']}% ({s(r['cpu_ms_per_mb'])} ms/MB); generator {r['generator']}; "
+            f"router {r['evidence']}")
 
 
 # ==== the namespace =========================================================================
