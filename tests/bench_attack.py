@@ -36,6 +36,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import signal
 import socket
 import ssl
 import statistics
@@ -135,10 +136,10 @@ BY_KEY = {a.key: a for a in ATTACKS}
 # the router's counters (its stats line) that show what it made of each attack
 EVIDENCE = {
     "oversized": ("kcp_rejected_datagrams", "kcp_datagrams_in"),
-    "fec": ("kcp_handshakes", "auth_timeouts", "fec_recovered"),
+    "fec": ("kcp_handshakes", "kcp_datagrams_in", "auth_timeouts", "fec_recovered"),
     "superpacket": ("dropped_malformed", "segmented", "packets_forwarded"),
-    "unauth_kcp": ("kcp_handshakes", "kcp_refused_handshakes", "auth_timeouts",
-                   "refused_pending_per_source", "refused_pending_per_prefix"),
+    "unauth_kcp": ("kcp_handshakes", "kcp_datagrams_in", "kcp_refused_handshakes",
+                   "auth_timeouts", "refused_pending_per_source", "refused_pending_per_prefix"),
     "pending_tcp": ("connections_accepted", "refused_pending", "refused_pending_per_source",
                     "refused_pending_per_prefix", "pre_tls_timeouts", "handshake_timeouts"),
     "pending_kcp_spread": ("kcp_hello_verify_sent", "kcp_refused_handshakes",
@@ -902,12 +903,12 @@ async def measure(attack: Attack, keys: Any, workdir: Path, seconds: float) -> d
         reader = asyncio.create_task(read_generator(proc, started))
         try:
             await asyncio.wait_for(asyncio.shield(started), 60)
-        except BaseException:
-            if proc.returncode is None:
+            during = Window()
+            gen = await probes.run(during, reader, 0.2)
+        finally:
+            if proc.returncode is None:  # this run failed: its generator goes too
                 proc.kill()
-            raise
-        during = Window()
-        gen = await probes.run(during, reader, 0.2)
+                await proc.wait()
 
         after = Window()
         settle = asyncio.sleep(AFTER_SECONDS)
@@ -1040,7 +1041,8 @@ def targets(row: dict) -> dict[str, bool]:
     return t
 
 
-def run_all(only: list[str] | None, runs: int, seconds: float) -> list[dict]:
+def run_all(only: list[str] | None, runs: int, seconds: float,
+            failed: list[dict]) -> list[dict]:
     import uvloop
 
     from polevpn.keygen import generate as keygen
@@ -1055,9 +1057,18 @@ def run_all(only: list[str] | None, runs: int, seconds: float) -> list[dict]:
             for n in range(runs):
                 work = Path(tmp) / f"{attack.key}-{n}"
                 work.mkdir()
-                r = uvloop.run(asyncio.wait_for(measure(attack, keys, work, seconds), 300))
+                try:
+                    r = uvloop.run(asyncio.wait_for(measure(attack, keys, work, seconds), 300))
+                except (RuntimeError, OSError, TimeoutError, AssertionError, RouterRefused,
+                        ssl.SSLError) as exc:
+                    # one attack's run failing is a result too; the others still run
+                    print(f"  {attack.key} run {n + 1} FAILED: {exc!r}", flush=True)
+                    failed.append({"attack": attack.key, "run": n + 1, "error": repr(exc)})
+                    continue
                 results.append(r)
                 print(f"  {attack.key} run {n + 1}: {brief(r)}", flush=True)
+            if not results:
+                continue
             row = combine(attack, results)
             row["run_results"] = results
             rows.append(row)
@@ -1090,9 +1101,16 @@ def in_namespace(argv: list[str]) -> int:
         subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
         batch = "".join(f"addr add {a}/128 dev lo nodad\n" for a in SLASH59)
         subprocess.run(["ip", "-n", ns, "-batch", "-"], input=batch.encode(), check=True)
-        return subprocess.run(
+        inner = subprocess.Popen(
             ["ip", "netns", "exec", ns, sys.executable, __file__, "--inner", *argv]
-        ).returncode
+        )
+
+        def forward(signum: int, frame: Any) -> None:
+            inner.send_signal(signum)  # it stops its router and generator, then exits
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        return inner.wait()
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
 
@@ -1185,6 +1203,8 @@ def section(report: dict) -> str:
         if bits:
             extra.append(f"* {r['finding']} ({r['attack']}): " + "; ".join(bits) + ".")
     lines += extra
+    for f in report.get("failed_runs", []):
+        lines.append(f"* run {f['run']} of {f['attack']} FAILED: {f['error']}")
     if report.get("notes"):
         lines += ["", *report["notes"]]
     lines += ["", ATTACK_END]
@@ -1224,6 +1244,10 @@ def write_docs(report: dict) -> None:
     md.write_text(with_attack_section(old, section(report)))
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # run the finally blocks: router, generator, temp dir
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=RUNS)
@@ -1247,7 +1271,9 @@ def main() -> int:
             return 2
         return in_namespace(sys.argv[1:])
     started = time.monotonic()
-    rows = run_all(args.only, args.runs, args.seconds)
+    signal.signal(signal.SIGTERM, _terminate)
+    failed: list[dict] = []
+    rows = run_all(args.only, args.runs, args.seconds, failed)
     report = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": args.command,
@@ -1256,6 +1282,7 @@ def main() -> int:
         "runs": args.runs,
         "seconds": args.seconds,
         "attacks": rows,
+        "failed_runs": failed,
         "notes": args.note,
     }
     print("\n" + section(report))
@@ -1270,7 +1297,7 @@ def main() -> int:
         write_docs(report)
         print(f"wrote the attack section of {DOCS / 'benchmarks.md'} and benchmarks.json")
     print(f"attack bench wall time {time.monotonic() - started:.0f} s")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
