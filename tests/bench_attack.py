@@ -113,6 +113,9 @@ ATTACKS = [
            "250 IPv6 dest-options headers, gso_size 1, ~1.3 MB/s to a plain gateway"),
     Attack("unauth_kcp", "4", "unauthenticated kcp:// sessions that never send sn 0",
            "8 addresses x 32 sessions, 128 segments of 1,300 bytes each from sn 1"),
+    Attack("kcp_fragments", "4", "stalled kcp:// handshakes holding out-of-order fragments",
+           "8 addresses of 8 /24s x 32 handshakes, 11 fragments of 100 KB messages each",
+           "pending_kcp", (("spread", True), ("fragments", True))),
     Attack("pending_tcp", "5", "idle TCP connections from one IPv6 /59",
            "33 per /64 x 32 /64s (1,056), reopened when closed"),
     Attack("pending_kcp", "5", "kcp:// handshakes stalled after the cookie, 8 addresses",
@@ -144,6 +147,8 @@ EVIDENCE = {
                     "refused_pending_per_prefix", "pre_tls_timeouts", "handshake_timeouts"),
     "pending_kcp_spread": ("kcp_hello_verify_sent", "kcp_refused_handshakes",
                            "kcp_handshake_timeouts", "refused_pending_per_prefix"),
+    "kcp_fragments": ("kcp_hello_verify_sent", "kcp_refused_handshakes",
+                      "kcp_handshake_timeouts"),
     "register_flood_fast": ("register_flood", "registrations", "connections_accepted"),
     "pending_kcp": ("kcp_hello_verify_sent", "kcp_refused_handshakes", "kcp_handshake_timeouts",
                     "refused_pending_per_source", "refused_pending_per_prefix"),
@@ -186,6 +191,7 @@ class DtlsPeer(asyncio.DatagramProtocol):
         self.lost = False
         self.started = time.monotonic()
         self.sent = 0  # handshake bytes (records from send_record are counted by the caller)
+        self.fragments = False  # stalled: send out_of_order_fragments once the flight came
 
     def _send(self, datagrams: list[bytes]) -> None:
         for d in datagrams:
@@ -204,6 +210,10 @@ class DtlsPeer(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         if strictdtls.first_kind(data) != "HVR":
+            if not self.flight and self.fragments and self.transport is not None:
+                for d in out_of_order_fragments():
+                    self.transport.sendto(d)
+                    self.sent += len(d)
             self.flight = True
         _, out = self.session.receive(data, time.monotonic())
         self._send(out)
@@ -241,6 +251,19 @@ async def dtls_peer(
         lambda: peer, local_addr=(src, 0), remote_addr=(ROUTER_V4, port)
     )
     return peer
+
+
+def out_of_order_fragments() -> list[bytes]:
+    """Epoch-0 handshake records, each a 16-byte fragment (at offset 1) of a 102,400-byte
+    message (OpenSSL's largest by default), message_seq 2..12: OpenSSL keeps a buffer of the
+    whole message for each (future messages up to 10 ahead) until the handshake ends."""
+    out = []
+    for i, mseq in enumerate(range(2, 13)):
+        hs = struct.pack(">B3sH3s3s", 16, (102400).to_bytes(3, "big"), mseq,
+                         (1).to_bytes(3, "big"), (16).to_bytes(3, "big")) + bytes(16)
+        out.append(struct.pack(">BHH6sH", 22, 0xFEFD, 0, (100 + i).to_bytes(6, "big"), len(hs))
+                   + hs)
+    return out
 
 
 def kcp_push(sn: int, data: bytes) -> bytes:
@@ -482,7 +505,8 @@ async def gen_pending_kcp(t: dict, st: GenStats) -> None:
                     p.close()
                     peers[i] = None
             if peers[i] is None:
-                peers[i] = await dtls_peer(ctx, verify, sources[i % 8], t["kcp"], stall=True)
+                peers[i] = p = await dtls_peer(ctx, verify, sources[i % 8], t["kcp"], stall=True)
+                p.fragments = bool(t.get("fragments"))
                 st.connections += 1
                 st.items += 1
         if first:
