@@ -54,7 +54,9 @@ import hostinfo  # noqa: E402
 import strictdtls  # noqa: E402
 from protoclient import ProtoClient, RouterProcess, RouterRefused, udp_packet  # noqa: E402
 
-from polevpn import dtls, gso, messages, wire  # noqa: E402
+from polevpn.kcp import dtls  # noqa: E402
+from polevpn.packet import gso  # noqa: E402
+from polevpn.proto import messages, wire  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
