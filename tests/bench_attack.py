@@ -1156,7 +1156,44 @@ def _mark(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def section(report: dict) -> str:
+def before_lines(before: dict) -> list[str]:
+    """The same attacks against another build's router (``--router``, e.g. the one before
+    the fixes of issue 20), with the same probes and generators."""
+    lines = [
+        f"### Before the fixes: {before['label']}",
+        "",
+        f"{before['date']}, `{before['command']}`, median of {before['runs']} runs; the same "
+        "generators and probes against that build's `polevpn-router`.",
+        "",
+        "| # | attack | connect tls / kcp s during | after | echo ms idle / during "
+        "| VmRSS MB idle / max / after | router CPU ms/MB (busy) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in before["attacks"]:
+        lines.append(
+            f"| {r['finding']} | {r['title']} | {_s(r['connect_tls_s'])} / "
+            f"{_s(r['connect_kcp_s'])} | {_s(r['connect_tls_after_s'])} / "
+            f"{_s(r['connect_kcp_after_s'])} | {_s(r['rtt_idle_ms'])} / {_s(r['rtt_attack_ms'])} "
+            f"| {r['rss_idle_mb']} / {r['rss_max_mb']} / {r['rss_after_mb']} "
+            f"| {_n(r['cpu_ms_per_mb'])} ({r['cpu_busy_pct']}%) |"
+        )
+    extra = []
+    for r in before["attacks"]:
+        if "amplification" in r:
+            extra.append(f"* {r['finding']} ({r['attack']}): {r['delivered_mb']} MB reached the "
+                         f"plain gateway (x{r['amplification']} of what was sent).")
+        if "api_answered" in r:
+            extra.append(f"* {r['finding']} ({r['attack']}): the operator's API requests "
+                         f"answered {', '.join(r['api_answered'])}, its /metrics scrapes "
+                         f"{', '.join(r['metrics_answered'])}.")
+        for n in r["notes"]:
+            extra.append(f"* {r['finding']} ({r['attack']}): generator: {n}.")
+    for f in before.get("failed_runs", []):
+        extra.append(f"* run {f['run']} of {f['attack']} FAILED: {f['error']}")
+    return [*lines, "", *extra] if extra else lines
+
+
+def section(report: dict, before: dict | None = None) -> str:
     m = report["machine"]
     lines = [
         ATTACK_BEGIN,
@@ -1233,6 +1270,8 @@ def section(report: dict) -> str:
         lines.append(f"* run {f['run']} of {f['attack']} FAILED: {f['error']}")
     if report.get("notes"):
         lines += ["", *report["notes"]]
+    if before:
+        lines += ["", *before_lines(before)]
     lines += ["", ATTACK_END]
     return "\n".join(lines)
 
@@ -1259,15 +1298,19 @@ def with_attack_section(text: str, section_text: str | None = None,
     return text.rstrip("\n") + "\n\n" + section_text + "\n"
 
 
-def write_docs(report: dict) -> None:
+def write_docs(report: dict, before: bool = False) -> None:
+    """``report`` as the attack entry of benchmarks.json (or, with ``before``, as the
+    "attack_before" entry), and the section from both."""
     DOCS.mkdir(exist_ok=True)
     js = DOCS / "benchmarks.json"
     data = json.loads(js.read_text()) if js.exists() else {}
-    data["attack"] = report
+    data["attack_before" if before else "attack"] = report
     js.write_text(json.dumps(data, indent=2) + "\n")
+    if not data.get("attack"):
+        return
     md = DOCS / "benchmarks.md"
     old = md.read_text() if md.exists() else "# Benchmarks\n"
-    md.write_text(with_attack_section(old, section(report)))
+    md.write_text(with_attack_section(old, section(data["attack"], data.get("attack_before"))))
 
 
 def _terminate(signum: int, frame: Any) -> None:
@@ -1283,6 +1326,10 @@ def main() -> int:
     ap.add_argument("--command", default="make attack", help="the command named in the docs")
     ap.add_argument("--note", action="append", default=[],
                     help="a paragraph for the docs section (repeatable)")
+    ap.add_argument("--router", metavar="EXE",
+                    help="another build's polevpn-router (e.g. from before the fixes); its "
+                    "figures go to the section's 'before' table")
+    ap.add_argument("--label", default="", help="what --router is (for the docs)")
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--generate", choices=sorted(GENERATORS), help=argparse.SUPPRESS)
     ap.add_argument("--target", help=argparse.SUPPRESS)
@@ -1298,6 +1345,11 @@ def main() -> int:
         return in_namespace(sys.argv[1:])
     started = time.monotonic()
     signal.signal(signal.SIGTERM, _terminate)
+    if args.router:
+        import protoclient
+
+        exe = str(Path(args.router).resolve())
+        protoclient.topology.console_script = lambda name: exe  # type: ignore[assignment]
     failed: list[dict] = []
     rows = run_all(args.only, args.runs, args.seconds, failed)
     report = {
@@ -1307,20 +1359,22 @@ def main() -> int:
         "machine": hostinfo.machine(),
         "runs": args.runs,
         "seconds": args.seconds,
+        "label": args.label or args.router or "",
         "attacks": rows,
         "failed_runs": failed,
         "notes": args.note,
     }
-    print("\n" + section(report))
+    print("\n" + section(report) if not args.router else "\n".join(before_lines(report)))
     if not args.no_write:
+        entry = "attack_before" if args.router else "attack"
         if args.only:  # keep the other attacks' rows from the last full run
             js = DOCS / "benchmarks.json"
-            old = (json.loads(js.read_text()) if js.exists() else {}).get("attack") or {}
+            old = (json.loads(js.read_text()) if js.exists() else {}).get(entry) or {}
             mine = {r["attack"] for r in rows}
             kept = [r for r in old.get("attacks", []) if r["attack"] not in mine]
             order = {a.key: i for i, a in enumerate(ATTACKS)}
             report["attacks"] = sorted(kept + rows, key=lambda r: order[r["attack"]])
-        write_docs(report)
+        write_docs(report, before=bool(args.router))
         print(f"wrote the attack section of {DOCS / 'benchmarks.md'} and benchmarks.json")
     print(f"attack bench wall time {time.monotonic() - started:.0f} s")
     return 1 if failed else 0
