@@ -69,8 +69,9 @@ def write_docs(result: dict) -> None:
     """docs/benchmarks.{md,json} from one run's results."""
     DOCS.mkdir(exist_ok=True)
     js = DOCS / "benchmarks.json"
-    if "attack" not in result and js.exists():  # bench_attack's entry, as its md section
-        result = {**result, "attack": json.loads(js.read_text()).get("attack")}
+    if js.exists():  # bench_attack's entries, as its md section
+        old = json.loads(js.read_text())
+        result = {**{k: old[k] for k in ("attack", "attack_before") if k in old}, **result}
     js.write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     lines = [
