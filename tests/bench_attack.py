@@ -988,7 +988,8 @@ def summarize(attack: Attack, idle: Window, during: Window, after: Window, rss_a
         "connect_tls_after_s": _worst(after.connect_tls_s),
         "connect_kcp_after_s": _worst(after.connect_kcp_s),
         "rss_idle_mb": round(_med(idle.rss_kb) / 1024, 1) if idle.rss_kb else None,
-        "rss_max_mb": round(max(during.rss_kb + after.rss_kb[:5]) / 1024, 1),
+        # the router may still be working through what the attack sent after it ended
+        "rss_max_mb": round(max(during.rss_kb + after.rss_kb + [rss_after_kb]) / 1024, 1),
         "rss_after_mb": round(rss_after_kb / 1024, 1),
         "cpu_attack_s": round(during.cpu_s, 2),
         "cpu_idle_s_per_s": round(idle.cpu_s / idle.seconds, 3),
@@ -1218,8 +1219,9 @@ def section(report: dict, before: dict | None = None) -> str:
         f"generator process for up to {report['seconds']:g} s at the rate that broke the "
         "router in the attack run. While it runs, a gateway of the `gateways` table connects "
         "(TCP/DTLS, AUTH, REGISTER) over and over on tls:// and on kcp:// from another "
-        "address; once more 1 s after the attack; VmRSS every 0.1 s and "
-        f"{AFTER_SECONDS:g} s after the attack. Both the generator and the router share the "
+        "address; once more 1 s after the attack. VmRSS every 0.1 s from the attack's start "
+        f"to {AFTER_SECONDS:g} s after its end (max), and at that end (after). Both the "
+        "generator and the router share the "
         "machine's cores with the probes.",
         "",
         f"Targets: connect within {CONNECT_LIMIT_S:g} s on both transports during the "
