@@ -7,6 +7,9 @@
 #   make test            ruff + pytest (unit tests and netns end-to-end tests; needs root)
 #   make demo            five-namespace demo using config.json / gateway.json / gateway/gateway-b.json
 #   make bench           iperf3 plain routing vs. tunnel; writes docs/benchmarks.{md,json}
+#   make attack          the attacks of issue 20 against a router process (root: a netns): does
+#                        a gateway still connect, echo latency, RSS, CPU per attack MB; writes
+#                        the attack section of docs/benchmarks.{md,json} (make bench runs it too)
 #   make soak            1000 gateway connect/disconnect cycles per transport against a router
 #                        process, its RSS growth and fds; writes docs/soak.json and the soak
 #                        section of docs/benchmarks.md
@@ -38,7 +41,7 @@ KEYGEN     := $(VENV)/bin/polevpn-keygen
 SYSDEPS    := ip:iproute2 iperf3:iperf3 ping:iputils-ping nft:nftables \
               chromium:chromium chromedriver:chromium-driver
 
-.PHONY: all venv sysdeps keys test demo bench soak screenshot lint clean
+.PHONY: all venv sysdeps keys test demo bench attack soak screenshot lint clean
 
 all: test
 
@@ -85,6 +88,9 @@ demo: venv keys
 
 bench: venv keys
 	$(VPY) tests/bench.py
+
+attack: venv
+	$(VPY) tests/bench_attack.py
 
 soak: venv keys
 	$(VPY) tests/soak.py

@@ -17,7 +17,8 @@ namespace never forwards between its underlay links (checked by a probe), so spo
 spoke goes only through the hub.  Then the loss table (tls:// and kcp:// under loss,
 kcptun for reference), the multi-link section (gwA with an IPv4 and an IPv6 link:
 aggregation over two rate-limited links and failover times; `--multilink-only` runs just
-that and rewrites just its part of the docs) and the FEC codec table.  Configs and keys go
+that and rewrites just its part of the docs), the FEC codec table, and the attack section
+(tests/bench_attack.py, also `make attack`; `--no-attack` skips it).  Configs and keys go
 to a temporary directory.
 
 Writes docs/benchmarks.md and docs/benchmarks.json (unless --no-write).
@@ -39,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_attack
 import bench_peers
 import hostinfo
 import soak
@@ -66,7 +68,11 @@ def summarize(data: dict) -> dict:
 def write_docs(result: dict) -> None:
     """docs/benchmarks.{md,json} from one run's results."""
     DOCS.mkdir(exist_ok=True)
-    (DOCS / "benchmarks.json").write_text(json.dumps(result, indent=2) + "\n")
+    js = DOCS / "benchmarks.json"
+    if js.exists():  # bench_attack's entries, as its md section
+        old = json.loads(js.read_text())
+        result = {**{k: old[k] for k in ("attack", "attack_before") if k in old}, **result}
+    js.write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     lines = [
         "# Benchmarks",
@@ -119,9 +125,11 @@ def write_docs(result: dict) -> None:
         lines += [*multilink_lines(result["multilink"]), ""]
     if result.get("crypto_threads"):
         lines += crypto_thread_lines(result["crypto_threads"])
-    # the `make soak` section (tests/soak.py) is carried over as it is
+    # the attack section (tests/bench_attack.py, run before this) and the `make soak`
+    # section (tests/soak.py) are carried over as they are
     md = DOCS / "benchmarks.md"
-    md.write_text(soak.with_soak_section("\n".join(lines), path=md))
+    text = bench_attack.with_attack_section("\n".join(lines), path=md)
+    md.write_text(soak.with_soak_section(text, path=md))
 
 
 def crypto_thread_lines(ct: dict) -> list[str]:
@@ -1041,6 +1049,8 @@ def main() -> int:
     ap.add_argument("--multilink-only", action="store_true",
                     help="measure only the multi-link section and update just that part of "
                     "docs/benchmarks.{md,json}")
+    ap.add_argument("--no-attack", action="store_true",
+                    help="skip the attack section (tests/bench_attack.py, `make attack`)")
     ap.add_argument("--no-peers", action="store_true",
                     help=f"skip the peer VPNs ({', '.join(PEER_KEYS)})")
     ap.add_argument("--only", type=parse_only, metavar="SYSTEMS",
@@ -1080,6 +1090,14 @@ def main() -> int:
         failed = [k for k, row in cmp["systems"].items() if row["status"] == "failed"]
 
         loss = None if args.no_loss else loss_table(work, keys, args.loss_seconds)
+        if not args.no_attack:
+            # its own section and JSON entry, which write_docs below carries over; with
+            # --no-write it only prints
+            cmd = [sys.executable, str(Path(bench_attack.__file__)), "--command", "make bench"]
+            if args.no_write:
+                cmd.append("--no-write")
+            if subprocess.run(cmd, timeout=3600).returncode:
+                print("attack bench FAILED (its section is left as it was)", file=sys.stderr)
         # a failed multi-link run is written as such; the rest of the docs stays worth it
         ml = None if args.no_multilink else multilink(work, keys)
         fec_codec = None
