@@ -387,3 +387,58 @@ def test_short_and_stale_handshake_datagrams_leave_a_live_session_alone(keys):
         server.transport.close()
 
     asyncio.run(scenario())
+
+
+def test_a_session_whose_start_fails_is_aborted_and_the_server_carries_on(keys, caplog):
+    """Review finding: a protocol that raises when its session starts ends that session
+    alone; the demux's timer stays armed, so another peer's stalled handshake still times
+    out and gives its slot back, and the next peer gets a session."""
+
+    class Failing(Sink):
+        fail = True
+
+        def connection_made(self, transport) -> None:
+            if Failing.fail:
+                Failing.fail = False
+                raise RuntimeError("boom")
+            super().connection_made(transport)
+
+    async def scenario():
+        Sink.made.clear()
+        slots = Slots()
+        ctx, jar = dtls.server_context(keys.server_cert, keys.server_key)
+        server = KcpServer(
+            ctx,
+            jar,
+            KcpParams(),
+            Failing,
+            handshake_timeout=1.0,
+            admit=slots.admit,
+            release=slots.release,
+        )
+        udp, _ = await asyncio.get_running_loop().create_datagram_endpoint(
+            lambda: server, local_addr=("127.0.0.1", 0)
+        )
+        port = udp.get_extra_info("sockname")[1]
+        # a peer that stalls after the cookie: its handshake stays pending
+        stalled, s_udp = await connect(port, {("c2s", "CKE"): 100}, source="127.0.0.2")
+        stalled.send(stalled.client.start())
+        gw, g_udp = await connect(port)
+        await gw.handshake(within=4.0)
+        await asyncio.sleep(0.1)
+        assert not server.sessions and not Sink.made  # the failed start was aborted
+        deadline = time.monotonic() + 4
+        while server.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # the stalled peer's slot came back; the one left is the failed session's, which
+        # belongs to its protocol once established (the router's gives it back when lost)
+        assert not server.pending and slots.held == 1
+        again, a_udp = await connect(port, source="127.0.0.3")
+        await again.handshake(within=4.0)
+        await asyncio.sleep(0.1)
+        assert len(Sink.made) == 1
+        for u in (s_udp, g_udp, a_udp, udp):
+            u.close()
+
+    asyncio.run(scenario())
+    assert "internal error starting a kcp session" in caplog.text

@@ -467,18 +467,32 @@ class KcpServer(asyncio.DatagramProtocol):
 
     def _flush(self) -> None:
         """The demux's own datagrams and events, then its timer."""
-        for datagrams, addr, source in self.core.datagrams_to_send():
-            for d in datagrams:
-                self._sendto(d, addr, source)
-        self._events()
-        self._arm()
+        try:
+            for datagrams, addr, source in self.core.datagrams_to_send():
+                for d in datagrams:
+                    self._sendto(d, addr, source)
+            self._events()
+        finally:
+            # whatever failed above, the handshakes under way keep their deadlines: an
+            # unarmed timer would leave them (and their admission slots) until some
+            # unrelated datagram came
+            self._arm()
 
     def _events(self) -> None:
         core = self.core
         ev = core.next_event()
         while ev is not None:
             if isinstance(ev, SessionEstablished):
-                self._established(ev)
+                try:
+                    self._established(ev)
+                except Exception:
+                    # that session alone: the other events still go their way
+                    log.exception(
+                        "internal error starting a kcp session", extra=kv(peer=fmt(ev.addr))
+                    )
+                    t = self.sessions.get(ev.addr)
+                    if t is not None and t.conn is ev.conn:
+                        t.abort()
             elif isinstance(ev, SessionReplaced):
                 log.info(
                     "kcp peer started a new handshake; closing its old session",
