@@ -197,6 +197,18 @@ def test_a_source_that_authenticates_while_pending_releases_cleanly() -> None:
     assert adm.pending == adm.strangers == 0 and adm.by_prefix == {}
 
 
+def test_a_revoked_source_is_no_longer_known() -> None:
+    """Review finding: a gateway whose credentials a reload revokes keeps no reserved slot."""
+    p = LimitParams(max_pending=16, max_pending_per_source=1, reserved_share_known=0.25)
+    adm = Admission(p)
+    for i in range(12):
+        assert adm.admit(f"198.18.{i}.1", 0) is None
+    adm.authenticated("198.19.0.1", 0)
+    adm.forget("198.19.0.1")
+    assert not adm.is_known("198.19.0.1", 1)
+    assert adm.admit("198.19.0.1", 1) == REFUSED_TOTAL  # a stranger again: the shared part is full
+
+
 def test_known_table_is_bounded() -> None:
     adm = Admission(LimitParams(max_tracked_sources=10))
     for i in range(100):

@@ -1095,17 +1095,21 @@ class Gateway:
             finally:
                 stats_task.cancel()
         finally:
-            self._stopping.set()
-            self._stop_data_path()
-            for service in opened:
-                service.close()
-            self._close_links()
-            summary = self._summary()
-            if self.tun is not None:
-                self.tun.close()
-                self.tun = None
-            # blocking but bounded (nft timeout); the loop has nothing else left to do
-            host.undo()
+            summary: dict = {}
+            try:
+                self._stopping.set()
+                self._stop_data_path()
+                for service in opened:
+                    service.close()
+                self._close_links()
+                summary = self._summary()
+            finally:
+                # whatever failed above, the host changes are undone
+                if self.tun is not None:
+                    self.tun.close()
+                    self.tun = None
+                # blocking but bounded (nft timeout); the loop has nothing else left to do
+                host.undo()
             log.info("stopped", extra=kv(**summary))
 
     async def _serve_links(self) -> None:

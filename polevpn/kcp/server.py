@@ -309,7 +309,8 @@ class KcpServerCore:
         listener = self.listener
         refused = listener.refused
         replies, dtls = listener.receive(data, peer_key(addr), now, admit)
-        if self.make_source is not None:
+        if self.make_source is not None and (replies or dtls is not None):
+            # only for a peer answered or kept: junk costs no ancillary-data parsing
             source = self.make_source(source)
         self.stats.hello_verify_sent = listener.hello_verify_sent
         self.stats.rejected_datagrams = listener.rejected

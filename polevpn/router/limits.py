@@ -166,6 +166,10 @@ class Admission:
             known.popitem(last=False)
         known[source] = now
 
+    def forget(self, source: str) -> None:
+        """``source`` is no longer known (its gateway's credentials were revoked)."""
+        self.known.pop(source, None)
+
     def is_known(self, source: str, now: float) -> bool:
         when = self.known.get(source)
         if when is None:

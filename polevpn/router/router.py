@@ -680,6 +680,8 @@ class Router:
                 continue
             self.stats.revoked += 1
             closed.append(f"closed gateway {conn.gateway}: {decision.error}")
+            # a revoked holder keeps no reserved pending or kcp:// handshake slots
+            self.admission.forget(conn.source)
             conn.close(f"no longer allowed after reload: {decision.error}")
         return closed
 
