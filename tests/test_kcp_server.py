@@ -199,7 +199,9 @@ def test_full_pending_table_still_answers_the_cookie_exchange(keys):
         server, port = await serve(keys, limits=HandshakeLimits(max_handshakes=1))
         # A gets through the cookie and then loses everything it sends: it holds the slot
         a, a_udp = await connect(port, {("c2s", "CKE"): 100})
-        await asyncio.sleep(0.2)
+        deadline = time.monotonic() + 3
+        while not server.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         assert len(server.pending) == 1
         b, b_udp = await connect(port, source="127.0.0.2")
         await asyncio.sleep(0.3)
@@ -247,7 +249,8 @@ def test_oversized_datagram_leaves_nothing_behind(keys):
         junk_udp.sendto(b"\x16\xfe\xfd" + b"\x00" * 65000)
         await asyncio.sleep(0.1)
         gw, udp = await connect(port)
-        assert await gw.handshake(within=3.0) < 0.5
+        # under the client's 1 s resend timer: its first ClientHello was answered
+        assert await gw.handshake(within=3.0) < 0.9
         assert server.stats.rejected_datagrams >= 1
         for u in (junk_udp, udp):
             u.close()
