@@ -47,7 +47,7 @@ all: test
 
 venv: $(STAMP) sysdeps
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml setup.py $(wildcard polevpn/kcp/*.c polevpn/kcp/vendor/kcp/*)
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
