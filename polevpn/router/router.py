@@ -30,7 +30,7 @@ from typing import Protocol
 from polevpn.common.counters import Counters
 from polevpn.common.logfmt import endpoint, kv
 from polevpn.config import ConfigError, RouterConfig, load_router_config, reloading, set_log_level
-from polevpn.host import netconf, privileges
+from polevpn.host import memory, netconf, privileges
 from polevpn.io import linksock, tcpcc, udpsock
 from polevpn.io.kcp_transport import KcpServer
 from polevpn.io.tlsconf import server_context
@@ -685,8 +685,16 @@ class Router:
             conn.close(f"no longer allowed after reload: {decision.error}")
         return closed
 
+    def _live(self) -> int:
+        """Connections, pending TCP connections and kcp:// handshakes and sessions now."""
+        n = len(self.connections) + self.admission.pending
+        if self.kcp_server is not None:
+            n += len(self.kcp_server.pending) + len(self.kcp_server.sessions)
+        return n
+
     async def _housekeeping(self) -> None:
         next_stats = time.monotonic() + self.cfg.stats_interval
+        trim, trim_policy = memory.malloc_trim(), memory.TrimPolicy()
         while True:
             # the config of the moment: a reload may change the timeouts and the interval
             cfg = self.cfg
@@ -705,6 +713,8 @@ class Router:
                         self.stats.auth_timeouts += 1
                     # a silent peer would never acknowledge a TLS close_notify
                     conn.close(reason, abort=True)
+            if trim is not None and trim_policy.due(self._live(), now):
+                trim()
             if cfg.stats_interval and now >= next_stats:
                 next_stats = now + cfg.stats_interval
                 log.info(
