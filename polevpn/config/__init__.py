@@ -835,18 +835,7 @@ def _router_tun(
     sec = r.section("tun", required=False)
     if sec is None or not sec.boolean("enable", True):
         return None, []
-    text = sec.string("gateway")
-    try:
-        gateway = ipaddress.IPv4Address(text)
-    except ValueError:
-        raise sec.fail("gateway", f"{text!r} is not an IPv4 address") from None
-    gateway6 = None
-    if sec.has("gateway6"):
-        text6 = sec.string("gateway6")
-        try:
-            gateway6 = ipaddress.IPv6Address(text6)
-        except ValueError:
-            raise sec.fail("gateway6", f"{text6!r} is not an IPv6 address") from None
+    gateway, gateway6 = _tunnel_addresses(sec)
     mtu = sec.integer("mtu", 1400, 576, 65535 - 8)
     if gateway6 is not None and mtu < IPV6_MIN_MTU:
         raise sec.fail("mtu", f"{mtu}: IPv6 (gateway6 is set) needs at least {IPV6_MIN_MTU}")
@@ -888,6 +877,23 @@ def _router_tun(
             "the offices' packets reach it but its replies take the host's other routes"
         )
     return tun, warnings
+
+
+def _tunnel_addresses(r: _Reader) -> tuple[ipaddress.IPv4Address, ipaddress.IPv6Address | None]:
+    """``gateway`` (IPv4, required) and ``gateway6`` (IPv6, optional): a TUN's own tunnel
+    addresses, the gateway's or the router's."""
+    text = r.string("gateway")
+    try:
+        gateway = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise r.fail("gateway", f"{text!r} is not an IPv4 address") from None
+    if not r.has("gateway6"):
+        return gateway, None
+    text6 = r.string("gateway6")
+    try:
+        return gateway, ipaddress.IPv6Address(text6)
+    except ValueError:
+        raise r.fail("gateway6", f"{text6!r} is not an IPv6 address") from None
 
 
 def _handshake_limits(sec: _Reader | None) -> HandshakeLimits:
@@ -1087,18 +1093,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     r = _Reader(path, _load_json(path))
     links = _links(r) if r.has("links") else ()
     servers = tuple(link.server for link in links) if links else _route_servers(r)
-    gw_text = r.string("gateway")
-    try:
-        gateway = ipaddress.IPv4Address(gw_text)
-    except ValueError:
-        raise r.fail("gateway", f"{gw_text!r} is not an IPv4 address") from None
-    gateway6 = None
-    if r.has("gateway6"):
-        g6 = r.string("gateway6")
-        try:
-            gateway6 = ipaddress.IPv6Address(g6)
-        except ValueError:
-            raise r.fail("gateway6", f"{g6!r} is not an IPv6 address") from None
+    gateway, gateway6 = _tunnel_addresses(r)
     server_name = r.string("server_name") if r.has("server_name") else None
     if server_name is not None:
         problem = _host_problem(server_name)
