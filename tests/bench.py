@@ -589,9 +589,9 @@ def multilink_lines(ml: dict) -> list[str]:
 def with_multilink_section(text: str, section: str) -> str:
     """``text`` (a benchmarks.md) with the multi-link section replaced, or put before the
     crypto-thread section (where `make bench` writes it), or before the soak section."""
-    a, b = text.find(ML_BEGIN), text.find(ML_END)
-    if 0 <= a < b:
-        return text[:a] + section + text[b + len(ML_END):]
+    replaced = soak.replace_marked(text, ML_BEGIN, ML_END, section)
+    if replaced is not None:
+        return replaced
     for mark in ("## The second core", soak.SOAK_BEGIN):
         i = text.find(mark)
         if i >= 0:

@@ -1287,16 +1287,15 @@ def with_attack_section(text: str, section_text: str | None = None,
     """``text`` with the attack section: ``section_text``, or the one in the file at
     ``path`` (what `make bench` keeps). It replaces the old one in place, or goes before
     the soak section, or at the end."""
-    if section_text is None:
-        old = path.read_text() if path is not None and path.exists() else ""
-        a, b = old.find(ATTACK_BEGIN), old.find(ATTACK_END)
-        if a < 0 or b < a:
-            return text
-        section_text = old[a: b + len(ATTACK_END)]
-    a, b = text.find(ATTACK_BEGIN), text.find(ATTACK_END)
-    if 0 <= a < b:
-        return text[:a] + section_text + text[b + len(ATTACK_END):]
     import soak
+
+    if section_text is None:
+        section_text = soak.marked_section(path, ATTACK_BEGIN, ATTACK_END)
+        if section_text is None:
+            return text
+    replaced = soak.replace_marked(text, ATTACK_BEGIN, ATTACK_END, section_text)
+    if replaced is not None:
+        return replaced
 
     i = text.find(soak.SOAK_BEGIN)
     if i >= 0:

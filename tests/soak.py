@@ -268,19 +268,36 @@ def section(report: dict) -> str:
     return "\n".join(lines)
 
 
+def marked_section(path: Path | None, begin: str, end: str) -> str | None:
+    """The section between the markers ``begin`` and ``end`` (both included) in the file at
+    ``path``, or None when there is none."""
+    old = path.read_text() if path is not None and path.exists() else ""
+    a, b = old.find(begin), old.find(end)
+    if a < 0 or b < a:
+        return None
+    return old[a : b + len(end)]
+
+
+def replace_marked(text: str, begin: str, end: str, section_text: str) -> str | None:
+    """``text`` with its section between ``begin`` and ``end`` replaced by
+    ``section_text``, or None when ``text`` has no such section."""
+    a, b = text.find(begin), text.find(end)
+    if 0 <= a < b:
+        return text[:a] + section_text + text[b + len(end) :]
+    return None
+
+
 def with_soak_section(text: str, section_text: str | None = None, path: Path | None = None) -> str:
     """``text`` (a benchmarks.md without a soak section, or with an old one) with the soak
     section: ``section_text``, or the one in the file at ``path`` (what `make bench` keeps).
     The section replaces the old one in place, or goes at the end."""
     if section_text is None:
-        old = path.read_text() if path is not None and path.exists() else ""
-        a, b = old.find(SOAK_BEGIN), old.find(SOAK_END)
-        if a < 0 or b < a:
+        section_text = marked_section(path, SOAK_BEGIN, SOAK_END)
+        if section_text is None:
             return text
-        section_text = old[a : b + len(SOAK_END)]
-    a, b = text.find(SOAK_BEGIN), text.find(SOAK_END)
-    if 0 <= a < b:
-        return text[:a] + section_text + text[b + len(SOAK_END) :]
+    replaced = replace_marked(text, SOAK_BEGIN, SOAK_END, section_text)
+    if replaced is not None:
+        return replaced
     return text.rstrip("\n") + "\n\n" + section_text + "\n"
 
 
