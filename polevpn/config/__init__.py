@@ -78,6 +78,13 @@ class KcpParams:
     no_congestion_window: bool = True
     send_window: int = 512
     receive_window: int = 2048
+    # sender-side congestion control (polevpn.kcp.congestion): "bbr" paces sends at the
+    # path's estimated rate and sizes the windows from its bandwidth-delay product;
+    # "off" is KCP as PoleVPN runs it (fixed windows, no pacing)
+    congestion: str = "bbr"
+    # with congestion "bbr": the most segments the windows grow to (send and receive);
+    # bounds what one session may buffer (about max_window x 1.3 kB each way)
+    max_window: int = 8192
     dtls_mtu: int = 1400
     # data unacknowledged this long with nothing at all from the peer: the peer is gone
     silence_timeout: float = 2.0
@@ -85,6 +92,7 @@ class KcpParams:
 
 
 FEC_MODES = ("off", "fixed", "adaptive")
+CONGESTION_MODES = ("bbr", "off")
 
 
 @dataclass(frozen=True)
@@ -929,6 +937,9 @@ def _kcp_params(sec: _Reader) -> KcpParams:
             parity_shards=parity,
             group_timeout=fsec.number("group_timeout_ms", 20, 1, 1000) / 1000,
         )
+    congestion = sec.string("congestion", "bbr")
+    if congestion not in CONGESTION_MODES:
+        raise sec.fail("congestion", f"{congestion!r} is not one of {', '.join(CONGESTION_MODES)}")
     return KcpParams(
         nodelay=sec.boolean("nodelay", True),
         interval=sec.integer("interval", 10, 1, 1000),
@@ -936,6 +947,8 @@ def _kcp_params(sec: _Reader) -> KcpParams:
         no_congestion_window=sec.boolean("no_congestion_window", True),
         send_window=sec.integer("send_window", 512, 16, 32768),
         receive_window=sec.integer("receive_window", 2048, 16, 32768),
+        congestion=congestion,
+        max_window=sec.integer("max_window", 8192, 64, 32768),
         dtls_mtu=sec.integer("dtls_mtu", 1400, 576, 9000),
         silence_timeout=sec.number("silence_timeout", 2.0, 0.2, 3600),
         fec=fec,

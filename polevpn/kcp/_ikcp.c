@@ -369,6 +369,94 @@ static PyObject *Kcp_ask_tell(KcpObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
+/* -- congestion control hooks (kcp->rate, see ikcp.h) */
+
+static int take_i64(PyObject *arg, long long *out)
+{
+    *out = PyLong_AsLongLong(arg);
+    return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
+}
+
+static PyObject *Kcp_clock(KcpObject *self, PyObject *arg)
+{
+    long long us;
+    if (take_i64(arg, &us) < 0)
+        return NULL;
+    self->kcp->rate.now_us = us;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Kcp_tick(KcpObject *self, PyObject *arg)
+{
+    long long us;
+    if (take_i64(arg, &us) < 0)
+        return NULL;
+    self->kcp->rate.now_us = us;
+    ikcp_update(self->kcp, (IUINT32)(unsigned long long)(us / 1000));
+    Py_INCREF(Py_None);
+    return done(self, Py_None);
+}
+
+static PyObject *Kcp_set_pacing(KcpObject *self, PyObject *args)
+{
+    long long rate, burst;
+    if (!PyArg_ParseTuple(args, "LL", &rate, &burst))
+        return NULL;
+    if (rate < 0 || burst < 0) {
+        PyErr_SetString(PyExc_ValueError, "pacing rate and burst must not be negative");
+        return NULL;
+    }
+    struct IKCPRATE *r = &self->kcp->rate;
+    if (r->pace_rate == 0 && rate > 0) {
+        /* pacing starts: a full bucket, counted from now */
+        r->pace_tokens = burst;
+        r->pace_ts = r->now_us;
+    }
+    r->pace_rate = rate;
+    r->pace_burst = burst;
+    if (r->pace_tokens > burst)
+        r->pace_tokens = burst;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Kcp_set_cwnd_bytes(KcpObject *self, PyObject *arg)
+{
+    long long n;
+    if (take_i64(arg, &n) < 0)
+        return NULL;
+    if (n < 0 || n > 0x7fffffffLL) {
+        PyErr_Format(PyExc_ValueError, "bad in-flight cap %lld", n);
+        return NULL;
+    }
+    self->kcp->rate.cwnd_bytes = (IUINT32)n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Kcp_pace_debit(KcpObject *self, PyObject *arg)
+{
+    long long n;
+    if (take_i64(arg, &n) < 0)
+        return NULL;
+    if (self->kcp->rate.pace_rate > 0)
+        self->kcp->rate.pace_tokens -= n;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Kcp_pace_wait_us(KcpObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyLong_FromLongLong(ikcp_pace_wait_us(self->kcp));
+}
+
+static PyObject *Kcp_take_rate_sample(KcpObject *self, PyObject *Py_UNUSED(ignored))
+{
+    struct IKCPSAMPLE rs;
+    ikcp_rate_take(self->kcp, &rs);
+    if (!rs.valid && rs.min_rtt_us < 0)
+        Py_RETURN_NONE;
+    return Py_BuildValue("(LLLLLLi)", rs.delivered, rs.prior_delivered, rs.sample_delivered,
+                         rs.interval_us, rs.min_rtt_us, rs.acked, rs.app_limited);
+}
+
 static size_t queue_bytes(const struct IQUEUEHEAD *head)
 {
     size_t n = 0;
@@ -405,6 +493,20 @@ static PyMethodDef Kcp_methods[] = {
     {"set_rcv_wnd", (PyCFunction)Kcp_set_rcv_wnd, METH_O, "receive window, any size"},
     {"nodelay", (PyCFunction)Kcp_nodelay, METH_VARARGS, "ikcp_nodelay(nd, iv, resend, nc)"},
     {"ask_tell", (PyCFunction)Kcp_ask_tell, METH_NOARGS, "send our window on next flush"},
+    {"clock", (PyCFunction)Kcp_clock, METH_O,
+     "the time (us) for what follows: input, flush (the rate sampler's clock)"},
+    {"tick", (PyCFunction)Kcp_tick, METH_O, "clock(us), then ikcp_update(us // 1000)"},
+    {"set_pacing", (PyCFunction)Kcp_set_pacing, METH_VARARGS,
+     "set_pacing(bytes_per_s, burst_bytes); rate 0: unpaced"},
+    {"set_cwnd_bytes", (PyCFunction)Kcp_set_cwnd_bytes, METH_O,
+     "most payload bytes in flight (0: no cap)"},
+    {"pace_debit", (PyCFunction)Kcp_pace_debit, METH_O,
+     "take bytes sent outside KCP (FEC parity) from the pacing tokens"},
+    {"pace_wait_us", (PyCFunction)Kcp_pace_wait_us, METH_NOARGS,
+     "us until pacing lets a waiting segment go (0: none waits on the pace)"},
+    {"take_rate_sample", (PyCFunction)Kcp_take_rate_sample, METH_NOARGS,
+     "the rate sample since the last call: (delivered, prior_delivered, sample_delivered, "
+     "interval_us, min_rtt_us, acked, app_limited) or None"},
     {"buffered", (PyCFunction)Kcp_buffered, METH_NOARGS,
      "payload bytes in (snd_queue, snd_buf, rcv_buf, rcv_queue)"},
     {NULL, NULL, 0, NULL},
@@ -413,6 +515,13 @@ static PyMethodDef Kcp_methods[] = {
 /* read-only control block fields: the closure is the field's offset, the sign its type */
 #define U32(f) (void *)(intptr_t)(offsetof(ikcpcb, f) + 1)
 #define I32(f) (void *)(intptr_t)(-(intptr_t)offsetof(ikcpcb, f) - 1)
+#define R64(f) (void *)(intptr_t)(offsetof(ikcpcb, rate) + offsetof(struct IKCPRATE, f))
+#define R32(f) U32(rate.f)
+
+static PyObject *Kcp_field64(KcpObject *self, void *closure)
+{
+    return PyLong_FromLongLong(*(const IINT64 *)((const char *)self->kcp + (intptr_t)closure));
+}
 
 static PyObject *Kcp_field(KcpObject *self, void *closure)
 {
@@ -454,6 +563,16 @@ static PyGetSetDef Kcp_getset[] = {
      U32(nsnd_bytes)},
     {"ackcount", (getter)Kcp_field, NULL, "ACKs waiting for the next flush", U32(ackcount)},
     {"ackblock", (getter)Kcp_field, NULL, "ACK list capacity (entries)", U32(ackblock)},
+    {"inflight", (getter)Kcp_field, NULL, "payload bytes sent and not acknowledged",
+     R32(inflight)},
+    {"buf_bytes", (getter)Kcp_field, NULL, "payload bytes in snd_buf", R32(buf_bytes)},
+    {"cwnd_bytes", (getter)Kcp_field, NULL, "the in-flight cap (0: none)", R32(cwnd_bytes)},
+    {"delivered", (getter)Kcp_field64, NULL, "payload bytes acknowledged", R64(delivered)},
+    {"retrans_bytes", (getter)Kcp_field64, NULL, "payload bytes sent again",
+     R64(retrans_bytes)},
+    {"pace_rate", (getter)Kcp_field64, NULL, "pacing rate (bytes/s; 0: unpaced)",
+     R64(pace_rate)},
+    {"pace_tokens", (getter)Kcp_field64, NULL, NULL, R64(pace_tokens)},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from polevpn.config import KcpParams
+from polevpn.kcp.congestion import Bbr, RateSample
 from polevpn.kcp.kcp_pool import KcpPool
 
 if TYPE_CHECKING:
@@ -35,6 +36,11 @@ PRE_AUTH_WINDOW = 32
 # list, which grows with every in-window segment (repeats too) and never shrinks
 ACK_FLUSH = 512
 OFFER_INTERVAL = 0.5  # s, how often an unanswered FEC offer is repeated
+# pacing: the bucket holds this much time at the pacing rate (at least PACE_BURST_SEGMENTS
+# segments), so that a timer that fires a little late does not cost rate
+PACE_BURST_TIME = 0.003  # s
+PACE_BURST_SEGMENTS = 8
+PACE_MIN_WAIT = 0.001  # s: timers no finer than this
 
 FEC_OFF = "off"
 FEC_OFFERED = "offered"
@@ -58,9 +64,11 @@ class KcpLink:
         record_mtu: int,
         now: float,
         authenticated: bool = True,
+        seed: int | None = None,
     ) -> None:
         """``authenticated`` False (the router's side, until AUTH succeeds): a small KCP
-        receive window and no FEC decoding, see ``authenticate``."""
+        receive window and no FEC decoding, see ``authenticate``. ``seed``: the congestion
+        controller's randomness (its probing phase), for reproducible simulations."""
         self.params = params
         self.pool = pool
         self.stats = LinkStats()
@@ -91,25 +99,44 @@ class KcpLink:
         self.reading = True
         self._t0 = now
         self._next_offer = now
+        self.cc: Bbr | None = None
+        send_window = params.send_window
+        if params.congestion == "bbr":
+            # the controller's in-flight cap does the limiting; the send window (a span of
+            # sequence numbers) only has to cover the holes that loss leaves in it
+            send_window = params.max_window
+        resend = params.resend
+        if self.fec is not None and params.resend > 0:
+            # a lost segment that the group's parity will rebuild is acknowledged once the
+            # parity is in: only acknowledgements from beyond its group mean it is lost
+            # for good, so wait for those before resending it (issue 16)
+            resend += params.fec.data_shards + params.fec.parity_shards
         self.kcp: Kcp | None = pool.acquire(
             CONV,
             self.kcp_mtu,
             params.nodelay,
             params.interval,
-            params.resend,
+            resend,
             params.no_congestion_window,
-            params.send_window,
+            send_window,
             params.receive_window,
         )
         # without FEC each KCP output buffer is a record as it is: straight into the list
         self.kcp.set_output(self._on_output if self.fec is not None else self._out.append)
         self.mss = self.kcp_mtu - 24
+        self._parity_bytes = 0  # FEC parity sent (paced with the data)
+        self._parity_ratio = 0.0  # parity bytes per data byte, recently
+        self._ratio_mark = (0, 0)  # (delivered, parity bytes) when it was last worked out
+        if params.congestion == "bbr":
+            self.cc = Bbr(self.mss, now, params.max_window * self.mss, seed=seed)
         self.authenticated = authenticated
         if not authenticated:
             self.kcp.set_rcv_wnd(min(PRE_AUTH_WINDOW, params.receive_window))
             if self.fec is not None:
                 self.fec.decoding = False
-        self.kcp.update(self._ms(now))
+        self.kcp.tick(self._us(now))
+        if self.cc is not None:
+            self._apply_cc()
 
     def authenticate(self, now: float) -> None:
         """The peer has authenticated: the configured receive window (announced at once,
@@ -122,7 +149,8 @@ class KcpLink:
         kcp = self.kcp
         if kcp is None:
             return
-        kcp.wndsize(self.params.send_window, self.params.receive_window)
+        send_window = self.params.max_window if self.cc is not None else self.params.send_window
+        kcp.wndsize(send_window, self.params.receive_window)
         self.announce_window(now)
 
     # -- clock
@@ -130,14 +158,72 @@ class KcpLink:
     def _ms(self, now: float) -> int:
         return int((now - self._t0) * 1000) & 0xFFFFFFFF
 
+    def _us(self, now: float) -> int:
+        return int((now - self._t0) * 1_000_000)
+
+    # -- congestion control
+
+    def _apply_cc(self) -> None:
+        """The controller's rate and in-flight cap into KCP. FEC parity is paced with the
+        data (``pace_debit``) but the controller counts only what KCP delivers, so the
+        rate it asks for is scaled up by the share parity takes: otherwise each round
+        would deliver less than the last and the estimate would spiral down."""
+        cc, kcp = self.cc, self.kcp
+        assert cc is not None and kcp is not None
+        rate = cc.pacing_rate * (1.0 + self._parity_ratio)
+        burst = max(PACE_BURST_SEGMENTS * self.kcp_mtu, int(rate * PACE_BURST_TIME))
+        kcp.set_pacing(max(int(rate), 1), burst)
+        kcp.set_cwnd_bytes(cc.cwnd)
+
+    def _on_sample(self, kcp: Kcp, now: float) -> None:
+        t = kcp.take_rate_sample()
+        if t is None:
+            return
+        cc = self.cc
+        assert cc is not None
+        rs = RateSample.from_tuple(t)
+        cc.on_sample(rs, kcp.inflight, now)
+        if cc.round_start:
+            delivered, parity = self._ratio_mark
+            d = rs.delivered - delivered
+            if d > 0:
+                ratio = (self._parity_bytes - parity) / d
+                self._parity_ratio = 0.75 * self._parity_ratio + 0.25 * ratio
+                self._ratio_mark = (rs.delivered, self._parity_bytes)
+        self._apply_cc()
+        self._grow_receive_window(kcp)
+
+    def _grow_receive_window(self, kcp: Kcp) -> None:
+        """Receive-window autotuning: a peer whose data (out of order, or in order and not
+        yet read) fills half our window is held back by it; double it, up to max_window.
+        The window goes to the peer in every segment's header."""
+        if not self.authenticated:
+            return
+        wnd = kcp.rcv_wnd
+        if wnd < self.params.max_window and kcp.nrcv_buf + kcp.nrcv_que > wnd // 2:
+            kcp.set_rcv_wnd(min(2 * wnd, self.params.max_window))
+
     # -- KCP output -> records
 
     def _on_output(self, data: bytes) -> None:
         if self.fec_state == FEC_ON:
             assert self.fec is not None
-            self._out.extend(self.fec.send(data, self._now))
+            shards = self.fec.send(data, self._now)
+            if len(shards) > 1:
+                self._parity(shards, len(data))
+            self._out.extend(shards)
         else:
             self._out.append(data)
+
+    def _parity(self, shards: list[bytes], data_len: int) -> None:
+        """Parity shards just made: their bytes come out of the pacing budget."""
+        n = sum(map(len, shards))
+        if data_len >= 0:
+            n -= data_len + self._fec_mod.HEADER_LEN
+        self._parity_bytes += n
+        kcp = self.kcp
+        if self.cc is not None and kcp is not None:
+            kcp.pace_debit(n)
 
     _now = 0.0
 
@@ -158,7 +244,7 @@ class KcpLink:
         self._now = now
         self.stats.stream_bytes_out += len(data)
         kcp.write(data)
-        kcp.update(self._ms(now))
+        kcp.tick(self._us(now))
         kcp.flush()
 
     # -- records in (from DTLS)
@@ -176,6 +262,7 @@ class KcpLink:
             return
         self._now = now
         self.stats.records_in += 1
+        kcp.clock(self._us(now))
         fec = self.fec
         if record[0] == 0:
             payloads: list[bytes] | tuple[bytes, ...] = (record,)
@@ -201,7 +288,9 @@ class KcpLink:
             return b""
         self._now = now
         # immediate ACKs, as PoleVPN sets: the sender's window opens one RTT sooner
-        kcp.update(self._ms(now))
+        kcp.tick(self._us(now))
+        if self.cc is not None:
+            self._on_sample(kcp, now)
         kcp.flush()
         return self.drain() if self.reading else b""
 
@@ -221,7 +310,7 @@ class KcpLink:
         if kcp is None:
             return
         kcp.ask_tell()
-        kcp.update(self._ms(now))
+        kcp.tick(self._us(now))
         kcp.flush()
 
     # -- timers
@@ -231,11 +320,17 @@ class KcpLink:
         if kcp is None:
             return
         self._now = now
-        kcp.update(self._ms(now))
+        kcp.tick(self._us(now))
+        if self.cc is not None and (kcp.nsnd_que or kcp.buf_bytes > kcp.inflight):
+            # data held back by the pacing: its tokens may be there by now
+            kcp.flush()
         fec = self.fec
         if fec is not None:
             if self.fec_state == FEC_ON:
-                self._out.extend(fec.poll(now))
+                shards = fec.poll(now)
+                if shards:
+                    self._parity(shards, -1)
+                self._out.extend(shards)
             elif self.fec_state == FEC_OFFERED and now >= self._next_offer:
                 self._next_offer = now + OFFER_INTERVAL
                 self._out.extend(fec.offer(now))
@@ -248,6 +343,10 @@ class KcpLink:
         deadline = None
         if kcp.waitsnd() > 0:
             deadline = now + self.params.interval / 1000
+            if self.cc is not None:
+                wait = kcp.pace_wait_us()
+                if wait:
+                    deadline = min(deadline, now + max(wait / 1e6, PACE_MIN_WAIT))
         fec = self.fec
         if fec is not None:
             if self.fec_state == FEC_ON:

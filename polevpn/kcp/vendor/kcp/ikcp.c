@@ -2,8 +2,9 @@
 // Vendored by polevpn from the `kcp` 0.1.6 PyPI package's copy of
 // skywind3000/kcp (https://github.com/skywind3000/kcp), MIT licence: see
 // LICENSE next to this file. polevpn's changes are marked "polevpn": a count of
-// the payload bytes queued or unacknowledged (nsnd_bytes). Nothing on the wire
-// changes.
+// the payload bytes queued or unacknowledged (nsnd_bytes), and the hooks of a
+// sender-side congestion controller (kcp->rate: pacing, a cap on the bytes in
+// flight, delivery-rate samples). Nothing on the wire changes.
 //=====================================================================
 //
 // KCP - A Better ARQ Protocol Implementation
@@ -275,6 +276,8 @@ ikcpcb* ikcp_create(IUINT32 conv, void *user)
 	kcp->nrcv_que = 0;
 	kcp->nsnd_que = 0;
 	kcp->nsnd_bytes = 0;  /* polevpn */
+	memset(&kcp->rate, 0, sizeof(kcp->rate));  /* polevpn */
+	kcp->rate.rs_min_rtt = -1;  /* polevpn */
 	kcp->state = 0;
 	kcp->acklist = NULL;
 	kcp->ackblock = 0;
@@ -566,6 +569,66 @@ static void ikcp_update_ack(ikcpcb *kcp, IINT32 rtt)
 	kcp->rx_rto = _ibound_(kcp->rx_minrto, rto, IKCP_RTO_MAX);
 }
 
+/* polevpn: a segment of snd_buf was acknowledged (exact: by its own ACK, not by una):
+   account it and fold it into the rate sample being built */
+static void ikcp_rate_acked(ikcpcb *kcp, const IKCPSEG *seg, int exact)
+{
+	struct IKCPRATE *r = &kcp->rate;
+	r->buf_bytes -= seg->len;
+	if (seg->xmit == 0) return;  /* never sent: nothing was delivered by the network */
+	r->inflight -= seg->len;
+	r->delivered += seg->len;
+	r->delivered_us = r->now_us;
+	r->rs_acked += seg->len;
+	if (!r->rs_valid || seg->tx_delivered >= r->rs_prior_delivered) {
+		r->rs_valid = 1;
+		r->rs_prior_delivered = seg->tx_delivered;
+		r->rs_prior_us = seg->tx_delivered_us;
+		r->rs_app_limited = seg->tx_app_limited;
+		r->rs_send_elapsed = seg->sent_us - seg->tx_first_sent_us;
+		r->rs_ack_elapsed = r->delivered_us - seg->tx_delivered_us;
+		r->first_sent_us = seg->sent_us;
+	}
+	if (exact && seg->xmit == 1) {  /* Karn: a resent segment's ACK is ambiguous */
+		IINT64 rtt = r->now_us - seg->sent_us;
+		if (rtt >= 0 && (r->rs_min_rtt < 0 || rtt < r->rs_min_rtt)) r->rs_min_rtt = rtt;
+	}
+	if (r->app_limited && r->delivered > r->app_limited) r->app_limited = 0;
+}
+
+/* polevpn: the sample built since the last call, then start a new one */
+void ikcp_rate_take(ikcpcb *kcp, struct IKCPSAMPLE *out)
+{
+	struct IKCPRATE *r = &kcp->rate;
+	out->delivered = r->delivered;
+	out->valid = r->rs_valid;
+	out->prior_delivered = r->rs_prior_delivered;
+	out->sample_delivered = r->delivered - r->rs_prior_delivered;
+	out->interval_us = _imax_(r->rs_send_elapsed, r->rs_ack_elapsed);
+	out->min_rtt_us = r->rs_min_rtt;
+	out->acked = r->rs_acked;
+	out->app_limited = r->rs_app_limited;
+	r->rs_valid = 0;
+	r->rs_min_rtt = -1;
+	r->rs_acked = 0;
+}
+
+/* polevpn: how long until pacing lets the next segment go, when one is waiting to be
+   sent and only the pacing holds it (0: nothing waits on the pace) */
+IINT64 ikcp_pace_wait_us(const ikcpcb *kcp)
+{
+	const struct IKCPRATE *r = &kcp->rate;
+	IINT64 deficit, waited;
+	if (r->pace_rate <= 0) return 0;
+	if (r->buf_bytes == r->inflight && (kcp->nsnd_que == 0 ||
+		(r->cwnd_bytes && r->buf_bytes >= r->cwnd_bytes)))
+		return 0;
+	waited = r->now_us - r->pace_ts;
+	deficit = 1 - r->pace_tokens - (waited > 0 ? r->pace_rate * waited / 1000000 : 0);
+	if (deficit <= 0) return 0;
+	return deficit * 1000000 / r->pace_rate + 1;
+}
+
 static void ikcp_shrink_buf(ikcpcb *kcp)
 {
 	struct IQUEUEHEAD *p = kcp->snd_buf.next;
@@ -589,6 +652,7 @@ static void ikcp_parse_ack(ikcpcb *kcp, IUINT32 sn)
 		next = p->next;
 		if (sn == seg->sn) {
 			kcp->nsnd_bytes -= seg->len;  /* polevpn */
+			ikcp_rate_acked(kcp, seg, 1);  /* polevpn */
 			iqueue_del(p);
 			ikcp_segment_delete(kcp, seg);
 			kcp->nsnd_buf--;
@@ -608,6 +672,7 @@ static void ikcp_parse_una(ikcpcb *kcp, IUINT32 una)
 		next = p->next;
 		if (_itimediff(una, seg->sn) > 0) {
 			kcp->nsnd_bytes -= seg->len;  /* polevpn */
+			ikcp_rate_acked(kcp, seg, 0);  /* polevpn */
 			iqueue_del(p);
 			ikcp_segment_delete(kcp, seg);
 			kcp->nsnd_buf--;
@@ -1028,12 +1093,28 @@ void ikcp_flush(ikcpcb *kcp)
 	cwnd = _imin_(kcp->snd_wnd, kcp->rmt_wnd);
 	if (kcp->nocwnd == 0) cwnd = _imin_(kcp->cwnd, cwnd);
 
+	// polevpn: top the pacing tokens up for the time gone by
+	if (kcp->rate.pace_rate > 0) {
+		struct IKCPRATE *r = &kcp->rate;
+		IINT64 gone = r->now_us - r->pace_ts;
+		if (gone > 0) {
+			r->pace_tokens += r->pace_rate * gone / 1000000;
+			r->pace_ts = r->now_us;
+		}	else if (gone < 0) {
+			r->pace_ts = r->now_us;
+		}
+		if (r->pace_tokens > r->pace_burst) r->pace_tokens = r->pace_burst;
+	}
+
 	// move data from snd_queue to snd_buf
 	while (_itimediff(kcp->snd_nxt, kcp->snd_una + cwnd) < 0) {
 		IKCPSEG *newseg;
 		if (iqueue_is_empty(&kcp->snd_queue)) break;
+		/* polevpn: the controller's cap on bytes in flight */
+		if (kcp->rate.cwnd_bytes && kcp->rate.buf_bytes >= kcp->rate.cwnd_bytes) break;
 
 		newseg = iqueue_entry(kcp->snd_queue.next, IKCPSEG, node);
+		kcp->rate.buf_bytes += newseg->len;  /* polevpn */
 
 		iqueue_del(&newseg->node);
 		iqueue_add_tail(&newseg->node, &kcp->snd_buf);
@@ -1060,9 +1141,12 @@ void ikcp_flush(ikcpcb *kcp)
 	for (p = kcp->snd_buf.next; p != &kcp->snd_buf; p = p->next) {
 		IKCPSEG *segment = iqueue_entry(p, IKCPSEG, node);
 		int needsend = 0;
+		/* polevpn: paced out: what is left goes when the tokens allow (oldest first) */
+		if (kcp->rate.pace_rate > 0 && kcp->rate.pace_tokens <= 0) break;
 		if (segment->xmit == 0) {
 			needsend = 1;
 			segment->xmit++;
+			kcp->rate.inflight += segment->len;  /* polevpn */
 			segment->rto = kcp->rx_rto;
 			segment->resendts = current + segment->rto + rtomin;
 		}
@@ -1093,6 +1177,19 @@ void ikcp_flush(ikcpcb *kcp)
 
 		if (needsend) {
 			int need;
+			struct IKCPRATE *r = &kcp->rate;  /* polevpn: the rate sampler's record */
+			if (segment->xmit > 1) r->retrans_bytes += segment->len;
+			if (r->inflight == segment->len && segment->xmit == 1) {
+				/* the first in flight: a new sample window starts now */
+				r->first_sent_us = r->now_us;
+				r->delivered_us = r->now_us;
+			}
+			segment->sent_us = r->now_us;
+			segment->tx_delivered = r->delivered;
+			segment->tx_delivered_us = r->delivered_us;
+			segment->tx_first_sent_us = r->first_sent_us;
+			segment->tx_app_limited = r->app_limited != 0;
+			r->pace_tokens -= segment->len;
 			segment->ts = current;
 			segment->wnd = seg.wnd;
 			segment->una = kcp->rcv_nxt;
@@ -1122,6 +1219,15 @@ void ikcp_flush(ikcpcb *kcp)
 	size = (int)(ptr - buffer);
 	if (size > 0) {
 		ikcp_output(kcp, buffer, size);
+	}
+
+	/* polevpn: nothing waits to be sent and the cap is not reached: the application is
+	   what limits the rate, so the samples until this data is delivered say nothing
+	   about the path's capacity */
+	if (iqueue_is_empty(&kcp->snd_queue) && kcp->rate.buf_bytes == kcp->rate.inflight &&
+		(kcp->rate.cwnd_bytes == 0 || kcp->rate.inflight < kcp->rate.cwnd_bytes)) {
+		IINT64 mark = kcp->rate.delivered + kcp->rate.inflight;
+		kcp->rate.app_limited = mark > 0 ? mark : 1;
 	}
 
 	// update ssthresh

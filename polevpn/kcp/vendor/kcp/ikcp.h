@@ -2,8 +2,9 @@
 // Vendored by polevpn from the `kcp` 0.1.6 PyPI package's copy of
 // skywind3000/kcp (https://github.com/skywind3000/kcp), MIT licence: see
 // LICENSE next to this file. polevpn's changes are marked "polevpn": a count of
-// the payload bytes queued or unacknowledged (nsnd_bytes). Nothing on the wire
-// changes.
+// the payload bytes queued or unacknowledged (nsnd_bytes), and the hooks of a
+// sender-side congestion controller (struct IKCPRATE: pacing, a cap on the bytes
+// in flight, delivery-rate samples). Nothing on the wire changes.
 //=====================================================================
 //
 // KCP - A Better ARQ Protocol Implementation
@@ -285,7 +286,50 @@ struct IKCPSEG
 	IUINT32 rto;
 	IUINT32 fastack;
 	IUINT32 xmit;
+	/* polevpn: the rate sampler's state at this segment's last transmission (us) */
+	IINT64 sent_us, tx_delivered, tx_delivered_us, tx_first_sent_us;
+	int tx_app_limited;
 	char data[1];
+};
+
+
+//---------------------------------------------------------------------
+// polevpn: what a congestion controller outside needs from the sender. In the
+// manner of BBR's delivery-rate estimation (draft-cheng-iccrg-delivery-rate-
+// estimation): every transmission records how much had been delivered and when,
+// every acknowledgement turns that into a rate sample. The controller reads the
+// samples (one per batch of input) and sets the pacing rate and the in-flight cap.
+//---------------------------------------------------------------------
+struct IKCPRATE
+{
+	IINT64 now_us;          /* the caller's clock, set before input/update/flush */
+	IINT64 pace_rate;       /* payload bytes per second; 0: unpaced (KCP as it was) */
+	IINT64 pace_tokens;     /* bytes that may go now; may run below zero by a segment */
+	IINT64 pace_burst;      /* most tokens that may gather */
+	IINT64 pace_ts;         /* when the tokens were last topped up (us) */
+	IUINT32 cwnd_bytes;     /* most payload bytes in snd_buf; 0: no cap */
+	IUINT32 buf_bytes;      /* payload bytes in snd_buf */
+	IUINT32 inflight;       /* of those, sent at least once */
+	IINT64 delivered;       /* payload bytes acknowledged since the start */
+	IINT64 delivered_us;    /* when the latest of them was */
+	IINT64 first_sent_us;   /* send time of the segment the current sample window starts at */
+	IINT64 app_limited;     /* non-zero: samples are app-limited until delivered passes it */
+	IINT64 retrans_bytes;   /* payload bytes sent again (timeout or fast) */
+	/* the sample built from the acknowledgements since the last ikcp_rate_take */
+	IINT64 rs_prior_delivered, rs_prior_us, rs_send_elapsed, rs_ack_elapsed;
+	IINT64 rs_min_rtt;      /* us, -1: none (only from segments sent once) */
+	IINT64 rs_acked;        /* payload bytes newly acknowledged */
+	int rs_valid, rs_app_limited;
+};
+
+struct IKCPSAMPLE
+{
+	IINT64 delivered;       /* total delivered, as of now */
+	IINT64 prior_delivered; /* delivered when the newest acked segment was sent */
+	IINT64 sample_delivered, interval_us;  /* the rate sample: bytes over time */
+	IINT64 min_rtt_us;      /* -1: none in this batch */
+	IINT64 acked;
+	int app_limited, valid;
 };
 
 
@@ -322,6 +366,7 @@ struct IKCPCB
 	void (*writelog)(const char *log, struct IKCPCB *kcp, void *user);
 	/* polevpn: payload bytes in snd_queue and snd_buf (flow control in real bytes) */
 	IUINT32 nsnd_bytes;
+	struct IKCPRATE rate;  /* polevpn */
 };
 
 
@@ -409,6 +454,10 @@ int ikcp_nodelay(ikcpcb *kcp, int nodelay, int interval, int resend, int nc);
 void ikcp_log(ikcpcb *kcp, int mask, const char *fmt, ...);
 
 // setup allocator
+/* polevpn: rate sampling, pacing, in-flight cap */
+void ikcp_rate_take(ikcpcb *kcp, struct IKCPSAMPLE *out);
+IINT64 ikcp_pace_wait_us(const ikcpcb *kcp);
+
 void ikcp_allocator(void* (*new_malloc)(size_t), void (*new_free)(void*));
 
 // read conv

@@ -1,0 +1,273 @@
+"""Sender-side congestion control for kcp://, without I/O: a delivery-rate model in the
+manner of BBR (v1, draft-cardwell-iccrg-bbr-congestion-control).
+
+KCP as PoleVPN runs it has no congestion window: it sends whatever its fixed window
+allows, at once. On a rate-limited line that overruns the bottleneck's queue, makes its
+own loss, and the retransmissions and FEC parity then compete with new data for the same
+line. This controller instead estimates the path's bottleneck rate (the most delivered per
+unit of time over the last ten round trips) and its round-trip propagation time (the least
+RTT seen over ten seconds), paces sends at about that rate, and keeps about two
+bandwidth-delay products in flight. Random loss is not read as congestion (the estimate
+comes from what is delivered, not from what is lost); a queue shows up as RTT above the
+minimum, which the 0.75 phase of each probing cycle and PROBE_RTT drain.
+
+The C side (``polevpn/kcp/_ikcp.c``, ``kcp->rate`` in ikcp.c) records the rate sampler's
+state per transmission and builds one sample per batch of input; ``KcpLink`` hands each
+sample to ``on_sample`` and applies ``pacing_rate`` and ``cwnd`` (``Kcp.set_pacing``,
+``Kcp.set_cwnd_bytes``). Everything here is plain arithmetic on those numbers: tested
+directly and in the link simulator (tests/linksim.py).
+
+Units: bytes of KCP payload, seconds, bytes per second.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Protocol
+
+STARTUP = "startup"
+DRAIN = "drain"
+PROBE_BW = "probe_bw"
+PROBE_RTT = "probe_rtt"
+
+HIGH_GAIN = 2 / math.log(2)  # 2.885: doubles the delivery rate each round in STARTUP
+CYCLE = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # PROBE_BW's pacing gains
+CWND_GAIN = 2.0
+BW_WINDOW_ROUNDS = 10
+MIN_RTT_WINDOW = 10.0  # s
+PROBE_RTT_TIME = 0.2  # s
+FULL_BW_GROWTH = 1.25
+FULL_BW_ROUNDS = 3
+
+
+@dataclass(slots=True)
+class RateSample:
+    """One batch of acknowledgements, as ``Kcp.take_rate_sample`` returns it."""
+
+    delivered: int  # payload bytes acknowledged since the start, now
+    prior_delivered: int  # ... when the newest acknowledged segment was sent
+    sample_delivered: int  # delivered over the sample's interval
+    interval_us: int
+    min_rtt_us: int  # least RTT of segments sent once in this batch, -1: none
+    acked: int  # payload bytes newly acknowledged
+    app_limited: bool
+
+    @classmethod
+    def from_tuple(cls, t: tuple[int, int, int, int, int, int, int]) -> RateSample:
+        return cls(t[0], t[1], t[2], t[3], t[4], t[5], bool(t[6]))
+
+
+class CongestionController(Protocol):
+    """What ``KcpLink`` needs of a controller (pluggable, as aioquic's are)."""
+
+    state: str
+
+    def on_sample(self, rs: RateSample, inflight: int, now: float) -> None: ...
+
+    @property
+    def pacing_rate(self) -> float: ...
+
+    @property
+    def cwnd(self) -> int: ...
+
+
+class Bbr:
+    """BBR v1's model and state machine over KCP's rate samples."""
+
+    def __init__(
+        self,
+        mss: int,
+        now: float,
+        max_cwnd: int,
+        initial_cwnd_segments: int = 32,
+        initial_rtt: float = 0.05,
+        seed: int | None = None,
+    ) -> None:
+        self.mss = mss
+        self.max_cwnd = max(max_cwnd, 4 * mss)
+        self.min_cwnd = 4 * mss
+        self.state = STARTUP
+        self.btl_bw = 0.0  # bytes/s, the windowed max
+        self._bw_rounds: deque[tuple[int, float]] = deque()  # (round, best that round)
+        self.min_rtt = math.inf  # s
+        self._min_rtt_stamp = now
+        self.round_count = 0
+        self._next_round_delivered = 0
+        self._round_start = False
+        self._full_bw = 0.0
+        self._full_bw_count = 0
+        self.filled_pipe = False
+        self.pacing_gain = HIGH_GAIN
+        self.cwnd_gain = HIGH_GAIN
+        self._cycle_index = 0
+        self._cycle_stamp = now
+        self._probe_rtt_done: float | None = None
+        self._probe_rtt_round_done = False
+        self._prior_cwnd = 0
+        self._rng = random.Random(seed)
+        self._cwnd = initial_cwnd_segments * mss
+        # no estimate yet: the initial window over a guessed RTT, at startup's gain
+        self._pacing_rate = HIGH_GAIN * self._cwnd / initial_rtt
+
+    # -- outputs
+
+    @property
+    def pacing_rate(self) -> float:
+        return self._pacing_rate
+
+    @property
+    def cwnd(self) -> int:
+        return self._cwnd
+
+    @property
+    def round_start(self) -> bool:
+        """The last sample began a new round trip."""
+        return self._round_start
+
+    def bdp(self, gain: float = 1.0) -> int:
+        if not self.btl_bw or self.min_rtt == math.inf:
+            return self._cwnd
+        return int(gain * self.btl_bw * self.min_rtt)
+
+    # -- input
+
+    def on_sample(self, rs: RateSample, inflight: int, now: float) -> None:
+        """One batch of acknowledgements; ``inflight``: payload bytes still unacknowledged."""
+        self._update_round(rs)
+        self._update_bw(rs)
+        self._update_cycle(rs, inflight, now)
+        self._check_full_pipe(rs)
+        self._check_drain(inflight, now)
+        self._update_min_rtt(rs, inflight, now)
+        self._set_pacing_rate()
+        self._set_cwnd(rs, inflight)
+
+    def _update_round(self, rs: RateSample) -> None:
+        self._round_start = False
+        if rs.acked and rs.prior_delivered >= self._next_round_delivered:
+            self._next_round_delivered = rs.delivered
+            self.round_count += 1
+            self._round_start = True
+
+    def _update_bw(self, rs: RateSample) -> None:
+        if rs.interval_us <= 0 or rs.sample_delivered <= 0:
+            return
+        # a sample shorter than the path's RTT spans too few acknowledgements to trust
+        if self.min_rtt != math.inf and rs.interval_us < self.min_rtt * 1e6 * 0.5:
+            return
+        bw = rs.sample_delivered * 1e6 / rs.interval_us
+        if rs.app_limited and bw < self.btl_bw:
+            return  # the sender, not the path, set this rate
+        rounds = self._bw_rounds
+        r = self.round_count
+        if rounds and rounds[-1][0] == r:
+            if bw > rounds[-1][1]:
+                rounds[-1] = (r, bw)
+        else:
+            rounds.append((r, bw))
+        while rounds and rounds[0][0] <= r - BW_WINDOW_ROUNDS:
+            rounds.popleft()
+        self.btl_bw = max(b for _, b in rounds)
+
+    def _update_cycle(self, rs: RateSample, inflight: int, now: float) -> None:
+        if self.state != PROBE_BW:
+            return
+        elapsed = now - self._cycle_stamp > self.min_rtt
+        gain = self.pacing_gain
+        if gain > 1:
+            advance = elapsed and inflight >= self.bdp(gain)
+            # a probe that cannot fill (not enough data) still ends after a while
+            advance = advance or now - self._cycle_stamp > 2 * self.min_rtt
+        elif gain < 1:
+            advance = elapsed or inflight <= self.bdp()
+        else:
+            advance = elapsed
+        if advance:
+            self._cycle_index = (self._cycle_index + 1) % len(CYCLE)
+            self._cycle_stamp = now
+            self.pacing_gain = CYCLE[self._cycle_index]
+
+    def _check_full_pipe(self, rs: RateSample) -> None:
+        if self.filled_pipe or not self._round_start or rs.app_limited:
+            return
+        if self.btl_bw >= self._full_bw * FULL_BW_GROWTH:
+            self._full_bw = self.btl_bw
+            self._full_bw_count = 0
+            return
+        self._full_bw_count += 1
+        if self._full_bw_count >= FULL_BW_ROUNDS:
+            self.filled_pipe = True
+
+    def _check_drain(self, inflight: int, now: float) -> None:
+        if self.state == STARTUP and self.filled_pipe:
+            self.state = DRAIN
+            self.pacing_gain = 1 / HIGH_GAIN
+            self.cwnd_gain = HIGH_GAIN
+        if self.state == DRAIN and inflight <= self.bdp():
+            self._enter_probe_bw(now)
+
+    def _enter_probe_bw(self, now: float) -> None:
+        self.state = PROBE_BW
+        self.cwnd_gain = CWND_GAIN
+        # any phase but the draining one, so that flows started together do not probe
+        # in step
+        index = self._rng.randrange(len(CYCLE) - 1)
+        self._cycle_index = index + 1 if index >= 1 else 0
+        self._cycle_stamp = now
+        self.pacing_gain = CYCLE[self._cycle_index]
+
+    def _update_min_rtt(self, rs: RateSample, inflight: int, now: float) -> None:
+        expired = now - self._min_rtt_stamp > MIN_RTT_WINDOW
+        if rs.min_rtt_us >= 0:
+            rtt = rs.min_rtt_us / 1e6
+            if rtt <= self.min_rtt or expired:
+                self.min_rtt = max(rtt, 1e-4)
+                self._min_rtt_stamp = now
+        if expired and self.state != PROBE_RTT and self.min_rtt != math.inf:
+            # ten seconds without a lower RTT: a queue may hide the true one; drain to
+            # four segments for a moment to see it (and let other flows see theirs)
+            self.state = PROBE_RTT
+            self.pacing_gain = 1.0
+            self._prior_cwnd = max(self._prior_cwnd, self._cwnd)
+            self._probe_rtt_done = None
+        if self.state == PROBE_RTT:
+            if self._probe_rtt_done is None and inflight <= self.min_cwnd:
+                self._probe_rtt_done = now + PROBE_RTT_TIME
+                self._probe_rtt_round_done = False
+                self._next_round_delivered = rs.delivered
+            elif self._probe_rtt_done is not None:
+                if self._round_start:
+                    self._probe_rtt_round_done = True
+                if self._probe_rtt_round_done and now >= self._probe_rtt_done:
+                    self._min_rtt_stamp = now
+                    self._cwnd = max(self._cwnd, self._prior_cwnd)
+                    self._prior_cwnd = 0
+                    if self.filled_pipe:
+                        self._enter_probe_bw(now)
+                    else:
+                        self.state = STARTUP
+                        self.pacing_gain = self.cwnd_gain = HIGH_GAIN
+
+    def _set_pacing_rate(self) -> None:
+        if not self.btl_bw:
+            return
+        rate = self.pacing_gain * self.btl_bw
+        # until the pipe is full the rate only grows: early samples undercount
+        if self.filled_pipe or rate > self._pacing_rate:
+            self._pacing_rate = rate
+
+    def _set_cwnd(self, rs: RateSample, inflight: int) -> None:
+        if self.state == PROBE_RTT:
+            self._cwnd = self.min_cwnd
+            return
+        target = self.bdp(self.cwnd_gain) + 3 * self.mss
+        if self.btl_bw and self.min_rtt != math.inf:
+            target = min(target, self.max_cwnd)
+        if self.filled_pipe:
+            self._cwnd = min(self._cwnd + rs.acked, target)
+        elif self._cwnd < target or rs.delivered < 10 * self.mss:
+            self._cwnd += rs.acked
+        self._cwnd = max(min(self._cwnd, self.max_cwnd), self.min_cwnd)
