@@ -137,6 +137,10 @@ class RouterLink(asyncio.Protocol):
         self.closed = loop.create_future()
         self.registered = loop.create_future()
         self.paused = False
+        # a kcp:// link with congestion control bounds its queue by time and drops beyond
+        # it, so the TUN is read on while it is paused: the packets are dropped and counted
+        # here, not left to the kernel's TUN queue (hundreds of ms on a slow line)
+        self.sheds = False
         self.rejected: Rejected | None = None
 
     @property
@@ -146,6 +150,8 @@ class RouterLink(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike
         self.transport = transport  # type: ignore[assignment]
+        kcp_link = transport.get_extra_info("kcp_link")
+        self.sheds = kcp_link is not None and kcp_link.queue_budget is not None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.type == socket.SOCK_STREAM:
             # after the TLS handshake, before the tunnel's data: a few packets on the default
@@ -657,7 +663,7 @@ class Gateway:
         want = (
             self._data_path
             and self.tun is not None
-            and (link is None or link.multi or not link.paused)
+            and (link is None or link.multi or link.sheds or not link.paused)
         )
         if want == self._reading:
             return
@@ -707,7 +713,11 @@ class Gateway:
                 self.stats.dropped_no_link += len(packets)
                 return
         elif link is None or not link.ready:
-            self.stats.dropped_no_link += len(packets)
+            if link is not None and link.paused:
+                # its queue is full (a link that sheds: see RouterLink.sheds)
+                self.stats.dropped_link_busy += len(packets)
+            else:
+                self.stats.dropped_no_link += len(packets)
             return
         mss = self.mss
         if mss is not None:

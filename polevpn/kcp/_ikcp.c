@@ -442,6 +442,21 @@ static PyObject *Kcp_pace_debit(KcpObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *Kcp_set_minrto(KcpObject *self, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 1 || n > IKCP_RTO_MAX) {
+        PyErr_Format(PyExc_ValueError, "bad minimum RTO %ld", n);
+        return NULL;
+    }
+    self->kcp->rx_minrto = (IINT32)n;
+    if (self->kcp->rx_rto < n)
+        self->kcp->rx_rto = (IINT32)n;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Kcp_pace_wait_us(KcpObject *self, PyObject *Py_UNUSED(ignored))
 {
     return PyLong_FromLongLong(ikcp_pace_wait_us(self->kcp));
@@ -453,8 +468,9 @@ static PyObject *Kcp_take_rate_sample(KcpObject *self, PyObject *Py_UNUSED(ignor
     ikcp_rate_take(self->kcp, &rs);
     if (!rs.valid && rs.min_rtt_us < 0)
         Py_RETURN_NONE;
-    return Py_BuildValue("(LLLLLLi)", rs.delivered, rs.prior_delivered, rs.sample_delivered,
-                         rs.interval_us, rs.min_rtt_us, rs.acked, rs.app_limited);
+    return Py_BuildValue("(LLLLLLii)", rs.delivered, rs.prior_delivered, rs.sample_delivered,
+                         rs.interval_us, rs.min_rtt_us, rs.acked, rs.app_limited,
+                         rs.retrans);
 }
 
 static size_t queue_bytes(const struct IQUEUEHEAD *head)
@@ -502,11 +518,12 @@ static PyMethodDef Kcp_methods[] = {
      "most payload bytes in flight (0: no cap)"},
     {"pace_debit", (PyCFunction)Kcp_pace_debit, METH_O,
      "take bytes sent outside KCP (FEC parity) from the pacing tokens"},
+    {"set_minrto", (PyCFunction)Kcp_set_minrto, METH_O, "the least retransmission timeout (ms)"},
     {"pace_wait_us", (PyCFunction)Kcp_pace_wait_us, METH_NOARGS,
      "us until pacing lets a waiting segment go (0: none waits on the pace)"},
     {"take_rate_sample", (PyCFunction)Kcp_take_rate_sample, METH_NOARGS,
      "the rate sample since the last call: (delivered, prior_delivered, sample_delivered, "
-     "interval_us, min_rtt_us, acked, app_limited) or None"},
+     "interval_us, min_rtt_us, acked, app_limited, retrans) or None"},
     {"buffered", (PyCFunction)Kcp_buffered, METH_NOARGS,
      "payload bytes in (snd_queue, snd_buf, rcv_buf, rcv_queue)"},
     {NULL, NULL, 0, NULL},
@@ -570,6 +587,8 @@ static PyGetSetDef Kcp_getset[] = {
     {"delivered", (getter)Kcp_field64, NULL, "payload bytes acknowledged", R64(delivered)},
     {"retrans_bytes", (getter)Kcp_field64, NULL, "payload bytes sent again",
      R64(retrans_bytes)},
+    {"sent_bytes", (getter)Kcp_field64, NULL, "payload bytes sent (first times and again)",
+     R64(sent_bytes)},
     {"pace_rate", (getter)Kcp_field64, NULL, "pacing rate (bytes/s; 0: unpaced)",
      R64(pace_rate)},
     {"pace_tokens", (getter)Kcp_field64, NULL, NULL, R64(pace_tokens)},

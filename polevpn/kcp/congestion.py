@@ -54,10 +54,14 @@ class RateSample:
     min_rtt_us: int  # least RTT of segments sent once in this batch, -1: none
     acked: int  # payload bytes newly acknowledged
     app_limited: bool
+    # the newest acknowledged segment had been sent again: if the first transmission got
+    # through after all (a spurious resend, or FEC rebuilt it), the sample's interval is
+    # short by up to a round trip and its rate far too high
+    retrans: bool = False
 
     @classmethod
-    def from_tuple(cls, t: tuple[int, int, int, int, int, int, int]) -> RateSample:
-        return cls(t[0], t[1], t[2], t[3], t[4], t[5], bool(t[6]))
+    def from_tuple(cls, t: tuple[int, int, int, int, int, int, int, int]) -> RateSample:
+        return cls(t[0], t[1], t[2], t[3], t[4], t[5], bool(t[6]), bool(t[7]))
 
 
 class CongestionController(Protocol):
@@ -139,7 +143,7 @@ class Bbr:
         self._update_round(rs)
         self._update_bw(rs)
         self._update_cycle(rs, inflight, now)
-        self._check_full_pipe(rs)
+        self._check_full_pipe(rs, inflight)
         self._check_drain(inflight, now)
         self._update_min_rtt(rs, inflight, now)
         self._set_pacing_rate()
@@ -153,10 +157,11 @@ class Bbr:
             self._round_start = True
 
     def _update_bw(self, rs: RateSample) -> None:
-        if rs.interval_us <= 0 or rs.sample_delivered <= 0:
+        if rs.interval_us <= 0 or rs.sample_delivered <= 0 or rs.retrans:
             return
         # a sample shorter than the path's RTT spans too few acknowledgements to trust
-        if self.min_rtt != math.inf and rs.interval_us < self.min_rtt * 1e6 * 0.5:
+        # (acknowledgements that come in a bunch make such a sample far too high)
+        if self.min_rtt != math.inf and rs.interval_us < self.min_rtt * 1e6:
             return
         bw = rs.sample_delivered * 1e6 / rs.interval_us
         if rs.app_limited and bw < self.btl_bw:
@@ -190,8 +195,12 @@ class Bbr:
             self._cycle_stamp = now
             self.pacing_gain = CYCLE[self._cycle_index]
 
-    def _check_full_pipe(self, rs: RateSample) -> None:
-        if self.filled_pipe or not self._round_start or rs.app_limited:
+    def _check_full_pipe(self, rs: RateSample, inflight: int) -> None:
+        # an app-limited round says nothing about the path, unless a bandwidth-delay
+        # product was in flight anyway (traffic that arrives in bursts as fast as the line)
+        if self.filled_pipe or not self._round_start:
+            return
+        if rs.app_limited and inflight < self.bdp():
             return
         if self.btl_bw >= self._full_bw * FULL_BW_GROWTH:
             self._full_bw = self.btl_bw

@@ -111,8 +111,18 @@ class KcpConnection:
 
     @property
     def pending_bytes(self) -> int:
+        """The write buffer (``KcpLink.queued_bytes``: with congestion control, only what
+        waits to be sent)."""
         link = self.link
-        return link.pending_bytes if link is not None else 0
+        return link.queued_bytes if link is not None else 0
+
+    def _high_mark(self, link: KcpLink) -> tuple[int, int]:
+        """The write-buffer marks: the configured ones, or lower ones from the link's
+        time budget (congestion control)."""
+        budget = link.queue_budget
+        if budget is None or budget >= self._high:
+            return self._high, self._low
+        return budget, budget // 4
 
     @property
     def reading(self) -> bool:
@@ -165,7 +175,7 @@ class KcpConnection:
             return
         self._now = now
         link.write(data, now)
-        if self._writable and link.pending_bytes > self._high:
+        if self._writable and link.queued_bytes > self._high_mark(link)[0]:
             self._writable = False
             self._events.append(WritableChanged(False))
 
@@ -305,7 +315,9 @@ class KcpConnection:
 
     def _maybe_writable(self) -> None:
         link = self.link
-        if not self._writable and link is not None and link.pending_bytes <= self._low:
+        if self._writable or link is None:
+            return
+        if link.queued_bytes <= self._high_mark(link)[1]:
             self._writable = True
             self._events.append(WritableChanged(True))
 

@@ -134,6 +134,10 @@ class FecConfig:
     decode_burst: float = 400.0
     # adaptive controller
     residual_target: float = 0.01  # acceptable P(a group loses more than its parity)
+    # ... while the line is full (``FecSession.saturated``): each parity shard then takes
+    # the place of a data segment, and KCP's retransmission repairs a loss for one
+    # segment where parity costs several, so parity covers only the common case
+    saturated_residual_target: float = 0.1
     loss_margin: float = 1.5  # the measured rate is scaled by this before sizing parity
     loss_memory: float = 0.5  # weight of the history at each report (per-report decay)
     min_samples: int = 20  # a report counts as covering at least this many shards
@@ -148,8 +152,10 @@ class FecConfig:
             raise FecError("group_timeout and report_interval must be positive")
         if self.rx_groups < 1 or not self.rx_group_ttl > 0:
             raise FecError("rx_groups and rx_group_ttl must be positive")
-        if not 0 < self.residual_target < 1 or self.loss_margin < 1:
-            raise FecError("residual_target must be in (0, 1) and loss_margin >= 1")
+        if not 0 < self.residual_target < 1 or not 0 < self.saturated_residual_target < 1:
+            raise FecError("residual targets must be in (0, 1)")
+        if self.loss_margin < 1:
+            raise FecError("loss_margin must be at least 1")
         if not 0 <= self.loss_memory < 1 or self.min_samples < 1 or self.down_reports < 1:
             raise FecError("bad loss_memory, min_samples or down_reports")
         if not self.decode_rate > 0 or self.decode_burst < 1:
@@ -303,6 +309,7 @@ class FecSession:
         self._est_lost = 0.0
         self._est_expected = 0.0
         self._down = 0
+        self._saturated = False
 
     # -- send
 
@@ -644,6 +651,33 @@ class FecSession:
 
     # -- adaptive parity
 
+    @property
+    def saturated(self) -> bool:
+        """Whether the line is full (the congestion controller's view): parity is then
+        sized for ``saturated_residual_target`` instead of ``residual_target``."""
+        return self._saturated
+
+    @saturated.setter
+    def saturated(self, value: bool) -> None:
+        if value == self._saturated:
+            return
+        self._saturated = value
+        cfg = self.config
+        if not cfg.adaptive or not self._est_expected:
+            return
+        target = self._target()
+        if value and target < self.parity:
+            # the line just filled up: make room for data at once, not three reports later
+            self.parity = target
+            self._down = 0
+            self.stats.parity = target
+
+    def _target(self) -> int:
+        cfg = self.config
+        rate = self._est_lost / max(self._est_expected, cfg.min_samples)
+        residual = cfg.saturated_residual_target if self._saturated else cfg.residual_target
+        return parity_for_loss(self._k, rate * cfg.loss_margin, cfg.parity_shards, residual)
+
     def _on_report(self, expected: int, lost: int) -> None:
         cfg = self.config
         keep = cfg.loss_memory
@@ -653,9 +687,7 @@ class FecSession:
         self.stats.peer_loss_ppm = int(rate * 1_000_000)
         if not cfg.adaptive:
             return
-        target = parity_for_loss(
-            self._k, rate * cfg.loss_margin, cfg.parity_shards, cfg.residual_target
-        )
+        target = self._target()
         if target > self.parity:
             self.parity = target
             self._down = 0

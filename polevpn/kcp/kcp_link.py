@@ -41,6 +41,13 @@ OFFER_INTERVAL = 0.5  # s, how often an unanswered FEC offer is repeated
 PACE_BURST_TIME = 0.003  # s
 PACE_BURST_SEGMENTS = 8
 PACE_MIN_WAIT = 0.001  # s: timers no finer than this
+# with congestion control, the bytes waiting to be sent are bounded by time at the pacing
+# rate (the transport's write buffer): a longer queue is only delay (bufferbloat) for every
+# flow in the tunnel, and TCP inside reads the drops beyond it as congestion
+QUEUE_TIME = 0.03  # s
+QUEUE_FLOOR_SEGMENTS = 16
+MIN_RTO_MS = 30  # ikcp's own floor in nodelay mode
+RTO_RTT_FACTOR = 1.5  # with congestion control: the RTO is at least this x the least RTT
 
 FEC_OFF = "off"
 FEC_OFFERED = "offered"
@@ -126,7 +133,9 @@ class KcpLink:
         self.mss = self.kcp_mtu - 24
         self._parity_bytes = 0  # FEC parity sent (paced with the data)
         self._parity_ratio = 0.0  # parity bytes per data byte, recently
-        self._ratio_mark = (0, 0)  # (delivered, parity bytes) when it was last worked out
+        self._ratio_mark = (0, 0)  # (payload sent, parity sent) when it was last worked out
+        self._minrto = 0
+        self._app_limited_samples = 0  # this round trip
         if params.congestion == "bbr":
             self.cc = Bbr(self.mss, now, params.max_window * self.mss, seed=seed)
         self.authenticated = authenticated
@@ -164,13 +173,10 @@ class KcpLink:
     # -- congestion control
 
     def _apply_cc(self) -> None:
-        """The controller's rate and in-flight cap into KCP. FEC parity is paced with the
-        data (``pace_debit``) but the controller counts only what KCP delivers, so the
-        rate it asks for is scaled up by the share parity takes: otherwise each round
-        would deliver less than the last and the estimate would spiral down."""
+        """The controller's rate and in-flight cap into KCP."""
         cc, kcp = self.cc, self.kcp
         assert cc is not None and kcp is not None
-        rate = cc.pacing_rate * (1.0 + self._parity_ratio)
+        rate = cc.pacing_rate
         burst = max(PACE_BURST_SEGMENTS * self.kcp_mtu, int(rate * PACE_BURST_TIME))
         kcp.set_pacing(max(int(rate), 1), burst)
         kcp.set_cwnd_bytes(cc.cwnd)
@@ -182,16 +188,44 @@ class KcpLink:
         cc = self.cc
         assert cc is not None
         rs = RateSample.from_tuple(t)
+        if self._parity_ratio:
+            # FEC parity is paced with the data (``pace_debit``) but only KCP's payload is
+            # acknowledged: the sample is scaled to what got through on the line for it, so
+            # the controller's rate is the line's and the parity share can change without
+            # the estimate (and with it the pacing) going wrong. Unscaled, each round would
+            # deliver less than the last and the estimate would spiral down; scaled without
+            # the shards the peer reports lost, a queue that overflows would go unseen (the
+            # parity rebuilds what it drops, so the data still arrives at the full rate)
+            fec = self.fec
+            assert fec is not None
+            got = 1.0 - min(fec.stats.peer_loss_ppm / 1e6, 0.5)
+            rs.sample_delivered = int(rs.sample_delivered * (1.0 + self._parity_ratio) * got)
         cc.on_sample(rs, kcp.inflight, now)
+        if rs.app_limited:
+            self._app_limited_samples += 1
         if cc.round_start:
-            delivered, parity = self._ratio_mark
-            d = rs.delivered - delivered
+            fec = self.fec
+            if fec is not None:
+                # a round trip without a sample the application limited: the line, not the
+                # traffic, sets the rate, and parity would take data's place (fec.py)
+                fec.saturated = self._app_limited_samples == 0
+            self._app_limited_samples = 0
+            sent, parity = self._ratio_mark
+            d = kcp.sent_bytes - sent
             if d > 0:
                 ratio = (self._parity_bytes - parity) / d
-                self._parity_ratio = 0.75 * self._parity_ratio + 0.25 * ratio
-                self._ratio_mark = (rs.delivered, self._parity_bytes)
+                self._parity_ratio = 0.5 * self._parity_ratio + 0.5 * ratio
+                self._ratio_mark = (kcp.sent_bytes, self._parity_bytes)
+        if rs.min_rtt_us >= 0:
+            # a paced sender's RTT is steady, so KCP's RTO (srtt + 4 x rttvar) closes in on
+            # it; the queue a bandwidth probe builds (a quarter of a round trip) then made
+            # whole windows time out at once and be sent again. Keep the RTO above the
+            # probe's RTT
+            minrto = max(MIN_RTO_MS, int(cc.min_rtt * 1000 * RTO_RTT_FACTOR))
+            if minrto != self._minrto:
+                self._minrto = minrto
+                kcp.set_minrto(minrto)
         self._apply_cc()
-        self._grow_receive_window(kcp)
 
     def _grow_receive_window(self, kcp: Kcp) -> None:
         """Receive-window autotuning: a peer whose data (out of order, or in order and not
@@ -291,6 +325,7 @@ class KcpLink:
         kcp.tick(self._us(now))
         if self.cc is not None:
             self._on_sample(kcp, now)
+            self._grow_receive_window(kcp)
         kcp.flush()
         return self.drain() if self.reading else b""
 
@@ -368,6 +403,28 @@ class KcpLink:
         the MSS, which made 100-byte packets weigh 13 times their size."""
         kcp = self.kcp
         return kcp.snd_bytes if kcp is not None else 0
+
+    @property
+    def queued_bytes(self) -> int:
+        """The transport's write-buffer size. With congestion control, the payload bytes
+        not yet sent: what is in flight is the controller's business (its cap follows the
+        path's bandwidth-delay product, which no fixed buffer limit can), what waits is
+        queueing delay. Without, every byte queued or unacknowledged, as before."""
+        kcp = self.kcp
+        if kcp is None:
+            return 0
+        if self.cc is None:
+            return kcp.snd_bytes
+        return kcp.snd_bytes - kcp.inflight
+
+    @property
+    def queue_budget(self) -> int | None:
+        """With congestion control, the most ``queued_bytes`` should reach: QUEUE_TIME at
+        the pacing rate. None without (the configured limits hold as they are)."""
+        cc = self.cc
+        if cc is None:
+            return None
+        return max(QUEUE_FLOOR_SEGMENTS * self.mss, int(cc.pacing_rate * QUEUE_TIME))
 
     @property
     def dead(self) -> bool:

@@ -25,7 +25,7 @@ import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from polevpn.common.counters import Counters
 from polevpn.common.logfmt import endpoint, kv
@@ -54,6 +54,9 @@ from polevpn.router.forwarding import forward
 from polevpn.router.limits import Admission, source_key
 from polevpn.router.local import LocalEndpoint, conflict
 from polevpn.router.sitelinks import LinkInfo, Site, TooManyLinks
+
+if TYPE_CHECKING:
+    from polevpn.kcp.kcp_link import KcpLink
 
 log = logging.getLogger("polevpn.router")
 
@@ -178,6 +181,8 @@ class GatewayConnection(asyncio.Protocol):
         self.closing = False
         # set from the config when the connection is made; a link's is shorter
         self.queue_limit = router.cfg.send_queue_bytes
+        # a kcp:// session with congestion control: its queue is bounded by time too
+        self.kcp_link: KcpLink | None = None
 
     def __repr__(self) -> str:
         return f"<gateway {self.gateway or '-'} {self.peer}>"
@@ -187,6 +192,9 @@ class GatewayConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike
         self.transport = transport  # type: ignore[assignment]
+        kcp_link = transport.get_extra_info("kcp_link")
+        if kcp_link is not None and kcp_link.queue_budget is not None:
+            self.kcp_link = kcp_link
         peer = transport.get_extra_info("peername")
         self.peer = endpoint(peer)
         if peer:
@@ -288,7 +296,12 @@ class GatewayConnection(asyncio.Protocol):
             return
         # one write means one TLS record stream instead of a record per frame
         data = b"".join(parts)
-        room = self.queue_limit - transport.get_write_buffer_size()
+        limit = self.queue_limit
+        kcp_link = self.kcp_link
+        if kcp_link is not None:
+            # a few tens of ms at the line's rate, not megabytes (bufferbloat, issue 16)
+            limit = min(limit, kcp_link.queue_budget)
+        room = limit - transport.get_write_buffer_size()
         if len(data) > room:
             # a slow gateway loses its own packets; it never holds up anyone else. The
             # limit holds for the batch as it is, however many frames one read turned into

@@ -585,6 +585,7 @@ static void ikcp_rate_acked(ikcpcb *kcp, const IKCPSEG *seg, int exact)
 		r->rs_prior_delivered = seg->tx_delivered;
 		r->rs_prior_us = seg->tx_delivered_us;
 		r->rs_app_limited = seg->tx_app_limited;
+		r->rs_retrans = seg->xmit > 1;
 		r->rs_send_elapsed = seg->sent_us - seg->tx_first_sent_us;
 		r->rs_ack_elapsed = r->delivered_us - seg->tx_delivered_us;
 		r->first_sent_us = seg->sent_us;
@@ -608,6 +609,7 @@ void ikcp_rate_take(ikcpcb *kcp, struct IKCPSAMPLE *out)
 	out->min_rtt_us = r->rs_min_rtt;
 	out->acked = r->rs_acked;
 	out->app_limited = r->rs_app_limited;
+	out->retrans = r->rs_retrans;
 	r->rs_valid = 0;
 	r->rs_min_rtt = -1;
 	r->rs_acked = 0;
@@ -1190,6 +1192,7 @@ void ikcp_flush(ikcpcb *kcp)
 			segment->tx_first_sent_us = r->first_sent_us;
 			segment->tx_app_limited = r->app_limited != 0;
 			r->pace_tokens -= segment->len;
+			r->sent_bytes += segment->len;
 			segment->ts = current;
 			segment->wnd = seg.wnd;
 			segment->una = kcp->rcv_nxt;
