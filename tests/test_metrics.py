@@ -671,6 +671,8 @@ class FakeKcp:
     segments_sent: int | None = None
     fec_state: str = "off"
     fec: object | None = None
+    cc: object | None = None  # congestion control off
+    kcp: object | None = None
 
 
 @dataclasses.dataclass

@@ -34,7 +34,7 @@ from polevpn.config.reloading import ReloadError
 from polevpn.gateway import view
 from polevpn.host import netconf
 from polevpn.host.hostsetup import HostSetup, HostSetupError
-from polevpn.io import kcp_transport, linksock, tcpcc
+from polevpn.io import kcp_transport, linksock, pathstats, tcpcc
 from polevpn.io.tlsconf import client_context, server_hostname
 from polevpn.io.tun import Tun, TunDevice
 from polevpn.kcp import dtls
@@ -1223,6 +1223,18 @@ class Gateway:
         kcp = link.transport.get_extra_info("kcp_link") if link and link.transport else None
         if kcp is not None:
             fields.update(transport="kcp", fec=kcp.fec_state, srtt_ms=kcp.srtt_ms)
+            cc = pathstats.congestion_figures(kcp)
+            if cc is not None:
+                fields.update(
+                    cc_state=cc.state,
+                    cc_pacing_mbit=round(cc.pacing_rate * 8e-6, 2),
+                    cc_btl_bw_mbit=round(cc.bottleneck_bandwidth * 8e-6, 2),
+                    cc_min_rtt_ms=None if cc.min_rtt is None else round(cc.min_rtt * 1e3, 1),
+                    cc_cwnd=cc.cwnd,
+                    cc_inflight=cc.inflight,
+                    cc_queued=cc.queued,
+                    kcp_retrans=kcp.retransmissions,
+                )
             if kcp.fec is not None:
                 fields.update(kcp.fec.stats.fields("fec_"))
         elif link is not None:

@@ -111,6 +111,20 @@ class FecFigures:
 
 
 @dataclass(frozen=True, slots=True)
+class CongestionFigures:
+    """The sender's congestion controller (polevpn.kcp.congestion) at one moment."""
+
+    state: str  # startup, drain, probe_bw, probe_rtt
+    pacing_rate: float  # bytes/s
+    bottleneck_bandwidth: float  # bytes/s, the estimate (0: none yet)
+    min_rtt: float | None  # s
+    cwnd: int  # bytes the controller lets be in flight
+    inflight: int  # bytes sent and not acknowledged
+    queued: int  # bytes waiting to be sent
+    queue_budget: int  # the most that may wait (bytes)
+
+
+@dataclass(frozen=True, slots=True)
 class KcpFigures:
     """KCP's control block and FEC of a kcp:// link at one moment."""
 
@@ -118,6 +132,7 @@ class KcpFigures:
     retransmissions: int | None
     fec_state: str
     fec: FecFigures | None
+    congestion: CongestionFigures | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,5 +180,25 @@ def kcp_figures(link: Any) -> KcpFigures:
             decodes_refused=s.decodes_refused,
         )
     return KcpFigures(
-        None if srtt is None else float(srtt), link.retransmissions, link.fec_state, fec
+        None if srtt is None else float(srtt),
+        link.retransmissions,
+        link.fec_state,
+        fec,
+        congestion_figures(link),
+    )
+
+
+def congestion_figures(link: Any) -> CongestionFigures | None:
+    cc, kcp = link.cc, link.kcp
+    if cc is None or kcp is None:
+        return None
+    return CongestionFigures(
+        state=cc.state,
+        pacing_rate=cc.pacing_rate,
+        bottleneck_bandwidth=cc.btl_bw,
+        min_rtt=None if cc.min_rtt == float("inf") else cc.min_rtt,
+        cwnd=cc.cwnd,
+        inflight=kcp.inflight,
+        queued=link.queued_bytes,
+        queue_budget=link.queue_budget or 0,
     )

@@ -111,6 +111,38 @@ class _LinkMetrics:
             "parity (fec_parity_shards) follows",
             labels=label_names,
         )
+        # the sender's congestion controller (kcp.congestion "bbr")
+        self.pacing_rate = GaugeMetricFamily(
+            f"{prefix}kcp_pacing_rate_bits", "rate the sender paces at (bit/s)",
+            labels=label_names,
+        )
+        self.btl_bw = GaugeMetricFamily(
+            f"{prefix}kcp_bottleneck_bandwidth_bits",
+            "the controller's estimate of the path's bottleneck rate (bit/s)",
+            labels=label_names,
+        )
+        self.min_rtt = GaugeMetricFamily(
+            f"{prefix}kcp_min_rtt_seconds", "least RTT seen over the last 10 s",
+            labels=label_names,
+        )
+        self.cwnd = GaugeMetricFamily(
+            f"{prefix}kcp_cwnd_bytes", "bytes the controller lets be in flight",
+            labels=label_names,
+        )
+        self.inflight = GaugeMetricFamily(
+            f"{prefix}kcp_inflight_bytes", "bytes sent and not acknowledged",
+            labels=label_names,
+        )
+        self.queued = GaugeMetricFamily(
+            f"{prefix}kcp_queued_bytes",
+            "bytes waiting to be sent (bounded to 30 ms at the pacing rate)",
+            labels=label_names,
+        )
+        self.cc_state = GaugeMetricFamily(
+            f"{prefix}kcp_congestion_state",
+            "1 for the controller's state (startup, drain, probe_bw, probe_rtt)",
+            labels=[*label_names, "state"],
+        )
         self.refused = CounterMetricFamily(
             f"{prefix}fec_refused",
             "FEC work refused: shards of groups larger than configured (oversized), parity "
@@ -122,6 +154,16 @@ class _LinkMetrics:
         if kcp.srtt_ms is not None and kcp.retransmissions is not None:
             self.retransmissions.add_metric(labels, kcp.retransmissions)
             self.srtt.add_metric(labels, kcp.srtt_ms / 1000)
+        c = kcp.congestion
+        if c is not None:
+            self.pacing_rate.add_metric(labels, c.pacing_rate * 8)
+            self.btl_bw.add_metric(labels, c.bottleneck_bandwidth * 8)
+            if c.min_rtt is not None:
+                self.min_rtt.add_metric(labels, c.min_rtt)
+            self.cwnd.add_metric(labels, c.cwnd)
+            self.inflight.add_metric(labels, c.inflight)
+            self.queued.add_metric(labels, c.queued)
+            self.cc_state.add_metric([*labels, c.state], 1)
         s = kcp.fec
         if s is not None:
             self.recovered.add_metric(labels, s.recovered)
@@ -138,6 +180,13 @@ class _LinkMetrics:
         return [
             self.retransmissions,
             self.srtt,
+            self.pacing_rate,
+            self.btl_bw,
+            self.min_rtt,
+            self.cwnd,
+            self.inflight,
+            self.queued,
+            self.cc_state,
             self.recovered,
             self.unrecoverable,
             self.parity_sent,
