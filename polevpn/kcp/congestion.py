@@ -41,6 +41,11 @@ MIN_RTT_WINDOW = 10.0  # s
 PROBE_RTT_TIME = 0.2  # s
 FULL_BW_GROWTH = 1.25
 FULL_BW_ROUNDS = 3
+# a standing queue: a whole round trip, outside the probing phase, whose least RTT is this
+# much above the path's (a fraction of it, plus a little for timer jitter)
+QUEUE_RTT_FRACTION = 0.2
+QUEUE_RTT_SLACK = 0.003  # s
+QUEUE_ROUNDS = 2
 
 
 @dataclass(slots=True)
@@ -108,6 +113,13 @@ class Bbr:
         self.cwnd_gain = HIGH_GAIN
         self._cycle_index = 0
         self._cycle_stamp = now
+        # the current round trip: when it began, what was delivered then, its least RTT
+        self._round_t0 = now
+        self._round_delivered = 0
+        self._round_min_rtt = math.inf
+        self._round_app_limited = False
+        self._queue_rounds = 0
+        self.queue_corrections = 0  # how often a standing queue brought the estimate down
         self._probe_rtt_done: float | None = None
         self._probe_rtt_round_done = False
         self._prior_cwnd = 0
@@ -141,6 +153,12 @@ class Bbr:
     def on_sample(self, rs: RateSample, inflight: int, now: float) -> None:
         """One batch of acknowledgements; ``inflight``: payload bytes still unacknowledged."""
         self._update_round(rs)
+        if self._round_start:
+            self._check_queue(rs, now)
+        if rs.min_rtt_us >= 0:
+            self._round_min_rtt = min(self._round_min_rtt, rs.min_rtt_us / 1e6)
+        if rs.app_limited:
+            self._round_app_limited = True
         self._update_bw(rs)
         self._update_cycle(rs, inflight, now)
         self._check_full_pipe(rs, inflight)
@@ -155,6 +173,45 @@ class Bbr:
             self._next_round_delivered = rs.delivered
             self.round_count += 1
             self._round_start = True
+
+    def _check_queue(self, rs: RateSample, now: float) -> None:
+        """At the end of a round trip: was there a queue all along?
+
+        The estimate is the most delivered per unit of time, and a token-bucket shaper
+        (what most lines are) lets a burst of its bucket through at the speed of the wire
+        after each quiet moment: samples that include one are too high, the max filter
+        keeps them for ten rounds, and pacing at that rate builds a queue that the shaper
+        then drops from. A queue that stands for whole round trips outside the probing
+        phase means the line is full; what was delivered over those round trips is then
+        the line's rate, and it replaces the estimate. The draining phase comes next.
+        """
+        elapsed = now - self._round_t0
+        rate = (rs.delivered - self._round_delivered) / elapsed if elapsed > 0 else 0.0
+        round_min, app_limited = self._round_min_rtt, self._round_app_limited
+        self._round_t0, self._round_delivered = now, rs.delivered
+        self._round_min_rtt = math.inf
+        self._round_app_limited = False
+        probing = self.pacing_gain > 1
+        if self.state != PROBE_BW or probing or app_limited or self.min_rtt == math.inf:
+            # only a round the sender kept busy tells what the line delivers
+            self._queue_rounds = 0
+            return
+        if round_min > self.min_rtt * (1 + QUEUE_RTT_FRACTION) + QUEUE_RTT_SLACK:
+            self._queue_rounds += 1
+        else:
+            self._queue_rounds = 0
+        # at most halved at once: a round's rate can be low for reasons of its own (the
+        # application sent little, a loss held the window)
+        rate = max(rate, self.btl_bw / 2)
+        if self._queue_rounds >= QUEUE_ROUNDS and rate < self.btl_bw:
+            self._queue_rounds = 0
+            self.queue_corrections += 1
+            self._bw_rounds.clear()
+            self._bw_rounds.append((self.round_count, rate))
+            self.btl_bw = rate
+            self._cycle_index = 1  # the 0.75 phase: drain what stands
+            self._cycle_stamp = now
+            self.pacing_gain = CYCLE[1]
 
     def _update_bw(self, rs: RateSample) -> None:
         if rs.interval_us <= 0 or rs.sample_delivered <= 0 or rs.retrans:

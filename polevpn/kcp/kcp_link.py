@@ -44,7 +44,7 @@ PACE_MIN_WAIT = 0.001  # s: timers no finer than this
 # with congestion control, the bytes waiting to be sent are bounded by time at the pacing
 # rate (the transport's write buffer): a longer queue is only delay (bufferbloat) for every
 # flow in the tunnel, and TCP inside reads the drops beyond it as congestion
-QUEUE_TIME = 0.03  # s
+QUEUE_TIME = 0.04  # s
 QUEUE_FLOOR_SEGMENTS = 16
 MIN_RTO_MS = 30  # ikcp's own floor in nodelay mode
 RTO_RTT_FACTOR = 1.5  # with congestion control: the RTO is at least this x the least RTT
@@ -213,7 +213,7 @@ class KcpLink:
             sent, parity = self._ratio_mark
             d = kcp.sent_bytes - sent
             if d > 0:
-                ratio = (self._parity_bytes - parity) / d
+                ratio = min((self._parity_bytes - parity) / d, 1.0)
                 self._parity_ratio = 0.5 * self._parity_ratio + 0.5 * ratio
                 self._ratio_mark = (kcp.sent_bytes, self._parity_bytes)
         if rs.min_rtt_us >= 0:
@@ -420,11 +420,14 @@ class KcpLink:
     @property
     def queue_budget(self) -> int | None:
         """With congestion control, the most ``queued_bytes`` should reach: QUEUE_TIME at
-        the pacing rate. None without (the configured limits hold as they are)."""
+        the estimated line rate (not the pacing rate, which the draining phase lowers for
+        a round trip: the queue then grows, as it should, and must not overflow for it).
+        None without (the configured limits hold as they are)."""
         cc = self.cc
         if cc is None:
             return None
-        return max(QUEUE_FLOOR_SEGMENTS * self.mss, int(cc.pacing_rate * QUEUE_TIME))
+        rate = max(cc.btl_bw, cc.pacing_rate)
+        return max(QUEUE_FLOOR_SEGMENTS * self.mss, int(rate * QUEUE_TIME))
 
     @property
     def dead(self) -> bool:

@@ -674,7 +674,7 @@ static void ikcp_parse_una(ikcpcb *kcp, IUINT32 una)
 		next = p->next;
 		if (_itimediff(una, seg->sn) > 0) {
 			kcp->nsnd_bytes -= seg->len;  /* polevpn */
-			ikcp_rate_acked(kcp, seg, 0);  /* polevpn */
+			ikcp_rate_acked(kcp, seg, kcp->rate.ack_valid && seg->sn == kcp->rate.ack_sn);
 			iqueue_del(p);
 			ikcp_segment_delete(kcp, seg);
 			kcp->nsnd_buf--;
@@ -864,7 +864,10 @@ int ikcp_input(ikcpcb *kcp, const char *data, long size)
 			return -3;
 
 		kcp->rmt_wnd = wnd;
+		kcp->rate.ack_sn = sn;  /* polevpn */
+		kcp->rate.ack_valid = cmd == IKCP_CMD_ACK;  /* polevpn */
 		ikcp_parse_una(kcp, una);
+		kcp->rate.ack_valid = 0;  /* polevpn */
 		ikcp_shrink_buf(kcp);
 
 		if (cmd == IKCP_CMD_ACK) {

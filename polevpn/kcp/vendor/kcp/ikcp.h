@@ -321,6 +321,10 @@ struct IKCPRATE
 	IINT64 rs_min_rtt;      /* us, -1: none (only from segments sent once) */
 	IINT64 rs_acked;        /* payload bytes newly acknowledged */
 	int rs_valid, rs_app_limited, rs_retrans;
+	/* the ACK being parsed: its own segment goes by the una in its header first (ikcp
+	   parses una before the command), and is still acknowledged exactly */
+	IUINT32 ack_sn;
+	int ack_valid;
 };
 
 struct IKCPSAMPLE
