@@ -1,0 +1,242 @@
+"""The kcp:// congestion controller (polevpn.kcp.congestion.Bbr) on its own: rate samples
+in, state, pacing rate and in-flight cap out. No KCP, no sockets, no clock.
+
+``Path`` makes the samples a steady path would: an ACK batch every ``step`` seconds, each
+delivering what the line carried in that time, with the sample's interval one RTT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from polevpn.kcp.congestion import (
+    DRAIN,
+    MIN_RTT_WINDOW,
+    PROBE_BW,
+    PROBE_RTT,
+    STARTUP,
+    Bbr,
+    RateSample,
+)
+
+MSS = 1315
+
+
+@dataclass
+class Path:
+    rate: float  # bytes/s the line delivers
+    rtt: float  # s
+    step: float = 0.005
+    now: float = 0.0
+    delivered: int = 0
+
+    def __post_init__(self) -> None:
+        self.history: list[tuple[float, int]] = [(0.0, 0)]
+
+    def sample(
+        self,
+        rate: float | None = None,
+        rtt: float | None = None,
+        app_limited: bool = False,
+        retrans: bool = False,
+    ) -> RateSample:
+        """The next ACK batch: ``rate`` bytes/s delivered over the last step, samples taken
+        over one round trip (what was delivered since the newest acked segment was sent)."""
+        rate = self.rate if rate is None else rate
+        rtt = self.rtt if rtt is None else rtt
+        self.now += self.step
+        acked = int(rate * self.step)
+        self.delivered += acked
+        self.history.append((self.now, self.delivered))
+        t0 = self.now - rtt
+        t_prior, prior = max(((t, d) for t, d in self.history if t <= t0 + 1e-9),
+                             default=(0.0, 0))
+        return RateSample(
+            delivered=self.delivered,
+            prior_delivered=prior,
+            sample_delivered=self.delivered - prior,
+            interval_us=round((self.now - t_prior) * 1e6),
+            min_rtt_us=round(rtt * 1e6),
+            acked=acked,
+            app_limited=app_limited,
+            retrans=retrans,
+        )
+
+
+def run(cc: Bbr, path: Path, seconds: float, **kw) -> None:
+    end = path.now + seconds
+    while path.now < end:
+        rs = path.sample(**kw)
+        cc.on_sample(rs, min(cc.cwnd, int(path.rate * path.rtt)), path.now)
+
+
+def fresh(max_cwnd: int = 8192 * MSS) -> Bbr:
+    return Bbr(MSS, 0.0, max_cwnd, seed=1)
+
+
+def test_startup_finds_the_rate_then_drains_and_cruises():
+    cc = fresh()
+    assert cc.state == STARTUP
+    path = Path(rate=30e6 / 8, rtt=0.04)
+    run(cc, path, 3.0)
+    assert cc.filled_pipe
+    assert cc.state == PROBE_BW
+    assert cc.btl_bw == 30e6 / 8
+    assert cc.min_rtt == 0.04
+    # about two bandwidth-delay products in flight, and pacing within the probing gains
+    bdp = 30e6 / 8 * 0.04
+    assert 2 * bdp <= cc.cwnd <= 2 * bdp + 4 * MSS
+    assert 0.75 * cc.btl_bw <= cc.pacing_rate <= 1.25 * cc.btl_bw
+
+
+def test_startup_doubles_the_rate_each_round_trip():
+    cc = fresh()
+    path = Path(rate=10e9 / 8, rtt=0.1)
+    rates = []
+    for _ in range(4):
+        before = cc.round_count
+        while cc.round_count == before:
+            # what STARTUP's pacing lets through: the line is far from full yet
+            rs = path.sample(rate=min(cc.pacing_rate, path.rate))
+            cc.on_sample(rs, cc.cwnd, path.now)
+        rates.append(cc.pacing_rate)
+    assert cc.state == STARTUP
+    for a, b in zip(rates, rates[1:]):
+        assert b >= 1.5 * a, rates
+
+
+def test_drain_follows_startup_until_the_queue_is_gone():
+    cc = fresh()
+    path = Path(rate=10e6 / 8, rtt=0.05)
+    seen = set()
+    end = 3.0
+    while path.now < end:
+        rs = path.sample()
+        # STARTUP left a queue: in flight is three BDPs until DRAIN has paced slower for
+        # a moment
+        inflight = int(path.rate * path.rtt * (3 if cc.state == STARTUP else 1))
+        cc.on_sample(rs, inflight, path.now)
+        seen.add(cc.state)
+        if cc.state == DRAIN:
+            assert cc.pacing_rate < cc.btl_bw
+    assert DRAIN in seen and cc.state == PROBE_BW
+
+
+def test_random_loss_is_not_congestion():
+    """At 10 % random loss the estimate is what gets delivered (90 % of the line), and
+    the sender paces at it: no backing off below it, as a loss-based sender would (it
+    halves its rate at every loss), and no leaving PROBE_BW."""
+    cc = fresh()
+    path = Path(rate=20e6 / 8, rtt=0.08)
+    run(cc, path, 5.0)
+    run(cc, path, 10.0, rate=0.9 * path.rate)  # 10 % of what went out is lost
+    assert math.isclose(cc.btl_bw, 0.9 * path.rate, rel_tol=0.02)
+    assert cc.pacing_rate >= 0.75 * 0.9 * path.rate
+    assert cc.state in (PROBE_BW, PROBE_RTT)
+
+
+def test_app_limited_samples_do_not_lower_the_estimate():
+    cc = fresh()
+    path = Path(rate=30e6 / 8, rtt=0.04)
+    run(cc, path, 3.0)
+    before = cc.btl_bw
+    run(cc, path, 3.0, rate=1e6 / 8, app_limited=True)
+    assert cc.btl_bw == before
+
+
+def test_a_resent_segments_sample_is_ignored():
+    cc = fresh()
+    path = Path(rate=30e6 / 8, rtt=0.04)
+    run(cc, path, 3.0)
+    before = cc.btl_bw
+    # a spurious resend: the ACK of the first transmission makes a sample ten times the line
+    rs = path.sample(rate=10 * path.rate, retrans=True)
+    cc.on_sample(rs, cc.cwnd, path.now)
+    assert cc.btl_bw == before
+    rs = path.sample(rate=10 * path.rate)
+    cc.on_sample(rs, cc.cwnd, path.now)
+    assert cc.btl_bw > 1.5 * before  # without the flag, it would have counted
+
+
+def test_a_sample_shorter_than_the_rtt_is_ignored():
+    cc = fresh()
+    path = Path(rate=30e6 / 8, rtt=0.04)
+    run(cc, path, 3.0)
+    before = cc.btl_bw
+    rs = path.sample()
+    rs.sample_delivered *= 10
+    rs.interval_us = 5000  # a bunch of ACKs over 5 ms, on a 40 ms path
+    cc.on_sample(rs, cc.cwnd, path.now)
+    assert cc.btl_bw == before
+
+
+def test_a_standing_queue_brings_an_inflated_estimate_down():
+    """A token-bucket shaper's burst made the estimate 30 % too high; pacing at it keeps a
+    queue standing. Two round trips of it outside the probing phase: the delivered rate
+    (the line's) becomes the estimate, and the draining phase follows."""
+    cc = fresh()
+    path = Path(rate=30e6 / 8, rtt=0.04)
+    run(cc, path, 3.0)
+    cc._bw_rounds.clear()
+    cc._bw_rounds.append((cc.round_count, 1.3 * path.rate))
+    cc.btl_bw = 1.3 * path.rate
+    corrected = False
+    for _ in range(400):
+        rs = path.sample(rtt=0.065)  # 25 ms of queue on a 40 ms path
+        rs.min_rtt_us = 65000
+        cc.on_sample(rs, cc.cwnd, path.now)
+        if cc.queue_corrections:
+            corrected = True
+            break
+    assert corrected
+    assert math.isclose(cc.btl_bw, path.rate, rel_tol=0.1)
+    assert cc.pacing_gain == 0.75
+
+
+def test_a_queue_while_probing_is_expected():
+    """The 1.25 phase builds a queue on purpose: no correction for it."""
+    cc = fresh()
+    path = Path(rate=30e6 / 8, rtt=0.04)
+    run(cc, path, 3.0)
+    cc._cycle_index, cc.pacing_gain = 0, 1.25
+    cc._cycle_stamp = path.now + 100  # stay in the probing phase
+    for _ in range(100):
+        rs = path.sample(rtt=0.065)
+        cc.on_sample(rs, cc.cwnd, path.now)
+    assert cc.queue_corrections == 0
+
+
+def test_probe_rtt_after_ten_seconds_without_a_lower_rtt():
+    cc = fresh()
+    path = Path(rate=30e6 / 8, rtt=0.04)
+    run(cc, path, 3.0)
+    # from now on every RTT sample is above the minimum (a queue of someone else's)
+    states = set()
+    end = path.now + MIN_RTT_WINDOW + 2.0
+    while path.now < end:
+        rs = path.sample(rtt=0.05)
+        inflight = 4 * MSS if cc.state == PROBE_RTT else cc.cwnd
+        cc.on_sample(rs, inflight, path.now)
+        states.add(cc.state)
+        if cc.state == PROBE_RTT:
+            assert cc.cwnd == 4 * MSS
+    assert PROBE_RTT in states
+    assert cc.state == PROBE_BW  # and back after 200 ms and a round trip
+    assert cc.min_rtt == 0.05  # the new minimum
+
+
+def test_cwnd_is_bounded_by_max_window():
+    cc = fresh(max_cwnd=100 * MSS)
+    path = Path(rate=100e6 / 8, rtt=0.3)
+    run(cc, path, 5.0)
+    assert cc.cwnd <= 100 * MSS
+
+
+def test_from_tuple_matches_the_extension():
+    from polevpn.kcp._ikcp import Kcp
+
+    k = Kcp(0)
+    assert k.take_rate_sample() is None  # nothing acknowledged yet
+    rs = RateSample.from_tuple((10, 2, 8, 1000, 500, 8, 1, 0))
+    assert (rs.delivered, rs.sample_delivered, rs.app_limited, rs.retrans) == (10, 8, True, False)
