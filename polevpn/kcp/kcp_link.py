@@ -190,16 +190,13 @@ class KcpLink:
         rs = RateSample.from_tuple(t)
         if self._parity_ratio:
             # FEC parity is paced with the data (``pace_debit``) but only KCP's payload is
-            # acknowledged: the sample is scaled to what got through on the line for it, so
-            # the controller's rate is the line's and the parity share can change without
-            # the estimate (and with it the pacing) going wrong. Unscaled, each round would
-            # deliver less than the last and the estimate would spiral down; scaled without
-            # the shards the peer reports lost, a queue that overflows would go unseen (the
-            # parity rebuilds what it drops, so the data still arrives at the full rate)
-            fec = self.fec
-            assert fec is not None
-            got = 1.0 - min(fec.stats.peer_loss_ppm / 1e6, 0.5)
-            rs.sample_delivered = int(rs.sample_delivered * (1.0 + self._parity_ratio) * got)
+            # acknowledged: the sample is scaled to what went on the line with it, so the
+            # controller's rate is the line's and the parity share can change without the
+            # estimate (and with it the pacing) going wrong. Unscaled, each round would
+            # deliver less than the last and the estimate would spiral down. A queue that
+            # overflows while parity rebuilds what it drops shows up as a standing queue
+            # (congestion.Bbr._check_queue)
+            rs.sample_delivered = int(rs.sample_delivered * (1.0 + self._parity_ratio))
         cc.on_sample(rs, kcp.inflight, now)
         if rs.app_limited:
             self._app_limited_samples += 1
