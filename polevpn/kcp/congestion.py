@@ -46,6 +46,11 @@ FULL_BW_ROUNDS = 3
 QUEUE_RTT_FRACTION = 0.2
 QUEUE_RTT_SLACK = 0.003  # s
 QUEUE_ROUNDS = 2
+# the least in-flight cap while the model has an estimate: a tunnel reads and writes in
+# batches (64 TUN reads, 64 KB super-packets of ~50 segments), so on a path whose RTT is
+# well under a millisecond a cap of a few BDPs would let one batch out per round trip of
+# the event loop; the pacing, not this, holds the rate on such a path
+MIN_CWND_BYTES = 256 * 1024
 
 
 @dataclass(slots=True)
@@ -290,7 +295,7 @@ class Bbr:
         if rs.min_rtt_us >= 0:
             rtt = rs.min_rtt_us / 1e6
             if rtt <= self.min_rtt or expired:
-                self.min_rtt = max(rtt, 1e-4)
+                self.min_rtt = max(rtt, 1e-6)
                 self._min_rtt_stamp = now
         if expired and self.state != PROBE_RTT and self.min_rtt != math.inf:
             # ten seconds without a lower RTT: a queue may hide the true one; drain to
@@ -329,7 +334,7 @@ class Bbr:
         if self.state == PROBE_RTT:
             self._cwnd = self.min_cwnd
             return
-        target = self.bdp(self.cwnd_gain) + 3 * self.mss
+        target = max(self.bdp(self.cwnd_gain) + 3 * self.mss, MIN_CWND_BYTES)
         if self.btl_bw and self.min_rtt != math.inf:
             target = min(target, self.max_cwnd)
         if self.filled_pipe:
