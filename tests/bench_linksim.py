@@ -10,7 +10,7 @@ water marks do. Figures are virtual-time results and do not depend on the machin
 
 Sections:
   matrix     rate 1, 10, 30, 100 Mbit/s x RTT 20, 80, 260 ms x loss 0, 1, 3, 5, 10 %,
-             FEC off and adaptive (``--quick``: fewer cells)
+             FEC off and adaptive, 15 s each (``--quick``: loss 0, 1, 5 % only)
   issue      the three rows of issue 16 (30 Mbit/s; 50 ms 1 %, 130 ms 3 %, 260 ms 5 %) and a
              Gilbert-Elliott bursty-loss row, FEC off and adaptive
   sharing    two kcp flows on one 30 Mbit/s line for 30 s: each one's share
@@ -66,7 +66,9 @@ def _run(job: tuple[str, dict[str, Any], Scenario]) -> tuple[str, dict[str, Any]
     return section, label, s
 
 
-def jobs_for(sections: list[str], seconds: float, quick: bool) -> list[tuple[str, dict, Scenario]]:
+def jobs_for(
+    sections: list[str], seconds: float, matrix_seconds: float, quick: bool
+) -> list[tuple[str, dict, Scenario]]:
     jobs: list[tuple[str, dict, Scenario]] = []
     if "matrix" in sections:
         losses = QUICK_LOSSES if quick else LOSSES
@@ -75,7 +77,7 @@ def jobs_for(sections: list[str], seconds: float, quick: bool) -> list[tuple[str
                 for loss in losses:
                     for fec in FECS:
                         sc = Scenario(rate_bps=rate, rtt_ms=rtt, loss_pct=loss, fec=fec,
-                                      seconds=seconds)
+                                      seconds=matrix_seconds)
                         jobs.append(("matrix", {}, sc))
     if "issue" in sections:
         for rtt, loss in ISSUE_ROWS:
@@ -149,11 +151,11 @@ PERF_HEADERS = ["goodput Mbit/s", "util %", "queue p50 ms", "queue p99 ms", "qdr
                 "closed", "cpu s"]
 
 
-def report(results: list[dict], seconds: float) -> str:
+def report(results: list[dict], seconds: float, matrix_seconds: float) -> str:
     out: list[str] = []
     by = {sec: [s for s in results if s["section"] == sec] for sec in SECTIONS}
     if by["matrix"]:
-        out.append(f"## matrix ({seconds:g} s each)\n")
+        out.append(f"## matrix ({matrix_seconds:g} s each)\n")
         rows = [[_f(s["rate_mbit"], "{:g}"), _f(s["rtt_ms"], "{:g}"), _f(s["loss_pct"], "{:g}"),
                  s["fec"], *perf_row(s)] for s in by["matrix"]]
         out.append(table(["Mbit/s", "RTT ms", "loss %", "FEC", *PERF_HEADERS], rows))
@@ -195,14 +197,17 @@ def report(results: list[dict], seconds: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=20.0, help="virtual seconds per run")
+    ap.add_argument("--seconds", type=float, default=20.0,
+                    help="virtual seconds per run (sharing: at least 30)")
+    ap.add_argument("--matrix-seconds", type=float, default=15.0,
+                    help="virtual seconds per matrix run (keeps the whole under 2 minutes)")
     ap.add_argument("--quick", action="store_true", help="loss 0, 1, 5 %% only in the matrix")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     ap.add_argument("--json", metavar="PATH", help="write every run's figures as JSON ('-': "
                     "stdout, instead of the tables)")
     args = ap.parse_args(argv)
-    jobs = jobs_for(args.only, args.seconds, args.quick)
+    jobs = jobs_for(args.only, args.seconds, args.matrix_seconds, args.quick)
     t0 = time.monotonic()
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=min(args.jobs, os.cpu_count() or 1)) as ex:
@@ -212,13 +217,14 @@ def main(argv: list[str] | None = None) -> int:
     results = [s for _, _, s in done]
     wall = time.monotonic() - t0
     if args.json:
-        doc = {"seconds": args.seconds, "wall_s": round(wall, 1), "runs": results}
+        doc = {"seconds": args.seconds, "matrix_seconds": args.matrix_seconds,
+               "wall_s": round(wall, 1), "runs": results}
         text = json.dumps(doc, indent=1)
         if args.json == "-":
             print(text)
             return 0
         Path(args.json).write_text(text + "\n")
-    print(report(results, args.seconds))
+    print(report(results, args.seconds, args.matrix_seconds))
     cpu = sum(s["cpu_s"] for s in results)
     print(f"\n{len(results)} runs, {cpu:.0f} s CPU, {wall:.0f} s wall (indicative: shared machine)")
     return 0

@@ -61,12 +61,14 @@ Use from a test::
     r = run_scenario(Scenario(rate_bps=30e6, rtt_ms=40, loss_pct=2, seconds=20))
     assert r.utilisation >= 0.6 and r.errors == 0
 
-``kcp_params`` in ``Scenario`` takes a factory ``(flow_index, side) -> KcpParams`` (side "a"
-sends the bulk, "b" receives) to switch on a new option, e.g. a congestion controller.
+To switch on a new option (a congestion controller, say) on both sides of every flow, give
+``Scenario(kcp_options={"name": value})``; for anything finer, ``kcp_params`` takes a
+factory ``(flow_index, side) -> KcpParams`` (side "a" sends the bulk, "b" receives).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
@@ -216,6 +218,14 @@ class LineParams:
         if self.queue_ms is not None and self.rate_bps is not None:
             limit = min(limit, max(MIN_QUEUE, self.rate_bps / 8 * self.queue_ms / 1000))
         return limit
+
+
+def tbf_limit_bytes(rate_bps: float, latency_ms: float = 50.0) -> int:
+    """The queue of tests/topology.py's ``rate_limit`` (tc tbf): ``latency`` at the rate plus
+    its burst (10 ms at the rate, at least 32 KiB), for ``queue_bytes`` when a run should
+    match the netns set-up rather than a plain 50 ms queue."""
+    burst = max(32 * 1024, int(rate_bps / 8 / 100))
+    return int(rate_bps / 8 * latency_ms / 1000) + burst
 
 
 class Line:
@@ -710,7 +720,10 @@ class Scenario:
     bin_s: float = 0.1
     rx_coalesce_s: float = 0.0
     seed: int = 1
-    # (flow index, side "a"|"b") -> KcpParams; None: KcpParams(fec=FecParams(mode=fec))
+    # fields of KcpParams to set on both sides of every flow, e.g. {"send_window": 1024}
+    kcp_options: dict[str, Any] | None = None
+    # (flow index, side "a"|"b") -> KcpParams; None: KcpParams(fec=FecParams(mode=fec)) with
+    # kcp_options (both ignored when this is given)
     kcp_params: Callable[[int, str], KcpParams] | None = None
 
     def line_params(self, direction: str) -> LineParams:
@@ -743,7 +756,7 @@ class Scenario:
     def params_for(self, flow: int, side: str) -> KcpParams:
         if self.kcp_params is not None:
             return self.kcp_params(flow, side)
-        return KcpParams(fec=FecParams(mode=self.fec))
+        return KcpParams(fec=FecParams(mode=self.fec), **(self.kcp_options or {}))
 
 
 @dataclass
@@ -832,6 +845,10 @@ class Result:
             "loss_pct": s.loss_pct,
             "fec": s.fec,
             "seconds": s.seconds,
+            "line_up": dataclasses.asdict(s.line_params("up")),
+            "line_down": dataclasses.asdict(s.line_params("down")),
+            "kcp_options": s.kcp_options,
+            "custom_kcp_params": s.kcp_params is not None,
             "goodput_mbit": round(self.goodput_bps / 1e6, 3),
             "utilisation": round(self.utilisation, 4),
             "ideal_utilisation": round(self.ideal_utilisation, 4),

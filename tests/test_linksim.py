@@ -21,6 +21,7 @@ from linksim import (
     make_message,
     percentile,
     run_scenario,
+    tbf_limit_bytes,
 )
 
 from polevpn.config import FecParams, KcpParams
@@ -271,13 +272,13 @@ def bulk_bytes(r) -> int:
 
 
 def test_the_stream_arrives_complete_and_in_order_over_a_clean_fast_line():
-    sc = Scenario(rate_bps=1e9, rtt_ms=10, seconds=2.0, queue_ms=None)
+    sc = Scenario(rate_bps=1e9, rtt_ms=10, seconds=0.5, queue_ms=None)
     r = run_scenario(sc)
     f = r.flows[0]
     assert r.errors == 0 and f.error is None and f.dead_at is None
     # every message checked; with a 512-segment window and 10 ms RTT KCP moves about
-    # 512 x 1300 B per RTT: tens of MB in 2 s
-    assert f.delivered_bytes > 20_000_000 and f.delivered_bytes % 1300 == 0
+    # 512 x 1300 B per RTT: over 10 MB in 0.5 s
+    assert f.delivered_bytes > 10_000_000 and f.delivered_bytes % 1300 == 0
     assert r.up.drops == 0 and r.down.drops == 0
     assert f.push_segments == f.new_segments and f.retransmission_ratio == 0.0
     assert f.timeout_retransmissions == 0
@@ -406,6 +407,14 @@ def test_the_kcp_params_factory_is_used_per_side():
     # 32 segments of 1300 B per 100 ms round trip: about 3.3 Mbit/s at most
     assert small.goodput_bps < 3.5e6 and small.up.queue_drops == 0
     assert run_scenario(base).goodput_bps > 3 * small.goodput_bps
+    # kcp_options: the same through the default params, on both sides
+    opt = run_scenario(dataclasses.replace(base, kcp_options={"send_window": 32}))
+    assert opt.summary()["flows"] == small.summary()["flows"]
+
+
+def test_tbf_limit_matches_the_topology_rate_limit():
+    assert tbf_limit_bytes(30e6) == 187_500 + 37_500
+    assert tbf_limit_bytes(1e6) == 6_250 + 32 * 1024
 
 
 def test_the_same_seed_gives_the_same_run_and_another_seed_another():
