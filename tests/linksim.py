@@ -444,6 +444,7 @@ class Endpoint:
         self.app_queue: deque[bytes] = deque()
         self.source_drops = 0  # rate-source messages that found the link paused
         self.written_bytes = 0
+        self.max_pending = 0  # the most pending_bytes seen after a write
         # received, in order: data message bytes (bulk + rate) per time bin
         self.bins: list[int] = []
         self.delivered_bytes = 0
@@ -505,7 +506,10 @@ class Endpoint:
         link = self.link
         link.write(msg, self.sim.now)
         self.written_bytes += len(msg)
-        if self.writable and link.pending_bytes > self.high:
+        pending = link.pending_bytes
+        if pending > self.max_pending:
+            self.max_pending = pending
+        if self.writable and pending > self.high:
             self.writable = False
             self.pause_events += 1
 
@@ -774,6 +778,7 @@ class FlowResult:
     parity_records: int  # a's FEC parity shards
     records_out: int
     pause_events: int  # a's write buffer went over high_water
+    max_pending_bytes: int  # the most a's write buffer held
     source_drops: int  # a's rate-source messages dropped while paused
     ping_rtt: list[float]
     ping_oneway: list[float]
@@ -935,6 +940,7 @@ def run_scenario(sc: Scenario) -> Result:
                 parity_records=a.parity_records,
                 records_out=a.records_out,
                 pause_events=a.pause_events,
+                max_pending_bytes=a.max_pending,
                 source_drops=a.source_drops,
                 ping_rtt=a.ping_rtt,
                 ping_oneway=b.ping_oneway,

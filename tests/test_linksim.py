@@ -298,6 +298,35 @@ def test_the_stream_arrives_complete_and_in_order_over_a_lossy_line(fec):
         assert f.fec["recovered"] > 0 and f.parity_records > 0
 
 
+def test_records_arriving_together_are_settled_together():
+    """On a line without a rate a whole flush arrives at one instant: one settle, so one
+    ACK record acknowledges many segments (about 56 ACKs fit a record)."""
+    r = run_scenario(Scenario(rate_bps=None, rtt_ms=20, seconds=0.5))
+    assert r.errors == 0 and r.up.offered > 5000
+    assert r.down.offered < r.up.offered / 20, (r.up.offered, r.down.offered)
+
+
+def test_the_write_buffer_pauses_at_high_water_and_resumes_at_low_water():
+    sc = Scenario(rate_bps=10e6, rtt_ms=40, seconds=3.0, high_water=64_000, low_water=16_000)
+    r = run_scenario(sc)
+    f = r.flows[0]
+    assert r.errors == 0 and f.pause_events > 3
+    # it stops with the write that crosses high water
+    assert 64_000 < f.max_pending_bytes <= 64_000 + 1300
+    default = run_scenario(dataclasses.replace(sc, high_water=1 << 20, low_water=1 << 18))
+    assert default.flows[0].max_pending_bytes > 1 << 20
+
+
+@pytest.mark.timeout(60)
+def test_a_timer_due_now_does_not_stall_the_clock():
+    """FEC's group timer: next_deadline gives t0 + timeout, poll wants now - t0 >= timeout,
+    and at t = 4.0001248 s of this run the two disagree by a rounding error. Timers due now
+    run a microsecond later; this run used to spin forever at that instant."""
+    sc = Scenario(rate_bps=30e6, rtt_ms=40, loss_pct=2, seconds=5.0, fec="adaptive")
+    r = run_scenario(sc)
+    assert r.errors == 0 and r.goodput_between(4.0, 5.0) > 0
+
+
 def test_goodput_never_beats_the_line():
     """By any time t the receiver cannot have more than the line carried: each message took
     its bytes, KCP's header and the overhead on the wire (bins may: a hole filled late
