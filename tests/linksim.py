@@ -31,8 +31,10 @@ per-packet overhead) driven as ``polevpn.io.kcp_transport`` drives it: records r
 every call that can make them (write, settle, poll), ``poll`` at ``next_deadline`` (a timer
 is only moved earlier, as ``_pump`` arms it), records arriving at the same virtual instant
 fed one by one and settled once (one ACK flush for the batch). The write buffer has the
-transport's hysteresis: writing stops once ``pending_bytes`` exceeds ``high_water`` and
-resumes when it is back at ``low_water`` (``KcpConnection``'s 1 MiB / 256 KiB by default).
+transport's hysteresis: writing stops once the write buffer (``KcpLink.queued_bytes``: with
+congestion control only what waits to be sent) exceeds ``high_water`` and resumes when it is
+back at ``low_water`` (``KcpConnection``'s 1 MiB / 256 KiB by default), or the lower marks
+of the link's time budget (``KcpLink.queue_budget``), as ``KcpConnection`` sets them.
 
 Traffic (all through the KCP stream of a flow, framed so the receiver checks order and
 integrity: length, kind, flow, sequence number, send time, CRC-32):
@@ -502,14 +504,23 @@ class Endpoint:
         self.record_bytes_out += nbytes
         self.push_segments += pushes
 
+    def _marks(self) -> tuple[int, int]:
+        """The write buffer's marks, as ``KcpConnection`` sets them: the configured ones,
+        or lower ones from the link's time budget (congestion control)."""
+        budget = self.link.queue_budget
+        if budget is None or budget >= self.high:
+            return self.high, self.low
+        return budget, budget // 4
+
     def _write(self, msg: bytes) -> None:
         link = self.link
         link.write(msg, self.sim.now)
         self.written_bytes += len(msg)
-        pending = link.pending_bytes
+        # the transport's write buffer: with congestion control only what waits to be sent
+        pending = link.queued_bytes
         if pending > self.max_pending:
             self.max_pending = pending
-        if self.writable and pending > self.high:
+        if self.writable and pending > self._marks()[0]:
             self.writable = False
             self.pause_events += 1
 
@@ -532,7 +543,7 @@ class Endpoint:
         if self.dead_at is not None:
             return
         link = self.link
-        if not self.writable and link.pending_bytes <= self.low:
+        if not self.writable and link.queued_bytes <= self._marks()[1]:
             self.writable = True
         if self.writable and (self.bulk or self.app_queue):
             self._fill()
@@ -886,8 +897,10 @@ def run_scenario(sc: Scenario) -> Result:
     pairs: list[tuple[Endpoint, Endpoint]] = []
     specs = sc.specs()
     for i, spec in enumerate(specs):
-        la = KcpLink(sc.params_for(i, "a"), pool, sc.record_mtu, 0.0)
-        lb = KcpLink(sc.params_for(i, "b"), pool, sc.record_mtu, 0.0)
+        # the congestion controller's randomness (its probing phase) from the scenario's seed
+        seed = sc.seed * 1009 + 2 * i
+        la = KcpLink(sc.params_for(i, "a"), pool, sc.record_mtu, 0.0, seed=seed)
+        lb = KcpLink(sc.params_for(i, "b"), pool, sc.record_mtu, 0.0, seed=seed + 1)
         common = (sc.high_water, sc.low_water, sc.msg_size, sc.bin_s, sc.rx_coalesce_s)
         a = Endpoint(sim, la, up, i, "a", *common)
         b = Endpoint(sim, lb, down, i, "b", *common)

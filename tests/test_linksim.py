@@ -280,7 +280,8 @@ def test_the_stream_arrives_complete_and_in_order_over_a_clean_fast_line():
     # 512 x 1300 B per RTT: over 10 MB in 0.5 s
     assert f.delivered_bytes > 10_000_000 and f.delivered_bytes % 1300 == 0
     assert r.up.drops == 0 and r.down.drops == 0
-    assert f.push_segments == f.new_segments and f.retransmission_ratio == 0.0
+    # nothing sent twice; at the end some segments may still wait for the pacing
+    assert f.retransmission_ratio <= 0.0 and f.push_segments <= f.new_segments
     assert f.timeout_retransmissions == 0
 
 
@@ -307,7 +308,10 @@ def test_records_arriving_together_are_settled_together():
 
 
 def test_the_write_buffer_pauses_at_high_water_and_resumes_at_low_water():
-    sc = Scenario(rate_bps=10e6, rtt_ms=40, seconds=3.0, high_water=64_000, low_water=16_000)
+    # without congestion control: the configured marks alone (with it, a time budget
+    # lowers them: test_kcp_congestion_sim)
+    sc = Scenario(rate_bps=10e6, rtt_ms=40, seconds=3.0, high_water=64_000, low_water=16_000,
+                  kcp_options={"congestion": "off"})
     r = run_scenario(sc)
     f = r.flows[0]
     assert r.errors == 0 and f.pause_events > 3
@@ -428,16 +432,19 @@ def test_the_kcp_params_factory_is_used_per_side():
 
     def factory(flow: int, side: str) -> KcpParams:
         seen.append((flow, side))
-        return KcpParams(send_window=32 if side == "a" else 512, fec=FecParams(mode="off"))
+        return KcpParams(send_window=32 if side == "a" else 512, fec=FecParams(mode="off"),
+                         congestion="off")
 
-    base = Scenario(rate_bps=30e6, rtt_ms=100, seconds=3.0)
+    base = Scenario(rate_bps=30e6, rtt_ms=100, seconds=3.0, kcp_options={"congestion": "off"})
     small = run_scenario(dataclasses.replace(base, kcp_params=factory))
     assert seen == [(0, "a"), (0, "b")]
     # 32 segments of 1300 B per 100 ms round trip: about 3.3 Mbit/s at most
     assert small.goodput_bps < 3.5e6 and small.up.queue_drops == 0
     assert run_scenario(base).goodput_bps > 3 * small.goodput_bps
     # kcp_options: the same through the default params, on both sides
-    opt = run_scenario(dataclasses.replace(base, kcp_options={"send_window": 32}))
+    opt = run_scenario(
+        dataclasses.replace(base, kcp_options={"send_window": 32, "congestion": "off"})
+    )
     assert opt.summary()["flows"] == small.summary()["flows"]
 
 
