@@ -42,15 +42,18 @@ PROBE_RTT_TIME = 0.2  # s
 FULL_BW_GROWTH = 1.25
 FULL_BW_ROUNDS = 3
 # a standing queue: a whole round trip, outside the probing phase, whose least RTT is this
-# much above the path's (a fraction of it, plus a little for timer jitter)
-QUEUE_RTT_FRACTION = 0.2
-QUEUE_RTT_SLACK = 0.003  # s
+# much above the path's: a little for timer and batching jitter, or a small fraction of a
+# long path's RTT (a line's buffer is often 50 ms whatever the RTT, so not more)
+QUEUE_RTT_FRACTION = 0.05
+QUEUE_RTT_SLACK = 0.005  # s
 QUEUE_ROUNDS = 2
-# the least in-flight cap while the model has an estimate: a tunnel reads and writes in
-# batches (64 TUN reads, 64 KB super-packets of ~50 segments), so on a path whose RTT is
-# well under a millisecond a cap of a few BDPs would let one batch out per round trip of
-# the event loop; the pacing, not this, holds the rate on such a path
+# the least in-flight cap: a tunnel reads and writes in batches (64 TUN reads, 64 KB
+# super-packets of ~50 segments), so on a path whose RTT is well under a millisecond a cap
+# of a few BDPs would let one batch out per round trip of the event loop; the pacing, not
+# this, holds the rate on such a path. Up to BATCH_TIME at the estimated rate (on a slow
+# line that is a few segments, and the cap stays what the model says)
 MIN_CWND_BYTES = 256 * 1024
+BATCH_TIME = 0.01  # s
 
 
 @dataclass(slots=True)
@@ -129,9 +132,16 @@ class Bbr:
         self._probe_rtt_round_done = False
         self._prior_cwnd = 0
         self._rng = random.Random(seed)
+        # bytes on the line per byte acknowledged, besides resends: 1 + the FEC parity
+        # share (set by the caller). Samples count only acknowledged payload, and pacing
+        # covers the parity too: the model works in line bytes, so the parity share can
+        # change without the estimate going wrong (unscaled, each round would deliver less
+        # than the one before and the estimate would spiral down)
+        self.sample_scale = 1.0
         self._cwnd = initial_cwnd_segments * mss
         # no estimate yet: the initial window over a guessed RTT, at startup's gain
         self._pacing_rate = HIGH_GAIN * self._cwnd / initial_rtt
+        self._rate_guessed = True
 
     # -- outputs
 
@@ -191,7 +201,8 @@ class Bbr:
         the line's rate, and it replaces the estimate. The draining phase comes next.
         """
         elapsed = now - self._round_t0
-        rate = (rs.delivered - self._round_delivered) / elapsed if elapsed > 0 else 0.0
+        delivered = rs.delivered - self._round_delivered
+        rate = delivered * self.sample_scale / elapsed if elapsed > 0 else 0.0
         round_min, app_limited = self._round_min_rtt, self._round_app_limited
         self._round_t0, self._round_delivered = now, rs.delivered
         self._round_min_rtt = math.inf
@@ -201,7 +212,7 @@ class Bbr:
             # only a round the sender kept busy tells what the line delivers
             self._queue_rounds = 0
             return
-        if round_min > self.min_rtt * (1 + QUEUE_RTT_FRACTION) + QUEUE_RTT_SLACK:
+        if round_min > self.min_rtt + max(QUEUE_RTT_SLACK, QUEUE_RTT_FRACTION * self.min_rtt):
             self._queue_rounds += 1
         else:
             self._queue_rounds = 0
@@ -225,7 +236,7 @@ class Bbr:
         # (acknowledgements that come in a bunch make such a sample far too high)
         if self.min_rtt != math.inf and rs.interval_us < self.min_rtt * 1e6:
             return
-        bw = rs.sample_delivered * 1e6 / rs.interval_us
+        bw = rs.sample_delivered * self.sample_scale * 1e6 / rs.interval_us
         if rs.app_limited and bw < self.btl_bw:
             return  # the sender, not the path, set this rate
         rounds = self._bw_rounds
@@ -323,6 +334,12 @@ class Bbr:
                         self.pacing_gain = self.cwnd_gain = HIGH_GAIN
 
     def _set_pacing_rate(self) -> None:
+        if self._rate_guessed and self.min_rtt != math.inf:
+            # the first round trip measured: the window over it replaces the constructor's
+            # guess (which assumed 50 ms; a 1 Mbit/s line at 300 ms took 20 times its rate
+            # for the whole of STARTUP, since STARTUP's rate only grows)
+            self._rate_guessed = False
+            self._pacing_rate = HIGH_GAIN * self._cwnd / self.min_rtt
         if not self.btl_bw:
             return
         rate = self.pacing_gain * self.btl_bw
@@ -334,7 +351,8 @@ class Bbr:
         if self.state == PROBE_RTT:
             self._cwnd = self.min_cwnd
             return
-        target = max(self.bdp(self.cwnd_gain) + 3 * self.mss, MIN_CWND_BYTES)
+        floor = min(MIN_CWND_BYTES, int(self.btl_bw * BATCH_TIME))
+        target = max(self.bdp(self.cwnd_gain) + 3 * self.mss, floor)
         if self.btl_bw and self.min_rtt != math.inf:
             target = min(target, self.max_cwnd)
         if self.filled_pipe:

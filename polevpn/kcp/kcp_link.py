@@ -39,7 +39,7 @@ OFFER_INTERVAL = 0.5  # s, how often an unanswered FEC offer is repeated
 # pacing: the bucket holds this much time at the pacing rate (at least PACE_BURST_SEGMENTS
 # segments), so that a timer that fires a little late does not cost rate
 PACE_BURST_TIME = 0.003  # s
-PACE_BURST_SEGMENTS = 8
+PACE_BURST_SEGMENTS = 2
 PACE_MIN_WAIT = 0.001  # s: timers no finer than this
 # with congestion control, the bytes waiting to be sent are bounded by time at the pacing
 # rate (the transport's write buffer): a longer queue is only delay (bufferbloat) for every
@@ -188,15 +188,8 @@ class KcpLink:
         cc = self.cc
         assert cc is not None
         rs = RateSample.from_tuple(t)
-        if self._parity_ratio:
-            # FEC parity is paced with the data (``pace_debit``) but only KCP's payload is
-            # acknowledged: the sample is scaled to what went on the line with it, so the
-            # controller's rate is the line's and the parity share can change without the
-            # estimate (and with it the pacing) going wrong. Unscaled, each round would
-            # deliver less than the last and the estimate would spiral down. A queue that
-            # overflows while parity rebuilds what it drops shows up as a standing queue
-            # (congestion.Bbr._check_queue)
-            rs.sample_delivered = int(rs.sample_delivered * (1.0 + self._parity_ratio))
+        # FEC parity is paced with the data (``pace_debit``): the model counts it
+        cc.sample_scale = 1.0 + self._parity_ratio
         cc.on_sample(rs, kcp.inflight, now)
         if rs.app_limited:
             self._app_limited_samples += 1
