@@ -216,11 +216,12 @@ def test_probe_rtt_after_ten_seconds_without_a_lower_rtt():
     end = path.now + MIN_RTT_WINDOW + 2.0
     while path.now < end:
         rs = path.sample(rtt=0.05)
-        inflight = 4 * MSS if cc.state == PROBE_RTT else cc.cwnd
+        inflight = cc.cwnd
         cc.on_sample(rs, inflight, path.now)
         states.add(cc.state)
         if cc.state == PROBE_RTT:
-            assert cc.cwnd == 4 * MSS
+            # half a BDP (BBR v2), not four segments
+            assert cc.cwnd == max(4 * MSS, int(0.5 * cc.btl_bw * cc.min_rtt))
     assert PROBE_RTT in states
     assert cc.state == PROBE_BW  # and back after 200 ms and a round trip
     assert cc.min_rtt == 0.05  # the new minimum

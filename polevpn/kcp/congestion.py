@@ -316,7 +316,7 @@ class Bbr:
             self._prior_cwnd = max(self._prior_cwnd, self._cwnd)
             self._probe_rtt_done = None
         if self.state == PROBE_RTT:
-            if self._probe_rtt_done is None and inflight <= self.min_cwnd:
+            if self._probe_rtt_done is None and inflight <= self._probe_rtt_cwnd():
                 self._probe_rtt_done = now + PROBE_RTT_TIME
                 self._probe_rtt_round_done = False
                 self._next_round_delivered = rs.delivered
@@ -332,6 +332,12 @@ class Bbr:
                     else:
                         self.state = STARTUP
                         self.pacing_gain = self.cwnd_gain = HIGH_GAIN
+
+    def _probe_rtt_cwnd(self) -> int:
+        """In flight during PROBE_RTT: half a BDP, as BBR v2 has it, not BBR v1's four
+        segments: enough to drain the queue and see the path's RTT, and a tunnel's traffic
+        (a ping, a call) does not stall for the 200 ms every ten seconds."""
+        return max(self.min_cwnd, self.bdp(0.5))
 
     def _set_pacing_rate(self) -> None:
         if self._rate_guessed and self.min_rtt != math.inf:
@@ -349,7 +355,7 @@ class Bbr:
 
     def _set_cwnd(self, rs: RateSample, inflight: int) -> None:
         if self.state == PROBE_RTT:
-            self._cwnd = self.min_cwnd
+            self._cwnd = self._probe_rtt_cwnd()
             return
         floor = min(MIN_CWND_BYTES, int(self.btl_bw * BATCH_TIME))
         target = max(self.bdp(self.cwnd_gain) + 3 * self.mss, floor)
