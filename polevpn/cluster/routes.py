@@ -244,4 +244,3 @@ class RemoteRoutes(Generic[H]):
 
 def _net_order(net: IPNetwork) -> tuple[int, int, int]:
     return (net.version, int(net.network_address), net.prefixlen)
-
