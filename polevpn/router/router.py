@@ -144,6 +144,9 @@ class GatewayConnection(asyncio.Protocol):
     until it registers or closes.
     """
 
+    # a gateway, not a link to another router (cluster.peers.PeerLink): see forwarding
+    router_link = False
+
     def __init__(
         self, router: Router, transport_name: str, accepted_at: float | None = None
     ) -> None:

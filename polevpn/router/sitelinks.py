@@ -139,6 +139,8 @@ class Site(Generic[C]):
     """
 
     __slots__ = ("gateway", "links", "prefixes")
+    # what forwarding asks of every route target: no link to another router
+    router_link = False
 
     def __init__(self, gateway: object) -> None:
         self.gateway = gateway
