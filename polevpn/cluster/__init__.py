@@ -1,2 +1,14 @@
-"""Several routers for one network (issue 17): routes shared through etcd, and links
-between the routers that carry packets from one router's gateways to another's."""
+"""Several routers for one network, sharing their routes through etcd (issue 17).
+
+The layer between the router orchestrator and io: the router imports it; it imports io,
+proto, packet, config and common.
+
+    keys      sans-IO: the etcd key layout, encoding and validation of what is read back
+    state     sans-IO: ClusterState, store events in, decisions out (remote routes to apply,
+              keys this router must hold)
+    etcd      the etcd v3 JSON gateway client (asyncio streams + h11)
+    store     the asyncio adapter: lease, keepalive, snapshot + watch, reconnect, resync
+    view      frozen snapshots of the cluster for ops
+    routes    the table of remote routes (RemoteRoutes) forwarding looks up
+    peers     router-to-router links
+"""
