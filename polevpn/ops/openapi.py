@@ -32,6 +32,8 @@ DROP_REASONS = {
     "without super-packets: no frame holds it",
     "closing": "from a connection the router was closing, e.g. one replaced by a newer "
     "connection of its gateway or link: stale, never forwarded",
+    "peer_transit": "from another router of the cluster, for a network only a third router "
+    "holds: a packet crosses at most one router link",
 }
 
 Schema = dict[str, Any]

@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from polevpn.cluster.peers import PeerLinks, channel_binding
+from polevpn.cluster.routes import RemoteRoutes
 from polevpn.common.counters import Counters
 from polevpn.common.logfmt import endpoint, kv
 from polevpn.config import ConfigError, RouterConfig, load_router_config, reloading, set_log_level
@@ -42,15 +44,17 @@ from polevpn.packet.routing import IPAddress, NetworkSet, RouteTable, announceme
 from polevpn.proto import wire
 from polevpn.proto.certs import cert_fingerprint
 from polevpn.proto.messages import FEATURE_MULTILINK, FEATURE_SUPER
+from polevpn.proto.peering import PeerCredentials
 from polevpn.proto.session import (
     AuthFailed,
     AuthSucceeded,
     ConnectionLost,
+    PeerAuthenticated,
     RegisterRequested,
     ServerSession,
     State,
 )
-from polevpn.router.forwarding import forward
+from polevpn.router.forwarding import Forwarded, forward
 from polevpn.router.limits import Admission, source_key
 from polevpn.router.local import LocalEndpoint, conflict
 from polevpn.router.sitelinks import LinkInfo, Site, TooManyLinks
@@ -103,6 +107,8 @@ class RouterStats(Counters):
     dropped_closing: int = 0
     # to a multi-link gateway none of whose links is up
     dropped_links_down: int = 0
+    # from another router of the cluster, for a third router (never passed on)
+    dropped_peer_transit: int = 0
     # super-packets cut into plain packets for a gateway that did not negotiate them
     segmented: int = 0
     # links of multi-link gateways that fell silent (and were given up for the others)
@@ -115,6 +121,13 @@ class RouterStats(Counters):
     tun_bytes_out: int = 0
     tun_write_dropped: int = 0
     tun_write_errors: int = 0
+
+
+class Endpoint(Protocol):
+    """A source of ``Router.forward``: a gateway's connection, "local" or a router link."""
+
+    bytes_in: int
+    router_link: bool
 
 
 class TunSetupError(OSError):
@@ -179,6 +192,9 @@ class GatewayConnection(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.closing = False
+        # a router of the cluster proved itself on this connection: it is a router link
+        # now (cluster.peers), and this object has nothing more to do with it
+        self.handed_over = False
         # set from the config when the connection is made; a link's is shorter
         self.queue_limit = router.cfg.send_queue_bytes
 
@@ -211,6 +227,10 @@ class GatewayConnection(asyncio.Protocol):
             # the AUTH deadline runs from the TCP accept, so TLS and AUTH share one budget
             self.accepted_at if self.accepted_at is not None else now,
             self.router.features,
+            # another router of the cluster may dial in here (tls:// only: the proofs
+            # cover the TLS channel binding)
+            peer=(lambda: router.peer_credentials) if router.peers is not None else None,
+            binding=channel_binding(transport) if router.peers is not None else None,
         )
         limit = self.router.cfg.send_queue_bytes
         transport.set_write_buffer_limits(high=limit, low=limit // 2)
@@ -245,6 +265,8 @@ class GatewayConnection(asyncio.Protocol):
         if events:
             for ev in events:
                 self.router.on_event(self, ev)
+            if self.handed_over:
+                return
         if packets:
             self.packets_in += len(packets)
             self.router.forward(self, packets)
@@ -375,6 +397,21 @@ class Router:
         # the router's own TUN and its pseudo-gateway "local"; None unless cfg.tun is set
         self.tun: Tun | None = None
         self.local: LocalEndpoint | None = None
+        # a router of a cluster (cfg.cluster): the other routers' routes, installed in
+        # ``routes`` below every local claim, and the links to those routers
+        self.remote: RemoteRoutes | None = None
+        self.peers: PeerLinks | None = None
+        if cfg.cluster is not None:
+            creds = self.peer_credentials
+            assert creds is not None
+            self.remote = RemoteRoutes(self.routes, cfg.cluster.router_id)
+            self.peers = PeerLinks(
+                creds,
+                self.remote,
+                self.forward,
+                min(cfg.send_queue_bytes, linksock.LINK_QUEUE_BYTES),
+                lambda: self.congestion,
+            )
 
     def _take(self, cfg: RouterConfig) -> None:
         """The config and what follows from it alone: at start, and again on reload."""
@@ -382,6 +419,19 @@ class Router:
         offered = {FEATURE_SUPER: cfg.super_packets, FEATURE_MULTILINK: cfg.multi_link}
         self.features = frozenset(name for name, on in offered.items() if on)
         self.authority = cfg.authority()
+        peers = getattr(self, "peers", None)
+        creds = self.peer_credentials
+        if peers is not None and creds is not None:
+            # a rotated cluster credential counts from the next handshake on
+            peers.set_credentials(creds)
+
+    @property
+    def peer_credentials(self) -> PeerCredentials | None:
+        """What this router proves itself with to the other routers of its cluster now."""
+        c = self.cfg.cluster
+        if c is None:
+            return None
+        return PeerCredentials(c.name, c.router_id, c.peer_key, c.peer_key_previous)
 
     # -- lifecycle
 
@@ -397,6 +447,8 @@ class Router:
             await self._start_kcp()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._watch_links()))
+        if self.peers is not None:
+            self.peers.start()
         self.services = services
         for service in services:
             # before dropping privileges, so that a port below 1024 works
@@ -603,6 +655,8 @@ class Router:
         return True
 
     async def stop(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
         for conn in list(self.connections):
             conn.close("router shutting down")
         for task in self._tasks:
@@ -762,6 +816,8 @@ class Router:
     def on_event(self, conn: GatewayConnection, ev: object) -> None:
         if isinstance(ev, RegisterRequested):
             self._register(conn, ev)
+        elif isinstance(ev, PeerAuthenticated):
+            self._hand_over(conn)
         elif isinstance(ev, AuthSucceeded):
             if conn.transport_name == "kcp" and conn.transport is not None:
                 # kcp:// sessions keep a small receive window and decode no FEC until now
@@ -770,7 +826,12 @@ class Router:
             self.admission.authenticated(conn.source, time.monotonic())
         elif isinstance(ev, AuthFailed):
             self.stats.auth_failures += 1
-            log.warning("auth rejected", extra=kv(peer=conn.peer, reason=ev.reason))
+            if ev.peer and self.peers is not None:
+                self.peers.refused()
+            log.warning(
+                "auth rejected",
+                extra=kv(peer=conn.peer, reason=ev.reason, **({"router": 1} if ev.peer else {})),
+            )
             self._failed(conn)
         elif isinstance(ev, ConnectionLost):
             if ev.kind == "oversized":
@@ -780,6 +841,20 @@ class Router:
             else:
                 self.stats.malformed_frames += 1
             log.warning("protocol error", extra=kv(peer=conn.peer, reason=ev.reason))
+
+    def _hand_over(self, conn: GatewayConnection) -> None:
+        """Another router of the cluster proved itself on ``conn``: the connection leaves
+        the gateways' world (and the pending-connection limits) for cluster.peers."""
+        assert self.peers is not None and conn.session is not None
+        conn.handed_over = True
+        conn.closing = True
+        conn.release_slot()
+        self.admission.authenticated(conn.source, time.monotonic())
+        self.connections.discard(conn)
+        transport, session = conn.transport, conn.session
+        conn.transport = None
+        assert transport is not None
+        self.peers.adopt(transport, session, conn.peer)
 
     def _failed(self, conn: GatewayConnection) -> None:
         """Credentials refused: count it against the source's AUTH failure budget."""
@@ -1033,17 +1108,17 @@ class Router:
 
     # -- data plane
 
-    def forward(
-        self, src: GatewayConnection | LocalEndpoint, packets: list[memoryview] | list[bytes]
-    ) -> None:
+    def forward(self, src: Endpoint, packets: list[memoryview] | list[bytes]) -> Forwarded:
         """Route one read's packets (forwarding.forward) and write each destination's
-        frames with one call; nothing of it is kept for the next read."""
+        frames with one call; nothing of it is kept for the next read. The result is
+        returned for the drop counts a router link keeps of its own."""
         out = forward(packets, src, self.routes, self.cfg.anti_spoofing)  # type: ignore[arg-type]
         src.bytes_in += out.bytes_in
         out.add_to(self.stats)
         supers = out.supers
         for dst, parts in out.batches.items():
             dst.send_batch(parts, supers.get(dst, 0) if supers else 0)
+        return out
 
     # -- the router's own TUN (cfg.tun): the pseudo-gateway "local"
 

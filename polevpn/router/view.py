@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
+from polevpn.cluster.peers import PeerLinksView
 from polevpn.io.pathstats import TransportFigures, transport_figures
 from polevpn.router.sitelinks import Site
 
@@ -37,6 +38,7 @@ ROUTER_DROPS = {
     "dropped_links_down": "links_down",
     "dropped_oversized": "oversized",
     "dropped_closing": "closing",
+    "dropped_peer_transit": "peer_transit",
 }
 
 
@@ -148,6 +150,8 @@ class RouterView:
     stats: Mapping[str, int]
     admission: Mapping[str, int]  # AdmissionStats
     kcp: Mapping[str, int] | None  # KcpServerStats; None without a kcp:// listener
+    # the links to the other routers of the cluster; None without a cluster
+    peers: PeerLinksView | None = None
 
     @property
     def links(self) -> tuple[ConnectionView, ...]:
@@ -262,6 +266,9 @@ def snapshot(router: Router, now: float | None = None, wall: float | None = None
         key=lambda nt: (nt[0].version, int(nt[0].network_address), nt[0].prefixlen),
     )
     for net, target in table:
+        if getattr(target, "router_link", False):
+            # another router's route (cluster.routes): the cluster's view lists those
+            continue
         # a plain gateway's connection, or a multi-link gateway's site
         members = target.links.connections() if isinstance(target, Site) else [target]
         transport = shared_transport(c.transport_name for c in members)
@@ -281,4 +288,5 @@ def snapshot(router: Router, now: float | None = None, wall: float | None = None
         stats=stats,
         admission=_counters(router.admission.stats),
         kcp=kcp,
+        peers=peers.view(now) if (peers := getattr(router, "peers", None)) is not None else None,
     )
