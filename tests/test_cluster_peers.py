@@ -1,0 +1,321 @@
+"""Router links on loopback: two (or three) real routers in one event loop, each told of
+the others (``PeerLinks.set_peers``) and of their routes (``RemoteRoutes``) by the test
+as the cluster's state would, with protocol-level gateways (no root, no TUN, no etcd)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+
+import pytest
+from test_forwarding import tcp_super
+from test_router_loopback import (
+    ProtoGateway,
+    frame,
+    ipv4_packet,
+    router_config,
+    run,
+    until,
+)
+
+from polevpn.cluster import peers as peers_mod
+from polevpn.cluster.peers import PeerLink
+from polevpn.cluster.routes import RemoteRoute
+from polevpn.config import ClusterConfig, Listener, RouterConfig
+from polevpn.keygen import generate
+from polevpn.packet import gso
+from polevpn.proto import wire
+from polevpn.router import view
+from polevpn.router.router import Router
+
+K1 = "the-cluster-credential-1"
+K2 = "the-cluster-credential-2"
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory):
+    return generate(tmp_path_factory.mktemp("keys"))
+
+
+def cluster_config(keys, rid: str, key: str = K1, previous: str | None = None, name="c1"):
+    cluster = ClusterConfig(
+        name=name,
+        router_id=rid,
+        etcd_endpoints=("http://127.0.0.1:2379",),
+        peer_address=("127.0.0.1", 0),
+        peer_key=key,
+        peer_key_previous=previous,
+    )
+    # tls:// only: router links need it, and the gateways here use it
+    no_kcp = Listener(False, "127.0.0.1", 0, None, None)
+    return router_config(keys, cluster=cluster, kcp=no_kcp)
+
+
+async def started(cfg: RouterConfig) -> Router:
+    router = Router(cfg)
+    await router.start()
+    return router
+
+
+def mesh(*routers: Router) -> None:
+    """Tell every router where the others are, as the cluster's state does."""
+    for r in routers:
+        assert r.peers is not None
+        r.peers.set_peers(
+            {
+                o.cfg.cluster.router_id: ("127.0.0.1", o.tls_port)  # type: ignore[union-attr]
+                for o in routers
+                if o is not r
+            }
+        )
+
+
+def announce(router: Router, owner: Router, *nets: str, gateway: str = "169.254.0.9") -> None:
+    assert router.remote is not None and owner.cfg.cluster is not None
+    for net in nets:
+        rid = owner.cfg.cluster.router_id
+        router.remote.add(RemoteRoute(rid, ipaddress.ip_network(net), gateway, "site"))
+
+
+def link_up(a: Router, b: Router) -> bool:
+    assert a.peers is not None and b.cfg.cluster is not None
+    return b.cfg.cluster.router_id in a.peers.links
+
+
+def test_gateways_on_two_routers_reach_each_other_over_the_router_link(keys):
+    async def scenario():
+        r1 = await started(cluster_config(keys, "r1"))
+        r2 = await started(cluster_config(keys, "r2"))
+        mesh(r1, r2)
+        await until(lambda: link_up(r1, r2) and link_up(r2, r1), 5)
+        # r1 ("r1" < "r2") dialed, r2 accepted; one link each way round, no duplicate
+        assert r1.peers.links["r2"].dialed and not r2.peers.links["r1"].dialed
+        assert r1.peers.stats.dials == 1
+        assert not r2.connections, "the accepted link left the gateways' connections"
+        announce(r1, r2, "169.254.0.2/32", "198.18.20.0/24")
+        announce(r2, r1, "169.254.0.1/32", "198.18.10.0/24")
+        a = await ProtoGateway.connect(r1)
+        await a.login("169.254.0.1", ["198.18.10.0/24"])
+        b = await ProtoGateway.connect(r2)
+        await b.login("169.254.0.2", ["198.18.20.0/24"])
+        there = ipv4_packet("198.18.10.2", "198.18.20.2")
+        await a.send(frame(3, there))
+        assert await b.recv_frame() == (2, 0, there)
+        back = ipv4_packet("198.18.20.2", "198.18.10.2")
+        await b.send(frame(3, back))
+        assert await a.recv_frame() == (2, 0, back)
+        # what crossed is on the link's figures at both ends
+        v1 = view.snapshot(r1).peers
+        assert v1 is not None
+        (row,) = v1.links
+        assert (row.router_id, row.state, row.direction) == ("r2", "up", "dialed")
+        assert (row.packets_out, row.packets_in) == (1, 1)
+        assert row.bytes_out == len(there) and row.bytes_in == len(back)
+        v2 = view.snapshot(r2).peers
+        assert v2 is not None and v2.links[0].direction == "accepted"
+        # the router's own route listing shows its gateways only
+        assert {r.gateway for r in view.snapshot(r1).routes} == {"169.254.0.1"}
+        a.close()
+        b.close()
+        await r1.stop()
+        await r2.stop()
+
+    run(scenario())
+
+
+def test_super_packets_cross_whole_and_are_cut_for_a_gateway_without_them(keys):
+    async def scenario():
+        r1 = await started(cluster_config(keys, "r1"))
+        r2 = await started(cluster_config(keys, "r2"))
+        mesh(r1, r2)
+        await until(lambda: link_up(r1, r2) and link_up(r2, r1), 5)
+        assert r1.peers.links["r2"].super_packets and r2.peers.links["r1"].super_packets
+        announce(r1, r2, "198.18.20.0/24", "198.18.30.0/24")
+        announce(r2, r1, "198.18.10.0/24")
+        a = await ProtoGateway.connect(r1)
+        await a.login("169.254.0.1", ["198.18.10.0/24"], features=["super-packets"])
+        b = await ProtoGateway.connect(r2)
+        await b.login("169.254.0.2", ["198.18.20.0/24"], features=["super-packets"])
+        c = await ProtoGateway.connect(r2)
+        await c.login("169.254.0.3", ["198.18.30.0/24"])
+        sp_b = tcp_super("198.18.10.2", "198.18.20.2", 8000, 1360)
+        sp_c = tcp_super("198.18.10.2", "198.18.30.2", 8000, 1360)
+        await a.send(wire.super_header(len(sp_b)) + sp_b + wire.super_header(len(sp_c)) + sp_c)
+        assert await b.recv_any() == (wire.SUPER_IPDATA, sp_b)
+        cut = [await c.recv_any() for _ in gso.to_plain(sp_c)]
+        assert [bytes(p) for p in gso.to_plain(sp_c)] == [body for _, body in cut]
+        # cut at r2, the router of the gateway without them: whole on the router link
+        assert r2.stats.segmented == 1 and r1.stats.segmented == 0
+        for gw in (a, b, c):
+            gw.close()
+        await r1.stop()
+        await r2.stop()
+
+    run(scenario())
+
+
+def test_what_came_from_a_router_is_not_sent_on_to_a_third(keys):
+    async def scenario():
+        r1 = await started(cluster_config(keys, "r1"))
+        r2 = await started(cluster_config(keys, "r2"))
+        mesh(r1, r2)
+        await until(lambda: link_up(r1, r2) and link_up(r2, r1), 5)
+        # r1 thinks r2 holds 198.18.30.0/24; r2 thinks r1 does (a moment of disagreement)
+        announce(r1, r2, "198.18.30.0/24")
+        announce(r2, r1, "198.18.30.0/24", "198.18.10.0/24")
+        a = await ProtoGateway.connect(r1)
+        await a.login("169.254.0.1", ["198.18.10.0/24"])
+        await a.send(frame(3, ipv4_packet("198.18.10.2", "198.18.30.2")))
+        # r2 sends it back to the router it came from: a hairpin, dropped
+        await until(lambda: r2.stats.dropped_hairpin == 1)
+        # a third router's network at r2: dropped as transit, counted on the link too
+        r3_link = object.__new__(PeerLink)  # stands in for a link to r3 in r2's table
+        r3_link.router_link = True  # type: ignore[misc]
+        r2.routes.add_fallback(ipaddress.ip_network("198.18.40.0/24"), r3_link)
+        announce(r1, r2, "198.18.40.0/24")
+        await a.send(frame(3, ipv4_packet("198.18.10.2", "198.18.40.2")))
+        await until(lambda: r2.stats.dropped_peer_transit == 1)
+        assert r2.peers.links["r1"].dropped_transit == 1
+        assert r2.peers.stats.dropped_transit == 1
+        # a source r1 does not announce: spoofed, counted on the link
+        announce(r1, r2, "198.18.50.0/24")
+        r1.cfg = RouterConfig(**{**r1.cfg.__dict__, "anti_spoofing": False})
+        await a.send(frame(3, ipv4_packet("198.18.99.9", "198.18.50.2")))
+        await until(lambda: r2.stats.dropped_spoofed == 1)
+        assert r2.peers.links["r1"].dropped_spoofed == 1
+        a.close()
+        await r1.stop()
+        await r2.stop()
+
+    run(scenario())
+
+
+def test_a_wrong_credential_or_another_cluster_is_refused_and_counted(keys):
+    async def scenario():
+        r2 = await started(cluster_config(keys, "r2"))
+        bad = await started(cluster_config(keys, "r1", key="not-the-credential-at-all"))
+        other = await started(cluster_config(keys, "r0", name="c2"))
+        mesh(r2, bad)
+        mesh(r2, other)
+        await until(lambda: r2.peers.stats.refused >= 2, 5)
+        await until(lambda: bad.peers.stats.dial_failures >= 1)
+        await until(lambda: other.peers.stats.dial_failures >= 1)
+        assert bad.peers.stats.rejected >= 1 and other.peers.stats.rejected >= 1
+        assert not r2.peers.links and not bad.peers.links and not other.peers.links
+        assert r2.stats.auth_failures >= 2
+        (row,) = view.snapshot(bad).peers.links  # type: ignore[union-attr]
+        assert row.state == "connecting" and row.last_error == "invalid cluster credential"
+        (row,) = view.snapshot(other).peers.links  # type: ignore[union-attr]
+        assert row.last_error == "not a router of this cluster"
+        # a router without a cluster section refuses a dialing router as any bad key
+        plain = await started(router_config(keys))
+        assert plain.peers is None
+        bad.peers.set_peers({"r9": ("127.0.0.1", plain.tls_port)})
+        await until(lambda: plain.stats.auth_failures >= 1)
+        for r in (r2, bad, other, plain):
+            await r.stop()
+
+    run(scenario())
+
+
+def test_the_previous_credential_is_accepted_during_a_rotation(keys):
+    async def scenario():
+        r1 = await started(cluster_config(keys, "r1", key=K2, previous=K1))
+        r2 = await started(cluster_config(keys, "r2", key=K1))
+        mesh(r1, r2)
+        await until(lambda: link_up(r1, r2) and link_up(r2, r1), 5)
+        await r1.stop()
+        await r2.stop()
+
+    run(scenario())
+
+
+def test_a_silent_router_is_noticed_and_its_routes_leave_then_come_back(keys, monkeypatch):
+    async def scenario():
+        r1 = await started(cluster_config(keys, "r1"))
+        r2 = await started(cluster_config(keys, "r2"))
+        mesh(r1, r2)
+        await until(lambda: link_up(r1, r2) and link_up(r2, r1), 5)
+        announce(r1, r2, "198.18.20.0/24")
+        probe = ipaddress.ip_address("198.18.20.1")
+        assert r1.routes.lookup(probe) is r1.peers.links["r2"]
+        # r2 stops reading and answering, and gives up on nothing (a hung host)
+        link2 = r2.peers.links["r1"]
+        link2.tick = lambda now: None  # type: ignore[method-assign]
+        transport2 = link2.transport
+        transport2.pause_reading()
+        t0 = time.monotonic()
+        await until(lambda: not link_up(r1, r2), 5)
+        silent = time.monotonic() - t0
+        assert silent < peers_mod.PEER_TIMEOUT + 0.5
+        assert r1.routes.lookup(probe) is None
+        assert r1.peers.stats.timeouts == 1
+        # r2 wakes up (and finds its old link reset); r1 dials again: routes back
+        if not transport2.is_closing():
+            transport2.resume_reading()
+        await until(lambda: link_up(r1, r2) and r2.peers.links.get("r1") is not link2, 8)
+        assert r1.routes.lookup(probe) is r1.peers.links["r2"]
+        assert r1.peers.links["r2"] is not None and r1.peers.stats.links_up == 2
+        await r1.stop()
+        await r2.stop()
+
+    run(scenario())
+
+
+def test_a_router_that_stops_is_noticed_at_once_and_redialled_when_back(keys):
+    async def scenario():
+        r1 = await started(cluster_config(keys, "r1"))
+        r2 = await started(cluster_config(keys, "r2"))
+        port = r2.tls_port
+        mesh(r1, r2)
+        await until(lambda: link_up(r1, r2), 5)
+        t0 = time.monotonic()
+        await r2.stop()
+        await until(lambda: "r2" not in r1.peers.links, 3)
+        assert time.monotonic() - t0 < 1.0
+        await until(lambda: r1.peers.stats.dial_failures >= 1, 5)
+        # back on the same port: dialed again within the backoff's ceiling
+        cfg = cluster_config(keys, "r2")
+        listener = Listener(True, "127.0.0.1", port, cfg.tls.cert_file, cfg.tls.key_file)
+        r2b = await started(RouterConfig(**{**cfg.__dict__, "tls": listener}))
+        await until(lambda: link_up(r1, r2b), peers_mod.RECONNECT_MAX + 3)
+        await r1.stop()
+        await r2b.stop()
+
+    run(scenario())
+
+
+def test_a_newer_link_to_the_same_router_replaces_the_older(keys):
+    """Two links between one pair of routers (r1 restarted and dialed before its old link
+    was noticed dead, say; here r2 dials as well): the newer replaces the older, and one
+    link is left at both ends."""
+
+    async def scenario():
+        r1 = await started(cluster_config(keys, "r1"))
+        r2 = await started(cluster_config(keys, "r2"))
+        mesh(r1, r2)
+        await until(lambda: link_up(r1, r2) and link_up(r2, r1), 5)
+        old1 = r1.peers.links["r2"]
+        # r1 stops dialing (the link it has stays up), and r2 dials r1 too
+        r1.peers.set_peers({})
+        assert r1.peers.links["r2"] is old1
+        r2.peers._dialers["r1"] = (
+            ("127.0.0.1", r1.tls_port),
+            asyncio.get_running_loop().create_task(
+                r2.peers._dial_loop("r1", ("127.0.0.1", r1.tls_port))
+            ),
+        )
+        await until(lambda: r1.peers.stats.replaced == 1, 5)
+        await until(lambda: old1.closing and r2.peers.links.get("r1") is not None, 5)
+        new1 = r1.peers.links["r2"]
+        assert not new1.dialed and r2.peers.links["r1"].dialed
+        await until(lambda: not r2.peers.pending)
+        assert len(r1.peers.links) == 1 and len(r2.peers.links) == 1
+        # and traffic takes the new link
+        announce(r1, r2, "198.18.20.0/24")
+        assert r1.routes.lookup(ipaddress.ip_address("198.18.20.1")) is new1
+        await r1.stop()
+        await r2.stop()
+
+    run(scenario())
