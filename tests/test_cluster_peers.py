@@ -9,6 +9,7 @@ import ipaddress
 import time
 
 import pytest
+from prometheus_client import generate_latest
 from test_forwarding import tcp_super
 from test_router_loopback import (
     ProtoGateway,
@@ -24,6 +25,7 @@ from polevpn.cluster.peers import PeerLink
 from polevpn.cluster.routes import RemoteRoute
 from polevpn.config import ClusterConfig, Listener, RouterConfig
 from polevpn.keygen import generate
+from polevpn.ops import metrics
 from polevpn.packet import gso
 from polevpn.proto import wire
 from polevpn.router import view
@@ -116,6 +118,18 @@ def test_gateways_on_two_routers_reach_each_other_over_the_router_link(keys):
         assert v2 is not None and v2.links[0].direction == "accepted"
         # the router's own route listing shows its gateways only
         assert {r.gateway for r in view.snapshot(r1).routes} == {"169.254.0.1"}
+        # and /metrics has the link
+        page = generate_latest(metrics.router_registry(lambda: view.snapshot(r1))).decode()
+        for line in (
+            'polevpn_router_peer_link_up{router="r2"} 1.0',
+            'polevpn_router_peer_link_sent_packets_total{router="r2"} 1.0',
+            'polevpn_router_peer_link_received_packets_total{router="r2"} 1.0',
+            f'polevpn_router_peer_link_sent_bytes_total{{router="r2"}} {float(len(there))}',
+            'polevpn_router_peer_link_dropped_packets_total{reason="transit",router="r2"} 0.0',
+            "polevpn_router_peers_links_up_total 1.0",
+            'polevpn_router_dropped_packets_total{reason="peer_transit"} 0.0',
+        ):
+            assert line in page.splitlines(), line
         a.close()
         b.close()
         await r1.stop()

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from polevpn.cluster.peers import PeerLinksView
 from polevpn.gateway.view import GATEWAY_DROPS, GatewayView, UplinkView
 from polevpn.io.pathstats import KcpFigures
 from polevpn.ops import httpserver
@@ -162,6 +163,8 @@ class RouterCollector(Collector):
         stats = v.stats
         yield from self._per_gateway(v)
         yield from self._per_link(v)
+        if v.peers is not None:
+            yield from self._peer_links(v.peers)
 
         by_transport = GaugeMetricFamily(
             f"{p}connections",
@@ -354,6 +357,57 @@ class RouterCollector(Collector):
             loss,
             *kcp.families(),
         ]
+
+
+    def _peer_links(self, v: PeerLinksView) -> Iterable[Metric]:
+        """The links to the other routers of the cluster, labelled by the other's id."""
+        p = f"{self.P}peer_link_"
+        names = ["router"]
+        up = GaugeMetricFamily(
+            f"{p}up", "1 while the link to that router is up, 0 otherwise", labels=names
+        )
+        connects = CounterMetricFamily(
+            f"{p}connects", "times a link to that router came up", labels=names
+        )
+        rx_p = CounterMetricFamily(
+            f"{p}received_packets", "packets received from that router", labels=names
+        )
+        tx_p = CounterMetricFamily(f"{p}sent_packets", "packets sent to that router", labels=names)
+        rx_b = CounterMetricFamily(
+            f"{p}received_bytes", "IP bytes received from that router", labels=names
+        )
+        tx_b = CounterMetricFamily(f"{p}sent_bytes", "IP bytes sent to that router", labels=names)
+        drops = CounterMetricFamily(
+            f"{p}dropped_packets",
+            "packets of the link dropped: its queue full (queue_full), from a source that "
+            "router does not announce (spoofed), from it for a third router (transit)",
+            labels=[*names, "reason"],
+        )
+        rtt = GaugeMetricFamily(
+            f"{p}rtt_seconds",
+            "round-trip time: heartbeats on a link this router dialed, else TCP's estimate",
+            labels=names,
+        )
+        for link in v.links:
+            labels = [link.router_id]
+            up.add_metric(labels, int(link.state == "up"))
+            connects.add_metric(labels, link.connects)
+            rx_p.add_metric(labels, link.packets_in)
+            tx_p.add_metric(labels, link.packets_out)
+            rx_b.add_metric(labels, link.bytes_in)
+            tx_b.add_metric(labels, link.bytes_out)
+            drops.add_metric([*labels, "queue_full"], link.dropped_queue_full)
+            drops.add_metric([*labels, "spoofed"], link.dropped_spoofed)
+            drops.add_metric([*labels, "transit"], link.dropped_transit)
+            seconds = link.rtt
+            if seconds is None and link.figures.path.rtt_ms is not None:
+                seconds = link.figures.path.rtt_ms / 1000
+            if seconds is not None and link.state == "up":
+                rtt.add_metric(labels, seconds)
+        out: list[Metric] = [up, connects, rx_p, tx_p, rx_b, tx_b, drops, rtt]
+        for name, value in v.stats.items():
+            out.append(_counter(f"{self.P}peers_{name}", f"PeerStats.{name}", value))
+        return out
 
 
 def _traffic(labels: list[str], c: ConnectionView, *families: CounterMetricFamily) -> None:
