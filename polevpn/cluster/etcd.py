@@ -81,6 +81,7 @@ class Event:
     key: bytes
     value: bytes | None
     mod_revision: int
+    lease: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,11 +278,7 @@ class EtcdClient:
 
     async def _connect(self) -> tuple[_Connection, str]:
         self.endpoint = self.endpoints[self._index]
-        try:
-            return await _Connection.open(self.endpoint, self._ssl, self.timeout)
-        except EtcdUnavailable:
-            self._index = (self._index + 1) % len(self.endpoints)
-            raise
+        return await _Connection.open(self.endpoint, self._ssl, self.timeout)
 
     async def close(self) -> None:
         self._drop()
@@ -306,6 +303,10 @@ class EtcdClient:
         async with self._lock:
             for attempt in range(2):
                 await self._authenticate()
+                # a kept connection the server has closed meanwhile fails at once: one more
+                # try on a new one (every call here may be repeated: puts and deletes of the
+                # same keys, a keepalive; a lease granted twice expires unused)
+                reused = self._conn is not None
                 try:
                     async with asyncio.timeout(self.timeout):
                         if self._conn is None:
@@ -313,11 +314,20 @@ class EtcdClient:
                         status, raw = await self._exchange(
                             self._conn, self._netloc, path, data, self._token
                         )
-                except (OSError, TimeoutError, ssl.SSLError, h11.ProtocolError) as exc:
+                except TimeoutError:  # (an OSError: first)
                     self.rotate()
-                    raise EtcdUnavailable(f"{self.endpoint}{path}: {exc or 'timed out'}") from None
-                except EtcdUnavailable:
+                    raise EtcdUnavailable(f"{self.endpoint}{path}: timed out") from None
+                except (OSError, ssl.SSLError, h11.ProtocolError, EtcdUnavailable) as exc:
+                    if reused and attempt == 0:
+                        self._drop()
+                        continue
                     self.rotate()
+                    if isinstance(exc, EtcdUnavailable):
+                        raise
+                    raise EtcdUnavailable(f"{self.endpoint}{path}: {exc}") from None
+                except BaseException:
+                    # cancelled half-way: the connection is in no known state
+                    self._drop()
                     raise
                 if not self._conn.reusable():
                     self._drop()
@@ -343,9 +353,12 @@ class EtcdClient:
                 status, raw = await self._exchange(
                     self._conn, self._netloc, "/v3/auth/authenticate", body, None
                 )
-        except (OSError, TimeoutError, ssl.SSLError, h11.ProtocolError) as exc:
+        except (OSError, ssl.SSLError, h11.ProtocolError, EtcdUnavailable) as exc:
             self.rotate()
             raise EtcdUnavailable(f"{self.endpoint}: authenticate: {exc or 'timed out'}") from None
+        except BaseException:
+            self._drop()
+            raise
         if not self._conn.reusable():
             self._drop()
         token = _decode(status, raw).get("token")
@@ -430,7 +443,11 @@ class EtcdClient:
         """Changes under ``prefix`` from ``start_revision`` on, on a connection of its own,
         until it fails (EtcdUnavailable) or the revision is gone (Compacted)."""
         await self._authenticate()
-        conn, netloc = await self._connect()
+        try:
+            conn, netloc = await self._connect()
+        except EtcdUnavailable:
+            self.rotate()
+            raise
         try:
             body = {
                 "create_request": {
@@ -505,5 +522,5 @@ def _watch_message(line: bytes) -> WatchBatch | None:
             raise EtcdError("watch: an event is not an object")
         kv = _kv(ev.get("kv", {}))
         is_delete = ev.get("type") == "DELETE"
-        out.append(Event(kv.key, None if is_delete else kv.value, kv.mod_revision))
+        out.append(Event(kv.key, None if is_delete else kv.value, kv.mod_revision, kv.lease))
     return WatchBatch(_header_revision(result), tuple(out))

@@ -134,9 +134,11 @@ class ClusterState:
         self._me = me
         self._me_value = encode_router(me)
         self._claims: dict[IPNetwork, list[_Claim]] = {}
-        self._by_gateway: dict[str, list[IPNetwork]] = {}
+        self._by_gateway: dict[str, tuple[str, list[IPNetwork]]] = {}
         self._held: dict[bytes, bytes] = {}
         self.lease = 0
+        # a key of ours left the store (or was overwritten) since pending() last ran
+        self.dirty = False
 
     # ------------------------------------------------------------------ the store
     def snapshot(self, revision: int, kvs: Iterable[tuple[bytes, bytes, int]]) -> None:
@@ -192,8 +194,9 @@ class ClusterState:
             if lease == self.lease and lease:
                 self._held[key] = value
             elif self._held.pop(key, None) is not None or key in self.desired():
-                # not under our lease: someone else wrote it; write ours again when next due
+                # not under our lease: someone else wrote it; ours is due again
                 self.stats.foreign_writes += 1
+                self.dirty = True
             return
         r = self.routers.get(rid)
         if r is None:
@@ -223,7 +226,8 @@ class ClusterState:
             return
         if parsed.router_id == self.router_id:
             # gone from the store (our lease expired, or someone deleted it): due again
-            self._held.pop(key, None)
+            if self._held.pop(key, None) is not None:
+                self.dirty = True
             return
         r = self.routers.get(parsed.router_id)
         if r is None:
@@ -280,15 +284,20 @@ class ClusterState:
             claim = _Claim(gateway, site, value or encode_route(RouteInfo(gateway, site)))
             value = claim.value
             self._claims.setdefault(net, []).append(claim)
-        self._by_gateway[gateway] = nets
+        self._by_gateway[gateway] = (site, nets)
 
     def drop_gateway(self, gateway: str) -> None:
         """``gateway``'s last link is gone: its networks are no longer held here."""
-        for net in self._by_gateway.pop(gateway, ()):
+        _, nets = self._by_gateway.pop(gateway, ("", []))
+        for net in nets:
             claims = self._claims.get(net, [])
             claims[:] = [c for c in claims if c.gateway != gateway]
             if not claims:
                 self._claims.pop(net, None)
+
+    def gateways(self) -> dict[str, tuple[str, list[IPNetwork]]]:
+        """The gateways registered here: their site and networks."""
+        return dict(self._by_gateway)
 
     def local_routes(self) -> dict[IPNetwork, RouteInfo]:
         """What this router holds: network -> the gateway in force for it."""
@@ -304,6 +313,7 @@ class ClusterState:
     def pending(self) -> tuple[dict[bytes, bytes], list[bytes]]:
         """What to write: the puts and the deletes that make the store hold ``desired()``
         under the current lease."""
+        self.dirty = False
         want = self.desired()
         puts = {k: v for k, v in want.items() if self._held.get(k) != v}
         deletes = [k for k in self._held if k not in want]

@@ -27,11 +27,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from polevpn.cluster.member import ClusterMember
 from polevpn.cluster.peers import PeerLinks, channel_binding
 from polevpn.cluster.routes import RemoteRoutes
 from polevpn.common.counters import Counters
 from polevpn.common.logfmt import endpoint, kv
-from polevpn.config import ConfigError, RouterConfig, load_router_config, reloading, set_log_level
+from polevpn.config import (
+    ClusterConfig,
+    ConfigError,
+    RouterConfig,
+    load_router_config,
+    reloading,
+    set_log_level,
+)
 from polevpn.host import memory, netconf, privileges
 from polevpn.io import linksock, tcpcc, udpsock
 from polevpn.io.kcp_transport import KcpServer
@@ -397,21 +405,12 @@ class Router:
         # the router's own TUN and its pseudo-gateway "local"; None unless cfg.tun is set
         self.tun: Tun | None = None
         self.local: LocalEndpoint | None = None
-        # a router of a cluster (cfg.cluster): the other routers' routes, installed in
-        # ``routes`` below every local claim, and the links to those routers
+        # this router's part in a cluster (cfg.cluster); None for a router alone. With it:
+        # the other routers' routes, installed in ``routes`` below every local claim, and
+        # the links to those routers
+        self.cluster: ClusterMember | None = None
         self.remote: RemoteRoutes | None = None
         self.peers: PeerLinks | None = None
-        if cfg.cluster is not None:
-            creds = self.peer_credentials
-            assert creds is not None
-            self.remote = RemoteRoutes(self.routes, cfg.cluster.router_id)
-            self.peers = PeerLinks(
-                creds,
-                self.remote,
-                self.forward,
-                min(cfg.send_queue_bytes, linksock.LINK_QUEUE_BYTES),
-                lambda: self.congestion,
-            )
 
     def _take(self, cfg: RouterConfig) -> None:
         """The config and what follows from it alone: at start, and again on reload."""
@@ -447,8 +446,8 @@ class Router:
             await self._start_kcp()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._watch_links()))
-        if self.peers is not None:
-            self.peers.start()
+        if self.cfg.cluster is not None:
+            self._join_cluster()
         self.services = services
         for service in services:
             # before dropping privileges, so that a port below 1024 works
@@ -670,6 +669,9 @@ class Router:
         for service in self.services:
             service.close()
         self._stop_tun()
+        if self.cluster is not None:
+            # the lease revoked: this router's keys vanish from the store at once
+            await self.cluster.stop()
         log.info("stopped", extra=kv(**self.stats.fields()))
 
     # -- reload
@@ -683,6 +685,7 @@ class Router:
         """
         plan = reloading.plan(self.cfg, load_router_config(self.cfg.path))
         cfg = plan.config
+        old_cluster = self.cfg.cluster
         # certificates are read again on every reload (renewed files keep their names);
         # one that fails to load fails the reload before anything has changed
         tls_ctx = dtls_ctx = None
@@ -721,6 +724,8 @@ class Router:
             log.warning("%s", warning)
         for line in self._recheck():
             changes.append(line)
+        if plan.changed("cluster"):
+            self._reload_cluster(old_cluster)
         reloading.log_changes(log, cfg.path, changes)
         return changes
 
@@ -902,6 +907,8 @@ class Router:
             conn.session.reject_register(ev.seq, decision.error)
             self._failed(conn)
             return
+        if self._cluster_refuses(conn, ev, prefixes):
+            return
         link = req.link if FEATURE_MULTILINK in conn.session.features else None
         if conn.gateway is not None:
             # a second REGISTER on the same connection replaces what it announced before
@@ -934,6 +941,8 @@ class Router:
         conn.session.accept_register(ev.seq)
         conn.release_slot()
         self.stats.registrations += 1
+        if self.cluster is not None:
+            self.cluster.gateway_up(req.gateway, prefixes)
         log.info(
             "registered",
             extra=kv(
@@ -1017,6 +1026,8 @@ class Router:
     def _drop_site(self, site: Site) -> None:
         for net in site.prefixes:
             self.routes.remove(net, site)
+        if site.prefixes and self.cluster is not None:
+            self.cluster.gateway_down(site.gateway)
         site.prefixes = []
         if self.sites.get(site.gateway) is site:
             del self.sites[site.gateway]
@@ -1030,6 +1041,8 @@ class Router:
         conn.prefixes = []
         if conn.gateway is not None and self.by_gateway.get(conn.gateway) is conn:
             del self.by_gateway[conn.gateway]
+            if self.cluster is not None:
+                self.cluster.gateway_down(conn.gateway)
         site = conn.site
         if site is not None:
             # no longer a link: a REGISTER on it now makes it one again, or a plain gateway
@@ -1224,4 +1237,96 @@ class Router:
         )
         conn.session.reject_register(ev.seq, reason)
         self._failed(conn)
+        return True
+
+    # -- the cluster (cfg.cluster): routes shared with other routers through etcd
+
+    def _join_cluster(self) -> None:
+        """Become a member: everything registered here is published, the store runs, and
+        the other routers it lists are dialed (cluster.peers)."""
+        cfg = self.cfg.cluster
+        assert cfg is not None
+        member = self.cluster = ClusterMember(cfg, self.routes)
+        # the other routers' routes (cluster.routes.RemoteRoutes), which the member's state
+        # keeps and the links to those routers bring into the data path
+        self.remote = member.remote
+        self._open_peers()
+        member.state.on_routers = self._routers_changed
+        if self.local is not None and self.cfg.tun is not None:
+            member.local_up(self.cfg.tun.gateway, self.local.prefixes)
+        for gateway, conn in self.by_gateway.items():
+            member.gateway_up(gateway, conn.prefixes)
+        for gateway, site in self.sites.items():
+            if site.prefixes:
+                member.gateway_up(gateway, site.prefixes)
+        member.start()
+
+    def _open_peers(self) -> None:
+        creds = self.peer_credentials
+        assert creds is not None and self.remote is not None
+        self.remote.self_id = creds.router_id
+        self.peers = PeerLinks(
+            creds,
+            self.remote,
+            self.forward,
+            min(self.cfg.send_queue_bytes, linksock.LINK_QUEUE_BYTES),
+            lambda: self.congestion,
+        )
+        self.peers.start()
+
+    def _routers_changed(self) -> None:
+        """The store's list of the other routers changed: dial those to dial."""
+        member, peers = self.cluster, self.peers
+        if member is None or peers is None:
+            return
+        peers.set_peers(
+            {
+                rid: r.info.peer_address
+                for rid, r in member.state.routers.items()
+                if r.info is not None
+            }
+        )
+
+    def _reload_cluster(self, old: ClusterConfig | None) -> None:
+        """The cluster section was added, removed or changed by a reload."""
+        new, member = self.cfg.cluster, self.cluster
+        if member is not None and new is None:
+            self.cluster = None
+            if self.peers is not None:
+                self.peers.close()
+            self.peers = None
+            self.remote = None
+            task = asyncio.create_task(member.stop())
+            self._upgrades.add(task)  # held until done, like a TLS upgrade
+            task.add_done_callback(self._upgrades.discard)
+        elif member is None and new is not None:
+            self._join_cluster()
+        elif member is not None and new is not None:
+            if old is not None and (old.name, old.router_id) != (new.name, new.router_id):
+                # another router now: its links go, and those of the new identity come
+                if self.peers is not None:
+                    self.peers.close()
+                self._open_peers()
+            member.reconfigure(new)
+            self._routers_changed()
+
+    def _cluster_refuses(
+        self, conn: GatewayConnection, ev: RegisterRequested, prefixes: list
+    ) -> bool:
+        """Another router of the cluster holds one of these networks for another gateway
+        (as the store says): refused, not counted as a failed AUTH (it may be a gateway that
+        moved, whose old registration has yet to expire)."""
+        if self.cluster is None:
+            return False
+        why = self.cluster.refuses(ev.request.gateway, prefixes)
+        if why is None:
+            return False
+        assert conn.session is not None
+        self.stats.register_refused += 1
+        log.warning(
+            "registration refused",
+            extra=kv(gateway=ev.request.gateway, peer=conn.peer, reason=why),
+        )
+        # the gateway is told no more than that: which router and gateway hold it is ours
+        conn.session.reject_register(ev.seq, "a network is held by another gateway of the cluster")
         return True
