@@ -20,6 +20,7 @@ from test_router_loopback import (
     until,
 )
 
+from polevpn.cluster import member as member_mod
 from polevpn.cluster import peers as peers_mod
 from polevpn.cluster.peers import PeerLink
 from polevpn.cluster.routes import RemoteRoute
@@ -38,6 +39,18 @@ K2 = "the-cluster-credential-2"
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory):
     return generate(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(autouse=True)
+def no_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No etcd here: the test tells the routers what the store would (set_peers, the
+    remote routes), and the member's store never runs."""
+
+    async def stop(self: member_mod.ClusterMember) -> None:
+        return None
+
+    monkeypatch.setattr(member_mod.ClusterMember, "start", lambda self: None)
+    monkeypatch.setattr(member_mod.ClusterMember, "stop", stop)
 
 
 def cluster_config(keys, rid: str, key: str = K1, previous: str | None = None, name="c1"):

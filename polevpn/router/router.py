@@ -787,6 +787,7 @@ class Router:
                         pending=self.admission.pending,
                         **self.stats.fields(),
                         **self.admission.stats.fields(),
+                        **(self.peers.stats.fields("peer_") if self.peers is not None else {}),
                         **(
                             {**self.kcp_server.counters().fields("kcp_"), **self._fec_totals()}
                             if self.kcp_server
