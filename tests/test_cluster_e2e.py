@@ -158,3 +158,54 @@ def test_a_router_killed_its_gateways_move_to_the_other(tmp_path: Path, keys: Pa
         assert t.find_log_line(ga.log_path, "link down", "link=r1") is None
         # and r1 noticed its link to r2 was gone
         assert t.find_log_line(r1.log_path, "router link down", "router=r2") is not None
+
+
+def test_a_hung_router_is_left_within_the_heartbeat_timeout(tmp_path: Path, keys: Path) -> None:
+    """r2 frozen (SIGSTOP): its kernel still completes TCP handshakes and takes data, so
+    nothing resets; only silence tells. gwA's link to r2 is down after link_timeout and its
+    flows move to r1; gwB, with heartbeats every 0.3 s and a 1.5 s timeout, gives r2 up and
+    registers at r1, its next route server, without first spending connect_timeout on the
+    hung r2 again."""
+    topo = t.Topology(log_dir=tmp_path / "logs")
+    with etcd_fixture.Etcd() as etcd, t.built(topo):
+        r1, r2 = start_cluster(topo, etcd, keys, tmp_path)
+        links = [
+            {"name": "r1", "route_server": R1_SERVER},
+            {"name": "r2", "route_server": R2_SERVER_VIA_A},
+        ]
+        gw_a = t.gateway_config(
+            "A", keys, links=links, link_heartbeat_interval=0.25, link_timeout=1.0
+        )
+        del gw_a["route_server"]
+        gw_b = t.gateway_config(
+            "B",
+            keys,
+            route_servers=[R2_SERVER_VIA_B, R1_SERVER_VIA_B],
+            heartbeat_interval=0.3,
+            heartbeat_timeout=1.5,
+            connect_timeout=5,
+        )
+        del gw_b["route_server"]
+        ga = t.start_gateway(topo, "gwA", t.write_json(tmp_path / "gwA.json", gw_a))
+        t.wait_log_lines(ga.log_path, 2, "link up", timeout=10, why="both of gwA's links")
+        gb = t.start_gateway(topo, "gwB", t.write_json(tmp_path / "gwB.json", gw_b))
+        assert topo.wait_ping("hostA", t.HOST_B, deadline=15) is not None
+        pings = topo.start_pings("hostA", t.HOST_B, count=120, interval=0.1)
+        time.sleep(1)
+        frozen = time.time()
+        r2.send_signal(signal.SIGSTOP)
+        try:
+            line = t.wait_for_log(gb, "using fallback route server", timeout=15)
+            moved = t.log_time(line) - frozen
+            pings.wait(timeout=30)
+        finally:
+            r2.send_signal(signal.SIGCONT)
+        replies = t.ping_replies(pings.log_path)
+        recovery = t.recovery_time(replies, frozen)
+        print(f"hung r2: gwB on r1 after {moved:.2f} s, pings back after {recovery} s")
+        # 1.5 s of silence, then r1 first: trying the hung r2 again would have cost another
+        # connect_timeout (capped at heartbeat_timeout, 1.5 s) before r1 (3.2 s measured)
+        assert moved < 2.8, t.log_tail(gb.log_path)
+        assert recovery is not None and recovery < 3.0
+        assert t.find_log_line(gb.log_path, "cannot connect") is None
+        assert t.find_log_line(ga.log_path, "link down", "link=r2") is not None
