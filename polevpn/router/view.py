@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
+from polevpn.cluster.view import ClusterView, cluster_view
 from polevpn.io.pathstats import TransportFigures, transport_figures
 from polevpn.router.sitelinks import Site
 
@@ -148,6 +149,8 @@ class RouterView:
     stats: Mapping[str, int]
     admission: Mapping[str, int]  # AdmissionStats
     kcp: Mapping[str, int] | None  # KcpServerStats; None without a kcp:// listener
+    # the router's cluster (cfg.cluster); None for a router alone
+    cluster: ClusterView | None = None
 
     @property
     def links(self) -> tuple[ConnectionView, ...]:
@@ -281,4 +284,5 @@ def snapshot(router: Router, now: float | None = None, wall: float | None = None
         stats=stats,
         admission=_counters(router.admission.stats),
         kcp=kcp,
+        cluster=cluster_view(router.cluster, now=now, wall=wall) if router.cluster else None,
     )
