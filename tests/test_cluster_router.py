@@ -253,3 +253,34 @@ def test_reload_joins_rotates_and_leaves(etcd: Any, keys: Any, tmp_path: Path) -
     assert "cluster: joined c2 as r1" in got["join"]
     assert got["rotate"] == ["cluster: peer_key changed; peer_key_previous changed"]
     assert "cluster: left" in got["leave"]
+
+
+def test_schemathesis_covers_the_cluster_reply(etcd: Any, keys: Any) -> None:
+    """The live /api/v1/cluster of a router in a cluster (another router's route in the
+    store) against the served document, with the API's fuzz test."""
+    from test_api import TOKEN, ThreadedRouter, fuzz
+    from test_router_loopback import started_ops
+
+    put_foreign(etcd, "c3", "r2", "198.18.20.0/24", "169.254.0.2")
+    cfg = router_config(
+        keys, api_listen=("127.0.0.1", 0), api_token=TOKEN, cluster=cluster(etcd, "c3")
+    )
+    tr = ThreadedRouter()
+    try:
+        # the router's loop thread joins the etcd namespace before it opens anything
+        tr.loop.call_soon_threadsafe(etcd_fixture._setns, f"/var/run/netns/{etcd.ns}")
+        router, ops = tr.call(started_ops(cfg))
+        try:
+
+            async def joined() -> None:
+                assert router.cluster is not None
+                await until(lambda: "r2" in router.cluster.state.routers, 5, "r2 known")
+
+            tr.call(joined())
+            base = f"http://127.0.0.1:{ops.api.port}"
+            ran = etcd.call(lambda: fuzz(base, max_examples=5), timeout=120)
+            assert "GET /api/v1/cluster" in ran
+        finally:
+            tr.call(router.stop())
+    finally:
+        tr.close()
