@@ -121,25 +121,27 @@ def test_gateways_on_two_routers_reach_each_other_over_the_router_link(keys):
         await b.send(frame(3, back))
         assert await a.recv_frame() == (2, 0, back)
         # what crossed is on the link's figures at both ends
-        v1 = view.snapshot(r1).peers
+        v1 = view.snapshot(r1).cluster
         assert v1 is not None
-        (row,) = v1.links
+        (row,) = v1.peer_links
         assert (row.router_id, row.state, row.direction) == ("r2", "up", "dialed")
         assert (row.packets_out, row.packets_in) == (1, 1)
         assert row.bytes_out == len(there) and row.bytes_in == len(back)
-        v2 = view.snapshot(r2).peers
-        assert v2 is not None and v2.links[0].direction == "accepted"
+        v2 = view.snapshot(r2).cluster
+        assert v2 is not None and v2.peer_links[0].direction == "accepted"
+        assert v2.peer_links[0].since is not None and v2.stats["peer_links_up"] == 1
         # the router's own route listing shows its gateways only
         assert {r.gateway for r in view.snapshot(r1).routes} == {"169.254.0.1"}
         # and /metrics has the link
         page = generate_latest(metrics.router_registry(lambda: view.snapshot(r1))).decode()
         for line in (
-            'polevpn_router_peer_link_up{router="r2"} 1.0',
-            'polevpn_router_peer_link_sent_packets_total{router="r2"} 1.0',
-            'polevpn_router_peer_link_received_packets_total{router="r2"} 1.0',
-            f'polevpn_router_peer_link_sent_bytes_total{{router="r2"}} {float(len(there))}',
-            'polevpn_router_peer_link_dropped_packets_total{reason="transit",router="r2"} 0.0',
-            "polevpn_router_peers_links_up_total 1.0",
+            'polevpn_cluster_peer_link_up{router="r2"} 1.0',
+            'polevpn_cluster_peer_sent_packets_total{router="r2"} 1.0',
+            'polevpn_cluster_peer_received_packets_total{router="r2"} 1.0',
+            f'polevpn_cluster_peer_sent_bytes_total{{router="r2"}} {float(len(there))}',
+            'polevpn_cluster_peer_dropped_packets_total{reason="transit",router="r2"} 0.0',
+            'polevpn_cluster_peer_connects_total{router="r2"} 1.0',
+            "polevpn_cluster_peer_links_up_total 1.0",
             'polevpn_router_dropped_packets_total{reason="peer_transit"} 0.0',
         ):
             assert line in page.splitlines(), line
@@ -231,9 +233,9 @@ def test_a_wrong_credential_or_another_cluster_is_refused_and_counted(keys):
         assert bad.peers.stats.rejected >= 1 and other.peers.stats.rejected >= 1
         assert not r2.peers.links and not bad.peers.links and not other.peers.links
         assert r2.stats.auth_failures >= 2
-        (row,) = view.snapshot(bad).peers.links  # type: ignore[union-attr]
+        (row,) = view.snapshot(bad).cluster.peer_links  # type: ignore[union-attr]
         assert row.state == "connecting" and row.last_error == "invalid cluster credential"
-        (row,) = view.snapshot(other).peers.links  # type: ignore[union-attr]
+        (row,) = view.snapshot(other).cluster.peer_links  # type: ignore[union-attr]
         assert row.last_error == "not a router of this cluster"
         # a router without a cluster section refuses a dialing router as any bad key
         plain = await started(router_config(keys))

@@ -253,3 +253,90 @@ def test_reload_joins_rotates_and_leaves(etcd: Any, keys: Any, tmp_path: Path) -
     assert "cluster: joined c2 as r1" in got["join"]
     assert got["rotate"] == ["cluster: peer_key changed; peer_key_previous changed"]
     assert "cluster: left" in got["leave"]
+
+
+def test_schemathesis_covers_the_cluster_reply(etcd: Any, keys: Any) -> None:
+    """The live /api/v1/cluster of a router in a cluster (another router's route in the
+    store) against the served document, with the API's fuzz test."""
+    from test_api import TOKEN, ThreadedRouter, fuzz
+    from test_router_loopback import started_ops
+
+    put_foreign(etcd, "c3", "r2", "198.18.20.0/24", "169.254.0.2")
+    cfg = router_config(
+        keys, api_listen=("127.0.0.1", 0), api_token=TOKEN, cluster=cluster(etcd, "c3")
+    )
+    tr = ThreadedRouter()
+    try:
+        # the router's loop thread joins the etcd namespace before it opens anything
+        tr.loop.call_soon_threadsafe(etcd_fixture._setns, f"/var/run/netns/{etcd.ns}")
+        router, ops = tr.call(started_ops(cfg))
+        try:
+
+            async def joined() -> None:
+                assert router.cluster is not None
+                await until(lambda: "r2" in router.cluster.state.routers, 5, "r2 known")
+
+            tr.call(joined())
+            base = f"http://127.0.0.1:{ops.api.port}"
+            ran = etcd.call(lambda: fuzz(base, max_examples=5), timeout=120)
+            assert "GET /api/v1/cluster" in ran
+        finally:
+            tr.call(router.stop())
+    finally:
+        tr.close()
+
+
+def _router_key(etcd: Any, name: str) -> bool:
+    reply = etcd.request(
+        "/v3/kv/range", {"key": base64.b64encode(f"/polevpn/{name}/routers/r1".encode()).decode()}
+    )
+    return bool(reply.get("kvs"))
+
+
+def _wait(cond: Any, timeout: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
+def test_router_process_keys_vanish_at_stop_and_after_the_ttl_when_killed(
+    etcd: Any, keys: Any, tmp_path: Path
+) -> None:
+    """polevpn-router with a cluster section: its key is there while it runs; SIGTERM
+    revokes its lease (gone at once); SIGKILL leaves it to expire with the TTL."""
+    pytest.importorskip("polevpn.cluster.routes")  # the remote route table (router links)
+    import signal
+    import subprocess
+
+    from topology import console_script
+
+    exe = console_script("polevpn-router")
+    assert exe is not None
+    section = {
+        "name": "c4",
+        "router_id": "r1",
+        "etcd": {"endpoints": etcd.endpoints},
+        "peer_address": "198.18.0.1:443",
+        "peer_key": PEER_KEY,
+        "lease_ttl": 2,
+    }
+    path = write_config(tmp_path / "config.json", keys, section)
+    for sig, within in ((signal.SIGTERM, (0.0, 1.0)), (signal.SIGKILL, (1.0, 4.5))):
+        with open(tmp_path / f"router-{sig.name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", etcd.ns, exe, f"-configPath={path}"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                _wait(lambda: _router_key(etcd, "c4"), 10, "the router's key")
+                proc.send_signal(sig)
+                proc.wait(10)
+                gone = _wait(lambda: not _router_key(etcd, "c4"), 6, "the key gone")
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(10)
+        assert within[0] <= gone <= within[1], (sig.name, gone)

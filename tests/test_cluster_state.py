@@ -407,8 +407,11 @@ def test_our_key_deleted_from_outside_is_written_again() -> None:
     s.set_gateway("169.254.0.1", "169.254.0.1", [net("198.18.10.0/24")])
     s.confirm(*s.pending())
     key = L.route_key("r1", net("198.18.10.0/24"))
+    assert not s.dirty
     s.delete(key, 3)
+    assert s.dirty  # the store adapter writes it again without waiting for a change
     assert list(s.pending()[0]) == [key]
+    assert not s.dirty
     # written by another process with our id: counted, and ours is due again
     s.confirm(*s.pending())
     s.put(key, b'{"gateway":"169.254.0.9","site":"x"}', 4, lease=99)

@@ -243,3 +243,49 @@ def test_a_compacted_watch_resyncs(etcd: Any) -> None:
         await b.store.stop()
 
     in_etcd(etcd, run)
+
+
+def test_three_members_one_lost_is_no_outage_two_lost_is() -> None:
+    """With three members, the member in use stopped or frozen moves the router to another
+    at once (never "lost", routes kept); two of three stopped (no quorum) is the store lost,
+    and it is back when they are."""
+    with etcd_fixture.Etcd(members=3) as etcd:
+        c1 = cfg(etcd.endpoints, "r1", "t5", ttl=3)
+        c2 = cfg(list(reversed(etcd.endpoints)), "r2", "t5", ttl=3)
+
+        async def run() -> None:
+            a, b = Node(c1), Node(c2)
+            a.add(GW1, NET1)
+            a.store.start()
+            b.store.start()
+            await until(lambda: ("r1", str(NET1)) in b.remote.flat(), 5, "r2 sees r1")
+            assert a.store.endpoint == etcd.endpoint(0)
+            await asyncio.to_thread(etcd.stop_member, 0)
+            await until(lambda: a.store.endpoint != etcd.endpoint(0)
+                        and a.state.store == CONNECTED, 5, "r1 on another member")  # fmt: skip
+            a.add(GW1, NET1, NET1B)
+            await until(lambda: ("r1", str(NET1B)) in b.remote.flat(), 5, "a change goes on")
+            # a frozen member (its sockets open, no answer): the keepalive times out
+            in_use = etcd.endpoints.index(b.store.endpoint)
+            etcd.pause_member(in_use)
+            try:
+                await until(lambda: b.store.endpoint != etcd.endpoint(in_use)
+                            and b.store.stats.errors >= 1 and b.state.store == CONNECTED,
+                            6, "r2 off the frozen member")  # fmt: skip
+            finally:
+                etcd.resume_member(in_use)
+            assert a.store.stats.lost == 0 and b.store.stats.lost == 0
+            assert ("r1", str(NET1)) in b.remote.flat()
+            # no quorum: lost, routes kept
+            await asyncio.to_thread(etcd.stop_member, 1)
+            await asyncio.to_thread(etcd.stop_member, 2)
+            await until(lambda: a.state.store == LOST and b.state.store == LOST, 10, "lost")
+            assert ("r1", str(NET1B)) in b.remote.flat() and b.state.stale
+            await asyncio.to_thread(etcd.start)
+            await until(lambda: a.state.store == CONNECTED and b.state.store == CONNECTED
+                        and not b.state.stale, 15, "back")  # fmt: skip
+            assert ("r1", str(NET1B)) in b.remote.flat()
+            await a.store.stop()
+            await b.store.stop()
+
+        in_etcd(etcd, run, timeout=90)

@@ -138,6 +138,8 @@ class ClusterMember:
             self.store.cfg = cfg
             return
         old_store, old_state = self.store, self.state
+        # no event may reach the old state once the new one shares its routers
+        old_store.halt()
         state = self._new_state(cfg)
         for gateway, (site, nets) in old_state.gateways().items():
             state.set_gateway(gateway, site, nets)

@@ -40,10 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polevpn.cluster.routes import PeerSources, RemoteRoutes
+from polevpn.cluster.view import PeerLinkView
 from polevpn.common.counters import Counters
 from polevpn.common.logfmt import kv
 from polevpn.io import linksock, tcpcc
-from polevpn.io.pathstats import TransportFigures, transport_figures
+from polevpn.io.pathstats import path_figures
 from polevpn.packet.gso import VNET_HDR_LEN
 from polevpn.proto import wire
 from polevpn.proto.peering import PeerCredentials
@@ -365,38 +366,9 @@ def _fitting(parts: list[bytes | memoryview], supers: int, room: int) -> tuple[i
 
 
 @dataclass(frozen=True, slots=True)
-class PeerLinkView:
-    """One other router of the cluster and this router's link to it."""
-
-    router_id: str
-    # where this router dials it ("" when it dials us), and the link's far end
-    address: str
-    peer: str
-    # "dialed" or "accepted" (the up link's); "dials" or "accepts" while down
-    direction: str
-    # "up"; "connecting" (this router dials it); "waiting" (it is to dial this router)
-    state: str
-    uptime: float
-    connects: int
-    last_error: str
-    # over every link to it so far: packets and IP bytes; "in" is what it sent here
-    packets_in: int
-    packets_out: int
-    bytes_in: int
-    bytes_out: int
-    # IP bytes per second over the last RATE_INTERVAL or more
-    rate_in: float
-    rate_out: float
-    dropped_queue_full: int
-    dropped_spoofed: int
-    dropped_transit: int
-    # heartbeat round trip (the dialing side), and the kernel's figures of the TCP path
-    rtt: float | None
-    figures: TransportFigures = field(default_factory=TransportFigures)
-
-
-@dataclass(frozen=True, slots=True)
 class PeerLinksView:
+    """The links to the other routers (ClusterView.peer_links) and their counters."""
+
     router_id: str
     cluster: str
     links: tuple[PeerLinkView, ...]
@@ -685,46 +657,48 @@ class PeerLinks:
 
     # -- the read model
 
-    def view(self, now: float | None = None) -> PeerLinksView:
+    def view(self, now: float | None = None, wall: float | None = None) -> PeerLinksView:
         now = time.monotonic() if now is None else now
+        wall = time.time() if wall is None else wall
         rows = []
         for rid in sorted(set(self.peers) | set(self.links) | set(self._totals)):
             link = self.links.get(rid)
             t = self._totals_of(rid)
             f = self._sum(rid)
             dials = rid > self.router_id
+            rtt_ms: float | None = None
             if link is not None:
                 state = "up"
                 direction = "dialed" if link.dialed else "accepted"
+                session = link.session
+                if isinstance(session, PeerClientSession) and session.rtt is not None:
+                    rtt_ms = session.rtt * 1000
+                else:
+                    rtt_ms = path_figures(link.transport, "tls").rtt_ms
             else:
-                state = "connecting" if dials and rid in self._dialers else "waiting"
+                state = "connecting" if dials and rid in self._dialers else "down"
                 direction = "dials" if dials else "accepts"
             addr = self.peers.get(rid)
-            session = link.session if link is not None else None
-            rtt = session.rtt if isinstance(session, PeerClientSession) else None
             rows.append(
                 PeerLinkView(
                     router_id=rid,
                     address="" if addr is None else _address(addr),
-                    peer=link.address if link is not None else "",
-                    direction=direction,
                     state=state,
-                    uptime=max(0.0, now - link.up_at) if link is not None else 0.0,
-                    connects=t.connects,
-                    last_error=t.last_error,
+                    since=wall - (now - link.up_at) if link is not None else None,
                     packets_in=f[0],
                     packets_out=f[1],
                     bytes_in=f[2],
                     bytes_out=f[3],
+                    rtt_ms=rtt_ms,
+                    direction=direction,
+                    peer=link.address if link is not None else "",
+                    connects=t.connects,
+                    last_error=t.last_error,
                     rate_in=t.rate_in if link is not None else 0.0,
                     rate_out=t.rate_out if link is not None else 0.0,
                     dropped_queue_full=f[4],
                     dropped_spoofed=f[5],
                     dropped_transit=f[6],
-                    rtt=rtt,
-                    figures=transport_figures(link.transport, "tls")
-                    if link is not None
-                    else TransportFigures(),
                 )
             )
         return PeerLinksView(

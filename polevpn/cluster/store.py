@@ -118,6 +118,12 @@ class ClusterStore:
         """This router's registrations changed: write them soon."""
         self._kick.set()
 
+    def halt(self) -> None:
+        """Stop taking events now (a reconfiguration replaces this store); ``stop`` still
+        ends it."""
+        if self._task is not None:
+            self._task.cancel()
+
     async def stop(self, revoke: bool = True) -> None:
         """End the sessions; with ``revoke``, this router's keys vanish from the store now."""
         task, self._task = self._task, None
