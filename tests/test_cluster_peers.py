@@ -348,3 +348,69 @@ def test_a_newer_link_to_the_same_router_replaces_the_older(keys):
         await r2.stop()
 
     run(scenario())
+
+
+def test_a_site_silent_here_is_reached_through_the_other_router(keys):
+    """gwC has a link to each router. Its link to r1 falls silent (its uplink to r1 cut,
+    r1 alive): after the link's timeout r1 gives C's routes up to r2's, and gwA's packets
+    for C go through r2; when the link is heard again r1 delivers to it directly."""
+
+    async def scenario():
+        r1 = await started(cluster_config(keys, "r1"))
+        r2 = await started(cluster_config(keys, "r2"))
+        mesh(r1, r2)
+        await until(lambda: link_up(r1, r2) and link_up(r2, r1), 5)
+        link = {"heartbeat_ms": 50, "timeout_ms": 300}
+        c1 = await ProtoGateway.connect(r1)
+        await c1.login("169.254.0.3", ["198.18.30.0/24"], features=["multi-link"],
+                       link={"name": "to-r1", **link})  # fmt: skip
+        c2 = await ProtoGateway.connect(r2)
+        await c2.login("169.254.0.3", ["198.18.30.0/24"], features=["multi-link"],
+                       link={"name": "to-r2", **link})  # fmt: skip
+        # what the store would say: each router holds C
+        announce(r1, r2, "169.254.0.3/32", "198.18.30.0/24", gateway="169.254.0.3")
+        announce(r2, r1, "169.254.0.3/32", "198.18.30.0/24", gateway="169.254.0.3")
+        a = await ProtoGateway.connect(r1)
+        await a.login("169.254.0.1", ["198.18.10.0/24"])
+        announce(r2, r1, "198.18.10.0/24")
+        pkt = ipv4_packet("198.18.10.2", "198.18.30.2")
+        # both of C's links alive: r1 delivers on its own
+        beat = asyncio.create_task(_beat(c2))
+        await c1.send(frame(4))
+        assert await c1.recv_frame() == (4, 0, b"")
+        await a.send(frame(3, pkt))
+        assert await c1.recv_frame() == (2, 0, pkt)
+        # c1 silent: r1 gives C up after 0.3 s, and the packet goes r1 -> r2 -> c2
+        await until(lambda: r1.stats.links_down == 1, 3)
+        await a.send(frame(3, pkt))
+        assert await _data(c2) == (2, pkt)
+        assert r1.stats.dropped_links_down == 0
+        assert r1.peers.links["r2"].packets_out == 1
+        # c1 talks again: r1 takes C back
+        await c1.send(frame(4))
+        assert await c1.recv_frame() == (4, 0, b"")
+        await until(lambda: not r1.sites[ipaddress.ip_address("169.254.0.3")].withdrawn)
+        await a.send(frame(3, pkt))
+        assert await c1.recv_frame() == (2, 0, pkt)
+        beat.cancel()
+        for gw in (a, c1, c2):
+            gw.close()
+        await r1.stop()
+        await r2.stop()
+
+    run(scenario())
+
+
+async def _data(gw: ProtoGateway) -> tuple[int, bytes]:
+    """The next frame that is not a heartbeat's echo."""
+    while True:
+        got = await gw.recv_any()
+        if got[0] != wire.HEART_BEAT:
+            return got
+
+
+async def _beat(gw: ProtoGateway) -> None:
+    """Heartbeats every 50 ms (their echoes: see _data)."""
+    while True:
+        await gw.send(frame(4))
+        await asyncio.sleep(0.05)

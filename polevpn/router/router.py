@@ -1010,6 +1010,8 @@ class Router:
         conn.site = site
         conn.link = info
         conn.link_up = True
+        # a new link is up: a site whose routes were given up takes them back
+        self._site_claims(site)
 
     def _set_queue(self, conn: GatewayConnection) -> None:
         conn.queue_limit = limit = self._queue_limit(conn)
@@ -1053,6 +1055,8 @@ class Router:
             if site.links.unregister(conn):
                 # its last link: the site's networks are unreachable now
                 self._drop_site(site)
+            else:
+                self._site_claims(site)
 
     # -- link health of multi-link gateways
 
@@ -1063,8 +1067,26 @@ class Router:
             return
         conn.link_up = True
         site.links.set_up(conn, True)
+        self._site_claims(site)
         assert conn.link is not None
         log.info("link up", extra=kv(gateway=conn.gateway, link=conn.link.name, peer=conn.peer))
+
+    def _site_claims(self, site: Site) -> None:
+        """A router of a cluster gives up the routes of a site none of whose links is up
+        here, and takes them back when one is: meanwhile another router's route to the
+        same networks (the gateway's link to that router) carries its packets. Alone, a
+        router keeps them, and counts what it cannot deliver as ``links_down``."""
+        if self.remote is None:
+            return
+        up = site.links.any_up()
+        if up and site.withdrawn:
+            site.withdrawn = False
+            for net in site.prefixes:
+                self.routes.add(net, site)
+        elif not up and not site.withdrawn and site.prefixes:
+            site.withdrawn = True
+            for net in site.prefixes:
+                self.routes.remove(net, site)
 
     def _check_links(self, now: float) -> None:
         """Give up on links that have been silent longer than they said they may be."""
@@ -1079,6 +1101,7 @@ class Router:
                 conn.link_downs += 1
                 self.stats.links_down += 1
                 site.links.set_up(conn, False)
+                self._site_claims(site)
                 assert conn.link is not None
                 log.warning(
                     "link down",
@@ -1297,6 +1320,12 @@ class Router:
                 self.peers.close()
             self.peers = None
             self.remote = None
+            for site in self.sites.values():
+                # alone again: a site's routes stay whatever its links do
+                if site.withdrawn:
+                    site.withdrawn = False
+                    for net in site.prefixes:
+                        self.routes.add(net, site)
             task = asyncio.create_task(member.stop())
             self._upgrades.add(task)  # held until done, like a TLS upgrade
             task.add_done_callback(self._upgrades.discard)
