@@ -29,6 +29,8 @@ from polevpn.keygen import generate
 from polevpn.ops import metrics
 from polevpn.packet import gso
 from polevpn.proto import wire
+from polevpn.proto.peering import PeerCredentials
+from polevpn.proto.session import PeerAuthenticated, PeerClientSession
 from polevpn.router import view
 from polevpn.router.router import Router
 
@@ -414,3 +416,39 @@ async def _beat(gw: ProtoGateway) -> None:
     while True:
         await gw.send(frame(4))
         await asyncio.sleep(0.05)
+
+
+def test_data_right_behind_the_handshake_is_forwarded(keys):
+    """A dialing router whose first packet follows its REGISTER in the same write: the
+    listener reads both at once, hands the connection over to the router link and
+    forwards the packet too (a hand-written dialer over a real TLS connection)."""
+
+    async def scenario():
+        r2 = await started(cluster_config(keys, "r2"))
+        r2.remote.add(RemoteRoute("r1", ipaddress.ip_network("198.18.10.0/24"), "g", "s"))
+        b = await ProtoGateway.connect(r2)
+        await b.login("169.254.0.2", ["198.18.20.0/24"])
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", r2.tls_port, ssl=peers_mod.client_context()
+        )
+        binding = writer.get_extra_info("ssl_object").get_channel_binding("tls-unique")
+        creds = PeerCredentials("c1", "r1", K1)
+        session = PeerClientSession(creds, binding, time.monotonic(), 0.25, 1.5)
+        writer.write(b"".join(session.data_to_send()))
+        events: list = []
+        while not session.outbox:  # the AUTH reply, and our REGISTER to answer it
+            _, ev = session.receive(await reader.read(65536), time.monotonic())
+            events += ev
+        pkt = ipv4_packet("198.18.10.2", "198.18.20.2")
+        writer.write(b"".join(session.data_to_send()) + wire.encode_frame(wire.S2C_IPDATA, pkt))
+        assert await b.recv_frame() == (2, 0, pkt)
+        while session.peer_id is None:
+            _, ev = session.receive(await reader.read(65536), time.monotonic())
+            events += ev
+        assert events == [PeerAuthenticated("r2")]
+        assert r2.peers.links["r1"].packets_in == 1
+        writer.close()
+        b.close()
+        await r2.stop()
+
+    run(scenario())

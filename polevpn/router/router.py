@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from polevpn.cluster.member import ClusterMember
-from polevpn.cluster.peers import PeerLinks, channel_binding
+from polevpn.cluster.peers import PeerLink, PeerLinks, channel_binding
 from polevpn.cluster.routes import RemoteRoutes
 from polevpn.common.counters import Counters
 from polevpn.common.logfmt import endpoint, kv
@@ -202,7 +202,7 @@ class GatewayConnection(asyncio.Protocol):
         self.closing = False
         # a router of the cluster proved itself on this connection: it is a router link
         # now (cluster.peers), and this object has nothing more to do with it
-        self.handed_over = False
+        self.handed_over: PeerLink | None = None
         # set from the config when the connection is made; a link's is shorter
         self.queue_limit = router.cfg.send_queue_bytes
 
@@ -273,7 +273,10 @@ class GatewayConnection(asyncio.Protocol):
         if events:
             for ev in events:
                 self.router.on_event(self, ev)
-            if self.handed_over:
+            if self.handed_over is not None:
+                # what came after the handshake in the same read is the link's
+                if packets:
+                    self.handed_over.take(packets)
                 return
         if packets:
             self.packets_in += len(packets)
@@ -852,7 +855,6 @@ class Router:
         """Another router of the cluster proved itself on ``conn``: the connection leaves
         the gateways' world (and the pending-connection limits) for cluster.peers."""
         assert self.peers is not None and conn.session is not None
-        conn.handed_over = True
         conn.closing = True
         conn.release_slot()
         self.admission.authenticated(conn.source, time.monotonic())
@@ -860,7 +862,7 @@ class Router:
         transport, session = conn.transport, conn.session
         conn.transport = None
         assert transport is not None
-        self.peers.adopt(transport, session, conn.peer)
+        conn.handed_over = self.peers.adopt(transport, session, conn.peer)
 
     def _failed(self, conn: GatewayConnection) -> None:
         """Credentials refused: count it against the source's AUTH failure budget."""
