@@ -49,7 +49,6 @@ from polevpn.packet.gso import VNET_HDR_LEN
 from polevpn.proto import wire
 from polevpn.proto.peering import PeerCredentials
 from polevpn.proto.session import (
-    AuthFailed,
     ConnectionLost,
     PeerAuthenticated,
     PeerClientSession,
@@ -154,7 +153,6 @@ class PeerLink(asyncio.Protocol):
         self.up = False
         self.closing = False
         self.up_at = 0.0
-        self.up_wall = 0.0
         self.rejected: str | None = None
         self.packets_in = 0
         self.packets_out = 0
@@ -208,7 +206,7 @@ class PeerLink(asyncio.Protocol):
             self._received(data)
         except Exception:
             # a bug reached by the other router's bytes costs this link, nothing more
-            log.exception("internal error on a router link; closing it", extra=self._who())
+            log.exception("internal error on a router link; closing it", extra=kv(**self._who()))
             self.close(None, abort=True)
 
     def _received(self, data: bytes) -> None:
@@ -251,8 +249,6 @@ class PeerLink(asyncio.Protocol):
             log.warning(
                 "router link refused", extra=kv(**self._who(), stage=ev.stage, reason=ev.error)
             )
-        elif isinstance(ev, AuthFailed):  # not after adoption; kept for completeness
-            self.links.stats.refused += 1
         elif isinstance(ev, ConnectionLost):
             log.warning("router link protocol error", extra=kv(**self._who(), reason=ev.reason))
 
@@ -289,7 +285,7 @@ class PeerLink(asyncio.Protocol):
         data = b"".join(parts)
         room = self.queue_limit - transport.get_write_buffer_size()
         if len(data) > room:
-            kept, supers = _fitting(parts, supers, room)
+            kept, supers = wire.fitting(parts, supers, room)
             n = (len(parts) - kept) // 2
             self.dropped_queue_full += n
             stats.dropped_queue_full += n
@@ -345,21 +341,6 @@ class PeerLink(asyncio.Protocol):
             self.flush()
             transport.close()
             asyncio.get_running_loop().call_later(CONNECT_TIMEOUT, transport.abort)
-
-
-def _fitting(parts: list[bytes | memoryview], supers: int, room: int) -> tuple[int, int]:
-    """How many of ``parts`` (whole frames) fit in ``room`` bytes, and how many of those
-    are SUPER_IPDATA frames."""
-    used = kept = kept_supers = 0
-    for i in range(0, len(parts), 2):
-        n = len(parts[i]) + len(parts[i + 1])
-        if used + n > room:
-            break
-        used += n
-        kept = i + 2
-        if supers and parts[i][2:4] == b"\0\x10":
-            kept_supers += 1
-    return kept, kept_supers
 
 
 # -- the read model
@@ -441,6 +422,7 @@ class PeerLinks:
         self._totals: dict[str, _Totals] = {}
         self._ctx = client_context()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def router_id(self) -> str:
@@ -451,7 +433,9 @@ class PeerLinks:
             self._task = asyncio.get_running_loop().create_task(self._watch())
 
     def close(self) -> None:
-        """Stop dialing and close every link (the router is stopping)."""
+        """Stop dialing and close every link (the router is stopping, or leaving its
+        cluster); for good: nothing is dialed after this."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -473,6 +457,8 @@ class PeerLinks:
         dialed any more, but a link up to it stays up until it fails: its routes went with
         its keys anyway, and a store that lost it for a moment costs no packets.
         """
+        if self._closed:
+            return
         own = self.router_id
         self.peers = {rid: addr for rid, addr in peers.items() if rid != own}
         wanted = {rid: addr for rid, addr in self.peers.items() if rid > own}
@@ -524,7 +510,6 @@ class PeerLinks:
         link.router_id = rid
         link.up = True
         link.up_at = time.monotonic()
-        link.up_wall = time.time()
         link.sources = self.remote.sources(rid)
         self.pending.discard(link)
         self.links[rid] = link

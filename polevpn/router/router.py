@@ -142,22 +142,6 @@ class TunSetupError(OSError):
     """The router's TUN could not be opened or configured at start."""
 
 
-def _fitting(parts: list[bytes | memoryview], supers: int, room: int) -> tuple[int, int]:
-    """How many of ``parts`` (whole frames) fit in ``room`` bytes, and how many of those
-    are SUPER_IPDATA frames."""
-    used = kept = 0
-    kept_supers = 0
-    for i in range(0, len(parts), 2):
-        n = len(parts[i]) + len(parts[i + 1])
-        if used + n > room:
-            break
-        used += n
-        kept = i + 2
-        if supers and parts[i][2:4] == b"\0\x10":
-            kept_supers += 1
-    return kept, kept_supers
-
-
 class GatewayConnection(asyncio.Protocol):
     """One gateway's connection (tls or kcp), as seen by the router.
 
@@ -328,7 +312,7 @@ class GatewayConnection(asyncio.Protocol):
         if len(data) > room:
             # a slow gateway loses its own packets; it never holds up anyone else. The
             # limit holds for the batch as it is, however many frames one read turned into
-            kept, supers = _fitting(parts, supers, room)
+            kept, supers = wire.fitting(parts, supers, room)
             stats.dropped_queue_full += (len(parts) - kept) // 2
             if not kept:
                 return
