@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -24,7 +26,7 @@ from polevpn.cluster import member as member_mod
 from polevpn.cluster import peers as peers_mod
 from polevpn.cluster.peers import PeerLink
 from polevpn.cluster.routes import RemoteRoute
-from polevpn.config import ClusterConfig, Listener, RouterConfig
+from polevpn.config import ClusterConfig, Listener, RouterConfig, load_router_config
 from polevpn.keygen import generate
 from polevpn.ops import metrics
 from polevpn.packet import gso
@@ -449,6 +451,73 @@ def test_data_right_behind_the_handshake_is_forwarded(keys):
         assert r2.peers.links["r1"].packets_in == 1
         writer.close()
         b.close()
+        await r2.stop()
+
+    run(scenario())
+
+
+def test_rotating_the_cluster_credential_by_reload_keeps_the_routers_linked(keys, tmp_path):
+    """peer_key rolled over router by router with reloads, the old one as
+    peer_key_previous meanwhile: every new link between the two comes up; a router left
+    with a credential the other does not hold is refused."""
+
+    def write(rid: str, key: str, previous: str | None = None) -> Path:
+        cluster = {
+            "name": "c1",
+            "router_id": rid,
+            "etcd": {"endpoints": ["http://127.0.0.1:2379"]},
+            "peer_address": "127.0.0.1:443",
+            "peer_key": key,
+            **({"peer_key_previous": previous} if previous else {}),
+        }
+        obj = {
+            "tls": {
+                "listen": "127.0.0.1:0",
+                "cert_file": str(keys.server_cert),
+                "key_file": str(keys.server_key),
+            },
+            "key": "123456",
+            "stats_interval": 0,
+            "cluster": cluster,
+        }
+        path = tmp_path / f"{rid}.json"
+        path.write_text(json.dumps(obj))
+        path.chmod(0o600)
+        return path
+
+    async def relink(r1: Router, r2: Router) -> None:
+        """Cut the link; r1 dials again with the credentials of the moment (a reload
+        asks the cluster state which routers there are: told again here, no store)."""
+        mesh(r1, r2)
+        old = r1.peers.links["r2"]
+        old.close("test", abort=True)
+        await until(lambda: r1.peers.links.get("r2") not in (None, old), 8)
+        await until(lambda: link_up(r2, r1), 3)
+
+    async def scenario():
+        r1 = await started(load_router_config(write("r1", K1)))
+        r2 = await started(load_router_config(write("r2", K1)))
+        mesh(r1, r2)
+        await until(lambda: link_up(r1, r2) and link_up(r2, r1), 5)
+        write("r2", K2, previous=K1)
+        r2.reload()
+        await relink(r1, r2)
+        write("r1", K2, previous=K1)
+        r1.reload()
+        await relink(r1, r2)
+        write("r1", K2)
+        r1.reload()
+        write("r2", K2)
+        r2.reload()
+        await relink(r1, r2)
+        refused = r2.peers.stats.refused
+        write("r1", "a-credential-nobody-else-has")
+        r1.reload()
+        mesh(r1, r2)
+        r1.peers.links["r2"].close("test", abort=True)
+        await until(lambda: r2.peers.stats.refused > refused, 8)
+        assert "r2" not in r1.peers.links
+        await r1.stop()
         await r2.stop()
 
     run(scenario())
