@@ -95,7 +95,8 @@ def keys_under(etcd: Any, prefix: str) -> dict[str, int]:
 
 
 def test_keys_under_a_lease_seen_by_another_router_and_gone_on_stop(etcd: Any) -> None:
-    c1, c2 = cfg(etcd.endpoints, "r1", "t1"), cfg(etcd.endpoints, "r2", "t1")
+    # a TTL well above the time allowed for the keys to go: gone by the revoke, not expired
+    c1, c2 = cfg(etcd.endpoints, "r1", "t1", ttl=6), cfg(etcd.endpoints, "r2", "t1")
     seen: dict[str, Any] = {}
 
     async def run() -> None:
@@ -118,11 +119,8 @@ def test_keys_under_a_lease_seen_by_another_router_and_gone_on_stop(etcd: Any) -
         a.add(GW1, NET1)
         await until(lambda: ("r1", str(NET1)) in b.remote.flat(), 3, "r1's route back")
         # a clean stop revokes the lease: gone at once, not after the TTL
-        t = await_time = time.monotonic()
         await a.store.stop()
-        await_time = await until(lambda: "r1" not in b.state.routers, 1.0, "r1 gone")
-        seen["gone_after"] = time.monotonic() - t
-        assert await_time < 1.0
+        await until(lambda: "r1" not in b.state.routers, 3.0, "r1 gone")
         assert b.remote.flat() == {}
         await b.store.stop()
 
