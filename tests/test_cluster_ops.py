@@ -14,7 +14,7 @@ from polevpn.cluster.member import ClusterMember
 from polevpn.cluster.view import PeerLinkView, cluster_view
 from polevpn.config import ClusterConfig
 from polevpn.ops import api, ctl, metrics
-from polevpn.router.view import RouterView
+from polevpn.router.view import ROUTER_DROPS, RouterView
 
 CFG = ClusterConfig(
     name="net",
@@ -48,8 +48,8 @@ def member() -> ClusterMember:
 
 def router_view(c: Any) -> RouterView:
     return RouterView(
-        listeners=(), connections={}, gateways=(), routes=(), pending=0, stats={},
-        admission={}, kcp=None, cluster=c,
+        listeners=(), connections={}, gateways=(), routes=(), pending=0,
+        stats=dict.fromkeys(ROUTER_DROPS, 0), admission={}, kcp=None, cluster=c,
     )  # fmt: skip
 
 
@@ -110,8 +110,10 @@ def test_api_reply() -> None:
     assert set(reply["routers"][0]) == set(doc["ClusterRouter"]["required"])
     assert set(reply["remote_routes"][0]) == set(doc["RemoteRoute"]["required"])
     assert set(reply["peer_links"][0]) == set(doc["PeerLink"]["required"])
+    # the status says whether there is a cluster (the dashboard asks for it only then)
+    assert server.status()["cluster"] == {"name": "net", "router_id": "r1", "store": "connected"}
     alone = api.ApiServer(lambda: router_view(None), lambda: "t", control=None)  # type: ignore[arg-type]
-    assert alone.cluster() is None
+    assert alone.cluster() is None and alone.status()["cluster"] is None
 
 
 def test_metrics() -> None:

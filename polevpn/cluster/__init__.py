@@ -8,6 +8,7 @@ proto, packet, config and common.
               keys this router must hold)
     etcd      the etcd v3 JSON gateway client (asyncio streams + h11)
     store     the asyncio adapter: lease, keepalive, snapshot + watch, reconnect, resync
+    member    what the router holds as a member of its cluster, and the calls it makes
     view      frozen snapshots of the cluster for ops
     routes    the table of remote routes (RemoteRoutes) forwarding looks up
     peers     router-to-router links

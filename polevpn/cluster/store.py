@@ -150,6 +150,9 @@ class ClusterStore:
             began = time.monotonic()
             try:
                 await self._session()
+            except LeaseLost:
+                # etcd answers: a new lease at once, and every key written again under it
+                continue
             except (EtcdError, OSError) as exc:
                 self.stats.errors += 1
                 self.last_error = str(exc)[:200]

@@ -200,6 +200,14 @@ class ApiServer(httpserver.HttpServer):
             "pending": v.pending,
             "counters": counters,
             "drops": v.drops,
+            # the details are /api/v1/cluster's
+            "cluster": None
+            if v.cluster is None
+            else {
+                "name": v.cluster.name,
+                "router_id": v.cluster.router_id,
+                "store": v.cluster.store.state,
+            },
         }
 
     def gateway_view(self, conn: ConnectionView) -> dict[str, Any]:

@@ -363,6 +363,16 @@ def _status(counters: Iterable[str]) -> Schema:
                 {reason: _int(text) for reason, text in DROP_REASONS.items()},
                 "packets dropped since start, by reason",
             ),
+            "cluster": _nullable(
+                _object(
+                    {
+                        "name": _TEXT,
+                        "router_id": _TEXT,
+                        "store": {"type": "string", "enum": ["connecting", "connected", "lost"]},
+                    },
+                    "the router's cluster (details: /api/v1/cluster); null for a router alone",
+                )
+            ),
         }
     )
 
