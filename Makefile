@@ -15,6 +15,8 @@
 #                        section of docs/benchmarks.md
 #   make screenshot      docs/dashboard.png: the router's web dashboard in headless chromium, with
 #                        two gateways passing traffic (tests/test_dashboard.py; root)
+#   make bench-etcd      the etcd client of the router cluster: our JSON-gateway client against
+#                        aetcd (gRPC); writes the etcd client section of docs/benchmarks.md (root)
 #   make lint            ruff only
 #   make clean           remove .venv, caches and build artefacts (keeps keys/)
 
@@ -39,9 +41,10 @@ KEYGEN     := $(VENV)/bin/polevpn-keygen
 
 # command -> Debian package, installed only when the command is missing.
 SYSDEPS    := ip:iproute2 iperf3:iperf3 ping:iputils-ping nft:nftables \
-              chromium:chromium chromedriver:chromium-driver
+              chromium:chromium chromedriver:chromium-driver \
+              etcd:etcd-server
 
-.PHONY: all venv sysdeps keys test demo bench attack soak screenshot lint clean
+.PHONY: all venv sysdeps keys test demo bench bench-etcd attack soak screenshot lint clean
 
 all: test
 
@@ -88,6 +91,9 @@ demo: venv keys
 
 bench: venv keys
 	$(VPY) tests/bench.py
+
+bench-etcd: venv
+	$(VPY) tests/bench_etcd.py
 
 attack: venv
 	$(VPY) tests/bench_attack.py

@@ -6,6 +6,7 @@ it (tests/test_layers.py checks this on every run):
     cli, keygen                     the entry points: wire the parts together
     ops                             REST API, dashboard, metrics, polevpn-ctl
     router | gateway                the two orchestrators and their own sans-IO parts
+    cluster                         routers sharing routes through etcd, and their links
     io | host                       asyncio adapters and sockets | changes to the host
     kcp | proto | packet | config   sans-IO: DTLS/KCP/FEC | wire protocol | IP packets | config
     common                          logging, counters

@@ -129,7 +129,14 @@ def write_docs(result: dict) -> None:
     # section (tests/soak.py) are carried over as they are
     md = DOCS / "benchmarks.md"
     text = bench_attack.with_attack_section("\n".join(lines), path=md)
-    md.write_text(soak.with_soak_section(text, path=md))
+    text = soak.with_soak_section(text, path=md)
+    # and `make bench-etcd`'s (tests/bench_etcd.py)
+    md.write_text(soak.with_section(text, ETCD_BEGIN, ETCD_END, path=md))
+
+
+# the markers of tests/bench_etcd.py's section
+ETCD_BEGIN = "<!-- etcd-client:begin -->"
+ETCD_END = "<!-- etcd-client:end -->"
 
 
 def crypto_thread_lines(ct: dict) -> list[str]:

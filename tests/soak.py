@@ -287,18 +287,25 @@ def replace_marked(text: str, begin: str, end: str, section_text: str) -> str | 
     return None
 
 
-def with_soak_section(text: str, section_text: str | None = None, path: Path | None = None) -> str:
-    """``text`` (a benchmarks.md without a soak section, or with an old one) with the soak
-    section: ``section_text``, or the one in the file at ``path`` (what `make bench` keeps).
-    The section replaces the old one in place, or goes at the end."""
+def with_section(
+    text: str, begin: str, end: str, section_text: str | None = None, path: Path | None = None
+) -> str:
+    """``text`` (a benchmarks.md without the section marked ``begin``/``end``, or with an
+    old one) with that section: ``section_text``, or the one in the file at ``path`` (what
+    `make bench` keeps). The section replaces the old one in place, or goes at the end."""
     if section_text is None:
-        section_text = marked_section(path, SOAK_BEGIN, SOAK_END)
+        section_text = marked_section(path, begin, end)
         if section_text is None:
             return text
-    replaced = replace_marked(text, SOAK_BEGIN, SOAK_END, section_text)
+    replaced = replace_marked(text, begin, end, section_text)
     if replaced is not None:
         return replaced
     return text.rstrip("\n") + "\n\n" + section_text + "\n"
+
+
+def with_soak_section(text: str, section_text: str | None = None, path: Path | None = None) -> str:
+    """``text`` with the soak section (see with_section)."""
+    return with_section(text, SOAK_BEGIN, SOAK_END, section_text, path)
 
 
 def write_docs(report: dict) -> None:

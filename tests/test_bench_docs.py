@@ -63,3 +63,25 @@ def test_attack_and_bench_keep_each_others_parts(tmp_path, monkeypatch):
     assert data["date"] == "bench-date"
     assert data["attack"]["date"] == "attack-date-2"
     assert data["attack_before"]["date"] == "before-date"
+
+
+def test_bench_keeps_the_etcd_client_section(tmp_path, monkeypatch):
+    """`make bench` rewrites benchmarks.md and carries `make bench-etcd`'s section over."""
+    import bench_etcd
+
+    for mod in (bench, bench_attack, soak, bench_etcd):
+        monkeypatch.setattr(mod, "DOCS", tmp_path)
+    md = tmp_path / "benchmarks.md"
+    md.write_text("# Benchmarks\n\nformer throughput\n")
+    report = {
+        "date": "etcd-date", "git": "abc1234", "etcd": "3.4.23", "python": "3.11",
+        "results": [{"client": "json-gateway", "puts_per_s_txn": 123},
+                    {"client": "aetcd", "puts_per_s_txn": 456}],
+    }  # fmt: skip
+    bench_etcd.write_docs(report)
+    assert "| puts/s, 2000 keys, transactions of 128 | 123 | 456 |" in md.read_text()
+    bench.write_docs(bench_result())
+    text = md.read_text()
+    assert text.count(bench_etcd.BEGIN) == 1 and "etcd-date" in text
+    assert "former throughput" not in text
+    assert bench.ETCD_BEGIN == bench_etcd.BEGIN and bench.ETCD_END == bench_etcd.END

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from polevpn.cluster.routes import RemoteRoute, RemoteRoutes
 from polevpn.packet import gso
 from polevpn.packet.routing import NetworkSet, RouteTable
 from polevpn.proto import wire
@@ -26,6 +27,7 @@ class Peer:
     networks: tuple[str, ...]
     super_packets: bool = False
     site: Site | None = None
+    router_link: bool = False
 
     def __post_init__(self) -> None:
         self.sources = NetworkSet([ipaddress.ip_network(n) for n in self.networks])
@@ -192,6 +194,144 @@ def test_max_plain_is_the_largest_packet_a_frame_holds() -> None:
     assert len(wire.encode_frame(wire.S2C_IPDATA, bytes(MAX_PLAIN))) == 0xFFFF
     with pytest.raises(ValueError):
         wire.encode_frame(wire.S2C_IPDATA, bytes(MAX_PLAIN + 1))
+
+
+# ---- a cluster: routes held by other routers, packets from other routers --------------------
+
+
+class RouterLink:
+    """A link to another router as forwarding sees it: its sources are what that router
+    announces (RemoteRoutes.sources), and it takes super-packets whole."""
+
+    site = None
+    router_link = True
+    super_packets = True
+
+    def __init__(self, name: str, remote: RemoteRoutes) -> None:
+        self.name = name
+        self.sources = remote.sources(name)
+        remote.set_hop(name, self)
+
+    def __repr__(self) -> str:
+        return f"<router link {self.name}>"
+
+
+def cluster(*local: Peer) -> tuple[RouteTable, RemoteRoutes, RouterLink, RouterLink]:
+    """This router with ``local`` gateways; r2 holds 198.18.60.0/24, 198.18.10.128/25 (longer
+    than A's 198.18.10.0/24) and C's own 198.18.30.0/24 too (C dual-homed); r3 holds
+    198.18.70.0/24 and 2001:db8:70::/48."""
+    routes = table(*local)
+    remote: RemoteRoutes = RemoteRoutes(routes, self_id="r1")
+    for rid, net in (
+        ("r2", "198.18.60.0/24"),
+        ("r2", "198.18.10.128/25"),
+        ("r2", "198.18.30.0/24"),
+        ("r3", "198.18.70.0/24"),
+        ("r3", "2001:db8:70::/48"),
+    ):
+        remote.add(RemoteRoute(rid, ipaddress.ip_network(net), "169.254.9.9", "s"))
+    return routes, remote, RouterLink("r2", remote), RouterLink("r3", remote)
+
+
+def ipv6(src: str, dst: str, size: int = 60) -> bytes:
+    s, d = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
+    return struct.pack(">IHBB16s16s", 6 << 28, size - 40, 17, 64, s, d) + bytes(size - 40)
+
+
+def test_what_only_another_router_holds_goes_over_the_link_to_it() -> None:
+    routes, remote, r2, r3 = cluster(A, B, C)
+    to_r2 = ipv4("198.18.10.2", "198.18.60.5")
+    to_r3 = ipv4("198.18.10.2", "198.18.70.5")
+    # C is reachable here and through r2: its own router's link wins
+    to_c = ipv4("198.18.10.2", "198.18.30.5")
+    # a longer prefix at r2 wins over A's own /24: A sends it, and it is no hairpin
+    to_r2_longer = ipv4("198.18.10.2", "198.18.10.200")
+    to_a = ipv4("198.18.20.2", "198.18.10.7")
+    out = forward([memoryview(p) for p in (to_r2, to_r3, to_c, to_r2_longer)], A, routes)
+    assert frames(out.batches[r2]) == [(2, to_r2), (2, to_r2_longer)]
+    assert frames(out.batches[r3]) == [(2, to_r3)]
+    assert frames(out.batches[C]) == [(2, to_c)]
+    out = forward([memoryview(to_a)], B, routes)
+    assert frames(out.batches[A]) == [(2, to_a)]
+    # C's link here gone: r2's route for C's network takes over
+    routes.remove(ipaddress.ip_network("198.18.30.0/24"), C)
+    out = forward([memoryview(to_c)], A, routes)
+    assert frames(out.batches[r2]) == [(2, to_c)]
+    # r2's link down: its routes leave the data path (no route), r3's stay
+    remote.set_hop("r2", None)
+    out = forward([memoryview(p) for p in (to_r2, to_c, to_r3)], A, routes)
+    assert out.dropped_no_route == 2
+    assert frames(out.batches[r3]) == [(2, to_r3)]
+    # and A's /24 covers 198.18.10.200 again
+    from_b = ipv4("198.18.20.2", "198.18.10.200")
+    out = forward([memoryview(from_b)], B, routes)
+    assert frames(out.batches[A]) == [(2, from_b)]
+
+
+def test_what_came_from_a_router_goes_to_local_gateways_only() -> None:
+    routes, remote, r2, r3 = cluster(A, B, C)
+    to_a = ipv4("198.18.60.1", "198.18.10.7")
+    to_c = ipv4("198.18.60.1", "198.18.30.7")
+    to_r3 = ipv4("198.18.60.1", "198.18.70.7")
+    to_r3_v6 = ipv6("2001:db8:70::1", "2001:db8:70::2")
+    back_to_r2 = ipv4("198.18.60.1", "198.18.10.200")
+    out = forward([memoryview(p) for p in (to_a, to_c, to_r3, back_to_r2)], r2, routes)
+    assert frames(out.batches[A]) == [(2, to_a)]
+    assert frames(out.batches[C]) == [(2, to_c)]
+    assert set(out.batches) == {A, C}
+    # never on to a third router; to the router it came from: a hairpin as ever
+    assert out.dropped_peer_transit == 1
+    assert out.dropped_hairpin == 1
+    # the same for IPv6, from r3 to r3 (hairpin) and from r2 with r3's source (spoofed)
+    out = forward([memoryview(to_r3_v6)], r2, routes)
+    assert out.dropped_spoofed == 1 and not out.batches
+    # a super-packet from a router for a third router is dropped the same way
+    sp = tcp_super("198.18.60.1", "198.18.70.7", 4000, 1360)
+    out = forward([memoryview(sp)], r2, routes)
+    assert out.dropped_peer_transit == 1 and not out.batches
+    # with a local gateway for it, what came from r2 is delivered (no route to r3 needed)
+    D = Peer("d", ("169.254.0.4/32", "198.18.70.0/25"))
+    for net in D.networks:
+        routes.add(ipaddress.ip_network(net), D)
+    out = forward([memoryview(to_r3)], r2, routes)
+    assert frames(out.batches[D]) == [(2, to_r3)]
+
+
+def test_a_router_may_send_only_from_what_it_announces() -> None:
+    routes, remote, r2, r3 = cluster(A, B)
+    ok = ipv4("198.18.60.1", "198.18.10.7")
+    ok_longer = ipv4("198.18.10.130", "198.18.20.7")  # r2's /25 within A's /24
+    not_r2s = ipv4("198.18.70.1", "198.18.10.7")  # r3's network
+    nobodys = ipv4("198.18.99.1", "198.18.10.7")
+    pkts = [memoryview(p) for p in (ok, ok_longer, not_r2s, nobodys)]
+    out = forward(pkts, r2, routes)
+    assert frames(out.batches[A]) == [(2, ok)]
+    assert frames(out.batches[B]) == [(2, ok_longer)]
+    assert out.dropped_spoofed == 2
+    # r2 announces 198.18.70.0/24 too now (a gateway dual-homed to r2 and r3): trusted
+    remote.add(RemoteRoute("r2", ipaddress.ip_network("198.18.70.0/24"), "169.254.9.8", "t"))
+    out = forward([memoryview(not_r2s)], r2, routes)
+    assert frames(out.batches[A]) == [(2, not_r2s)]
+    # withdrawn: not any more
+    remote.remove("r2", ipaddress.ip_network("198.18.60.0/24"))
+    out = forward([memoryview(ok)], r2, routes)
+    assert out.dropped_spoofed == 1
+    # the router's anti_spoofing switch holds for router links as for gateways
+    out = forward([memoryview(nobodys)], r2, routes, anti_spoofing=False)
+    assert frames(out.batches[A]) == [(2, nobodys)]
+
+
+def test_super_packets_cross_router_links_whole() -> None:
+    routes, remote, r2, r3 = cluster(A, B)
+    sp = tcp_super("198.18.10.2", "198.18.60.2", 4000, 1360)
+    out = forward([memoryview(sp)], A, routes)
+    assert frames(out.batches[r2]) == [(wire.SUPER_IPDATA, sp)]
+    assert out.supers == {r2: 1}
+    # arriving whole at the far router: cut for a gateway without super-packets
+    back = tcp_super("198.18.60.2", "198.18.20.2", 4000, 1360)
+    out = forward([memoryview(back)], r2, routes)
+    assert [cmd for cmd, _ in frames(out.batches[B])] == [2, 2, 2]
+    assert out.segmented == 1
 
 
 # ---- the router's writing of a batch -------------------------------------------------------

@@ -50,6 +50,7 @@ def _sleeps(
     class Link:
         server = cfg.route_servers[0]
         rejected = None
+        silent = False
 
     async def try_servers(indices: range):
         if not connect:
@@ -130,3 +131,53 @@ def test_a_link_lost_at_once_keeps_backing_off(monkeypatch):
     cfg = _config(heartbeat_interval=3600.0)
     bounds = _sleeps(monkeypatch, cfg, rounds=5, connect=True)
     assert [high for _, high in bounds] == [1.0, 2.0, 3.0, 3.0, 3.0]
+
+
+def test_a_link_lost_to_silence_starts_the_next_round_with_the_next_server(monkeypatch):
+    """A router gone silent (hung, or its host lost without a reset) is not tried first
+    again: that would cost connect_timeout before the next route server. A link that was
+    reset (a router restarting) starts from the preferred server, as ever."""
+    servers = tuple(
+        RouteServer("tls", f"198.19.0.{i}", 443, f"tls://198.19.0.{i}:443") for i in (1, 2, 3)
+    )
+    cfg = _config(route_servers=servers, heartbeat_interval=0.0)
+    gw = gwmod.Gateway(cfg)
+    rounds: list[list[int]] = []
+    # which server each round registers with, and whether that link then falls silent
+    script = [(0, True), (1, False), (1, True), (2, True)]
+
+    class Link:
+        rejected = None
+
+        def __init__(self, server: RouteServer, silent: bool) -> None:
+            self.server = server
+            self.silent = silent
+            self.closed = asyncio.get_running_loop().create_future()
+            self.closed.set_result(None)
+
+    async def try_servers(indices):
+        rounds.append(list(indices))
+        if len(rounds) > len(script):
+            gw._stopping.set()
+            return None
+        index, silent = script[len(rounds) - 1]
+        return Link(servers[index], silent), index
+
+    async def run_link(link):
+        return link
+
+    monkeypatch.setattr(gwmod.random, "uniform", lambda low, high: 0.0)
+    monkeypatch.setattr(gw, "_try_servers", try_servers)
+    monkeypatch.setattr(gw, "_run_link", run_link)
+
+    async def main() -> None:
+        await asyncio.wait_for(gw._connect_loop(), timeout=10)
+
+    asyncio.run(main())
+    assert rounds == [
+        [0, 1, 2],  # the first round: in order
+        [1, 2, 0],  # the link to server 0 fell silent: server 1 first
+        [0, 1, 2],  # the link to server 1 was reset: from the preferred again
+        [2, 0, 1],  # the link to server 1 fell silent: server 2 first
+        [0, 1, 2],  # the link to server 2 fell silent: wraps to server 0
+    ]

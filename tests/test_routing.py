@@ -25,6 +25,12 @@ class Reference:
             claim.remove(owner)
         claim.append(owner)
 
+    def add_fallback(self, net: IPNetwork, owner: str) -> None:
+        claim = self.claims.setdefault(net, [])
+        if owner in claim:
+            claim.remove(owner)
+        claim.insert(0, owner)
+
     def remove(self, net: IPNetwork, owner: str) -> bool:
         claim = self.claims.get(net)
         if not claim or owner not in claim:
@@ -114,6 +120,47 @@ def test_adds_and_removes_match_brute_force(pool: list, ops: list, probes: list)
         else:
             assert table.remove(net, owner) == ref.remove(net, owner)
         check_agrees(table, ref, probes)
+
+
+@given(
+    st.lists(nets, min_size=1, max_size=6, unique=True),
+    st.lists(st.tuples(st.integers(0, 2), st.integers(0, 5), owners), max_size=40),
+    st.lists(addrs, max_size=10),
+)
+def test_fallback_claims_match_brute_force(pool: list, ops: list, probes: list) -> None:
+    """Claims, fallback claims (below every other) and withdrawals, in any order."""
+    table: RouteTable[str] = RouteTable()
+    ref = Reference()
+    for op, index, owner in ops:
+        net = pool[index % len(pool)]
+        if op == 0:
+            table.add(net, owner)
+            ref.add(net, owner)
+        elif op == 1:
+            table.add_fallback(net, owner)
+            ref.add_fallback(net, owner)
+        else:
+            assert table.remove(net, owner) == ref.remove(net, owner)
+        check_agrees(table, ref, probes)
+
+
+def test_a_fallback_claim_is_active_only_while_nobody_else_claims() -> None:
+    table: RouteTable[str] = RouteTable()
+    net = ip_network("198.18.10.0/24")
+    addr = ip_address("198.18.10.7")
+    table.add_fallback(net, "remote")
+    assert table.lookup(addr) == "remote"
+    table.add(net, "local")
+    assert table.lookup(addr) == "local"
+    # a fallback claim made later still stays below
+    table.add_fallback(net, "remote-2")
+    assert table.lookup(addr) == "local"
+    table.remove(net, "local")
+    assert table.lookup(addr) == "remote"
+    # a longer prefix wins whoever claims the shorter one
+    table.add(ip_network("198.18.0.0/16"), "wide-local")
+    assert table.lookup(addr) == "remote"
+    assert table.lookup(ip_address("198.18.11.1")) == "wide-local"
 
 
 def test_longest_prefix_wins() -> None:

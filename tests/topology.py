@@ -46,6 +46,13 @@ cable pulled and plugged back.  :meth:`Topology.rate_limit` (tc tbf, egress) and
 
     vpc --198.18.30.0/24-- router [polevpn0: 169.254.0.254]
 
+:meth:`Topology.add_router2` adds a second router ``router2`` (a cluster of two, issue 17),
+linked to the router, and a second underlay link from gwB to it; the router namespace
+forwards between its links, so every gateway reaches both routers:
+
+    router ul-r2 198.19.0.13/30 <-> router2 ul-r1 198.19.0.14/30      (the routers' link)
+    gwB wan1     198.19.0.18/30 <-> router2 ul-b  198.19.0.17/30
+
 ``Topology(service_address=True)`` gives the router a service address on ``lo``, the one
 gateways dial, apart from its link addresses (a secondary, floating or anycast address; issue
 21), and both underlay links an IPv6 subnet too:
@@ -120,6 +127,14 @@ SVC_GW_A_UL6 = "2001:db8:ff0a::2"
 SVC_ROUTER_UL_A6 = "2001:db8:ff0a::1"
 SVC_GW_B_UL6 = "2001:db8:ff0b::2"
 SVC_ROUTER_UL_B6 = "2001:db8:ff0b::1"
+
+# Topology.add_router2(): a second router (a cluster, issue 17), its link to the router and
+# gwB's link to it
+ROUTER2 = "router2"
+ROUTER_RR = "198.19.0.13"  # the router's end of the routers' link
+ROUTER2_RR = "198.19.0.14"  # router2's end
+ROUTER2_UL_B = "198.19.0.17"
+GW_B_UL2 = "198.19.0.18"
 
 # Topology.add_vpc(): a host behind the router, for the router's own TUN ("tun" in its config)
 VPC = "198.18.30.0/24"
@@ -562,6 +577,28 @@ class Topology:
         self._addr(node, "wan0", f"{gw_ul}/30")
         self._addr("router", router_if, f"{router_ul}/30")
         self._sysctl(node, "net.ipv4.ip_forward", "1")
+
+    def add_router2(self) -> None:
+        """A second router ``router2``: a /30 to the router (198.19.0.12/30) and one to gwB
+        (gwB's ``wan1``, 198.19.0.16/30), with routes so that gwA, gwB and both routers
+        reach each other's underlay addresses (the router and router2 forward between
+        their links); removed with the rest on teardown."""
+        self.ns[ROUTER2] = f"{self.prefix}-{ROUTER2}"
+        self._add_ns(ROUTER2)
+        self._veth("router", "ul-r2", ROUTER2, "ul-r1")
+        self._addr("router", "ul-r2", f"{ROUTER_RR}/30")
+        self._addr(ROUTER2, "ul-r1", f"{ROUTER2_RR}/30")
+        self._veth("gwB", "wan1", ROUTER2, "ul-b")
+        self._addr("gwB", "wan1", f"{GW_B_UL2}/30")
+        self._addr(ROUTER2, "ul-b", f"{ROUTER2_UL_B}/30")
+        for node in ("router", ROUTER2):
+            self._sysctl(node, "net.ipv4.ip_forward", "1")
+        # gwA reaches router2 through the router; router2 reaches gwA's and gwB's first
+        # links the same way; the router reaches gwB's second link through router2
+        self.run("gwA", ["ip", "route", "add", "198.19.0.12/30", "via", ROUTER_UL_A])
+        self.run("gwA", ["ip", "route", "add", "198.19.0.16/30", "via", ROUTER_UL_A])
+        self.run(ROUTER2, ["ip", "route", "add", "198.19.0.0/29", "via", ROUTER_RR])
+        self.run("router", ["ip", "route", "add", "198.19.0.16/30", "via", ROUTER2_RR])
 
     def add_vpc(self) -> None:
         """A host ``vpc`` behind the router (the cloud VM's VPC, for the router's own TUN):
@@ -1570,12 +1607,13 @@ def write_json(path: str | os.PathLike, obj: dict) -> Path:
 
 
 def start_router(topo: Topology, config: str | os.PathLike, log_name: str = "router",
-                 timeout: float = 15.0) -> subprocess.Popen:
-    """Start polevpn-router in the router namespace and wait for its listening line."""
+                 timeout: float = 15.0, node: str = "router") -> subprocess.Popen:
+    """Start polevpn-router in ``node`` (the router namespace, or router2) and wait for its
+    listening line."""
     exe = console_script("polevpn-router")
     if exe is None:
         raise TopologyError("polevpn-router console script not found")
-    proc = topo.popen("router", [exe, f"-configPath={config}"], log_name=log_name)
+    proc = topo.popen(node, [exe, f"-configPath={config}"], log_name=log_name)
     wait_for_log(proc, "listening", "tls", timeout=timeout)
     return proc
 

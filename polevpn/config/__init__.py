@@ -178,6 +178,40 @@ class RouterTun:
         return [self.gateway] + ([self.gateway6] if self.gateway6 is not None else [])
 
 
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """The ``cluster`` section: this router is one of several that share their routes
+    through etcd (polevpn.cluster). Absent: a router alone, needing no etcd."""
+
+    # the cluster's name: its keys live under {prefix}/{name}/
+    name: str
+    # this router's id within the cluster, unique among its routers
+    router_id: str
+    # "http(s)://host:port" of the etcd members, tried in turn
+    etcd_endpoints: tuple[str, ...]
+    # (host, port) other routers dial this router on: its tls:// listener as they reach it
+    peer_address: tuple[str, int]
+    # the credential routers authenticate each other with, and the one before it while a
+    # rotation is under way (accepted, not sent)
+    peer_key: str = field(repr=False)
+    peer_key_previous: str | None = field(default=None, repr=False)
+    etcd_username: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)
+    # TLS to etcd: the CA that signed the members' certificates, and a client certificate
+    etcd_ca: Path | None = None
+    etcd_cert: Path | None = None
+    etcd_key: Path | None = None
+    # the root of the keys in etcd, shared by every cluster on those members
+    prefix: str = "/polevpn"
+    # seconds this router's keys outlive it (or its loss of etcd)
+    lease_ttl: int = 5
+
+    @property
+    def peer_address_text(self) -> str:
+        host, port = self.peer_address
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     path: Path
@@ -216,6 +250,8 @@ class RouterConfig:
     # TCP congestion control of tls:// sockets: None (not set): bbr if the kernel has it;
     # "": the kernel's default; else that algorithm (polevpn.io.tcpcc)
     tcp_congestion: str | None = None
+    # several routers sharing routes through etcd; None (the default): this router alone
+    cluster: ClusterConfig | None = None
     warnings: tuple[str, ...] = field(default=())
 
     def authority(self) -> Authority:
@@ -795,6 +831,7 @@ def load_router_config(path: str | Path) -> RouterConfig:
     api_listen, api_token, api_warnings = _api(r, secrets)
     metrics_token, token_warnings = _metrics_token(r, secrets)
     anti_spoofing = r.boolean("anti_spoofing", True)
+    cluster = _cluster(r, tls, secrets)
     warnings = _router_warnings(key, grants, anti_spoofing) + _permission_warnings(secrets)
     metrics_listen, metrics_warnings = _metrics_listen(r, metrics_token is not None)
     warnings += metrics_warnings + api_warnings + token_warnings
@@ -826,6 +863,159 @@ def load_router_config(path: str | Path) -> RouterConfig:
         api_token=api_token,
         tun=tun,
         tcp_congestion=_tcp_congestion(r),
+        cluster=cluster,
+    )
+
+
+# a cluster's name and a router's id: they are parts of etcd keys
+_CLUSTER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# the shortest cluster credential: it is all that keeps a stranger from joining as a router
+PEER_KEY_MIN = 16
+
+
+def _cluster_id(r: _Reader, key: str) -> str:
+    text = r.string(key)
+    if not _CLUSTER_ID.fullmatch(text) or text in (".", ".."):
+        raise r.fail(key, f"{text!r}: use 1-64 of A-Z a-z 0-9 . _ - (it is part of etcd keys)")
+    return text
+
+
+def _etcd_endpoints(r: _Reader) -> tuple[str, ...]:
+    raw = r.obj.get("endpoints")
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise r.fail("endpoints", "missing or empty (expected a list of http(s)://host:port)")
+    out: list[str] = []
+    for i, url in enumerate(raw):
+        name = f"endpoints[{i}]"
+        if not isinstance(url, str):
+            raise r.fail(name, f"expected a URL string, got {type(url).__name__}")
+        parts = urlsplit(url)
+        try:
+            host, port = parts.hostname, parts.port
+        except ValueError as exc:
+            raise r.fail(name, f"{url!r}: {exc}") from None
+        if parts.scheme not in ("http", "https") or not host or port is None:
+            raise r.fail(name, f"{url!r}: expected http://host:port or https://host:port")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+            raise r.fail(name, f"{url!r}: expected scheme://host:port and nothing else")
+        problem = _host_problem(host)
+        if problem is not None:
+            raise r.fail(name, f"{url!r}: host {host!r} is not a valid host name: {problem}")
+        shown = f"[{host}]" if ":" in host else host
+        out.append(f"{parts.scheme}://{shown}:{port}")
+    schemes = {u.split(":", 1)[0] for u in out}
+    if len(schemes) > 1:
+        raise r.fail("endpoints", "mixes http:// and https://: use one for every member")
+    return tuple(dict.fromkeys(out))
+
+
+def _peer_key(r: _Reader, key: str, secrets: list[Path], required: bool) -> str | None:
+    """``peer_key`` inline, or ``peer_key_file`` (likewise ``peer_key_previous``)."""
+    in_file = f"{key}_file"
+    if r.has(key) and r.has(in_file):
+        raise r.fail(key, f"set {key} or {in_file}, not both")
+    if r.has(in_file):
+        name = in_file
+        p = r.file(in_file, required=True)
+        assert p is not None
+        try:
+            text = p.read_text(encoding="utf-8").strip()
+        except UnicodeDecodeError:
+            raise r.fail(in_file, f"{p} is not UTF-8 text") from None
+        secrets.append(p)
+    elif r.has(key):
+        name = key
+        text = r.string(key)
+        secrets.append(r.path)
+    elif required:
+        raise r.fail(
+            key,
+            "missing: the routers of a cluster authenticate each other with it "
+            f"(at least {PEER_KEY_MIN} random characters, e.g. from openssl rand -hex 32)",
+        )
+    else:
+        return None
+    if len(text) < PEER_KEY_MIN:
+        raise r.fail(name, f"{len(text)} characters: use at least {PEER_KEY_MIN} random ones")
+    if not all(0x21 <= ord(c) <= 0x7E for c in text):
+        raise r.fail(name, "must be printable ASCII without spaces")
+    return text
+
+
+def _cluster(r: _Reader, tls: Listener, secrets: list[Path]) -> ClusterConfig | None:
+    """The optional ``cluster`` section (see ClusterConfig)."""
+    sec = r.section("cluster", required=False)
+    if sec is None:
+        return None
+    if not tls.enable:
+        raise r.fail("cluster", "the routers of a cluster reach each other on the tls "
+                     "listener: enable tls")
+    name = _cluster_id(sec, "name")
+    router_id = _cluster_id(sec, "router_id")
+    etcd = sec.section("etcd")
+    assert etcd is not None
+    endpoints = _etcd_endpoints(etcd)
+    username = etcd.string("username") if etcd.has("username") else None
+    password = etcd.string("password") if etcd.has("password") else None
+    if (username is None) != (password is None):
+        raise etcd.fail(
+            "password" if password is None else "username", "missing: set username and password"
+        )
+    if username is not None and not username:
+        raise etcd.fail("username", "is empty")
+    if password is not None:
+        secrets.append(r.path)
+    ca = etcd.file("ca", required=False)
+    cert = etcd.file("cert", required=etcd.has("key"))
+    key = etcd.file("key", required=cert is not None)
+    https = endpoints[0].startswith("https:")
+    if (ca or cert) and not https:
+        raise etcd.fail("ca" if ca else "cert", "set for TLS, but the endpoints are http://")
+    if ca is not None:
+        try:
+            ssl.create_default_context(cafile=str(ca))
+        except (ssl.SSLError, OSError) as exc:
+            raise etcd.fail("ca", f"cannot load {ca}: {exc}") from None
+    if cert is not None and key is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise etcd.fail("cert", f"cannot load {cert} with {key}: {exc}") from None
+        secrets.append(key)
+    prefix = etcd.string("prefix", "/polevpn").rstrip("/")
+    if not prefix.startswith("/") or "//" in prefix or not all(
+        _CLUSTER_ID.fullmatch(p) for p in prefix.split("/")[1:]
+    ):
+        raise etcd.fail("prefix", f"{prefix!r}: expected /name[/name...] of A-Z a-z 0-9 . _ -")
+    try:
+        host, port = _split_host_port(sec.string("peer_address"))
+    except ValueError as exc:
+        raise sec.fail("peer_address", f"{exc} (expected host:port, e.g. 198.18.0.1:443)") from None
+    problem = _host_problem(host) if host else "empty"
+    if problem is not None or port == 0:
+        raise sec.fail("peer_address", f"{host!r}:{port}: not a host and port others can dial")
+    peer_key = _peer_key(sec, "peer_key", secrets, required=True)
+    assert peer_key is not None
+    previous = _peer_key(sec, "peer_key_previous", secrets, required=False)
+    if previous == peer_key:
+        previous = None
+    return ClusterConfig(
+        name=name,
+        router_id=router_id,
+        etcd_endpoints=endpoints,
+        etcd_username=username,
+        etcd_password=password,
+        etcd_ca=ca,
+        etcd_cert=cert,
+        etcd_key=key,
+        prefix=prefix,
+        lease_ttl=sec.integer("lease_ttl", 5, 2, 60),
+        peer_address=(host, port),
+        peer_key=peer_key,
+        peer_key_previous=previous,
     )
 
 

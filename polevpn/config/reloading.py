@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from polevpn.common.logfmt import kv
-from polevpn.config import GatewayConfig, LinkConfig, Listener, RouterConfig
+from polevpn.config import ClusterConfig, GatewayConfig, LinkConfig, Listener, RouterConfig
 
 C = TypeVar("C", RouterConfig, GatewayConfig)
 
@@ -113,6 +113,28 @@ def _gateways(old: RouterConfig, new: RouterConfig) -> str:
     return f"gateways: {'; '.join(parts) or 'reordered'}"
 
 
+# the cluster's secrets: a change is reported by name only
+_CLUSTER_SECRET = frozenset({"etcd_password", "peer_key", "peer_key_previous"})
+
+
+def _cluster(old: ClusterConfig | None, new: ClusterConfig | None) -> str:
+    """A cluster section added, removed or changed (applied while running: the router
+    leaves the cluster, joins it, or re-connects with the new settings)."""
+    if old is None or new is None:
+        return f"cluster: {'joined' if old is None else 'left'}" + (
+            f" {new.name} as {new.router_id}" if new is not None else ""
+        )
+    parts = []
+    for f in dataclasses.fields(new):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a != b:
+            parts.append(
+                f"{f.name} changed" if f.name in _CLUSTER_SECRET else f"{f.name} {_fmt(a)} -> "
+                f"{_fmt(b)}"
+            )
+    return f"cluster: {'; '.join(parts)}"
+
+
 def _links_apply(old: GatewayConfig, new: GatewayConfig) -> bool:
     """A reload changes a gateway's links in place while it has several before and after."""
     return old.multi_link and new.multi_link
@@ -167,6 +189,9 @@ def plan(old: C, new: C) -> Reload[C]:
                 fields.add(name)
         elif name == "gateways":
             changes.append(_gateways(old, new))  # type: ignore[arg-type]
+            fields.add(name)
+        elif name == "cluster":
+            changes.append(_cluster(a, b))
             fields.add(name)
         else:
             shown = "changed" if name in _SECRET else f"{_fmt(a)} -> {_fmt(b)}"

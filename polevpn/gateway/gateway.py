@@ -142,6 +142,8 @@ class RouterLink(asyncio.Protocol):
         # here, not left to the kernel's TUN queue (hundreds of ms on a slow line)
         self.sheds = False
         self.rejected: Rejected | None = None
+        # given up for silence (heartbeat_timeout): the router may be hung or gone
+        self.silent = False
 
     @property
     def ready(self) -> bool:
@@ -255,6 +257,7 @@ class RouterLink(asyncio.Protocol):
     def tick(self, now: float) -> None:
         lost = self.session.tick(now)
         if lost is not None:
+            self.silent = True
             log.warning("closing connection to router", extra=kv(reason=lost.reason))
             self.abort()
             return
@@ -972,7 +975,7 @@ class Gateway:
             f"rejected by router: {rej.error}"
         )
 
-    async def _try_servers(self, indices: range) -> tuple[RouterLink, int] | None:
+    async def _try_servers(self, indices: Sequence[int]) -> tuple[RouterLink, int] | None:
         """The first of ``route_servers[indices]`` that registers us, in order."""
         servers = self.cfg.route_servers
         for i in indices:
@@ -1164,12 +1167,23 @@ class Gateway:
         # A link lost within heartbeat_interval of registering does not reset the ceiling: a
         # router that takes us and drops us at once (another office registering the same
         # gateway address, say) sees us about once per cap, not twice a second.
+        #
+        # A link given up for silence (heartbeat_timeout) starts the next round with the
+        # server after its own: that router may be hung or gone without a reset (a frozen
+        # process, a host that lost power), and trying it first again would cost another
+        # connect_timeout before the next server, whose router (another of a cluster, or
+        # another address of this one) may well be up. The preferred server is tried again
+        # every preferred_retry_interval from there, as after any fallback.
         failed = 0  # rounds since the last link that lasted
+        first = 0  # the server the next round starts with
         while not self._stopping.is_set():
             # the config of the moment: a reload may have changed the servers and delays
             cfg = self.cfg
             servers = cfg.route_servers
-            result = await self._try_servers(range(len(servers)))
+            first = first if first < len(servers) else 0
+            order = [*range(first, len(servers)), *range(first)]
+            first = 0
+            result = await self._try_servers(order)
             if result is None:
                 failed += 1
             else:
@@ -1201,6 +1215,8 @@ class Gateway:
                 )
                 lasted = time.monotonic() - since >= self.cfg.heartbeat_interval
                 failed = 0 if lasted else failed + 1
+                if link.silent:
+                    first = self._server_index(link.server) + 1
             failed = min(failed, 32)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), timeout=backoff(self.cfg, failed))

@@ -9,6 +9,8 @@ costs nothing per packet. Endpoints (``polevpn.ops.openapi`` has the precise sha
                                   and each link of a multi-link gateway
   GET  /api/v1/gateways/{address} one of them, or 404
   GET  /api/v1/routes             the routing table
+  GET  /api/v1/cluster            the router's cluster: its store, the routers, the remote
+                                  routes, the links to other routers (404 without a cluster)
   POST /api/v1/reload             the router's reload(): 200 with the changes, 400 with the error
   GET  /api/v1/openapi.json       the OpenAPI document (public: it holds no data)
   GET  /                          the dashboard page, polevpn/ops/web/index.html (public)
@@ -133,6 +135,7 @@ class ApiServer(httpserver.HttpServer):
             ("GET", f"{P}/gateways"): self._authorized(self._gateways),
             ("GET", f"{P}/gateways/{{address}}"): self._authorized(self._gateway),
             ("GET", f"{P}/routes"): self._authorized(self._routes),
+            ("GET", f"{P}/cluster"): self._authorized(self._cluster),
             ("POST", f"{P}/reload"): self._authorized(self._reload),
         }
         super().__init__(
@@ -197,6 +200,14 @@ class ApiServer(httpserver.HttpServer):
             "pending": v.pending,
             "counters": counters,
             "drops": v.drops,
+            # the details are /api/v1/cluster's
+            "cluster": None
+            if v.cluster is None
+            else {
+                "name": v.cluster.name,
+                "router_id": v.cluster.router_id,
+                "store": v.cluster.store.state,
+            },
         }
 
     def gateway_view(self, conn: ConnectionView) -> dict[str, Any]:
@@ -269,6 +280,74 @@ class ApiServer(httpserver.HttpServer):
             for r in v.routes
         ]
 
+    def cluster(self, v: RouterView | None = None) -> dict[str, Any] | None:
+        """The cluster section's view, None for a router alone."""
+        v = self.view() if v is None else v
+        c = v.cluster
+        if c is None:
+            return None
+        st = c.store
+        return {
+            "name": c.name,
+            "router_id": c.router_id,
+            "peer_address": c.peer_address,
+            "store": {
+                "state": st.state,
+                "since": rfc3339(st.since) if st.since is not None else None,
+                "endpoint": st.endpoint,
+                "revision": st.revision,
+                "lease": f"{st.lease:x}" if st.lease else None,
+                "lease_ttl": st.lease_ttl,
+                "lease_remaining": st.lease_remaining,
+                "keys": st.keys,
+                "stale": st.stale,
+                "last_error": st.last_error,
+            },
+            "routers": [
+                {
+                    "router_id": r.router_id,
+                    "peer_address": r.peer_address,
+                    "started_at": rfc3339(r.started) if r.started is not None else None,
+                    "version": r.version,
+                    "state": r.state,
+                    "routes": r.routes,
+                }
+                for r in c.routers
+            ],
+            "remote_routes": [
+                {"router_id": r.router_id, "network": r.network, "gateway": r.gateway,
+                 "site": r.site}
+                for r in c.remote_routes
+            ],  # fmt: skip
+            "local_routes": c.local_routes,
+            "counters": dict(c.stats),
+            "peer_links": [
+                {
+                    "router_id": p.router_id,
+                    "address": p.address,
+                    "state": p.state,
+                    "since": rfc3339(p.since) if p.since is not None else None,
+                    "packets_in": p.packets_in,
+                    "packets_out": p.packets_out,
+                    "bytes_in": p.bytes_in,
+                    "bytes_out": p.bytes_out,
+                    "rtt_ms": p.rtt_ms,
+                    "direction": p.direction,
+                    "peer": p.peer,
+                    "connects": p.connects,
+                    "last_error": p.last_error,
+                    "rate_in": p.rate_in,
+                    "rate_out": p.rate_out,
+                    "drops": {
+                        "queue_full": p.dropped_queue_full,
+                        "spoofed": p.dropped_spoofed,
+                        "transit": p.dropped_transit,
+                    },
+                }
+                for p in c.peer_links
+            ],
+        }
+
     # -- handlers
 
     async def _status(self, request: Request) -> Reply:
@@ -291,6 +370,12 @@ class ApiServer(httpserver.HttpServer):
 
     async def _routes(self, request: Request) -> Reply:
         return _ok({"routes": self.routes()})
+
+    async def _cluster(self, request: Request) -> Reply:
+        found = self.cluster()
+        if found is None:
+            raise HttpError(404, "this router is in no cluster (no cluster section)")
+        return _ok(found)
 
     async def _reload(self, request: Request) -> Reply:
         log.info("reload requested over the API")

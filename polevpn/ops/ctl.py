@@ -1,7 +1,7 @@
 """``polevpn-ctl``: the router's REST API (polevpn.ops.api) in a terminal.
 
     polevpn-ctl [-configPath=config.json] [--url URL] [--token-file F]
-                status|gateways|routes|reload [--json]
+                status|gateways|routes|cluster|reload [--json]
 
 The API's address and token come from the router's config file (api_listen, api_token or
 api_token_file) unless --url and --token-file (or $POLEVPN_API_TOKEN) say otherwise; only
@@ -29,7 +29,7 @@ from polevpn.config import ConfigError, load_api_access
 EXIT_API = 1
 EXIT_USAGE = 2
 TIMEOUT = 10.0
-COMMANDS = ("status", "gateways", "routes", "reload")
+COMMANDS = ("status", "gateways", "routes", "cluster", "reload")
 
 
 class CtlError(Exception):
@@ -193,6 +193,57 @@ def format_routes(routes: list[dict[str, Any]]) -> str:
     return table(["NETWORK", "GATEWAY", "TRANSPORT"], rows)
 
 
+def format_cluster(c: dict[str, Any]) -> str:
+    """The cluster as this router knows it: the store, the routers, the links to them and
+    the remote routes."""
+    st = c["store"]
+    state = st["state"] + (" (stale)" if st["stale"] and st["state"] != "lost" else "")
+    lines = [
+        f"cluster {c['name']}, router {c['router_id']} at {c['peer_address']}",
+        f"store {state} since {st['since'] or '-'}, {st['endpoint']}, revision "
+        f"{st['revision']}, lease {st['lease'] or '-'} ttl {st['lease_ttl']}s, "
+        f"{st['keys']} keys",
+    ]
+    if st["last_error"] and st["state"] != "connected":
+        lines.append(f"last error: {st['last_error']}")
+    lines.append("")
+    lines.append(
+        table(
+            ["ROUTER", "ADDRESS", "STATE", "ROUTES", "VERSION"],
+            [
+                [r["router_id"], r["peer_address"] or "-", r["state"], str(r["routes"]),
+                 r["version"] or "-"]
+                for r in c["routers"]
+            ],  # fmt: skip
+            right={3},
+        )
+    )
+    if c["peer_links"]:
+        lines.append("")
+        lines.append(
+            table(
+                ["LINK", "ADDRESS", "STATE", "RTT", "PKTS IN", "PKTS OUT", "IN", "OUT"],
+                [
+                    [p["router_id"], p["address"], p["state"], _rtt(p["rtt_ms"]), *_traffic(p)]
+                    for p in c["peer_links"]
+                ],
+                right={3, 4, 5, 6, 7},
+            )
+        )
+    lines.append("")
+    if c["remote_routes"]:
+        lines.append(
+            table(
+                ["NETWORK", "ROUTER", "GATEWAY", "SITE"],
+                [[r["network"], r["router_id"], r["gateway"], r["site"]]
+                 for r in c["remote_routes"]],
+            )  # fmt: skip
+        )
+    else:
+        lines.append("no remote routes")
+    return "\n".join(lines)
+
+
 def format_reload(reply: dict[str, Any]) -> str:
     changes = reply["changes"]
     if not changes:
@@ -286,6 +337,9 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "routes":
         reply = client.call("GET", "routes")
         return json.dumps(reply, indent=2) if args.json else format_routes(reply["routes"])
+    if args.command == "cluster":
+        reply = client.call("GET", "cluster")
+        return json.dumps(reply, indent=2) if args.json else format_cluster(reply)
     assert args.command == "reload"
     reply = client.call("POST", "reload")
     return json.dumps(reply, indent=2) if args.json else format_reload(reply)

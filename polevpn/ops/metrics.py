@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from polevpn.cluster.view import ClusterView
 from polevpn.gateway.view import GATEWAY_DROPS, GatewayView, UplinkView
 from polevpn.io.pathstats import KcpFigures
 from polevpn.ops import httpserver
@@ -289,6 +290,82 @@ class RouterCollector(Collector):
                     yield _gauge(f"{p}kcp_sessions", "established kcp:// sessions", value)
                 else:
                     yield _counter(f"{p}kcp_{name}", f"KcpServerStats.{name}", value)
+        if v.cluster is not None:
+            yield from self._cluster(v.cluster)
+
+    def _cluster(self, c: ClusterView) -> Iterable[Metric]:
+        """The router's cluster: polevpn_cluster_*."""
+        p = "polevpn_cluster_"
+        st = c.store
+        yield _gauge(
+            f"{p}store_up", "1 while the router is connected to etcd, 0 while it is lost or "
+            "not yet connected", 1 if st.state == "connected" else 0
+        )
+        yield _gauge(
+            f"{p}stale", "1 while the routes known may be out of date (the store is lost)",
+            1 if st.stale else 0,
+        )
+        yield _gauge(f"{p}store_revision", "the etcd revision the known routes reflect",
+                     st.revision)
+        yield _gauge(f"{p}lease_remaining_seconds", "the lease's TTL at its last renewal",
+                     st.lease_remaining)
+        yield _gauge(f"{p}local_routes", "networks this router publishes", c.local_routes)
+        yield _gauge(f"{p}remote_routes", "networks other routers publish", len(c.remote_routes))
+        routers = GaugeMetricFamily(
+            f"{p}routers", "other routers of the cluster, by state", labels=["state"]
+        )
+        for state in ("up", "stale", "incomplete"):
+            routers.add_metric([state], sum(1 for r in c.routers if r.state == state))
+        yield routers
+        stats = dict(c.stats)
+        yield _counter(
+            f"{p}store_errors", "failed store sessions (an endpoint gone, a call failed)",
+            stats.pop("store_errors", 0),
+        )
+        for name, value in stats.items():
+            yield _counter(f"{p}{name}", f"the cluster's {name}", value)
+        if c.peer_links:
+            names = ["router"]
+            up = GaugeMetricFamily(f"{p}peer_link_up", "1 while the link to a router is up",
+                                   labels=names)
+            rx_p = CounterMetricFamily(f"{p}peer_received_packets",
+                                       "packets received from a router", labels=names)
+            tx_p = CounterMetricFamily(f"{p}peer_sent_packets", "packets sent to a router",
+                                       labels=names)
+            rx_b = CounterMetricFamily(f"{p}peer_received_bytes",
+                                       "IP bytes received from a router", labels=names)
+            tx_b = CounterMetricFamily(f"{p}peer_sent_bytes", "IP bytes sent to a router",
+                                       labels=names)
+            connects = CounterMetricFamily(
+                f"{p}peer_connects", "times a link to a router came up", labels=names
+            )
+            drops = CounterMetricFamily(
+                f"{p}peer_dropped_packets",
+                "packets of the link to a router dropped: its queue full (queue_full), from "
+                "a source that router does not announce (spoofed), from it for a third "
+                "router (transit)",
+                labels=[*names, "reason"],
+            )
+            rtt = GaugeMetricFamily(
+                f"{p}peer_rtt_seconds",
+                "round trip of the link to a router: heartbeats on a link this router "
+                "dialed, TCP's estimate on one it accepted",
+                labels=names,
+            )
+            for link in c.peer_links:
+                labels = [link.router_id]
+                up.add_metric(labels, 1 if link.state == "up" else 0)
+                rx_p.add_metric(labels, link.packets_in)
+                tx_p.add_metric(labels, link.packets_out)
+                rx_b.add_metric(labels, link.bytes_in)
+                tx_b.add_metric(labels, link.bytes_out)
+                connects.add_metric(labels, link.connects)
+                drops.add_metric([*labels, "queue_full"], link.dropped_queue_full)
+                drops.add_metric([*labels, "spoofed"], link.dropped_spoofed)
+                drops.add_metric([*labels, "transit"], link.dropped_transit)
+                if link.rtt_ms is not None:
+                    rtt.add_metric(labels, link.rtt_ms / 1000)
+            yield from (up, rx_p, tx_p, rx_b, tx_b, connects, drops, rtt)
 
     def _per_gateway(self, v: RouterView) -> Iterable[Metric]:
         """Per gateway; a multi-link gateway's counters are its links' sums (they drop when

@@ -32,6 +32,8 @@ DROP_REASONS = {
     "without super-packets: no frame holds it",
     "closing": "from a connection the router was closing, e.g. one replaced by a newer "
     "connection of its gateway or link: stale, never forwarded",
+    "peer_transit": "from another router of the cluster, for a network only a third router "
+    "holds: a packet crosses at most one router link",
 }
 
 Schema = dict[str, Any]
@@ -235,6 +237,105 @@ LISTENER = _object(
 
 ERROR = _object({"error": {"type": "string", "description": "what went wrong, one line"}})
 
+_TEXT: Schema = {"type": "string"}
+CLUSTER_STORE = _object(
+    {
+        "state": {
+            "type": "string",
+            "enum": ["connecting", "connected", "lost"],
+            "description": "lost: no etcd endpoint answers; the routes last known stay in use",
+        },
+        "since": _nullable({**TIMESTAMP, "description": "when the state last changed"}),
+        "endpoint": {**_TEXT, "description": "the etcd endpoint in use or last tried"},
+        "revision": _int("the store revision the known routes reflect"),
+        "lease": _nullable({**_TEXT, "description": "this router's lease id (hex)"}),
+        "lease_ttl": _int("seconds, as granted"),
+        "lease_remaining": _int("seconds left at the last renewal"),
+        "keys": _int("this router's keys the store holds under its lease"),
+        "stale": {"type": "boolean", "description": "the store is lost: what is known may "
+                  "be out of date"},
+        "last_error": _nullable(_TEXT),
+    }
+)
+CLUSTER_ROUTER = _object(
+    {
+        "router_id": _TEXT,
+        "peer_address": {**_TEXT, "description": "host:port; empty while its key is missing"},
+        "started_at": _nullable(TIMESTAMP),
+        "version": _TEXT,
+        "state": {
+            "type": "string",
+            "enum": ["self", "up", "stale", "incomplete"],
+            "description": "self: this router; stale: the store is lost; incomplete: routes "
+            "without the router's own key",
+        },
+        "routes": _int("networks it publishes"),
+    }
+)
+REMOTE_ROUTE = _object(
+    {
+        "router_id": _TEXT,
+        "network": {**_TEXT, "description": "CIDR"},
+        "gateway": {**_TEXT, "description": "the gateway that registered it at that router"},
+        "site": {**_TEXT, "description": "its office: the gateway address, or local for "
+                 "the router host's own networks"},
+    }
+)
+PEER_LINK = _object(
+    {
+        "router_id": _TEXT,
+        "address": _TEXT,
+        "state": {"type": "string", "enum": ["up", "connecting", "down"]},
+        "since": _nullable(TIMESTAMP),
+        "packets_in": _int(),
+        "packets_out": _int(),
+        "bytes_in": _int(),
+        "bytes_out": _int(),
+        "rtt_ms": _nullable({"type": "number", "minimum": 0}),
+        "direction": {
+            "type": "string",
+            "enum": ["dialed", "accepted", "dials", "accepts", ""],
+            "description": "who dialed the link up, or who is to dial while it is down "
+            "(the router with the lower id dials)",
+        },
+        "peer": {"type": "string", "description": "the far end of the link up, or empty"},
+        "connects": _int("times a link to that router came up"),
+        "last_error": {"type": "string", "description": "why the last try or link failed"},
+        "rate_in": {"type": "number", "minimum": 0, "description": "IP bytes/s received"},
+        "rate_out": {"type": "number", "minimum": 0, "description": "IP bytes/s sent"},
+        "drops": _object(
+            {
+                "queue_full": _int("not sent: the link's queue was full"),
+                "spoofed": _int("from a source that router does not announce"),
+                "transit": _int("from that router for a third one (never passed on)"),
+            }
+        ),
+    }
+)
+
+
+def _cluster() -> Schema:
+    def items(ref: str) -> Schema:
+        return {"type": "array", "items": {"$ref": f"#/components/schemas/{ref}"}}
+
+    return _object(
+        {
+            "name": _TEXT,
+            "router_id": _TEXT,
+            "peer_address": _TEXT,
+            "store": {"$ref": "#/components/schemas/ClusterStore"},
+            "routers": items("ClusterRouter"),
+            "remote_routes": items("RemoteRoute"),
+            "local_routes": _int("networks this router publishes"),
+            "counters": {
+                "type": "object",
+                "description": "the cluster state's and store's counters since start",
+                "additionalProperties": _int(),
+            },
+            "peer_links": items("PeerLink"),
+        }
+    )
+
 
 def _status(counters: Iterable[str]) -> Schema:
     names = list(counters)
@@ -261,6 +362,16 @@ def _status(counters: Iterable[str]) -> Schema:
             "drops": _object(
                 {reason: _int(text) for reason, text in DROP_REASONS.items()},
                 "packets dropped since start, by reason",
+            ),
+            "cluster": _nullable(
+                _object(
+                    {
+                        "name": _TEXT,
+                        "router_id": _TEXT,
+                        "store": {"type": "string", "enum": ["connecting", "connected", "lost"]},
+                    },
+                    "the router's cluster (details: /api/v1/cluster); null for a router alone",
+                )
             ),
         }
     )
@@ -323,6 +434,13 @@ def document(counters: Iterable[str]) -> Schema:
             },
             f"{p}/routes": {
                 "get": _get("the routing table", _json("RouteList", "active routes, IPv4 first"))
+            },
+            f"{p}/cluster": {
+                "get": _get(
+                    "the router's cluster: store, routers, remote routes, peer links",
+                    _json("Cluster", "the cluster as this router knows it"),
+                    more={"404": _json("Error", "this router is in no cluster")},
+                )
             },
             f"{p}/reload": {
                 "post": {
@@ -400,6 +518,11 @@ def document(counters: Iterable[str]) -> Schema:
                 "RouteList": _object(
                     {"routes": {"type": "array", "items": {"$ref": "#/components/schemas/Route"}}}
                 ),
+                "Cluster": _cluster(),
+                "ClusterStore": CLUSTER_STORE,
+                "ClusterRouter": CLUSTER_ROUTER,
+                "RemoteRoute": REMOTE_ROUTE,
+                "PeerLink": PEER_LINK,
                 "Reload": _object(
                     {
                         "reloaded": {"type": "boolean", "enum": [True]},

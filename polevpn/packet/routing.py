@@ -24,7 +24,8 @@ class _Family(Generic[T]):
         self.levels: list[tuple[int, dict[int, T]]] = []
         self.by_len: dict[int, dict[int, T]] = {}
         # every claimant of a prefix in registration order; the last one is active, and an
-        # earlier one takes over again when a later one leaves
+        # earlier one takes over again when a later one leaves. A fallback claim goes to the
+        # front, so it is active only while no other claim is left
         self.owners: dict[tuple[int, int], list[T]] = {}
 
     def _rebuild(self) -> None:
@@ -34,19 +35,23 @@ class _Family(Generic[T]):
             for plen in sorted(self.by_len, reverse=True)
         ]
 
-    def add(self, addr: int, plen: int, value: T) -> None:
+    def add(self, addr: int, plen: int, value: T, fallback: bool = False) -> None:
         key = (addr, plen)
         claim = self.owners.setdefault(key, [])
         if value in claim:
             claim.remove(value)
-        claim.append(value)
+        if fallback:
+            claim.insert(0, value)
+        else:
+            claim.append(value)
+        active = claim[-1]
         level = self.by_len.get(plen)
         if level is None:
             level = self.by_len[plen] = {}
-            level[addr] = value
+            level[addr] = active
             self._rebuild()
         else:
-            level[addr] = value
+            level[addr] = active
 
     def remove(self, addr: int, plen: int, value: T) -> bool:
         key = (addr, plen)
@@ -87,6 +92,12 @@ class RouteTable(Generic[T]):
 
     def add(self, net: IPNetwork, value: T) -> None:
         self._family(net).add(int(net.network_address), net.prefixlen, value)
+
+    def add_fallback(self, net: IPNetwork, value: T) -> None:
+        """Claim ``net`` below every other claim on it: ``value`` is active only while no
+        one else claims ``net`` (a route through another router of a cluster, which a
+        gateway of this router's own outranks). A longer prefix still wins, as ever."""
+        self._family(net).add(int(net.network_address), net.prefixlen, value, fallback=True)
 
     def remove(self, net: IPNetwork, value: T) -> bool:
         """Withdraw ``value``'s claim on ``net``; an earlier claimant becomes active again."""

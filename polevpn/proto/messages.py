@@ -21,7 +21,10 @@ OK_BODY = b"{}"
 FEATURE_SUPER = "super-packets"
 # several connections (links) of one gateway, each REGISTER carrying a "link" object
 FEATURE_MULTILINK = "multi-link"
-KNOWN_FEATURES = frozenset({FEATURE_SUPER, FEATURE_MULTILINK})
+# a link between two routers of a cluster (docs/protocol.md section 17): AUTH and REGISTER
+# carry a "router" object instead of a gateway's key and networks
+FEATURE_PEER = "router-peer"
+KNOWN_FEATURES = frozenset({FEATURE_SUPER, FEATURE_MULTILINK, FEATURE_PEER})
 
 # a link name: what logs, metrics labels and the API show, so short and plain
 # links one multi-link site may have at once (docs/protocol.md section 16)
@@ -33,6 +36,13 @@ LINK_NAME = re.compile(r"[A-Za-z0-9._-]{1,32}")
 # control characters into the logs
 ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f.:]{1,45}")
 NETWORK_CHARS = re.compile(r"[0-9A-Fa-f.:]{1,45}(/[0-9]{1,3})?")
+# a cluster's name and a router's id, as the config takes them
+CLUSTER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# a nonce and an HMAC-SHA256 proof of a router link, in hex
+PEER_NONCE_BYTES = 32
+PEER_PROOF_BYTES = 32
+# proofs a dialing router may send: one per cluster credential it holds (current, previous)
+MAX_PEER_PROOFS = 2
 
 
 class MessageError(ValueError):
@@ -74,6 +84,32 @@ class Reply:
 
     error: str | None
     features: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class PeerHello:
+    """A router's part of the router-link AUTH: who it is, and its fresh nonce."""
+
+    cluster: str
+    router_id: str
+    nonce: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerWelcome:
+    """The listening router's AUTH reply on a router link: an error, or its hello."""
+
+    error: str | None
+    features: frozenset[str] = frozenset()
+    hello: PeerHello | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PeerProofReply:
+    """The listening router's REGISTER reply on a router link: an error, or its proof."""
+
+    error: str | None
+    proof: bytes = b""
 
 
 def _unique(pairs: list[tuple[str, object]]) -> dict:
@@ -262,3 +298,85 @@ def encode_register(
 
 def encode_error(message: str) -> bytes:
     return json.dumps({"error": message}, separators=(",", ":")).encode()
+
+
+# ---- router links (FEATURE_PEER) -----------------------------------------------------------
+
+
+def _hex(raw: object, name: str, size: int) -> bytes:
+    if not isinstance(raw, str) or len(raw) != 2 * size:
+        raise MessageError(f"router {name} is not {size} bytes in hex")
+    try:
+        return bytes.fromhex(raw)
+    except ValueError:
+        raise MessageError(f"router {name} is not {size} bytes in hex") from None
+
+
+def _router_object(obj: dict) -> dict:
+    raw = obj.get("router")
+    if not isinstance(raw, dict):
+        raise MessageError("router is missing or not a JSON object")
+    return raw
+
+
+def _hello(raw: dict) -> PeerHello:
+    out = []
+    for name in ("cluster", "id"):
+        value = raw.get(name)
+        if not isinstance(value, str) or not CLUSTER_ID.fullmatch(value):
+            shown = _quote(value) if isinstance(value, str) else type(value).__name__
+            raise MessageError(f"router {name} {shown} is not 1-64 of A-Z a-z 0-9 . _ -")
+        out.append(value)
+    return PeerHello(out[0], out[1], _hex(raw.get("nonce"), "nonce", PEER_NONCE_BYTES))
+
+
+def _hello_json(hello: PeerHello) -> dict:
+    return {"cluster": hello.cluster, "id": hello.router_id, "nonce": hello.nonce.hex()}
+
+
+def encode_peer_auth(hello: PeerHello, features: frozenset[str]) -> bytes:
+    """A dialing router's AUTH: no key (a router holds none of the gateways' keys)."""
+    body = {"key": "", "features": sorted(features), "router": _hello_json(hello)}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def parse_peer_auth(body: bytes | memoryview) -> PeerHello:
+    return _hello(_router_object(_load_object(body)))
+
+
+def encode_peer_welcome(hello: PeerHello, features: frozenset[str]) -> bytes:
+    body = {"features": sorted(features), "router": _hello_json(hello)}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def parse_peer_welcome(body: bytes | memoryview) -> PeerWelcome:
+    obj = _load_object(body)
+    err = obj.get("error")
+    if err is not None and err != "":
+        return PeerWelcome(error=_printable(str(err)))
+    return PeerWelcome(None, _features(obj), _hello(_router_object(obj)))
+
+
+def encode_peer_proofs(proofs: list[bytes]) -> bytes:
+    """A dialing router's REGISTER: a proof per credential it holds."""
+    body = {"router": {"proofs": [p.hex() for p in proofs]}}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def parse_peer_proofs(body: bytes | memoryview) -> list[bytes]:
+    raw = _router_object(_load_object(body)).get("proofs")
+    if not isinstance(raw, list) or not 1 <= len(raw) <= MAX_PEER_PROOFS:
+        raise MessageError(f"router proofs is not a list of 1 to {MAX_PEER_PROOFS}")
+    return [_hex(p, "proof", PEER_PROOF_BYTES) for p in raw]
+
+
+def encode_peer_proof(proof: bytes) -> bytes:
+    return json.dumps({"router": {"proof": proof.hex()}}, separators=(",", ":")).encode()
+
+
+def parse_peer_proof_reply(body: bytes | memoryview) -> PeerProofReply:
+    obj = _load_object(body)
+    err = obj.get("error")
+    if err is not None and err != "":
+        return PeerProofReply(error=_printable(str(err)))
+    return PeerProofReply(None, _hex(_router_object(obj).get("proof"), "proof", PEER_PROOF_BYTES))

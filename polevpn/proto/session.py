@@ -12,8 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from polevpn.proto import messages, wire
-from polevpn.proto.messages import FEATURE_MULTILINK, LinkRequest, MessageError, RegisterRequest
+from polevpn.proto import messages, peering, wire
+from polevpn.proto.messages import (
+    FEATURE_MULTILINK,
+    FEATURE_PEER,
+    FEATURE_SUPER,
+    LinkRequest,
+    MessageError,
+    PeerHello,
+    RegisterRequest,
+)
+from polevpn.proto.peering import PeerCredentials
 from polevpn.proto.wire import FrameDecoder, FrameTooLong, ProtocolError, encode_frame
 
 # the longest frame the router takes before AUTH: an AUTH body is a key and a few features,
@@ -40,6 +49,15 @@ class AuthSucceeded:
 @dataclass(frozen=True, slots=True)
 class AuthFailed:
     reason: str
+    # a router of the cluster (or one claiming to be) that failed the router-link handshake
+    peer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PeerAuthenticated:
+    """Both routers proved the cluster credential: the link to ``router_id`` is up."""
+
+    router_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +100,7 @@ class ConnectionLost:
 Event = (
     AuthSucceeded
     | AuthFailed
+    | PeerAuthenticated
     | RegisterRequested
     | Registered
     | Rejected
@@ -163,6 +182,12 @@ class ServerSession(_FramedSession):
     AUTH must come first. REGISTER is reported as an event and answered by the orchestrator
     through ``accept_register`` or ``reject_register``, because only it knows the routing
     table. IP data before a successful REGISTER is dropped and counted.
+
+    With ``peer`` (a router of a cluster, on a connection with a TLS channel ``binding``),
+    an AUTH offering ``router-peer`` starts the router-link handshake instead (section 17
+    of docs/protocol.md, ``peering``): REGISTER then carries the dialing router's proofs,
+    and success is reported as ``PeerAuthenticated``. ``peer`` is asked at that AUTH, so
+    a reload's new credential counts from the next handshake on.
     """
 
     __slots__ = (
@@ -172,6 +197,12 @@ class ServerSession(_FramedSession):
         "_offer",
         "_register_tokens",
         "_register_at",
+        "_peer",
+        "_binding",
+        "_peer_creds",
+        "_dialer",
+        "_listener",
+        "peer_id",
     )
 
     def __init__(
@@ -179,6 +210,8 @@ class ServerSession(_FramedSession):
         check_key: Callable[[str], bool],
         now: float,
         features: frozenset[str] = frozenset(),
+        peer: Callable[[], PeerCredentials | None] | None = None,
+        binding: bytes | None = None,
     ) -> None:
         super().__init__(now)
         self._check_key = check_key
@@ -187,6 +220,14 @@ class ServerSession(_FramedSession):
         self._offer = features
         self._register_tokens = float(REGISTER_BURST)
         self._register_at = now
+        self._peer = peer if binding is not None else None
+        self._binding = binding or b""
+        # the router-link handshake under way: the credentials of the moment and both hellos
+        self._peer_creds: PeerCredentials | None = None
+        self._dialer: PeerHello | None = None
+        self._listener: PeerHello | None = None
+        # the other router's id, once it has proved the cluster credential
+        self.peer_id: str | None = None
 
     def receive(self, data: bytes, now: float) -> tuple[Packets, list[Event]]:
         packets: Packets = []
@@ -209,6 +250,10 @@ class ServerSession(_FramedSession):
             elif command == wire.SUPER_IPDATA and self.state is not State.AWAIT_AUTH:
                 if self._super_body(body):
                     packets.append(body)
+                continue
+            elif command == wire.S2C_IPDATA and registered and self.peer_id is not None:
+                # a router link: the other router forwards as it does to gateways
+                packets.append(body)
                 continue
             self._control(command, seq, body, now, events)
             if self.state is State.CLOSED:
@@ -255,6 +300,9 @@ class ServerSession(_FramedSession):
             except MessageError as exc:
                 self._lose(events, f"bad AUTH: {exc}")
                 return
+            if FEATURE_PEER in auth.features and self._peer is not None:
+                self._peer_auth(auth.features, body, seq, events)
+                return
             if not self._check_key(auth.key):
                 self._refuse(wire.AUTH, "invalid key", seq)
                 self.state = State.CLOSED
@@ -273,6 +321,9 @@ class ServerSession(_FramedSession):
                     f"{REGISTER_RATE:g} a second)",
                     "flood",
                 )
+                return
+            if self._dialer is not None:
+                self._peer_register(body, seq, events)
                 return
             try:
                 req = messages.parse_register(body)
@@ -293,6 +344,67 @@ class ServerSession(_FramedSession):
         else:
             # S2C_IPDATA from a gateway or a command from a newer protocol: ignore, count
             self.unknown_commands += 1
+
+    def _peer_refuse(self, command: int, error: str, seq: int, events: list[Event]) -> None:
+        self._refuse(command, error, seq)
+        self.state = State.CLOSED
+        events.append(AuthFailed(error, peer=True))
+
+    def _peer_auth(
+        self, offered: frozenset[str], body: memoryview, seq: int, events: list[Event]
+    ) -> None:
+        """AUTH from a router dialing this one: check who it says it is, answer with our
+        hello. Nothing is trusted until its REGISTER proves the cluster credential."""
+        creds = self._peer() if self._peer is not None else None
+        if creds is None:
+            # no longer a router of a cluster (a reload): a stranger like any other
+            self._peer_refuse(wire.AUTH, "not a router of a cluster", seq, events)
+            return
+        try:
+            hello = messages.parse_peer_auth(body)
+        except MessageError as exc:
+            self._refuse(wire.AUTH, str(exc), seq)
+            self._lose(events, f"bad router AUTH: {exc}")
+            return
+        if hello.cluster != creds.cluster:
+            self._peer_refuse(wire.AUTH, "not a router of this cluster", seq, events)
+            return
+        if hello.router_id == creds.router_id:
+            self._peer_refuse(wire.AUTH, "router id is this router's own", seq, events)
+            return
+        self._peer_creds = creds
+        self._dialer = hello
+        self._listener = creds.hello()
+        self.state = State.AUTHENTICATED
+        # a router link is no gateway: multi-link means nothing on it
+        self.features = offered & ((self._offer | {FEATURE_PEER}) - {FEATURE_MULTILINK})
+        reply = messages.encode_peer_welcome(self._listener, self.features)
+        self.outbox.append(encode_frame(wire.AUTH, reply, seq))
+
+    def _peer_register(self, body: memoryview, seq: int, events: list[Event]) -> None:
+        """REGISTER on a router link: the dialing router's proofs, answered with ours."""
+        creds, dialer, listener = self._peer_creds, self._dialer, self._listener
+        assert creds is not None and dialer is not None and listener is not None
+        if self.state is not State.AUTHENTICATED:
+            self._refuse(wire.REGISTER, "router link is up already", seq)
+            self._lose(events, "REGISTER again on a router link")
+            return
+        try:
+            proofs = messages.parse_peer_proofs(body)
+        except MessageError as exc:
+            self._refuse(wire.REGISTER, str(exc), seq)
+            self._lose(events, f"bad router REGISTER: {exc}")
+            return
+        text = peering.transcript(dialer, listener, self._binding)
+        key = peering.verify(proofs, creds.keys, peering.DIALER, text)
+        if key is None:
+            self._peer_refuse(wire.REGISTER, "invalid cluster credential", seq, events)
+            return
+        self.state = State.REGISTERED
+        self.peer_id = dialer.router_id
+        reply = messages.encode_peer_proof(peering.prove(key, peering.LISTENER, text))
+        self.outbox.append(encode_frame(wire.REGISTER, reply, seq))
+        events.append(PeerAuthenticated(dialer.router_id))
 
     def accept_register(self, seq: int) -> None:
         if self.state is State.CLOSED:
@@ -366,12 +478,15 @@ class ClientSession(_FramedSession):
         self.networks = networks
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
-        self.outbox.append(encode_frame(wire.AUTH, messages.encode_auth(key, features), 0))
+        self.outbox.append(encode_frame(wire.AUTH, self._auth_body(), 0))
         self.started_at = now
         self._next_heartbeat = now + heartbeat_interval
         self._hb_seq = 0
         self._hb_sent: dict[int, float] = {}
         self.rtt: float | None = None
+
+    def _auth_body(self) -> bytes:
+        return messages.encode_auth(self.key, self._offer)
 
     @property
     def ready(self) -> bool:
@@ -462,3 +577,115 @@ class ClientSession(_FramedSession):
             self._hb_sent[self._hb_seq] = now
             self.outbox.append(wire.frame_header(wire.HEART_BEAT, 0, self._hb_seq))
         return None
+
+
+# ---- router links -------------------------------------------------------------------------
+
+
+class PeerClientSession(ClientSession):
+    """A router's side of a router link it dialed (docs/protocol.md section 17).
+
+    AUTH carries its hello; the listening router answers with its own; REGISTER carries a
+    proof per credential this router holds; the reply carries the listener's proof, which
+    must match one of them too. Then data flows both ways as S2C_IPDATA (and SUPER_IPDATA),
+    and this side sends the heartbeats, which the listener echoes. ``expected``: the id the
+    cluster's store gives the address dialed; another router answering there is refused.
+    """
+
+    __slots__ = ("credentials", "expected", "peer_id", "_binding", "_hello", "_welcome")
+
+    def __init__(
+        self,
+        credentials: PeerCredentials,
+        binding: bytes,
+        now: float,
+        heartbeat_interval: float,
+        heartbeat_timeout: float,
+        expected: str | None = None,
+        nonce: bytes | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self.expected = expected
+        self.peer_id: str | None = None
+        self._binding = binding
+        self._hello = credentials.hello(nonce)
+        self._welcome: PeerHello | None = None
+        super().__init__(
+            "",
+            credentials.router_id,
+            [],
+            now,
+            heartbeat_interval,
+            heartbeat_timeout,
+            features=frozenset({FEATURE_SUPER, FEATURE_PEER}),
+        )
+
+    def _auth_body(self) -> bytes:
+        return messages.encode_peer_auth(self._hello, self._offer)
+
+    def _refused(self, stage: str, error: str, events: list[Event]) -> None:
+        self.state = State.CLOSED
+        events.append(Rejected(stage, error))
+
+    def _control(
+        self, command: int, seq: int, body: memoryview, now: float, events: list[Event]
+    ) -> None:
+        if command == wire.HEART_BEAT:
+            super()._control(command, seq, body, now, events)
+            return
+        if command == wire.AUTH and self.state is State.AWAIT_AUTH:
+            self._welcomed(body, events)
+        elif command == wire.REGISTER and self.state is State.AUTHENTICATED:
+            self._proved(body, events)
+        else:
+            self.unknown_commands += 1
+
+    def _welcomed(self, body: memoryview, events: list[Event]) -> None:
+        try:
+            reply = messages.parse_peer_welcome(body)
+        except MessageError as exc:
+            self._lose(events, f"bad router AUTH reply: {exc}")
+            return
+        if reply.error is not None:
+            self._refused("AUTH", reply.error, events)
+            return
+        hello = reply.hello
+        assert hello is not None
+        creds = self.credentials
+        if FEATURE_PEER not in reply.features:
+            self._refused("AUTH", "the far end does not take router links", events)
+        elif hello.cluster != creds.cluster:
+            self._refused("AUTH", f"the far end is of cluster {hello.cluster!r}", events)
+        elif hello.router_id == creds.router_id:
+            self._refused("AUTH", "the far end has this router's own id", events)
+        elif self.expected is not None and hello.router_id != self.expected:
+            self._refused(
+                "AUTH", f"router {hello.router_id!r} answered, not {self.expected!r}", events
+            )
+        else:
+            self._welcome = hello
+            self.features = reply.features & self._offer
+            self.state = State.AUTHENTICATED
+            text = peering.transcript(self._hello, hello, self._binding)
+            proofs = [peering.prove(k, peering.DIALER, text) for k in creds.keys]
+            body_out = messages.encode_peer_proofs(proofs)
+            self.outbox.append(encode_frame(wire.REGISTER, body_out, 0))
+
+    def _proved(self, body: memoryview, events: list[Event]) -> None:
+        try:
+            reply = messages.parse_peer_proof_reply(body)
+        except MessageError as exc:
+            self._lose(events, f"bad router REGISTER reply: {exc}")
+            return
+        if reply.error is not None:
+            self._refused("REGISTER", reply.error, events)
+            return
+        welcome = self._welcome
+        assert welcome is not None
+        text = peering.transcript(self._hello, welcome, self._binding)
+        if peering.verify([reply.proof], self.credentials.keys, peering.LISTENER, text) is None:
+            self._refused("REGISTER", "the far end did not prove the cluster credential", events)
+            return
+        self.state = State.REGISTERED
+        self.peer_id = welcome.router_id
+        events.append(PeerAuthenticated(welcome.router_id))

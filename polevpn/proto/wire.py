@@ -69,6 +69,23 @@ def super_header(body_len: int) -> bytes:
     return _pack(HEADER_LEN, SUPER_IPDATA, body_len)
 
 
+def fitting(parts: list[bytes | memoryview], supers: int, room: int) -> tuple[int, int]:
+    """How many of ``parts`` (frame headers and bodies, alternating: whole frames) fit in
+    ``room`` bytes, and how many of those are SUPER_IPDATA frames (``supers`` of ``parts``
+    are). For the data path's queue limits: what does not fit is dropped and counted."""
+    used = kept = 0
+    kept_supers = 0
+    for i in range(0, len(parts), 2):
+        n = len(parts[i]) + len(parts[i + 1])
+        if used + n > room:
+            break
+        used += n
+        kept = i + 2
+        if supers and parts[i][2:4] == b"\0\x10":
+            kept_supers += 1
+    return kept, kept_supers
+
+
 def _frame_length(length: int, command: int, seq: int) -> int:
     """Total length of the frame whose header was just read, or ProtocolError."""
     if length < HEADER_LEN:

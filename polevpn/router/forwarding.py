@@ -2,6 +2,9 @@
 
 ``forward`` reads source and destination straight out of each packet, drops spoofed
 sources, hairpins and packets without a route, picks a multi-link site's link per flow,
+sends what another router of a cluster holds over the link to it (a route there is a
+fallback claim in the same table, ``cluster.routes``) but never passes on to a third router
+what came from one,
 passes super-packets on whole to gateways that negotiated them and cuts them for the
 others, and returns the frames each destination is to get plus what it dropped and why.
 Everything it builds is local to the call: the router writes the result and keeps nothing,
@@ -19,7 +22,7 @@ from typing import Any, Protocol
 
 from polevpn.packet.gso import VNET_HDR_LEN, GsoError, check, to_plain
 from polevpn.packet.ippacket import addrs
-from polevpn.packet.routing import NetworkSet, RouteTable
+from polevpn.packet.routing import RouteTable
 from polevpn.proto import wire
 from polevpn.router.sitelinks import Site
 
@@ -32,15 +35,27 @@ MAX_PLAIN = _MAX_FRAME - _HDR
 _pack = wire.HEADER.pack
 
 
-class Endpoint(Protocol):
-    """A gateway connection as forwarding sees it (the router's GatewayConnection), or the
-    router's own TUN (``local.LocalEndpoint``, which never negotiates super-packets): either
-    is a destination of the table and a source of ``forward``, checked the same way."""
+class Sources(Protocol):
+    """Membership of a source address (a NetworkSet, or a router's announced networks)."""
 
-    # the sources it may send from: what it registered
-    sources: NetworkSet
+    def contains_v4(self, addr: int) -> bool: ...
+
+    def contains_v6(self, addr: int) -> bool: ...
+
+
+class Endpoint(Protocol):
+    """A gateway connection as forwarding sees it (the router's GatewayConnection), the
+    router's own TUN (``local.LocalEndpoint``, which never negotiates super-packets), or a
+    link to another router of the cluster (``cluster.peers.PeerLink``): each is a
+    destination of the table and a source of ``forward``, checked the same way."""
+
+    # the sources it may send from: what it registered (a router link: what that router
+    # announces in the cluster's store)
+    sources: Sources
     # the multi-link site it is a link of, or None
     site: Site | None
+    # a link to another router: what comes from it goes to this router's own gateways only
+    router_link: bool
 
     @property
     def super_packets(self) -> bool:
@@ -57,6 +72,7 @@ DROPS = (
     "dropped_links_down",
     "dropped_malformed",
     "dropped_oversized",
+    "dropped_peer_transit",
 )
 
 
@@ -84,6 +100,7 @@ class Forwarded:
         self.dropped_links_down = 0
         self.dropped_malformed = 0
         self.dropped_oversized = 0
+        self.dropped_peer_transit = 0
 
     def add_to(self, stats: Any) -> None:
         """Add the drop and segmentation counts to ``stats`` (RouterStats)."""
@@ -104,7 +121,11 @@ def forward(
     """Route ``packets`` (IP packets, and SUPER_IPDATA bodies when ``src`` negotiated them)
     from ``src``: the frames per destination and the drop counts.
 
-    A route leads to an Endpoint, or to a Site, whose ``links.pick`` chooses the link.
+    A route leads to an Endpoint, or to a Site, whose ``links.pick`` chooses the link. A
+    packet from another router (``src.router_link``) whose route leads to a router link again is
+    dropped as ``dropped_peer_transit``: routers pass on only what their own gateways hold,
+    so a packet crosses at most one router link and two routers whose tables disagree for
+    a moment cannot bounce it between them.
     """
     out = Forwarded()
     batches = out.batches
@@ -114,7 +135,8 @@ def forward(
     from6 = src.sources.contains_v6
     # the other links of src's own site are src too, as far as loops go
     home = src.site
-    spoofed = link_local = no_route = hairpin = links_down = 0
+    from_peer = src.router_link
+    spoofed = link_local = no_route = hairpin = links_down = transit = 0
     nbytes = 0
     for pkt in packets:
         version, saddr, addr = addrs(pkt)
@@ -149,6 +171,9 @@ def forward(
             if dst is None:
                 links_down += 1
                 continue
+        elif from_peer and dst.router_link:
+            transit += 1
+            continue
         # the session's decoder took it in one frame, so it fits in one frame again
         n = len(pkt)
         parts = batches.get(dst)
@@ -163,6 +188,7 @@ def forward(
     out.dropped_no_route += no_route
     out.dropped_hairpin += hairpin
     out.dropped_links_down += links_down
+    out.dropped_peer_transit += transit
     return out
 
 
@@ -199,6 +225,9 @@ def _super(
         if dst is None:
             out.dropped_links_down += 1
             return 0
+    elif src.router_link and dst.router_link:
+        out.dropped_peer_transit += 1
+        return 0
     try:
         # whole or cut, the header must be one a kernel would write: the far kernel acts
         # on it, and the cutter's output must stay within a small multiple of the input

@@ -24,8 +24,9 @@ class LocalEndpoint:
     """The TUN as a destination and a source of ``forward``."""
 
     transport_name = "tun"
-    # never a link of a multi-link site
+    # never a link of a multi-link site, nor a link to another router
     site = None
+    router_link = False
 
     def __init__(
         self,

@@ -27,9 +27,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from polevpn.cluster.member import ClusterMember
+from polevpn.cluster.peers import PeerLink, PeerLinks, channel_binding
+from polevpn.cluster.routes import RemoteRoutes
 from polevpn.common.counters import Counters
 from polevpn.common.logfmt import endpoint, kv
-from polevpn.config import ConfigError, RouterConfig, load_router_config, reloading, set_log_level
+from polevpn.config import (
+    ClusterConfig,
+    ConfigError,
+    RouterConfig,
+    load_router_config,
+    reloading,
+    set_log_level,
+)
 from polevpn.host import memory, netconf, privileges
 from polevpn.io import linksock, tcpcc, udpsock
 from polevpn.io.kcp_transport import KcpServer
@@ -42,15 +52,17 @@ from polevpn.packet.routing import IPAddress, NetworkSet, RouteTable, announceme
 from polevpn.proto import wire
 from polevpn.proto.certs import cert_fingerprint
 from polevpn.proto.messages import FEATURE_MULTILINK, FEATURE_SUPER
+from polevpn.proto.peering import PeerCredentials
 from polevpn.proto.session import (
     AuthFailed,
     AuthSucceeded,
     ConnectionLost,
+    PeerAuthenticated,
     RegisterRequested,
     ServerSession,
     State,
 )
-from polevpn.router.forwarding import forward
+from polevpn.router.forwarding import Forwarded, forward
 from polevpn.router.limits import Admission, source_key
 from polevpn.router.local import LocalEndpoint, conflict
 from polevpn.router.sitelinks import LinkInfo, Site, TooManyLinks
@@ -106,6 +118,8 @@ class RouterStats(Counters):
     dropped_closing: int = 0
     # to a multi-link gateway none of whose links is up
     dropped_links_down: int = 0
+    # from another router of the cluster, for a third router (never passed on)
+    dropped_peer_transit: int = 0
     # super-packets cut into plain packets for a gateway that did not negotiate them
     segmented: int = 0
     # links of multi-link gateways that fell silent (and were given up for the others)
@@ -120,24 +134,15 @@ class RouterStats(Counters):
     tun_write_errors: int = 0
 
 
+class Endpoint(Protocol):
+    """A source of ``Router.forward``: a gateway's connection, "local" or a router link."""
+
+    bytes_in: int
+    router_link: bool
+
+
 class TunSetupError(OSError):
     """The router's TUN could not be opened or configured at start."""
-
-
-def _fitting(parts: list[bytes | memoryview], supers: int, room: int) -> tuple[int, int]:
-    """How many of ``parts`` (whole frames) fit in ``room`` bytes, and how many of those
-    are SUPER_IPDATA frames."""
-    used = kept = 0
-    kept_supers = 0
-    for i in range(0, len(parts), 2):
-        n = len(parts[i]) + len(parts[i + 1])
-        if used + n > room:
-            break
-        used += n
-        kept = i + 2
-        if supers and parts[i][2:4] == b"\0\x10":
-            kept_supers += 1
-    return kept, kept_supers
 
 
 class GatewayConnection(asyncio.Protocol):
@@ -146,6 +151,9 @@ class GatewayConnection(asyncio.Protocol):
     It holds one of the router's pending-connection slots for ``source`` from acceptance
     until it registers or closes.
     """
+
+    # a gateway, not a link to another router (cluster.peers.PeerLink): see forwarding
+    router_link = False
 
     def __init__(
         self, router: Router, transport_name: str, accepted_at: float | None = None
@@ -179,6 +187,9 @@ class GatewayConnection(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.closing = False
+        # a router of the cluster proved itself on this connection: it is a router link
+        # now (cluster.peers), and this object has nothing more to do with it
+        self.handed_over: PeerLink | None = None
         # set from the config when the connection is made; a link's is shorter
         self.queue_limit = router.cfg.send_queue_bytes
         # a kcp:// session with congestion control: its queue is bounded by time too
@@ -216,6 +227,10 @@ class GatewayConnection(asyncio.Protocol):
             # the AUTH deadline runs from the TCP accept, so TLS and AUTH share one budget
             self.accepted_at if self.accepted_at is not None else now,
             self.router.features,
+            # another router of the cluster may dial in here (tls:// only: the proofs
+            # cover the TLS channel binding)
+            peer=(lambda: router.peer_credentials) if router.peers is not None else None,
+            binding=channel_binding(transport) if router.peers is not None else None,
         )
         limit = self.router.cfg.send_queue_bytes
         transport.set_write_buffer_limits(high=limit, low=limit // 2)
@@ -250,6 +265,11 @@ class GatewayConnection(asyncio.Protocol):
         if events:
             for ev in events:
                 self.router.on_event(self, ev)
+            if self.handed_over is not None:
+                # what came after the handshake in the same read is the link's
+                if packets:
+                    self.handed_over.take(packets)
+                return
         if packets:
             self.packets_in += len(packets)
             self.router.forward(self, packets)
@@ -305,7 +325,7 @@ class GatewayConnection(asyncio.Protocol):
         if len(data) > room:
             # a slow gateway loses its own packets; it never holds up anyone else. The
             # limit holds for the batch as it is, however many frames one read turned into
-            kept, supers = _fitting(parts, supers, room)
+            kept, supers = wire.fitting(parts, supers, room)
             stats.dropped_queue_full += (len(parts) - kept) // 2
             if not kept:
                 return
@@ -385,6 +405,12 @@ class Router:
         # the router's own TUN and its pseudo-gateway "local"; None unless cfg.tun is set
         self.tun: Tun | None = None
         self.local: LocalEndpoint | None = None
+        # this router's part in a cluster (cfg.cluster); None for a router alone. With it:
+        # the other routers' routes, installed in ``routes`` below every local claim, and
+        # the links to those routers
+        self.cluster: ClusterMember | None = None
+        self.remote: RemoteRoutes | None = None
+        self.peers: PeerLinks | None = None
 
     def _take(self, cfg: RouterConfig) -> None:
         """The config and what follows from it alone: at start, and again on reload."""
@@ -392,6 +418,19 @@ class Router:
         offered = {FEATURE_SUPER: cfg.super_packets, FEATURE_MULTILINK: cfg.multi_link}
         self.features = frozenset(name for name, on in offered.items() if on)
         self.authority = cfg.authority()
+        peers = getattr(self, "peers", None)
+        creds = self.peer_credentials
+        if peers is not None and creds is not None:
+            # a rotated cluster credential counts from the next handshake on
+            peers.set_credentials(creds)
+
+    @property
+    def peer_credentials(self) -> PeerCredentials | None:
+        """What this router proves itself with to the other routers of its cluster now."""
+        c = self.cfg.cluster
+        if c is None:
+            return None
+        return PeerCredentials(c.name, c.router_id, c.peer_key, c.peer_key_previous)
 
     # -- lifecycle
 
@@ -407,6 +446,8 @@ class Router:
             await self._start_kcp()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._watch_links()))
+        if self.cfg.cluster is not None:
+            self._join_cluster()
         self.services = services
         for service in services:
             # before dropping privileges, so that a port below 1024 works
@@ -613,6 +654,8 @@ class Router:
         return True
 
     async def stop(self) -> None:
+        if self.peers is not None:
+            self.peers.close()
         for conn in list(self.connections):
             conn.close("router shutting down")
         for task in self._tasks:
@@ -626,6 +669,9 @@ class Router:
         for service in self.services:
             service.close()
         self._stop_tun()
+        if self.cluster is not None:
+            # the lease revoked: this router's keys vanish from the store at once
+            await self.cluster.stop()
         log.info("stopped", extra=kv(**self.stats.fields()))
 
     # -- reload
@@ -639,6 +685,7 @@ class Router:
         """
         plan = reloading.plan(self.cfg, load_router_config(self.cfg.path))
         cfg = plan.config
+        old_cluster = self.cfg.cluster
         # certificates are read again on every reload (renewed files keep their names);
         # one that fails to load fails the reload before anything has changed
         tls_ctx = dtls_ctx = None
@@ -677,6 +724,8 @@ class Router:
             log.warning("%s", warning)
         for line in self._recheck():
             changes.append(line)
+        if plan.changed("cluster"):
+            self._reload_cluster(old_cluster)
         reloading.log_changes(log, cfg.path, changes)
         return changes
 
@@ -738,6 +787,7 @@ class Router:
                         pending=self.admission.pending,
                         **self.stats.fields(),
                         **self.admission.stats.fields(),
+                        **(self.peers.stats.fields("peer_") if self.peers is not None else {}),
                         **(
                             {**self.kcp_server.counters().fields("kcp_"), **self._fec_totals()}
                             if self.kcp_server
@@ -772,6 +822,8 @@ class Router:
     def on_event(self, conn: GatewayConnection, ev: object) -> None:
         if isinstance(ev, RegisterRequested):
             self._register(conn, ev)
+        elif isinstance(ev, PeerAuthenticated):
+            self._hand_over(conn)
         elif isinstance(ev, AuthSucceeded):
             if conn.transport_name == "kcp" and conn.transport is not None:
                 # kcp:// sessions keep a small receive window and decode no FEC until now
@@ -780,7 +832,12 @@ class Router:
             self.admission.authenticated(conn.source, time.monotonic())
         elif isinstance(ev, AuthFailed):
             self.stats.auth_failures += 1
-            log.warning("auth rejected", extra=kv(peer=conn.peer, reason=ev.reason))
+            if ev.peer and self.peers is not None:
+                self.peers.refused()
+            log.warning(
+                "auth rejected",
+                extra=kv(peer=conn.peer, reason=ev.reason, **({"router": 1} if ev.peer else {})),
+            )
             self._failed(conn)
         elif isinstance(ev, ConnectionLost):
             if ev.kind == "oversized":
@@ -790,6 +847,19 @@ class Router:
             else:
                 self.stats.malformed_frames += 1
             log.warning("protocol error", extra=kv(peer=conn.peer, reason=ev.reason))
+
+    def _hand_over(self, conn: GatewayConnection) -> None:
+        """Another router of the cluster proved itself on ``conn``: the connection leaves
+        the gateways' world (and the pending-connection limits) for cluster.peers."""
+        assert self.peers is not None and conn.session is not None
+        conn.closing = True
+        conn.release_slot()
+        self.admission.authenticated(conn.source, time.monotonic())
+        self.connections.discard(conn)
+        transport, session = conn.transport, conn.session
+        conn.transport = None
+        assert transport is not None
+        conn.handed_over = self.peers.adopt(transport, session, conn.peer)
 
     def _failed(self, conn: GatewayConnection) -> None:
         """Credentials refused: count it against the source's AUTH failure budget."""
@@ -837,6 +907,8 @@ class Router:
             conn.session.reject_register(ev.seq, decision.error)
             self._failed(conn)
             return
+        if self._cluster_refuses(conn, ev, prefixes):
+            return
         link = req.link if FEATURE_MULTILINK in conn.session.features else None
         if conn.gateway is not None:
             # a second REGISTER on the same connection replaces what it announced before
@@ -869,6 +941,8 @@ class Router:
         conn.session.accept_register(ev.seq)
         conn.release_slot()
         self.stats.registrations += 1
+        if self.cluster is not None:
+            self.cluster.gateway_up(req.gateway, prefixes)
         log.info(
             "registered",
             extra=kv(
@@ -935,6 +1009,8 @@ class Router:
         conn.site = site
         conn.link = info
         conn.link_up = True
+        # a new link is up: a site whose routes were given up takes them back
+        self._site_claims(site)
 
     def _set_queue(self, conn: GatewayConnection) -> None:
         conn.queue_limit = limit = self._queue_limit(conn)
@@ -952,6 +1028,8 @@ class Router:
     def _drop_site(self, site: Site) -> None:
         for net in site.prefixes:
             self.routes.remove(net, site)
+        if site.prefixes and self.cluster is not None:
+            self.cluster.gateway_down(site.gateway)
         site.prefixes = []
         if self.sites.get(site.gateway) is site:
             del self.sites[site.gateway]
@@ -965,6 +1043,8 @@ class Router:
         conn.prefixes = []
         if conn.gateway is not None and self.by_gateway.get(conn.gateway) is conn:
             del self.by_gateway[conn.gateway]
+            if self.cluster is not None:
+                self.cluster.gateway_down(conn.gateway)
         site = conn.site
         if site is not None:
             # no longer a link: a REGISTER on it now makes it one again, or a plain gateway
@@ -974,6 +1054,8 @@ class Router:
             if site.links.unregister(conn):
                 # its last link: the site's networks are unreachable now
                 self._drop_site(site)
+            else:
+                self._site_claims(site)
 
     # -- link health of multi-link gateways
 
@@ -984,8 +1066,26 @@ class Router:
             return
         conn.link_up = True
         site.links.set_up(conn, True)
+        self._site_claims(site)
         assert conn.link is not None
         log.info("link up", extra=kv(gateway=conn.gateway, link=conn.link.name, peer=conn.peer))
+
+    def _site_claims(self, site: Site) -> None:
+        """A router of a cluster gives up the routes of a site none of whose links is up
+        here, and takes them back when one is: meanwhile another router's route to the
+        same networks (the gateway's link to that router) carries its packets. Alone, a
+        router keeps them, and counts what it cannot deliver as ``links_down``."""
+        if self.remote is None:
+            return
+        up = site.links.any_up()
+        if up and site.withdrawn:
+            site.withdrawn = False
+            for net in site.prefixes:
+                self.routes.add(net, site)
+        elif not up and not site.withdrawn and site.prefixes:
+            site.withdrawn = True
+            for net in site.prefixes:
+                self.routes.remove(net, site)
 
     def _check_links(self, now: float) -> None:
         """Give up on links that have been silent longer than they said they may be."""
@@ -1000,6 +1100,7 @@ class Router:
                 conn.link_downs += 1
                 self.stats.links_down += 1
                 site.links.set_up(conn, False)
+                self._site_claims(site)
                 assert conn.link is not None
                 log.warning(
                     "link down",
@@ -1043,17 +1144,17 @@ class Router:
 
     # -- data plane
 
-    def forward(
-        self, src: GatewayConnection | LocalEndpoint, packets: list[memoryview] | list[bytes]
-    ) -> None:
+    def forward(self, src: Endpoint, packets: list[memoryview] | list[bytes]) -> Forwarded:
         """Route one read's packets (forwarding.forward) and write each destination's
-        frames with one call; nothing of it is kept for the next read."""
+        frames with one call; nothing of it is kept for the next read. The result is
+        returned for the drop counts a router link keeps of its own."""
         out = forward(packets, src, self.routes, self.cfg.anti_spoofing)  # type: ignore[arg-type]
         src.bytes_in += out.bytes_in
         out.add_to(self.stats)
         supers = out.supers
         for dst, parts in out.batches.items():
             dst.send_batch(parts, supers.get(dst, 0) if supers else 0)
+        return out
 
     # -- the router's own TUN (cfg.tun): the pseudo-gateway "local"
 
@@ -1159,4 +1260,102 @@ class Router:
         )
         conn.session.reject_register(ev.seq, reason)
         self._failed(conn)
+        return True
+
+    # -- the cluster (cfg.cluster): routes shared with other routers through etcd
+
+    def _join_cluster(self) -> None:
+        """Become a member: everything registered here is published, the store runs, and
+        the other routers it lists are dialed (cluster.peers)."""
+        cfg = self.cfg.cluster
+        assert cfg is not None
+        member = self.cluster = ClusterMember(cfg, self.routes)
+        # the other routers' routes (cluster.routes.RemoteRoutes), which the member's state
+        # keeps and the links to those routers bring into the data path
+        self.remote = member.remote
+        self._open_peers()
+        member.state.on_routers = self._routers_changed
+        if self.local is not None and self.cfg.tun is not None:
+            member.local_up(self.cfg.tun.gateway, self.local.prefixes)
+        for gateway, conn in self.by_gateway.items():
+            member.gateway_up(gateway, conn.prefixes)
+        for gateway, site in self.sites.items():
+            if site.prefixes:
+                member.gateway_up(gateway, site.prefixes)
+        member.start()
+
+    def _open_peers(self) -> None:
+        creds = self.peer_credentials
+        assert creds is not None and self.remote is not None
+        self.remote.self_id = creds.router_id
+        self.peers = PeerLinks(
+            creds,
+            self.remote,
+            self.forward,
+            min(self.cfg.send_queue_bytes, linksock.LINK_QUEUE_BYTES),
+            lambda: self.congestion,
+        )
+        self.peers.start()
+
+    def _routers_changed(self) -> None:
+        """The store's list of the other routers changed: dial those to dial."""
+        member, peers = self.cluster, self.peers
+        if member is None or peers is None:
+            return
+        peers.set_peers(
+            {
+                rid: r.info.peer_address
+                for rid, r in member.state.routers.items()
+                if r.info is not None
+            }
+        )
+
+    def _reload_cluster(self, old: ClusterConfig | None) -> None:
+        """The cluster section was added, removed or changed by a reload."""
+        new, member = self.cfg.cluster, self.cluster
+        if member is not None and new is None:
+            self.cluster = None
+            if self.peers is not None:
+                self.peers.close()
+            self.peers = None
+            self.remote = None
+            for site in self.sites.values():
+                # alone again: a site's routes stay whatever its links do
+                if site.withdrawn:
+                    site.withdrawn = False
+                    for net in site.prefixes:
+                        self.routes.add(net, site)
+            task = asyncio.create_task(member.stop())
+            self._upgrades.add(task)  # held until done, like a TLS upgrade
+            task.add_done_callback(self._upgrades.discard)
+        elif member is None and new is not None:
+            self._join_cluster()
+        elif member is not None and new is not None:
+            if old is not None and (old.name, old.router_id) != (new.name, new.router_id):
+                # another router now: its links go, and those of the new identity come
+                if self.peers is not None:
+                    self.peers.close()
+                self._open_peers()
+            member.reconfigure(new)
+            self._routers_changed()
+
+    def _cluster_refuses(
+        self, conn: GatewayConnection, ev: RegisterRequested, prefixes: list
+    ) -> bool:
+        """Another router of the cluster holds one of these networks for another gateway
+        (as the store says): refused, not counted as a failed AUTH (it may be a gateway that
+        moved, whose old registration has yet to expire)."""
+        if self.cluster is None:
+            return False
+        why = self.cluster.refuses(ev.request.gateway, prefixes)
+        if why is None:
+            return False
+        assert conn.session is not None
+        self.stats.register_refused += 1
+        log.warning(
+            "registration refused",
+            extra=kv(gateway=ev.request.gateway, peer=conn.peer, reason=why),
+        )
+        # the gateway is told no more than that: which router and gateway hold it is ours
+        conn.session.reject_register(ev.seq, "a network is held by another gateway of the cluster")
         return True

@@ -106,6 +106,9 @@ class SiteLinks(Generic[C]):
                 return self.flows.set_up(link.path_id, up)
         return False
 
+    def any_up(self) -> bool:
+        return any(link.up for link in self.links.values())
+
     def pick(self, pkt: bytes | memoryview) -> C | None:
         """The connection for a packet to this site: one link per flow, None when all down."""
         links = self.links
@@ -138,13 +141,18 @@ class Site(Generic[C]):
     flow take one link and a link that goes down hands its flows to the others.
     """
 
-    __slots__ = ("gateway", "links", "prefixes")
+    __slots__ = ("gateway", "links", "prefixes", "withdrawn")
+    # what forwarding asks of every route target: no link to another router
+    router_link = False
 
     def __init__(self, gateway: object) -> None:
         self.gateway = gateway
         self.links: SiteLinks[C] = SiteLinks()
         # the gateway's host prefix first, then its networks
         self.prefixes: list = []
+        # its routes taken out of the table while none of its links is up (a router of a
+        # cluster, where another router may reach the gateway: Router._site_claims)
+        self.withdrawn = False
 
     @property
     def networks(self) -> tuple:

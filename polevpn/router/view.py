@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
+from polevpn.cluster.view import ClusterView, cluster_view
 from polevpn.io.pathstats import TransportFigures, transport_figures
 from polevpn.router.sitelinks import Site
 
@@ -37,6 +38,7 @@ ROUTER_DROPS = {
     "dropped_links_down": "links_down",
     "dropped_oversized": "oversized",
     "dropped_closing": "closing",
+    "dropped_peer_transit": "peer_transit",
 }
 
 
@@ -148,6 +150,9 @@ class RouterView:
     stats: Mapping[str, int]
     admission: Mapping[str, int]  # AdmissionStats
     kcp: Mapping[str, int] | None  # KcpServerStats; None without a kcp:// listener
+    # the router's cluster (cfg.cluster), its links to the other routers included; None
+    # for a router alone
+    cluster: ClusterView | None = None
 
     @property
     def links(self) -> tuple[ConnectionView, ...]:
@@ -242,6 +247,19 @@ def _counters(obj: object) -> dict[str, int]:
     return {f.name: getattr(obj, f.name) for f in fields(obj)}  # type: ignore[arg-type]
 
 
+def _cluster(router: Router, now: float, wall: float) -> ClusterView | None:
+    member = getattr(router, "cluster", None)
+    if member is None:
+        return None
+    peers = getattr(router, "peers", None)
+    if peers is None:
+        return cluster_view(member, now=now, wall=wall)
+    links = peers.view(now, wall)
+    return cluster_view(
+        member, peer_links=links.links, peer_stats=links.stats, now=now, wall=wall
+    )
+
+
 def snapshot(router: Router, now: float | None = None, wall: float | None = None) -> RouterView:
     """The router's state now."""
     now = time.monotonic() if now is None else now
@@ -262,6 +280,9 @@ def snapshot(router: Router, now: float | None = None, wall: float | None = None
         key=lambda nt: (nt[0].version, int(nt[0].network_address), nt[0].prefixlen),
     )
     for net, target in table:
+        if getattr(target, "router_link", False):
+            # another router's route (cluster.routes): the cluster's view lists those
+            continue
         # a plain gateway's connection, or a multi-link gateway's site
         members = target.links.connections() if isinstance(target, Site) else [target]
         transport = shared_transport(c.transport_name for c in members)
@@ -281,4 +302,5 @@ def snapshot(router: Router, now: float | None = None, wall: float | None = None
         stats=stats,
         admission=_counters(router.admission.stats),
         kcp=kcp,
+        cluster=_cluster(router, now, wall),
     )
