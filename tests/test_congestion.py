@@ -241,3 +241,19 @@ def test_from_tuple_matches_the_extension():
     assert k.take_rate_sample() is None  # nothing acknowledged yet
     rs = RateSample.from_tuple((10, 2, 8, 1000, 500, 8, 1, 0))
     assert (rs.delivered, rs.sample_delivered, rs.app_limited, rs.retrans) == (10, 8, True, False)
+
+
+def test_a_path_whose_rtt_grows_is_followed_at_once():
+    """The first packets saw 0.2 ms (the delay came later: a reroute, or a line switched
+    in); every round trip since sees 40 ms. A queue of our own cannot explain that (at
+    most one BDP over the minimum); the new minimum is taken at once, not ten seconds
+    later, so the window is not held to a fraction of the path's BDP meanwhile."""
+    cc = fresh()
+    path = Path(rate=30e6 / 8, rtt=0.0002, step=0.0001)
+    run(cc, path, 0.05)
+    assert cc.min_rtt < 0.001
+    path.step = 0.005
+    run(cc, path, 1.0, rtt=0.04)
+    assert cc.min_rtt == 0.04 and cc.path_changes == 1
+    run(cc, path, 3.0, rtt=0.04)
+    assert cc.cwnd >= 2 * 30e6 / 8 * 0.04 * 0.9

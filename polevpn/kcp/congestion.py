@@ -47,6 +47,12 @@ FULL_BW_ROUNDS = 3
 QUEUE_RTT_FRACTION = 0.05
 QUEUE_RTT_SLACK = 0.005  # s
 QUEUE_ROUNDS = 2
+# a whole round trip whose least RTT is above this many times the minimum (plus the slack):
+# no queue of ours can explain it (we keep at most cwnd_gain BDPs in flight, so our queue
+# adds at most cwnd_gain - 1 minimum RTTs); the path itself changed (a reroute, or a delay
+# that appeared after the first packets), and the old minimum would hold the window to a
+# fraction of the new path's BDP until it expires ten seconds later
+PATH_CHANGE_RTT_FACTOR = 4.0
 # the least in-flight cap: a tunnel reads and writes in batches (64 TUN reads, 64 KB
 # super-packets of ~50 segments), so on a path whose RTT is well under a millisecond a cap
 # of a few BDPs would let one batch out per round trip of the event loop; the pacing, not
@@ -128,6 +134,7 @@ class Bbr:
         self._round_app_limited = False
         self._queue_rounds = 0
         self.queue_corrections = 0  # how often a standing queue brought the estimate down
+        self.path_changes = 0  # how often the minimum RTT was replaced by a much larger one
         self._probe_rtt_done: float | None = None
         self._probe_rtt_round_done = False
         self._prior_cwnd = 0
@@ -207,6 +214,15 @@ class Bbr:
         self._round_t0, self._round_delivered = now, rs.delivered
         self._round_min_rtt = math.inf
         self._round_app_limited = False
+        if (
+            self.min_rtt != math.inf
+            and round_min != math.inf
+            and round_min > PATH_CHANGE_RTT_FACTOR * self.min_rtt + QUEUE_RTT_SLACK
+        ):
+            self.min_rtt = round_min
+            self._min_rtt_stamp = now
+            self.path_changes += 1
+            return
         probing = self.pacing_gain > 1
         if self.state != PROBE_BW or probing or app_limited or self.min_rtt == math.inf:
             # only a round the sender kept busy tells what the line delivers
