@@ -39,7 +39,7 @@ KEYGEN     := $(VENV)/bin/polevpn-keygen
 
 # command -> Debian package, installed only when the command is missing.
 SYSDEPS    := ip:iproute2 iperf3:iperf3 ping:iputils-ping nft:nftables \
-              chromium:chromium chromedriver:chromium-driver
+              chromium:chromium chromedriver:chromium-driver openvpn:openvpn
 
 .PHONY: all venv sysdeps keys test demo bench attack soak screenshot lint clean
 
