@@ -675,9 +675,9 @@ def write_docs(report: dict) -> None:
 def estimate_seconds(n_rows: int, transports: int, repeat: int, seconds: float,
                      share_seconds: float) -> float:
     """What the run should take: every cell plus pauses, set-ups and the sharing runs."""
-    cells = n_rows * len(SENDERS) * transports * repeat * (seconds + 4)
-    setup = transports * 25 + n_rows * transports * 3
-    share = 2 * (share_seconds + 20) if share_seconds else 0
+    cells = n_rows * len(SENDERS) * transports * repeat * (seconds + 2.5)
+    setup = transports * 15 + n_rows * transports * 2
+    share = 2 * (share_seconds + 15) if share_seconds else 0
     return cells + setup + share
 
 
