@@ -681,6 +681,16 @@ def estimate_seconds(n_rows: int, transports: int, repeat: int, seconds: float,
     return cells + setup + share
 
 
+def drop_timelines(report: dict) -> None:
+    """Keep the timelines only for the plotted row (the JSON stays small)."""
+    keep = report["rows"][PLOT_ROW]["label"]
+    for res in report["transports"].values():
+        for key, row in res.get("rows", {}).items():
+            if key != keep:
+                for sender in SENDERS:
+                    row.get(sender, {}).pop("timeline", None)
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # run the finally blocks: teardown, temp dir removal
 
@@ -749,6 +759,7 @@ def main() -> int:
         report["wall_seconds"] = round(time.monotonic() - started)
         if not args.no_write:
             report["plot_error"] = plot(report, DOCS / PLOT)
+        drop_timelines(report)
         print("\n" + section(report))
         if not args.no_write:
             write_docs(report)
