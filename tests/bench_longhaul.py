@@ -11,7 +11,8 @@ for every line of ROWS (and the bursty GE_ROW) and both sender congestion contro
 * iperf3 TCP hostA -> hostB, one stream, SECONDS s, ``iperf3 -C cubic|bbr``: goodput;
 * pings hostA -> hostB every PING_INTERVAL s meanwhile (from PING_SKIP s in): p50 / p99
   while the line is full, against the idle line's round trip measured just before;
-* what the line dropped (queue overflow, random, bursty) and, for kcp://, gwA's FEC counters.
+* what the line dropped (queue overflow, random, bursty) and, for kcp://, gwA's FEC counters
+  (their growth during the run; gauges such as ``fec_parity`` as they ended).
 
 Transports: polevpn kcp:// (the defaults: adaptive FEC), polevpn tls:// (tunnel sockets'
 congestion control at its default, bbr), OpenVPN 2.6 over UDP (tests/bench_peers.py: hub in
@@ -118,9 +119,12 @@ def numbers(fields: dict[str, str]) -> dict[str, float]:
 def stats_delta(before: dict[str, str], after: dict[str, str]) -> dict[str, float]:
     """The growth of a daemon's counters between two stats lines (gauges as they ended)."""
     a, b = numbers(before), numbers(after)
-    keep = ("fec_parity", "srtt_ms")
-    return {k: (v if k in keep else round(v - a.get(k, 0), 1)) for k, v in b.items()
-            if k.startswith(("fec_", "srtt")) or k in keep}
+
+    def gauge(k: str) -> bool:
+        return k in ("fec_parity", "srtt_ms") or k.endswith("_ppm")
+
+    return {k: (v if gauge(k) else round(v - a.get(k, 0), 1)) for k, v in b.items()
+            if k.startswith(("fec_", "srtt"))}
 
 
 def wait_new_stats(path: Path, after: float, timeout: float = 3.0) -> dict[str, str]:
@@ -229,9 +233,7 @@ def measure(topo: t.Topology, sender: str, seconds: float, kcp_log: Path | None)
         **ping_summary(replies, count, t0 + PING_SKIP),
         "line_drops": {k: drops1[k] - drops0[k] for k in drops1},
         "timeline": {
-            "goodput": [(round(iv["sum"]["end"], 2), round(iv["sum"]["bits_per_second"] / 1e6,
-                                                           2))
-                        for iv in data.get("intervals", [])],
+            "goodput": [(end, round(v, 2)) for end, v in t.iperf3_received(data)],
             "rtt": [(round(r.sent - t0, 2), r.rtt_ms) for r in replies],
         },
     }
@@ -258,8 +260,14 @@ def cell(runs: list[dict]) -> dict:
     return out
 
 
+def short(line: t.Line) -> str:
+    """A row's name in the targets: "65 ms, 3%" or "65 ms, GE"."""
+    return f"{line.delay_ms:g} ms, " + ("GE" if line.bursty else f"{line.loss_pct:g}%")
+
+
 def line_info(line: t.Line) -> dict:
-    return {"label": line.label(), "rate_mbit": line.rate_mbit, "delay_ms": line.delay_ms,
+    return {"label": line.label(), "short": short(line), "rate_mbit": line.rate_mbit,
+            "delay_ms": line.delay_ms,
             "loss_pct": line.loss_pct, "ge_gb_pct": line.ge_gb_pct,
             "ge_bg_pct": line.ge_bg_pct, "ge_loss_bad_pct": line.ge_loss_bad_pct,
             "ge_mean_loss_pct": round(line.ge_mean_loss_pct, 2),
@@ -398,8 +406,7 @@ def targets(report: dict) -> list[dict]:
     for line, share in zip(report["rows"], KCP_TARGETS, strict=False):
         key = line["label"]
         got = [cellv("kcp", key, s) for s in SENDERS]
-        name = f"kcp:// >= {share:.0%} of the line at {line['delay_ms']:g} ms, " \
-               f"{line['loss_pct']:g}% (either sender)"
+        name = f"kcp:// >= {share:.0%} of the line at {line['short']} (either sender)"
         if None in got:
             add(name, None, "not measured")
         else:
@@ -415,7 +422,7 @@ def targets(report: dict) -> list[dict]:
                 continue
             compared += 1
             if k < o:
-                worse.append(f"{line['delay_ms']:g} ms {s}: {k:.1f} < {o:.1f}")
+                worse.append(f"{line['short']} {s}: {k:.1f} < {o:.1f}")
     add("kcp:// >= OpenVPN UDP in every cell", None if not compared else not worse,
         "; ".join(worse) if worse else f"{compared} cells compared" if compared
         else "not measured")
@@ -450,7 +457,7 @@ def targets(report: dict) -> list[dict]:
             checked += 1
             limit = row["base_rtt"]["p50_ms"] + PING_P99_MARGIN_MS
             if p99 > limit:
-                over.append(f"{line['delay_ms']:g} ms {s}: {p99:.0f} > {limit:.0f}")
+                over.append(f"{line['short']} {s}: {p99:.0f} > {limit:.0f}")
     add(f"kcp:// ping p99 under load <= base RTT + {PING_P99_MARGIN_MS:g} ms",
         None if not checked else not over,
         "; ".join(over) if over else f"{checked} cells checked" if checked else "not measured")
@@ -682,13 +689,11 @@ def estimate_seconds(n_rows: int, transports: int, repeat: int, seconds: float,
 
 
 def drop_timelines(report: dict) -> None:
-    """Keep the timelines only for the plotted row (the JSON stays small)."""
-    keep = report["rows"][PLOT_ROW]["label"]
+    """The timelines go into the plot only (benchmarks.json stays small)."""
     for res in report["transports"].values():
-        for key, row in res.get("rows", {}).items():
-            if key != keep:
-                for sender in SENDERS:
-                    row.get(sender, {}).pop("timeline", None)
+        for row in res.get("rows", {}).values():
+            for sender in SENDERS:
+                row.get(sender, {}).pop("timeline", None)
 
 
 def _terminate(signum: int, frame: Any) -> None:

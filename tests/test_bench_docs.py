@@ -150,7 +150,7 @@ def test_longhaul_targets_and_tables():
     assert [v["met"] for k, v in met.items() if "of the line at" in k] == [True, True, True]
     assert met["two kcp:// gateways each 35%-65% of one line"]["met"] is False
     vs = met["kcp:// >= OpenVPN UDP in every cell"]
-    assert vs["met"] is False and "130 ms bbr: 26.0 < 27.0" in vs["detail"]
+    assert vs["met"] is False and "130 ms, 5% bbr: 26.0 < 27.0" in vs["detail"]
 
     text = bl.section(report)
     assert text.startswith(bl.LONGHAUL_BEGIN) and text.endswith(bl.LONGHAUL_END)

@@ -74,6 +74,24 @@ def test_line_bursty_loss_parameters() -> None:
             t.Line(**bad)
 
 
+def test_iperf3_received_reads_the_receivers_intervals() -> None:
+    text = """Accepted connection from 198.18.10.2, port 49504
+[  5] local 198.18.20.2 port 5201 connected to 198.18.10.2 port 49520
+[ ID] Interval           Transfer     Bitrate
+[  5]   0.00-0.50   sec   632 KBytes  10.4 Mbits/sec
+[  5]   0.50-1.00   sec  1.57 MBytes  26.3 Mbits/sec
+[  5]   1.00-1.50   sec  60.0 KBytes   983 Kbits/sec
+[  5]   1.50-2.00   sec   760 MBytes  12.7 Gbits/sec
+[  5]   2.00-2.01   sec  10.1 KBytes  8.1 Mbits/sec
+- - - - - - - - - - - - - - - - - - - - - - - - -
+[ ID] Interval           Transfer     Bitrate
+[  5]   0.00-2.01   sec  2.76 MBytes  11.5 Mbits/sec                  receiver
+"""
+    got = t.iperf3_received({"server_output_text": text})
+    assert got == [(0.5, 10.4), (1.0, 26.3), (1.5, pytest.approx(0.983)), (2.0, 12700.0)]
+    assert t.iperf3_received({}) == []
+
+
 # ==================================================================== netns: the line
 def _mbit(data: dict) -> float:
     return data["end"]["sum_received"]["bits_per_second"] / 1e6

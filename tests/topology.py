@@ -517,6 +517,25 @@ class Iperf3Run:
         return data
 
 
+# "[  5]   1.00-2.00   sec  3.50 MBytes  29.4 Mbits/sec" (a report line of one stream)
+_IPERF_INTERVAL = re.compile(
+    r"^\[\s*\d+\]\s+([\d.]+)-([\d.]+)\s+sec\s+[\d.]+ \w?Bytes\s+([\d.]+) (\w?)bits/sec\s*$",
+    re.M)
+
+
+def iperf3_received(data: dict) -> list[tuple[float, float]]:
+    """The receiver's goodput over time from an iperf3 report made with
+    ``--get-server-output`` (Topology.start_iperf3): ``(end of interval s, Mbit/s)``, one
+    stream.  The sender's ``intervals`` count what went into its socket, which comes in
+    bursts; this is what arrived."""
+    text = data.get("server_output_text") or ""
+    text = text.split("- - -", 1)[0]  # the intervals; the summary follows
+    scale = {"": 1e-6, "K": 1e-3, "M": 1.0, "G": 1e3}
+    return [(float(end), float(rate) * scale.get(unit, 1.0))
+            for start, end, rate, unit in _IPERF_INTERVAL.findall(text)
+            if float(end) - float(start) >= 0.1]  # not the last few ms after the end
+
+
 def _last_json(path: Path) -> dict | None:
     """The JSON result a _SENDER/_RECEIVER prints last; None if it died before printing."""
     lines = Path(path).read_text(errors="replace").strip().splitlines()
@@ -1439,19 +1458,22 @@ class Topology:
     ) -> Iperf3Run:
         """iperf3 TCP ``client`` -> ``server_addr`` in the background (several can run at
         once, on different ports): the server is listening when this returns; ``congestion``
-        is the sender's TCP congestion control (``-C``), ``interval`` the report interval
-        (the JSON's ``intervals``).  ``.result()`` waits for the parsed report; teardown
-        stops both ends in any case."""
+        is the sender's TCP congestion control (``-C``), ``interval`` the report interval of
+        both ends (the JSON's ``intervals``: the sender's; ``server_output_text``: the
+        receiver's report, see ``iperf3_received``).  ``.result()`` waits for the parsed
+        report; teardown stops both ends in any case."""
         tag = secrets.token_hex(2)
         srv = self.popen(server, ["iperf3", "-s", "-1", "-B", server_addr, "-p", str(port),
-                                  "--forceflush"], log_name=f"iperf3-server-{tag}")
+                                  "-i", f"{interval:g}", "--forceflush"],
+                         log_name=f"iperf3-server-{tag}")
         try:
             wait_for_log(srv, "server listening", timeout=10)
         except TopologyError:
             self.stop(srv, timeout=2)
             raise
         cmd = ["iperf3", "-c", server_addr, "-p", str(port), "-t", f"{seconds:g}", "-J",
-               "-P", str(streams), "-i", f"{interval:g}", "--connect-timeout", "10000"]
+               "-P", str(streams), "-i", f"{interval:g}", "--connect-timeout", "10000",
+               "--get-server-output"]
         if congestion:
             cmd += ["-C", congestion]
         cli = self.popen(client, cmd, log_name=f"iperf3-client-{tag}")
