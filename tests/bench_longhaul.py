@@ -530,6 +530,17 @@ def _pings(c: dict | None) -> str:
     return f"{c['p50_ms']:.0f} / {c['p99_ms']:.0f} ({_f(c.get('lost_pct'), '{:.0f}')}%)"
 
 
+def _drops(c: dict | None) -> str:
+    runs = (c or {}).get("runs") or [{}]
+    d, fec = runs[0].get("line_drops"), runs[0].get("gwA_kcp")
+    if not d:
+        return "-"
+    out = f"{d['queue']} / {d['random'] + d['bursty']}"
+    if fec and fec.get("fec_data_sent"):
+        out += f", parity {fec.get('fec_parity_sent', 0) / fec['fec_data_sent']:.0%}"
+    return out
+
+
 def section(report: dict) -> str:
     m = report["machine"]
     tr = report["transports"]
@@ -585,6 +596,19 @@ def section(report: dict) -> str:
             for k in tr)
         cells = [_pings(tr[k].get("rows", {}).get(key, {}).get(s)) for k, s in cols]
         lines.append(f"| {key} | {base} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "What the line dropped during each run (first run of a cell): queue overflow / "
+        "random or bursty loss, both directions; for kcp:// also gwA's FEC parity shards "
+        "sent as a share of its data shards.",
+        "",
+        f"| line | {head} |",
+        "|---|" + "---:|" * len(cols),
+    ]
+    for line in [*report["rows"], *report.get("ge_rows", [])]:
+        key = line["label"]
+        cells = [_drops(tr[k].get("rows", {}).get(key, {}).get(s)) for k, s in cols]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     lines.append("")
     tg = report.get("two_gateways") or {}
     ts = tr.get("kcp", {}).get("tcp_share")

@@ -74,7 +74,9 @@ def longhaul_report(date: str, kcp_mbit: float = 12.0, share: float = 0.5) -> di
     ge = [bl.line_info(bl.GE_ROW)]
 
     def cells(mbit_s: float, p99: float) -> dict:
-        c = {"mbit_s": mbit_s, "p50_ms": 60.0, "p99_ms": p99, "lost_pct": 0.0, "runs": []}
+        run = {"line_drops": {"queue": 500, "random": 100, "bursty": 20},
+               "gwA_kcp": {"fec_data_sent": 1000.0, "fec_parity_sent": 300.0}}
+        c = {"mbit_s": mbit_s, "p50_ms": 60.0, "p99_ms": p99, "lost_pct": 0.0, "runs": [run]}
         return {"base_rtt": {"p50_ms": 50.0}, **{s: dict(c) for s in bl.SENDERS}}
 
     def transport(label: str, mbit_s: float, p99: float) -> dict:
@@ -158,3 +160,4 @@ def test_longhaul_targets_and_tables():
     assert "| 30 Mbit/s, 65 ms, GE 2.9% (bursts of 5) | 26.0 (87%) |" in text
     assert "| line | kcp:// cubic | kcp:// bbr | tls:// cubic | tls:// bbr | " in text
     assert f"]({bl.PLOT})" in text and "MISSED" in text
+    assert "| 30 Mbit/s, 25 ms, 1% | 500 / 120, parity 30% | " in text
