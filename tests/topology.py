@@ -292,7 +292,8 @@ class Line:
     ``rate_mbit``: the bottleneck's rate (IP bytes); ``delay_ms``: one-way delay;
     ``loss_pct``: random loss (nftables numgen); ``ge_*``: Gilbert-Elliott bursty loss in the
     impairment element (``ge_gb_pct`` 0: off; see tests/impair.py); ``queue_ms``: the
-    drop-tail bottleneck queue, in ms at the rate; ``seed``: the element's random seed."""
+    drop-tail bottleneck queue, in ms at the rate; ``seed``: the element's random seed (used
+    when set_line starts the element)."""
 
     rate_mbit: float
     delay_ms: float = 0.0
