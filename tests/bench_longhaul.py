@@ -186,14 +186,31 @@ def start_transport(topo: t.Topology, work: Path, keys: Path,
 
 
 # --------------------------------------------------------------------------- measuring
+def wait_line_idle(topo: t.Topology, timeout: float = 15.0, packets: int = 20) -> float:
+    """Wait until fewer than ``packets`` cross the line (both ways) in half a second: what
+    the last run left in the tunnel's buffers (a tls:// socket's backlog, retransmissions)
+    has drained.  Returns the seconds waited (``timeout`` at most)."""
+    start = time.monotonic()
+    last = topo.impair_stats()["total"]["received"]
+    while time.monotonic() - start < timeout:
+        time.sleep(0.5)
+        now = topo.impair_stats()["total"]["received"]
+        if now - last < packets:
+            break
+        last = now
+    return round(time.monotonic() - start, 1)
+
+
 def base_rtt(topo: t.Topology, dst: str = t.HOST_B) -> dict:
-    """Round trip hostA -> ``dst`` over the idle line: 20 pings 50 ms apart."""
+    """Round trip hostA -> ``dst`` over the idle line (once it is idle): 20 pings 50 ms
+    apart."""
+    waited = wait_line_idle(topo)
     count = 20
     res = topo.run("hostA", ["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", dst],
                    check=False, timeout=count * 0.05 + 15)
     rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", res.stdout)]
     return {"min_ms": min(rtts, default=None), "p50_ms": percentile(rtts, 50),
-            "loss_pct": round(100.0 * (count - len(rtts)) / count, 1)}
+            "loss_pct": round(100.0 * (count - len(rtts)) / count, 1), "waited_s": waited}
 
 
 def ping_summary(replies: list[t.PingReply], sent: int, skip_until: float) -> dict:
@@ -208,7 +225,9 @@ def ping_summary(replies: list[t.PingReply], sent: int, skip_until: float) -> di
 
 def measure(topo: t.Topology, sender: str, seconds: float, kcp_log: Path | None) -> dict:
     """One cell: iperf3 hostA -> hostB with pings alongside; goodput, ping under load, the
-    line's drops, kcp:// counters, and the timelines (for the plot)."""
+    line's drops, kcp:// counters, and the timelines (for the plot).  Starts on an idle
+    line: nothing of the last run still in the tunnel."""
+    settle = wait_line_idle(topo)
     drops0 = topo.line_drops()
     stats0 = t.last_stats(kcp_log) if kcp_log else {}
     count = int(seconds / PING_INTERVAL)
@@ -232,6 +251,7 @@ def measure(topo: t.Topology, sender: str, seconds: float, kcp_log: Path | None)
         "sender_cc": data["end"].get("sender_tcp_congestion"),
         **ping_summary(replies, count, t0 + PING_SKIP),
         "line_drops": {k: drops1[k] - drops0[k] for k in drops1},
+        "settle_s": settle,
         "timeline": {
             "goodput": [(end, round(v, 2)) for end, v in t.iperf3_received(data)],
             "rtt": [(round(r.sent - t0, 2), r.rtt_ms) for r in replies],
@@ -584,7 +604,8 @@ def section(report: dict) -> str:
         "",
         f"Ping hostA -> hostB every {PING_INTERVAL * 1000:.0f} ms while the iperf3 runs "
         f"(from {PING_SKIP:g} s in): p50 / p99 ms (pings lost); the idle line's round trip "
-        "(p50 of 20 pings just before) per transport in the second column.",
+        "(p50 of 20 pings before the row's runs, once the line carried fewer than 40 "
+        "packets a second) per transport in the second column.",
         "",
         f"| line | idle RTT ({', '.join(tr[k]['label'] for k in tr)}) | {head} |",
         "|---|---:|" + "---:|" * len(cols),
