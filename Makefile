@@ -10,6 +10,11 @@
 #   make attack          the attacks of issue 20 against a router process (root: a netns): does
 #                        a gateway still connect, echo latency, RSS, CPU per attack MB; writes
 #                        the attack section of docs/benchmarks.{md,json} (make bench runs it too)
+#   make longhaul        kcp://, tls:// and OpenVPN on a 30 Mbit/s line with delay and loss
+#                        (issue 16): iperf3 per sender congestion control, ping under load,
+#                        two gateways sharing the line, docs/longhaul.png; writes the long-haul
+#                        section of docs/benchmarks.{md,json} (make bench runs it too);
+#                        REPEAT=3 for medians of three runs per cell
 #   make soak            1000 gateway connect/disconnect cycles per transport against a router
 #                        process, its RSS growth and fds; writes docs/soak.json and the soak
 #                        section of docs/benchmarks.md
@@ -35,16 +40,18 @@ FORCE      ?=
 # CLIENT_CERTS=1 also issues each a client certificate.
 GATEWAYS   ?=
 CLIENT_CERTS ?=
+# Runs per cell of the long-haul table (make longhaul, make bench): the median is reported.
+REPEAT     ?= 1
 GW_ARGS    := $(foreach g,$(GATEWAYS),--gateway $(g)) \
               $(if $(filter-out 0,$(CLIENT_CERTS)),--client-certs)
 KEYGEN     := $(VENV)/bin/polevpn-keygen
 
 # command -> Debian package, installed only when the command is missing.
 SYSDEPS    := ip:iproute2 iperf3:iperf3 ping:iputils-ping nft:nftables \
-              chromium:chromium chromedriver:chromium-driver \
+              chromium:chromium chromedriver:chromium-driver openvpn:openvpn \
               etcd:etcd-server
 
-.PHONY: all venv sysdeps keys test demo bench bench-etcd attack soak screenshot lint clean
+.PHONY: all venv sysdeps keys test demo bench bench-etcd attack longhaul soak screenshot lint clean
 
 all: test
 
@@ -90,13 +97,16 @@ demo: venv keys
 	$(VPY) tests/demo.py
 
 bench: venv keys
-	$(VPY) tests/bench.py
+	$(VPY) tests/bench.py --longhaul-repeat $(REPEAT)
 
 bench-etcd: venv
 	$(VPY) tests/bench_etcd.py
 
 attack: venv
 	$(VPY) tests/bench_attack.py
+
+longhaul: venv
+	$(VPY) tests/bench_longhaul.py --repeat $(REPEAT)
 
 soak: venv keys
 	$(VPY) tests/soak.py

@@ -17,9 +17,10 @@ namespace never forwards between its underlay links (checked by a probe), so spo
 spoke goes only through the hub.  Then the loss table (tls:// and kcp:// under loss,
 kcptun for reference), the multi-link section (gwA with an IPv4 and an IPv6 link:
 aggregation over two rate-limited links and failover times; `--multilink-only` runs just
-that and rewrites just its part of the docs), the FEC codec table, and the attack section
-(tests/bench_attack.py, also `make attack`; `--no-attack` skips it).  Configs and keys go
-to a temporary directory.
+that and rewrites just its part of the docs), the FEC codec table, the attack section
+(tests/bench_attack.py, also `make attack`; `--no-attack` skips it) and the long-haul section
+(tests/bench_longhaul.py, also `make longhaul`; `--no-longhaul` skips it).  Configs and keys
+go to a temporary directory.
 
 Writes docs/benchmarks.md and docs/benchmarks.json (unless --no-write).
 """
@@ -41,6 +42,7 @@ import time
 from pathlib import Path
 
 import bench_attack
+import bench_longhaul
 import bench_peers
 import hostinfo
 import soak
@@ -69,9 +71,10 @@ def write_docs(result: dict) -> None:
     """docs/benchmarks.{md,json} from one run's results."""
     DOCS.mkdir(exist_ok=True)
     js = DOCS / "benchmarks.json"
-    if js.exists():  # bench_attack's entries, as its md section
+    if js.exists():  # bench_attack's and bench_longhaul's entries, as their md sections
         old = json.loads(js.read_text())
-        result = {**{k: old[k] for k in ("attack", "attack_before") if k in old}, **result}
+        kept = ("attack", "attack_before", "longhaul")
+        result = {**{k: old[k] for k in kept if k in old}, **result}
     js.write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     lines = [
@@ -125,10 +128,11 @@ def write_docs(result: dict) -> None:
         lines += [*multilink_lines(result["multilink"]), ""]
     if result.get("crypto_threads"):
         lines += crypto_thread_lines(result["crypto_threads"])
-    # the attack section (tests/bench_attack.py, run before this) and the `make soak`
-    # section (tests/soak.py) are carried over as they are
+    # the attack and long-haul sections (tests/bench_attack.py, tests/bench_longhaul.py,
+    # run before this) and the `make soak` section (tests/soak.py) are carried over as they are
     md = DOCS / "benchmarks.md"
     text = bench_attack.with_attack_section("\n".join(lines), path=md)
+    text = bench_longhaul.with_longhaul_section(text, path=md)
     text = soak.with_soak_section(text, path=md)
     # and `make bench-etcd`'s (tests/bench_etcd.py)
     md.write_text(soak.with_section(text, ETCD_BEGIN, ETCD_END, path=md))
@@ -1058,6 +1062,10 @@ def main() -> int:
                     "docs/benchmarks.{md,json}")
     ap.add_argument("--no-attack", action="store_true",
                     help="skip the attack section (tests/bench_attack.py, `make attack`)")
+    ap.add_argument("--no-longhaul", action="store_true",
+                    help="skip the long-haul section (tests/bench_longhaul.py, `make longhaul`)")
+    ap.add_argument("--longhaul-repeat", type=int, default=1,
+                    help="runs per cell of the long-haul table (default 1; 3 for a real run)")
     ap.add_argument("--no-peers", action="store_true",
                     help=f"skip the peer VPNs ({', '.join(PEER_KEYS)})")
     ap.add_argument("--only", type=parse_only, metavar="SYSTEMS",
@@ -1105,6 +1113,15 @@ def main() -> int:
                 cmd.append("--no-write")
             if subprocess.run(cmd, timeout=3600).returncode:
                 print("attack bench FAILED (its section is left as it was)", file=sys.stderr)
+        if not args.no_longhaul:
+            # the same: its own section, entry and plot, carried over by write_docs below
+            cmd = [sys.executable, str(Path(bench_longhaul.__file__)), "--command", "make bench",
+                   "--repeat", str(args.longhaul_repeat)]
+            if args.no_write:
+                cmd.append("--no-write")
+            if subprocess.run(cmd, timeout=7200).returncode:
+                print("long-haul bench FAILED (see above; its section shows what was measured)",
+                      file=sys.stderr)
         # a failed multi-link run is written as such; the rest of the docs stays worth it
         ml = None if args.no_multilink else multilink(work, keys)
         fec_codec = None

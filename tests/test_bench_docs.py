@@ -1,8 +1,9 @@
 """docs/benchmarks.{md,json} keep every part when one benchmark rewrites its own.
 
 `make bench` rewrites the whole file and must carry over the sections of `make attack`
-(tests/bench_attack.py) and `make soak`; `make attack` replaces only its own section and
-its own JSON entries. No measuring here: the writers on a temporary copy.
+(tests/bench_attack.py), `make longhaul` (tests/bench_longhaul.py) and `make soak`; `make
+attack` and `make longhaul` replace only their own section and their own JSON entries. No
+measuring here: the writers on a temporary copy.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 
 import bench
 import bench_attack
+import bench_longhaul as bl
 import soak
 
 SOAK = f"{soak.SOAK_BEGIN}\n## Soak\n\nsoak figures\n{soak.SOAK_END}"
@@ -85,3 +87,99 @@ def test_bench_keeps_the_etcd_client_section(tmp_path, monkeypatch):
     assert text.count(bench_etcd.BEGIN) == 1 and "etcd-date" in text
     assert "former throughput" not in text
     assert bench.ETCD_BEGIN == bench_etcd.BEGIN and bench.ETCD_END == bench_etcd.END
+
+
+def longhaul_report(date: str, kcp_mbit: float = 12.0, share: float = 0.5) -> dict:
+    """A long-haul report as bench_longhaul.main builds it, with made-up figures: kcp://
+    moving ``kcp_mbit`` in every cell, OpenVPN 10, the two gateways ``share`` / 1 - share."""
+    rows = [bl.line_info(x) for x in bl.ROWS]
+    ge = [bl.line_info(bl.GE_ROW)]
+
+    def cells(mbit_s: float, p99: float) -> dict:
+        run = {"line_drops": {"queue": 500, "random": 100, "bursty": 20},
+               "gwA_kcp": {"fec_data_sent": 1000.0, "fec_parity_sent": 300.0}}
+        c = {"mbit_s": mbit_s, "p50_ms": 60.0, "p99_ms": p99, "lost_pct": 0.0, "runs": [run]}
+        return {"base_rtt": {"p50_ms": 50.0}, **{s: dict(c) for s in bl.SENDERS}}
+
+    def transport(label: str, mbit_s: float, p99: float) -> dict:
+        return {"label": label, "status": "ok",
+                "rows": {r["label"]: {"line": r, **cells(mbit_s, p99)} for r in rows + ge}}
+
+    kcp = transport("kcp://", kcp_mbit, 100.0)
+    kcp["tcp_share"] = {"seconds": 30, "tcp_mbit_s": 9.0, "kcp_mbit_s": 18.0,
+                        "tcp_share_of_line": 0.3, "tcp_share_of_sum": 0.333}
+    report = {
+        "date": date, "command": "make longhaul", "git": "abc1234",
+        "machine": {"cpu": "cpu", "cores": 2, "kernel": "6", "python": "3.11"},
+        "repeat": 1, "seconds": 20, "queue_ms": 100, "queue_bytes": 375000,
+        "burst_bytes": 4500, "rows": rows, "ge_rows": ge, "notes": [], "plot_error": None,
+        "transports": {"kcp": kcp, "tls": transport("tls://", 20.0, 300.0),
+                       "openvpn": transport("OpenVPN 2.6 UDP", 10.0, 60.0)},
+        "two_gateways": {"status": "ok", "seconds": 30, "total_mbit_s": 28.0,
+                         "mbit_s": {"gwA": 28.0 * share, "gwB": 28.0 * (1 - share)},
+                         "share": {"gwA": share, "gwB": round(1 - share, 3)}},
+    }
+    report["targets"] = bl.targets(report)
+    return report
+
+
+def test_longhaul_section_kept_by_bench_and_replaced_in_place(tmp_path, monkeypatch):
+    for mod in (bench, bench_attack, bl, soak):
+        monkeypatch.setattr(mod, "DOCS", tmp_path)
+    md, js = tmp_path / "benchmarks.md", tmp_path / "benchmarks.json"
+    md.write_text(f"# Benchmarks\n\nold throughput\n\n{SOAK}\n")
+    js.write_text(json.dumps({"comparison": {"x": 1}}))
+    bench_attack.write_docs(attack_report("attack-date"))
+
+    bl.write_docs(longhaul_report("longhaul-date"))
+    text = md.read_text()
+    assert text.count(bl.LONGHAUL_BEGIN) == 1 and "longhaul-date" in text
+    # before the attack section, which stays where it was, as does the rest
+    assert text.index("longhaul-date") < text.index(bench_attack.ATTACK_BEGIN)
+    assert "old throughput" in text and text.count(soak.SOAK_BEGIN) == 1
+    assert json.loads(js.read_text())["comparison"] == {"x": 1}
+
+    bl.write_docs(longhaul_report("longhaul-date-2"))
+    text = md.read_text()
+    assert text.count(bl.LONGHAUL_BEGIN) == 1 and "longhaul-date-2" in text
+    assert "longhaul-date," not in text
+
+    bench.write_docs(bench_result())
+    text = md.read_text()
+    assert "old throughput" not in text
+    assert text.count(bl.LONGHAUL_BEGIN) == 1 and "longhaul-date-2" in text
+    assert text.count(bench_attack.ATTACK_BEGIN) == 1 and text.count(soak.SOAK_BEGIN) == 1
+    data = json.loads(js.read_text())
+    assert data["longhaul"]["date"] == "longhaul-date-2"
+    assert data["attack"]["date"] == "attack-date" and data["date"] == "bench-date"
+
+
+def test_longhaul_targets_and_tables():
+    # kcp:// at 12 Mbit/s: misses every share-of-line target, beats OpenVPN's 10
+    report = longhaul_report("d", kcp_mbit=12.0, share=0.5)
+    met = {tg["target"]: tg["met"] for tg in report["targets"]}
+    line_targets = [v for k, v in met.items() if "of the line at" in k]
+    assert line_targets == [False, False, False]
+    assert met["kcp:// >= OpenVPN UDP in every cell"] is True
+    assert met["two kcp:// gateways each 35%-65% of one line"] is True
+    assert met["plain TCP next to kcp:// keeps >= 25% of the line"] is True
+    # p99 100 ms against 50 ms idle + 60
+    assert met["kcp:// ping p99 under load <= base RTT + 60 ms"] is True
+
+    # 26 Mbit/s (87%) meets all three; a 70/30 split is unfair; OpenVPN beats kcp:// at 8
+    report = longhaul_report("d", kcp_mbit=26.0, share=0.7)
+    report["transports"]["openvpn"]["rows"][bl.ROWS[2].label()]["bbr"]["mbit_s"] = 27.0
+    report["targets"] = bl.targets(report)
+    met = {tg["target"]: tg for tg in report["targets"]}
+    assert [v["met"] for k, v in met.items() if "of the line at" in k] == [True, True, True]
+    assert met["two kcp:// gateways each 35%-65% of one line"]["met"] is False
+    vs = met["kcp:// >= OpenVPN UDP in every cell"]
+    assert vs["met"] is False and "130 ms, 5% bbr: 26.0 < 27.0" in vs["detail"]
+
+    text = bl.section(report)
+    assert text.startswith(bl.LONGHAUL_BEGIN) and text.endswith(bl.LONGHAUL_END)
+    # one table row per line, GE row included, a column per transport and sender
+    assert "| 30 Mbit/s, 65 ms, GE 2.9% (bursts of 5) | 26.0 (87%) |" in text
+    assert "| line | kcp:// cubic | kcp:// bbr | tls:// cubic | tls:// bbr | " in text
+    assert f"]({bl.PLOT})" in text and "MISSED" in text
+    assert "| 30 Mbit/s, 25 ms, 1% | 500 / 120, parity 30% | " in text

@@ -29,6 +29,37 @@ is a plain kernel router.  :meth:`Topology.set_loss` installs an nftables
 random-drop rule (in imp, or in router without impair) usable on its own or
 together with the element.
 
+``Topology.set_line(Line(...))`` makes that underlay a long-haul line (issue 16): rate, a
+drop-tail bottleneck queue, delay, random and bursty loss, each way.  Per direction, in the
+order a packet meets them (``up`` shown; ``down`` is the mirror image, entering at r0):
+
+    gwA wan0 -> a0: nft random drop (loss_pct) -> impu: tbf (rate_mbit, queue) ->
+    element: Gilbert-Elliott drop, delay_ms -> r0 -> router ul-a
+
+The queue is a tc tbf on the element's TUN (``impu`` / ``impd``), i.e. in imp, off every
+host that sends: no sender ever feels it as local back-pressure (socket buffer, TCP small
+queues), as it would with tbf on its own interface; it sees only what a cheap line shows,
+delay and drops.  Its limit is ``queue_ms`` worth of bytes at the rate (default 100 ms, so
+375 kB at 30 Mbit/s, a modest ISP buffer; drop-tail); the token bucket's burst is 1 ms at the
+rate, at least three 1500-byte packets (smaller bursts lose a few % of the rate to timer
+slack).  tbf counts IP bytes (a TUN has no link header).  Loss drawn by nft happens before
+the queue (the packet costs no line time), bursty loss after it (it did).  The delay comes
+after the queue, so a queue that fills adds to the base round trip of 2 x delay_ms.  The
+line exists while the element runs; ``set_line`` starts it (or changes its parameters),
+``clear_line`` lifts every limit.
+
+``Topology(shared_line=True)`` (implies impair) puts gwB behind the same line, for two
+gateways on one bottleneck: gwB's underlay ends in imp (``b0``) instead of the router, and
+imp sends what gwB sends into the same TUN (same queue, delay and loss) as gwA's:
+
+    gwA wan0 ==== a0 [imp] r0 ==== ul-a router   198.19.0.1/30 and 198.19.0.5/32 on ul-a
+    gwB wan0 ==== b0 [imp]                       gwB keeps 198.19.0.6/30 and dials .5
+
+The router has no ``ul-b``; it holds gwB's link address 198.19.0.5 as a /32 on ul-a and
+reaches 198.19.0.6 by a host route on ul-a (proxy ARP in imp, as for gwA).  Whatever comes
+out of the up TUN goes to the router (``iif impu lookup 103``), so gwA and gwB reach each
+other only through the router, crossing the line up and down.
+
 ``Topology(dual_uplink=True)`` gives gwA a second underlay link to the router, IPv6 only,
 and makes the first one IPv4 only (IPv6 disabled on wan0 and ul-a, so not even link-local
 addresses remain):
@@ -146,9 +177,11 @@ VPC_ROUTER_IF = "vpc0"  # in router
 IMP_NODE = "imp"
 IMP_IF_A = "a0"  # imp's end of the link to gwA's wan0
 IMP_IF_R = "r0"  # imp's end of the link to router's ul-a
+IMP_IF_B = "b0"  # imp's end of the link to gwB's wan0 (Topology(shared_line=True))
 IMP_TUNS = {"up": "impu", "down": "impd"}  # up: gwA -> router, down: router -> gwA
 IMP_TABLES = {"up": 101, "down": 102}
 IMP_IIF = {"up": IMP_IF_A, "down": IMP_IF_R}
+IMP_UP_OUT_TABLE = 103  # shared_line: what leaves the up TUN, always towards the router
 IMPAIR_SCRIPT = str(Path(__file__).resolve().with_name("impair.py"))
 NFT_LOSS_TABLE = "pvloss"
 
@@ -261,6 +294,87 @@ for i in range(count):
 
 class TopologyError(RuntimeError):
     pass
+
+
+LINE_MTU = 1500  # the underlay's MTU: the largest packet the line's token bucket must pass
+
+
+@dataclass(frozen=True)
+class Line:
+    """A long-haul line on the gwA <-> router underlay (see the module docstring and
+    :meth:`Topology.set_line`): the same in both directions.
+
+    ``rate_mbit``: the bottleneck's rate (IP bytes); ``delay_ms``: one-way delay;
+    ``loss_pct``: random loss (nftables numgen); ``ge_*``: Gilbert-Elliott bursty loss in the
+    impairment element (``ge_gb_pct`` 0: off; see tests/impair.py); ``queue_ms``: the
+    drop-tail bottleneck queue, in ms at the rate; ``seed``: the element's random seed (used
+    when set_line starts the element)."""
+
+    rate_mbit: float
+    delay_ms: float = 0.0
+    loss_pct: float = 0.0
+    ge_gb_pct: float = 0.0
+    ge_bg_pct: float = 0.0
+    ge_loss_good_pct: float = 0.0
+    ge_loss_bad_pct: float = 100.0
+    queue_ms: float = 100.0
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.rate_mbit <= 0 or self.queue_ms <= 0:
+            raise ValueError(f"line rate and queue must be > 0: {self}")
+        if not 0 <= self.loss_pct <= 100 or self.delay_ms < 0:
+            raise ValueError(f"line loss 0..100 % and delay >= 0 ms: {self}")
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.rate_mbit * 1e6 / 8
+
+    @property
+    def queue_bytes(self) -> int:
+        """tbf's limit: queue_ms at the rate, never less than the burst and two packets."""
+        return max(int(self.bytes_per_s * self.queue_ms / 1000), self.burst_bytes + 2 * LINE_MTU)
+
+    @property
+    def burst_bytes(self) -> int:
+        """1 ms at the rate, at least 3 packets (below that tbf loses rate to timer slack)."""
+        return max(3 * LINE_MTU, int(self.bytes_per_s / 1000))
+
+    @property
+    def bursty(self) -> bool:
+        return self.ge_gb_pct > 0
+
+    @property
+    def ge_mean_loss_pct(self) -> float:
+        """The Gilbert-Elliott chain's long-run loss (its stationary bad-state share times
+        the bad state's loss, plus the good state's)."""
+        if not self.bursty:
+            return 0.0
+        bad = self.ge_gb_pct / (self.ge_gb_pct + self.ge_bg_pct)
+        return bad * self.ge_loss_bad_pct + (1 - bad) * self.ge_loss_good_pct
+
+    @property
+    def ge_mean_burst(self) -> float:
+        """Packets per visit to the bad state (mean), 0 without the model."""
+        return 100.0 / self.ge_bg_pct if self.bursty else 0.0
+
+    def impair_params(self) -> dict[str, float]:
+        """The element's parameters (both directions) for this line."""
+        params: dict[str, float] = {"delay_ms": self.delay_ms}
+        if self.bursty:
+            params.update(ge_gb_pct=self.ge_gb_pct, ge_bg_pct=self.ge_bg_pct,
+                          ge_loss_good_pct=self.ge_loss_good_pct,
+                          ge_loss_bad_pct=self.ge_loss_bad_pct)
+        return params
+
+    def label(self) -> str:
+        """E.g. "30 Mbit/s, 65 ms, 3%" or "30 Mbit/s, 65 ms, GE 2.9% (bursts of 5)"."""
+        loss = []
+        if self.loss_pct:
+            loss.append(f"{self.loss_pct:g}%")
+        if self.bursty:
+            loss.append(f"GE {self.ge_mean_loss_pct:.2g}% (bursts of {self.ge_mean_burst:.2g})")
+        return f"{self.rate_mbit:g} Mbit/s, {self.delay_ms:g} ms, {' + '.join(loss) or 'no loss'}"
 
 
 @dataclass
@@ -386,6 +500,58 @@ class BackgroundTransfer:
         return {"sent": sent, "received": received, "ok": ok}
 
 
+@dataclass
+class Iperf3Run:
+    """An iperf3 client running in the background (see Topology.start_iperf3)."""
+
+    topo: Topology
+    server: subprocess.Popen
+    client: subprocess.Popen
+    seconds: float
+
+    def running(self) -> bool:
+        return self.client.poll() is None
+
+    def result(self) -> dict:
+        """Wait for the client (bounded by its duration + 40 s); its parsed JSON report.
+        Raises TopologyError when it failed; both ends are stopped in any case."""
+        try:
+            try:
+                self.client.wait(timeout=self.seconds + 40)
+            except subprocess.TimeoutExpired:
+                raise TopologyError(f"iperf3 did not end: {self.client.log_path}") from None
+            text = Path(self.client.log_path).read_text(errors="replace")
+        finally:
+            self.topo.stop(self.client, timeout=2)
+            self.topo.stop(self.server, timeout=2)
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise TopologyError(f"iperf3 gave no JSON: {text[-300:]}") from None
+        if self.client.returncode != 0 or data.get("error"):
+            raise TopologyError(f"iperf3 failed: {data.get('error') or text[-300:]}")
+        return data
+
+
+# "[  5]   1.00-2.00   sec  3.50 MBytes  29.4 Mbits/sec" (a report line of one stream)
+_IPERF_INTERVAL = re.compile(
+    r"^\[\s*\d+\]\s+([\d.]+)-([\d.]+)\s+sec\s+[\d.]+ \w?Bytes\s+([\d.]+) (\w?)bits/sec\s*$",
+    re.M)
+
+
+def iperf3_received(data: dict) -> list[tuple[float, float]]:
+    """The receiver's goodput over time from an iperf3 report made with
+    ``--get-server-output`` (Topology.start_iperf3): ``(end of interval s, Mbit/s)``, one
+    stream.  The sender's ``intervals`` count what went into its socket, which comes in
+    bursts; this is what arrived."""
+    text = data.get("server_output_text") or ""
+    text = text.split("- - -", 1)[0]  # the intervals; the summary follows
+    scale = {"": 1e-6, "K": 1e-3, "M": 1.0, "G": 1e3}
+    return [(float(end), float(rate) * scale.get(unit, 1.0))
+            for start, end, rate, unit in _IPERF_INTERVAL.findall(text)
+            if float(end) - float(start) >= 0.1]  # not the last few ms after the end
+
+
 def _last_json(path: Path) -> dict | None:
     """The JSON result a _SENDER/_RECEIVER prints last; None if it died before printing."""
     lines = Path(path).read_text(errors="replace").strip().splitlines()
@@ -425,11 +591,15 @@ class Topology:
         impair: bool = False,
         dual_uplink: bool = False,
         service_address: bool = False,
+        shared_line: bool = False,
     ):
+        impair = impair or shared_line
         if service_address and (impair or dual_uplink):
             raise ValueError("service_address goes with neither impair nor dual_uplink")
         self.prefix = prefix or f"pv{secrets.token_hex(2)}"
         self.impair = impair
+        self.shared_line = shared_line
+        self.line: Line | None = None
         self.dual_uplink = dual_uplink
         self.service_address = service_address
         self._flappers: list[LinkFlapper] = []
@@ -645,9 +815,18 @@ class Topology:
         else:
             self._addr("gwA", "wan0", f"{GW_A_UL}/30")
             self._addr("router", "ul-a", f"{ROUTER_UL_A}/30")
-        self._veth("gwB", "wan0", "router", "ul-b")
-        self._addr("gwB", "wan0", f"{GW_B_UL}/30")
-        self._addr("router", "ul-b", f"{ROUTER_UL_B}/30")
+        if self.shared_line:
+            # gwB behind the same line: its link ends in imp; the router keeps gwB's link
+            # address as a /32 on ul-a and reaches gwB by a host route there (see above)
+            self._veth("gwB", "wan0", IMP_NODE, IMP_IF_B)
+            self._addr("gwB", "wan0", f"{GW_B_UL}/30")
+            self._addr("router", "ul-a", f"{ROUTER_UL_B}/32")
+            self.run("router", ["ip", "route", "add", f"{GW_B_UL}/32", "dev", "ul-a",
+                                "src", ROUTER_UL_B])
+        else:
+            self._veth("gwB", "wan0", "router", "ul-b")
+            self._addr("gwB", "wan0", f"{GW_B_UL}/30")
+            self._addr("router", "ul-b", f"{ROUTER_UL_B}/30")
 
         for gw in ("gwA", "gwB"):
             self._sysctl(gw, "net.ipv4.ip_forward", "1")
@@ -701,7 +880,8 @@ class Topology:
     def _setup_imp(self) -> None:
         """Make imp an address-less IPv4 middlebox between gwA (198.19.0.2) and router (.1)."""
         imp = IMP_NODE
-        a, r = IMP_IF_A, IMP_IF_R
+        a, r, b = IMP_IF_A, IMP_IF_R, IMP_IF_B
+        edges = (a, r, b) if self.shared_line else (a, r)
         # Forwarding without addresses: reverse-path filtering would drop packets coming
         # back out of the TUNs (their source lies behind a0/r0), and redirects make no sense.
         for key, value in (
@@ -712,7 +892,7 @@ class Topology:
             ("net.ipv4.conf.default.send_redirects", "0"),
         ):
             self._sysctl(imp, key, value)
-        for ifname in (a, r):
+        for ifname in edges:
             # proxy ARP: gwA and router resolve each other to imp's MACs; proxy_delay 0
             # answers broadcast requests at once instead of after up to 0.8 s.
             self._sysctl(imp, f"net.ipv4.conf.{ifname}.proxy_arp", "1")
@@ -723,6 +903,18 @@ class Topology:
                        "dev", a, "nud", "permanent"])
         self.run(imp, ["ip", "neigh", "replace", ROUTER_UL_A, "lladdr",
                        self._mac("router", "ul-a"), "dev", r, "nud", "permanent"])
+        if self.shared_line:
+            self.run(imp, ["ip", "neigh", "replace", GW_B_UL, "lladdr",
+                           self._mac("gwB", "wan0"), "dev", b, "nud", "permanent"])
+            for route in (f"{GW_B_UL}/32 dev {b}", f"{LAN_B} via {GW_B_UL} dev {b} onlink"):
+                self.run(imp, ["ip", "route", "replace", *route.split()])
+            # what leaves the up TUN goes to the router, whatever its destination: gwA and
+            # gwB never reach each other inside imp, only through the router (and the line
+            # both ways)
+            self.run(imp, ["ip", "route", "replace", "default", "via", ROUTER_UL_A, "dev", r,
+                           "onlink", "table", str(IMP_UP_OUT_TABLE)])
+            self.run(imp, ["ip", "rule", "add", "iif", IMP_TUNS["up"], "lookup",
+                           str(IMP_UP_OUT_TABLE), "pref", str(IMP_UP_OUT_TABLE)])
         # Main table: what leaves the TUNs (and everything while no element runs).  LAN A
         # sits behind gwA (plain routing), everything else behind the router.
         for route in (
@@ -763,14 +955,20 @@ class Topology:
         if not self.impair:
             raise TopologyError("this Topology was built without impair=True")
 
+    def _imp_iifs(self) -> dict[str, tuple[str, ...]]:
+        """Per direction, imp's interfaces whose packets go through that direction's TUN."""
+        up = (IMP_IF_A, IMP_IF_B) if self.shared_line else (IMP_IF_A,)
+        return {"up": up, "down": (IMP_IF_R,)}
+
     def _impair_rules(self, add: bool) -> None:
-        for direction, iif in IMP_IIF.items():
+        for direction, iifs in self._imp_iifs().items():
             table = str(IMP_TABLES[direction])
-            rule = ["iif", iif, "lookup", table, "pref", table]
-            # delete first: a restart after the element died must not stack duplicates
-            self.run(IMP_NODE, ["ip", "rule", "del", *rule], check=False)
-            if add:
-                self.run(IMP_NODE, ["ip", "rule", "add", *rule])
+            for iif in iifs:
+                rule = ["iif", iif, "lookup", table, "pref", table]
+                # delete first: a restart after the element died must not stack duplicates
+                self.run(IMP_NODE, ["ip", "rule", "del", *rule], check=False)
+                if add:
+                    self.run(IMP_NODE, ["ip", "rule", "add", *rule])
 
     def start_impair(
         self, seed: int = 1, limit: int | None = None, **params: Any
@@ -857,7 +1055,9 @@ class Topology:
         # Drop where packets first meet the middle: imp's veths when it exists (before the
         # element, at prerouting), else the router's end of the gwA link.
         if self.impair:
-            return IMP_NODE, {"up": f'iifname "{IMP_IF_A}"', "down": f'iifname "{IMP_IF_R}"'}
+            iifs = self._imp_iifs()
+            return IMP_NODE, {d: "iifname { " + ", ".join(f'"{i}"' for i in names) + " }"
+                              for d, names in iifs.items()}
         return "router", {"up": 'iifname "ul-a"', "down": 'oifname "ul-a"'}
 
     def set_loss(self, percent: float | None, direction: str = "both") -> None:
@@ -898,6 +1098,52 @@ class Topology:
                 if "counter" in expr:
                     total += expr["counter"]["packets"]
         return total
+
+    def set_line(self, line: Line) -> Line:
+        """Make the gwA <-> router underlay (with shared_line also gwB's) the long-haul
+        ``line``, both directions (see the module docstring): starts the impairment element
+        with the line's delay and bursty loss (or changes a running one's), puts tbf on its
+        TUNs and the random-loss rule in imp.  Call again to change the line."""
+        self._need_imp()
+        params = line.impair_params()
+        if self.impair_proc is None or self.impair_proc.poll() is not None:
+            self.start_impair(seed=line.seed, **params)
+        else:
+            self.set_impair(**params)
+        for tun in IMP_TUNS.values():
+            self.run(IMP_NODE, ["tc", "qdisc", "replace", "dev", tun, "root", "tbf",
+                                "rate", f"{line.rate_mbit:g}mbit",
+                                "burst", str(line.burst_bytes),
+                                "limit", str(line.queue_bytes)], timeout=10)
+        self.set_loss(line.loss_pct or None)
+        self.line = line
+        return line
+
+    def clear_line(self) -> None:
+        """No rate, queue, delay or loss on the underlay any more (the element keeps
+        running, as a pass-through)."""
+        self._need_imp()
+        for tun in IMP_TUNS.values():
+            self.run(IMP_NODE, ["tc", "qdisc", "del", "dev", tun, "root"], check=False,
+                     timeout=10)
+        self.set_loss(None)
+        if self.impair_proc is not None and self.impair_proc.poll() is None:
+            self.set_impair()
+        self.line = None
+
+    def line_drops(self) -> dict[str, int]:
+        """Packets the line dropped so far: ``queue`` (tbf overflow, both directions),
+        ``random`` (nft), ``bursty`` (the element's Gilbert-Elliott drops)."""
+        queue = 0
+        for tun in IMP_TUNS.values():
+            res = self.run(IMP_NODE, ["tc", "-s", "-j", "qdisc", "show", "dev", tun],
+                           timeout=10)
+            queue += sum(int(q.get("drops", 0)) for q in json.loads(res.stdout or "[]")
+                         if q.get("kind") == "tbf")
+        bursty = 0
+        if self.impair_proc is not None and self.impair_proc.poll() is None:
+            bursty = int(self.impair_stats().get("total", {}).get("dropped_burst", 0))
+        return {"queue": queue, "random": self.loss_stats(), "bursty": bursty}
 
     # ------------------------------------------------------------------- links
     def link_down(self, node: str, ifname: str) -> None:
@@ -1236,6 +1482,40 @@ class Topology:
         finally:
             self.stop(srv, timeout=2)
         return data
+
+    def start_iperf3(
+        self,
+        client: str,
+        server: str,
+        server_addr: str,
+        seconds: float = 10,
+        port: int = 5201,
+        streams: int = 1,
+        congestion: str | None = None,
+        interval: float = 1.0,
+    ) -> Iperf3Run:
+        """iperf3 TCP ``client`` -> ``server_addr`` in the background (several can run at
+        once, on different ports): the server is listening when this returns; ``congestion``
+        is the sender's TCP congestion control (``-C``), ``interval`` the report interval of
+        both ends (the JSON's ``intervals``: the sender's; ``server_output_text``: the
+        receiver's report, see ``iperf3_received``).  ``.result()`` waits for the parsed
+        report; teardown stops both ends in any case."""
+        tag = secrets.token_hex(2)
+        srv = self.popen(server, ["iperf3", "-s", "-1", "-B", server_addr, "-p", str(port),
+                                  "-i", f"{interval:g}", "--forceflush"],
+                         log_name=f"iperf3-server-{tag}")
+        try:
+            wait_for_log(srv, "server listening", timeout=10)
+        except TopologyError:
+            self.stop(srv, timeout=2)
+            raise
+        cmd = ["iperf3", "-c", server_addr, "-p", str(port), "-t", f"{seconds:g}", "-J",
+               "-P", str(streams), "-i", f"{interval:g}", "--connect-timeout", "10000",
+               "--get-server-output"]
+        if congestion:
+            cmd += ["-C", congestion]
+        cli = self.popen(client, cmd, log_name=f"iperf3-client-{tag}")
+        return Iperf3Run(self, srv, cli, seconds)
 
     def iperf3_spread(
         self,
