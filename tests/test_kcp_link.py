@@ -524,3 +524,53 @@ def test_pending_bytes_counts_real_bytes():
     assert a.pending_bytes == 100_000 + 3000 - 128 * 100
     a.close()
     b.close()
+
+
+# -- acknowledgements beyond a hole go out twice (issue 16)
+
+
+def ack_sns(records: list[bytes]) -> list[int]:
+    """The sequence numbers KCP ACK segments (command 82) in ``records`` acknowledge."""
+    out = []
+    for r in records:
+        off = 0
+        while off + 24 <= len(r):
+            cmd = r[off + 4]
+            sn = struct.unpack_from("<I", r, off + 12)[0]
+            length = struct.unpack_from("<I", r, off + 20)[0]
+            if cmd == 82:
+                out.append(sn)
+            off += 24 + length
+    return out
+
+
+@pytest.mark.parametrize("congestion", ["bbr", "off"])
+def test_acks_beyond_a_hole_are_sent_twice(congestion):
+    """Segment 0 is lost, 1-3 arrive: their ACKs are all the sender will hear of them until
+    0 is resent, so with congestion control on (our receivers) they go out again with the
+    next flush; an ACK below the hole is not repeated (the una of every segment covers it)."""
+    params = dataclasses.replace(NO_FEC, congestion=congestion)
+    pool = KcpPool()
+    a = KcpLink(params, pool, 1363, 0.0)
+    b = KcpLink(params, pool, 1363, 0.0)
+    for _ in range(4):
+        a.write(b"d" * 1000, 0.0)
+    records = a.records_to_send()
+    assert len(records) == 4
+    for r in records[1:]:
+        b.feed(r, 0.01)
+    b.settle(0.01)
+    assert sorted(ack_sns(b.records_to_send())) == [1, 2, 3]
+    b.poll(0.03)  # the next flush, nothing new received
+    again = ack_sns(b.records_to_send())
+    assert sorted(again) == ([1, 2, 3] if congestion == "bbr" else [])
+    b.poll(0.05)
+    assert ack_sns(b.records_to_send()) == []  # once more only
+    # the hole filled: nothing beyond it any more, nothing repeated
+    b.feed(records[0], 0.06)
+    b.settle(0.06)
+    assert ack_sns(b.records_to_send()) == [0]
+    b.poll(0.08)
+    assert ack_sns(b.records_to_send()) == []
+    a.close()
+    b.close()

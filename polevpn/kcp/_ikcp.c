@@ -442,6 +442,24 @@ static PyObject *Kcp_pace_debit(KcpObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+static PyObject *Kcp_set_repeat_acks(KcpObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    struct IKCPRATE *r = &self->kcp->rate;
+    r->rep_n = 0;
+    if (on && r->rep == NULL) {
+        r->rep = counted_malloc(sizeof(IUINT32) * 3 * IKCP_REP_MAX);
+        if (r->rep == NULL)
+            return PyErr_NoMemory();
+    } else if (!on && r->rep != NULL) {
+        counted_free(r->rep);
+        r->rep = NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *Kcp_set_minrto(KcpObject *self, PyObject *arg)
 {
     long n = PyLong_AsLong(arg);
@@ -519,6 +537,8 @@ static PyMethodDef Kcp_methods[] = {
     {"pace_debit", (PyCFunction)Kcp_pace_debit, METH_O,
      "take bytes sent outside KCP (FEC parity) from the pacing tokens"},
     {"set_minrto", (PyCFunction)Kcp_set_minrto, METH_O, "the least retransmission timeout (ms)"},
+    {"set_repeat_acks", (PyCFunction)Kcp_set_repeat_acks, METH_O,
+     "send each acknowledgement of an out-of-order segment twice (in two flushes)"},
     {"pace_wait_us", (PyCFunction)Kcp_pace_wait_us, METH_NOARGS,
      "us until pacing lets a waiting segment go (0: none waits on the pace)"},
     {"take_rate_sample", (PyCFunction)Kcp_take_rate_sample, METH_NOARGS,

@@ -139,6 +139,8 @@ class KcpLink:
         if params.congestion == "bbr":
             self.cc = Bbr(self.mss, now, params.max_window * self.mss, seed=seed)
         self.authenticated = authenticated
+        if authenticated:
+            self._repeat_acks()
         if not authenticated:
             self.kcp.set_rcv_wnd(min(PRE_AUTH_WINDOW, params.receive_window))
             if self.fec is not None:
@@ -160,6 +162,7 @@ class KcpLink:
             return
         send_window = self.params.max_window if self.cc is not None else self.params.send_window
         kcp.wndsize(send_window, self.params.receive_window)
+        self._repeat_acks()
         self.announce_window(now)
 
     # -- clock
@@ -216,6 +219,15 @@ class KcpLink:
                 self._minrto = minrto
                 kcp.set_minrto(minrto)
         self._apply_cc()
+
+    def _repeat_acks(self) -> None:
+        """As a receiver, with congestion control on: an ACK of a segment beyond a hole
+        goes out twice (two flushes apart). Nothing else covers its loss until the hole is
+        filled, so its sender (ours or Go's) resends it on a timeout for nothing: at 2 %
+        loss each way that was some 7 % of what a sender sent. Costs ACK bytes only while
+        there is a hole, and 1 kB per session, so not before AUTH."""
+        if self.cc is not None and self.kcp is not None:
+            self.kcp.set_repeat_acks(True)
 
     def _grow_receive_window(self, kcp: Kcp) -> None:
         """Receive-window autotuning: a peer whose data (out of order, or in order and not

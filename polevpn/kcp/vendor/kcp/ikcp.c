@@ -336,6 +336,9 @@ void ikcp_release(ikcpcb *kcp)
 		if (kcp->buffer) {
 			ikcp_free(kcp->buffer);
 		}
+		if (kcp->rate.rep) {  /* polevpn */
+			ikcp_free(kcp->rate.rep);
+		}
 		if (kcp->acklist) {
 			ikcp_free(kcp->acklist);
 		}
@@ -1034,6 +1037,31 @@ void ikcp_flush(ikcpcb *kcp)
 	seg.sn = 0;
 	seg.ts = 0;
 
+	// polevpn: out-of-order acknowledgements sent IKCP_REP_GAP ago or more, once more
+	// (ikcp.h); the younger ones wait for a later flush
+	if (kcp->rate.rep != NULL) {
+		IUINT32 kept = 0;
+		count = (int)kcp->rate.rep_n;
+		for (i = 0; i < count; i++) {
+			IUINT32 *e = kcp->rate.rep[i];
+			if (_itimediff(e[0], kcp->rcv_nxt) < 0) continue;  /* una covers it now */
+			if (_itimediff(current, e[2]) < IKCP_REP_GAP) {
+				IUINT32 *k = kcp->rate.rep[kept++];
+				k[0] = e[0]; k[1] = e[1]; k[2] = e[2];
+				continue;
+			}
+			seg.sn = e[0];
+			seg.ts = e[1];
+			size = (int)(ptr - buffer);
+			if (size + (int)IKCP_OVERHEAD > (int)kcp->mtu) {
+				ikcp_output(kcp, buffer, size);
+				ptr = buffer;
+			}
+			ptr = ikcp_encode_seg(ptr, &seg);
+		}
+		kcp->rate.rep_n = kept;
+	}
+
 	// flush acknowledges
 	count = kcp->ackcount;
 	for (i = 0; i < count; i++) {
@@ -1044,6 +1072,14 @@ void ikcp_flush(ikcpcb *kcp)
 		}
 		ikcp_ack_get(kcp, i, &seg.sn, &seg.ts);
 		ptr = ikcp_encode_seg(ptr, &seg);
+		/* polevpn: remember it for once more if it is beyond a hole */
+		if (kcp->rate.rep != NULL && _itimediff(seg.sn, kcp->rcv_nxt) >= 0 &&
+			kcp->rate.rep_n < IKCP_REP_MAX) {
+			kcp->rate.rep[kcp->rate.rep_n][0] = seg.sn;
+			kcp->rate.rep[kcp->rate.rep_n][1] = seg.ts;
+			kcp->rate.rep[kcp->rate.rep_n][2] = current;
+			kcp->rate.rep_n++;
+		}
 	}
 
 	kcp->ackcount = 0;

@@ -325,7 +325,17 @@ struct IKCPRATE
 	   parses una before the command), and is still acknowledged exactly */
 	IUINT32 ack_sn;
 	int ack_valid;
+	/* the receiver's side: acknowledgements of segments above rcv_nxt (out of order)
+	   that the last flush sent, sent once more by the next one. una covers a lost ACK of
+	   an in-order segment at once; a lost ACK of one beyond a hole is covered by nothing
+	   until the hole is filled, and its sender resends it for nothing (a timeout) */
+	IUINT32 (*rep)[3];      /* NULL: off (KCP as it was); else IKCP_REP_MAX entries of
+	                           sn, ts, when it was first sent (ms) */
+	IUINT32 rep_n;
 };
+
+#define IKCP_REP_MAX 128
+#define IKCP_REP_GAP 5  /* ms: the copy goes no sooner, in another datagram */
 
 struct IKCPSAMPLE
 {
