@@ -53,6 +53,8 @@ QUEUE_ROUNDS = 2
 # that appeared after the first packets), and the old minimum would hold the window to a
 # fraction of the new path's BDP until it expires ten seconds later
 PATH_CHANGE_RTT_FACTOR = 4.0
+# the line is full when a round trip delivers this share of the estimate or more
+LINE_FULL = 0.8
 # the least in-flight cap: a tunnel reads and writes in batches (64 TUN reads, 64 KB
 # super-packets of ~50 segments), so on a path whose RTT is well under a millisecond a cap
 # of a few BDPs would let one batch out per round trip of the event loop; the pacing, not
@@ -133,6 +135,7 @@ class Bbr:
         self._round_min_rtt = math.inf
         self._round_app_limited = False
         self._queue_rounds = 0
+        self.round_rate = 0.0  # what the last whole round trip delivered (line bytes/s)
         self.queue_corrections = 0  # how often a standing queue brought the estimate down
         self.path_changes = 0  # how often the minimum RTT was replaced by a much larger one
         self._probe_rtt_done: float | None = None
@@ -159,6 +162,12 @@ class Bbr:
     @property
     def cwnd(self) -> int:
         return self._cwnd
+
+    @property
+    def line_full(self) -> bool:
+        """The last round trip delivered most of what the path can carry: more parity
+        (FEC) would take the place of data rather than use spare capacity."""
+        return self.btl_bw > 0 and self.round_rate >= LINE_FULL * self.btl_bw
 
     @property
     def round_start(self) -> bool:
@@ -210,6 +219,7 @@ class Bbr:
         elapsed = now - self._round_t0
         delivered = rs.delivered - self._round_delivered
         rate = delivered * self.sample_scale / elapsed if elapsed > 0 else 0.0
+        self.round_rate = rate
         round_min, app_limited = self._round_min_rtt, self._round_app_limited
         self._round_t0, self._round_delivered = now, rs.delivered
         self._round_min_rtt = math.inf

@@ -135,7 +135,6 @@ class KcpLink:
         self._parity_ratio = 0.0  # parity bytes per data byte, recently
         self._ratio_mark = (0, 0)  # (payload sent, parity sent) when it was last worked out
         self._minrto = 0
-        self._app_limited_samples = 0  # this round trip
         if params.congestion == "bbr":
             self.cc = Bbr(self.mss, now, params.max_window * self.mss, seed=seed)
         self.authenticated = authenticated
@@ -194,15 +193,13 @@ class KcpLink:
         # FEC parity is paced with the data (``pace_debit``): the model counts it
         cc.sample_scale = 1.0 + self._parity_ratio
         cc.on_sample(rs, kcp.inflight, now)
-        if rs.app_limited:
-            self._app_limited_samples += 1
         if cc.round_start:
             fec = self.fec
             if fec is not None:
-                # a round trip without a sample the application limited: the line, not the
-                # traffic, sets the rate, and parity would take data's place (fec.py)
-                fec.saturated = self._app_limited_samples == 0
-            self._app_limited_samples = 0
+                # a round trip that delivered most of what the line carries: parity would
+                # take data's place (fec.py). Not "no app-limited sample": a TCP flow inside
+                # the tunnel leaves the queue empty now and then in every round trip
+                fec.saturated = cc.line_full
             sent, parity = self._ratio_mark
             d = kcp.sent_bytes - sent
             if d > 0:
