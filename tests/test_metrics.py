@@ -1088,3 +1088,34 @@ def _poll(probe, what: str, timeout: float = 15.0):
             return got
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.3)
+
+
+def test_congestion_figures_of_a_kcp_link():
+    """A kcp:// link with congestion control: its controller's figures in the read model
+    and as metrics (issue 16)."""
+    from polevpn.config import FecParams, KcpParams
+    from polevpn.io import pathstats
+    from polevpn.kcp.kcp_link import KcpLink
+    from polevpn.kcp.kcp_pool import KcpPool
+
+    pool = KcpPool()
+    link = KcpLink(KcpParams(fec=FecParams(mode="off")), pool, 1363, 0.0)
+    link.write(b"x" * 5000, 0.0)
+    figures = pathstats.kcp_figures(link)
+    cc = figures.congestion
+    assert cc is not None and cc.state == "startup"
+    assert cc.pacing_rate > 0 and cc.cwnd == link.cc.cwnd and cc.inflight > 0
+    assert cc.queue_budget == link.queue_budget
+    lm = metrics._LinkMetrics("link_", ["link"])
+    lm.add(["a"], figures)
+    samples = {
+        (s.name, s.labels.get("state")): s.value
+        for fam in lm.families() for s in fam.samples
+    }
+    assert samples[("link_kcp_pacing_rate_bits", None)] == cc.pacing_rate * 8
+    assert samples[("link_kcp_cwnd_bytes", None)] == cc.cwnd
+    assert samples[("link_kcp_congestion_state", "startup")] == 1
+    off = KcpLink(KcpParams(fec=FecParams(mode="off"), congestion="off"), pool, 1363, 0.0)
+    assert pathstats.kcp_figures(off).congestion is None
+    link.close()
+    off.close()

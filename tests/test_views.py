@@ -40,6 +40,8 @@ class FakeKcp:
     segments_sent: int | None = 96
     fec_state: str = "on"
     fec: object | None = None
+    cc: object | None = None  # congestion control off
+    kcp: object | None = None
 
 
 FEC = FecStats(
