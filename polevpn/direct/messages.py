@@ -72,6 +72,9 @@ def _check_unicast(addr: IPAddress, what: str) -> None:
         raise DirectMessageError(f"{what} {addr} is not a unicast address")
     if addr.version == 6 and addr.ipv4_mapped is not None:  # type: ignore[union-attr]
         raise DirectMessageError(f"{what} {addr} is IPv4-mapped: send it as IPv4")
+    if addr.version == 6 and addr.scope_id is not None:  # type: ignore[union-attr]
+        # a zone means something on one host only, and the wire has no room for it
+        raise DirectMessageError(f"{what} {addr} has a zone")
 
 
 @dataclass(frozen=True, slots=True)
