@@ -47,6 +47,7 @@ from polevpn.direct.messages import (
     DirectMessageError,
     Endpoint,
     authentic,
+    is_datagram,
     parse_datagram,
 )
 
@@ -230,7 +231,7 @@ class Puncher:
         """Take a datagram the socket received from ``src``. False: not a probe or ack
         of this pair (another pair's, or no direct-path datagram at all), for the caller
         to offer elsewhere; True: it was, valid or refused (then counted)."""
-        if self.state in (PunchState.IDLE, PunchState.CLOSED):
+        if self.state in (PunchState.IDLE, PunchState.CLOSED) or not is_datagram(data):
             return False
         try:
             msg = parse_datagram(data)
