@@ -616,7 +616,20 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("nat_a, nat_b, outcome", CASES, ids=lambda x: str(x))
+def _case_id(case) -> str:
+    short = {
+        Mapping.INDEPENDENT: "eim",
+        Mapping.ADDRESS: "adm",
+        Mapping.ADDRESS_PORT: "sym",
+        Filtering.INDEPENDENT: "eif",
+        Filtering.ADDRESS: "adf",
+        Filtering.ADDRESS_PORT: "apdf",
+    }
+    (ma, fa), (mb, fb), outcome = case
+    return f"{short[ma]}+{short[fa]}-{short[mb]}+{short[fb]}-{outcome}"
+
+
+@pytest.mark.parametrize("nat_a, nat_b, outcome", CASES, ids=[_case_id(c) for c in CASES])
 def test_rendezvous_through_nats(nat_a, nat_b, outcome):
     na = _nat("198.18.0.10", "198.19.1.0/24", *nat_a, seed=11)
     nb = _nat("198.18.0.20", "198.19.2.0/24", *nat_b, seed=22)
@@ -692,3 +705,20 @@ def test_a_late_offer_still_meets_within_the_deadline():
     assert ga.puncher.state is gb.puncher.state is PunchState.CONNECTED  # type: ignore[union-attr]
     ups = [t for g in (ga, gb) for t, e in g.events if isinstance(e, PathUp)]
     assert max(ups) - t0 < 3.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(min_size=62, max_size=62), max_size=20), st.integers(0, 6))
+def test_fuzz_endpoint_registry_and_prober(bodies, kind):
+    reg = EndpointRegistry(random=_seeded(3))
+    params = _params(reg)
+    prober = EndpointProber(params, 0.0)
+    for i, body in enumerate(bodies):
+        data = bytes([0xD1, kind]) + body
+        reply, obs = reg.receive(data, ep("198.18.0.10:4000"), 0.01 * i)
+        assert reply is None and obs is None
+        assert prober.receive(data, 0.01 * i) is None
+    # still works afterwards
+    (probe,) = prober.handle_timer(1.0)
+    reply, obs = reg.receive(probe, ep("198.18.0.10:4000"), 1.0)
+    assert reply is not None and prober.receive(reply, 1.0) == ep("198.18.0.10:4000")
