@@ -455,3 +455,31 @@ def test_key_material_is_not_in_reprs():
     params = EndpointParams(None, 1, PAIR, SECRET, 60)
     for obj in (offer, params):
         assert SECRET.hex() not in repr(obj) and repr(SECRET) not in repr(obj)
+
+
+def test_not_wired_yet_and_harmless_to_todays_sessions():
+    """Until the daemons speak it, no AUTH offers or accepts ``direct`` (the wiring adds
+    it to KNOWN_FEATURES and drops this first assertion), and a DIRECT_* frame reaching
+    a session of today is ignored and counted like any unknown command, on both ends."""
+    from polevpn.proto.messages import FEATURE_DIRECT, KNOWN_FEATURES, parse_auth
+    from polevpn.proto.session import ClientSession, ServerSession, State
+
+    assert FEATURE_DIRECT == "direct" and FEATURE_DIRECT not in KNOWN_FEATURES
+    assert parse_auth(b'{"key":"k","features":["direct"]}').features == frozenset()
+    offer = m.encode(_offer())
+    revoke = m.encode(Revoke(PAIR, RevokeReason.REVOKED))
+
+    server = ServerSession(lambda key: key == "k", 0.0)
+    server.receive(wire.encode_frame(wire.AUTH, b'{"key":"k","features":["direct"]}'), 0.0)
+    assert server.features == frozenset() and server.state is State.AUTHENTICATED
+    packets, events = server.receive(offer + m.encode(Candidates((EP4,))), 0.1)
+    assert (packets, events) == ([], []) and server.unknown_commands == 2
+    assert server.state is State.AUTHENTICATED
+
+    client = ClientSession("k", "169.254.0.1", [], 0.0)
+    client.receive(wire.encode_frame(wire.AUTH, b'{"features":["direct"]}'), 0.0)
+    client.receive(wire.encode_frame(wire.REGISTER, b"{}"), 0.0)
+    assert client.features == frozenset() and client.state is State.REGISTERED
+    packets, events = client.receive(offer + revoke, 0.1)
+    assert (packets, events) == ([], []) and client.unknown_commands == 2
+    assert client.state is State.REGISTERED
