@@ -6,7 +6,7 @@ under polevpn/, function-level and ``TYPE_CHECKING`` ones included, read with ``
     router | gateway                not each other
     cluster
     io | host                       not each other
-    kcp | proto | packet | config   sans-IO: only the lateral edges in SANS_IO_EDGES
+    kcp | proto | packet | config | direct   sans-IO: only the lateral edges in SANS_IO_EDGES
     common
 
 A module may import its own subpackage and any layer below its own; ``from polevpn import
@@ -34,6 +34,7 @@ LAYERS: dict[str, int] = {
     "proto": 1,
     "packet": 1,
     "config": 1,
+    "direct": 1,
     "common": 0,
 }
 # the imports allowed between parts of the sans-IO layer
@@ -45,6 +46,8 @@ SANS_IO_EDGES = {
     ("config", "packet"),
     ("proto", "packet"),
     ("proto", "config"),
+    ("direct", "proto"),
+    ("direct", "packet"),
 }
 # the orchestrators, which ops never imports: it reads them through their read models
 # (router/view.py, gateway/view.py) and is handed those by the entry point
@@ -201,3 +204,24 @@ def test_the_check_reports_what_breaks_the_rule(tmp_path):
         ("polevpn/proto/wire.py", 2): "proto (layer 1) must not import kcp (layer 1)",
         ("polevpn/io/tun.py", 1): "io (layer 2) must not import host (layer 2)",
     }
+
+
+def test_direct_is_sans_io():
+    """polevpn.direct (direct paths, a draft) is sans-IO: it may use the wire protocol and
+    the packet helpers, nothing with sockets, processes or the daemons, nor kcp (the I/O
+    shell hands it the DTLS channel binding)."""
+    for target in ("polevpn.proto.wire", "polevpn.packet.routing", "polevpn.common.counters"):
+        assert check_import("polevpn.direct.punch", target) is None, target
+    for target in (
+        "polevpn.io.udpsock",
+        "polevpn.host.netconf",
+        "polevpn.router.router",
+        "polevpn.gateway.gateway",
+        "polevpn.ops.metrics",
+        "polevpn.cluster.state",
+        "polevpn.kcp.dtls",
+        "polevpn.config",
+    ):
+        assert check_import("polevpn.direct.punch", target) is not None, target
+    # and nothing below it reaches up into it
+    assert check_import("polevpn.proto.session", "polevpn.direct.messages") is not None

@@ -25,6 +25,10 @@ FEATURE_MULTILINK = "multi-link"
 # carry a "router" object instead of a gateway's key and networks
 FEATURE_PEER = "router-peer"
 KNOWN_FEATURES = frozenset({FEATURE_SUPER, FEATURE_MULTILINK, FEATURE_PEER})
+# direct paths between gateways through NAT (docs/protocol.md section 18, a draft): the
+# messages are in polevpn.direct; not in KNOWN_FEATURES until the daemons speak it, so no
+# AUTH offers or accepts it yet
+FEATURE_DIRECT = "direct"
 
 # a link name: what logs, metrics labels and the API show, so short and plain
 # links one multi-link site may have at once (docs/protocol.md section 16)
