@@ -240,7 +240,7 @@ def test_two_kcp_gateways_transfer_at_once_over_one_line(shared_kcp_line: t.Topo
     for gw, x in xfers.items():
         res = x.result()
         assert res["ok"], f"{gw}: SHA-256 transfer to the vpc host failed: {res}"
-        print(f"{gw}: {XFER_BYTES // 2 >> 20} MiB to the vpc host at {res['mbit_s']:.1f} Mbit/s")
+        print(f"{gw}: {XFER_BYTES // 2 >> 20} MiB to the vpc host: {res}")
 
 
 @netns
