@@ -439,6 +439,25 @@ def test_adaptive_parity_follows_the_loss():
     assert tx.stats.parity_sent == sent
 
 
+def test_a_full_line_gets_parity_for_a_larger_residual():
+    """While the line is full (the congestion controller says so), parity takes the place
+    of data: it is sized for a 30 % residual (KCP resends the rest) instead of 1 %, and
+    lowered at once when the line fills, not three reports later (issue 16)."""
+    cfg = FecConfig(adaptive=True, data_shards=10, parity_shards=4, report_interval=0.5)
+    tx, rx = FecSession(cfg), FecSession(cfg)
+    rng = random.Random(7)
+    now, trace, _ = simulate(tx, rx, 4.0, 0.02, rng, 0.0)
+    spare = tx.parity
+    assert spare >= 2, trace
+    tx.saturated = True
+    assert tx.parity < spare and tx.stats.parity == tx.parity  # at once
+    now, trace, _ = simulate(tx, rx, 4.0, 0.02, rng, now)
+    assert max(trace[4:]) <= 1, trace  # 2 % loss: at most one parity shard while full
+    tx.saturated = False
+    now, trace, _ = simulate(tx, rx, 3.0, 0.02, rng, now)
+    assert trace[-1] >= 2, trace  # spare capacity again: back to the 1 % target
+
+
 def test_fixed_mode_ignores_reports():
     tx = FecSession(FecConfig(adaptive=False, parity_shards=2))
     assert tx.parity == 2

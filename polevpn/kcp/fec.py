@@ -136,8 +136,10 @@ class FecConfig:
     residual_target: float = 0.01  # acceptable P(a group loses more than its parity)
     # ... while the line is full (``FecSession.saturated``): each parity shard then takes
     # the place of a data segment, and KCP's retransmission repairs a loss for one
-    # segment where parity costs several, so parity covers only the common case
-    saturated_residual_target: float = 0.1
+    # segment where parity costs several, so parity covers only the common case (at 2 %
+    # loss none, at 5 % one shard in ten; a cubic sender inside got 57 against 62-66 % of
+    # a 30 Mbit/s line at 2 % loss with 0.1)
+    saturated_residual_target: float = 0.3
     loss_margin: float = 1.5  # the measured rate is scaled by this before sizing parity
     loss_memory: float = 0.5  # weight of the history at each report (per-report decay)
     min_samples: int = 20  # a report counts as covering at least this many shards
