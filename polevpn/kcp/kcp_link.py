@@ -164,10 +164,7 @@ class KcpLink:
         self._repeat_acks()
         self.announce_window(now)
 
-    # -- clock
-
-    def _ms(self, now: float) -> int:
-        return int((now - self._t0) * 1000) & 0xFFFFFFFF
+    # -- clock (KCP's: microseconds since the link began; ikcp takes whole ms of it)
 
     def _us(self, now: float) -> int:
         return int((now - self._t0) * 1_000_000)
@@ -249,7 +246,8 @@ class KcpLink:
             self._out.append(data)
 
     def _parity(self, shards: list[bytes], data_len: int) -> None:
-        """Parity shards just made: their bytes come out of the pacing budget."""
+        """Shards FEC just made besides KCP's own data: their bytes come out of the pacing
+        budget. ``data_len``: the payload of the data shard among them (-1: none is)."""
         n = sum(map(len, shards))
         if data_len >= 0:
             n -= data_len + self._fec_mod.HEADER_LEN
