@@ -53,6 +53,15 @@ forwards between its links, so every gateway reaches both routers:
     router ul-r2 198.19.0.13/30 <-> router2 ul-r1 198.19.0.14/30      (the routers' link)
     gwB wan1     198.19.0.18/30 <-> router2 ul-b  198.19.0.17/30
 
+:meth:`Topology.add_office` adds a further office (``OFFICES``): gwC (or gwD) with a LAN and
+hostC (hostD) as gwA's, an underlay link to the router and, after add_router2, one to
+router2, so that the office can be attached to either router or to both (``links``):
+
+    hostC 198.18.40.2/24, 2001:db8:40::2/64 -- gwC .1, ::1; tunnel 169.254.0.3, 2001:db8:ff::3
+    gwC wan0 198.19.0.22/30 <-> router ul-c 198.19.0.21/30
+    gwC wan1 198.19.0.26/30 <-> router2 ul-c 198.19.0.25/30
+    (gwD: 198.18.50.0/24, 2001:db8:50::/64, 169.254.0.4; 198.19.0.28/30 and 198.19.0.32/30)
+
 ``Topology(service_address=True)`` gives the router a service address on ``lo``, the one
 gateways dial, apart from its link addresses (a secondary, floating or anycast address; issue
 21), and both underlay links an IPv6 subnet too:
