@@ -16,7 +16,8 @@ gateway on tls://. In order:
   traffic certainly takes r1), pings hostC -> hostB (gwB at r2) every PING_INTERVAL; r1 is
   SIGKILLed by its PID LEAD s in, and the time from the kill until the first answer to a
   ping sent after it is taken; r1 is started again and gwC's link to it awaited between
-  runs; FAILOVER_RUNS runs, their median and worst;
+  runs; FAILOVER_RUNS runs, their median and worst; then as many with r1 frozen (SIGSTOP:
+  a hung host, whose connections nobody resets) instead;
 * **scale**: tests/test_cluster_scale.py's 2000 protocol-level gateways over two router
   processes (connect, convergence, RSS, etcd keys).
 
@@ -98,6 +99,7 @@ class Cluster:
         self.etcd = etcd_fixture.Etcd()
         self.routers: dict[str, Any] = {}
         self.gateways: dict[str, Any] = {}
+        self.where: dict[str, str | None] = {}  # office -> where place() put it
         self.configs: dict[str, Path] = {}
 
     def __enter__(self) -> Cluster:
@@ -142,6 +144,7 @@ class Cluster:
         it, "both" gives it a link to each router with the one to r2 as its backup. Every
         gateway named is (re)started; the others stay as they are."""
         for side, rid in where.items():
+            self.where[side] = rid
             old = self.gateways.pop(side, None)
             if old is not None:
                 t.Topology.stop(old)
@@ -231,10 +234,14 @@ def aggregate(cl: Cluster, seconds: int) -> dict:
     return {"seconds": seconds, "one": one, "two": two, "ratio": ratio}
 
 
-def failover(cl: Cluster, runs: int) -> dict:
-    """gwC on both routers (r2 its backup), pings hostC -> hostB, r1 SIGKILLed each run."""
-    print(f"failover of a dual-homed office, {runs} runs ...", flush=True)
-    cl.place(A=None, D=None, B="r2", C="both")
+def failover(cl: Cluster, runs: int, freeze: bool = False) -> dict:
+    """gwC on both routers (r2 its backup), pings hostC -> hostB, r1 SIGKILLed each run
+    (``freeze``: SIGSTOPped, a hung host that resets nothing, and killed once the pings
+    are over)."""
+    how = "frozen (SIGSTOP)" if freeze else "SIGKILLed"
+    print(f"failover of a dual-homed office, r1 {how}, {runs} runs ...", flush=True)
+    if cl.where.get("C") != "both" or cl.where.get("B") != "r2":
+        cl.place(A=None, D=None, B="r2", C="both")
     gw = cl.gateways["C"]
     t.wait_log_lines(gw.log_path, 1, 'msg="link up"', " link=r1 ", timeout=20)
     t.wait_log_lines(gw.log_path, 1, 'msg="link up"', " link=r2 ", timeout=20)
@@ -248,9 +255,17 @@ def failover(cl: Cluster, runs: int) -> dict:
         carrier, grown = cl.topo.busiest_link("gwC", ["wan0", "wan1"], 0.2)
         if carrier != "wan0":
             raise t.TopologyError(f"gwC's pings do not take r1: {grown}")
+        r1 = cl.routers["r1"]
         killed = time.time()
-        t.Topology.stop(cl.routers["r1"], sig=signal.SIGKILL)
-        pings.wait(timeout=PING_SECONDS + 15)
+        if freeze:
+            r1.send_signal(signal.SIGSTOP)
+        else:
+            t.Topology.stop(r1, sig=signal.SIGKILL)
+        try:
+            pings.wait(timeout=PING_SECONDS + 15)
+        finally:
+            if freeze:  # SIGKILL ends a stopped process too
+                t.Topology.stop(r1, sig=signal.SIGKILL)
         back = t.recovery_time(t.ping_replies(pings.log_path), killed)
         out.append(None if back is None else round(back, 3))
         print(f"  run {i + 1}: pings answered again after {out[-1]} s", flush=True)
@@ -339,27 +354,32 @@ def section(r: dict) -> str:
             lines.append(f"| {label} | {_n(x['AB']['mbit_s'])} | {_n(x['CD']['mbit_s'])} | "
                          f"{_n(x['total'])} | {x['cpu_pct']['r1']} % | {x['cpu_pct']['r2']} % |")
         lines += ["", f"Two routers against one: {_n(ag['ratio'], '{:.2f}')}x.", ""]
-    fo = r.get("failover")
-    if fo:
-        runs = ", ".join(_n(x, "{:.2f}") for x in fo["runs"])
+    fo, hung = r.get("failover"), r.get("failover_hung")
+    if fo or hung:
+        info = fo or hung
         lines += [
             "### Failover of a dual-homed office",
             "",
             "gwC with a link to each router (heartbeats every "
-            f"{fo['link_heartbeat_interval'] * 1000:.0f} ms, a link down after "
-            f"{fo['link_timeout'] * 1000:.0f} ms of silence; the link to r2 its backup, so that "
-            "its traffic takes r1), pings hostC -> hostB (gwB at r2) every "
-            f"{fo['ping_interval'] * 1000:.0f} ms; r1 SIGKILLed by its PID {fo['lead']:g} s "
-            "in. The time from the kill until the first answer to a ping sent after it; r1 "
-            "started again, and gwC's link to it back up, between runs. A killed router's "
-            "kernel closes its connections, so the gateway notices at once; a router that "
-            "hangs is left after the link timeout.",
+            f"{info['link_heartbeat_interval'] * 1000:.0f} ms, a link down after "
+            f"{info['link_timeout'] * 1000:.0f} ms of silence; the link to r2 its backup, so "
+            "that its traffic takes r1), pings hostC -> hostB (gwB at r2) every "
+            f"{info['ping_interval'] * 1000:.0f} ms; r1 SIGKILLed by its PID, or frozen with "
+            f"SIGSTOP (a hung host: nothing resets the connections), {info['lead']:g} s in. "
+            "The time from then until the first answer to a ping sent after it (a gap "
+            "shorter than the ping interval: nothing lost); r1 started again, and gwC's link "
+            "to it back up, between runs. A killed router's kernel closes its connections, so "
+            "the gateway moves at once; a hung one is left after the link timeout.",
             "",
-            "| runs (s) | median (s) | worst (s) |",
-            "|---|---:|---:|",
-            f"| {runs} | {_n(fo['median'], '{:.2f}')} | {_n(fo['worst'], '{:.2f}')} |",
-            "",
+            "| r1 | runs (s) | median (s) | worst (s) |",
+            "|---|---|---:|---:|",
         ]
+        for label, x in (("SIGKILL", fo), ("SIGSTOP (hung)", hung)):
+            if x:
+                runs = ", ".join(_n(v, "{:.2f}") for v in x["runs"])
+                lines.append(f"| {label} | {runs} | {_n(x['median'], '{:.2f}')} | "
+                             f"{_n(x['worst'], '{:.2f}')} |")
+        lines.append("")
     sc = r.get("scale")
     if sc:
         lines += [
@@ -439,7 +459,8 @@ def main() -> int:
         keys = generate(work / "keys").out_dir
         phases = (("throughput", lambda cl: throughput(cl, args.seconds)),
                   ("aggregate", lambda cl: aggregate(cl, args.seconds)),
-                  ("failover", lambda cl: failover(cl, args.runs)))
+                  ("failover", lambda cl: failover(cl, args.runs)),
+                  ("failover_hung", lambda cl: failover(cl, args.runs, freeze=True)))
         with Cluster(work, keys) as cl:
             for name, phase in phases:
                 try:

@@ -105,6 +105,8 @@ def cluster_report(date: str) -> dict:
         "failover": {"runs": [0.03, 0.05, None], "median": 0.04, "worst": None,
                      "ping_interval": 0.02, "lead": 1.5, "link_timeout": 1.0,
                      "link_heartbeat_interval": 0.25},
+        "failover_hung": {"runs": [1.1], "median": 1.1, "worst": 1.1, "ping_interval": 0.02,
+                          "lead": 1.5, "link_timeout": 1.0, "link_heartbeat_interval": 0.25},
         "scale": {"gateways": 2000, "rss_limit_mb": 150, "connect_s": 3.0,
                   "converge_s": 1.0, "etcd_keys": 4002, "received": 4000,
                   "rss_idle_mb": {"r1": 54, "r2": 54}, "hwm_mb": {"r1": 99, "r2": 98}},
@@ -127,7 +129,8 @@ def test_the_cluster_section_is_replaced_in_place_and_kept_by_bench(tmp_path, mo
     assert "cluster-date," not in text and "former throughput" in text
     assert "| 1 | 900.0 | 700.0 | 0.78 |" in text
     assert "| one (r1) | 600.0 | 600.0 | 1200.0 | 90 % | 0 % |" in text
-    assert "| 0.03, 0.05, - | 0.04 | - |" in text
+    assert "| SIGKILL | 0.03, 0.05, - | 0.04 | - |" in text
+    assert "| SIGSTOP (hung) | 1.10 | 1.10 | 1.10 |" in text
     assert "| 3.0 | 1.0 | 4002 | 4000 of 4000 | 54 / 99 | 54 / 98 |" in text
     assert "a note on the run" in text
     assert json.loads((tmp_path / "cluster_bench.json").read_text())["date"] == "cluster-date-2"
