@@ -159,8 +159,8 @@ def test_r1_killed_under_a_transfer_from_the_dual_homed_office(
         assert topo.wait_ping("hostC", t.HOST_B, deadline=15) is not None
         assert topo.wait_ping("hostA", t.HOST_B, deadline=10) is not None
         xfer = topo.start_transfer("hostC", "hostB", t.HOST_B, 6 << 20, 1 << 20)
-        from_c = topo.start_pings("hostC", t.HOST_B, count=120, interval=0.1)
-        from_a = topo.start_pings("hostA", t.HOST_B, count=120, interval=0.1)
+        from_c = topo.start_pings("hostC", t.HOST_B, count=80, interval=0.1)
+        from_a = topo.start_pings("hostA", t.HOST_B, count=80, interval=0.1)
         while xfer.sent() < 2 << 20:
             assert xfer.running(), "the transfer ended early"
             time.sleep(0.05)
