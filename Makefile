@@ -22,6 +22,10 @@
 #                        two gateways passing traffic (tests/test_dashboard.py; root)
 #   make bench-etcd      the etcd client of the router cluster: our JSON-gateway client against
 #                        aetcd (gRPC); writes the etcd client section of docs/benchmarks.md (root)
+#   make cluster-bench   the router cluster (issue 17): failover of a dual-homed office, throughput
+#                        across routers against within one, one router against two, 2000
+#                        gateways; writes the cluster section of docs/benchmarks.md (root;
+#                        make bench runs it too)
 #   make lint            ruff only
 #   make clean           remove .venv, caches and build artefacts (keeps keys/)
 
@@ -51,7 +55,8 @@ SYSDEPS    := ip:iproute2 iperf3:iperf3 ping:iputils-ping nft:nftables \
               chromium:chromium chromedriver:chromium-driver openvpn:openvpn \
               etcd:etcd-server
 
-.PHONY: all venv sysdeps keys test demo bench bench-etcd attack longhaul soak screenshot lint clean
+.PHONY: all venv sysdeps keys test demo bench bench-etcd cluster-bench attack longhaul soak \
+        screenshot lint clean
 
 all: test
 
@@ -101,6 +106,9 @@ bench: venv keys
 
 bench-etcd: venv
 	$(VPY) tests/bench_etcd.py
+
+cluster-bench: venv
+	$(VPY) tests/bench_cluster.py
 
 attack: venv
 	$(VPY) tests/bench_attack.py

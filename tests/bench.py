@@ -18,9 +18,10 @@ spoke goes only through the hub.  Then the loss table (tls:// and kcp:// under l
 kcptun for reference), the multi-link section (gwA with an IPv4 and an IPv6 link:
 aggregation over two rate-limited links and failover times; `--multilink-only` runs just
 that and rewrites just its part of the docs), the FEC codec table, the attack section
-(tests/bench_attack.py, also `make attack`; `--no-attack` skips it) and the long-haul section
-(tests/bench_longhaul.py, also `make longhaul`; `--no-longhaul` skips it).  Configs and keys
-go to a temporary directory.
+(tests/bench_attack.py, also `make attack`; `--no-attack` skips it), the long-haul section
+(tests/bench_longhaul.py, also `make longhaul`; `--no-longhaul` skips it) and the router
+cluster section (tests/bench_cluster.py, also `make cluster-bench`; `--no-cluster` skips it).
+Configs and keys go to a temporary directory.
 
 Writes docs/benchmarks.md and docs/benchmarks.json (unless --no-write).
 """
@@ -134,13 +135,18 @@ def write_docs(result: dict) -> None:
     text = bench_attack.with_attack_section("\n".join(lines), path=md)
     text = bench_longhaul.with_longhaul_section(text, path=md)
     text = soak.with_soak_section(text, path=md)
-    # and `make bench-etcd`'s (tests/bench_etcd.py)
-    md.write_text(soak.with_section(text, ETCD_BEGIN, ETCD_END, path=md))
+    # and `make bench-etcd`'s (tests/bench_etcd.py), and the cluster's (tests/bench_cluster.py,
+    # run before this)
+    text = soak.with_section(text, ETCD_BEGIN, ETCD_END, path=md)
+    md.write_text(soak.with_section(text, CLUSTER_BEGIN, CLUSTER_END, path=md))
 
 
 # the markers of tests/bench_etcd.py's section
 ETCD_BEGIN = "<!-- etcd-client:begin -->"
 ETCD_END = "<!-- etcd-client:end -->"
+# and of tests/bench_cluster.py's (`make cluster-bench`)
+CLUSTER_BEGIN = "<!-- cluster:begin -->"
+CLUSTER_END = "<!-- cluster:end -->"
 
 
 def crypto_thread_lines(ct: dict) -> list[str]:
@@ -1066,6 +1072,9 @@ def main() -> int:
                     help="skip the long-haul section (tests/bench_longhaul.py, `make longhaul`)")
     ap.add_argument("--longhaul-repeat", type=int, default=1,
                     help="runs per cell of the long-haul table (default 1; 3 for a real run)")
+    ap.add_argument("--no-cluster", action="store_true",
+                    help="skip the router cluster section (tests/bench_cluster.py, "
+                    "`make cluster-bench`)")
     ap.add_argument("--no-peers", action="store_true",
                     help=f"skip the peer VPNs ({', '.join(PEER_KEYS)})")
     ap.add_argument("--only", type=parse_only, metavar="SYSTEMS",
@@ -1121,6 +1130,15 @@ def main() -> int:
                 cmd.append("--no-write")
             if subprocess.run(cmd, timeout=7200).returncode:
                 print("long-haul bench FAILED (see above; its section shows what was measured)",
+                      file=sys.stderr)
+        if not args.no_cluster:
+            # as the attack section: its own section and JSON file, carried over below
+            cmd = [sys.executable, str(REPO / "tests" / "bench_cluster.py"),
+                   "--command", "make bench"]
+            if args.no_write:
+                cmd.append("--no-write")
+            if subprocess.run(cmd, timeout=3600).returncode:
+                print("cluster bench FAILED (its section is written with what it measured)",
                       file=sys.stderr)
         # a failed multi-link run is written as such; the rest of the docs stays worth it
         ml = None if args.no_multilink else multilink(work, keys)

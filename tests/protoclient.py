@@ -356,16 +356,27 @@ class RouterProcess:
     ports: dict[str, int]
 
     @classmethod
-    def start(cls, config: dict, workdir: Path, timeout: float = 20.0) -> RouterProcess:
+    def start(
+        cls,
+        config: dict,
+        workdir: Path,
+        timeout: float = 20.0,
+        name: str = "router",
+        netns: str | None = None,
+    ) -> RouterProcess:
+        """The router with ``config`` (written to ``workdir/<name>.json``, its log next to
+        it), in the network namespace ``netns`` if given (``ip netns exec`` execs the
+        router: the process is the router's own, its PID the one to end)."""
         exe = topology.console_script("polevpn-router")
         if exe is None:
             raise RuntimeError("polevpn-router console script not found (run 'make venv')")
-        cfg_path = workdir / "router.json"
+        cfg_path = workdir / f"{name}.json"
         cfg_path.write_text(json.dumps(config, indent=2) + "\n")
-        log_path = workdir / "router.log"
+        log_path = workdir / f"{name}.log"
+        prefix = ["ip", "netns", "exec", netns] if netns else []
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
-                [exe, f"-configPath={cfg_path}"],
+                [*prefix, exe, f"-configPath={cfg_path}"],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -65,7 +65,10 @@ def router_cfg(keys: Path, rid: str, peer: str, endpoints: list[str], **extra: A
 
 
 def start_cluster(topo: t.Topology, etcd: Any, keys: Path, tmp: Path):
-    topo.add_router2()
+    """r1 in the router namespace and r2 in router2 (added unless it is there already),
+    both joined to ``etcd``, with their router link up."""
+    if t.ROUTER2 not in topo.ns:
+        topo.add_router2()
     etcd.attach(topo.name("router"))
     etcd.attach(topo.name(t.ROUTER2))
     c1 = t.write_json(tmp / "r1.json", router_cfg(keys, "r1", t.ROUTER_RR, etcd.endpoints))

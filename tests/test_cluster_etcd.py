@@ -1,9 +1,10 @@
 """The etcd JSON-gateway client's parsing (polevpn/cluster/etcd.py), without etcd: what the
 watch stream and replies may hold, bad input included (tests/test_cluster_store.py has it
-against a real etcd)."""
+against a real etcd); and the store's pace of retries while no endpoint answers."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -21,6 +22,9 @@ from polevpn.cluster.etcd import (
     _watch_message,
     prefix_end,
 )
+from polevpn.cluster.state import LOST
+from polevpn.cluster.store import ClusterStore
+from polevpn.config import ClusterConfig
 
 
 def b64(data: bytes) -> str:
@@ -102,3 +106,54 @@ def test_error_replies() -> None:
         _decode(503, b'{"error": "etcdserver: no leader", "code": 14}')
     with pytest.raises(EtcdError):
         _decode(200, b"<html>")
+
+
+class Unreachable:
+    """An etcd client none of whose endpoints answers."""
+
+    endpoint = "http://198.18.0.10:2379"
+
+    async def lease_grant(self, ttl: int) -> tuple[int, int]:
+        raise EtcdUnavailable(f"{self.endpoint}: [Errno 111] Connection refused")
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("ttl", [2, 3, 5, 15])
+def test_a_lost_store_is_retried_within_a_third_of_the_lease(
+    ttl: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """etcd back after an outage restores every lease with its TTL: a router must renew its
+    own within that, so its attempts while the store is lost are never further apart than a
+    third of the TTL (with the jitter and a call's timeout, well inside it). Retrying every
+    5 s let the keys of a router with a 3 s lease (or the 5 s default) vanish just as etcd
+    returned, and the other routers dropped its routes for a moment."""
+    from test_cluster_state import state
+
+    cfg = ClusterConfig(
+        name="net", router_id="r1", etcd_endpoints=(Unreachable.endpoint,),
+        peer_address=("198.18.0.1", 443), peer_key="k" * 20, lease_ttl=ttl,
+    )  # fmt: skip
+    pauses: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float, result: object = None) -> object:
+        pauses.append(delay)
+        return await real_sleep(0, result)
+
+    async def scenario() -> None:
+        st, _ = state()
+        store = ClusterStore(cfg, st, Unreachable())  # type: ignore[arg-type]
+        monkeypatch.setattr(asyncio, "sleep", sleep)
+        store.start()
+        while len(pauses) < 12:
+            await real_sleep(0)
+        monkeypatch.undo()
+        await store.stop(revoke=False)
+        assert st.store == LOST and store.stats.errors >= 12
+
+    asyncio.run(scenario())
+    assert pauses[0] < 0.2  # at first at once, then backing off
+    assert max(pauses) <= 1.2 * min(5.0, ttl / 3) + 1e-9, pauses
+    assert max(pauses) >= 0.8 * min(5.0, ttl / 3) - 1e-9, pauses  # but backing off

@@ -354,6 +354,33 @@ def test_a_newer_link_to_the_same_router_replaces_the_older(keys):
     run(scenario())
 
 
+def test_a_router_listed_again_keeps_the_link_that_stayed_up(keys):
+    """The store forgets r2 for a moment (its lease lapsed while etcd was away; its keys
+    are written again as soon as it is back) while the link to it stays up: r1 does not
+    dial a second link that would replace the first (and drop what is queued on it), but
+    dials again once that link fails."""
+
+    async def scenario():
+        r1 = await started(cluster_config(keys, "r1"))
+        r2 = await started(cluster_config(keys, "r2"))
+        mesh(r1, r2)
+        await until(lambda: link_up(r1, r2) and link_up(r2, r1), 5)
+        old = r1.peers.links["r2"]
+        r1.peers.set_peers({})  # r2's keys gone
+        mesh(r1, r2)  # and back
+        await asyncio.sleep(0.5)
+        assert r1.peers.links["r2"] is old and not old.closing
+        assert r1.peers.stats.dials == 1 and r2.peers.stats.replaced == 0
+        # when it fails, the dialer of the moment brings a new one up
+        old.close("cut for the test", abort=True)
+        await until(lambda: link_up(r1, r2) and r1.peers.links["r2"] is not old, 5)
+        assert r1.peers.stats.dials == 2
+        await r1.stop()
+        await r2.stop()
+
+    run(scenario())
+
+
 def test_a_site_silent_here_is_reached_through_the_other_router(keys):
     """gwC has a link to each router. Its link to r1 falls silent (its uplink to r1 cut,
     r1 alive): after the link's timeout r1 gives C's routes up to r2's, and gwA's packets

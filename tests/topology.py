@@ -84,6 +84,15 @@ forwards between its links, so every gateway reaches both routers:
     router ul-r2 198.19.0.13/30 <-> router2 ul-r1 198.19.0.14/30      (the routers' link)
     gwB wan1     198.19.0.18/30 <-> router2 ul-b  198.19.0.17/30
 
+:meth:`Topology.add_office` adds a further office (``OFFICES``): gwC (or gwD) with a LAN and
+hostC (hostD) as gwA's, an underlay link to the router and, after add_router2, one to
+router2, so that the office can be attached to either router or to both (``links``):
+
+    hostC 198.18.40.2/24, 2001:db8:40::2/64 -- gwC .1, ::1; tunnel 169.254.0.3, 2001:db8:ff::3
+    gwC wan0 198.19.0.22/30 <-> router ul-c 198.19.0.21/30
+    gwC wan1 198.19.0.26/30 <-> router2 ul-c 198.19.0.25/30
+    (gwD: 198.18.50.0/24, 2001:db8:50::/64, 169.254.0.4; 198.19.0.28/30 and 198.19.0.32/30)
+
 ``Topology(service_address=True)`` gives the router a service address on ``lo``, the one
 gateways dial, apart from its link addresses (a secondary, floating or anycast address; issue
 21), and both underlay links an IPv6 subnet too:
@@ -166,6 +175,72 @@ ROUTER_RR = "198.19.0.13"  # the router's end of the routers' link
 ROUTER2_RR = "198.19.0.14"  # router2's end
 ROUTER2_UL_B = "198.19.0.17"
 GW_B_UL2 = "198.19.0.18"
+
+# Topology.add_office("C" | "D"): a further office, gwX with its LAN and hostX, with an underlay
+# link to the router and one to router2 (when there is one): a cluster's dual-homed offices
+@dataclass(frozen=True)
+class Office:
+    lan: str  # IPv4 LAN, host .2 and gateway .1
+    lan6: str  # IPv6 LAN, host ::2 and gateway ::1
+    tun4: str  # the gateway's tunnel addresses
+    tun6: str
+    ul: str  # /30 to the router: router .1, gateway .2 of it
+    ul2: str  # /30 to router2: router2 .1, gateway .2 of it
+
+    def _at(self, net: str, i: int) -> str:
+        base, _ = net.split("/")
+        if ":" in base:
+            return f"{base.rstrip(':')}::{i}"
+        a, b, c, d = base.split(".")
+        return f"{a}.{b}.{c}.{int(d) + i}"
+
+    @property
+    def host(self) -> str:
+        return self._at(self.lan, 2)
+
+    @property
+    def gw_lan(self) -> str:
+        return self._at(self.lan, 1)
+
+    @property
+    def host6(self) -> str:
+        return self._at(self.lan6, 2)
+
+    @property
+    def gw_lan6(self) -> str:
+        return self._at(self.lan6, 1)
+
+    @property
+    def router_ul(self) -> str:
+        """The router's end of the office's link to it (what the gateway dials there)."""
+        return self._at(self.ul, 1)
+
+    @property
+    def gw_ul(self) -> str:
+        return self._at(self.ul, 2)
+
+    @property
+    def router2_ul(self) -> str:
+        """router2's end of the office's link to it."""
+        return self._at(self.ul2, 1)
+
+    @property
+    def gw_ul2(self) -> str:
+        return self._at(self.ul2, 2)
+
+
+OFFICES = {
+    "C": Office("198.18.40.0/24", "2001:db8:40::/64", "169.254.0.3", "2001:db8:ff::3",
+                "198.19.0.20/30", "198.19.0.24/30"),
+    "D": Office("198.18.50.0/24", "2001:db8:50::/64", "169.254.0.4", "2001:db8:ff::4",
+                "198.19.0.28/30", "198.19.0.32/30"),
+}
+HOST_C = OFFICES["C"].host
+HOST_C6 = OFFICES["C"].host6
+LAN_C = OFFICES["C"].lan
+LAN_C6 = OFFICES["C"].lan6
+GW_C_TUN4 = OFFICES["C"].tun4
+GW_C_TUN6 = OFFICES["C"].tun6
 
 # Topology.add_vpc(): a host behind the router, for the router's own TUN ("tun" in its config)
 VPC = "198.18.30.0/24"
@@ -769,6 +844,39 @@ class Topology:
         self.run("gwA", ["ip", "route", "add", "198.19.0.16/30", "via", ROUTER_UL_A])
         self.run(ROUTER2, ["ip", "route", "add", "198.19.0.0/29", "via", ROUTER_RR])
         self.run("router", ["ip", "route", "add", "198.19.0.16/30", "via", ROUTER2_RR])
+
+    def add_office(self, letter: str) -> None:
+        """A further office ``letter`` (``OFFICES``: "C" or "D"): gw<letter> with its LAN
+        and host<letter> as gwA and hostA, an underlay link (its ``wan0``) to the router
+        (``ul-<letter>`` there) and, when router2 exists (add_router2 first), one (``wan1``)
+        to router2; removed with the rest on teardown.
+
+            host<X> eth0 --LAN-- lan0 gw<X> wan0 ==== ul-<x> router
+                                            wan1 ==== ul-<x> router2
+        """
+        office = OFFICES[letter]
+        gw, host, rif = f"gw{letter}", f"host{letter}", f"ul-{letter.lower()}"
+        for node in (gw, host):
+            self.ns[node] = f"{self.prefix}-{node}"
+            self._add_ns(node)
+        plen = office.lan.split("/")[1]
+        plen6 = office.lan6.split("/")[1]
+        self._veth(gw, "lan0", host, "eth0")
+        self._addr(gw, "lan0", f"{office.gw_lan}/{plen}")
+        self._addr(gw, "lan0", f"{office.gw_lan6}/{plen6}")
+        self._addr(host, "eth0", f"{office.host}/{plen}")
+        self._addr(host, "eth0", f"{office.host6}/{plen6}")
+        self.run(host, ["ip", "route", "add", "default", "via", office.gw_lan])
+        self.run(host, ["ip", "-6", "route", "add", "default", "via", office.gw_lan6])
+        self._veth(gw, "wan0", "router", rif)
+        self._addr(gw, "wan0", f"{office.gw_ul}/30")
+        self._addr("router", rif, f"{office.router_ul}/30")
+        if ROUTER2 in self.ns:
+            self._veth(gw, "wan1", ROUTER2, rif)
+            self._addr(gw, "wan1", f"{office.gw_ul2}/30")
+            self._addr(ROUTER2, rif, f"{office.router2_ul}/30")
+        self._sysctl(gw, "net.ipv4.ip_forward", "1")
+        self._sysctl(gw, "net.ipv6.conf.all.forwarding", "1")
 
     def add_vpc(self) -> None:
         """A host ``vpc`` behind the router (the cloud VM's VPC, for the router's own TUN):
@@ -1812,17 +1920,35 @@ def router_config(keys_dir: str | os.PathLike, listen: str = "0.0.0.0:443",
     return cfg
 
 
-def gateway_config(side: str, keys_dir: str | os.PathLike, **overrides) -> dict:
-    """Gateway config for office ``"A"`` (gwA) or ``"B"`` (gwB)."""
+def site_networks(side: str) -> list[str]:
+    """The LAN networks (IPv4, IPv6) of office ``side``: "A", "B", or one of ``OFFICES``."""
+    if side == "A":
+        return [LAN_A, LAN_A6]
+    if side == "B":
+        return [LAN_B, LAN_B6]
+    return [OFFICES[side].lan, OFFICES[side].lan6]
+
+
+def gateway_config(side: str, keys_dir: str | os.PathLike, peers: str | None = None,
+                   **overrides) -> dict:
+    """Gateway config for office ``"A"`` (gwA), ``"B"`` (gwB) or one of ``OFFICES`` (gwC,
+    gwD: its route server the router's end of its wan0). ``peers`` names the offices whose
+    LANs it routes into the tunnel (and its ACLs let in), e.g. ``"BC"``; by default the
+    other of A and B (for C and D: both)."""
     keys = Path(keys_dir)
     if side == "A":
         server, gw4, gw6 = ROUTER_UL_A, GW_A_TUN4, GW_A_TUN6
-        local, remote = [LAN_A, LAN_A6], [LAN_B, LAN_B6]
     elif side == "B":
         server, gw4, gw6 = ROUTER_UL_B, GW_B_TUN4, GW_B_TUN6
-        local, remote = [LAN_B, LAN_B6], [LAN_A, LAN_A6]
+    elif side in OFFICES:
+        office = OFFICES[side]
+        server, gw4, gw6 = office.router_ul, office.tun4, office.tun6
     else:
         raise ValueError(side)
+    if peers is None:
+        peers = {"A": "B", "B": "A"}.get(side, "AB")
+    local = site_networks(side)
+    remote = [net for peer in peers for net in site_networks(peer)]
     cfg = {
         "route_server": f"tls://{server}:443",
         "key_file": str(keys / "shared.key"),

@@ -455,7 +455,8 @@ class PeerLinks:
         Those with a higher id than this router's are dialed (again, if their address
         changed); the others dial this router. A router that is no longer listed is not
         dialed any more, but a link up to it stays up until it fails: its routes went with
-        its keys anyway, and a store that lost it for a moment costs no packets.
+        its keys anyway, and a store that lost it for a moment costs no packets. Listed
+        again, it is dialed again only once that link fails.
         """
         if self._closed:
             return
@@ -583,6 +584,16 @@ class PeerLinks:
         host, port = addr
         text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         failed = 0
+        kept = self.links.get(rid)
+        if kept is not None and kept.up and kept.dialed and kept.address == text:
+            # the link of an earlier dialer, kept while the store did not list the router
+            # (its lease lapsed, and its keys are back): it is dialed again when it fails,
+            # not replaced now, which would drop what is queued on it
+            try:
+                await asyncio.shield(kept.closed)
+            except asyncio.CancelledError:
+                return
+            await asyncio.sleep(backoff(failed))
         while True:
             link = PeerLink(self, dialed=True, address=text, expected=rid)
             error = await self._dial(link, host, port)

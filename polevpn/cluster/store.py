@@ -14,7 +14,10 @@ One session at a time, against whichever endpoint answers:
 A session that fails (an endpoint gone, a call timed out, the lease expired) is followed at
 once by one on the next endpoint; when every endpoint has failed in a row, the store is
 lost: ClusterState keeps what it knew (forwarding goes on with it) and marks it stale, and
-the sessions are retried with a backoff up to ``MAX_BACKOFF``. ``stop`` revokes the lease,
+the sessions are retried with a backoff up to ``MAX_BACKOFF``, and never more than a third of
+the lease's TTL apart: etcd that comes back gives every lease it had its TTL again, and the
+router must renew its own within that, or its keys vanish (and the other routers drop its
+routes) just as the store returns. ``stop`` revokes the lease,
 so that this router's keys vanish at once rather than after the TTL.
 """
 
@@ -83,6 +86,13 @@ def client_for(cfg: ClusterConfig) -> EtcdClient:
         key=cfg.etcd_key,
         timeout=call_timeout(cfg.lease_ttl),
     )
+
+
+def retry_ceiling(lease_ttl: int) -> float:
+    """The longest pause between attempts while the store is lost: a third of the TTL (at
+    most MAX_BACKOFF), so that with the jitter and a slow call the lease etcd restored on
+    its return is renewed before it runs out."""
+    return max(MIN_BACKOFF, min(MAX_BACKOFF, lease_ttl / 3))
 
 
 def call_timeout(lease_ttl: int) -> float:
@@ -177,7 +187,7 @@ class ClusterStore:
             if self._failures < len(self.cfg.etcd_endpoints):
                 continue  # the next endpoint at once
             await asyncio.sleep(backoff * random.uniform(0.8, 1.2))
-            backoff = min(MAX_BACKOFF, backoff * 2)
+            backoff = min(retry_ceiling(self.cfg.lease_ttl), backoff * 2)
 
     async def _session(self) -> None:
         self.stats.sessions += 1
