@@ -602,35 +602,44 @@ def _metrics_listen(
     return (host, port), []
 
 
-def _api_token(r: _Reader, secrets: list[Path], prefix: str = "api") -> tuple[str, list[str]]:
-    """`api_token` inline or `api_token_file`; the API has no other way in. With ``prefix``
-    "metrics": `metrics_token` or `metrics_token_file` (call only when one is set)."""
-    inline, in_file = f"{prefix}_token", f"{prefix}_token_file"
+def _secret(r: _Reader, inline: str, secrets: list[Path]) -> tuple[str, str] | None:
+    """A secret given inline (``inline``) or in a file (``inline``_file), not both: (the
+    field it came from, its text), None when neither is set. The file holding it (the
+    config itself, for an inline one) goes into ``secrets`` (its permissions are checked)."""
+    in_file = f"{inline}_file"
     if r.has(inline) and r.has(in_file):
         raise r.fail(inline, f"set {inline} or {in_file}, not both")
     if r.has(in_file):
-        name = in_file
-        p = r.file(name, required=True)
+        p = r.file(in_file, required=True)
         assert p is not None
         try:
-            token = p.read_text(encoding="utf-8").strip()
+            text = p.read_text(encoding="utf-8").strip()
         except UnicodeDecodeError:
-            raise r.fail(name, f"{p} is not UTF-8 text") from None
-        if not token:
-            raise r.fail(name, f"{p} is empty")
+            raise r.fail(in_file, f"{p} is not UTF-8 text") from None
+        if not text:
+            raise r.fail(in_file, f"{p} is empty")
         secrets.append(p)
-    elif r.has(inline):
-        name = inline
-        token = r.string(name)
-        if not token:
-            raise r.fail(name, "is empty")
+        return in_file, text
+    if r.has(inline):
+        text = r.string(inline)
+        if not text:
+            raise r.fail(inline, "is empty")
         secrets.append(r.path)
-    else:
+        return inline, text
+    return None
+
+
+def _api_token(r: _Reader, secrets: list[Path], prefix: str = "api") -> tuple[str, list[str]]:
+    """`api_token` inline or `api_token_file`; the API has no other way in. With ``prefix``
+    "metrics": `metrics_token` or `metrics_token_file` (call only when one is set)."""
+    found = _secret(r, f"{prefix}_token", secrets)
+    if found is None:
         raise r.fail(
             "api_token",
             "missing: api_listen needs api_token or api_token_file "
             "(a random string, e.g. from openssl rand -hex 32)",
         )
+    name, token = found
     # it travels in an Authorization header
     if not all(0x21 <= ord(c) <= 0x7E for c in token):
         raise r.fail(name, "must be printable ASCII without spaces")
@@ -913,30 +922,16 @@ def _etcd_endpoints(r: _Reader) -> tuple[str, ...]:
 
 def _peer_key(r: _Reader, key: str, secrets: list[Path], required: bool) -> str | None:
     """``peer_key`` inline, or ``peer_key_file`` (likewise ``peer_key_previous``)."""
-    in_file = f"{key}_file"
-    if r.has(key) and r.has(in_file):
-        raise r.fail(key, f"set {key} or {in_file}, not both")
-    if r.has(in_file):
-        name = in_file
-        p = r.file(in_file, required=True)
-        assert p is not None
-        try:
-            text = p.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            raise r.fail(in_file, f"{p} is not UTF-8 text") from None
-        secrets.append(p)
-    elif r.has(key):
-        name = key
-        text = r.string(key)
-        secrets.append(r.path)
-    elif required:
+    found = _secret(r, key, secrets)
+    if found is None:
+        if not required:
+            return None
         raise r.fail(
             key,
             "missing: the routers of a cluster authenticate each other with it "
             f"(at least {PEER_KEY_MIN} random characters, e.g. from openssl rand -hex 32)",
         )
-    else:
-        return None
+    name, text = found
     if len(text) < PEER_KEY_MIN:
         raise r.fail(name, f"{len(text)} characters: use at least {PEER_KEY_MIN} random ones")
     if not all(0x21 <= ord(c) <= 0x7E for c in text):
