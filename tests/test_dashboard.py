@@ -436,6 +436,58 @@ def test_dashboard_shows_the_links_of_a_multi_link_gateway(tmp_path, monkeypatch
         shut_down(tr, router, alive, gws)
 
 
+def test_dashboard_shows_the_cluster_panel(tmp_path, monkeypatch):
+    """A router in a cluster whose etcd cannot be reached (nothing listens on the endpoint):
+    the dashboard shows the cluster panel, its name and router id, and the store in warning
+    colours with what went wrong; the same figures as /api/v1/cluster (issue 17)."""
+    _need_browser()
+    from test_api import TOKEN, ThreadedRouter, api_config, get, shut_down
+    from test_router_loopback import started_ops
+
+    from polevpn.config import ClusterConfig
+    from polevpn.keygen import generate
+
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    keys = generate(tmp_path / "keys")
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    cluster = ClusterConfig(name="offices", router_id="r1",
+                            etcd_endpoints=("http://127.0.0.1:9",),
+                            peer_address=("127.0.0.1", 443), peer_key="k" * 24)
+    tr = ThreadedRouter()
+    router, ops = tr.call(started_ops(api_config(keys, cluster=cluster)))
+    port = ops.api.port
+    driver = None
+    try:
+        try:
+            driver = start_chromium(profile)
+        except Exception as exc:  # noqa: BLE001 - any failure to start means: cannot test here
+            pytest.skip(f"chromium did not start: {exc}".splitlines()[0])
+        driver.get(f"http://127.0.0.1:{port}/#token={TOKEN}")
+        deadline = time.monotonic() + 20
+        while True:
+            shown = driver.execute_script(
+                "const c = document.getElementById('cluster');"
+                "return c && !c.hidden ? [document.getElementById('cluster-name').textContent,"
+                " document.getElementById('cluster-store').textContent,"
+                " document.getElementById('cluster-store').className] : null;")
+            if shown and "store" in shown[1] and "connected" not in shown[1].split("(")[0]:
+                break
+            assert time.monotonic() < deadline, f"no cluster panel with its store: {shown}"
+            time.sleep(0.2)
+        name, store, cls = shown
+        api = tr.call(get(port, "/api/v1/cluster"))[2]
+        assert name == "offices / r1" == f"{api['name']} / {api['router_id']}"
+        assert store.startswith(f"store {api['store']['state']}") and "warn" in cls
+        assert "127.0.0.1:9" in store
+    finally:
+        if driver is not None:
+            with contextlib.suppress(Exception):
+                driver.quit()
+        shut_down(tr, router, [], [])
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--browse"]:
     browse(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5]),
            Path(sys.argv[6]))
+
