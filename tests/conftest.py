@@ -3,7 +3,8 @@
 Without this, ``caplog.text`` would hold only the messages, and a field (a peer's address,
 a key that must never be logged) would be invisible to the tests that look for it.
 
-Tests marked ``bench`` (measurements of more than 30 s) are skipped unless the ``-m``
+Tests marked ``bench`` (speed measurements: long, or varying too much for an assertion
+in CI) are skipped unless the ``-m``
 expression names them (``pytest -m bench tests/test_longhaul.py``), so `make test` stays short.
 """
 
@@ -24,7 +25,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if "bench" in (config.getoption("markexpr", "") or ""):
         return
-    skip = pytest.mark.skip(reason="a measurement of more than 30 s: run with -m bench")
+    skip = pytest.mark.skip(reason="a speed measurement: run with -m bench")
     for item in items:
         if item.get_closest_marker("bench") is not None:
             item.add_marker(skip)

@@ -605,8 +605,6 @@ static PyGetSetDef Kcp_getset[] = {
     {"buf_bytes", (getter)Kcp_field, NULL, "payload bytes in snd_buf", R32(buf_bytes)},
     {"cwnd_bytes", (getter)Kcp_field, NULL, "the in-flight cap (0: none)", R32(cwnd_bytes)},
     {"delivered", (getter)Kcp_field64, NULL, "payload bytes acknowledged", R64(delivered)},
-    {"retrans_bytes", (getter)Kcp_field64, NULL, "payload bytes sent again",
-     R64(retrans_bytes)},
     {"sent_bytes", (getter)Kcp_field64, NULL, "payload bytes sent (first times and again)",
      R64(sent_bytes)},
     {"pace_rate", (getter)Kcp_field64, NULL, "pacing rate (bytes/s; 0: unpaced)",

@@ -26,7 +26,6 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
 
 STARTUP = "startup"
 DRAIN = "drain"
@@ -83,20 +82,6 @@ class RateSample:
     @classmethod
     def from_tuple(cls, t: tuple[int, int, int, int, int, int, int, int]) -> RateSample:
         return cls(t[0], t[1], t[2], t[3], t[4], t[5], bool(t[6]), bool(t[7]))
-
-
-class CongestionController(Protocol):
-    """What ``KcpLink`` needs of a controller (pluggable, as aioquic's are)."""
-
-    state: str
-
-    def on_sample(self, rs: RateSample, inflight: int, now: float) -> None: ...
-
-    @property
-    def pacing_rate(self) -> float: ...
-
-    @property
-    def cwnd(self) -> int: ...
 
 
 class Bbr:

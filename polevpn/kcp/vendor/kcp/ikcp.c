@@ -586,7 +586,6 @@ static void ikcp_rate_acked(ikcpcb *kcp, const IKCPSEG *seg, int exact)
 	if (!r->rs_valid || seg->tx_delivered >= r->rs_prior_delivered) {
 		r->rs_valid = 1;
 		r->rs_prior_delivered = seg->tx_delivered;
-		r->rs_prior_us = seg->tx_delivered_us;
 		r->rs_app_limited = seg->tx_app_limited;
 		r->rs_retrans = seg->xmit > 1;
 		r->rs_send_elapsed = seg->sent_us - seg->tx_first_sent_us;
@@ -1219,7 +1218,6 @@ void ikcp_flush(ikcpcb *kcp)
 		if (needsend) {
 			int need;
 			struct IKCPRATE *r = &kcp->rate;  /* polevpn: the rate sampler's record */
-			if (segment->xmit > 1) r->retrans_bytes += segment->len;
 			if (r->inflight == segment->len && segment->xmit == 1) {
 				/* the first in flight: a new sample window starts now */
 				r->first_sent_us = r->now_us;

@@ -314,10 +314,9 @@ struct IKCPRATE
 	IINT64 delivered_us;    /* when the latest of them was */
 	IINT64 first_sent_us;   /* send time of the segment the current sample window starts at */
 	IINT64 app_limited;     /* non-zero: samples are app-limited until delivered passes it */
-	IINT64 retrans_bytes;   /* payload bytes sent again (timeout or fast) */
 	IINT64 sent_bytes;      /* payload bytes sent, first times and again */
 	/* the sample built from the acknowledgements since the last ikcp_rate_take */
-	IINT64 rs_prior_delivered, rs_prior_us, rs_send_elapsed, rs_ack_elapsed;
+	IINT64 rs_prior_delivered, rs_send_elapsed, rs_ack_elapsed;
 	IINT64 rs_min_rtt;      /* us, -1: none (only from segments sent once) */
 	IINT64 rs_acked;        /* payload bytes newly acknowledged */
 	int rs_valid, rs_app_limited, rs_retrans;
