@@ -539,16 +539,11 @@ def multilink(work: Path, keys: Path) -> dict:
         out["status"] = "ok"
     except (t.TopologyError, AssertionError, subprocess.SubprocessError, OSError,
             KeyError, ValueError) as exc:
-        print(f"multi-link FAILED: {exc}", file=sys.stderr, flush=True)
-        for path in sorted((work / "ml-logs").glob("*.log")):
-            if path.name.startswith(("router", "gw")):
-                print(f"----- {path.name} -----\n{t.log_tail(path, 15)}", file=sys.stderr)
+        t.print_failure("multi-link", exc, work / "ml-logs",
+                        lambda name: name.startswith(("router", "gw")))
         out.update(status="failed", error=str(exc)[:300])
     finally:
-        topo.teardown()
-        left = t.leftover_namespaces(topo.prefix)
-        if left:
-            print(f"WARNING: namespaces left: {left}", file=sys.stderr)
+        t.teardown_and_warn(topo)
     return out
 
 
@@ -849,21 +844,15 @@ def run_system(key: str, work: Path, keys: Path, seconds: int) -> dict:
                                       f"(rc={p.returncode})")
         res["status"] = "ok"
     except (t.TopologyError, subprocess.SubprocessError, OSError, KeyError, ValueError) as exc:
-        print(f"{label} FAILED: {exc}", file=sys.stderr, flush=True)
-        for path in sorted(log_dir.glob("*.log")):
-            if not path.name.startswith("iperf3"):
-                print(f"----- {path.name} -----\n{t.log_tail(path, 15)}", file=sys.stderr)
+        t.print_failure(label, exc, log_dir, lambda name: not name.startswith("iperf3"))
         res.update(status="failed", error=str(exc)[:300])
     finally:
         try:
             if peer is not None:
                 peer.teardown(topo, procs)
         finally:
-            topo.teardown()
+            t.teardown_and_warn(topo)
             shutil.rmtree(log_dir, ignore_errors=True)
-            left = t.leftover_namespaces(topo.prefix)
-            if left:
-                print(f"WARNING: namespaces left: {left}", file=sys.stderr)
     return res
 
 

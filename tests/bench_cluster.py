@@ -127,11 +127,8 @@ class Cluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.topo.teardown()
+        t.teardown_and_warn(self.topo)
         self.etcd.teardown()
-        left = t.leftover_namespaces(self.topo.prefix)
-        if left:
-            print(f"WARNING: namespaces left: {left}", file=sys.stderr)
 
     def start_router(self, rid: str) -> Any:
         node = "router" if rid == "r1" else t.ROUTER2

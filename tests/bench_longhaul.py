@@ -359,16 +359,11 @@ def run_transport(transport: str, rows: list[t.Line], repeat: int, seconds: floa
             print(f"  {res['tcp_share']}", flush=True)
         res["status"] = "ok"
     except (t.TopologyError, subprocess.SubprocessError, OSError, KeyError, ValueError) as exc:
-        print(f"{label} FAILED: {exc}", file=sys.stderr, flush=True)
-        for path in sorted(log_dir.glob("*.log")):
-            if not path.name.startswith(("iperf3", "pings")):
-                print(f"----- {path.name} -----\n{t.log_tail(path, 15)}", file=sys.stderr)
+        t.print_failure(label, exc, log_dir,
+                        lambda name: not name.startswith(("iperf3", "pings")))
         res.update(status="failed", error=str(exc)[:300])
     finally:
-        topo.teardown()
-        left = t.leftover_namespaces(topo.prefix)
-        if left:
-            print(f"WARNING: namespaces left: {left}", file=sys.stderr)
+        t.teardown_and_warn(topo)
     return res
 
 
@@ -397,16 +392,11 @@ def two_gateways(work: Path, keys: Path, seconds: float) -> dict:
                    share={gw: round(v / total, 3) if total else None for gw, v in got.items()})
         print(f"  {got}, shares {out['share']}", flush=True)
     except (t.TopologyError, subprocess.SubprocessError, OSError, KeyError, ValueError) as exc:
-        print(f"two gateways FAILED: {exc}", file=sys.stderr, flush=True)
-        for path in sorted(log_dir.glob("*.log")):
-            if path.name.startswith(("router", "gw")):
-                print(f"----- {path.name} -----\n{t.log_tail(path, 15)}", file=sys.stderr)
+        t.print_failure("two gateways", exc, log_dir,
+                        lambda name: name.startswith(("router", "gw")))
         out.update(status="failed", error=str(exc)[:300])
     finally:
-        topo.teardown()
-        left = t.leftover_namespaces(topo.prefix)
-        if left:
-            print(f"WARNING: namespaces left: {left}", file=sys.stderr)
+        t.teardown_and_warn(topo)
     return out
 
 

@@ -122,7 +122,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -1771,6 +1771,25 @@ def _flatten_stats(stats: dict) -> dict:
 def leftover_namespaces(prefix: str) -> list[str]:
     res = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
     return [line.split()[0] for line in res.stdout.splitlines() if line.startswith(prefix)]
+
+
+def teardown_and_warn(topo: Topology) -> None:
+    """For the benchmark scripts: tear ``topo`` down, and say (not raise) if a namespace of
+    it is left, so a long run's other results are still written."""
+    topo.teardown()
+    left = leftover_namespaces(topo.prefix)
+    if left:
+        print(f"WARNING: namespaces left: {left}", file=sys.stderr)
+
+
+def print_failure(label: str, exc: BaseException, log_dir: Path,
+                  show: Callable[[str], bool] = lambda name: True) -> None:
+    """For the benchmark scripts: ``label`` failed with ``exc``; the tail of each daemon
+    log in ``log_dir`` whose name ``show`` accepts, on stderr."""
+    print(f"{label} FAILED: {exc}", file=sys.stderr, flush=True)
+    for path in sorted(log_dir.glob("*.log")):
+        if show(path.name):
+            print(f"----- {path.name} -----\n{log_tail(path, 15)}", file=sys.stderr)
 
 
 @contextlib.contextmanager
