@@ -159,6 +159,64 @@ def test_a_resent_segments_sample_is_ignored():
     assert cc.btl_bw > 1.5 * before  # without the flag, it would have counted
 
 
+def test_a_sample_of_resent_segments_does_not_end_a_round_trip():
+    """A resent segment's record is taken at the resend; an ACK that was for its first copy
+    then looks like the end of a round trip a few ms after the last one. Counted, such
+    rounds had STARTUP give up after 1 s at a sixth of a 260 ms line's rate (three
+    "rounds" without growth) and the estimate's ten-round window shrink to 100 ms."""
+    cc = fresh()
+    path = Path(rate=30e6 / 8, rtt=0.26)
+    run(cc, path, 0.6)
+    rounds = cc.round_count
+    rs = path.sample()
+    resent = RateSample(
+        delivered=rs.delivered + MSS,
+        prior_delivered=rs.delivered,  # its record: taken just now, at the resend
+        sample_delivered=MSS,
+        interval_us=260_000,
+        min_rtt_us=-1,
+        acked=MSS,
+        app_limited=False,
+        retrans=True,
+    )
+    for _ in range(5):
+        cc.on_sample(resent, cc.cwnd, path.now)
+    assert cc.round_count == rounds
+    assert cc.state == STARTUP and not cc.filled_pipe
+
+
+def test_startup_ends_when_a_queue_forms():
+    """The RTT of a round's first samples rises well above the path's: the line is full,
+    STARTUP ends there (before three rounds without growth would have overrun the line's
+    buffer at 2.89 x its rate)."""
+    cc = fresh()
+    path = Path(rate=10e9 / 8, rtt=0.04)
+    # growing: what STARTUP's pacing lets through, the line far from full
+    while path.now < 0.2:
+        rs = path.sample(rate=min(cc.pacing_rate, path.rate))
+        cc.on_sample(rs, cc.cwnd, path.now)
+    assert cc.state == STARTUP
+    before = cc.startup_queue_exits
+    # the queue: every RTT 10 ms above the path's from now on
+    end = path.now + 0.1
+    while path.now < end and cc.state == STARTUP:
+        rs = path.sample(rate=min(cc.pacing_rate, path.rate), rtt=0.05)
+        cc.on_sample(rs, cc.cwnd, path.now)
+    assert cc.filled_pipe and cc.state != STARTUP
+    assert cc.startup_queue_exits == before + 1
+
+
+def test_startup_keeps_two_bdps_in_flight_at_most():
+    cc = fresh()
+    path = Path(rate=30e6 / 8, rtt=0.04)
+    for _ in range(40):
+        rs = path.sample()
+        cc.on_sample(rs, cc.cwnd, path.now)
+        if cc.state == STARTUP and cc.btl_bw:
+            # the cap, and one batch of ACKs that grew it beyond
+            assert cc.cwnd <= 2 * cc.bdp() + 3 * MSS + rs.acked
+
+
 def test_a_sample_shorter_than_the_rtt_is_ignored():
     cc = fresh()
     path = Path(rate=30e6 / 8, rtt=0.04)

@@ -30,15 +30,17 @@ def up_queue_p99(r) -> float:
 @pytest.mark.parametrize(
     "rate,rtt,loss,fec,least",
     [
-        (30e6, 40, 2, "off", 0.80),  # 0.87
-        (30e6, 40, 2, "adaptive", 0.72),  # 0.81
-        (10e6, 100, 5, "adaptive", 0.60),  # 0.71
-        (100e6, 10, 10, "adaptive", 0.60),  # 0.70
-        (100e6, 300, 1, "adaptive", 0.50),  # 0.62
-        (1e6, 300, 0, "off", 0.45),  # 0.53
+        (30e6, 40, 2, "off", 0.80),  # 0.88
+        (30e6, 40, 2, "adaptive", 0.80),  # 0.89
+        (10e6, 100, 5, "adaptive", 0.70),  # 0.80
+        (100e6, 10, 10, "adaptive", 0.65),  # 0.74
+        (100e6, 300, 1, "adaptive", 0.60),  # 0.72
+        (1e6, 300, 0, "off", 0.75),  # 0.87
+        # issue 16's longest row: 0.20 while resent segments' samples ended round trips
+        (30e6, 260, 5, "off", 0.60),  # 0.70
     ],
     ids=["30M-40ms-2%", "30M-40ms-2%-fec", "10M-100ms-5%-fec", "100M-10ms-10%-fec",
-         "100M-300ms-1%-fec", "1M-300ms"],
+         "100M-300ms-1%-fec", "1M-300ms", "30M-260ms-5%"],
 )
 def test_utilisation(rate, rtt, loss, fec, least):
     r = run_scenario(Scenario(rate_bps=rate, rtt_ms=rtt, loss_pct=loss, seconds=20, fec=fec))

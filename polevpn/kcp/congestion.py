@@ -33,6 +33,13 @@ PROBE_BW = "probe_bw"
 PROBE_RTT = "probe_rtt"
 
 HIGH_GAIN = 2 / math.log(2)  # 2.885: doubles the delivery rate each round in STARTUP
+# STARTUP's in-flight cap, in BDPs, as BBR v2 and v3 have it: v1's 2.885 put 1.9 BDPs in a
+# queue whose buffer is often less (a 50 ms buffer at a 40 ms RTT is 1.25 BDPs)
+STARTUP_CWND_GAIN = 2.0
+# STARTUP ends when the least RTT of a round's first samples is this much above the path's
+STARTUP_RTT_SAMPLES = 8
+STARTUP_RTT_MIN_RISE = 0.004  # s
+STARTUP_RTT_MAX_RISE = 0.016  # s
 CYCLE = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)  # PROBE_BW's pacing gains
 CWND_GAIN = 2.0
 BW_WINDOW_ROUNDS = 10
@@ -111,18 +118,20 @@ class Bbr:
         self._full_bw_count = 0
         self.filled_pipe = False
         self.pacing_gain = HIGH_GAIN
-        self.cwnd_gain = HIGH_GAIN
+        self.cwnd_gain = STARTUP_CWND_GAIN
         self._cycle_index = 0
         self._cycle_stamp = now
         # the current round trip: when it began, what was delivered then, its least RTT
         self._round_t0 = now
         self._round_delivered = 0
         self._round_min_rtt = math.inf
+        self._round_rtt_samples = 0
         self._round_app_limited = False
         self._queue_rounds = 0
         self.round_rate = 0.0  # what the last whole round trip delivered (line bytes/s)
         self.queue_corrections = 0  # how often a standing queue brought the estimate down
         self.path_changes = 0  # how often the minimum RTT was replaced by a much larger one
+        self.startup_queue_exits = 0  # STARTUP left because a queue stood a whole round
         self._probe_rtt_done: float | None = None
         self._probe_rtt_round_done = False
         self._prior_cwnd = 0
@@ -173,6 +182,9 @@ class Bbr:
             self._check_queue(rs, now)
         if rs.min_rtt_us >= 0:
             self._round_min_rtt = min(self._round_min_rtt, rs.min_rtt_us / 1e6)
+            self._round_rtt_samples += 1
+            if self.state == STARTUP:
+                self._check_startup_queue()
         if rs.app_limited:
             self._round_app_limited = True
         self._update_bw(rs)
@@ -185,7 +197,9 @@ class Bbr:
 
     def _update_round(self, rs: RateSample) -> None:
         self._round_start = False
-        if rs.acked and rs.prior_delivered >= self._next_round_delivered:
+        # a sample of resent segments only does not end a round trip: its ACK may be
+        # for the first copy (Karn), sent long before the record it carries
+        if rs.acked and not rs.retrans and rs.prior_delivered >= self._next_round_delivered:
             self._next_round_delivered = rs.delivered
             self.round_count += 1
             self._round_start = True
@@ -208,6 +222,7 @@ class Bbr:
         round_min, app_limited = self._round_min_rtt, self._round_app_limited
         self._round_t0, self._round_delivered = now, rs.delivered
         self._round_min_rtt = math.inf
+        self._round_rtt_samples = 0
         self._round_app_limited = False
         if (
             self.min_rtt != math.inf
@@ -239,6 +254,23 @@ class Bbr:
             self._cycle_index = 1  # the 0.75 phase: drain what stands
             self._cycle_stamp = now
             self.pacing_gain = CYCLE[1]
+
+    def _check_startup_queue(self) -> None:
+        """STARTUP: the least RTT of this round's first samples stands well above the
+        path's: a queue has formed, so the line is full already (HyStart's delay test, as
+        HyStart++ and BBR v3's startup have it). BBR v1 waits for three rounds without
+        growth, by when 2.89 x the rate has overrun a shallow buffer: a 50 ms buffer at a
+        40 ms RTT dropped 1 % of everything sent, and its queue was most of the p99."""
+        if (
+            self._round_rtt_samples >= STARTUP_RTT_SAMPLES
+            and self.btl_bw
+            and self.min_rtt != math.inf
+            and self._round_min_rtt > self.min_rtt + min(
+                max(STARTUP_RTT_MIN_RISE, self.min_rtt / 8), STARTUP_RTT_MAX_RISE
+            )
+        ):
+            self.filled_pipe = True
+            self.startup_queue_exits += 1
 
     def _update_bw(self, rs: RateSample) -> None:
         if rs.interval_us <= 0 or rs.sample_delivered <= 0 or rs.retrans:
@@ -298,7 +330,7 @@ class Bbr:
         if self.state == STARTUP and self.filled_pipe:
             self.state = DRAIN
             self.pacing_gain = 1 / HIGH_GAIN
-            self.cwnd_gain = HIGH_GAIN
+            self.cwnd_gain = STARTUP_CWND_GAIN
         if self.state == DRAIN and inflight <= self.bdp():
             self._enter_probe_bw(now)
 
@@ -342,7 +374,8 @@ class Bbr:
                         self._enter_probe_bw(now)
                     else:
                         self.state = STARTUP
-                        self.pacing_gain = self.cwnd_gain = HIGH_GAIN
+                        self.pacing_gain = HIGH_GAIN
+                        self.cwnd_gain = STARTUP_CWND_GAIN
 
     def _probe_rtt_cwnd(self) -> int:
         """In flight during PROBE_RTT: half a BDP, as BBR v2 has it, not BBR v1's four

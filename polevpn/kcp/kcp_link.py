@@ -44,7 +44,7 @@ PACE_MIN_WAIT = 0.001  # s: timers no finer than this
 # with congestion control, the bytes waiting to be sent are bounded by time at the pacing
 # rate (the transport's write buffer): a longer queue is only delay (bufferbloat) for every
 # flow in the tunnel, and TCP inside reads the drops beyond it as congestion
-QUEUE_TIME = 0.04  # s
+QUEUE_TIME = 0.03  # s
 QUEUE_FLOOR_SEGMENTS = 16
 MIN_RTO_MS = 30  # ikcp's own floor in nodelay mode
 RTO_RTT_FACTOR = 1.5  # with congestion control: the RTO is at least this x the least RTT

@@ -583,7 +583,11 @@ static void ikcp_rate_acked(ikcpcb *kcp, const IKCPSEG *seg, int exact)
 	r->delivered += seg->len;
 	r->delivered_us = r->now_us;
 	r->rs_acked += seg->len;
-	if (!r->rs_valid || seg->tx_delivered >= r->rs_prior_delivered) {
+	/* a first transmission's record beats a resent one's: a resent segment's ACK may
+	   be for its first copy (Karn), and its record, taken at the resend, then makes a
+	   round trip look a few ms long */
+	if (!r->rs_valid || (seg->xmit == 1 && r->rs_retrans) ||
+		((seg->xmit == 1 || r->rs_retrans) && seg->tx_delivered >= r->rs_prior_delivered)) {
 		r->rs_valid = 1;
 		r->rs_prior_delivered = seg->tx_delivered;
 		r->rs_app_limited = seg->tx_app_limited;
