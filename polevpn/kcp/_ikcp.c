@@ -9,6 +9,8 @@
  *   .set_output(callable|None)  called with one bytes object per KCP output buffer
  *   .send(buf) -> int           ikcp_send (one message); ValueError when ikcp refuses
  *   .write(buf) -> int          messages of at most mss bytes each, as kcp-go writes
+ *   .write_frames(buf) -> (n, aligned)  whole frames, packed into unordered messages
+ *   .set_unordered(bool)        deliver unordered messages ahead of a hole (recv_all)
  *   .input(buf) -> int          ikcp_input's result (< 0: not a valid segment for us)
  *   .update(ms) .check(ms) .flush()
  *   .recv() -> bytes|None       one message;  .recv_all() -> bytes: every message joined
@@ -287,13 +289,28 @@ static PyObject *Kcp_recv(KcpObject *self, PyObject *Py_UNUSED(ignored))
 
 static PyObject *Kcp_recv_all(KcpObject *self, PyObject *Py_UNUSED(ignored))
 {
-    int n = ikcp_peeksize(self->kcp);
-    if (n < 0)
+    ikcpcb *k = self->kcp;
+    int n = ikcp_peeksize(k);
+    Py_ssize_t early = k->early_len;
+    if (n < 0 && early == 0)
         return PyBytes_FromStringAndSize(NULL, 0);
-    Py_ssize_t cap = n < 65536 ? 65536 : n, off = 0;
+    Py_ssize_t cap = early + (n > 0 ? n : 0), off = 0;
+    if (cap < 65536)
+        cap = 65536;
     PyObject *out = PyBytes_FromStringAndSize(NULL, cap);
     if (out == NULL)
         return NULL;
+    if (early) {
+        /* what arrived out of order (whole frames) goes first: it came first */
+        memcpy(PyBytes_AS_STRING(out), k->early, (size_t)early);
+        off = early;
+        k->early_len = 0;
+        if (k->early_cap > (1 << 18)) {  /* a burst's buffer is not kept for good */
+            ikcp_free(k->early);
+            k->early = NULL;
+            k->early_cap = 0;
+        }
+    }
     while (n >= 0) {
         if (off + n > cap) {
             while (off + n > cap)
@@ -442,6 +459,100 @@ static PyObject *Kcp_pace_debit(KcpObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* Frames of the PoleVPN stream (u16 length with the header, u16 command, u32 seq; a
+   SUPER_IPDATA header of length 8 is followed by seq bytes) packed into messages of
+   whole frames: as many as fit one MSS go in one unordered message (the peer may deliver
+   it out of order), a longer frame goes alone as an ordinary (ordered) message. Bytes
+   that do not parse as whole frames go as plain messages, in order. */
+#define WIRE_HEADER 8
+#define WIRE_SUPER 16
+
+static int send_plain(ikcpcb *kcp, const char *p, Py_ssize_t len, Py_ssize_t mss, long *n)
+{
+    while (len > 0) {
+        int size = (int)(len < mss ? len : mss);
+        if (ikcp_send(kcp, p, size) < 0)
+            return -1;
+        p += size;
+        len -= size;
+        (*n)++;
+    }
+    return 0;
+}
+
+static PyObject *Kcp_write_frames(KcpObject *self, PyObject *arg)
+{
+    Py_buffer b;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    ikcpcb *kcp = self->kcp;
+    const unsigned char *p = (const unsigned char *)b.buf;
+    const unsigned char *chunk = p;
+    Py_ssize_t left = b.len, chunk_len = 0, mss = (Py_ssize_t)kcp->mss;
+    long n = 0;
+    int aligned = 1, rc = 0;
+    while (left > 0 && rc == 0) {
+        Py_ssize_t flen;
+        unsigned len, cmd;
+        if (left < WIRE_HEADER) {
+            aligned = 0;
+            break;
+        }
+        len = ((unsigned)p[0] << 8) | p[1];
+        cmd = ((unsigned)p[2] << 8) | p[3];
+        if (len < WIRE_HEADER) {
+            aligned = 0;
+            break;
+        }
+        flen = len;
+        if (cmd == WIRE_SUPER && len == WIRE_HEADER)
+            flen = WIRE_HEADER + (Py_ssize_t)(((uint32_t)p[4] << 24) | ((uint32_t)p[5] << 16) |
+                                              ((uint32_t)p[6] << 8) | p[7]);
+        if (flen > left) {
+            aligned = 0;
+            break;
+        }
+        if (chunk_len + flen <= mss) {
+            chunk_len += flen;
+        } else {
+            if (chunk_len) {
+                rc = ikcp_send_unordered(kcp, (const char *)chunk, (int)chunk_len);
+                n++;
+            }
+            chunk_len = 0;
+            chunk = p + flen;
+            if (rc == 0 && flen <= mss) {
+                chunk = p;
+                chunk_len = flen;
+            } else if (rc == 0) {
+                rc = ikcp_send(kcp, (const char *)p, (int)flen) < 0 ? -1 : 0;
+                n++;
+            }
+        }
+        p += flen;
+        left -= flen;
+    }
+    if (rc == 0 && chunk_len) {
+        rc = ikcp_send_unordered(kcp, (const char *)chunk, (int)chunk_len) < 0 ? -1 : 0;
+        n++;
+    }
+    if (rc == 0 && left > 0)
+        rc = send_plain(kcp, (const char *)p, left, mss, &n);
+    PyBuffer_Release(&b);
+    if (rc < 0)
+        return PyErr_NoMemory();
+    return Py_BuildValue("(lO)", n, aligned ? Py_True : Py_False);
+}
+
+static PyObject *Kcp_set_unordered(KcpObject *self, PyObject *arg)
+{
+    int on = PyObject_IsTrue(arg);
+    if (on < 0)
+        return NULL;
+    self->kcp->unordered = on;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Kcp_set_repeat_acks(KcpObject *self, PyObject *arg)
 {
     int on = PyObject_IsTrue(arg);
@@ -537,6 +648,10 @@ static PyMethodDef Kcp_methods[] = {
     {"pace_debit", (PyCFunction)Kcp_pace_debit, METH_O,
      "take bytes sent outside KCP (FEC parity) from the pacing tokens"},
     {"set_minrto", (PyCFunction)Kcp_set_minrto, METH_O, "the least retransmission timeout (ms)"},
+    {"write_frames", (PyCFunction)Kcp_write_frames, METH_O,
+     "whole frames as unordered messages of at most one MSS -> (messages, aligned)"},
+    {"set_unordered", (PyCFunction)Kcp_set_unordered, METH_O,
+     "deliver unordered messages that arrive out of order at once (recv_all)"},
     {"set_repeat_acks", (PyCFunction)Kcp_set_repeat_acks, METH_O,
      "send each acknowledgement of an out-of-order segment twice (in two flushes)"},
     {"pace_wait_us", (PyCFunction)Kcp_pace_wait_us, METH_NOARGS,
@@ -594,6 +709,9 @@ static PyGetSetDef Kcp_getset[] = {
     {"nsnd_buf", (getter)Kcp_field, NULL, NULL, U32(nsnd_buf)},
     {"nrcv_que", (getter)Kcp_field, NULL, NULL, U32(nrcv_que)},
     {"nsnd_que", (getter)Kcp_field, NULL, NULL, U32(nsnd_que)},
+    {"early_segments", (getter)Kcp_field, NULL,
+     "unordered messages delivered ahead of a hole", U32(early_segments)},
+    {"unordered", (getter)Kcp_field, NULL, NULL, I32(unordered)},
     {"nodelay_mode", (getter)Kcp_field, NULL, NULL, U32(nodelay)},
     {"dead_link", (getter)Kcp_field, NULL, NULL, U32(dead_link)},
     {"snd_bytes", (getter)Kcp_field, NULL, "payload bytes queued or unacknowledged",

@@ -278,6 +278,10 @@ ikcpcb* ikcp_create(IUINT32 conv, void *user)
 	kcp->nsnd_bytes = 0;  /* polevpn */
 	memset(&kcp->rate, 0, sizeof(kcp->rate));  /* polevpn */
 	kcp->rate.rs_min_rtt = -1;  /* polevpn */
+	kcp->unordered = 0;  /* polevpn */
+	kcp->early = NULL;
+	kcp->early_len = kcp->early_cap = 0;
+	kcp->early_segments = 0;
 	kcp->state = 0;
 	kcp->acklist = NULL;
 	kcp->ackblock = 0;
@@ -338,6 +342,9 @@ void ikcp_release(ikcpcb *kcp)
 		}
 		if (kcp->rate.rep) {  /* polevpn */
 			ikcp_free(kcp->rate.rep);
+		}
+		if (kcp->early) {  /* polevpn */
+			ikcp_free(kcp->early);
 		}
 		if (kcp->acklist) {
 			ikcp_free(kcp->acklist);
@@ -555,6 +562,21 @@ int ikcp_send(ikcpcb *kcp, const char *buffer, int len)
 //---------------------------------------------------------------------
 // parse ack
 //---------------------------------------------------------------------
+/* polevpn: one message of at most one MSS that holds whole frames: the peer may deliver
+   it out of order (IKCP_FRG_UNORDERED). Only to a peer that agreed to it. */
+int ikcp_send_unordered(ikcpcb *kcp, const char *buffer, int len)
+{
+	int rc;
+	IKCPSEG *seg;
+	if (len <= 0 || len > (int)kcp->mss || kcp->stream != 0) return -1;
+	rc = ikcp_send(kcp, buffer, len);
+	if (rc < 0) return rc;
+	seg = iqueue_entry(kcp->snd_queue.prev, IKCPSEG, node);
+	seg->frg = IKCP_FRG_UNORDERED;
+	return rc;
+}
+
+
 static void ikcp_update_ack(ikcpcb *kcp, IINT32 rtt)
 {
 	IINT32 rto = 0;
@@ -789,6 +811,31 @@ void ikcp_parse_data(ikcpcb *kcp, IKCPSEG *newseg)
 	}
 
 	if (repeat == 0) {
+		/* polevpn: whole frames, out of order: up at once (see `early`) */
+		if (newseg->frg == IKCP_FRG_UNORDERED) {
+			newseg->frg = 0;
+			if (kcp->unordered && sn != kcp->rcv_nxt && newseg->len > 0) {
+				int need = kcp->early_len + (int)newseg->len;
+				if (need > kcp->early_cap) {
+					int cap = kcp->early_cap ? kcp->early_cap : 16384;
+					char *grown;
+					while (cap < need) cap *= 2;
+					grown = (char*)ikcp_malloc(cap);
+					if (grown != NULL) {
+						if (kcp->early_len) memcpy(grown, kcp->early, kcp->early_len);
+						if (kcp->early) ikcp_free(kcp->early);
+						kcp->early = grown;
+						kcp->early_cap = cap;
+					}
+				}
+				if (need <= kcp->early_cap) {  /* else (no memory): in order, as before */
+					memcpy(kcp->early + kcp->early_len, newseg->data, newseg->len);
+					kcp->early_len = need;
+					kcp->early_segments++;
+					newseg->len = 0;
+				}
+			}
+		}
 		iqueue_init(&newseg->node);
 		iqueue_add(&newseg->node, p);
 		kcp->nrcv_buf++;

@@ -382,6 +382,14 @@ struct IKCPCB
 	/* polevpn: payload bytes in snd_queue and snd_buf (flow control in real bytes) */
 	IUINT32 nsnd_bytes;
 	struct IKCPRATE rate;  /* polevpn */
+	/* polevpn: out-of-order delivery. A segment whose frg is IKCP_FRG_UNORDERED holds
+	   whole frames and may go up before the segments ahead of it: its bytes are copied
+	   to `early` when it arrives out of order, and it stays in rcv_buf, emptied, to keep
+	   KCP's sequence (ACKs, una, the window) as it was */
+	int unordered;
+	char *early;
+	int early_len, early_cap;
+	IUINT32 early_segments;
 };
 
 
@@ -469,6 +477,10 @@ int ikcp_nodelay(ikcpcb *kcp, int nodelay, int interval, int resend, int nc);
 void ikcp_log(ikcpcb *kcp, int mask, const char *fmt, ...);
 
 // setup allocator
+/* polevpn: a single-segment message of whole frames (never a real frg: KCP messages have
+   at most 128 fragments here, 255 in kcp-go) */
+#define IKCP_FRG_UNORDERED 0xFF
+int ikcp_send_unordered(ikcpcb *kcp, const char *buffer, int len);
 /* polevpn: rate sampling, pacing, in-flight cap */
 void ikcp_rate_take(ikcpcb *kcp, struct IKCPSAMPLE *out);
 IINT64 ikcp_pace_wait_us(const ikcpcb *kcp);
