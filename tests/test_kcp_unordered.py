@@ -8,6 +8,7 @@ import random
 import struct
 
 from polevpn.kcp._ikcp import Kcp
+
 from polevpn.proto import wire
 
 
