@@ -511,3 +511,23 @@ def test_punching_state_is_not_direct():
     p.offered(10.0, 0.0)
     assert not p.direct and p.state is PathState.PUNCHING
     assert PunchState.PROBING.value == "probing"
+
+
+def test_joining_a_punching_peer():
+    """A probe of the current material while relayed in a backoff starts an attempt at
+    once, but not within retry_first of the last one ending, nor without material."""
+    p = PeerPath(B)
+    assert p.offered(100.0, 0.0) == [P]
+    assert p.failed(3.0) == [R] and p.retry_at == pytest.approx(13.0)
+    # the last probes of the attempt that failed on both sides: no new attempt
+    assert p.peer_punching(3.5) == [] and p.state is PathState.RELAYED
+    # the peer's next attempt, before our own backoff ends: join it
+    assert p.peer_punching(8.0) == [P] and p.state is PathState.PUNCHING
+    assert p.retry_at is None
+    # while punching or direct it changes nothing
+    assert p.peer_punching(8.5) == []
+    p.connected(9.0)
+    assert p.peer_punching(20.0) == [] and p.state is PathState.DIRECT
+    # revoked: no material, no attempt
+    p.revoked(30.0)
+    assert p.peer_punching(40.0) == [] and p.state is PathState.RELAYED

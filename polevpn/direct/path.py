@@ -158,6 +158,17 @@ class PeerPath:
         self.failures = 0
         return out
 
+    def peer_punching(self, now: float) -> list[Decision]:
+        """An authentic probe of the current material came while no attempt is under way:
+        the peer is punching (it fell back on silence, or its backoff ended first), and a
+        punch succeeds only while both probe. Join it now rather than at the end of our own
+        wait; not within ``retry_first`` of our last attempt or path ending, so the last
+        probes of an attempt that failed on both sides do not start the next at once."""
+        if self.state is not PathState.RELAYED or now - self.since < self.config.retry_first:
+            return []
+        self.retry_at = None
+        return self._punch(now)
+
     def heard(self, now: float, nbytes: int = 0) -> None:
         """Something authentic came from the peer over the direct path (data, an ACK, a
         keepalive). ``nbytes``: IP bytes delivered."""
