@@ -531,3 +531,20 @@ def test_joining_a_punching_peer():
     # revoked: no material, no attempt
     p.revoked(30.0)
     assert p.peer_punching(40.0) == [] and p.state is PathState.RELAYED
+
+
+@pytest.mark.parametrize("start", [0.2, 0.8, 0.9, 1.3, 1.8])
+def test_a_deadline_is_due_when_next_deadline_says(start):
+    """Woken at ``next_deadline``, ``tick`` acts: in floats ``(w + d) - w`` can fall short
+    of ``d`` (0.2 + 0.5 - 0.2 < 0.5), and comparing a difference left the caller's timer
+    firing at the same instant for ever (the simulation of test_direct_manager hung)."""
+    p = _direct(0.0)
+    p.sent(start)
+    t = p.next_deadline()
+    assert t == start + 0.5 and p.tick(t) == [Decision.KEEPALIVE]
+    t = p.next_deadline()
+    assert t == start + 1.5 and p.tick(t) == [R]
+    q = PeerPath(B)
+    assert q.offered(100.0, start) == [P]
+    t = q.next_deadline()
+    assert t == start + 10.0 and q.tick(t) == [R]

@@ -192,13 +192,16 @@ class PeerPath:
                 self.expires_at = None
                 return self._relay(now, Cause.EXPIRED, None)
             waiting = self.waiting_since
+            # compared as next_deadline computes them (a sum), never as a difference: in
+            # floats ``(w + d) - w`` may fall short of ``d``, and a caller woken at the
+            # deadline would find nothing due and be woken again at once, for ever
             if waiting is not None:
-                if now - waiting >= cfg.silence:
+                if now >= waiting + cfg.silence:
                     if now - self.since >= cfg.stable:
                         self.failures = 0
                     self.failures += 1
                     return self._relay(now, Cause.SILENCE, cfg.retry_first)
-                if now - waiting >= cfg.nudge and not self.nudged:
+                if now >= waiting + cfg.nudge and not self.nudged:
                     self.nudged = True
                     return [Decision.KEEPALIVE]
             return []
@@ -206,7 +209,7 @@ class PeerPath:
             if self.expires_at is not None and now >= self.expires_at:
                 self.expires_at = None
                 return self._relay(now, Cause.EXPIRED, None)
-            if now - self.since >= cfg.attempt_timeout:
+            if now >= self.since + cfg.attempt_timeout:
                 self.failures += 1
                 return self._relay(now, Cause.HANDSHAKE, cfg.retry_min)
             return []

@@ -44,7 +44,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from polevpn.config import KcpParams
 from polevpn.direct import messages as m
@@ -130,8 +130,8 @@ class DirectContexts:
         self.client = self._base(SSL.DTLS_CLIENT_METHOD)
         self.client.set_verify(SSL.VERIFY_NONE, lambda *args: True)
         self.server = self._base(SSL.DTLS_SERVER_METHOD)
-        self.server.use_certificate(crypto.X509.from_cryptography(cert))
-        self.server.use_privatekey(crypto.PKey.from_cryptography_key(key))
+        self.server.use_certificate(cert)
+        self.server.use_privatekey(key)
         self.server.check_privatekey()
 
     @staticmethod
