@@ -142,7 +142,7 @@ def direct_peer_text(p: PeerStatus) -> str:
 
 
 def direct_view(gw: Gateway) -> DirectView | None:
-    d = gw.direct
+    d = getattr(gw, "direct", None)
     if d is None:
         return None
     stats = d.manager.counters()
