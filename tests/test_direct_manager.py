@@ -302,8 +302,8 @@ def test_silence_falls_back_within_1_5s_then_retries(contexts):
     w.up()
     w.traffic(w.now + 1.0)
     cut_at = w.now
-    w.net.cut = lambda src, dst: src.address != ROUTER_UDP.address and (
-        dst.address != ROUTER_UDP.address
+    w.net.cut = lambda src, dst: (
+        src.address != ROUTER_UDP.address and (dst.address != ROUTER_UDP.address)
     )
     w.traffic(cut_at + 2.0)
     downs = [(t, c) for t, c in w.a.changes if c.previous is PathState.DIRECT]
@@ -336,8 +336,8 @@ def test_one_sided_silence_recovers(contexts):
     w = World(contexts)
     w.up()
     w.traffic(w.now + 0.5)
-    w.net.cut = lambda src, dst: src.address != ROUTER_UDP.address and (
-        dst.address != ROUTER_UDP.address
+    w.net.cut = lambda src, dst: (
+        src.address != ROUTER_UDP.address and (dst.address != ROUTER_UDP.address)
     )
     end = w.now + 2.0
     while w.now < end:

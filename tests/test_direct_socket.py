@@ -72,8 +72,10 @@ def test_two_direct_sockets_on_loopback_go_direct_and_carry_packets(caplog) -> N
             b.sock._pump()
             started = time.monotonic()
             await until(
-                lambda: a.mgr.peers[B].path.state is PathState.DIRECT
-                and b.mgr.peers[A].path.state is PathState.DIRECT
+                lambda: (
+                    a.mgr.peers[B].path.state is PathState.DIRECT
+                    and b.mgr.peers[A].path.state is PathState.DIRECT
+                )
             )
             assert time.monotonic() - started < 3.0
             pa = [ip4("198.18.10.5", "198.18.20.7", 100 + i) for i in range(50)]

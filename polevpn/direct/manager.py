@@ -232,9 +232,7 @@ class DirectManager:
 
     # ---- the data path ---------------------------------------------------------------------
 
-    def route(
-        self, packets: list, now: float, vnet: bool = False
-    ) -> list:
+    def route(self, packets: list, now: float, vnet: bool = False) -> list:
         """Send the packets whose destination is a direct peer's over its session; returns
         the others, for the router. ``vnet``: the packets start with a virtio-net header
         (a TUN with offloads); what goes direct goes as plain packets."""
@@ -521,8 +519,7 @@ class DirectManager:
 
     def _update_direct(self) -> None:
         self.any_direct = any(
-            p.path.direct and p.session is not None and p.session.ready
-            for p in self.peers.values()
+            p.path.direct and p.session is not None and p.session.ready for p in self.peers.values()
         )
 
     def _note(self, peer: _Peer, before: PathState, now: float, force: bool = False) -> None:
