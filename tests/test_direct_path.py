@@ -511,3 +511,40 @@ def test_punching_state_is_not_direct():
     p.offered(10.0, 0.0)
     assert not p.direct and p.state is PathState.PUNCHING
     assert PunchState.PROBING.value == "probing"
+
+
+def test_joining_a_punching_peer():
+    """A probe of the current material while relayed in a backoff starts an attempt at
+    once, but not within retry_first of the last one ending, nor without material."""
+    p = PeerPath(B)
+    assert p.offered(100.0, 0.0) == [P]
+    assert p.failed(3.0) == [R] and p.retry_at == pytest.approx(13.0)
+    # the last probes of the attempt that failed on both sides: no new attempt
+    assert p.peer_punching(3.5) == [] and p.state is PathState.RELAYED
+    # the peer's next attempt, before our own backoff ends: join it
+    assert p.peer_punching(8.0) == [P] and p.state is PathState.PUNCHING
+    assert p.retry_at is None
+    # while punching or direct it changes nothing
+    assert p.peer_punching(8.5) == []
+    p.connected(9.0)
+    assert p.peer_punching(20.0) == [] and p.state is PathState.DIRECT
+    # revoked: no material, no attempt
+    p.revoked(30.0)
+    assert p.peer_punching(40.0) == [] and p.state is PathState.RELAYED
+
+
+@pytest.mark.parametrize("start", [0.2, 0.8, 0.9, 1.3, 1.8])
+def test_a_deadline_is_due_when_next_deadline_says(start):
+    """Woken at ``next_deadline``, ``tick`` acts: in floats ``(w + d) - w`` can fall short
+    of ``d`` (0.2 + 0.5 - 0.2 < 0.5), and comparing a difference left the caller's timer
+    firing at the same instant for ever (the simulation of test_direct_manager hung)."""
+    p = _direct(0.0)
+    p.sent(start)
+    t = p.next_deadline()
+    assert t == start + 0.5 and p.tick(t) == [Decision.KEEPALIVE]
+    t = p.next_deadline()
+    assert t == start + 1.5 and p.tick(t) == [R]
+    q = PeerPath(B)
+    assert q.offered(100.0, start) == [P]
+    t = q.next_deadline()
+    assert t == start + 10.0 and q.tick(t) == [R]

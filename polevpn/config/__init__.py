@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from polevpn.common.logfmt import LogfmtFormatter
-from polevpn.packet.routing import IPNetwork
+from polevpn.packet.routing import IPAddress, IPNetwork
 from polevpn.proto.auth import Authority, GatewayGrant
 from polevpn.proto.messages import LINK_NAME, MAX_LINKS
 
@@ -280,6 +280,24 @@ class LinkConfig:
 
 
 @dataclass(frozen=True)
+class DirectConfig:
+    """The gateway's direct paths to other offices (issue 18, docs/protocol.md section 18).
+
+    ``enable`` False: never offer the feature (a plain gateway as before). ``port``: the
+    UDP port of the direct socket (0: ephemeral). ``candidates``: this gateway's own
+    addresses to report as host candidates; empty: the address the kernel picks towards
+    the router (a connected UDP socket's local address)."""
+
+    enable: bool = True
+    port: int = 0
+    candidates: tuple[IPAddress, ...] = ()
+
+
+# the most host candidates DIRECT_CANDIDATES carries (polevpn.direct.messages)
+MAX_DIRECT_CANDIDATES = 8
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     path: Path
     # with ``links``: each link's server, in order
@@ -333,6 +351,8 @@ class GatewayConfig:
     link_timeout: float = 1.0
     # as RouterConfig.tcp_congestion, for the gateway's tls:// connections
     tcp_congestion: str | None = None
+    # direct paths to other offices through NAT (the socket is opened at start)
+    direct: DirectConfig = field(default_factory=DirectConfig)
     warnings: tuple[str, ...] = field(default=())
 
     @property
@@ -1272,6 +1292,53 @@ def _links(r: _Reader) -> tuple[LinkConfig, ...]:
     return tuple(links)
 
 
+def _direct(r: _Reader) -> DirectConfig:
+    """`direct`: true / false, or {"enable", "port", "candidates"}."""
+    if not r.has("direct"):
+        return DirectConfig()
+    raw = r.obj["direct"]
+    if isinstance(raw, bool):
+        return DirectConfig(enable=raw)
+    if not isinstance(raw, dict):
+        raise r.fail("direct", f"expected true, false or an object, got {type(raw).__name__}")
+    sec = r.section("direct")
+    assert sec is not None
+    unknown = sorted(set(sec.obj) - {"enable", "port", "candidates"})
+    if unknown:
+        raise sec.fail(unknown[0], "unknown setting (expected enable, port, candidates)")
+    candidates: list[IPAddress] = []
+    if sec.has("candidates"):
+        items = sec.obj["candidates"]
+        if not isinstance(items, list):
+            raise sec.fail(
+                "candidates", f"expected a list of addresses, got {type(items).__name__}"
+            )
+        if len(items) > MAX_DIRECT_CANDIDATES:
+            raise sec.fail(
+                "candidates", f"{len(items)} addresses (at most {MAX_DIRECT_CANDIDATES})"
+            )
+        for i, item in enumerate(items):
+            name = f"candidates[{i}]"
+            if not isinstance(item, str):
+                raise sec.fail(name, f"expected an address string, got {type(item).__name__}")
+            try:
+                addr = ipaddress.ip_address(item.strip())
+            except ValueError:
+                raise sec.fail(name, f"{item!r} is not an IP address") from None
+            if addr.is_unspecified or addr.is_multicast or addr.is_loopback:
+                raise sec.fail(name, f"{addr} cannot be reached from another office")
+            if addr.version == 6 and addr.ipv4_mapped is not None:  # type: ignore[union-attr]
+                raise sec.fail(name, f"{addr} is IPv4-mapped: write it as IPv4")
+            if addr in candidates:
+                raise sec.fail(name, f"{addr} is listed twice")
+            candidates.append(addr)
+    return DirectConfig(
+        enable=sec.boolean("enable", True),
+        port=sec.integer("port", 0, 0, 65535),
+        candidates=tuple(candidates),
+    )
+
+
 def _client_cert(r: _Reader, secrets: list[Path]) -> tuple[Path | None, Path | None]:
     cert = r.file("client_cert_file", required=r.has("client_key_file"))
     key = r.file("client_key_file", required=cert is not None)
@@ -1385,6 +1452,7 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         link_heartbeat_interval=link_hb,
         link_timeout=link_timeout,
         tcp_congestion=_tcp_congestion(r),
+        direct=_direct(r),
         warnings=tuple(warnings),
     )
 

@@ -42,6 +42,8 @@ GATEWAY_RESTART = frozenset(
         "link_timeout",
         # checked against the kernel once, at start (polevpn.io.tcpcc)
         "tcp_congestion",
+        # the direct socket is bound at start, and AUTH offers the feature per connection
+        "direct",
     }
 )
 # not settings: the file's path and the parser's warnings

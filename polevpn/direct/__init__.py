@@ -7,4 +7,6 @@
     punch      hole punching for one pair: probes, acks, nomination, keepalives, deadline
     path       per peer: relayed, punching or direct, fallback on silence, re-punch backoff
     acl        anti-spoofing on what a direct peer sends: its granted networks only
+    session    one peer's attempt and path: punch, DTLS+KCP, the proofs, IP packets
+    manager    a gateway's direct paths, all peers: offers, revokes, routes, statuses
 """

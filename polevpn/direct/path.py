@@ -158,6 +158,17 @@ class PeerPath:
         self.failures = 0
         return out
 
+    def peer_punching(self, now: float) -> list[Decision]:
+        """An authentic probe of the current material came while no attempt is under way:
+        the peer is punching (it fell back on silence, or its backoff ended first), and a
+        punch succeeds only while both probe. Join it now rather than at the end of our own
+        wait; not within ``retry_first`` of our last attempt or path ending, so the last
+        probes of an attempt that failed on both sides do not start the next at once."""
+        if self.state is not PathState.RELAYED or now - self.since < self.config.retry_first:
+            return []
+        self.retry_at = None
+        return self._punch(now)
+
     def heard(self, now: float, nbytes: int = 0) -> None:
         """Something authentic came from the peer over the direct path (data, an ACK, a
         keepalive). ``nbytes``: IP bytes delivered."""
@@ -181,13 +192,16 @@ class PeerPath:
                 self.expires_at = None
                 return self._relay(now, Cause.EXPIRED, None)
             waiting = self.waiting_since
+            # compared as next_deadline computes them (a sum), never as a difference: in
+            # floats ``(w + d) - w`` may fall short of ``d``, and a caller woken at the
+            # deadline would find nothing due and be woken again at once, for ever
             if waiting is not None:
-                if now - waiting >= cfg.silence:
+                if now >= waiting + cfg.silence:
                     if now - self.since >= cfg.stable:
                         self.failures = 0
                     self.failures += 1
                     return self._relay(now, Cause.SILENCE, cfg.retry_first)
-                if now - waiting >= cfg.nudge and not self.nudged:
+                if now >= waiting + cfg.nudge and not self.nudged:
                     self.nudged = True
                     return [Decision.KEEPALIVE]
             return []
@@ -195,7 +209,7 @@ class PeerPath:
             if self.expires_at is not None and now >= self.expires_at:
                 self.expires_at = None
                 return self._relay(now, Cause.EXPIRED, None)
-            if now - self.since >= cfg.attempt_timeout:
+            if now >= self.since + cfg.attempt_timeout:
                 self.failures += 1
                 return self._relay(now, Cause.HANDSHAKE, cfg.retry_min)
             return []

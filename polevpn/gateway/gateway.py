@@ -32,6 +32,7 @@ from polevpn.config import (
 )
 from polevpn.config.reloading import ReloadError
 from polevpn.gateway import view
+from polevpn.gateway.direct import GatewayDirect
 from polevpn.host import netconf
 from polevpn.host.hostsetup import HostSetup, HostSetupError
 from polevpn.io import kcp_transport, linksock, pathstats, tcpcc
@@ -47,11 +48,12 @@ from polevpn.packet.multipath import FlowTable, Path
 from polevpn.packet.routing import NetworkSet
 from polevpn.proto import wire
 from polevpn.proto.certs import pin_matches
-from polevpn.proto.messages import FEATURE_SUPER, LinkRequest
+from polevpn.proto.messages import FEATURE_DIRECT, FEATURE_SUPER, LinkRequest
 from polevpn.proto.session import (
     AuthSucceeded,
     ClientSession,
     ConnectionLost,
+    DirectFrame,
     Registered,
     Rejected,
     State,
@@ -106,6 +108,9 @@ class GatewayStats(Counters):
     segmented: int = 0
     tun_write_dropped: int = 0
     tun_write_errors: int = 0
+    # from direct paths (issue 18), written to the TUN
+    packets_from_direct: int = 0
+    bytes_from_direct: int = 0
 
 
 class RouterLink(asyncio.Protocol):
@@ -117,6 +122,9 @@ class RouterLink(asyncio.Protocol):
         self.server = server
         cfg = gw.cfg
         offload = gw.tun is not None and gw.tun.vnet_hdr
+        features = {FEATURE_SUPER} if offload else set()
+        if gw.direct is not None:
+            features.add(FEATURE_DIRECT)
         self.session = ClientSession(
             cfg.key,
             str(cfg.gateway),
@@ -124,7 +132,7 @@ class RouterLink(asyncio.Protocol):
             time.monotonic(),
             link.heartbeat if link is not None else cfg.heartbeat_interval,
             cfg.heartbeat_timeout,
-            features=frozenset({FEATURE_SUPER}) if offload else frozenset(),
+            features=frozenset(features),
             link=link,
         )
         self.multi = link is not None
@@ -212,6 +220,11 @@ class RouterLink(asyncio.Protocol):
             self.rejected = ev
         elif isinstance(ev, ConnectionLost):
             log.warning("closing connection to router", extra=kv(reason=ev.reason))
+        elif isinstance(ev, DirectFrame) and self.gw.direct is not None:
+            error = self.gw.direct.on_frame(ev, self.transport)
+            if error is not None:
+                log.warning("closing connection to router", extra=kv(reason=error))
+                self.session.state = State.CLOSED
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.session.state = State.CLOSED
@@ -526,6 +539,8 @@ class Gateway:
         self._tun_error: TunError | None = None
         # the tls:// sockets' congestion control, decided once (tcp_congestion())
         self._congestion: tcpcc.Choice | None = None
+        # direct paths to other offices (opened by run when direct.enable)
+        self.direct: GatewayDirect | None = None
 
     def tcp_congestion(self) -> tcpcc.Choice:
         """The congestion control for tls:// connections: decided and logged at start, or at
@@ -709,6 +724,11 @@ class Gateway:
             return
         if not packets:
             return
+        direct = self.direct
+        if direct is not None and direct.any_direct:
+            packets = self._route_direct(direct, packets)
+            if not packets:
+                return
         multi = bool(self.uplinks)
         link = self.link
         if multi:
@@ -734,6 +754,49 @@ class Gateway:
             assert link is not None
             link.send_packets(packets)
 
+    def _route_direct(self, direct: GatewayDirect, packets: list[Packet]) -> list[Packet]:
+        """The packets a direct path takes go there (clamped first, as for the router);
+        the rest are returned."""
+        assert self.tun is not None
+        mss = self.mss
+        if mss is not None:
+            clamp = clamped_vnet if self.tun.vnet_hdr else clamped
+            packets = [clamp(p, *mss) for p in packets]
+        return direct.route(packets, self.tun.vnet_hdr)
+
+    def _direct_to_tun(self, packets: list[memoryview]) -> None:
+        if self.tun is not None:
+            self.to_tun(packets, direct=True)
+
+    def _direct_frames(self, data: bytes) -> bool:
+        """Write DIRECT_* frames to a registered router connection that agreed direct."""
+        links = [self.link, *(u.link for u in self.uplinks.values())]
+        for link in links:
+            if (
+                link is not None
+                and link.session.ready
+                and FEATURE_DIRECT in link.session.features
+                and link.transport is not None
+                and not link.transport.is_closing()
+            ):
+                link.transport.write(data)
+                return True
+        return False
+
+    async def _open_direct(self) -> None:
+        if not self.cfg.direct.enable:
+            return
+        direct = GatewayDirect(self.cfg, self.kcp_pool, self._direct_to_tun, self._direct_frames)
+        try:
+            await direct.open()
+        except OSError as exc:
+            log.warning(
+                "cannot open the direct socket; running without direct paths",
+                extra=kv(port=self.cfg.direct.port, error=exc.strerror or exc),
+            )
+            return
+        self.direct = direct
+
     def _spread(self, packets: list[Packet]) -> None:
         """Each packet to the link of its flow, one write per link."""
         assert self.tun is not None
@@ -758,11 +821,13 @@ class Gateway:
             else:
                 link.send_packets(group)
 
-    def to_tun(self, packets: list[memoryview], whole: bool = False) -> int:
+    def to_tun(self, packets: list[memoryview], whole: bool = False, direct: bool = False) -> int:
         """Packets from the router: only sources within ``acls`` reach the TUN. Returns the
         IP bytes written.
 
         ``whole``: the link negotiated super-packets, so a packet may be a SUPER_IPDATA body.
+        ``direct``: they came over a direct path (its anti-spoofing check passed), and are
+        counted as such.
         """
         tun = self.tun
         assert tun is not None
@@ -809,8 +874,12 @@ class Gateway:
         except OSError as exc:
             # the device is gone (TunDevice raises only then): the data path cannot go on
             self._tun_failed("write", exc)
-        stats.packets_from_router += delivered
-        stats.bytes_from_router += nbytes
+        if direct:
+            stats.packets_from_direct += delivered
+            stats.bytes_from_direct += nbytes
+        else:
+            stats.packets_from_router += delivered
+            stats.bytes_from_router += nbytes
         return nbytes
 
     def _super_to_tun(self, buf: memoryview) -> int:
@@ -1096,6 +1165,7 @@ class Gateway:
                 await asyncio.to_thread(host.apply)
             except HostSetupError as exc:
                 raise SetupError(str(exc)) from None
+            await self._open_direct()
             self._start_data_path()
             stats_task = asyncio.create_task(self._stats_loop())
             try:
@@ -1114,6 +1184,8 @@ class Gateway:
                 self._stop_data_path()
                 for service in opened:
                     service.close()
+                if self.direct is not None:
+                    self.direct.close()
                 self._close_links()
                 summary = self._summary()
             finally:
@@ -1257,6 +1329,10 @@ class Gateway:
             fields["transport"] = link.server.scheme
         if self.uplinks:
             fields["links"] = ",".join(self._link_state(u) for u in self.uplinks.values())
+        if self.direct is not None and self.direct.manager.peers:
+            fields["direct"] = ",".join(
+                view.direct_peer_text(p) for p in self.direct.manager.statuses()
+            )
         return fields
 
     @staticmethod

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
+from polevpn.direct.manager import PeerStatus
 from polevpn.io.pathstats import TransportFigures, transport_figures
 
 if TYPE_CHECKING:
@@ -76,11 +77,23 @@ class UplinkView:
 
 
 @dataclass(frozen=True, slots=True)
+class DirectView:
+    """The gateway's direct paths (issue 18): each peer it has had an offer for, and the
+    manager's counters (polevpn.direct.manager.DirectStats)."""
+
+    port: int  # the direct socket's UDP port
+    peers: tuple[PeerStatus, ...]
+    stats: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayView:
     # GatewayStats, with the TUN's own write failures
     stats: Mapping[str, int]
     link: ConnectionView | None  # a plain gateway's connection
     uplinks: tuple[UplinkView, ...]  # a multi-link gateway's links, in config order
+    # None: direct paths are off (direct.enable false, or the socket could not be opened)
+    direct: DirectView | None = None
 
     @property
     def connected(self) -> bool:
@@ -118,6 +131,28 @@ def uplink_view(u: Uplink) -> UplinkView:
     )
 
 
+def direct_peer_text(p: PeerStatus) -> str:
+    """One peer for the stats line: ``169.254.0.2:direct:rtt_ms=3:tx=1200:rx=800:refused=0``."""
+    rtt = f":rtt_ms={p.rtt * 1000:.0f}" if p.rtt is not None else ""
+    cause = f":cause={p.cause.name.lower()}" if p.cause.value else ""
+    return (
+        f"{p.peer}:{p.state.value}{rtt}{cause}"
+        f":tx={p.bytes_sent}:rx={p.bytes_received}:refused={p.refused}"
+    )
+
+
+def direct_view(gw: Gateway) -> DirectView | None:
+    d = getattr(gw, "direct", None)
+    if d is None:
+        return None
+    stats = d.manager.counters()
+    return DirectView(
+        port=d.socket.port,
+        peers=tuple(d.manager.statuses()),
+        stats={f.name: getattr(stats, f.name) for f in fields(stats)},
+    )
+
+
 def snapshot(gw: Gateway) -> GatewayView:
     """The gateway's state now."""
     stats = {f.name: getattr(gw.stats, f.name) for f in fields(gw.stats)}
@@ -130,4 +165,5 @@ def snapshot(gw: Gateway) -> GatewayView:
         stats=stats,
         link=connection_view(link) if link is not None else None,
         uplinks=tuple(uplink_view(u) for u in gw.uplinks.values()),
+        direct=direct_view(gw),
     )

@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from polevpn.cluster.view import ClusterView
-from polevpn.gateway.view import GATEWAY_DROPS, GatewayView, UplinkView
+from polevpn.gateway.view import GATEWAY_DROPS, DirectView, GatewayView, UplinkView
 from polevpn.io.pathstats import KcpFigures
 from polevpn.ops import httpserver
 from polevpn.router.view import ROUTER_DROPS, ConnectionView, RouterView, SiteView
@@ -571,6 +571,42 @@ class GatewayCollector(Collector):
         yield from links.families()
         if v.uplinks:
             yield from self._per_link(v.uplinks)
+        if v.direct is not None:
+            yield from self._direct(v.direct)
+
+    def _direct(self, d: DirectView) -> Iterable[Metric]:
+        """Direct paths to other offices (issue 18), per peer gateway."""
+        p = f"{self.P}direct_"
+        paths = GaugeMetricFamily(
+            f"{p}paths", "peer gateways by the state of their direct path", labels=["state"]
+        )
+        for state in ("relayed", "punching", "direct"):
+            paths.add_metric([state], sum(1 for x in d.peers if x.state.value == state))
+        nbytes = CounterMetricFamily(
+            f"{p}bytes",
+            "IP bytes over the direct path to a peer gateway, by direction",
+            labels=["peer", "direction"],
+        )
+        refused = CounterMetricFamily(
+            f"{p}refused",
+            "packets from a direct peer refused by the anti-spoofing check",
+            labels=["peer"],
+        )
+        rtt = GaugeMetricFamily(
+            f"{p}rtt_seconds", "round-trip time of a direct path, while direct", labels=["peer"]
+        )
+        for x in d.peers:
+            peer = str(x.peer)
+            nbytes.add_metric([peer, "sent"], x.bytes_sent)
+            nbytes.add_metric([peer, "received"], x.bytes_received)
+            refused.add_metric([peer], x.refused)
+            if x.rtt is not None:
+                rtt.add_metric([peer], x.rtt)
+        out: list[Metric] = [paths, nbytes, refused, rtt]
+        for name, value in d.stats.items():
+            if name != "refused_packets":
+                out.append(_counter(f"{p}{name}", f"DirectStats.{name}", value))
+        return out
 
     def _per_link(self, uplinks: tuple[UplinkView, ...]) -> Iterable[Metric]:
         """Each link of a multi-link gateway, labelled ``link`` (its name). Its packet and

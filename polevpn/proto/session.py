@@ -97,6 +97,19 @@ class ConnectionLost:
     kind: str = "protocol"
 
 
+@dataclass(frozen=True, slots=True)
+class DirectFrame:
+    """A DIRECT_* frame (commands 32..37, docs/protocol.md section 18) on a connection that
+    agreed ``direct``; its body is for ``polevpn.direct.messages`` to parse."""
+
+    command: int
+    body: bytes
+
+
+# the commands of direct paths (wire.Command.DIRECT_ENDPOINT .. DIRECT_PROOF)
+DIRECT_COMMANDS = frozenset(range(32, 38))
+
+
 Event = (
     AuthSucceeded
     | AuthFailed
@@ -106,6 +119,7 @@ Event = (
     | Rejected
     | HeartbeatReceived
     | ConnectionLost
+    | DirectFrame
 )
 
 Packets = list[memoryview]
@@ -519,6 +533,10 @@ class ClientSession(_FramedSession):
             if rtt is not None:
                 self.rtt = rtt
             events.append(HeartbeatReceived(rtt))
+            return
+        if command in DIRECT_COMMANDS and messages.FEATURE_DIRECT in self.features:
+            # a side that did not agree ignores and counts them, as any unknown command
+            events.append(DirectFrame(command, bytes(body)))
             return
         if command not in (wire.AUTH, wire.REGISTER):
             self.unknown_commands += 1
