@@ -2425,6 +2425,42 @@ def http_get_json(topo: Topology, node: str, url: str, token: str | None = None,
     return json.loads(http_get_text(topo, node, url, token, timeout))
 
 
+# The daemons' HTTP servers in the NAT topology's tests (each in its own namespace).
+NAT_API_PORT = 9500  # the router's API
+NAT_METRICS_PORT = 9400  # the router's and each gateway's /metrics
+NAT_API_TOKEN = "polevpn-test-api-token-0123456789"
+
+
+def nat_router_config(keys_dir: str | os.PathLike, **overrides: Any) -> dict:
+    """The router of the NAT topology: tls:// and kcp:// on 0.0.0.0:443 (the kcp://
+    port is also where gateways' endpoint probes go), its API and /metrics on loopback,
+    stats every second."""
+    cfg = router_config(keys_dir, stats_interval=1, api_listen=f"127.0.0.1:{NAT_API_PORT}",
+                        api_token=NAT_API_TOKEN,
+                        metrics_listen=f"127.0.0.1:{NAT_METRICS_PORT}", **overrides)
+    cfg["kcp"]["enable"] = True
+    return cfg
+
+
+def router_api(topo: Topology, path: str, node: str = "router") -> Any:
+    """``GET /api/v1/<path>`` of the router in ``node`` (nat_router_config's API)."""
+    return http_get_json(topo, node, f"http://127.0.0.1:{NAT_API_PORT}/api/v1/{path}",
+                         NAT_API_TOKEN)
+
+
+def router_forwarded_bytes(topo: Topology, node: str = "router") -> int:
+    """IP bytes the router has forwarded to gateways so far (``bytes_forwarded`` of
+    /api/v1/status's counters, the figure of polevpn_router_forwarded_bytes): what went
+    through the router between gateways."""
+    return int(router_api(topo, "status", node)["counters"]["bytes_forwarded"])
+
+
+def metrics(topo: Topology, node: str, port: int = NAT_METRICS_PORT
+            ) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of ``node``'s /metrics (router or gateway, metrics_listen on loopback)."""
+    return parse_metrics(http_get_text(topo, node, f"http://127.0.0.1:{port}/metrics"))
+
+
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$", re.M)
 _METRIC_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
