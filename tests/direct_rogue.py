@@ -64,7 +64,10 @@ async def next_of(client: Rogue, kind: type, until: float) -> dm.Message:
         left = until - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"no {kind.__name__} from the router")
-        msg = await asyncio.wait_for(client.direct.get(), left)
+        try:
+            msg = await asyncio.wait_for(client.direct.get(), left)
+        except TimeoutError:
+            raise TimeoutError(f"no {kind.__name__} from the router") from None
         if isinstance(msg, kind):
             return msg
 
