@@ -249,6 +249,10 @@ def test_direct_within_3s_of_the_first_packet_and_the_router_is_bypassed(dvpn):
     for gw in (A, B):  # both agreed the feature
         line = t.find_log_line(v.router.log_path, f"registered gateway={gw}")
         assert line and "direct" in line.split("features=")[1].split()[0], line
+    # the router saw each gateway's endpoint probe come from its NAT's public address
+    eps = {e["gateway"]: e for e in v.api("direct")["endpoints"]}
+    assert eps[A]["public"].startswith(f"{t.NAT_A_PUB}:"), eps
+    assert eps[B]["public"].startswith(f"{t.NAT_B_PUB}:"), eps
     assert v.ups() == 0, "a direct path before any traffic"
     first = time.time()  # the first ping goes out right after (ping -D: wall clock too)
     pings = v.topo.start_pings("hostA", t.HOST_B, count=40, interval=0.1)
@@ -369,7 +373,7 @@ def test_third_gateway_material_and_spoofed_sources_are_refused(dvpn):
     out = _last_json(res.stdout)
     assert out and "error" not in out, f"rogue: {res.stdout}{res.stderr}\n{v.logs()}"
     assert "direct" in out["features"] and out["offer"], out  # real material of its own
-    assert out["offer"] != pairs[0]["pair_id"]
+    assert out["offer"] != pairs[0]["pair_id"].lower()
     assert out["sent"] == 2 * count and out["answers"] == 0, out
     deadline = time.monotonic() + 3
     while v.refused("gwB") - refused < 2 * count:
