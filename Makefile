@@ -26,6 +26,10 @@
 #                        across routers against within one, one router against two, 2000
 #                        gateways; writes the cluster section of docs/benchmarks.md (root;
 #                        make bench runs it too)
+#   make direct-bench    direct office-to-office paths through NAT (issue 18): ping p50/p99 and
+#                        iperf3 hostA -> hostB direct against relayed in one run, the router's
+#                        CPU and bytes; writes the direct section of docs/benchmarks.md (root;
+#                        make bench runs it too)
 #   make lint            ruff only
 #   make clean           remove .venv, caches and build artefacts (keeps keys/)
 
@@ -55,7 +59,8 @@ SYSDEPS    := ip:iproute2 iperf3:iperf3 ping:iputils-ping nft:nftables \
               chromium:chromium chromedriver:chromium-driver openvpn:openvpn \
               etcd:etcd-server
 
-.PHONY: all venv sysdeps keys test demo bench bench-etcd cluster-bench attack longhaul soak \
+.PHONY: all venv sysdeps keys test demo bench bench-etcd cluster-bench direct-bench attack \
+        longhaul soak \
         screenshot lint clean
 
 all: test
@@ -109,6 +114,9 @@ bench-etcd: venv
 
 cluster-bench: venv
 	$(VPY) tests/bench_cluster.py
+
+direct-bench: venv
+	$(VPY) tests/bench_direct.py
 
 attack: venv
 	$(VPY) tests/bench_attack.py

@@ -19,8 +19,10 @@ kcptun for reference), the multi-link section (gwA with an IPv4 and an IPv6 link
 aggregation over two rate-limited links and failover times; `--multilink-only` runs just
 that and rewrites just its part of the docs), the FEC codec table, the attack section
 (tests/bench_attack.py, also `make attack`; `--no-attack` skips it), the long-haul section
-(tests/bench_longhaul.py, also `make longhaul`; `--no-longhaul` skips it) and the router
-cluster section (tests/bench_cluster.py, also `make cluster-bench`; `--no-cluster` skips it).
+(tests/bench_longhaul.py, also `make longhaul`; `--no-longhaul` skips it), the router
+cluster section (tests/bench_cluster.py, also `make cluster-bench`; `--no-cluster` skips it)
+and the direct-path section (tests/bench_direct.py, also `make direct-bench`; `--no-direct`
+skips it).
 Configs and keys go to a temporary directory.
 
 Writes docs/benchmarks.md and docs/benchmarks.json (unless --no-write).
@@ -138,7 +140,9 @@ def write_docs(result: dict) -> None:
     # and `make bench-etcd`'s (tests/bench_etcd.py), and the cluster's (tests/bench_cluster.py,
     # run before this)
     text = soak.with_section(text, ETCD_BEGIN, ETCD_END, path=md)
-    md.write_text(soak.with_section(text, CLUSTER_BEGIN, CLUSTER_END, path=md))
+    text = soak.with_section(text, CLUSTER_BEGIN, CLUSTER_END, path=md)
+    # and the direct paths' (tests/bench_direct.py, run before this)
+    md.write_text(soak.with_section(text, DIRECT_BEGIN, DIRECT_END, path=md))
 
 
 # the markers of tests/bench_etcd.py's section
@@ -147,6 +151,9 @@ ETCD_END = "<!-- etcd-client:end -->"
 # and of tests/bench_cluster.py's (`make cluster-bench`)
 CLUSTER_BEGIN = "<!-- cluster:begin -->"
 CLUSTER_END = "<!-- cluster:end -->"
+# and of tests/bench_direct.py's (`make direct-bench`)
+DIRECT_BEGIN = "<!-- direct:begin -->"
+DIRECT_END = "<!-- direct:end -->"
 
 
 def crypto_thread_lines(ct: dict) -> list[str]:
@@ -1064,6 +1071,9 @@ def main() -> int:
     ap.add_argument("--no-cluster", action="store_true",
                     help="skip the router cluster section (tests/bench_cluster.py, "
                     "`make cluster-bench`)")
+    ap.add_argument("--no-direct", action="store_true",
+                    help="skip the direct-path section (tests/bench_direct.py, "
+                    "`make direct-bench`)")
     ap.add_argument("--no-peers", action="store_true",
                     help=f"skip the peer VPNs ({', '.join(PEER_KEYS)})")
     ap.add_argument("--only", type=parse_only, metavar="SYSTEMS",
@@ -1128,6 +1138,15 @@ def main() -> int:
                 cmd.append("--no-write")
             if subprocess.run(cmd, timeout=3600).returncode:
                 print("cluster bench FAILED (its section is written with what it measured)",
+                      file=sys.stderr)
+        if not args.no_direct:
+            # the same: its own section and JSON file, carried over below
+            cmd = [sys.executable, str(REPO / "tests" / "bench_direct.py"),
+                   "--command", "make bench"]
+            if args.no_write:
+                cmd.append("--no-write")
+            if subprocess.run(cmd, timeout=1800).returncode:
+                print("direct bench FAILED (its section is written with what it measured)",
                       file=sys.stderr)
         # a failed multi-link run is written as such; the rest of the docs stays worth it
         ml = None if args.no_multilink else multilink(work, keys)

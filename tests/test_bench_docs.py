@@ -237,3 +237,72 @@ def test_the_cluster_section_is_replaced_in_place_and_kept_by_bench(tmp_path, mo
     assert "former throughput" not in text and text.count(soak.SOAK_BEGIN) == 1
     assert text.count(bench_cluster.BEGIN) == 1 and "cluster-date-2" in text
     assert (bench.CLUSTER_BEGIN, bench.CLUSTER_END) == (bench_cluster.BEGIN, bench_cluster.END)
+
+
+def direct_report(date: str, direct: bool = True) -> dict:
+    """What tests/bench_direct.py reports, with figures made up for the layout; without
+    ``direct`` the direct half is missing, as before the feature."""
+    def mode(p50: float, p99: float, mbit_s: float, cpu: float, fwd: int, wire: int) -> dict:
+        return {"ping": {"sent": 200, "received": 200, "loss_pct": 0.0, "p50_ms": p50,
+                         "p99_ms": p99},
+                "iperf3": {"mbit_s": mbit_s, "bytes": 1, "retransmits": 0},
+                "router": {"cpu_s": cpu / 10, "cpu_pct": cpu, "forwarded_bytes": fwd,
+                           "wire_bytes": wire}}
+
+    report = {
+        "date": date, "command": "make direct-bench", "git": "abc1234", "scheme": "kcp",
+        "machine": {"cpu": "cpu", "cores": 2, "kernel": "6", "python": "3.11"},
+        "seconds": 10, "pings": 200, "router_delay_ms": 40.0, "peer_delay_ms": 5.0,
+        "notes": ["a note on the run"], "errors": [],
+        "relayed": mode(164.0, 170.0, 90.0, 35.0, 120_000_000, 250_000_000),
+    }  # fmt: skip
+    if direct:
+        report["direct"] = mode(10.5, 12.25, 150.0, 1.5, 2_000, 300_000)
+        report["direct_up_s"] = 0.42
+        report["saved"] = {"forwarded_bytes": 119_998_000, "forwarded_share": 1.0,
+                           "router_cpu_s": 3.35}
+    else:
+        report["errors"].append("direct: the installed polevpn has no direct paths")
+    return report
+
+
+def test_the_direct_section_is_replaced_in_place_and_kept_by_bench(tmp_path, monkeypatch):
+    """`make direct-bench` writes its section (again in place, not a second copy), and
+    `make bench` rewrites benchmarks.md and carries it over."""
+    import bench_direct
+
+    for mod in (bench, bench_attack, soak, bench_direct):
+        monkeypatch.setattr(mod, "DOCS", tmp_path)
+    md = tmp_path / "benchmarks.md"
+    md.write_text(f"# Benchmarks\n\nformer throughput\n\n{SOAK}\n")
+    bench_direct.write_docs(direct_report("direct-date", direct=False))
+    text = md.read_text()
+    assert "| direct | not measured |" in text
+    assert "Not measured: direct: the installed polevpn has no direct paths" in text
+    bench_direct.write_docs(direct_report("direct-date-2"))
+    text = md.read_text()
+    assert text.count(bench_direct.BEGIN) == 1 and "direct-date-2" in text
+    assert "direct-date," not in text and "former throughput" in text
+    assert "| relayed | 164.0 | 170.0 | 0.0 % | 90.0 | 35.0 % | 120.0 | 250.0 |" in text
+    assert "| direct | 10.5 | 12.2 | 0.0 % | 150.0 | 1.5 % | 0.0 | 0.3 |" in text
+    assert "(0.42 s after the first ping)" in text
+    assert "120.0 MB forwarded (100% of the relayed run's), 3.35 CPU seconds" in text
+    assert "a note on the run" in text and "Not measured" not in text
+    assert json.loads((tmp_path / "direct_bench.json").read_text())["date"] == "direct-date-2"
+    bench.write_docs(bench_result())
+    text = md.read_text()
+    assert "former throughput" not in text and text.count(soak.SOAK_BEGIN) == 1
+    assert text.count(bench_direct.BEGIN) == 1 and "direct-date-2" in text
+    assert (bench.DIRECT_BEGIN, bench.DIRECT_END) == (bench_direct.BEGIN, bench_direct.END)
+
+
+def test_direct_bench_percentiles():
+    import bench_direct
+
+    assert bench_direct.percentile([], 50) is None
+    values = [float(x) for x in range(1, 101)]  # 1..100
+    assert bench_direct.percentile(values, 50) == 50.0
+    assert bench_direct.percentile(values, 99) == 99.0
+    assert bench_direct.percentile([3.0, 1.0, 2.0], 99) == 3.0
+    s = bench_direct.summarize_pings([10.0, 11.0, 12.0], sent=4)
+    assert s == {"sent": 4, "received": 3, "loss_pct": 25.0, "p50_ms": 11.0, "p99_ms": 12.0}

@@ -2056,6 +2056,435 @@ def start_gateway(topo: Topology, node: str, config: str | os.PathLike,
     return proc
 
 
+# --------------------------------------------------------------------------
+# NatTopology: offices behind NATs, the router on a public segment (issue 18)
+# --------------------------------------------------------------------------
+NAT_NODES = ("hostA", "gwA", "natA", "inet", "router", "natB", "gwB", "hostB")
+# the offices' private segments (between a gateway and its NAT)
+PRIV_A = "198.18.101.0/24"
+NAT_A_PRIV = "198.18.101.1"
+GW_A_PRIV = "198.18.101.2"
+PRIV_B = "198.18.102.0/24"
+NAT_B_PRIV = "198.18.102.1"
+GW_B_PRIV = "198.18.102.2"
+GW_C_PRIV = "198.18.102.3"  # NatTopology.add_gateway_c(): a third gateway behind natB
+GW_C_TUN4 = "169.254.0.3"
+# the public segments, each a /24 between one NAT (or the router) and inet
+NAT_A_PUB = "198.19.1.1"
+INET_A = "198.19.1.254"
+PUB_A = "198.19.1.0/24"
+NAT_B_PUB = "198.19.2.1"
+INET_B = "198.19.2.254"
+PUB_B = "198.19.2.0/24"
+ROUTER_PUB = "198.19.3.1"
+INET_R = "198.19.3.254"
+PUB_R = "198.19.3.0/24"
+INET_NODE = "inet"
+# the impairment element's TUNs in inet: to the router, from the router, between the NATs
+NAT_TUNS = {"up": "tup", "down": "tdown", "peer": "tpeer"}
+NAT_TABLES = {"up": 111, "down": 112, "peer": 113}
+NFT_NAT_TABLE = "pvnat"
+NFT_CUT_TABLE = "pvcut"
+# the router's default delays (ms, each way) on each of its links and between the NATs
+NAT_ROUTER_DELAY_MS = 40.0
+NAT_PEER_DELAY_MS = 5.0
+
+
+class NatTopology(Topology):
+    """Two offices, each behind its own NAT, and the router on a "public" segment (issue 18):
+
+        hostA -LAN A- gwA -priv A- natA ==pa [inet] pr== router
+                                              pb
+        hostB -LAN B- gwB -priv B- natB ======'
+
+    * LAN A / LAN B and the hosts as in ``Topology`` (hostA 198.18.10.2, gwA 198.18.10.1;
+      hostB 198.18.20.2, gwB 198.18.20.1; and the IPv6 addresses).
+    * Private segments: gwA ``wan0`` 198.18.101.2/24 - natA ``lan0`` 198.18.101.1;
+      gwB ``wan0`` 198.18.102.2/24 - natB ``br0`` 198.18.102.1 (a bridge, so that
+      :meth:`add_gateway_c` can put a third gateway, gwC 198.18.102.3, next to gwB:
+      two offices behind one NAT). Hosts and gateways have default routes outwards, each
+      NAT a route to its office's LAN (IPv4) via the gateway; private addresses are routed
+      nowhere else (as on the internet), so only the NATs' public addresses meet.
+    * Public: natA ``wan0`` 198.19.1.1/24 - inet ``pa`` .254; natB ``wan0`` 198.19.2.1/24
+      - inet ``pb`` .254; router ``pub0`` 198.19.3.1/24 - inet ``pr`` .254. inet is a plain
+      router between the three segments, so natA and natB reach each other directly, not
+      only through the router.
+    * NAT: nftables ``masquerade`` out of each NAT's ``wan0``: Linux keeps the private
+      source port where it can, so one socket keeps one public port whatever it sends to
+      (endpoint-independent mapping), and conntrack lets in only replies from an endpoint
+      the socket has sent to (address- and port-dependent filtering). ``symmetric=True``
+      (or :meth:`set_nat`) uses ``masquerade fully-random``: a new random port per
+      conntrack entry, i.e. per destination endpoint. Each NAT also drops unsolicited UDP
+      to its own public address (input, ``ct state new``), as an office router's firewall
+      does; without that a peer's punch arriving before our first outbound datagram would
+      create a conntrack entry towards the NAT itself, which then takes the very public
+      port our mapping wants (Linux picks another one for the clashing tuple).
+    * Delay: the userspace impairment element (tests/impair.py) in inet, one TUN per class
+      of path: ``up`` (natA or natB -> router), ``down`` (router -> natA or natB),
+      ``peer`` (natA <-> natB, both ways). ``router_delay_ms`` (default 40) each way on the
+      router's paths, ``peer_delay_ms`` (default 5) each way between the NATs: hostA ->
+      hostB is 160 ms round trip through the router, 10 ms direct. Both 0: no element,
+      inet forwards in the kernel. :meth:`set_impair` changes them while running
+      (directions "up", "down", "peer", "both").
+    * :meth:`cut_peer_udp` / :meth:`restore_peer_udp`: nftables in inet drops UDP between
+      the two NATs' public addresses (only that: ICMP and everything to the router pass).
+
+    Teardown, logs and traffic helpers are ``Topology``'s.
+    """
+
+    def __init__(
+        self,
+        prefix: str | None = None,
+        log_dir: str | os.PathLike | None = None,
+        symmetric: bool = False,
+        router_delay_ms: float = NAT_ROUTER_DELAY_MS,
+        peer_delay_ms: float = NAT_PEER_DELAY_MS,
+    ) -> None:
+        super().__init__(prefix=prefix, log_dir=log_dir)
+        self.nodes = NAT_NODES
+        self.ns = {node: f"{self.prefix}-{node}" for node in self.nodes}
+        self.nat_symmetric = {"A": symmetric, "B": symmetric}
+        self.router_delay_ms = router_delay_ms
+        self.peer_delay_ms = peer_delay_ms
+        # the element (when delays are set) is the base class's impair_proc, in inet
+        self.impair = bool(router_delay_ms or peer_delay_ms)
+
+    def _setup(self) -> None:
+        for node in self.nodes:
+            self._add_ns(node)
+        # LANs, as in Topology
+        for gw, host, gw4, gw6, host4, host6 in (
+            ("gwA", "hostA", GW_A_LAN, GW_A_LAN6, HOST_A, HOST_A6),
+            ("gwB", "hostB", GW_B_LAN, GW_B_LAN6, HOST_B, HOST_B6),
+        ):
+            self._veth(gw, "lan0", host, "eth0")
+            self._addr(gw, "lan0", f"{gw4}/24")
+            self._addr(gw, "lan0", f"{gw6}/64")
+            self._addr(host, "eth0", f"{host4}/24")
+            self._addr(host, "eth0", f"{host6}/64")
+            self.run(host, ["ip", "route", "add", "default", "via", gw4])
+            self.run(host, ["ip", "-6", "route", "add", "default", "via", gw6])
+            self._sysctl(gw, "net.ipv4.ip_forward", "1")
+            self._sysctl(gw, "net.ipv6.conf.all.forwarding", "1")
+        # private segments: gwA - natA directly, gwB - natB's bridge
+        self._veth("gwA", "wan0", "natA", "lan0")
+        self._addr("gwA", "wan0", f"{GW_A_PRIV}/24")
+        self._addr("natA", "lan0", f"{NAT_A_PRIV}/24")
+        self.run("natB", ["ip", "link", "add", "br0", "type", "bridge"])
+        self.run("natB", ["ip", "link", "set", "br0", "up"])
+        self._addr("natB", "br0", f"{NAT_B_PRIV}/24")
+        self._bridge_port("gwB", "lb")
+        self._addr("gwB", "wan0", f"{GW_B_PRIV}/24")
+        self.run("gwA", ["ip", "route", "add", "default", "via", NAT_A_PRIV])
+        self.run("gwB", ["ip", "route", "add", "default", "via", NAT_B_PRIV])
+        # public segments around inet
+        for node, ifname, addr, inet_if, inet_addr in (
+            ("natA", "wan0", NAT_A_PUB, "pa", INET_A),
+            ("natB", "wan0", NAT_B_PUB, "pb", INET_B),
+            ("router", "pub0", ROUTER_PUB, "pr", INET_R),
+        ):
+            self._veth(node, ifname, INET_NODE, inet_if)
+            self._addr(node, ifname, f"{addr}/24")
+            self._addr(INET_NODE, inet_if, f"{inet_addr}/24")
+            self.run(node, ["ip", "route", "add", "default", "via", inet_addr])
+        for node in ("natA", "natB", INET_NODE):
+            self._sysctl(node, "net.ipv4.ip_forward", "1")
+        # each NAT routes its office's LAN to the office's gateway (plain routing inside)
+        self.run("natA", ["ip", "route", "add", LAN_A, "via", GW_A_PRIV])
+        self.run("natB", ["ip", "route", "add", LAN_B, "via", GW_B_PRIV])
+        for side in "AB":
+            self.set_nat(side, self.nat_symmetric[side])
+        if self.impair:
+            self._setup_nat_impair()
+
+    def _bridge_port(self, node: str, port: str) -> None:
+        """``node``'s ``wan0`` on natB's bridge (natB's end named ``port``)."""
+        self._veth(node, "wan0", "natB", port)
+        self.run("natB", ["ip", "link", "set", port, "master", "br0"])
+
+    def add_gateway_c(self) -> None:
+        """A third gateway host gwC (198.18.102.3) on natB's private segment, next to gwB:
+        two offices behind one NAT; no LAN of its own (the tests run protocol-level
+        clients in it). Removed with the rest on teardown."""
+        self.ns["gwC"] = f"{self.prefix}-gwC"
+        self._add_ns("gwC")
+        self._bridge_port("gwC", "lc")
+        self._addr("gwC", "wan0", f"{GW_C_PRIV}/24")
+        self.run("gwC", ["ip", "route", "add", "default", "via", NAT_B_PRIV])
+
+    # ------------------------------------------------------------------- NAT
+    def set_nat(self, side: str, symmetric: bool) -> None:
+        """natA (``side`` "A") or natB: plain masquerade (endpoint-independent mapping) or
+        ``fully-random`` (a new port per destination). Conntrack entries made before keep
+        their mapping: a socket opened afterwards sees the new behaviour."""
+        node = f"nat{side}"
+        flag = " fully-random" if symmetric else ""
+        script = (
+            f"table ip {NFT_NAT_TABLE}\ndelete table ip {NFT_NAT_TABLE}\n"
+            f"table ip {NFT_NAT_TABLE} {{\n"
+            "  chain post {\n    type nat hook postrouting priority 100;\n"
+            f'    oifname "wan0" masquerade{flag}\n  }}\n'
+            "  chain input {\n    type filter hook input priority 0;\n"
+            '    iifname "wan0" meta l4proto udp ct state new counter drop\n  }\n}\n'
+        )
+        self.run(node, ["nft", "-f", "-"], input=script)
+        self.nat_symmetric[side] = symmetric
+
+    # ------------------------------------------------------------- impairment
+    def _setup_nat_impair(self) -> None:
+        inet = INET_NODE
+        for key in ("net.ipv4.conf.all.rp_filter", "net.ipv4.conf.default.rp_filter"):
+            self._sysctl(inet, key, "0")
+        for direction, tun in NAT_TUNS.items():
+            self.run(inet, ["ip", "tuntap", "add", "dev", tun, "mode", "tun"])
+            self.run(inet, ["ip", "link", "set", tun, "addrgenmode", "none"])
+            self.run(inet, ["ip", "link", "set", tun, "mtu", "1500", "txqueuelen", "1000",
+                            "up"])
+            self._sysctl(inet, f"net.ipv4.conf.{tun}.rp_filter", "0")
+            self.run(inet, ["ip", "route", "replace", "default", "dev", tun,
+                            "table", str(NAT_TABLES[direction])])
+        self._imp_dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-imp-"))
+        sock = self._imp_dir / "impair.sock"
+        cmd = [sys.executable, IMPAIR_SCRIPT, "--control", str(sock), "--seed", "1"]
+        for direction, tun in NAT_TUNS.items():
+            cmd += ["--tun", f"{direction}={tun}"]
+        delays = {"up": self.router_delay_ms, "down": self.router_delay_ms,
+                  "peer": self.peer_delay_ms}
+        for direction, ms in delays.items():
+            cmd += ["--dir", f"{direction}={json.dumps({'delay_ms': ms})}"]
+        proc = self.popen(inet, cmd, log_name="impair")
+        self.impair_proc = proc
+        wait_for_log(proc, '"event": "ready"', timeout=10)
+        # only while the element runs (without a reader the TUNs would blackhole)
+        rules = (
+            ("pa", PUB_R, "up"), ("pb", PUB_R, "up"),
+            ("pr", None, "down"),
+            ("pa", PUB_B, "peer"), ("pb", PUB_A, "peer"),
+        )
+        for iif, to, direction in rules:
+            table = str(NAT_TABLES[direction])
+            rule = ["iif", iif, *(["to", to] if to else []), "lookup", table, "pref", table]
+            self.run(inet, ["ip", "rule", "add", *rule])
+
+    def start_impair(self, *args: Any, **kw: Any) -> subprocess.Popen:
+        raise TopologyError("NatTopology starts its element itself (router/peer delays)")
+
+    def stop_impair(self) -> dict:
+        raise TopologyError("NatTopology's element runs for the topology's life")
+
+    # -------------------------------------------------------------------- cut
+    def cut_peer_udp(self) -> None:
+        """Drop UDP between natA's and natB's public addresses (both ways) in inet."""
+        script = (
+            f"table inet {NFT_CUT_TABLE}\ndelete table inet {NFT_CUT_TABLE}\n"
+            f"table inet {NFT_CUT_TABLE} {{\n"
+            "  chain pre {\n    type filter hook prerouting priority -300;\n"
+            f"    ip saddr {NAT_A_PUB} ip daddr {NAT_B_PUB} meta l4proto udp counter drop\n"
+            f"    ip saddr {NAT_B_PUB} ip daddr {NAT_A_PUB} meta l4proto udp counter drop\n"
+            "  }\n}\n"
+        )
+        self.run(INET_NODE, ["nft", "-f", "-"], input=script)
+
+    def restore_peer_udp(self) -> None:
+        self.run(INET_NODE, ["nft", "delete", "table", "inet", NFT_CUT_TABLE], check=False)
+
+    def cut_drops(self) -> int:
+        """Packets the cut has dropped so far (0 without a cut)."""
+        return _nft_counter_packets(self, INET_NODE, "inet", NFT_CUT_TABLE)
+
+    def nat_refused(self, side: str) -> int:
+        """Unsolicited UDP that nat``side`` dropped at its public address so far."""
+        return _nft_counter_packets(self, f"nat{side}", "ip", NFT_NAT_TABLE)
+
+
+def _nft_counter_packets(topo: Topology, node: str, family: str, table: str) -> int:
+    res = topo.run(node, ["nft", "-j", "list", "table", family, table], check=False)
+    if res.returncode != 0:
+        return 0
+    total = 0
+    for item in json.loads(res.stdout).get("nftables", []):
+        for expr in item.get("rule", {}).get("expr", []):
+            if "counter" in expr:
+                total += expr["counter"]["packets"]
+    return total
+
+
+# A tiny UDP echo for the NAT topology's tests: answers every datagram with the source
+# endpoint it saw ("ip:port"); ends after ``count`` datagrams or ``seconds``.
+UDP_ECHO = r"""
+import socket, sys, time
+host, port, count, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((host, port))
+print("ready", flush=True)
+end = time.monotonic() + seconds
+n = 0
+while n < count and time.monotonic() < end:
+    s.settimeout(max(0.01, end - time.monotonic()))
+    try:
+        data, src = s.recvfrom(2048)
+    except socket.timeout:
+        break
+    s.sendto(f"{src[0]}:{src[1]}".encode(), src)
+    n += 1
+"""
+
+# One UDP socket, one datagram to each "ip:port" argument (resent up to 5 times until
+# answered); prints {"ip:port": "what the echo saw" or None, ...}.
+UDP_ASK = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 0))
+s.settimeout(0.5)
+out = {}
+for dest in sys.argv[1:]:
+    ip, port = dest.rsplit(":", 1)
+    out[dest] = None
+    for _ in range(5):
+        s.sendto(b"?", (ip, int(port)))
+        try:
+            data, src = s.recvfrom(2048)
+        except socket.timeout:
+            continue
+        out[dest] = data.decode()
+        break
+print(json.dumps(out), flush=True)
+"""
+
+# Simultaneous UDP "hole punching" between two sockets (the same script on both sides):
+# bind ``port``, send a datagram to peer ip:port every ``interval`` for ``seconds``, count
+# what comes back from there; prints {"sent": n, "received": n}.
+UDP_PUNCH = r"""
+import json, socket, sys, time
+port, peer, peer_port = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+seconds, interval = float(sys.argv[4]), float(sys.argv[5])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+s.setblocking(False)
+sent = received = 0
+end = time.monotonic() + seconds
+nxt = time.monotonic()
+while time.monotonic() < end:
+    if time.monotonic() >= nxt:
+        s.sendto(b"punch %d" % sent, (peer, peer_port))
+        sent += 1
+        nxt += interval
+    try:
+        while True:
+            data, src = s.recvfrom(2048)
+            if src[0] == peer:
+                received += 1
+    except BlockingIOError:
+        pass
+    time.sleep(0.005)
+print(json.dumps({"sent": sent, "received": received}), flush=True)
+"""
+
+
+def udp_punch(topo: Topology, a: tuple[str, str], b: tuple[str, str], port: int = 7100,
+              seconds: float = 1.5, interval: float = 0.05) -> tuple[dict, dict]:
+    """Both ``(node, peer address)`` ends run UDP_PUNCH at once, on ``port``, towards the
+    other's address (its NAT's public one): what each received."""
+    procs = [topo.popen(node, [sys.executable, "-c", UDP_PUNCH, str(port), peer, str(port),
+                               str(seconds), str(interval)],
+                        log_name=f"punch-{node}-{secrets.token_hex(2)}")
+             for node, peer in (a, b)]
+    out = []
+    for proc in procs:
+        try:
+            proc.wait(timeout=seconds + 15)
+        finally:
+            topo.stop(proc, timeout=2)
+        got = _last_json(proc.log_path)
+        if got is None:
+            raise TopologyError(f"punch script failed: {log_tail(proc.log_path)}")
+        out.append(got)
+    return out[0], out[1]
+
+
+_HTTP_GET = (
+    "import sys, urllib.request\n"
+    "h = {'Authorization': 'Bearer ' + sys.argv[2]} if sys.argv[2] else {}\n"
+    "r = urllib.request.urlopen(urllib.request.Request(sys.argv[1], headers=h), timeout=5)\n"
+    "sys.stdout.write(r.read().decode())\n"
+)
+
+
+def http_get_text(topo: Topology, node: str, url: str, token: str | None = None,
+                  timeout: float = 10) -> str:
+    """GET ``url`` from inside ``node`` (the daemons' HTTP servers listen on the
+    namespace's loopback): the body."""
+    return topo.run(node, [sys.executable, "-c", _HTTP_GET, url, token or ""],
+                    timeout=timeout).stdout
+
+
+def http_get_json(topo: Topology, node: str, url: str, token: str | None = None,
+                  timeout: float = 10) -> Any:
+    """As http_get_text, parsed as JSON."""
+    return json.loads(http_get_text(topo, node, url, token, timeout))
+
+
+# The daemons' HTTP servers in the NAT topology's tests (each in its own namespace).
+NAT_API_PORT = 9500  # the router's API
+NAT_METRICS_PORT = 9400  # the router's and each gateway's /metrics
+NAT_API_TOKEN = "polevpn-test-api-token-0123456789"
+
+
+def nat_router_config(keys_dir: str | os.PathLike, **overrides: Any) -> dict:
+    """The router of the NAT topology: tls:// and kcp:// on 0.0.0.0:443 (the kcp://
+    port is also where gateways' endpoint probes go), its API and /metrics on loopback,
+    stats every second."""
+    cfg = router_config(keys_dir, stats_interval=1, api_listen=f"127.0.0.1:{NAT_API_PORT}",
+                        api_token=NAT_API_TOKEN,
+                        metrics_listen=f"127.0.0.1:{NAT_METRICS_PORT}", **overrides)
+    cfg["kcp"]["enable"] = True
+    return cfg
+
+
+def router_api(topo: Topology, path: str, node: str = "router") -> Any:
+    """``GET /api/v1/<path>`` of the router in ``node`` (nat_router_config's API)."""
+    return http_get_json(topo, node, f"http://127.0.0.1:{NAT_API_PORT}/api/v1/{path}",
+                         NAT_API_TOKEN)
+
+
+def router_forwarded_bytes(topo: Topology, node: str = "router") -> int:
+    """IP bytes the router has forwarded to gateways so far (``bytes_forwarded`` of
+    /api/v1/status's counters, the figure of polevpn_router_forwarded_bytes): what went
+    through the router between gateways."""
+    return int(router_api(topo, "status", node)["counters"]["bytes_forwarded"])
+
+
+def metrics(topo: Topology, node: str, port: int = NAT_METRICS_PORT
+            ) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of ``node``'s /metrics (router or gateway, metrics_listen on loopback)."""
+    return parse_metrics(http_get_text(topo, node, f"http://127.0.0.1:{port}/metrics"))
+
+
+_METRIC_LINE = re.compile(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$", re.M)
+_METRIC_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Prometheus text exposition -> (name, labels, value) per sample."""
+    out = []
+    for name, labels, value in _METRIC_LINE.findall(text):
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        out.append((name, dict(_METRIC_LABEL.findall(labels or "")), v))
+    return out
+
+
+def metric_sum(samples: Sequence[tuple[str, dict[str, str], float]], name: str,
+               **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(v for n, lab, v in samples
+               if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+
+
 if __name__ == "__main__":  # manual smoke test: plain routing only
     with Topology() as topo:
         topo.enable_plain_routing()
