@@ -95,17 +95,54 @@ def test_no_loss_no_reordering():
     assert run(a, b, oa, ob, len(data), loss=0.0) == data
 
 
-def test_a_frame_longer_than_the_mss_goes_whole_and_in_order():
+def test_frames_longer_than_the_mss_go_up_whole_ahead_of_a_hole():
+    """A full-size IP packet (1400 bytes and the header) or a super-packet is longer than
+    one segment: its fragments are marked so the receiver knows where it begins and
+    when it has all of it, and it goes up whole, maybe before what was sent ahead."""
     a, b, oa, ob = pair()
-    body = bytes(range(256)) * 40  # 10 kB: a message of several fragments
-    big = wire.super_header(len(body)) + body
-    small = [wire.encode_frame(wire.C2S_IPDATA, b"x" * 100, i) for i in range(5)]
-    data = small[0] + big + b"".join(small[1:])
+    rng = random.Random(11)
+    parts = []
+    for i in range(200):
+        if i % 20 == 0:
+            body = bytes([i % 256]) * rng.randint(3000, 60000)  # a super-packet
+            parts.append(wire.super_header(len(body)) + body)
+        else:
+            parts.append(wire.encode_frame(wire.C2S_IPDATA, bytes([i % 256]) * 1400, i))
+    data = b"".join(parts)
     n, aligned = a.write_frames(data)
-    assert aligned and n == 3  # one before, the super-packet, the rest
-    got = run(a, b, oa, ob, len(data), loss=0.1, seed=3)
-    assert sorted(got) == sorted(data)
-    assert big in got
+    assert aligned and n == 200  # one message each: none fits another beside it
+    got = run(a, b, oa, ob, len(data), loss=0.05, seed=3)
+    assert len(got) == len(data)
+    assert sorted(seqs(got)) == sorted(seqs(data))
+    for part in parts[::20]:
+        assert part in got  # each super-packet whole
+    order = [s for s in seqs(got) if s >= 0]
+    assert order != sorted(order)
+    assert b.early_segments > 0
+
+
+def test_a_message_of_many_fragments_never_goes_up_in_part():
+    """Fragments of one message that arrive out of order, with one missing: nothing of it
+    goes up until the last one is there."""
+    a, b, oa, ob = pair()
+    body = bytes(range(256)) * 30  # 7.7 kB: six fragments
+    frame = wire.super_header(len(body)) + body
+    small = wire.encode_frame(wire.C2S_IPDATA, b"h" * 100, 1)
+    a.write_frames(small)
+    a.write_frames(frame)
+    a.update(10)
+    segs = list(oa)  # one datagram each: the small frame, then the fragments
+    oa.clear()
+    assert len(segs) == 7
+    # the small frame and the second fragment lost
+    for d in segs[1:2] + segs[3:]:
+        b.input(d)
+    b.update(10)
+    assert b.recv_all() == b""  # five of six: nothing of it
+    b.input(segs[2])
+    assert b.recv_all() == frame  # whole, ahead of the small frame still missing
+    b.input(segs[0])
+    assert b.recv_all() == small
 
 
 def test_bytes_that_are_not_whole_frames_go_in_order():

@@ -85,6 +85,12 @@ class KcpParams:
     # with congestion "bbr": the most segments the windows grow to (send and receive);
     # bounds what one session may buffer (about max_window x 1.3 kB each way)
     max_window: int = 8192
+    # IP packets between our own gateways and routers may go up out of order (they are
+    # IP: nothing needs them in order), so a lost segment holds up only its own packets;
+    # negotiated in AUTH ("unordered"), never with a Go PoleVPN peer. Off by default: a
+    # bbr sender inside gains and pings stay short under load, but a cubic sender reads
+    # every segment FEC could not rebuild as a loss (docs/benchmarks.md, long-haul)
+    unordered: bool = False
     dtls_mtu: int = 1400
     # data unacknowledged this long with nothing at all from the peer: the peer is gone
     silence_timeout: float = 2.0
@@ -1154,6 +1160,7 @@ def _kcp_params(sec: _Reader) -> KcpParams:
         receive_window=sec.integer("receive_window", 2048, 16, 32768),
         congestion=congestion,
         max_window=sec.integer("max_window", 8192, 64, 32768),
+        unordered=sec.boolean("unordered", False),
         dtls_mtu=sec.integer("dtls_mtu", 1400, 576, 9000),
         silence_timeout=sec.number("silence_timeout", 2.0, 0.2, 3600),
         fec=fec,

@@ -48,7 +48,12 @@ from polevpn.packet.multipath import FlowTable, Path
 from polevpn.packet.routing import NetworkSet
 from polevpn.proto import wire
 from polevpn.proto.certs import pin_matches
-from polevpn.proto.messages import FEATURE_DIRECT, FEATURE_SUPER, LinkRequest
+from polevpn.proto.messages import (
+    FEATURE_DIRECT,
+    FEATURE_SUPER,
+    FEATURE_UNORDERED,
+    LinkRequest,
+)
 from polevpn.proto.session import (
     AuthSucceeded,
     ClientSession,
@@ -125,6 +130,8 @@ class RouterLink(asyncio.Protocol):
         features = {FEATURE_SUPER} if offload else set()
         if gw.direct is not None:
             features.add(FEATURE_DIRECT)
+        if server.scheme == "kcp" and cfg.kcp_params.unordered:
+            features.add(FEATURE_UNORDERED)
         self.session = ClientSession(
             cfg.key,
             str(cfg.gateway),
@@ -213,6 +220,11 @@ class RouterLink(asyncio.Protocol):
         if isinstance(ev, AuthSucceeded):
             log.debug("authenticated with router")
         elif isinstance(ev, Registered):
+            if FEATURE_UNORDERED in self.session.features and self.transport is not None:
+                # the router agreed in its AUTH reply: our data may go up out of order
+                kcp_link = self.transport.get_extra_info("kcp_link")
+                if kcp_link is not None:
+                    kcp_link.unordered_send = True
             if not self.registered.done():
                 self.registered.set_result(None)
             self.gw.on_registered(self)
@@ -1311,6 +1323,8 @@ class Gateway:
         kcp = link.transport.get_extra_info("kcp_link") if link and link.transport else None
         if kcp is not None:
             fields.update(transport="kcp", fec=kcp.fec_state, srtt_ms=kcp.srtt_ms)
+            # out-of-order delivery (kcp.unordered): whether we send so, and what came so
+            fields.update(kcp_unordered=int(kcp.unordered_send), kcp_early=kcp.early_deliveries)
             cc = pathstats.congestion_figures(kcp)
             if cc is not None:
                 fields.update(

@@ -462,8 +462,8 @@ static PyObject *Kcp_pace_debit(KcpObject *self, PyObject *arg)
 /* Frames of the PoleVPN stream (u16 length with the header, u16 command, u32 seq; a
    SUPER_IPDATA header of length 8 is followed by seq bytes) packed into messages of
    whole frames: as many as fit one MSS go in one unordered message (the peer may deliver
-   it out of order), a longer frame goes alone as an ordinary (ordered) message. Bytes
-   that do not parse as whole frames go as plain messages, in order. */
+   it out of order), a longer frame goes alone as an unordered message of several
+   fragments. Bytes that do not parse as whole frames go as plain messages, in order. */
 #define WIRE_HEADER 8
 #define WIRE_SUPER 16
 
@@ -525,7 +525,7 @@ static PyObject *Kcp_write_frames(KcpObject *self, PyObject *arg)
                 chunk = p;
                 chunk_len = flen;
             } else if (rc == 0) {
-                rc = ikcp_send(kcp, (const char *)p, (int)flen) < 0 ? -1 : 0;
+                rc = ikcp_send_unordered(kcp, (const char *)p, (int)flen) < 0 ? -1 : 0;
                 n++;
             }
         }

@@ -138,8 +138,14 @@ class KcpLink:
         if params.congestion == "bbr":
             self.cc = Bbr(self.mss, now, params.max_window * self.mss, seed=seed)
         self.authenticated = authenticated
+        # the peer agreed "unordered" (docs/protocol.md section 14): our writes go as
+        # messages of whole frames that it may deliver ahead of a hole. Off for good once a
+        # write was not whole frames: what follows would be parsed from inside a frame
+        self.unordered_send = False
+        self.misaligned_writes = 0
         if authenticated:
             self._repeat_acks()
+            self.kcp.set_unordered(True)
         if not authenticated:
             self.kcp.set_rcv_wnd(min(PRE_AUTH_WINDOW, params.receive_window))
             if self.fec is not None:
@@ -159,6 +165,9 @@ class KcpLink:
         kcp = self.kcp
         if kcp is None:
             return
+        # only a peer that agreed marks messages so (Go's KCP never does): from one that
+        # passed AUTH, they go up as they come
+        kcp.set_unordered(True)
         send_window = self.params.max_window if self.cc is not None else self.params.send_window
         kcp.wndsize(send_window, self.params.receive_window)
         self._repeat_acks()
@@ -274,7 +283,12 @@ class KcpLink:
             return
         self._now = now
         self.stats.stream_bytes_out += len(data)
-        kcp.write(data)
+        if self.unordered_send:
+            if not kcp.write_frames(data)[1]:
+                self.unordered_send = False
+                self.misaligned_writes += 1
+        else:
+            kcp.write(data)
         kcp.tick(self._us(now))
         kcp.flush()
 
@@ -425,6 +439,11 @@ class KcpLink:
             return None
         rate = max(cc.btl_bw, cc.pacing_rate)
         return max(QUEUE_FLOOR_SEGMENTS * self.mss, int(rate * QUEUE_TIME))
+
+    @property
+    def early_deliveries(self) -> int | None:
+        """Messages delivered ahead of a hole (the peer sent them unordered)."""
+        return self.kcp.early_segments if self.kcp is not None else None
 
     @property
     def dead(self) -> bool:

@@ -27,7 +27,12 @@ FEATURE_PEER = "router-peer"
 # direct paths between gateways through NAT (docs/protocol.md section 18): the messages
 # (commands 32..37) are in polevpn.direct
 FEATURE_DIRECT = "direct"
-KNOWN_FEATURES = frozenset({FEATURE_SUPER, FEATURE_MULTILINK, FEATURE_PEER, FEATURE_DIRECT})
+# kcp:// only: each KCP message carries whole frames, and a receiver may deliver one ahead
+# of a lost segment (docs/protocol.md section 14)
+FEATURE_UNORDERED = "unordered"
+KNOWN_FEATURES = frozenset(
+    {FEATURE_SUPER, FEATURE_MULTILINK, FEATURE_PEER, FEATURE_DIRECT, FEATURE_UNORDERED}
+)
 
 # a link name: what logs, metrics labels and the API show, so short and plain
 # links one multi-link site may have at once (docs/protocol.md section 16)

@@ -51,7 +51,7 @@ from polevpn.packet.gso import VNET_HDR_LEN as _VNET
 from polevpn.packet.routing import IPAddress, NetworkSet, RouteTable, announcement_error
 from polevpn.proto import wire
 from polevpn.proto.certs import cert_fingerprint
-from polevpn.proto.messages import FEATURE_MULTILINK, FEATURE_SUPER
+from polevpn.proto.messages import FEATURE_MULTILINK, FEATURE_SUPER, FEATURE_UNORDERED
 from polevpn.proto.peering import PeerCredentials
 from polevpn.proto.session import (
     AuthFailed,
@@ -226,7 +226,10 @@ class GatewayConnection(asyncio.Protocol):
             lambda key: router.authority.authenticate(key, fingerprint),
             # the AUTH deadline runs from the TCP accept, so TLS and AUTH share one budget
             self.accepted_at if self.accepted_at is not None else now,
-            self.router.features,
+            # out-of-order delivery: a kcp:// session only (tls:// delivers in order)
+            self.router.features | {FEATURE_UNORDERED}
+            if kcp_link is not None and self.router.cfg.kcp_params.unordered
+            else self.router.features,
             # another router of the cluster may dial in here (tls:// only: the proofs
             # cover the TLS channel binding)
             peer=(lambda: router.peer_credentials) if router.peers is not None else None,
@@ -828,6 +831,10 @@ class Router:
             if conn.transport_name == "kcp" and conn.transport is not None:
                 # kcp:// sessions keep a small receive window and decode no FEC until now
                 conn.transport.authenticated = True  # type: ignore[attr-defined]
+                if FEATURE_UNORDERED in conn.session.features:
+                    kcp_link = conn.transport.get_extra_info("kcp_link")
+                    if kcp_link is not None:
+                        kcp_link.unordered_send = True
             # its source keeps a share of the pending slots that strangers cannot take
             self.admission.authenticated(conn.source, time.monotonic())
         elif isinstance(ev, AuthFailed):

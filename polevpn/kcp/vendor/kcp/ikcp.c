@@ -562,18 +562,78 @@ int ikcp_send(ikcpcb *kcp, const char *buffer, int len)
 //---------------------------------------------------------------------
 // parse ack
 //---------------------------------------------------------------------
-/* polevpn: one message of at most one MSS that holds whole frames: the peer may deliver
-   it out of order (IKCP_FRG_UNORDERED). Only to a peer that agreed to it. */
+/* polevpn: one message that holds whole frames: the peer may deliver it out of order.
+   frg on the wire: IKCP_FRG_UNORDERED for a single segment; for several, the first
+   IKCP_FRG_FIRST | (count - 1), the others IKCP_FRG_NEXT | (fragments after it), so that a
+   receiver can tell where a message begins and whether it has all of it. Only to a peer
+   that agreed to it (none of these is a frg KCP itself sends: it stops at 127). */
 int ikcp_send_unordered(ikcpcb *kcp, const char *buffer, int len)
 {
-	int rc;
-	IKCPSEG *seg;
-	if (len <= 0 || len > (int)kcp->mss || kcp->stream != 0) return -1;
+	int rc, count, i;
+	struct IQUEUEHEAD *p;
+	if (len <= 0 || kcp->stream != 0) return -1;
+	count = (len + (int)kcp->mss - 1) / (int)kcp->mss;
+	if (count > IKCP_FRG_MAX_UNORDERED) return ikcp_send(kcp, buffer, len);  /* in order */
 	rc = ikcp_send(kcp, buffer, len);
 	if (rc < 0) return rc;
-	seg = iqueue_entry(kcp->snd_queue.prev, IKCPSEG, node);
-	seg->frg = IKCP_FRG_UNORDERED;
+	p = kcp->snd_queue.prev;
+	for (i = count - 1; i >= 0; i--, p = p->prev) {
+		IKCPSEG *seg = iqueue_entry(p, IKCPSEG, node);
+		if (count == 1) seg->frg = IKCP_FRG_UNORDERED;
+		else if (i == 0) seg->frg = IKCP_FRG_FIRST | (count - 1);
+		else seg->frg = IKCP_FRG_NEXT | (count - 1 - i);
+	}
 	return rc;
+}
+
+/* polevpn: the segments of an unordered message of several fragments that `seg` belongs
+   to, once all are in rcv_buf: their bytes go to `early` and they stay, emptied */
+static void ikcp_early_message(ikcpcb *kcp, IKCPSEG *seg)
+{
+	struct IQUEUEHEAD *p = &seg->node, *q;
+	IKCPSEG *first = seg, *s;
+	int count, i, total = 0;
+	/* back to the first fragment */
+	while (first->fastack == IKCP_MARK_NEXT) {
+		IKCPSEG *prev;
+		if (p->prev == &kcp->rcv_buf) return;
+		prev = iqueue_entry(p->prev, IKCPSEG, node);
+		if (prev->sn + 1 != first->sn) return;
+		if (prev->fastack != IKCP_MARK_NEXT && prev->fastack != IKCP_MARK_FIRST) return;
+		first = prev;
+		p = p->prev;
+	}
+	if (first->fastack != IKCP_MARK_FIRST || first->sn == kcp->rcv_nxt) return;
+	count = (int)first->frg + 1;
+	/* all of it there, in sequence? */
+	for (i = 0, q = &first->node, s = first; i < count; i++) {
+		if (q == &kcp->rcv_buf) return;
+		s = iqueue_entry(q, IKCPSEG, node);
+		if (s->sn != first->sn + (IUINT32)i) return;
+		if (s->fastack != (i == 0 ? IKCP_MARK_FIRST : IKCP_MARK_NEXT)) return;
+		if ((int)s->frg != count - 1 - i) return;
+		total += (int)s->len;
+		q = q->next;
+	}
+	if (total == 0) return;  /* delivered already */
+	if (kcp->early_len + total > kcp->early_cap) {
+		int cap = kcp->early_cap ? kcp->early_cap : 16384;
+		char *grown;
+		while (cap < kcp->early_len + total) cap *= 2;
+		grown = (char*)ikcp_malloc(cap);
+		if (grown == NULL) return;  /* in order, as before */
+		if (kcp->early_len) memcpy(grown, kcp->early, kcp->early_len);
+		if (kcp->early) ikcp_free(kcp->early);
+		kcp->early = grown;
+		kcp->early_cap = cap;
+	}
+	for (i = 0, q = &first->node; i < count; i++, q = q->next) {
+		s = iqueue_entry(q, IKCPSEG, node);
+		memcpy(kcp->early + kcp->early_len, s->data, s->len);
+		kcp->early_len += (int)s->len;
+		s->len = 0;
+	}
+	kcp->early_segments++;
 }
 
 
@@ -811,34 +871,47 @@ void ikcp_parse_data(ikcpcb *kcp, IKCPSEG *newseg)
 	}
 
 	if (repeat == 0) {
-		/* polevpn: whole frames, out of order: up at once (see `early`) */
+		/* polevpn: whole frames, out of order: up at once (see `early`). The marks go
+		   back to KCP's own frg numbering, which the in-order path reads */
+		int mark = IKCP_MARK_NONE;
 		if (newseg->frg == IKCP_FRG_UNORDERED) {
 			newseg->frg = 0;
-			if (kcp->unordered && sn != kcp->rcv_nxt && newseg->len > 0) {
-				int need = kcp->early_len + (int)newseg->len;
-				if (need > kcp->early_cap) {
-					int cap = kcp->early_cap ? kcp->early_cap : 16384;
-					char *grown;
-					while (cap < need) cap *= 2;
-					grown = (char*)ikcp_malloc(cap);
-					if (grown != NULL) {
-						if (kcp->early_len) memcpy(grown, kcp->early, kcp->early_len);
-						if (kcp->early) ikcp_free(kcp->early);
-						kcp->early = grown;
-						kcp->early_cap = cap;
-					}
+			mark = IKCP_MARK_SINGLE;
+		} else if ((newseg->frg & IKCP_FRG_FIRST) == IKCP_FRG_FIRST) {
+			newseg->frg &= 0x3F;
+			mark = IKCP_MARK_FIRST;
+		} else if (newseg->frg & IKCP_FRG_NEXT) {
+			newseg->frg &= 0x3F;
+			mark = IKCP_MARK_NEXT;
+		}
+		newseg->fastack = mark;  /* unused on a received segment */
+		if (mark == IKCP_MARK_SINGLE && kcp->unordered && sn != kcp->rcv_nxt &&
+			newseg->len > 0) {
+			int need = kcp->early_len + (int)newseg->len;
+			if (need > kcp->early_cap) {
+				int cap = kcp->early_cap ? kcp->early_cap : 16384;
+				char *grown;
+				while (cap < need) cap *= 2;
+				grown = (char*)ikcp_malloc(cap);
+				if (grown != NULL) {
+					if (kcp->early_len) memcpy(grown, kcp->early, kcp->early_len);
+					if (kcp->early) ikcp_free(kcp->early);
+					kcp->early = grown;
+					kcp->early_cap = cap;
 				}
-				if (need <= kcp->early_cap) {  /* else (no memory): in order, as before */
-					memcpy(kcp->early + kcp->early_len, newseg->data, newseg->len);
-					kcp->early_len = need;
-					kcp->early_segments++;
-					newseg->len = 0;
-				}
+			}
+			if (need <= kcp->early_cap) {  /* else (no memory): in order, as before */
+				memcpy(kcp->early + kcp->early_len, newseg->data, newseg->len);
+				kcp->early_len = need;
+				kcp->early_segments++;
+				newseg->len = 0;
 			}
 		}
 		iqueue_init(&newseg->node);
 		iqueue_add(&newseg->node, p);
 		kcp->nrcv_buf++;
+		if (kcp->unordered && (mark == IKCP_MARK_FIRST || mark == IKCP_MARK_NEXT))
+			ikcp_early_message(kcp, newseg);
 	}	else {
 		ikcp_segment_delete(kcp, newseg);
 	}

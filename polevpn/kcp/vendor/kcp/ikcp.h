@@ -477,9 +477,17 @@ int ikcp_nodelay(ikcpcb *kcp, int nodelay, int interval, int resend, int nc);
 void ikcp_log(ikcpcb *kcp, int mask, const char *fmt, ...);
 
 // setup allocator
-/* polevpn: a single-segment message of whole frames (never a real frg: KCP messages have
-   at most 128 fragments here, 255 in kcp-go) */
+/* polevpn: messages of whole frames that may be delivered out of order (frg values no
+   KCP sends: ikcp stops at 127 fragments; see ikcp_send_unordered) */
 #define IKCP_FRG_UNORDERED 0xFF
+#define IKCP_FRG_FIRST 0xC0
+#define IKCP_FRG_NEXT 0x80
+#define IKCP_FRG_MAX_UNORDERED 63
+/* what a received segment was marked (kept in its `fastack`, unused on that side) */
+#define IKCP_MARK_NONE 0
+#define IKCP_MARK_SINGLE 1
+#define IKCP_MARK_FIRST 2
+#define IKCP_MARK_NEXT 3
 int ikcp_send_unordered(ikcpcb *kcp, const char *buffer, int len);
 /* polevpn: rate sampling, pacing, in-flight cap */
 void ikcp_rate_take(ikcpcb *kcp, struct IKCPSAMPLE *out);
