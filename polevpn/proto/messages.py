@@ -24,11 +24,10 @@ FEATURE_MULTILINK = "multi-link"
 # a link between two routers of a cluster (docs/protocol.md section 17): AUTH and REGISTER
 # carry a "router" object instead of a gateway's key and networks
 FEATURE_PEER = "router-peer"
-KNOWN_FEATURES = frozenset({FEATURE_SUPER, FEATURE_MULTILINK, FEATURE_PEER})
-# direct paths between gateways through NAT (docs/protocol.md section 18, a draft): the
-# messages are in polevpn.direct; not in KNOWN_FEATURES until the daemons speak it, so no
-# AUTH offers or accepts it yet
+# direct paths between gateways through NAT (docs/protocol.md section 18): the messages
+# (commands 32..37) are in polevpn.direct
 FEATURE_DIRECT = "direct"
+KNOWN_FEATURES = frozenset({FEATURE_SUPER, FEATURE_MULTILINK, FEATURE_PEER, FEATURE_DIRECT})
 
 # a link name: what logs, metrics labels and the API show, so short and plain
 # links one multi-link site may have at once (docs/protocol.md section 16)
