@@ -31,8 +31,9 @@ API request.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from polevpn.common.counters import Counters
@@ -54,6 +55,7 @@ from polevpn.direct.messages import (
     encode,
 )
 from polevpn.packet.routing import IPAddress, IPNetwork
+from polevpn.proto.auth import GatewayGrant
 
 DEFAULT_LIFETIME = 3600
 DEFAULT_MAX_PAIRS = 4096
@@ -303,8 +305,30 @@ class Rendezvous:
             return []
         return self._revoke_gateway(gw, RevokeReason.REVOKED, now)
 
-    def gateways(self) -> list[IPAddress]:
-        return list(self._gateways)
+    def grants_changed(
+        self,
+        old: Mapping[IPAddress, GatewayGrant],
+        new: Mapping[IPAddress, GatewayGrant],
+        now: float,
+    ) -> list[Send]:
+        """A reload's grants (by gateway address; a gateway without one registered with
+        the shared key, and may go direct): a gateway held here whose grant was removed or
+        changed has its pairs revoked (reason 1), one whose grant only turned ``direct``
+        off likewise with reason 4."""
+        out: list[Send] = []
+        for address in list(self._gateways):
+            before, after = old.get(address), new.get(address)
+            if before == after:
+                continue
+            only_direct = (
+                before is not None
+                and after is not None
+                and dataclasses.replace(before, direct=after.direct) == after
+            )
+            if not only_direct:
+                out += self.grant_changed(address, now)
+            out += self.set_allowed(address, after.direct if after is not None else True, now)
+        return out
 
     def reconfigure(self, enabled: bool, lifetime: int, max_pairs: int, now: float) -> list[Send]:
         """A reload's ``direct`` section: turned off, every pair is revoked (reason 4) and
