@@ -625,6 +625,81 @@ def test_reload_over_the_api(keys, tmp_path):
     run(scenario())
 
 
+# -- direct paths
+
+
+async def direct_pair(router: Router) -> list:
+    """Two gateways that agreed direct (169.254.0.21 and .22), probed and reported, with
+    a pair offered by their traffic and A's DIRECT_STATUS in; returns them (to close)."""
+    from test_direct_router import DirectGateway, until_command
+
+    from polevpn.direct.messages import Cause, Endpoint, PathCode, Status, decode
+    from polevpn.proto import wire
+
+    a = await DirectGateway.join(router, "169.254.0.21", ["198.18.21.0/24"])
+    b = await DirectGateway.join(router, "169.254.0.22", ["198.18.22.0/24"])
+    for g in (a, b):
+        await g.probe(router)
+        await g.report()
+    rdv = router.rendezvous
+    assert rdv is not None
+    await loopback.until(lambda: sum(bool(e.host) for e in rdv.view(0, 0).endpoints) >= 2)
+    await a.gw.send(frame(3, ipv4_packet("198.18.21.5", "198.18.22.5")))
+    offer = decode(34, await until_command(a.gw, 34))
+    await until_command(b.gw, 34)
+    peer = Endpoint.from_sockaddr(("198.18.0.22", 40000))
+    status = Status(offer.pair_id, PathCode.DIRECT, Cause.NONE, 0.0042, 1000, 2000, 5, peer)
+    await a.gw.send(frame(wire.Command.DIRECT_STATUS, status.encode()))
+    await loopback.until(lambda: rdv.stats.statuses == 1)
+    return [a, b]
+
+
+def test_direct_over_the_api(keys):
+    """/api/v1/direct: the pair, both sides (one reported, one not yet), the endpoints
+    (public: where the UDP probe came from; host: what the gateway reported)."""
+
+    async def scenario():
+        loopback._transport["mode"] = "tls"
+        router, ops = await started_ops(api_config(keys))
+        try:
+            a, b = await direct_pair(router)
+            status, _, body = await get(ops.api.port, "/api/v1/direct")
+            assert status == 200
+            assert body["enabled"] is True
+            (pair,) = body["pairs"]
+            assert pair["gateways"] == ["169.254.0.21", "169.254.0.22"]
+            assert len(pair["pair_id"]) == 32 and pair["state"] == "relayed"
+            created = datetime.fromisoformat(pair["created"].replace("Z", "+00:00"))
+            expires = datetime.fromisoformat(pair["expires"].replace("Z", "+00:00"))
+            assert timedelta(seconds=3599) < expires - created < timedelta(seconds=3601)
+            side_a, side_b = pair["sides"]
+            assert side_a == {
+                "gateway": "169.254.0.21",
+                "state": "direct",
+                "cause": "none",
+                "rtt_ms": 4.2,
+                "bytes_sent": 1000,
+                "bytes_received": 2000,
+                "refused": 5,
+                "endpoint": "198.18.0.22:40000",
+                "reported": side_a["reported"],
+            }
+            assert side_a["reported"] is not None
+            assert side_b["state"] == "relayed" and side_b["cause"] == "unreported"
+            assert body["endpoints"] == [
+                {"gateway": g.address, "public": str(g.udp.endpoint), "host": [str(g.host)]}
+                for g in (a, b)
+            ]
+            assert body["counters"]["offers"] == 2
+            assert body["counters"]["probes_answered"] == 2
+            for g in (a, b):
+                g.close()
+        finally:
+            await router.stop()
+
+    run(scenario())
+
+
 # -- schemathesis against the live API
 
 
@@ -755,14 +830,22 @@ def test_schemathesis_against_the_served_document(keys, tmp_path, monkeypatch):
     )
     cfg = load_router_config(path)
     t0 = time.monotonic()
-    with threaded_router(cfg) as (router, _, ops):
-        ran = fuzz(f"http://127.0.0.1:{ops.api.port}")
+    with threaded_router(cfg) as (router, tr, ops):
+        # two gateways with a direct pair, one side's status reported: every part of
+        # /api/v1/direct's reply is there to be checked against the document
+        pair = tr.call(direct_pair(router))
+        try:
+            ran = fuzz(f"http://127.0.0.1:{ops.api.port}")
+        finally:
+            for g in pair:
+                g.close()
     # every operation but the document itself, which schemathesis leaves out
     assert set(ran) >= {
         "GET /api/v1/status",
         "GET /api/v1/gateways",
         "GET /api/v1/gateways/{address}",
         "GET /api/v1/routes",
+        "GET /api/v1/direct",
         "POST /api/v1/reload",
         "GET /",
         "GET /favicon.ico",
