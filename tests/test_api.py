@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import pytest
 import test_router_loopback as loopback
 import uvloop
+from test_direct_router import direct_pair
 from test_metrics import (
     LINK_TIMEOUT_MS,
     Keepalive,
@@ -626,32 +627,6 @@ def test_reload_over_the_api(keys, tmp_path):
 
 
 # -- direct paths
-
-
-async def direct_pair(router: Router) -> list:
-    """Two gateways that agreed direct (169.254.0.21 and .22), probed and reported, with
-    a pair offered by their traffic and A's DIRECT_STATUS in; returns them (to close)."""
-    from test_direct_router import DirectGateway, until_command
-
-    from polevpn.direct.messages import Cause, Endpoint, PathCode, Status, decode
-    from polevpn.proto import wire
-
-    a = await DirectGateway.join(router, "169.254.0.21", ["198.18.21.0/24"])
-    b = await DirectGateway.join(router, "169.254.0.22", ["198.18.22.0/24"])
-    for g in (a, b):
-        await g.probe(router)
-        await g.report()
-    rdv = router.rendezvous
-    assert rdv is not None
-    await loopback.until(lambda: sum(bool(e.host) for e in rdv.view(0, 0).endpoints) >= 2)
-    await a.gw.send(frame(3, ipv4_packet("198.18.21.5", "198.18.22.5")))
-    offer = decode(34, await until_command(a.gw, 34))
-    await until_command(b.gw, 34)
-    peer = Endpoint.from_sockaddr(("198.18.0.22", 40000))
-    status = Status(offer.pair_id, PathCode.DIRECT, Cause.NONE, 0.0042, 1000, 2000, 5, peer)
-    await a.gw.send(frame(wire.Command.DIRECT_STATUS, status.encode()))
-    await loopback.until(lambda: rdv.stats.statuses == 1)
-    return [a, b]
 
 
 def test_direct_over_the_api(keys):

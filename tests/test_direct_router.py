@@ -154,6 +154,27 @@ class DirectGateway:
             self.udp.transport.close()
 
 
+async def direct_pair(router: Router) -> list:
+    """Two gateways that agreed direct (169.254.0.21 and .22), probed and reported, with
+    a pair offered by their traffic and A's DIRECT_STATUS in; returns them (to close)."""
+    a = await DirectGateway.join(router, "169.254.0.21", ["198.18.21.0/24"])
+    b = await DirectGateway.join(router, "169.254.0.22", ["198.18.22.0/24"])
+    for g in (a, b):
+        await g.probe(router)
+        await g.report()
+    rdv = router.rendezvous
+    assert rdv is not None
+    await loopback.until(lambda: sum(bool(e.host) for e in rdv.view(0, 0).endpoints) >= 2)
+    await a.gw.send(frame(wire.C2S_IPDATA, ipv4_packet("198.18.21.5", "198.18.22.5")))
+    offer = decode(34, await until_command(a.gw, 34))
+    await until_command(b.gw, 34)
+    peer = Endpoint.from_sockaddr(("198.18.0.22", 40000))
+    status = Status(offer.pair_id, PathCode.DIRECT, Cause.NONE, 0.0042, 1000, 2000, 5, peer)
+    await a.gw.send(frame(wire.Command.DIRECT_STATUS, status.encode()))
+    await loopback.until(lambda: rdv.stats.statuses == 1)
+    return [a, b]
+
+
 def test_two_gateways_meet_through_the_router(keys, transport):
     async def scenario():
         router = await started(router_config(keys))
