@@ -1186,3 +1186,43 @@ def test_ctl_against_a_router_process(keys, tmp_path, monkeypatch):
             proc.kill()
             proc.wait(5)
     assert TOKEN not in log_path.read_text()
+
+
+def test_ctl_formats_direct_paths():
+    reply = {
+        "enabled": True,
+        "pairs": [
+            {
+                "pair_id": "00112233445566778899aabbccddeeff",
+                "gateways": ["169.254.0.1", "169.254.0.2"],
+                "created": "2026-01-01T00:00:00.000Z",
+                "expires": "2026-01-01T01:00:00.000Z",
+                "state": "punching",
+                "sides": [
+                    {"gateway": "169.254.0.1", "state": "direct", "cause": "none",
+                     "rtt_ms": 4.2, "bytes_sent": 2048, "bytes_received": 0, "refused": 3,
+                     "endpoint": "198.18.0.2:40000", "reported": None},
+                    {"gateway": "169.254.0.2", "state": "punching", "cause": "unreported",
+                     "rtt_ms": None, "bytes_sent": 0, "bytes_received": 0, "refused": 0,
+                     "endpoint": None, "reported": None},
+                ],
+            }
+        ],
+        "endpoints": [
+            {"gateway": "169.254.0.1", "public": "198.19.0.7:61000", "host": ["198.18.0.1:4"]},
+            {"gateway": "169.254.0.2", "public": None, "host": []},
+        ],
+        "counters": {},
+    }  # fmt: skip
+    text = ctl.format_direct(reply)
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["PAIR", "GATEWAY", "STATE", "CAUSE"]
+    assert lines[1].split()[:6] == ["00112233", "169.254.0.1", "direct", "none", "4.2", "ms"]
+    assert "198.18.0.2:40000" in lines[1] and lines[1].rstrip().endswith("3")
+    assert lines[2].split()[:3] == ["169.254.0.2", "punching", "unreported"]
+    assert "198.19.0.7:61000" in text and "198.18.0.1:4" in text
+    assert ctl.format_direct({"enabled": False, "pairs": [], "endpoints": []}) == (
+        "direct paths off"
+    )
+    empty = ctl.format_direct({"enabled": True, "pairs": [], "endpoints": []})
+    assert empty == "no direct pairs\n\nno gateway with direct paths"

@@ -7,4 +7,5 @@
     punch      hole punching for one pair: probes, acks, nomination, keepalives, deadline
     path       per peer: relayed, punching or direct, fallback on silence, re-punch backoff
     acl        anti-spoofing on what a direct peer sends: its granted networks only
+    rendezvous the router's part: endpoint tokens, offers on traffic, renewal, revocation
 """
