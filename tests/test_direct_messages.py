@@ -457,15 +457,15 @@ def test_key_material_is_not_in_reprs():
         assert SECRET.hex() not in repr(obj) and repr(SECRET) not in repr(obj)
 
 
-def test_not_wired_yet_and_harmless_to_todays_sessions():
-    """Until the daemons speak it, no AUTH offers or accepts ``direct`` (the wiring adds
-    it to KNOWN_FEATURES and drops this first assertion), and a DIRECT_* frame reaching
-    a session of today is ignored and counted like any unknown command, on both ends."""
+def test_harmless_to_sessions_that_did_not_agree():
+    """A DIRECT_* frame reaching a session that did not agree ``direct`` (a router or a
+    gateway that does not offer it) is ignored and counted like any unknown command, on
+    both ends."""
     from polevpn.proto.messages import FEATURE_DIRECT, KNOWN_FEATURES, parse_auth
     from polevpn.proto.session import ClientSession, ServerSession, State
 
-    assert FEATURE_DIRECT == "direct" and FEATURE_DIRECT not in KNOWN_FEATURES
-    assert parse_auth(b'{"key":"k","features":["direct"]}').features == frozenset()
+    assert FEATURE_DIRECT == "direct" and FEATURE_DIRECT in KNOWN_FEATURES
+    assert parse_auth(b'{"key":"k","features":["direct"]}').features == {FEATURE_DIRECT}
     offer = m.encode(_offer())
     revoke = m.encode(Revoke(PAIR, RevokeReason.REVOKED))
 
