@@ -457,15 +457,14 @@ def test_key_material_is_not_in_reprs():
         assert SECRET.hex() not in repr(obj) and repr(SECRET) not in repr(obj)
 
 
-def test_harmless_to_sessions_that_did_not_agree():
-    """A DIRECT_* frame reaching a session that did not agree ``direct`` (a router or a
-    gateway that does not offer it) is ignored and counted like any unknown command, on
-    both ends."""
+def test_harmless_to_sessions_that_did_not_agree_it():
+    """``direct`` is a known feature now, but a DIRECT_* frame reaching a session that
+    did not agree it is ignored and counted like any unknown command, on both ends."""
     from polevpn.proto.messages import FEATURE_DIRECT, KNOWN_FEATURES, parse_auth
     from polevpn.proto.session import ClientSession, ServerSession, State
 
     assert FEATURE_DIRECT == "direct" and FEATURE_DIRECT in KNOWN_FEATURES
-    assert parse_auth(b'{"key":"k","features":["direct"]}').features == {FEATURE_DIRECT}
+    assert parse_auth(b'{"key":"k","features":["direct"]}').features == {"direct"}
     offer = m.encode(_offer())
     revoke = m.encode(Revoke(PAIR, RevokeReason.REVOKED))
 

@@ -199,7 +199,7 @@ class EndpointView:
 
 
 @dataclass(frozen=True, slots=True)
-class DirectView:
+class RendezvousView:
     enabled: bool
     lifetime: int
     max_pairs: int
@@ -550,7 +550,7 @@ class Rendezvous:
 
     # -- the read model
 
-    def view(self, now: float, wall: float) -> DirectView:
+    def view(self, now: float, wall: float) -> RendezvousView:
         def at(t: float) -> float:
             return wall - (now - t)
 
@@ -609,7 +609,7 @@ class Rendezvous:
             "rate_limited": self.stats.probes_rate_limited,
             **{label: getattr(reg, name) for name, label in PROBE_REFUSALS.items()},
         }
-        return DirectView(
+        return RendezvousView(
             enabled=self.enabled,
             lifetime=self.lifetime,
             max_pairs=self.max_pairs,

@@ -27,7 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from polevpn.cluster.view import ClusterView
-from polevpn.direct.rendezvous import DirectView
+from polevpn.direct.rendezvous import RendezvousView
 from polevpn.gateway.view import GATEWAY_DROPS, GatewayView, UplinkView
 from polevpn.io.pathstats import KcpFigures
 from polevpn.ops import httpserver
@@ -297,7 +297,7 @@ class RouterCollector(Collector):
         if v.direct is not None:
             yield from self._direct(v.direct)
 
-    def _direct(self, d: DirectView) -> Iterable[Metric]:
+    def _direct(self, d: RendezvousView) -> Iterable[Metric]:
         """Direct paths between gateways: polevpn_direct_*."""
         p = "polevpn_direct_"
         stats = d.stats

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
 from polevpn.cluster.view import ClusterView, cluster_view
-from polevpn.direct.rendezvous import DirectView
+from polevpn.direct.rendezvous import RendezvousView
 from polevpn.io.pathstats import TransportFigures, transport_figures
 from polevpn.router.sitelinks import Site
 
@@ -156,7 +156,7 @@ class RouterView:
     cluster: ClusterView | None = None
     # direct paths between gateways (polevpn.direct.rendezvous); None without a kcp://
     # listener, where they cannot be
-    direct: DirectView | None = None
+    direct: RendezvousView | None = None
 
     @property
     def links(self) -> tuple[ConnectionView, ...]:
@@ -311,6 +311,6 @@ def snapshot(router: Router, now: float | None = None, wall: float | None = None
     )
 
 
-def _direct(router: Router, now: float, wall: float) -> DirectView | None:
+def _direct(router: Router, now: float, wall: float) -> RendezvousView | None:
     rdv = getattr(router, "rendezvous", None)
     return None if rdv is None else rdv.view(now, wall)
