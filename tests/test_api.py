@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import pytest
 import test_router_loopback as loopback
 import uvloop
+from test_direct_router import direct_pair
 from test_metrics import (
     LINK_TIMEOUT_MS,
     Keepalive,
@@ -625,6 +626,55 @@ def test_reload_over_the_api(keys, tmp_path):
     run(scenario())
 
 
+# -- direct paths
+
+
+def test_direct_over_the_api(keys):
+    """/api/v1/direct: the pair, both sides (one reported, one not yet), the endpoints
+    (public: where the UDP probe came from; host: what the gateway reported)."""
+
+    async def scenario():
+        loopback._transport["mode"] = "tls"
+        router, ops = await started_ops(api_config(keys))
+        try:
+            a, b = await direct_pair(router)
+            status, _, body = await get(ops.api.port, "/api/v1/direct")
+            assert status == 200
+            assert body["enabled"] is True
+            (pair,) = body["pairs"]
+            assert pair["gateways"] == ["169.254.0.21", "169.254.0.22"]
+            assert len(pair["pair_id"]) == 32 and pair["state"] == "relayed"
+            created = datetime.fromisoformat(pair["created"].replace("Z", "+00:00"))
+            expires = datetime.fromisoformat(pair["expires"].replace("Z", "+00:00"))
+            assert timedelta(seconds=3599) < expires - created < timedelta(seconds=3601)
+            side_a, side_b = pair["sides"]
+            assert side_a == {
+                "gateway": "169.254.0.21",
+                "state": "direct",
+                "cause": "none",
+                "rtt_ms": 4.2,
+                "bytes_sent": 1000,
+                "bytes_received": 2000,
+                "refused": 5,
+                "endpoint": "198.18.0.22:40000",
+                "reported": side_a["reported"],
+            }
+            assert side_a["reported"] is not None
+            assert side_b["state"] == "relayed" and side_b["cause"] == "unreported"
+            assert body["endpoints"] == [
+                {"gateway": g.address, "public": str(g.udp.endpoint), "host": [str(g.host)]}
+                for g in (a, b)
+            ]
+            assert body["counters"]["offers"] == 2
+            assert body["counters"]["probes_answered"] == 2
+            for g in (a, b):
+                g.close()
+        finally:
+            await router.stop()
+
+    run(scenario())
+
+
 # -- schemathesis against the live API
 
 
@@ -755,14 +805,26 @@ def test_schemathesis_against_the_served_document(keys, tmp_path, monkeypatch):
     )
     cfg = load_router_config(path)
     t0 = time.monotonic()
-    with threaded_router(cfg) as (router, _, ops):
-        ran = fuzz(f"http://127.0.0.1:{ops.api.port}")
+    with threaded_router(cfg) as (router, tr, ops):
+        # two gateways with a direct pair, one side's status reported: every part of
+        # /api/v1/direct's reply is there to be checked against the document
+        pair = tr.call(direct_pair(router))
+        try:
+            ran = fuzz(f"http://127.0.0.1:{ops.api.port}")
+        finally:
+
+            async def close() -> None:
+                for g in pair:
+                    g.close()
+
+            tr.call(close())
     # every operation but the document itself, which schemathesis leaves out
     assert set(ran) >= {
         "GET /api/v1/status",
         "GET /api/v1/gateways",
         "GET /api/v1/gateways/{address}",
         "GET /api/v1/routes",
+        "GET /api/v1/direct",
         "POST /api/v1/reload",
         "GET /",
         "GET /favicon.ico",
@@ -1128,3 +1190,43 @@ def test_ctl_against_a_router_process(keys, tmp_path, monkeypatch):
             proc.kill()
             proc.wait(5)
     assert TOKEN not in log_path.read_text()
+
+
+def test_ctl_formats_direct_paths():
+    reply = {
+        "enabled": True,
+        "pairs": [
+            {
+                "pair_id": "00112233445566778899aabbccddeeff",
+                "gateways": ["169.254.0.1", "169.254.0.2"],
+                "created": "2026-01-01T00:00:00.000Z",
+                "expires": "2026-01-01T01:00:00.000Z",
+                "state": "punching",
+                "sides": [
+                    {"gateway": "169.254.0.1", "state": "direct", "cause": "none",
+                     "rtt_ms": 4.2, "bytes_sent": 2048, "bytes_received": 0, "refused": 3,
+                     "endpoint": "198.18.0.2:40000", "reported": None},
+                    {"gateway": "169.254.0.2", "state": "punching", "cause": "unreported",
+                     "rtt_ms": None, "bytes_sent": 0, "bytes_received": 0, "refused": 0,
+                     "endpoint": None, "reported": None},
+                ],
+            }
+        ],
+        "endpoints": [
+            {"gateway": "169.254.0.1", "public": "198.19.0.7:61000", "host": ["198.18.0.1:4"]},
+            {"gateway": "169.254.0.2", "public": None, "host": []},
+        ],
+        "counters": {},
+    }  # fmt: skip
+    text = ctl.format_direct(reply)
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["PAIR", "GATEWAY", "STATE", "CAUSE"]
+    assert lines[1].split()[:6] == ["00112233", "169.254.0.1", "direct", "none", "4.2", "ms"]
+    assert "198.18.0.2:40000" in lines[1] and lines[1].rstrip().endswith("3")
+    assert lines[2].split()[:3] == ["169.254.0.2", "punching", "unreported"]
+    assert "198.19.0.7:61000" in text and "198.18.0.1:4" in text
+    assert ctl.format_direct({"enabled": False, "pairs": [], "endpoints": []}) == (
+        "direct paths off"
+    )
+    empty = ctl.format_direct({"enabled": True, "pairs": [], "endpoints": []})
+    assert empty == "no direct pairs\n\nno gateway with direct paths"

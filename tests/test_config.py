@@ -1365,3 +1365,46 @@ def test_tcp_congestion_error_exits_2(tmp_path: Path, keys: keygen.KeygenResult)
     assert cli.router_main(["-config", str(path)]) == cli.EXIT_CONFIG == 2
     path = write(tmp_path / "gateway.json", gateway_obj(keys, tcp_congestion="Cubic"))
     assert cli.gateway_main(["-config", str(path)]) == 2
+
+
+def test_router_direct_section(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    """``direct``: on by default; an object, or a bare true/false; a grant's own flag."""
+    from polevpn.config import RouterDirectConfig
+
+    cfg = load_router_config(write(tmp_path / "a.json", router_obj(keys)))
+    assert cfg.direct == RouterDirectConfig(True, 3600, 4096)
+    obj = router_obj(keys, direct={"enable": True, "lifetime": 600, "max_pairs": 10})
+    obj["gateways"] = {
+        "169.254.0.1": {"key": "k-1", "networks": ["198.18.10.0/24"], "direct": False},
+        "169.254.0.2": {"key": "k-2", "networks": ["198.18.20.0/24"]},
+    }
+    cfg = load_router_config(write(tmp_path / "b.json", obj))
+    assert cfg.direct == RouterDirectConfig(True, 600, 10)
+    assert [g.direct for g in cfg.gateways] == [False, True]
+    cfg = load_router_config(write(tmp_path / "c.json", router_obj(keys, direct=False)))
+    assert not cfg.direct.enable and str(cfg.direct) == "off"
+
+
+@pytest.mark.parametrize(
+    "value,field,words",
+    [
+        ({"lifetime": 10}, "direct.lifetime", ("outside",)),
+        ({"lifetime": 100000}, "direct.lifetime", ("outside",)),
+        ({"max_pairs": 0}, "direct.max_pairs", ("outside",)),
+        ({"enable": "yes"}, "direct.enable", ("true or false",)),
+        ({"port": 1}, "direct.port", ("unknown",)),
+        ("on", "direct", ("true, false or an object",)),
+    ],
+)
+def test_router_direct_errors(
+    tmp_path: Path, keys: keygen.KeygenResult, value: Any, field: str, words: tuple[str, ...]
+) -> None:
+    path = write(tmp_path / "config.json", router_obj(keys, direct=value))
+    assert_config_error(router_error(path), path, field, *words)
+
+
+def test_router_grant_direct_must_be_a_boolean(tmp_path: Path, keys: keygen.KeygenResult) -> None:
+    obj = router_obj(keys)
+    obj["gateways"] = {"169.254.0.1": {"key": "k", "networks": [], "direct": 1}}
+    path = write(tmp_path / "config.json", obj)
+    assert_config_error(router_error(path), path, "gateways.169.254.0.1.direct", "true or false")

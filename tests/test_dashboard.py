@@ -487,6 +487,66 @@ def test_dashboard_shows_the_cluster_panel(tmp_path, monkeypatch):
         shut_down(tr, router, [], [])
 
 
+def test_dashboard_shows_the_direct_panel(tmp_path, monkeypatch):
+    """Two gateways with a direct pair, one of them reporting its path direct: the panel
+    shows both sides of the pair as /api/v1/direct has them (issue 18)."""
+    _need_browser()
+    from test_api import TOKEN, ThreadedRouter, api_config, get, shut_down
+    from test_direct_router import direct_pair
+    from test_router_loopback import _transport, started_ops
+
+    from polevpn.keygen import generate
+
+    monkeypatch.setenv("SE_OFFLINE", "true")
+    monkeypatch.setitem(_transport, "mode", "tls")
+    keys = generate(tmp_path / "keys")
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    tr = ThreadedRouter()
+    router, ops = tr.call(started_ops(api_config(keys)))
+    pair: list = []
+    port = ops.api.port
+    driver = None
+    try:
+        pair = tr.call(direct_pair(router))
+        try:
+            driver = start_chromium(profile)
+        except Exception as exc:  # noqa: BLE001 - any failure to start means: cannot test here
+            pytest.skip(f"chromium did not start: {exc}".splitlines()[0])
+        driver.get(f"http://127.0.0.1:{port}/#token={TOKEN}")
+        deadline = time.monotonic() + 20
+        while True:
+            rows = driver.execute_script(
+                "const d = document.getElementById('direct');"
+                "return d && !d.hidden ? [...document.querySelectorAll('#direct-rows tr')]"
+                ".map((tr) => [...tr.querySelectorAll('[data-field]')].map((c) => c.textContent))"
+                " : null;")
+            if rows and len(rows) == 2:
+                break
+            assert time.monotonic() < deadline, f"no direct panel with the pair: {rows}"
+            time.sleep(0.2)
+        api = tr.call(get(port, "/api/v1/direct"))[2]
+        (p,) = api["pairs"]
+        a, b = p["sides"]
+        assert rows[0][:4] == [p["pair_id"][:8], a["gateway"], "direct", "none"]
+        assert rows[0][4] == "4.2 ms" and rows[0][5] == a["endpoint"]
+        assert rows[1][:4] == ["", b["gateway"], "relayed", "unreported"]
+        summary = driver.find_element("id", "direct-summary").text
+        assert summary == "1 pairs, 0 direct; 2 gateways with direct paths."
+    finally:
+        if driver is not None:
+            with contextlib.suppress(Exception):
+                driver.quit()
+
+        async def close() -> None:
+            for g in pair:
+                g.close()
+
+        with contextlib.suppress(Exception):
+            tr.call(close())
+        shut_down(tr, router, [], [])
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--browse"]:
     browse(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), float(sys.argv[5]),
            Path(sys.argv[6]))

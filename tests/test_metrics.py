@@ -1119,3 +1119,56 @@ def test_congestion_figures_of_a_kcp_link():
     assert pathstats.kcp_figures(off).congestion is None
     link.close()
     off.close()
+
+
+def test_router_direct_metrics(keys, monkeypatch):
+    """polevpn_direct_*: a pair offered, its path as the statuses say, endpoint probes by
+    result, a revocation by reason; the control frames are not in the forwarded bytes."""
+    import os
+    import socket
+
+    from test_direct_router import direct_pair
+
+    from polevpn.direct.messages import Datagram, DatagramKind
+
+    monkeypatch.setitem(loopback._transport, "mode", "tls")
+    cfg = router_config(keys, metrics_listen=("127.0.0.1", 0))
+
+    async def scenario():
+        router, ops = await started_ops(cfg)
+        assert ops.metrics is not None
+        port = ops.metrics.port
+        try:
+            a, b = await direct_pair(router)
+            # a stranger's probe: the right size and magic, an unknown token
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                probe = Datagram(DatagramKind.ENDPOINT_PROBE, os.urandom(16), 1)
+                s.sendto(probe.encode(os.urandom(32)), ("127.0.0.1", router.kcp_port))
+            rdv = router.rendezvous
+            assert rdv is not None
+            await loopback.until(lambda: rdv.registry.refused_unknown == 1)
+            got = await scrape(port)
+            d = "polevpn_direct_"
+            assert value(got, f"{d}pairs") == 1
+            assert value(got, f"{d}enabled") == 1
+            assert value(got, f"{d}offers_total") == 2
+            assert value(got, f"{d}endpoint_probes_total", result="answered") == 2
+            assert value(got, f"{d}endpoint_probes_total", result="unknown_token") == 1
+            assert value(got, f"{d}endpoint_probes_total", result="bad_tag") == 0
+            # A reports direct, B nothing yet: the pair is not direct
+            assert value(got, f"{d}paths", state="relayed") == 1
+            assert value(got, f"{d}paths", state="direct") == 0
+            assert value(got, f"{d}statuses_total") == 1
+            assert value(got, f"{d}revokes_total", reason="peer_gone") == 0
+            # the one IP packet, 20 + 32 bytes: DIRECT_* frames are not forwarded bytes
+            assert value(got, "polevpn_router_forwarded_bytes_total") == 52
+            a.close()
+            await loopback.until(lambda: len(rdv) == 0)
+            got = await scrape(port)
+            assert value(got, f"{d}revokes_total", reason="peer_gone") == 1
+            assert value(got, f"{d}pairs") == 0
+            b.close()
+        finally:
+            await router.stop()
+
+    run(scenario())

@@ -316,3 +316,16 @@ def test_verify_compares_every_credential_and_proof() -> None:
     # a role's proof is no proof for the other role
     assert peering.verify([p1], [K1], peering.LISTENER, text) is None
     assert PeerCredentials("c", "r", K1, K1).keys == (K1,)
+
+
+def test_a_router_link_never_agrees_direct_paths() -> None:
+    """A dialing router offering direct (a newer one, say) is not agreed it: the link
+    is no gateway, and DIRECT_* frames on it stay unknown commands."""
+    from polevpn.proto.messages import FEATURE_DIRECT
+
+    s = listener(creds("r2"), offer=ALL | {FEATURE_DIRECT})
+    hello = creds("r1").hello()
+    auth = messages.encode_peer_auth(hello, frozenset({FEATURE_PEER, FEATURE_DIRECT}))
+    s.receive(encode_frame(wire.AUTH, auth, 1), 0.0)
+    assert s.state is State.AUTHENTICATED
+    assert s.features == frozenset({FEATURE_PEER})

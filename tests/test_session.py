@@ -927,3 +927,28 @@ def test_first_frame_limit_is_inclusive_and_later_frames_are_not_limited() -> No
     _, events = s.receive(chunk, 0.0)
     assert [type(e) for e in events] == [AuthSucceeded] and s.state is State.AUTHENTICATED
     assert s.dropped_unregistered == 1
+
+
+def test_server_direct_frames_once_registered_with_direct_agreed() -> None:
+    """Commands 32..37 become DirectFrame events on a registered connection that agreed
+    direct; before REGISTER, or without the feature, they are ignored and counted."""
+    from polevpn.proto.session import DirectFrame
+
+    offer = frozenset({messages.FEATURE_DIRECT})
+    s = ServerSession(check_key, 0.0, offer)
+    s.receive(encode_frame(wire.AUTH, messages.encode_auth(KEY, offer), 1), 0.0)
+    assert s.features == offer
+    body = b"\x01\x00\x00"
+    # before REGISTER it names no gateway
+    _, events = s.receive(encode_frame(wire.Command.DIRECT_CANDIDATES, body), 0.0)
+    assert events == [] and s.unknown_commands == 1
+    _, events = s.receive(encode_frame(wire.REGISTER, register_body(), 2), 0.0)
+    s.accept_register(events[0].seq)
+    for cmd in range(32, 38):
+        _, events = s.receive(encode_frame(cmd, body), 0.0)
+        assert events == [DirectFrame(cmd, body)]
+    assert s.unknown_commands == 1
+    # a gateway that did not offer it: counted, as any unknown command
+    plain = registered_server()
+    _, events = plain.receive(encode_frame(wire.Command.DIRECT_STATUS, body), 0.0)
+    assert events == [] and plain.unknown_commands == 1

@@ -218,6 +218,30 @@ class ClusterConfig:
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+# the most key-material lifetime (s) the protocol allows (polevpn.direct.messages)
+MAX_DIRECT_LIFETIME = 86_400
+
+
+@dataclass(frozen=True)
+class RouterDirectConfig:
+    """The router's part in direct paths between gateways (issue 18, docs/protocol.md
+    section 18): the ``direct`` section. ``enable``: agree the ``direct`` feature with
+    gateways that offer it (only with a kcp listener, whose UDP port takes the endpoint
+    probes); ``lifetime``: seconds the endpoint tokens and each pair's key material live
+    (renewed at two thirds while used); ``max_pairs``: pairs of gateways with live key
+    material at once (more wait, relayed)."""
+
+    enable: bool = True
+    lifetime: int = 3600
+    max_pairs: int = 4096
+
+    def __str__(self) -> str:
+        # one reload change line; no "=" (a log line would read it as a field)
+        if not self.enable:
+            return "off"
+        return f"on, lifetime {self.lifetime} s, max_pairs {self.max_pairs}"
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     path: Path
@@ -258,6 +282,8 @@ class RouterConfig:
     tcp_congestion: str | None = None
     # several routers sharing routes through etcd; None (the default): this router alone
     cluster: ClusterConfig | None = None
+    # direct paths between gateways, the router as rendezvous (polevpn.direct.rendezvous)
+    direct: RouterDirectConfig = field(default_factory=RouterDirectConfig)
     warnings: tuple[str, ...] = field(default=())
 
     def authority(self) -> Authority:
@@ -605,7 +631,9 @@ def _gateways(r: _Reader, secrets: list[Path]) -> tuple[GatewayGrant, ...]:
         fp = _fingerprint(er, "cert_fingerprint", "the gateway's client certificate")
         if key is None and fp is None:
             raise er.fail("key", "missing: a gateway needs key, key_file or cert_fingerprint")
-        grants[addr] = GatewayGrant(addr, key, fp, er.networks("networks", required=True))
+        grants[addr] = GatewayGrant(
+            addr, key, fp, er.networks("networks", required=True), er.boolean("direct", True)
+        )
     return tuple(grants.values())
 
 
@@ -899,6 +927,30 @@ def load_router_config(path: str | Path) -> RouterConfig:
         tun=tun,
         tcp_congestion=_tcp_congestion(r),
         cluster=cluster,
+        direct=_router_direct(r),
+    )
+
+
+def _router_direct(r: _Reader) -> RouterDirectConfig:
+    """The router's ``direct`` section: {"enable", "lifetime", "max_pairs"}, or a bare
+    true / false for ``enable``."""
+    if not r.has("direct"):
+        return RouterDirectConfig()
+    raw = r.obj["direct"]
+    if isinstance(raw, bool):
+        return RouterDirectConfig(enable=raw)
+    if not isinstance(raw, dict):
+        raise r.fail("direct", f"expected true, false or an object, got {type(raw).__name__}")
+    sec = r.section("direct")
+    assert sec is not None
+    unknown = sorted(set(sec.obj) - {"enable", "lifetime", "max_pairs"})
+    if unknown:
+        raise sec.fail(unknown[0], "unknown setting (expected enable, lifetime, max_pairs)")
+    return RouterDirectConfig(
+        enable=sec.boolean("enable", True),
+        # a minute at least: the material is renewed at two thirds of it
+        lifetime=sec.integer("lifetime", 3600, 60, MAX_DIRECT_LIFETIME),
+        max_pairs=sec.integer("max_pairs", 4096, 1, 1_000_000),
     )
 
 

@@ -9,4 +9,5 @@
     acl        anti-spoofing on what a direct peer sends: its granted networks only
     session    one peer's attempt and path: punch, DTLS+KCP, the proofs, IP packets
     manager    a gateway's direct paths, all peers: offers, revokes, routes, statuses
+    rendezvous the router's part: endpoint tokens, offers on traffic, renewal, revocation
 """

@@ -25,6 +25,7 @@ from OpenSSL import SSL
 from polevpn.common.logfmt import endpoint as fmt
 from polevpn.common.logfmt import kv
 from polevpn.config import HandshakeLimits, KcpParams
+from polevpn.direct.messages import is_datagram
 from polevpn.io import linksock
 from polevpn.io.udp_batch import SOL_UDP, UdpBatchSender
 from polevpn.io.udpsock import Ancillary, Source, SourceGone, source_of
@@ -378,6 +379,10 @@ class KcpServer(asyncio.DatagramProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._source_gone_closing: set[KcpTransport] = set()
+        # direct paths' endpoint probes (docs/protocol.md section 18): 64-byte datagrams
+        # starting 0xD1 (no DTLS record, KCP buffer or FEC shard starts so) go here before
+        # any DTLS handling; what it returns goes back to their source. Set by the router.
+        self.direct: Callable[[bytes, Addr], bytes | None] | None = None
 
     # the demux's parts, where the router and the tests have always found them
 
@@ -446,6 +451,16 @@ class KcpServer(asyncio.DatagramProtocol):
         the demux makes it into a reply source (``source_of``) only for a peer without a
         session."""
         core = self.core
+        direct = self.direct
+        if direct is not None and is_datagram(data):
+            try:
+                reply = direct(data, addr)
+            except Exception:
+                log.exception("internal error handling an endpoint probe", extra=kv(peer=fmt(addr)))
+                return
+            if reply is not None:
+                self._sendto(reply, addr, source_of(ancdata))
+            return
         try:
             conn = core.datagram_received(data, addr, ancdata, time.monotonic())
             if conn is not None:

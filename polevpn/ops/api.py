@@ -11,6 +11,8 @@ costs nothing per packet. Endpoints (``polevpn.ops.openapi`` has the precise sha
   GET  /api/v1/routes             the routing table
   GET  /api/v1/cluster            the router's cluster: its store, the routers, the remote
                                   routes, the links to other routers (404 without a cluster)
+  GET  /api/v1/direct             direct paths between gateways: the pairs the router offered
+                                  and their state as the gateways report it, the endpoints
   POST /api/v1/reload             the router's reload(): 200 with the changes, 400 with the error
   GET  /api/v1/openapi.json       the OpenAPI document (public: it holds no data)
   GET  /                          the dashboard page, polevpn/ops/web/index.html (public)
@@ -136,6 +138,7 @@ class ApiServer(httpserver.HttpServer):
             ("GET", f"{P}/gateways/{{address}}"): self._authorized(self._gateway),
             ("GET", f"{P}/routes"): self._authorized(self._routes),
             ("GET", f"{P}/cluster"): self._authorized(self._cluster),
+            ("GET", f"{P}/direct"): self._authorized(self._direct),
             ("POST", f"{P}/reload"): self._authorized(self._reload),
         }
         super().__init__(
@@ -348,6 +351,48 @@ class ApiServer(httpserver.HttpServer):
             ],
         }
 
+    def direct(self, v: RouterView | None = None) -> dict[str, Any]:
+        """Direct paths: what the rendezvous holds (polevpn.direct.rendezvous)."""
+        v = self.view() if v is None else v
+        d = v.direct
+        if d is None:
+            return {"enabled": False, "pairs": [], "endpoints": [], "counters": {}}
+        return {
+            "enabled": d.enabled,
+            "pairs": [
+                {
+                    "pair_id": p.pair_id,
+                    "gateways": list(p.gateways),
+                    "created": rfc3339(p.created),
+                    "expires": rfc3339(p.expires),
+                    "state": p.state,
+                    "sides": [
+                        {
+                            "gateway": s.gateway,
+                            "state": s.state,
+                            "cause": s.cause,
+                            "rtt_ms": s.rtt_ms,
+                            "bytes_sent": s.bytes_sent,
+                            "bytes_received": s.bytes_received,
+                            "refused": s.refused,
+                            "endpoint": s.endpoint,
+                            "reported": rfc3339(s.reported) if s.reported is not None else None,
+                        }
+                        for s in p.sides
+                    ],
+                }
+                for p in d.pairs
+            ],
+            "endpoints": [
+                {"gateway": e.gateway, "public": e.public, "host": list(e.host)}
+                for e in d.endpoints
+            ],
+            "counters": {
+                **d.stats,
+                **{f"probes_{k}": n for k, n in d.probes.items() if f"probes_{k}" not in d.stats},
+            },
+        }
+
     # -- handlers
 
     async def _status(self, request: Request) -> Reply:
@@ -376,6 +421,9 @@ class ApiServer(httpserver.HttpServer):
         if found is None:
             raise HttpError(404, "this router is in no cluster (no cluster section)")
         return _ok(found)
+
+    async def _direct(self, request: Request) -> Reply:
+        return _ok(self.direct())
 
     async def _reload(self, request: Request) -> Reply:
         log.info("reload requested over the API")

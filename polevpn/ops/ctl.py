@@ -1,7 +1,7 @@
 """``polevpn-ctl``: the router's REST API (polevpn.ops.api) in a terminal.
 
     polevpn-ctl [-configPath=config.json] [--url URL] [--token-file F]
-                status|gateways|routes|cluster|reload [--json]
+                status|gateways|routes|cluster|direct|reload [--json]
 
 The API's address and token come from the router's config file (api_listen, api_token or
 api_token_file) unless --url and --token-file (or $POLEVPN_API_TOKEN) say otherwise; only
@@ -29,7 +29,7 @@ from polevpn.config import ConfigError, load_api_access
 EXIT_API = 1
 EXIT_USAGE = 2
 TIMEOUT = 10.0
-COMMANDS = ("status", "gateways", "routes", "cluster", "reload")
+COMMANDS = ("status", "gateways", "routes", "cluster", "direct", "reload")
 
 
 class CtlError(Exception):
@@ -244,6 +244,53 @@ def format_cluster(c: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def format_direct(d: dict[str, Any]) -> str:
+    """Direct paths: each pair and both its sides as they report them, then the
+    endpoints the router knows."""
+    if not d["enabled"] and not d["pairs"]:
+        return "direct paths off"
+    lines = []
+    if d["pairs"]:
+        rows = []
+        for p in d["pairs"]:
+            for i, side in enumerate(p["sides"]):
+                rows.append(
+                    [
+                        p["pair_id"][:8] if i == 0 else "",
+                        side["gateway"],
+                        side["state"],
+                        side["cause"],
+                        _rtt(side["rtt_ms"]),
+                        side["endpoint"] or "-",
+                        human_bytes(side["bytes_sent"]),
+                        human_bytes(side["bytes_received"]),
+                        str(side["refused"]),
+                    ]
+                )
+        lines.append(
+            table(
+                ["PAIR", "GATEWAY", "STATE", "CAUSE", "RTT", "PEER ENDPOINT", "SENT", "RECEIVED",
+                 "REFUSED"],
+                rows,
+                right={4, 6, 7, 8},
+            )  # fmt: skip
+        )
+    else:
+        lines.append("no direct pairs")
+    lines.append("")
+    if d["endpoints"]:
+        lines.append(
+            table(
+                ["GATEWAY", "PUBLIC", "HOST"],
+                [[e["gateway"], e["public"] or "-", ", ".join(e["host"]) or "-"]
+                 for e in d["endpoints"]],
+            )  # fmt: skip
+        )
+    else:
+        lines.append("no gateway with direct paths")
+    return "\n".join(lines)
+
+
 def format_reload(reply: dict[str, Any]) -> str:
     changes = reply["changes"]
     if not changes:
@@ -340,6 +387,9 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "cluster":
         reply = client.call("GET", "cluster")
         return json.dumps(reply, indent=2) if args.json else format_cluster(reply)
+    if args.command == "direct":
+        reply = client.call("GET", "direct")
+        return json.dumps(reply, indent=2) if args.json else format_direct(reply)
     assert args.command == "reload"
     reply = client.call("POST", "reload")
     return json.dumps(reply, indent=2) if args.json else format_reload(reply)

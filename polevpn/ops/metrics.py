@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -26,6 +27,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from polevpn.cluster.view import ClusterView
+from polevpn.direct.rendezvous import RendezvousView
 from polevpn.gateway.view import GATEWAY_DROPS, DirectView, GatewayView, UplinkView
 from polevpn.io.pathstats import KcpFigures
 from polevpn.ops import httpserver
@@ -292,6 +294,54 @@ class RouterCollector(Collector):
                     yield _counter(f"{p}kcp_{name}", f"KcpServerStats.{name}", value)
         if v.cluster is not None:
             yield from self._cluster(v.cluster)
+        if v.direct is not None:
+            yield from self._direct(v.direct)
+
+    def _direct(self, d: RendezvousView) -> Iterable[Metric]:
+        """Direct paths between gateways: polevpn_direct_*."""
+        p = "polevpn_direct_"
+        stats = d.stats
+        yield _gauge(
+            f"{p}pairs", "pairs of gateways with live direct-path key material", len(d.pairs)
+        )
+        yield _counter(
+            f"{p}offers",
+            "DIRECT_OFFER frames sent (two per pair offered or renewed)",
+            stats["offers"],
+        )
+        revokes = CounterMetricFamily(
+            f"{p}revokes", "DIRECT_REVOKE frames sent, by reason", labels=["reason"]
+        )
+        for reason in ("revoked", "peer_gone", "replaced", "disabled"):
+            revokes.add_metric([reason], stats[f"revokes_{reason}"])
+        yield revokes
+        probes = CounterMetricFamily(
+            f"{p}endpoint_probes",
+            "endpoint probes on the kcp:// port, by result (answered, rate_limited: valid "
+            "and recorded but not answered, the rest refused)",
+            labels=["result"],
+        )
+        for result, n in d.probes.items():
+            probes.add_metric([result], n)
+        yield probes
+        paths = GaugeMetricFamily(
+            f"{p}paths",
+            "pairs by the state of their path (direct only when both gateways report it)",
+            labels=["state"],
+        )
+        states = Counter(pair.state for pair in d.pairs)
+        for state in ("relayed", "punching", "direct"):
+            paths.add_metric([state], states.get(state, 0))
+        yield paths
+        yield _gauge(f"{p}enabled", "1 while direct paths are offered", int(d.enabled))
+        for name in (
+            "pairs_full",
+            "no_candidates",
+            "statuses",
+            "statuses_unknown",
+            "frames_ignored",
+        ):
+            yield _counter(f"{p}{name}", f"RendezvousStats.{name}", stats[name])
 
     def _cluster(self, c: ClusterView) -> Iterable[Metric]:
         """The router's cluster: polevpn_cluster_*."""

@@ -314,6 +314,87 @@ PEER_LINK = _object(
 )
 
 
+PATH_STATE: Schema = {
+    "type": "string",
+    "enum": ["relayed", "punching", "direct"],
+    "description": "relayed: through the router; punching: an attempt under way (still "
+    "relayed); direct: gateway to gateway",
+}
+DIRECT_SIDE = _object(
+    {
+        "gateway": _TEXT,
+        "state": PATH_STATE,
+        "cause": {
+            "type": "string",
+            "enum": ["none", "no_answer", "silence", "handshake", "expired", "revoked",
+                     "unreported"],
+            "description": "why it is not (or no longer) direct, as the gateway reports it; "
+            "unreported: no DIRECT_STATUS from it for this pair yet",
+        },
+        "rtt_ms": _nullable({"type": "number", "minimum": 0}),
+        "bytes_sent": _int("IP bytes it sent over the direct path, since the offer"),
+        "bytes_received": _int("IP bytes it received over the direct path"),
+        "refused": _int("packets from the peer it refused (outside the peer's grant)"),
+        "endpoint": _nullable({**_TEXT, "description": "ip:port of the peer in use"}),
+        "reported": _nullable({**TIMESTAMP, "description": "when its last status came"}),
+    },
+    "one gateway of a pair, as its last DIRECT_STATUS says",
+)  # fmt: skip
+DIRECT_PAIR = _object(
+    {
+        "pair_id": {**_TEXT, "description": "hex, 32 digits; a new one at each renewal"},
+        "gateways": {"type": "array", "items": _TEXT, "minItems": 2, "maxItems": 2},
+        "created": TIMESTAMP,
+        "expires": TIMESTAMP,
+        "state": {**PATH_STATE, "description": "direct only when both sides report it"},
+        "sides": {
+            "type": "array",
+            "items": {"$ref": "#/components/schemas/DirectSide"},
+            "minItems": 2,
+            "maxItems": 2,
+        },
+    },
+    "two gateways with live key material for a direct path",
+)
+DIRECT_ENDPOINT = _object(
+    {
+        "gateway": _TEXT,
+        "public": _nullable(
+            {**_TEXT, "description": "ip:port its endpoint probes came from (its NAT)"}
+        ),
+        "host": {
+            "type": "array",
+            "items": _TEXT,
+            "description": "ip:port it reported (DIRECT_CANDIDATES)",
+        },
+    },
+    "a gateway connected with direct paths agreed",
+)
+
+
+def _direct() -> Schema:
+    def items(ref: str) -> Schema:
+        return {"type": "array", "items": {"$ref": f"#/components/schemas/{ref}"}}
+
+    return _object(
+        {
+            "enabled": {
+                "type": "boolean",
+                "description": "direct paths offered: the direct section's enable, with a "
+                "kcp listener",
+            },
+            "pairs": items("DirectPair"),
+            "endpoints": items("DirectEndpoint"),
+            "counters": {
+                "type": "object",
+                "description": "the rendezvous' counters since start (offers, revokes_*, "
+                "probes_*, ...); empty without a kcp listener",
+                "additionalProperties": _int(),
+            },
+        }
+    )
+
+
 def _cluster() -> Schema:
     def items(ref: str) -> Schema:
         return {"type": "array", "items": {"$ref": f"#/components/schemas/{ref}"}}
@@ -442,6 +523,12 @@ def document(counters: Iterable[str]) -> Schema:
                     more={"404": _json("Error", "this router is in no cluster")},
                 )
             },
+            f"{p}/direct": {
+                "get": _get(
+                    "direct paths between gateways: pairs, their state, the endpoints",
+                    _json("Direct", "what the router's rendezvous holds"),
+                )
+            },
             f"{p}/reload": {
                 "post": {
                     "summary": "reload the config file, as SIGHUP does",
@@ -523,6 +610,10 @@ def document(counters: Iterable[str]) -> Schema:
                 "ClusterRouter": CLUSTER_ROUTER,
                 "RemoteRoute": REMOTE_ROUTE,
                 "PeerLink": PEER_LINK,
+                "Direct": _direct(),
+                "DirectPair": DIRECT_PAIR,
+                "DirectSide": DIRECT_SIDE,
+                "DirectEndpoint": DIRECT_ENDPOINT,
                 "Reload": _object(
                     {
                         "reloaded": {"type": "boolean", "enum": [True]},

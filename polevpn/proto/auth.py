@@ -32,6 +32,9 @@ class GatewayGrant:
     key: str | None
     cert_fingerprint: bytes | None
     networks: tuple[IPNetwork, ...]
+    # direct paths to and from other gateways (docs/protocol.md section 18); false: the
+    # router never offers this gateway one
+    direct: bool = True
 
     def covers(self, net: IPNetwork) -> bool:
         return any(net.version == g.version and net.subnet_of(g) for g in self.networks)  # type: ignore[arg-type]

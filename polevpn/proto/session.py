@@ -355,6 +355,15 @@ class ServerSession(_FramedSession):
             # echoed as is, sequence included, as PoleVPN's router does
             self.outbox.append(wire.frame_header(wire.HEART_BEAT, 0, seq))
             events.append(HeartbeatReceived())
+        elif (
+            command in DIRECT_COMMANDS
+            and self.state is State.REGISTERED
+            and messages.FEATURE_DIRECT in self.features
+        ):
+            # the router's rendezvous parses it (polevpn.direct.messages); before REGISTER
+            # it names no gateway, and it is counted as unknown like on a side that did
+            # not agree
+            events.append(DirectFrame(command, bytes(body)))
         else:
             # S2C_IPDATA from a gateway or a command from a newer protocol: ignore, count
             self.unknown_commands += 1
@@ -390,8 +399,10 @@ class ServerSession(_FramedSession):
         self._dialer = hello
         self._listener = creds.hello()
         self.state = State.AUTHENTICATED
-        # a router link is no gateway: multi-link means nothing on it
-        self.features = offered & ((self._offer | {FEATURE_PEER}) - {FEATURE_MULTILINK})
+        # a router link is no gateway: multi-link and direct paths mean nothing on it
+        self.features = offered & (
+            (self._offer | {FEATURE_PEER}) - {FEATURE_MULTILINK, messages.FEATURE_DIRECT}
+        )
         reply = messages.encode_peer_welcome(self._listener, self.features)
         self.outbox.append(encode_frame(wire.AUTH, reply, seq))
 

@@ -40,6 +40,8 @@ from polevpn.config import (
     reloading,
     set_log_level,
 )
+from polevpn.direct import messages as direct_messages
+from polevpn.direct.rendezvous import Rendezvous, Send
 from polevpn.host import memory, netconf, privileges
 from polevpn.io import linksock, tcpcc, udpsock
 from polevpn.io.kcp_transport import KcpServer
@@ -51,12 +53,18 @@ from polevpn.packet.gso import VNET_HDR_LEN as _VNET
 from polevpn.packet.routing import IPAddress, NetworkSet, RouteTable, announcement_error
 from polevpn.proto import wire
 from polevpn.proto.certs import cert_fingerprint
-from polevpn.proto.messages import FEATURE_MULTILINK, FEATURE_SUPER, FEATURE_UNORDERED
+from polevpn.proto.messages import (
+    FEATURE_DIRECT,
+    FEATURE_MULTILINK,
+    FEATURE_SUPER,
+    FEATURE_UNORDERED,
+)
 from polevpn.proto.peering import PeerCredentials
 from polevpn.proto.session import (
     AuthFailed,
     AuthSucceeded,
     ConnectionLost,
+    DirectFrame,
     PeerAuthenticated,
     RegisterRequested,
     ServerSession,
@@ -80,6 +88,14 @@ LINK_CHECK_INTERVAL = 0.1
 
 @dataclass
 class RouterStats(Counters):
+    """The router's counters. ``packets_forwarded`` / ``bytes_forwarded`` are the IP packets
+    and bytes the router itself wrote to a destination (a gateway, or its own TUN): what
+    it relayed, data only, never a control frame. Packets two offices exchange over a
+    direct path (docs/protocol.md section 18) never reach the router and are not in them:
+    they are /api/v1/status ``counters.bytes_forwarded`` and /metrics
+    ``polevpn_router_forwarded_bytes_total``; per gateway, ``bytes_out`` of
+    /api/v1/gateways/{address} and ``polevpn_router_gateway_sent_bytes_total``."""
+
     connections_accepted: int = 0
     accept_errors: int = 0
     connections_closed: int = 0
@@ -194,6 +210,9 @@ class GatewayConnection(asyncio.Protocol):
         self.queue_limit = router.cfg.send_queue_bytes
         # a kcp:// session with congestion control: its queue is bounded by time too
         self.kcp_link: KcpLink | None = None
+        # the gateway it registered, while it agreed direct paths and the router's
+        # rendezvous holds it (forward asks this of sources and destinations)
+        self.direct: IPAddress | None = None
 
     def __repr__(self) -> str:
         return f"<gateway {self.gateway or '-'} {self.peer}>"
@@ -342,6 +361,17 @@ class GatewayConnection(asyncio.Protocol):
         stats.bytes_forwarded += ip_bytes
         transport.write(data)
 
+    def send_control(self, frame: bytes) -> None:
+        """A control frame from the router itself (direct paths), after whatever the
+        session has queued; nothing when the connection is closing."""
+        transport = self.transport
+        if transport is None or self.closing or transport.is_closing():
+            return
+        session = self.session
+        if session is not None and session.outbox:
+            transport.write(b"".join(session.data_to_send()))
+        transport.write(frame)
+
     def close(self, reason: str | None, abort: bool = False) -> None:
         """Close after flushing what is queued (an error frame, say), or at once with
         ``abort``. A peer that stops reading cannot hold a closing connection open: it is
@@ -414,11 +444,19 @@ class Router:
         self.cluster: ClusterMember | None = None
         self.remote: RemoteRoutes | None = None
         self.peers: PeerLinks | None = None
+        # direct paths between gateways (cfg.direct): the rendezvous, with the kcp://
+        # listener (where the endpoint probes go); None without one
+        self.rendezvous: Rendezvous | None = None
 
     def _take(self, cfg: RouterConfig) -> None:
         """The config and what follows from it alone: at start, and again on reload."""
         self.cfg = cfg
-        offered = {FEATURE_SUPER: cfg.super_packets, FEATURE_MULTILINK: cfg.multi_link}
+        offered = {
+            FEATURE_SUPER: cfg.super_packets,
+            FEATURE_MULTILINK: cfg.multi_link,
+            # the endpoint probes go to the kcp:// listener's UDP port
+            FEATURE_DIRECT: cfg.direct.enable and cfg.kcp.enable,
+        }
         self.features = frozenset(name for name, on in offered.items() if on)
         self.authority = cfg.authority()
         peers = getattr(self, "peers", None)
@@ -447,6 +485,7 @@ class Router:
             await self._start_tls()
         if self.cfg.kcp.enable:
             await self._start_kcp()
+        self._start_direct()
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._watch_links()))
         if self.cfg.cluster is not None:
@@ -504,6 +543,79 @@ class Router:
                 fec=f"{fec.mode}:{fec.data_shards}+{fec.parity_shards}" if fec.enabled else "off",
             ),
         )
+
+    def _start_direct(self) -> None:
+        d = self.cfg.direct
+        if self.kcp_server is None:
+            if d.enable:
+                log.info(
+                    "direct paths off: they need the kcp listener (endpoint probes go to "
+                    "its UDP port)",
+                    extra=kv(config=self.cfg.path),
+                )
+            return
+        self.rendezvous = Rendezvous(self.kcp_port, d.enable, d.lifetime, d.max_pairs)
+        self.kcp_server.direct = self._direct_probe
+
+    def _direct_probe(self, data: bytes, addr: tuple) -> bytes | None:
+        """An ENDPOINT_PROBE on the kcp:// port (KcpServer.direct): the reply, or None."""
+        rdv = self.rendezvous
+        if rdv is None:
+            return None
+        try:
+            src = direct_messages.Endpoint.from_sockaddr(addr)
+        except direct_messages.DirectMessageError:
+            rdv.registry.refused_malformed += 1
+            return None
+        return rdv.probe(data, src, time.monotonic())
+
+    def _send_direct(self, sends: list[Send]) -> None:
+        for s in sends:
+            s.conn.send_control(s.frame)  # type: ignore[attr-defined]
+
+    def _direct_frame(self, conn: GatewayConnection, ev: DirectFrame) -> None:
+        rdv = self.rendezvous
+        if rdv is None or conn.direct is None:
+            if conn.session is not None:
+                conn.session.unknown_commands += 1
+            return
+        try:
+            sends = rdv.frame(conn.direct, ev.command, ev.body, time.monotonic())
+        except direct_messages.DirectMessageError as exc:
+            # malformed like a bad REGISTER: a protocol violation, this connection only
+            self.stats.malformed_frames += 1
+            log.warning("protocol error", extra=kv(peer=conn.peer, reason=exc))
+            conn.close(f"bad direct-path frame: {exc}")
+            return
+        self._send_direct(sends)
+
+    def _direct_registered(self, conn: GatewayConnection, gateway: IPAddress, prefixes) -> None:
+        """``conn`` registered ``gateway``: the rendezvous takes it if it agreed direct."""
+        rdv = self.rendezvous
+        assert conn.session is not None
+        now = time.monotonic()
+        if conn.direct is not None and conn.direct != gateway:
+            # the same connection registers another gateway now
+            self._send_direct(rdv.connection_closed(conn.direct, conn, now) if rdv else [])
+            conn.direct = None
+        if rdv is None or FEATURE_DIRECT not in conn.session.features:
+            return
+        grant = self.authority.grants.get(gateway)
+        allowed = grant.direct if grant is not None else True
+        conn.direct = gateway
+        self._send_direct(rdv.gateway_up(gateway, conn, prefixes, allowed, now))
+
+    def _reload_direct(self, old_grants: dict) -> None:
+        """A reload: the direct section, and the grants of the gateways the rendezvous
+        holds (changed or removed: their pairs are revoked)."""
+        rdv = self.rendezvous
+        if rdv is None:
+            return
+        now = time.monotonic()
+        d = self.cfg.direct
+        sends = rdv.reconfigure(d.enable, d.lifetime, d.max_pairs, now)
+        sends += rdv.grants_changed(old_grants, self.authority.grants, now)
+        self._send_direct(sends)
 
     @property
     def kcp_port(self) -> int:
@@ -689,6 +801,7 @@ class Router:
         plan = reloading.plan(self.cfg, load_router_config(self.cfg.path))
         cfg = plan.config
         old_cluster = self.cfg.cluster
+        old_grants = dict(self.authority.grants)
         # certificates are read again on every reload (renewed files keep their names);
         # one that fails to load fails the reload before anything has changed
         tls_ctx = dtls_ctx = None
@@ -725,6 +838,8 @@ class Router:
         changes = plan.describe()
         for warning in cfg.warnings:
             log.warning("%s", warning)
+        # before the recheck closes what the new grants refuse: their peers hear reason 1
+        self._reload_direct(old_grants)
         for line in self._recheck():
             changes.append(line)
         if plan.changed("cluster"):
@@ -778,6 +893,8 @@ class Router:
                         self.stats.auth_timeouts += 1
                     # a silent peer would never acknowledge a TLS close_notify
                     conn.close(reason, abort=True)
+            if self.rendezvous is not None:
+                self._send_direct(self.rendezvous.handle_timer(now))
             if trim is not None and trim_policy.due(self._live(), now):
                 trim()
             if cfg.stats_interval and now >= next_stats:
@@ -825,6 +942,8 @@ class Router:
     def on_event(self, conn: GatewayConnection, ev: object) -> None:
         if isinstance(ev, RegisterRequested):
             self._register(conn, ev)
+        elif isinstance(ev, DirectFrame):
+            self._direct_frame(conn, ev)
         elif isinstance(ev, PeerAuthenticated):
             self._hand_over(conn)
         elif isinstance(ev, AuthSucceeded):
@@ -948,6 +1067,7 @@ class Router:
         conn.session.accept_register(ev.seq)
         conn.release_slot()
         self.stats.registrations += 1
+        self._direct_registered(conn, req.gateway, prefixes)
         if self.cluster is not None:
             self.cluster.gateway_up(req.gateway, prefixes)
         log.info(
@@ -1130,6 +1250,10 @@ class Router:
         self.stats.connections_closed += 1
         if conn.session is not None:
             self.stats.dropped_unregistered += conn.session.dropped_unregistered
+        if conn.direct is not None and self.rendezvous is not None:
+            gone = conn.direct
+            conn.direct = None
+            self._send_direct(self.rendezvous.connection_closed(gone, conn, time.monotonic()))
         if conn.gateway is not None:
             self.withdraw(conn)
             kcp = conn.transport.get_extra_info("kcp_link") if conn.transport else None
@@ -1161,6 +1285,15 @@ class Router:
         supers = out.supers
         for dst, parts in out.batches.items():
             dst.send_batch(parts, supers.get(dst, 0) if supers else 0)
+        a = getattr(src, "direct", None)
+        if a is not None and self.rendezvous is not None:
+            # two gateways that agreed direct paths talk through the router: one probe per
+            # destination of this read, an offer when their pair has no material yet
+            rdv = self.rendezvous
+            for dst in out.batches:
+                b = getattr(dst, "direct", None)
+                if b is not None and rdv.seen(a, b):
+                    self._send_direct(rdv.offer(a, b, time.monotonic()))
         return out
 
     # -- the router's own TUN (cfg.tun): the pseudo-gateway "local"

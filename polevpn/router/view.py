@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Protocol
 
 from polevpn.cluster.view import ClusterView, cluster_view
+from polevpn.direct.rendezvous import RendezvousView
 from polevpn.io.pathstats import TransportFigures, transport_figures
 from polevpn.router.sitelinks import Site
 
@@ -153,6 +154,9 @@ class RouterView:
     # the router's cluster (cfg.cluster), its links to the other routers included; None
     # for a router alone
     cluster: ClusterView | None = None
+    # direct paths between gateways (polevpn.direct.rendezvous); None without a kcp://
+    # listener, where they cannot be
+    direct: RendezvousView | None = None
 
     @property
     def links(self) -> tuple[ConnectionView, ...]:
@@ -303,4 +307,10 @@ def snapshot(router: Router, now: float | None = None, wall: float | None = None
         admission=_counters(router.admission.stats),
         kcp=kcp,
         cluster=_cluster(router, now, wall),
+        direct=_direct(router, now, wall),
     )
+
+
+def _direct(router: Router, now: float, wall: float) -> RendezvousView | None:
+    rdv = getattr(router, "rendezvous", None)
+    return None if rdv is None else rdv.view(now, wall)
