@@ -1,5 +1,6 @@
 """Direct paths between gateways through NAT, the router as rendezvous and fallback relay
-(issue 18; docs/protocol.md section 18). A draft: sans-IO only, not wired into the daemons.
+(issue 18; docs/protocol.md section 18). Sans-IO; the sockets are polevpn/io/direct_socket.py,
+the orchestrators wire it in (gateway/direct.py, router/router.py).
 
     messages   the control frames (DIRECT_*) and the 64-byte UDP probes, strict codecs
     keys       the router's per-pair key material and what both gateways derive from it

@@ -29,8 +29,8 @@ class Command(IntEnum):
     C2S_IPDATA = 3
     HEART_BEAT = 4
     SUPER_IPDATA = 16
-    # direct paths between gateways (docs/protocol.md section 18, a draft: polevpn.direct
-    # parses them, nothing sends them yet); only after both ends agreed "direct" in AUTH
+    # direct paths between gateways (docs/protocol.md section 18, polevpn.direct), only
+    # on a connection that agreed "direct" in AUTH
     DIRECT_ENDPOINT = 32
     DIRECT_CANDIDATES = 33
     DIRECT_OFFER = 34
