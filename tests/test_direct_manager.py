@@ -277,6 +277,42 @@ def test_another_pairs_material_is_refused_and_counted(contexts):
     assert st.state is PathCode.RELAYED and st.cause is Cause.HANDSHAKE
 
 
+def _forge(gw: SimGateway, pair: bytes, n: int, now: float, kind=m.DatagramKind.PROBE) -> int:
+    """``n`` datagrams with ``pair``'s id tagged with a third gateway's key (its own
+    pair's material) at ``gw``; returns how many it counted as refused. None answered."""
+    mat = K.issue()
+    keys_c = K.PairKeys.derive(mat.pair_id, mat.secret, C, B, 3600.0)
+    rogue = ep("198.18.0.30:7000")
+    seen = rogue if kind is m.DatagramKind.ACK else None
+    before = gw.mgr.stats.refused_probes
+    for i in range(n):
+        d = m.Datagram(kind, pair, 1000 + i, seen).encode(keys_c.send_probe_key)
+        gw.mgr.receive(d, rogue, now)
+    assert [x for x in gw._collect(now) if x[1] == rogue] == []
+    return gw.mgr.stats.refused_probes - before
+
+
+def test_every_forged_probe_for_a_pair_we_hold_is_counted(contexts):
+    """Probes (and acks) with the id of the A-B pair and a tag made with other material:
+    each one counted, none answered, whether A's path is up or A has no session; the path
+    undisturbed. (Before, only a session's puncher saw them, uncounted outside it.)"""
+    w = World(contexts)
+    w.up()
+    pair = w.a.mgr.peers[B].pair_id
+    assert pair is not None
+    assert _forge(w.a, pair, 10, w.now) == 10
+    assert _forge(w.a, pair, 3, w.now, m.DatagramKind.ACK) == 3
+    assert w.a.path(B) is PathState.DIRECT
+    # material, no session: A's lone attempt failed (B's offer is late), A waits
+    w2 = World(contexts)
+    to_a, _ = w2.offers()
+    w2.deliver(w2.a, to_a)
+    w2.run(w2.now + 5.0)
+    assert w2.a.path(B) is PathState.RELAYED and w2.a.mgr.peers[B].session is None
+    assert _forge(w2.a, to_a.pair_id, 4, w2.now) == 4
+    assert w2.a.path(B) is PathState.RELAYED  # a forged probe joins no attempt
+
+
 def test_a_source_outside_the_grant_is_refused_and_counted(contexts):
     w = World(contexts)
     w.up()
@@ -355,6 +391,121 @@ def test_one_sided_silence_recovers(contexts):
     w.b.got.clear()
     w.traffic(w.now + 0.5)
     assert w.a.got and w.b.got
+
+
+ROUTER_DELAY = 0.08  # one way through the router (its two links)
+
+
+def _echo_through_a_cut(w: World, until: float) -> tuple[list[float], list[float]]:
+    """A sends a request to B's LAN every 50 ms; B answers every request it gets, direct
+    or through the router. The router delivers what a gateway hands it (the packets
+    ``route`` returns) ROUTER_DELAY later, to the TUN and to the manager's ``relayed``,
+    as the gateway's router connection does. Returns the send times of the requests that
+    reached B and of those whose replies reached A."""
+    queue: list[tuple[float, SimGateway, list[bytes]]] = []
+    # kept on the world: replies to an earlier call's requests may come in this one
+    sent_at: dict[int, float] = w.__dict__.setdefault("sent_at", {})
+    at_b: list[float] = []
+    answered: list[float] = []
+    seq = len(sent_at)
+
+    def settle(gw: SimGateway) -> None:
+        for data, dst in gw._collect(w.now):
+            w.net.send(gw.endpoint, dst, data, w.now)
+
+    def arrived(gw: SimGateway, packets: list[bytes]) -> None:
+        if gw is w.b:
+            replies = []
+            for pkt in packets:
+                n = int.from_bytes(pkt[28:32], "big")
+                at_b.append(sent_at[n])
+                replies.append(ip4("198.18.20.7", "198.18.10.5", 40)[:28] + pkt[28:40])
+            for rest in (w.b.send(w.net, replies, w.now),):
+                if rest:
+                    queue.append((w.now + ROUTER_DELAY, w.a, rest))
+        else:
+            answered.extend(sent_at[int.from_bytes(p[28:32], "big")] for p in packets)
+
+    while w.now < until:
+        seq += 1
+        sent_at[seq] = w.now
+        req = ip4("198.18.10.5", "198.18.20.7", 40)[:28] + seq.to_bytes(4, "big") + bytes(8)
+        rest = w.a.send(w.net, [req], w.now)
+        if rest:
+            queue.append((w.now + ROUTER_DELAY, w.b, rest))
+        step_end = w.now + 0.05
+        while True:
+            due = [x for x in queue if x[0] <= step_end]
+            nxt = min((x[0] for x in due), default=None)
+            w.run(nxt if nxt is not None else step_end)
+            if nxt is None:
+                break
+            for item in [x for x in queue if x[0] <= w.now]:
+                queue.remove(item)
+                _, gw, packets = item
+                gw.mgr.relayed(packets, w.now)
+                settle(gw)
+                arrived(gw, packets)
+        for gw in (w.a, w.b):
+            got, gw.got = gw.got, []
+            if got:
+                arrived(gw, got)
+    return at_b, answered
+
+
+def test_a_peer_that_relays_ends_our_direct_path_at_once(contexts):
+    """The path is cut while A sends requests and B answers them. A falls back on its
+    silence and relays; B (which sent nothing since the cut: it got nothing to answer)
+    falls back on the first request that comes through the router rather than 1.5 s
+    after its first reply into the dead path, so replies flow again right after A falls
+    back: within the 2 s issue 18 asks of the cut."""
+    w = World(contexts)
+    w.up()
+    _echo_through_a_cut(w, w.now + 2.5)  # past relay_grace, echoes direct
+    assert w.a.path(B) is PathState.DIRECT and w.b.path(A) is PathState.DIRECT
+    assert w.b.mgr.stats.peer_relayed == 0  # nothing relayed while it works
+    # the cut comes between two echoes (as between pings 100 ms apart over a 10 ms path):
+    # B owes nothing then, and has nothing to send until a request reaches it
+    w.run(w.now + 0.2)
+    assert w.b.mgr.peers[A].path.waiting_since is None
+    cut_at = w.now
+    w.net.cut = lambda src, dst: (
+        src.address != ROUTER_UDP.address and (dst.address != ROUTER_UDP.address)
+    )
+    _, answered = _echo_through_a_cut(w, cut_at + 3.0)
+    (t_a, ca), *_ = [(t, c) for t, c in w.a.changes if c.previous is PathState.DIRECT]
+    (t_b, cb), *_ = [(t, c) for t, c in w.b.changes if c.previous is PathState.DIRECT]
+    assert ca.cause is Cause.SILENCE and cb.cause is Cause.SILENCE
+    assert t_a - cut_at <= 1.5 + 0.05 + 0.011
+    # B: when the first relayed request came (a router delay after A fell back)
+    assert t_b - t_a <= ROUTER_DELAY + 0.05 + 0.001, (t_a, t_b)
+    assert w.b.mgr.stats.peer_relayed == 1 and w.a.mgr.stats.peer_relayed == 0
+    after = [t for t in answered if t > cut_at]
+    assert after and after[0] - cut_at <= 2.0, after[:3]
+    # and the path returns once the cut is lifted
+    w.net.cut = None
+    _echo_through_a_cut(w, w.now + 4.0)
+    assert w.a.path(B) is PathState.DIRECT and w.b.path(A) is PathState.DIRECT
+
+
+def test_relayed_packets_from_a_working_path_do_not_end_it(contexts):
+    """Stragglers: the peer's packets relayed before its side came up, and relayed
+    packets while the peer is heard directly, leave the path as it is; a source outside
+    the peer's grant is not the peer's, and no path's business."""
+    w = World(contexts)
+    w.up()
+    stray = [ip4("198.18.20.7", "198.18.10.5")]
+    assert not w.a.mgr.relayed(stray, w.now)  # just came up
+    w.traffic(w.now + 2.5)  # both ways, heard all the time
+    assert not w.a.mgr.relayed(stray, w.now)
+    assert w.a.path(B) is PathState.DIRECT
+    w.run(w.now + 1.0)  # quiet now
+    other = [ip4("198.18.30.7", "198.18.10.5"), ip4("198.18.10.9", "198.18.10.5")]
+    assert not w.a.mgr.relayed(other, w.now)
+    assert w.a.path(B) is PathState.DIRECT and w.a.mgr.stats.peer_relayed == 0
+    # the peer's own address counts (the router checks sources against it too)
+    assert w.a.mgr.relayed([ip4(str(B), "198.18.10.5")], w.now)
+    assert w.a.path(B) is PathState.RELAYED and w.a.mgr.stats.peer_relayed == 1
 
 
 def test_a_relayed_peer_joins_the_others_attempt(contexts):

@@ -77,6 +77,33 @@ def test_silence_after_sending_falls_back_within_two_seconds():
     assert p.tick(8.49) == [] and p.tick(8.5) == [P]
 
 
+def test_a_packet_the_peer_relayed_ends_the_direct_path_at_once():
+    """The peer's packets come through the router: it gave the path up (its silence came
+    first). Ours ends at once, as after a silence, unless that can be a straggler: within
+    ``relay_grace`` of the path coming up, or while the peer is heard directly."""
+    cfg = PathConfig()
+    assert (cfg.relay_grace, cfg.relay_quiet) == (2.0, 0.5)
+    p = _direct()  # up at 0.1
+    # relayed before our side came up, still on its way through the router: ignored
+    assert p.peer_relayed(0.5) == [] and p.peer_relayed(2.09) == []
+    assert p.direct
+    # heard directly within the last 0.5 s: the path carries in the peer's direction
+    p.heard(5.0, 100)
+    assert p.peer_relayed(5.0) == [] and p.peer_relayed(5.49) == []
+    assert p.direct
+    # nothing direct for 0.5 s and the peer relays: relayed now, no silence to wait out
+    assert p.peer_relayed(5.5) == [R]
+    assert p.state is PathState.RELAYED and p.cause is Cause.SILENCE and not p.direct
+    assert p.retry_at == pytest.approx(6.5) and p.failures == 1
+    assert p.tick(6.5) == [P]
+    # only while direct: relaying is what a punching or relayed path does itself
+    assert p.peer_relayed(7.0) == []
+    assert p.state is PathState.PUNCHING
+    # a path never heard since it came up (idle), long enough: ends too
+    q = _direct(100.0)
+    assert q.peer_relayed(102.2) == [R] and q.cause is Cause.SILENCE
+
+
 def test_idle_direct_path_needs_no_traffic():
     p = _direct()
     # nothing sent, nothing heard, for an hour of minutes: still direct

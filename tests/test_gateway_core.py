@@ -156,13 +156,16 @@ class FakeSocket:
 class FakeTransport:
     """A connection to a FakeServer, in the shape of an asyncio transport."""
 
-    def __init__(self, protocol: RouterLink, server: FakeServer) -> None:
+    def __init__(
+        self,
+        protocol: RouterLink,
+        server: FakeServer,
+        features: frozenset[str] = frozenset({FEATURE_SUPER, FEATURE_MULTILINK}),
+    ) -> None:
         self.protocol = protocol
         self.server = server
         self.loop = asyncio.get_running_loop()
-        self.session = ServerSession(
-            lambda key: True, time.monotonic(), frozenset({FEATURE_SUPER, FEATURE_MULTILINK})
-        )
+        self.session = ServerSession(lambda key: True, time.monotonic(), features)
         self.packets: list[bytes] = []
         self.closing = False
         self.aborted = False

@@ -44,7 +44,7 @@ from polevpn.direct.punch import PunchConfig
 from polevpn.direct.session import DirectContexts, DirectSession, SessionFailed, SessionUp
 from polevpn.kcp.kcp_pool import KcpPool
 from polevpn.packet.gso import VNET_HDR_LEN, GsoError, to_plain
-from polevpn.packet.ippacket import dst_addr
+from polevpn.packet.ippacket import dst_addr, src_addr
 from polevpn.packet.routing import IPAddress, IPNetwork, RouteTable
 
 STATUS_INTERVAL = 30.0
@@ -64,6 +64,9 @@ class DirectStats(Counters):
     datagrams_out: int = 0
     # 0xD1 datagrams of no pair we hold, and other datagrams from no session's peer
     refused_unknown_pair: int = 0
+    # probes and acks with the id of a pair we hold whose tag does not verify with its
+    # key (another pair's material, a forgery): every one counted, none answered
+    refused_probes: int = 0
     refused_stray: int = 0
     packets_out: int = 0
     bytes_out: int = 0
@@ -77,6 +80,9 @@ class DirectStats(Counters):
     dropped: int = 0
     endpoint_probes: int = 0
     endpoint_replies: int = 0
+    # direct paths ended because the peer's packets came through the router (it had
+    # given the path up first; path.PeerPath.peer_relayed)
+    peer_relayed: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +311,12 @@ class DirectManager:
             if peer is None:
                 self.stats.refused_unknown_pair += 1
                 return
+            keys = peer.keys
+            if keys is None or not m.authentic(data, keys.recv_probe_key):
+                # the right id, a tag from other material: refused here, whatever the
+                # session's state (none, punching, up), so each one is counted
+                self.stats.refused_probes += 1
+                return
             if peer.session is None:
                 self._peer_probing(peer, data, src, now)
             if peer.session is not None:
@@ -316,13 +328,53 @@ class DirectManager:
             self.stats.refused_stray += 1
 
     def _peer_probing(self, peer: _Peer, data: bytes, src: Endpoint, now: float) -> None:
-        """A probe for a pair with no attempt under way: the peer is punching; join it."""
-        keys = peer.keys
-        if keys is None or data[1] != _PROBE or not m.authentic(data, keys.recv_probe_key):
+        """An authentic probe for a pair with no attempt under way: the peer is punching;
+        join it."""
+        if data[1] != _PROBE:
             return
         before = peer.path.state
         self._act(peer, peer.path.peer_punching(now), now)
         self._note(peer, before, now)
+
+    def relayed(self, packets: Iterable, now: float, whole: bool = False) -> bool:
+        """IP packets that came through the router (a router connection, which lets
+        through from a gateway only sources within the networks it registered: the offer's
+        networks of that peer). One from a peer whose path is direct and whose session is
+        up means the peer sends through the router now: our path ends too
+        (``PeerPath.peer_relayed`` says when that does not count). ``whole``: a packet may
+        be a super-packet (virtio-net header first). True: a path changed (the caller
+        sends what that queued). Costs a lookup per packet only while some path is
+        direct."""
+        if not self.any_direct:
+            return False
+        lookup4, lookup6 = self._routes.lookup_v4, self._routes.lookup_v6
+        seen: list[_Peer] = []
+        for pkt in packets:
+            version, addr = src_addr(pkt)
+            if not version and whole and len(pkt) > VNET_HDR_LEN and pkt[0] < 0x10:
+                version, addr = src_addr(memoryview(pkt)[VNET_HDR_LEN:])
+            if version == 4:
+                peer = lookup4(addr)
+            elif version == 6:
+                peer = lookup6(addr)
+            else:
+                continue
+            if peer is None or not peer.path.direct or peer in seen:
+                continue
+            s = peer.session
+            if s is None or not s.ready:
+                continue  # a rekey under way: both sides relay until its proofs are in
+            seen.append(peer)
+        changed = False
+        for peer in seen:
+            before = peer.path.state
+            decisions = peer.path.peer_relayed(now)
+            if decisions:
+                self.stats.peer_relayed += 1
+                self._act(peer, decisions, now)
+                self._note(peer, before, now)
+                changed = True
+        return changed
 
     def take_packets(self) -> list[memoryview]:
         """The peers' IP packets (ACL passed) since the last call, for the gateway's acls

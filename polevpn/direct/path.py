@@ -18,6 +18,9 @@ Direct lasts while the peer is heard: once something has been sent (data or keep
 nothing at all has come back for ``silence`` (1.5 s), the path falls back to relayed
 (within the 2 s issue 18 asks), as a kcp:// session gives up on silence. An idle path
 sends only keepalives (punch.py, every 15 s), and an unanswered one ends it the same way.
+A packet from the peer that comes through the router while direct means the peer has
+given the path up (its own silence came first): it ends ours at once (``peer_relayed``),
+so our replies go where the peer's packets come from rather than into a dead path.
 After a silence the next attempt follows ``retry_first`` later; after a failed attempt
 (symmetric NAT, a firewall) ``retry_min`` later; each failure in a row doubles the wait up
 to ``retry_max``, and a direct path that has lasted ``stable`` starts the count over.
@@ -61,6 +64,13 @@ class PathConfig:
     # an attempt that neither connects nor fails in this long has failed (the punch
     # deadline is 3 s; the DTLS handshake and the proofs take a few round trips more)
     attempt_timeout: float = 10.0
+    # a packet from the peer through the router while direct (``peer_relayed``) ends the
+    # path, unless the path came up less than ``relay_grace`` ago (the peer's packets
+    # relayed before its side came up are still on their way through the router, behind
+    # its queues) or the peer was heard directly less than ``relay_quiet`` ago (the path
+    # carries in its direction: a straggler, not a peer that gave the path up)
+    relay_grace: float = 2.0
+    relay_quiet: float = 0.5
 
 
 _CODES = {
@@ -169,6 +179,21 @@ class PeerPath:
         self.retry_at = None
         return self._punch(now)
 
+    def peer_relayed(self, now: float) -> list[Decision]:
+        """A packet from the peer came through the router (the authenticated router link,
+        its source within the peer's grant) while our path to it is direct and our
+        session up: the peer no longer sends directly (it fell back on its own silence).
+        Our side would notice only ``silence`` after its next unanswered send, i.e. the
+        replies to what the peer now relays would go into a dead path for another 1.5 s:
+        fall back now (cause silence, retry as after a silence). See ``relay_grace`` and
+        ``relay_quiet`` for what does not count."""
+        cfg = self.config
+        if self.state is not PathState.DIRECT or now < self.since + cfg.relay_grace:
+            return []
+        if self.last_heard is not None and now < self.last_heard + cfg.relay_quiet:
+            return []
+        return self._silent(now)
+
     def heard(self, now: float, nbytes: int = 0) -> None:
         """Something authentic came from the peer over the direct path (data, an ACK, a
         keepalive). ``nbytes``: IP bytes delivered."""
@@ -197,10 +222,7 @@ class PeerPath:
             # deadline would find nothing due and be woken again at once, for ever
             if waiting is not None:
                 if now >= waiting + cfg.silence:
-                    if now - self.since >= cfg.stable:
-                        self.failures = 0
-                    self.failures += 1
-                    return self._relay(now, Cause.SILENCE, cfg.retry_first)
+                    return self._silent(now)
                 if now >= waiting + cfg.nudge and not self.nudged:
                     self.nudged = True
                     return [Decision.KEEPALIVE]
@@ -265,6 +287,13 @@ class PeerPath:
             return []
         self._enter(PathState.PUNCHING, now)
         return [Decision.PUNCH]
+
+    def _silent(self, now: float) -> list[Decision]:
+        """The peer is not heard on the path any more: relayed, retry soon."""
+        if now - self.since >= self.config.stable:
+            self.failures = 0
+        self.failures += 1
+        return self._relay(now, Cause.SILENCE, self.config.retry_first)
 
     def _relay(self, now: float, cause: Cause, wait: float | None) -> list[Decision]:
         self._enter(PathState.RELAYED, now)

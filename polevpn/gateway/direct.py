@@ -74,11 +74,12 @@ class GatewayDirect:
         cfg: GatewayConfig,
         pool: KcpPool,
         deliver: Callable[[list[memoryview]], None],
-        send_frames: Callable[[bytes], bool],
+        send_frames: Callable[[bytes, object | None], bool],
     ) -> None:
         """``deliver``: the peers' packets for the gateway's acls and TUN;
-        ``send_frames``: writes frames to a router connection that agreed ``direct``
-        (False: none is up, and the messages are dropped)."""
+        ``send_frames(data, via)``: writes frames to a router connection that agreed
+        ``direct``, preferably ``via`` (the transport whose DIRECT_* frame is being
+        handled, or None) (False: none is up, and the messages are dropped)."""
         self.cfg = cfg
         own = {cfg.gateway} | ({cfg.gateway6} if cfg.gateway6 is not None else set())
         self.manager = DirectManager(own, cfg.local_networks, cfg.kcp_params, pool)
@@ -87,6 +88,10 @@ class GatewayDirect:
         self.messages_dropped = 0
         self.unsupported = 0
         self.offers_refused_logged = 0
+        # the transport whose frame on_frame is handling: what that makes (the candidates
+        # in answer to DIRECT_ENDPOINT) goes back on it. It arrives with the REGISTER
+        # reply, before the gateway has made that connection its link.
+        self._via: object | None = None
 
     async def open(self) -> None:
         await self.socket.open(self.cfg.direct.port)
@@ -108,9 +113,14 @@ class GatewayDirect:
     def route(self, packets: list, vnet: bool) -> list:
         return self.socket.route(packets, vnet)
 
+    def relayed(self, packets: list, whole: bool) -> None:
+        """Packets from a router connection (while some path is direct): a direct peer
+        whose packets come this way has given its path up."""
+        self.socket.relayed(packets, whole)
+
     def _send(self, msgs: list[m.Message]) -> None:
         data = b"".join(m.encode(x) for x in msgs)
-        if not self.send_frames(data):
+        if not self.send_frames(data, self._via):
             self.messages_dropped += len(msgs)
 
     def on_frame(self, frame: DirectFrame, transport: object) -> str | None:
@@ -148,7 +158,11 @@ class GatewayDirect:
             # gateway-to-router or gateway-to-gateway messages have no business here
             self.unsupported += 1
             return None
-        self.socket._pump()
+        self._via = transport
+        try:
+            self.socket._pump()
+        finally:
+            self._via = None
         return None
 
     def _host_candidates(self, router: IPAddress) -> list[Endpoint]:

@@ -16,7 +16,7 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from OpenSSL import SSL
 
@@ -211,6 +211,9 @@ class RouterLink(asyncio.Protocol):
         if packets:
             self.packets_in += len(packets)
             self.bytes_in += self.gw.to_tun(packets, session.super_packets)
+            direct = self.gw.direct
+            if direct is not None and direct.any_direct:
+                direct.relayed(packets, session.super_packets)
         if session.outbox:
             self.flush()
         if session.state is State.CLOSED and self.transport is not None:
@@ -780,8 +783,16 @@ class Gateway:
         if self.tun is not None:
             self.to_tun(packets, direct=True)
 
-    def _direct_frames(self, data: bytes) -> bool:
-        """Write DIRECT_* frames to a registered router connection that agreed direct."""
+    def _direct_frames(self, data: bytes, via: object | None = None) -> bool:
+        """Write DIRECT_* frames to a registered router connection that agreed direct:
+        ``via`` first (the one whose DIRECT_* frame is being answered; the router sends
+        them only on connections that agreed, and DIRECT_ENDPOINT comes with the REGISTER
+        reply, before that connection is the gateway's link)."""
+        if via is not None:
+            transport = cast(asyncio.WriteTransport, via)
+            if not transport.is_closing():
+                transport.write(data)
+                return True
         links = [self.link, *(u.link for u in self.uplinks.values())]
         for link in links:
             if (

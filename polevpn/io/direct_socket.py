@@ -182,6 +182,11 @@ class DirectSocket(asyncio.DatagramProtocol):
             self._pump()
         return rest
 
+    def relayed(self, packets: list, whole: bool = False) -> None:
+        """Packets that came through the router: a direct peer's ends its path."""
+        if self.manager.relayed(packets, time.monotonic(), whole):
+            self._pump()
+
     # -- output, events, timer
 
     def _sockaddr(self, ep: Endpoint) -> tuple:
