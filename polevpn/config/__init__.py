@@ -931,21 +931,30 @@ def load_router_config(path: str | Path) -> RouterConfig:
     )
 
 
+def _switch_or_section(r: _Reader, name: str, keys: tuple[str, ...]) -> bool | _Reader | None:
+    """A setting given as true / false or as an object of ``keys``: None when absent, the
+    bool, or the object's reader (an unknown key or another type is an error)."""
+    if not r.has(name):
+        return None
+    raw = r.obj[name]
+    if isinstance(raw, bool):
+        return raw
+    if not isinstance(raw, dict):
+        raise r.fail(name, f"expected true, false or an object, got {type(raw).__name__}")
+    sec = r.section(name)
+    assert sec is not None
+    unknown = sorted(set(sec.obj) - set(keys))
+    if unknown:
+        raise sec.fail(unknown[0], f"unknown setting (expected {', '.join(keys)})")
+    return sec
+
+
 def _router_direct(r: _Reader) -> RouterDirectConfig:
     """The router's ``direct`` section: {"enable", "lifetime", "max_pairs"}, or a bare
     true / false for ``enable``."""
-    if not r.has("direct"):
-        return RouterDirectConfig()
-    raw = r.obj["direct"]
-    if isinstance(raw, bool):
-        return RouterDirectConfig(enable=raw)
-    if not isinstance(raw, dict):
-        raise r.fail("direct", f"expected true, false or an object, got {type(raw).__name__}")
-    sec = r.section("direct")
-    assert sec is not None
-    unknown = sorted(set(sec.obj) - {"enable", "lifetime", "max_pairs"})
-    if unknown:
-        raise sec.fail(unknown[0], "unknown setting (expected enable, lifetime, max_pairs)")
+    sec = _switch_or_section(r, "direct", ("enable", "lifetime", "max_pairs"))
+    if not isinstance(sec, _Reader):
+        return RouterDirectConfig() if sec is None else RouterDirectConfig(enable=sec)
     return RouterDirectConfig(
         enable=sec.boolean("enable", True),
         # a minute at least: the material is renewed at two thirds of it
@@ -1353,18 +1362,9 @@ def _links(r: _Reader) -> tuple[LinkConfig, ...]:
 
 def _direct(r: _Reader) -> DirectConfig:
     """`direct`: true / false, or {"enable", "port", "candidates"}."""
-    if not r.has("direct"):
-        return DirectConfig()
-    raw = r.obj["direct"]
-    if isinstance(raw, bool):
-        return DirectConfig(enable=raw)
-    if not isinstance(raw, dict):
-        raise r.fail("direct", f"expected true, false or an object, got {type(raw).__name__}")
-    sec = r.section("direct")
-    assert sec is not None
-    unknown = sorted(set(sec.obj) - {"enable", "port", "candidates"})
-    if unknown:
-        raise sec.fail(unknown[0], "unknown setting (expected enable, port, candidates)")
+    sec = _switch_or_section(r, "direct", ("enable", "port", "candidates"))
+    if not isinstance(sec, _Reader):
+        return DirectConfig() if sec is None else DirectConfig(enable=sec)
     candidates: list[IPAddress] = []
     if sec.has("candidates"):
         items = sec.obj["candidates"]
