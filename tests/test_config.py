@@ -515,6 +515,22 @@ def test_route_server_kcp(tmp_path: Path, keys: keygen.KeygenResult) -> None:
     assert (p.send_window, p.receive_window, p.dtls_mtu) == (512, 2048, 1400)
     assert (p.fec.mode, p.fec.data_shards, p.fec.parity_shards) == ("adaptive", 10, 3)
     assert p.fec.group_timeout == pytest.approx(0.020)
+    assert p.unordered == "light"
+
+
+@pytest.mark.parametrize(
+    "value,mode", [(True, "all"), (False, "off"), ("all", "all"), ("light", "light"),
+                   ("off", "off")]
+)
+def test_kcp_unordered(
+    tmp_path: Path, keys: keygen.KeygenResult, value: object, mode: str
+) -> None:
+    obj = gateway_obj(keys, route_server="kcp://198.19.0.1:443")
+    obj["kcp"] = {"unordered": value}
+    assert load_gateway_config(write(tmp_path / "gateway.json", obj)).kcp_params.unordered == mode
+    robj = router_obj(keys)
+    robj["kcp"] = dict(robj["tls"], listen="0.0.0.0:4443", unordered=value)
+    assert load_router_config(write(tmp_path / "config.json", robj)).kcp_params.unordered == mode
 
 
 def test_route_servers_in_order(tmp_path: Path, keys: keygen.KeygenResult) -> None:
@@ -574,6 +590,8 @@ def test_gateway_kcp_section(tmp_path: Path, keys: keygen.KeygenResult) -> None:
         ({"send_window": 1}, "kcp.send_window", ["outside"]),
         ({"dtls_mtu": "big"}, "kcp.dtls_mtu", ["number"]),
         ({"fec": []}, "kcp.fec", ["object"]),
+        ({"unordered": "some"}, "kcp.unordered", ["light", "'some'"]),
+        ({"unordered": 1}, "kcp.unordered", ["true, false"]),
     ],
 )
 def test_gateway_kcp_section_errors(

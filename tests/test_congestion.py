@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from polevpn.kcp.congestion import (
     DRAIN,
+    HIGH_GAIN,
     MIN_RTT_WINDOW,
     PROBE_BW,
     PROBE_RTT,
@@ -104,6 +105,22 @@ def test_startup_doubles_the_rate_each_round_trip():
     assert cc.state == STARTUP
     for a, b in zip(rates, rates[1:], strict=False):
         assert b >= 1.5 * a, rates
+
+
+def test_startup_paces_no_slower_than_its_window():
+    """A sender inside the tunnel that ramps up (app-limited samples): STARTUP's window
+    grows with what is delivered, and the pacing rate lets that window out within a third
+    of a round trip, not only at 2.9 x the (lagging) rate estimate."""
+    cc = fresh()
+    path = Path(rate=50e3, rtt=0.2)
+    while path.now < 1.0:  # the inner sender's rate doubles each round trip
+        rs = path.sample(rate=path.rate * 2 ** (path.now / path.rtt), app_limited=True)
+        cc.on_sample(rs, 0, path.now)
+    assert cc.state == STARTUP
+    assert cc.cwnd > 1.5 * cc.btl_bw * cc.min_rtt  # the window is ahead of the estimate
+    # (the rate is set before the window grows with the same sample)
+    assert cc.pacing_rate >= HIGH_GAIN * cc.cwnd / cc.min_rtt * 0.95
+    assert cc.pacing_rate > 4 * cc.btl_bw
 
 
 def test_drain_follows_startup_until_the_queue_is_gone():

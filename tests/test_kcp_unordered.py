@@ -155,3 +155,97 @@ def test_bytes_that_are_not_whole_frames_go_in_order():
     a.write(rest)
     got = run(a, b, oa, ob, len(data), loss=0.1, seed=5)
     assert sorted(seqs(got)) == list(range(50))
+
+
+# -- kcp.unordered "light": only packets nothing gains from having in order go so
+
+
+def ipv4(proto: int, payload: int, frag: int = 0) -> bytes:
+    """An IPv4 packet from 198.18.0.1 to 198.19.0.1: for TCP a 20-byte header (data
+    offset 5) then ``payload`` bytes; for others ``payload`` bytes after the IP header."""
+    body = (struct.pack(">HHIIBBHHH", 40000, 5201, 1, 1, 5 << 4, 0x10, 65535, 0, 0)
+            if proto == 6 else b"")
+    body += b"\x00" * payload
+    return struct.pack(">BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 1, frag, 64, proto, 0,
+                       bytes([198, 18, 0, 1]), bytes([198, 19, 0, 1])) + body
+
+
+def ipv6(nh: int, payload: int) -> bytes:
+    body = (struct.pack(">HHIIBBHHH", 40000, 5201, 1, 1, 5 << 4, 0x10, 65535, 0, 0)
+            if nh == 6 else b"")
+    body += b"\x00" * payload
+    src = bytes.fromhex("20010db8000000000000000000000001")
+    dst = bytes.fromhex("20010db8000100000000000000000001")
+    return struct.pack(">IHBB16s16s", 6 << 28, len(body), nh, 64, src, dst) + body
+
+
+LIGHT = [ipv4(1, 56), ipv4(17, 1200), ipv4(6, 0), ipv6(58, 56), ipv6(17, 300), ipv6(6, 0)]
+# TCP with payload, an IPv4 fragment of a TCP segment, an unknown protocol, an IPv6
+# extension header, a TCP header cut short (data offset beyond the packet)
+HEAVY = [ipv4(6, 1), ipv4(6, 1300), ipv4(6, 0, frag=0x00B9), ipv4(47, 100), ipv6(6, 1200),
+         ipv6(0, 64), ipv4(6, 0)[:30]]
+
+
+def marks(out: list[bytes]) -> list[tuple[int, int]]:
+    """(sn, frg) of every data segment in KCP output buffers (cmd 81: push)."""
+    got = []
+    for buf in out:
+        pos = 0
+        while pos + 24 <= len(buf):
+            _conv, cmd, frg, _wnd, _ts, sn, _una, length = struct.unpack_from(
+                "<IBBHIIII", buf, pos)
+            if cmd == 81:
+                got.append((sn, frg))
+            pos += 24 + length
+    return got
+
+
+def test_light_sends_only_light_packets_unordered():
+    for packet, unordered in [(p, True) for p in LIGHT] + [(p, False) for p in HEAVY]:
+        a, b, oa, ob = pair()
+        frame = wire.encode_frame(wire.C2S_IPDATA, packet, 1)
+        n, aligned = a.write_frames(frame, True)
+        assert (n, aligned) == (1, True)
+        a.update(10)
+        (sn, frg), = marks(oa)
+        assert (frg == 0xFF) is unordered, (packet.hex(), frg)
+        assert frg in (0, 0xFF)
+        # without "light", every frame goes unordered
+        a, b, oa, ob = pair()
+        a.write_frames(frame)
+        a.update(10)
+        assert marks(oa)[0][1] == 0xFF
+
+
+def test_light_keeps_runs_of_a_kind_together_and_the_stream_whole():
+    """Light and heavy frames interleaved: each run of one kind packs into messages of its
+    own; without loss the stream arrives as written, with loss every frame arrives once,
+    the heavy ones (TCP data) in their order."""
+    rng = random.Random(3)
+    kinds = [rng.random() < 0.5 for _ in range(400)]
+    pkts = [rng.choice(LIGHT) if light else ipv4(6, rng.randint(1, 1400)) for light in kinds]
+    data = b"".join(wire.encode_frame(wire.C2S_IPDATA, p, i) for i, p in enumerate(pkts))
+    a, b, oa, ob = pair()
+    n, aligned = a.write_frames(data, True)
+    assert aligned and n < 400
+    assert run(a, b, oa, ob, len(data), loss=0.0) == data
+    a, b, oa, ob = pair()
+    a.write_frames(data, True)
+    got = run(a, b, oa, ob, len(data), loss=0.1)
+    order = seqs(got)
+    assert sorted(order) == list(range(400))
+    heavy = [s for s in order if not kinds[s]]
+    assert heavy == sorted(heavy)  # TCP data never overtakes TCP data
+    light = [s for s in order if kinds[s]]
+    assert light != sorted(light) or order != sorted(order)
+    assert b.early_segments > 0
+
+
+def test_light_super_packets_and_control_frames_stay_in_order():
+    sup = wire.super_header(200) + b"\x00" * 200
+    ctl = wire.encode_frame(wire.Command.HEART_BEAT, b"", 5)
+    for frame in (sup, ctl):
+        a, b, oa, ob = pair()
+        assert a.write_frames(frame, True)[1]
+        a.update(10)
+        assert [frg for _sn, frg in marks(oa)] == [0]

@@ -87,10 +87,12 @@ class KcpParams:
     max_window: int = 8192
     # IP packets between our own gateways and routers may go up out of order (they are
     # IP: nothing needs them in order), so a lost segment holds up only its own packets;
-    # negotiated in AUTH ("unordered"), never with a Go PoleVPN peer. Off by default: a
-    # bbr sender inside gains and pings stay short under load, but a cubic sender reads
-    # every segment FEC could not rebuild as a loss (docs/benchmarks.md, long-haul)
-    unordered: bool = False
+    # negotiated in AUTH ("unordered"), never with a Go PoleVPN peer. One of UNORDERED_MODES:
+    # "off"; "all" (true in the file): every packet; "light": ICMP, UDP and TCP segments
+    # without payload, so pings, calls, DNS and TCP's ACKs do not wait behind a lost
+    # segment, while TCP data stays in order: a cubic sender reads every data segment that
+    # came a round trip late as a loss (docs/benchmarks.md, long-haul)
+    unordered: str = "light"
     dtls_mtu: int = 1400
     # data unacknowledged this long with nothing at all from the peer: the peer is gone
     silence_timeout: float = 2.0
@@ -99,6 +101,7 @@ class KcpParams:
 
 FEC_MODES = ("off", "fixed", "adaptive")
 CONGESTION_MODES = ("bbr", "off")
+UNORDERED_MODES = ("off", "light", "all")
 
 
 @dataclass(frozen=True)
@@ -1221,11 +1224,24 @@ def _kcp_params(sec: _Reader) -> KcpParams:
         receive_window=sec.integer("receive_window", 2048, 16, 32768),
         congestion=congestion,
         max_window=sec.integer("max_window", 8192, 64, 32768),
-        unordered=sec.boolean("unordered", False),
+        unordered=_unordered_mode(sec),
         dtls_mtu=sec.integer("dtls_mtu", 1400, 576, 9000),
         silence_timeout=sec.number("silence_timeout", 2.0, 0.2, 3600),
         fec=fec,
     )
+
+
+def _unordered_mode(sec: _Reader) -> str:
+    """``kcp.unordered``: true / false (as "all" / "off") or one of UNORDERED_MODES."""
+    if not sec.has("unordered"):
+        return KcpParams.unordered
+    raw = sec.obj["unordered"]
+    if isinstance(raw, bool):
+        return "all" if raw else "off"
+    if not isinstance(raw, str) or raw not in UNORDERED_MODES:
+        raise sec.fail("unordered", f"expected true, false or one of {', '.join(UNORDERED_MODES)}, "
+                       f"got {raw!r}")
+    return raw
 
 
 def _parse_route_server(r: _Reader, name: str, url: object) -> RouteServer:

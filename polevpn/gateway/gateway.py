@@ -130,7 +130,7 @@ class RouterLink(asyncio.Protocol):
         features = {FEATURE_SUPER} if offload else set()
         if gw.direct is not None:
             features.add(FEATURE_DIRECT)
-        if server.scheme == "kcp" and cfg.kcp_params.unordered:
+        if server.scheme == "kcp" and cfg.kcp_params.unordered != "off":
             features.add(FEATURE_UNORDERED)
         self.session = ClientSession(
             cfg.key,

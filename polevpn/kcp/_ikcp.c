@@ -9,7 +9,8 @@
  *   .set_output(callable|None)  called with one bytes object per KCP output buffer
  *   .send(buf) -> int           ikcp_send (one message); ValueError when ikcp refuses
  *   .write(buf) -> int          messages of at most mss bytes each, as kcp-go writes
- *   .write_frames(buf) -> (n, aligned)  whole frames, packed into unordered messages
+ *   .write_frames(buf, light=False) -> (n, aligned)  whole frames, packed into unordered
+ *                               messages (light: only light frames so, see frame_light)
  *   .set_unordered(bool)        deliver unordered messages ahead of a hole (recv_all)
  *   .input(buf) -> int          ikcp_input's result (< 0: not a valid segment for us)
  *   .update(ms) .check(ms) .flush()
@@ -463,9 +464,53 @@ static PyObject *Kcp_pace_debit(KcpObject *self, PyObject *arg)
    SUPER_IPDATA header of length 8 is followed by seq bytes) packed into messages of
    whole frames: as many as fit one MSS go in one unordered message (the peer may deliver
    it out of order), a longer frame goes alone as an unordered message of several
-   fragments. Bytes that do not parse as whole frames go as plain messages, in order. */
+   fragments. Bytes that do not parse as whole frames go as plain messages, in order.
+   With `light`, only light frames (frame_light) go unordered; the others go as plain
+   messages, in order, each run of one kind packed as above. */
 #define WIRE_HEADER 8
 #define WIRE_SUPER 16
+#define WIRE_S2C_IPDATA 2
+#define WIRE_C2S_IPDATA 3
+
+/* An IP packet that nothing gains from having in order behind a lost segment: ICMP,
+   ICMPv6, UDP (its users expect reordering and loss: a call, DNS, a game, QUIC) and TCP
+   segments without payload (ACKs, SYN, FIN: a late one costs a round trip of the flow's
+   clock, an early one nothing, since TCP takes the newest ACK). TCP segments with payload
+   stay in order: a TCP receiver takes a segment a round trip late for a lost one, and
+   its sender's congestion control (cubic, reno) halves its window for it. Anything not
+   understood stays in order. */
+static int frame_light(const unsigned char *f, Py_ssize_t flen)
+{
+    unsigned cmd = ((unsigned)f[2] << 8) | f[3];
+    const unsigned char *ip = f + WIRE_HEADER;
+    Py_ssize_t n = flen - WIRE_HEADER;
+    if (cmd != WIRE_S2C_IPDATA && cmd != WIRE_C2S_IPDATA)
+        return 0;  /* a super-packet is TCP bulk; control frames keep their order */
+    if (n >= 20 && (ip[0] >> 4) == 4) {
+        Py_ssize_t ihl = (Py_ssize_t)(ip[0] & 15) * 4;
+        Py_ssize_t total = ((Py_ssize_t)ip[2] << 8) | ip[3];
+        unsigned proto = ip[9];
+        int first = ((((unsigned)ip[6] & 0x1F) << 8) | ip[7]) == 0;
+        if (proto == 1 || proto == 17)
+            return 1;
+        if (proto == 6 && first && ihl >= 20 && total <= n && ihl + 20 <= total) {
+            Py_ssize_t doff = (Py_ssize_t)(ip[ihl + 12] >> 4) * 4;
+            return doff >= 20 && total - ihl == doff;
+        }
+        return 0;
+    }
+    if (n >= 40 && (ip[0] >> 4) == 6) {
+        Py_ssize_t plen = ((Py_ssize_t)ip[4] << 8) | ip[5];
+        unsigned nh = ip[6];
+        if (nh == 58 || nh == 17)
+            return 1;
+        if (nh == 6 && plen >= 20 && 40 + plen <= n) {
+            Py_ssize_t doff = (Py_ssize_t)(ip[40 + 12] >> 4) * 4;
+            return doff >= 20 && plen == doff;
+        }
+    }
+    return 0;
+}
 
 static int send_plain(ikcpcb *kcp, const char *p, Py_ssize_t len, Py_ssize_t mss, long *n)
 {
@@ -480,20 +525,33 @@ static int send_plain(ikcpcb *kcp, const char *p, Py_ssize_t len, Py_ssize_t mss
     return 0;
 }
 
-static PyObject *Kcp_write_frames(KcpObject *self, PyObject *arg)
+/* one message of whole frames: unordered, or plain (KCP fragments it if it is longer than
+   the MSS, and it goes up in order) */
+static int send_chunk(ikcpcb *kcp, const unsigned char *p, Py_ssize_t len, int unordered,
+                      long *n)
+{
+    (*n)++;
+    if (unordered)
+        return ikcp_send_unordered(kcp, (const char *)p, (int)len) < 0 ? -1 : 0;
+    return ikcp_send(kcp, (const char *)p, (int)len) < 0 ? -1 : 0;
+}
+
+static PyObject *Kcp_write_frames(KcpObject *self, PyObject *args)
 {
     Py_buffer b;
-    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+    int light = 0;
+    if (!PyArg_ParseTuple(args, "y*|p:write_frames", &b, &light))
         return NULL;
     ikcpcb *kcp = self->kcp;
     const unsigned char *p = (const unsigned char *)b.buf;
     const unsigned char *chunk = p;
     Py_ssize_t left = b.len, chunk_len = 0, mss = (Py_ssize_t)kcp->mss;
     long n = 0;
-    int aligned = 1, rc = 0;
+    int aligned = 1, rc = 0, chunk_unordered = 1;
     while (left > 0 && rc == 0) {
         Py_ssize_t flen;
         unsigned len, cmd;
+        int unordered;
         if (left < WIRE_HEADER) {
             aligned = 0;
             break;
@@ -512,30 +570,25 @@ static PyObject *Kcp_write_frames(KcpObject *self, PyObject *arg)
             aligned = 0;
             break;
         }
-        if (chunk_len + flen <= mss) {
-            chunk_len += flen;
-        } else {
-            if (chunk_len) {
-                rc = ikcp_send_unordered(kcp, (const char *)chunk, (int)chunk_len);
-                n++;
-            }
+        unordered = !light || frame_light(p, flen);
+        if (chunk_len && (unordered != chunk_unordered || chunk_len + flen > mss)) {
+            rc = send_chunk(kcp, chunk, chunk_len, chunk_unordered, &n);
             chunk_len = 0;
-            chunk = p + flen;
-            if (rc == 0 && flen <= mss) {
+        }
+        if (rc == 0 && flen > mss) {
+            rc = send_chunk(kcp, p, flen, unordered, &n);
+        } else if (rc == 0) {
+            if (!chunk_len) {
                 chunk = p;
-                chunk_len = flen;
-            } else if (rc == 0) {
-                rc = ikcp_send_unordered(kcp, (const char *)p, (int)flen) < 0 ? -1 : 0;
-                n++;
+                chunk_unordered = unordered;
             }
+            chunk_len += flen;
         }
         p += flen;
         left -= flen;
     }
-    if (rc == 0 && chunk_len) {
-        rc = ikcp_send_unordered(kcp, (const char *)chunk, (int)chunk_len) < 0 ? -1 : 0;
-        n++;
-    }
+    if (rc == 0 && chunk_len)
+        rc = send_chunk(kcp, chunk, chunk_len, chunk_unordered, &n);
     if (rc == 0 && left > 0)
         rc = send_plain(kcp, (const char *)p, left, mss, &n);
     PyBuffer_Release(&b);
@@ -648,8 +701,9 @@ static PyMethodDef Kcp_methods[] = {
     {"pace_debit", (PyCFunction)Kcp_pace_debit, METH_O,
      "take bytes sent outside KCP (FEC parity) from the pacing tokens"},
     {"set_minrto", (PyCFunction)Kcp_set_minrto, METH_O, "the least retransmission timeout (ms)"},
-    {"write_frames", (PyCFunction)Kcp_write_frames, METH_O,
-     "whole frames as unordered messages of at most one MSS -> (messages, aligned)"},
+    {"write_frames", (PyCFunction)Kcp_write_frames, METH_VARARGS,
+     "write_frames(buf, light=False): whole frames as unordered messages of at most one "
+     "MSS (light: only ICMP, UDP and TCP without payload) -> (messages, aligned)"},
     {"set_unordered", (PyCFunction)Kcp_set_unordered, METH_O,
      "deliver unordered messages that arrive out of order at once (recv_all)"},
     {"set_repeat_acks", (PyCFunction)Kcp_set_repeat_acks, METH_O,

@@ -393,6 +393,14 @@ class Bbr:
         if not self.btl_bw:
             return
         rate = self.pacing_gain * self.btl_bw
+        if self.state == STARTUP and self.min_rtt != math.inf:
+            # STARTUP paces no slower than its window allows. The sender inside the tunnel
+            # (a TCP in slow start) doubles its rate each round trip too, and the
+            # estimate lags it by a round trip: paced at 2.9 x the estimate only, its
+            # packets queued in front of ours long enough (over 16 ms) for its own
+            # slow-start exit (Linux HyStart) to take the queue for a full line, and a cubic
+            # sender went on at a twentieth of it
+            rate = max(rate, HIGH_GAIN * self._cwnd / self.min_rtt)
         # until the pipe is full the rate only grows: early samples undercount
         if self.filled_pipe or rate > self._pacing_rate:
             self._pacing_rate = rate

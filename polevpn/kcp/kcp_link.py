@@ -142,6 +142,8 @@ class KcpLink:
         # messages of whole frames that it may deliver ahead of a hole. Off for good once a
         # write was not whole frames: what follows would be parsed from inside a frame
         self.unordered_send = False
+        # ... all of them, or only light ones (kcp.unordered "light": _ikcp.c, frame_light)
+        self._unordered_light = params.unordered == "light"
         self.misaligned_writes = 0
         if authenticated:
             self._repeat_acks()
@@ -284,7 +286,7 @@ class KcpLink:
         self._now = now
         self.stats.stream_bytes_out += len(data)
         if self.unordered_send:
-            if not kcp.write_frames(data)[1]:
+            if not kcp.write_frames(data, self._unordered_light)[1]:
                 self.unordered_send = False
                 self.misaligned_writes += 1
         else:

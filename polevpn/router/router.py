@@ -247,7 +247,7 @@ class GatewayConnection(asyncio.Protocol):
             self.accepted_at if self.accepted_at is not None else now,
             # out-of-order delivery: a kcp:// session only (tls:// delivers in order)
             self.router.features | {FEATURE_UNORDERED}
-            if kcp_link is not None and self.router.cfg.kcp_params.unordered
+            if kcp_link is not None and self.router.cfg.kcp_params.unordered != "off"
             else self.router.features,
             # another router of the cluster may dial in here (tls:// only: the proofs
             # cover the TLS channel binding)
