@@ -700,6 +700,89 @@ class LinePinger:
         self.rtt.append(self.sim.now - t_sent)
 
 
+class TcpFlow:
+    """A loss-based TCP beside the tunnel on the same lines (what an office's other traffic
+    is): Reno's slow start and additive increase with CUBIC's multiplicative decrease (0.7),
+    one decrease per window of losses (the recovery ends with the first packet sent after
+    it), no pacing, a full-sized packet every time the window allows (ACK clocked).
+
+    Loss detection is ideal SACK: a packet the line drops is known lost one smoothed RTT
+    after it was sent, and its slot is free again then; resends are not modelled (goodput is
+    what arrives, each byte once). ACKs are small packets on the reverse line; an ACK the
+    line drops is as if the next one covered it (cumulative ACKs).
+    """
+
+    PACKET = 1500  # IP bytes on the wire
+    MSS = 1448  # goodput per packet (TCP/IP headers with timestamps)
+    ACK = 52
+    BETA = 0.7
+
+    def __init__(self, sim: Sim, up: Line, down: Line, bin_s: float, start_s: float,
+                 stop_s: float | None) -> None:
+        self.sim, self.up, self.down, self.bin_s = sim, up, down, bin_s
+        self.start_s, self.stop_s = start_s, stop_s
+        self.cwnd = 10.0
+        self.ssthresh = math.inf
+        self.inflight = 0
+        self.seq = 0
+        self.recover = -1  # the window of the last decrease ends after this sequence number
+        self.srtt: float | None = None
+        self.delivered_bytes = 0
+        self.bins: list[int] = []
+        self.losses = 0
+        self.decreases = 0
+        self.on = False
+
+    def start(self, _: Any = None) -> None:
+        self.on = True
+        self._pump()
+
+    def stop(self, _: Any = None) -> None:
+        self.on = False
+
+    def _pump(self) -> None:
+        up = self.up
+        length = max(1, self.PACKET - up.params.overhead)
+        while self.on and self.inflight < int(self.cwnd):
+            seq = self.seq
+            self.seq += 1
+            self.inflight += 1
+            arg = (seq, self.sim.now)
+            if not up.send(length, self._arrive, arg):
+                self.losses += 1
+                rtt = self.srtt if self.srtt is not None else 2 * up.params.delay_ms / 1000
+                self.sim.at(self.sim.now + rtt, self._lost, seq)
+
+    def _arrive(self, arg: tuple[int, float]) -> None:
+        i = int(self.sim.now / self.bin_s)
+        if i >= len(self.bins):
+            self.bins.extend([0] * (i + 1 - len(self.bins)))
+        self.bins[i] += self.MSS
+        self.delivered_bytes += self.MSS
+        down = self.down
+        if not down.send(max(1, self.ACK - down.params.overhead), self._acked, arg):
+            self.sim.at(self.sim.now + down.params.delay_ms / 1000, self._acked, arg)
+
+    def _acked(self, arg: tuple[int, float]) -> None:
+        rtt = self.sim.now - arg[1]
+        self.srtt = rtt if self.srtt is None else 0.875 * self.srtt + 0.125 * rtt
+        self.inflight -= 1
+        if self.cwnd < self.ssthresh:
+            self.cwnd += 1.0
+        else:
+            self.cwnd += 1.0 / self.cwnd
+        self._pump()
+
+    def _lost(self, seq: int) -> None:
+        self.inflight -= 1
+        if seq > self.recover:
+            self.decreases += 1
+            self.cwnd = max(2.0, self.cwnd * self.BETA)
+            self.ssthresh = self.cwnd
+            self.recover = self.seq - 1
+        self._pump()
+
+
 # -- scenarios ----------------------------------------------------------------------------
 
 
@@ -717,6 +800,8 @@ class Scenario:
     flows: int = 1  # bulk flows a -> b sharing the line (ignored if flow_specs is given)
     flow_specs: tuple[FlowSpec, ...] | None = None
     ping_ms: float | None = None  # a ping through flow 0 every ping_ms
+    # loss-based TCP flows beside the tunnel on the same lines (TcpFlow): (start_s, stop_s)
+    tcp_flows: tuple[tuple[float, float | None], ...] = ()
     line_ping_ms: float | None = None  # a raw ping beside the tunnel every line_ping_ms
     queue_ms: float | None = 50.0
     queue_bytes: int | None = None
@@ -824,6 +909,7 @@ class Result:
     ping_rtt: list[float]  # through flow 0 (the tunnel)
     ping_oneway: list[float]
     line_ping_rtt: list[float]  # beside the tunnel
+    tcp: list[TcpFlow]  # the loss-based flows beside the tunnel (Scenario.tcp_flows)
     errors: int
     events: int
     cpu_s: float
@@ -836,6 +922,14 @@ class Result:
         if i1 <= i0:
             return 0.0
         return sum(bins[i0:i1]) * 8 / ((i1 - i0) * b)
+
+    def tcp_goodput_between(self, t0: float, t1: float, index: int = 0) -> float:
+        """Goodput (bit/s) of a TCP flow beside the tunnel over whole bins within [t0, t1)."""
+        b = self.scenario.bin_s
+        i0, i1 = int(round(t0 / b)), int(round(t1 / b))
+        if i1 <= i0:
+            return 0.0
+        return sum(self.tcp[index].bins[i0:i1]) * 8 / ((i1 - i0) * b)
 
     def utilisation_between(self, t0: float, t1: float) -> float:
         rate = self.scenario.rate_bps
@@ -926,6 +1020,13 @@ def run_scenario(sc: Scenario) -> Result:
     if sc.line_ping_ms is not None:
         pinger = LinePinger(sim, up, down, sc.line_ping_ms / 1000)
         sim.at(0.0, pinger.start)
+    tcp: list[TcpFlow] = []
+    for start_s, stop_s in sc.tcp_flows:
+        flow = TcpFlow(sim, up, down, sc.bin_s, start_s, stop_s)
+        tcp.append(flow)
+        sim.at(start_s, flow.start)
+        if stop_s is not None:
+            sim.at(stop_s, flow.stop)
     sim.run(sc.seconds)
 
     nbins = int(math.ceil(sc.seconds / sc.bin_s - 1e-9))
@@ -983,6 +1084,7 @@ def run_scenario(sc: Scenario) -> Result:
         ping_rtt=flows[0].ping_rtt if flows else [],
         ping_oneway=flows[0].ping_oneway if flows else [],
         line_ping_rtt=pinger.rtt if pinger is not None else [],
+        tcp=tcp,
         errors=sum(f.errors for f in flows),
         events=sim.events,
         cpu_s=time.process_time() - cpu0,

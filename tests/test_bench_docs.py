@@ -89,9 +89,12 @@ def test_bench_keeps_the_etcd_client_section(tmp_path, monkeypatch):
     assert bench.ETCD_BEGIN == bench_etcd.BEGIN and bench.ETCD_END == bench_etcd.END
 
 
-def longhaul_report(date: str, kcp_mbit: float = 12.0, share: float = 0.5) -> dict:
+def longhaul_report(date: str, kcp_mbit: float = 12.0, share: float = 0.5,
+                    tcp_mbit: float = 9.0) -> dict:
     """A long-haul report as bench_longhaul.main builds it, with made-up figures: kcp://
-    moving ``kcp_mbit`` in every cell, OpenVPN 10, the two gateways ``share`` / 1 - share."""
+    moving ``kcp_mbit`` in every cell, OpenVPN 10, the two gateways ``share`` / 1 - share,
+    plain TCP ``tcp_mbit`` next to it on the clean line (28 alone) and 2.5 on the lossy one
+    (3 alone)."""
     rows = [bl.line_info(x) for x in bl.ROWS]
     ge = [bl.line_info(bl.GE_ROW)]
 
@@ -106,8 +109,12 @@ def longhaul_report(date: str, kcp_mbit: float = 12.0, share: float = 0.5) -> di
                 "rows": {r["label"]: {"line": r, **cells(mbit_s, p99)} for r in rows + ge}}
 
     kcp = transport("kcp://", kcp_mbit, 100.0)
-    kcp["tcp_share"] = {"seconds": 30, "tcp_mbit_s": 9.0, "kcp_mbit_s": 18.0,
-                        "tcp_share_of_line": 0.3, "tcp_share_of_sum": 0.333}
+    kcp["tcp_share"] = {"seconds": 30, "lines": [
+        {"line": bl.line_info(line), "seconds": 30, "tcp_alone_mbit_s": alone,
+         "tcp_mbit_s": tcp, "kcp_mbit_s": 18.0, "tcp_share_of_line": round(tcp / 30, 3),
+         "kcp_share_of_line": 0.6, "tcp_kept_of_alone": round(tcp / alone, 3)}
+        for line, alone, tcp in zip(bl.TCP_SHARE_LINES, (28.0, 3.0), (tcp_mbit, 2.5),
+                                    strict=True)]}
     report = {
         "date": date, "command": "make longhaul", "git": "abc1234",
         "machine": {"cpu": "cpu", "cores": 2, "kernel": "6", "python": "3.11"},
@@ -183,6 +190,12 @@ def test_longhaul_targets_and_tables():
     assert "| line | kcp:// cubic | kcp:// bbr | tls:// cubic | tls:// bbr | " in text
     assert f"]({bl.PLOT})" in text and "MISSED" in text
     assert "| 30 Mbit/s, 25 ms, 1% | 500 / 120, parity 30% | " in text
+    # TCP beside the tunnel: judged on the clean line, the lossy one shown against TCP alone
+    assert ("30 Mbit/s, 20 ms, 2%: TCP alone 3.0 Mbit/s; next to kcp:// 2.5 Mbit/s (8% of "
+            "the line, 83% of what it got alone)") in text
+    starved = longhaul_report("d", tcp_mbit=6.0)
+    tg = {t["target"]: t for t in starved["targets"]}
+    assert tg["plain TCP next to kcp:// keeps >= 25% of the line"]["met"] is False
 
 
 def cluster_report(date: str) -> dict:

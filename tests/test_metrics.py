@@ -1115,10 +1115,23 @@ def test_congestion_figures_of_a_kcp_link():
     assert samples[("link_kcp_pacing_rate_bits", None)] == cc.pacing_rate * 8
     assert samples[("link_kcp_cwnd_bytes", None)] == cc.cwnd
     assert samples[("link_kcp_congestion_state", "startup")] == 1
+    link.cc.foreign_queues = 3  # as if a TCP beside the tunnel had held the queue
+    events = {
+        s.labels["event"]: s.value
+        for fam in _families_of(pathstats.kcp_figures(link)) for s in fam.samples
+        if s.name == "link_kcp_congestion_events_total"
+    }
+    assert events == {"queue": 0, "foreign_queue": 3, "path_change": 0, "startup_queue": 0}
     off = KcpLink(KcpParams(fec=FecParams(mode="off"), congestion="off"), pool, 1363, 0.0)
     assert pathstats.kcp_figures(off).congestion is None
     link.close()
     off.close()
+
+
+def _families_of(figures):
+    lm = metrics._LinkMetrics("link_", ["link"])
+    lm.add(["a"], figures)
+    return lm.families()
 
 
 def test_router_direct_metrics(keys, monkeypatch):

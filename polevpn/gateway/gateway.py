@@ -1346,6 +1346,8 @@ class Gateway:
                     cc_cwnd=cc.cwnd,
                     cc_inflight=cc.inflight,
                     cc_queued=cc.queued,
+                    cc_queue_cuts=cc.queue_corrections,
+                    cc_foreign_queues=cc.foreign_queues,
                     kcp_retrans=kcp.retransmissions,
                 )
             if kcp.fec is not None:

@@ -122,6 +122,11 @@ class CongestionFigures:
     inflight: int  # bytes sent and not acknowledged
     queued: int  # bytes waiting to be sent
     queue_budget: int  # the most that may wait (bytes)
+    # how often the model was corrected, and why (Bbr's counters of the same names)
+    queue_corrections: int = 0  # a standing queue of ours: estimate cut to the delivered rate
+    foreign_queues: int = 0  # a standing queue draining did not shrink: not cut (a TCP's)
+    path_changes: int = 0  # the minimum RTT replaced by a much larger one
+    startup_queue_exits: int = 0  # STARTUP ended by a queue rather than by a flat rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,4 +206,8 @@ def congestion_figures(link: Any) -> CongestionFigures | None:
         inflight=kcp.inflight,
         queued=link.queued_bytes,
         queue_budget=link.queue_budget or 0,
+        queue_corrections=cc.queue_corrections,
+        foreign_queues=cc.foreign_queues,
+        path_changes=cc.path_changes,
+        startup_queue_exits=cc.startup_queue_exits,
     )

@@ -130,6 +130,10 @@ class Bbr:
         self._queue_rounds = 0
         self.round_rate = 0.0  # what the last whole round trip delivered (line bytes/s)
         self.queue_corrections = 0  # how often a standing queue brought the estimate down
+        # the least RTT of the round that made the last correction, while the queue it saw
+        # has not gone (None: no correction outstanding)
+        self._corrected_rtt: float | None = None
+        self.foreign_queues = 0  # corrections not made: draining had not shrunk the queue
         self.path_changes = 0  # how often the minimum RTT was replaced by a much larger one
         self.startup_queue_exits = 0  # STARTUP left because a queue stood a whole round
         self._probe_rtt_done: float | None = None
@@ -238,15 +242,30 @@ class Bbr:
             # only a round the sender kept busy tells what the line delivers
             self._queue_rounds = 0
             return
-        if round_min > self.min_rtt + max(QUEUE_RTT_SLACK, QUEUE_RTT_FRACTION * self.min_rtt):
+        excess = max(QUEUE_RTT_SLACK, QUEUE_RTT_FRACTION * self.min_rtt)
+        if round_min > self.min_rtt + excess:
             self._queue_rounds += 1
         else:
             self._queue_rounds = 0
+            self._corrected_rtt = None  # the queue is gone
         # at most halved at once: a round's rate can be low for reasons of its own (the
         # application sent little, a loss held the window)
         rate = max(rate, self.btl_bw / 2)
         if self._queue_rounds >= QUEUE_ROUNDS and rate < self.btl_bw:
             self._queue_rounds = 0
+            last = self._corrected_rtt
+            if last is not None and round_min > last - max(excess, (last - self.min_rtt) / 2):
+                # the last correction's draining did not take even half the queue away:
+                # it is not ours, but a loss-based flow's that shares the line (it fills
+                # any buffer whatever we send). Cutting again and again would hand it the
+                # whole line, a round trip at a time (a Reno flow beside us on a 100 ms
+                # buffer left us 5 % of the line); from here the model is BBR's own, whose
+                # window follows the RTT once the old minimum expires; it expires now, so
+                # that the window covers the RTT the line has while that flow is on it
+                self.foreign_queues += 1
+                self._min_rtt_stamp = now - MIN_RTT_WINDOW
+                return
+            self._corrected_rtt = round_min
             self.queue_corrections += 1
             self._bw_rounds.clear()
             self._bw_rounds.append((self.round_count, rate))

@@ -146,6 +146,14 @@ class _LinkMetrics:
             "1 for the controller's state (startup, drain, probe_bw, probe_rtt)",
             labels=[*label_names, "state"],
         )
+        self.cc_events = CounterMetricFamily(
+            f"{prefix}kcp_congestion_events",
+            "corrections of the controller's model: queue (a standing queue of its own cut "
+            "the estimate), foreign_queue (a queue draining did not shrink, another flow's: "
+            "not cut), path_change (a much larger minimum RTT), startup_queue (STARTUP left "
+            "on a queue)",
+            labels=[*label_names, "event"],
+        )
         self.refused = CounterMetricFamily(
             f"{prefix}fec_refused",
             "FEC work refused: shards of groups larger than configured (oversized), parity "
@@ -167,6 +175,10 @@ class _LinkMetrics:
             self.inflight.add_metric(labels, c.inflight)
             self.queued.add_metric(labels, c.queued)
             self.cc_state.add_metric([*labels, c.state], 1)
+            self.cc_events.add_metric([*labels, "queue"], c.queue_corrections)
+            self.cc_events.add_metric([*labels, "foreign_queue"], c.foreign_queues)
+            self.cc_events.add_metric([*labels, "path_change"], c.path_changes)
+            self.cc_events.add_metric([*labels, "startup_queue"], c.startup_queue_exits)
         s = kcp.fec
         if s is not None:
             self.recovered.add_metric(labels, s.recovered)
@@ -190,6 +202,7 @@ class _LinkMetrics:
             self.inflight,
             self.queued,
             self.cc_state,
+            self.cc_events,
             self.recovered,
             self.unrecoverable,
             self.parity_sent,
