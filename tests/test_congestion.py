@@ -223,6 +223,25 @@ def test_startup_ends_when_a_queue_forms():
     assert cc.startup_queue_exits == before + 1
 
 
+def test_an_app_limited_flow_stays_in_startup_when_its_rtt_rises():
+    """A flow that sends less than the line takes (the ACKs of uploads, in bursts) keeps
+    STARTUP's pacing when its RTT rises: its estimate is only what it sent, and paced at
+    that its bursts queued at the sender (the RTT inside the tunnel grew by 100-400 ms)."""
+    cc = fresh()
+    path = Path(rate=30e6 / 8, rtt=0.13)
+    while path.now < 1.0:
+        rs = path.sample(rate=100e3, app_limited=True)
+        cc.on_sample(rs, 2 * MSS, path.now)
+    assert cc.state == STARTUP
+    rate = cc.pacing_rate
+    end = path.now + 1.0
+    while path.now < end:
+        rs = path.sample(rate=100e3, rtt=0.2, app_limited=True)
+        cc.on_sample(rs, 2 * MSS, path.now)
+    assert cc.state == STARTUP and cc.startup_queue_exits == 0
+    assert cc.pacing_rate >= rate
+
+
 def test_startup_keeps_two_bdps_in_flight_at_most():
     cc = fresh()
     path = Path(rate=30e6 / 8, rtt=0.04)

@@ -187,10 +187,10 @@ class Bbr:
         if rs.min_rtt_us >= 0:
             self._round_min_rtt = min(self._round_min_rtt, rs.min_rtt_us / 1e6)
             self._round_rtt_samples += 1
-            if self.state == STARTUP:
-                self._check_startup_queue()
         if rs.app_limited:
             self._round_app_limited = True
+        if rs.min_rtt_us >= 0 and self.state == STARTUP and not self._round_app_limited:
+            self._check_startup_queue()
         self._update_bw(rs)
         self._update_cycle(rs, inflight, now)
         self._check_full_pipe(rs, inflight)
@@ -279,7 +279,15 @@ class Bbr:
         path's: a queue has formed, so the line is full already (HyStart's delay test, as
         HyStart++ and BBR v3's startup have it). BBR v1 waits for three rounds without
         growth, by when 2.89 x the rate has overrun a shallow buffer: a 50 ms buffer at a
-        40 ms RTT dropped 1 % of everything sent, and its queue was most of the p99."""
+        40 ms RTT dropped 1 % of everything sent, and its queue was most of the p99.
+
+        Not in a round the application kept short of data (as BBR's own full-pipe test):
+        the RTT of a flow that sends less than the line takes rises for reasons that are
+        not its queue, and the estimate is only what it sent. The router's side of an office
+        link carries the ACKs of the office's uploads, in bursts: it left STARTUP on such a
+        rise with an estimate of 0.3-0.9 Mbit/s and paced the bursts at that, which added
+        100-400 ms to the RTT of the TCP inside the tunnel (its timeouts fired, and it
+        resent whole windows)."""
         if (
             self._round_rtt_samples >= STARTUP_RTT_SAMPLES
             and self.btl_bw
