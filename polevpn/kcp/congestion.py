@@ -133,6 +133,9 @@ class Bbr:
         # the least RTT of the round that made the last correction, while the queue it saw
         # has not gone (None: no correction outstanding)
         self._corrected_rtt: float | None = None
+        # the least RTT of the round trip after that correction (its draining phase)
+        self._drained_rtt: float | None = None
+        self._drain_check = False
         self.foreign_queues = 0  # corrections not made: draining had not shrunk the queue
         self.path_changes = 0  # how often the minimum RTT was replaced by a much larger one
         self.startup_queue_exits = 0  # STARTUP left because a queue stood a whole round
@@ -228,6 +231,11 @@ class Bbr:
         self._round_min_rtt = math.inf
         self._round_rtt_samples = 0
         self._round_app_limited = False
+        if self._drain_check:
+            # the round trip after a correction, paced at 0.75: the least RTT it saw is
+            # what draining left of the queue
+            self._drain_check = False
+            self._drained_rtt = round_min
         if (
             self.min_rtt != math.inf
             and round_min != math.inf
@@ -247,14 +255,18 @@ class Bbr:
             self._queue_rounds += 1
         else:
             self._queue_rounds = 0
-            self._corrected_rtt = None  # the queue is gone
+            self._corrected_rtt = self._drained_rtt = None  # the queue is gone
         # at most halved at once: a round's rate can be low for reasons of its own (the
         # application sent little, a loss held the window)
         rate = max(rate, self.btl_bw / 2)
         if self._queue_rounds >= QUEUE_ROUNDS and rate < self.btl_bw:
             self._queue_rounds = 0
-            last = self._corrected_rtt
-            if last is not None and round_min > last - max(excess, (last - self.min_rtt) / 2):
+            last, drained = self._corrected_rtt, self._drained_rtt
+            if (
+                last is not None
+                and drained is not None
+                and drained > last - max(excess, (last - self.min_rtt) / 2)
+            ):
                 # the last correction's draining did not take even half the queue away:
                 # it is not ours, but a loss-based flow's that shares the line (it fills
                 # any buffer whatever we send). Cutting again and again would hand it the
@@ -265,7 +277,8 @@ class Bbr:
                 self.foreign_queues += 1
                 self._min_rtt_stamp = now - MIN_RTT_WINDOW
                 return
-            self._corrected_rtt = round_min
+            self._corrected_rtt, self._drained_rtt = round_min, None
+            self._drain_check = True
             self.queue_corrections += 1
             self._bw_rounds.clear()
             self._bw_rounds.append((self.round_count, rate))
