@@ -288,6 +288,32 @@ def test_a_standing_queue_brings_an_inflated_estimate_down():
     assert cc.pacing_gain == 0.75
 
 
+def _corrected(queue_rtt: float) -> tuple[Bbr, Path]:
+    """A controller that has just made a queue correction on a 40 ms path."""
+    cc = fresh()
+    path = Path(rate=30e6 / 8, rtt=0.04)
+    run(cc, path, 3.0)
+    cc._bw_rounds.clear()
+    cc._bw_rounds.append((cc.round_count, 1.3 * path.rate))
+    cc.btl_bw = 1.3 * path.rate
+    while not cc.queue_corrections:
+        cc.on_sample(path.sample(rtt=queue_rtt), cc.cwnd, path.now)
+    assert cc.pacing_gain == 0.75
+    return cc, path
+
+
+def test_a_queue_draining_does_not_shrink_is_not_cut_again():
+    """A loss-based flow beside the tunnel keeps the queue full whatever the tunnel sends:
+    after two round trips of draining with the queue still there, the next standing queue
+    is not cut (the minimum RTT is measured again instead)."""
+    cc, path = _corrected(0.09)
+    end = path.now + 10 * path.rtt
+    while path.now < end:
+        # the other flow takes more and more of the line
+        cc.on_sample(path.sample(rate=0.6 * path.rate, rtt=0.09), cc.cwnd, path.now)
+    assert cc.queue_corrections == 1 and cc.foreign_queues >= 1
+
+
 def test_a_queue_while_probing_is_expected():
     """The 1.25 phase builds a queue on purpose: no correction for it."""
     cc = fresh()
