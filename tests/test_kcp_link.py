@@ -574,3 +574,30 @@ def test_acks_beyond_a_hole_are_sent_twice(congestion):
     assert ack_sns(b.records_to_send()) == []
     a.close()
     b.close()
+
+
+def test_hole_seconds_count_the_time_data_waits_behind_a_missing_segment():
+    """Segment 0 lost, 1-3 in at 10 ms: they wait until 0 arrives at 60 ms (50 ms of hole);
+    in-order arrivals add nothing; an open hole counts up to the last time the link saw."""
+    pool = KcpPool()
+    a = KcpLink(NO_FEC, pool, 1363, 0.0)
+    b = KcpLink(NO_FEC, pool, 1363, 0.0)
+    a.write(b"c" * 1000, 0.0)
+    (first,) = a.records_to_send()
+    assert len(b.receive(first, 0.005)) == 1000  # in order: no hole
+    assert b.hole_seconds == 0.0
+    for _ in range(4):
+        a.write(b"d" * 1000, 0.0)
+    records = a.records_to_send()
+    assert len(records) == 4
+    for r in records[1:]:
+        b.feed(r, 0.01)
+    assert b.settle(0.01) == b""  # held back
+    b.receive(records[1], 0.03)  # a duplicate: the hole is still open
+    assert b.hole_seconds == pytest.approx(0.02)
+    assert len(b.receive(records[0], 0.06)) == 4000
+    assert b.hole_seconds == pytest.approx(0.05)
+    b.receive(b"", 0.5)
+    assert b.hole_seconds == pytest.approx(0.05)
+    a.close()
+    b.close()

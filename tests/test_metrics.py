@@ -1122,6 +1122,12 @@ def test_congestion_figures_of_a_kcp_link():
         if s.name == "link_kcp_congestion_events_total"
     }
     assert events == {"queue": 0, "foreign_queue": 3, "path_change": 0, "startup_queue": 0}
+    link._hole_time = 1.5  # as if data had waited 1.5 s behind holes
+    holes = [
+        s.value for fam in _families_of(pathstats.kcp_figures(link)) for s in fam.samples
+        if s.name == "link_kcp_hole_seconds_total"
+    ]
+    assert holes == [1.5]
     off = KcpLink(KcpParams(fec=FecParams(mode="off"), congestion="off"), pool, 1363, 0.0)
     assert pathstats.kcp_figures(off).congestion is None
     link.close()

@@ -138,6 +138,7 @@ class KcpFigures:
     fec_state: str
     fec: FecFigures | None
     congestion: CongestionFigures | None = None
+    hole_seconds: float = 0.0  # received data held behind a missing segment, in all
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +191,7 @@ def kcp_figures(link: Any) -> KcpFigures:
         link.fec_state,
         fec,
         congestion_figures(link),
+        link.hole_seconds,
     )
 
 

@@ -104,6 +104,9 @@ class KcpLink:
         # False while the reader above is full: data stays in KCP, whose receive window then
         # closes and stops the sender
         self.reading = True
+        # time received data waited behind a missing segment (in-order delivery held up)
+        self._hole_time = 0.0
+        self._hole_since: float | None = None
         self._t0 = now
         self._next_offer = now
         self.cc: Bbr | None = None
@@ -340,6 +343,12 @@ class KcpLink:
             self._on_sample(kcp, now)
             self._grow_receive_window(kcp)
         kcp.flush()
+        if kcp.nrcv_buf:
+            if self._hole_since is None:
+                self._hole_since = now
+        elif self._hole_since is not None:
+            self._hole_time += now - self._hole_since
+            self._hole_since = None
         return self.drain() if self.reading else b""
 
     def drain(self) -> bytes:
@@ -446,6 +455,14 @@ class KcpLink:
     def early_deliveries(self) -> int | None:
         """Messages delivered ahead of a hole (the peer sent them unordered)."""
         return self.kcp.early_segments if self.kcp is not None else None
+
+    @property
+    def hole_seconds(self) -> float:
+        """How long received data has waited behind a missing segment, in all (segments
+        beyond a hole are held until a resend or FEC fills it): on a lossy line, the time
+        in-order delivery costs what the tunnel carries."""
+        since = self._hole_since
+        return self._hole_time + (max(0.0, self._now - since) if since is not None else 0.0)
 
     @property
     def dead(self) -> bool:

@@ -146,6 +146,12 @@ class _LinkMetrics:
             "1 for the controller's state (startup, drain, probe_bw, probe_rtt)",
             labels=[*label_names, "state"],
         )
+        self.hole = CounterMetricFamily(
+            f"{prefix}kcp_hole_seconds",
+            "time received data waited behind a missing segment (KCP delivers in order: "
+            "what FEC did not repair waits for a resend), in all",
+            labels=label_names,
+        )
         self.cc_events = CounterMetricFamily(
             f"{prefix}kcp_congestion_events",
             "corrections of the controller's model: queue (a standing queue of its own cut "
@@ -165,6 +171,7 @@ class _LinkMetrics:
         if kcp.srtt_ms is not None and kcp.retransmissions is not None:
             self.retransmissions.add_metric(labels, kcp.retransmissions)
             self.srtt.add_metric(labels, kcp.srtt_ms / 1000)
+            self.hole.add_metric(labels, kcp.hole_seconds)
         c = kcp.congestion
         if c is not None:
             self.pacing_rate.add_metric(labels, c.pacing_rate * 8)
@@ -195,6 +202,7 @@ class _LinkMetrics:
         return [
             self.retransmissions,
             self.srtt,
+            self.hole,
             self.pacing_rate,
             self.btl_bw,
             self.min_rtt,
