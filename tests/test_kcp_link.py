@@ -544,6 +544,19 @@ def ack_sns(records: list[bytes]) -> list[int]:
     return out
 
 
+def _first_of_four_lost(a: KcpLink, b: KcpLink, now: float) -> list[bytes]:
+    """``a`` sends four segments (a record each); all but the first reach ``b`` at
+    ``now`` and wait behind it. Returns the four records."""
+    for _ in range(4):
+        a.write(b"d" * 1000, 0.0)
+    records = a.records_to_send()
+    assert len(records) == 4
+    for r in records[1:]:
+        b.feed(r, now)
+    assert b.settle(now) == b""  # held back
+    return records
+
+
 @pytest.mark.parametrize("congestion", ["bbr", "off"])
 def test_acks_beyond_a_hole_are_sent_twice(congestion):
     """Segment 0 is lost, 1-3 arrive: their ACKs are all the sender will hear of them until
@@ -553,13 +566,7 @@ def test_acks_beyond_a_hole_are_sent_twice(congestion):
     pool = KcpPool()
     a = KcpLink(params, pool, 1363, 0.0)
     b = KcpLink(params, pool, 1363, 0.0)
-    for _ in range(4):
-        a.write(b"d" * 1000, 0.0)
-    records = a.records_to_send()
-    assert len(records) == 4
-    for r in records[1:]:
-        b.feed(r, 0.01)
-    b.settle(0.01)
+    records = _first_of_four_lost(a, b, 0.01)
     assert sorted(ack_sns(b.records_to_send())) == [1, 2, 3]
     b.poll(0.03)  # the next flush, nothing new received
     again = ack_sns(b.records_to_send())
@@ -586,13 +593,7 @@ def test_hole_seconds_count_the_time_data_waits_behind_a_missing_segment():
     (first,) = a.records_to_send()
     assert len(b.receive(first, 0.005)) == 1000  # in order: no hole
     assert b.hole_seconds == 0.0
-    for _ in range(4):
-        a.write(b"d" * 1000, 0.0)
-    records = a.records_to_send()
-    assert len(records) == 4
-    for r in records[1:]:
-        b.feed(r, 0.01)
-    assert b.settle(0.01) == b""  # held back
+    records = _first_of_four_lost(a, b, 0.01)
     b.receive(records[1], 0.03)  # a duplicate: the hole is still open
     assert b.hole_seconds == pytest.approx(0.02)
     assert len(b.receive(records[0], 0.06)) == 4000
