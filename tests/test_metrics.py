@@ -673,6 +673,7 @@ class FakeKcp:
     fec: object | None = None
     cc: object | None = None  # congestion control off
     kcp: object | None = None
+    hole_seconds: float = 0.0
 
 
 @dataclasses.dataclass

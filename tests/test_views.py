@@ -42,6 +42,7 @@ class FakeKcp:
     fec: object | None = None
     cc: object | None = None  # congestion control off
     kcp: object | None = None
+    hole_seconds: float = 0.0
 
 
 FEC = FecStats(
