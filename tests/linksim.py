@@ -341,6 +341,22 @@ def make_message(kind: int, flow: int, seq: int, t: float, size: int) -> bytes:
     return body + _CRC.pack(zlib.crc32(body))
 
 
+def add_to_bin(bins: list[int], now: float, bin_s: float, n: int) -> None:
+    """Count ``n`` bytes delivered at ``now`` into ``bins`` (one per ``bin_s``)."""
+    i = int(now / bin_s)
+    if i >= len(bins):
+        bins.extend([0] * (i + 1 - len(bins)))
+    bins[i] += n
+
+
+def bins_rate(bins: list[int], bin_s: float, t0: float, t1: float) -> float:
+    """Bits per second over the whole bins within [t0, t1)."""
+    i0, i1 = int(round(t0 / bin_s)), int(round(t1 / bin_s))
+    if i1 <= i0:
+        return 0.0
+    return sum(bins[i0:i1]) * 8 / ((i1 - i0) * bin_s)
+
+
 class StreamReceiver:
     """Parses the reassembled stream of one direction: checks the CRC of every message and
     that each kind's sequence numbers come 0, 1, 2, ... Stops at the first error (the
@@ -612,11 +628,7 @@ class Endpoint:
 
     def on_message(self, kind: int, seq: int, t_sent: float, size: int, now: float) -> None:
         if kind in (KIND_BULK, KIND_RATE):
-            i = int(now / self.bin_s)
-            bins = self.bins
-            if i >= len(bins):
-                bins.extend([0] * (i + 1 - len(bins)))
-            bins[i] += size
+            add_to_bin(self.bins, now, self.bin_s, size)
             self.delivered_bytes += size
         elif kind == KIND_PING:
             self.ping_oneway.append(now - t_sent)
@@ -717,10 +729,8 @@ class TcpFlow:
     ACK = 52
     BETA = 0.7
 
-    def __init__(self, sim: Sim, up: Line, down: Line, bin_s: float, start_s: float,
-                 stop_s: float | None) -> None:
+    def __init__(self, sim: Sim, up: Line, down: Line, bin_s: float) -> None:
         self.sim, self.up, self.down, self.bin_s = sim, up, down, bin_s
-        self.start_s, self.stop_s = start_s, stop_s
         self.cwnd = 10.0
         self.ssthresh = math.inf
         self.inflight = 0
@@ -754,10 +764,7 @@ class TcpFlow:
                 self.sim.at(self.sim.now + rtt, self._lost, seq)
 
     def _arrive(self, arg: tuple[int, float]) -> None:
-        i = int(self.sim.now / self.bin_s)
-        if i >= len(self.bins):
-            self.bins.extend([0] * (i + 1 - len(self.bins)))
-        self.bins[i] += self.MSS
+        add_to_bin(self.bins, self.sim.now, self.bin_s, self.MSS)
         self.delivered_bytes += self.MSS
         down = self.down
         if not down.send(max(1, self.ACK - down.params.overhead), self._acked, arg):
@@ -917,19 +924,11 @@ class Result:
     def goodput_between(self, t0: float, t1: float, flow: int | None = None) -> float:
         """Goodput (bit/s) over whole bins within [t0, t1) of all flows or one."""
         bins = self.bins if flow is None else self.flows[flow].bins
-        b = self.scenario.bin_s
-        i0, i1 = int(round(t0 / b)), int(round(t1 / b))
-        if i1 <= i0:
-            return 0.0
-        return sum(bins[i0:i1]) * 8 / ((i1 - i0) * b)
+        return bins_rate(bins, self.scenario.bin_s, t0, t1)
 
     def tcp_goodput_between(self, t0: float, t1: float, index: int = 0) -> float:
         """Goodput (bit/s) of a TCP flow beside the tunnel over whole bins within [t0, t1)."""
-        b = self.scenario.bin_s
-        i0, i1 = int(round(t0 / b)), int(round(t1 / b))
-        if i1 <= i0:
-            return 0.0
-        return sum(self.tcp[index].bins[i0:i1]) * 8 / ((i1 - i0) * b)
+        return bins_rate(self.tcp[index].bins, self.scenario.bin_s, t0, t1)
 
     def utilisation_between(self, t0: float, t1: float) -> float:
         rate = self.scenario.rate_bps
@@ -1022,7 +1021,7 @@ def run_scenario(sc: Scenario) -> Result:
         sim.at(0.0, pinger.start)
     tcp: list[TcpFlow] = []
     for start_s, stop_s in sc.tcp_flows:
-        flow = TcpFlow(sim, up, down, sc.bin_s, start_s, stop_s)
+        flow = TcpFlow(sim, up, down, sc.bin_s)
         tcp.append(flow)
         sim.at(start_s, flow.start)
         if stop_s is not None:

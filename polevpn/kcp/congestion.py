@@ -133,9 +133,9 @@ class Bbr:
         # the least RTT of the round that made the last correction, while the queue it saw
         # has not gone (None: no correction outstanding)
         self._corrected_rtt: float | None = None
-        # the least RTT of the round trip after that correction (its draining phase)
+        # the least RTT of the round trip after that correction (its draining phase; None
+        # while that round trip is still to end)
         self._drained_rtt: float | None = None
-        self._drain_check = False
         self.foreign_queues = 0  # corrections not made: draining had not shrunk the queue
         self.path_changes = 0  # how often the minimum RTT was replaced by a much larger one
         self.startup_queue_exits = 0  # STARTUP left because a queue stood a whole round
@@ -231,10 +231,9 @@ class Bbr:
         self._round_min_rtt = math.inf
         self._round_rtt_samples = 0
         self._round_app_limited = False
-        if self._drain_check:
+        if self._corrected_rtt is not None and self._drained_rtt is None:
             # the round trip after a correction, paced at 0.75: the least RTT it saw is
             # what draining left of the queue
-            self._drain_check = False
             self._drained_rtt = round_min
         if (
             self.min_rtt != math.inf
@@ -278,7 +277,6 @@ class Bbr:
                 self._min_rtt_stamp = now - MIN_RTT_WINDOW
                 return
             self._corrected_rtt, self._drained_rtt = round_min, None
-            self._drain_check = True
             self.queue_corrections += 1
             self._bw_rounds.clear()
             self._bw_rounds.append((self.round_count, rate))
