@@ -93,6 +93,11 @@ class KcpParams:
     # segment, while TCP data stays in order: a cubic sender reads every data segment that
     # came a round trip late as a loss (docs/benchmarks.md, long-haul)
     unordered: str = "light"
+    # with "unordered" agreed: small light packets (a ping, a TCP ACK, a call's audio:
+    # URGENT_IP_MAX in polevpn/kcp/_ikcp.c) go ahead of the data that waits to be sent,
+    # and past a full send queue up to URGENT_HEADROOM (polevpn/kcp/kcp_link.py), rather
+    # than waiting behind bulk data or being dropped with it (docs/protocol.md section 14)
+    urgent: bool = True
     dtls_mtu: int = 1400
     # data unacknowledged this long with nothing at all from the peer: the peer is gone
     silence_timeout: float = 2.0
@@ -1225,6 +1230,7 @@ def _kcp_params(sec: _Reader) -> KcpParams:
         congestion=congestion,
         max_window=sec.integer("max_window", 8192, 64, 32768),
         unordered=_unordered_mode(sec),
+        urgent=sec.boolean("urgent", True),
         dtls_mtu=sec.integer("dtls_mtu", 1400, 576, 9000),
         silence_timeout=sec.number("silence_timeout", 2.0, 0.2, 3600),
         fec=fec,

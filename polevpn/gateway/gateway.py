@@ -39,6 +39,7 @@ from polevpn.io import kcp_transport, linksock, pathstats, tcpcc
 from polevpn.io.tlsconf import client_context, server_hostname
 from polevpn.io.tun import Tun, TunDevice
 from polevpn.kcp import dtls
+from polevpn.kcp.kcp_link import KcpLink, urgent_of
 from polevpn.kcp.kcp_pool import KcpPool
 from polevpn.packet.gso import VNET_HDR_LEN as _VNET
 from polevpn.packet.gso import GsoError, Packet, to_plain
@@ -156,6 +157,7 @@ class RouterLink(asyncio.Protocol):
         # it, so the TUN is read on while it is paused: the packets are dropped and counted
         # here, not left to the kernel's TUN queue (hundreds of ms on a slow line)
         self.sheds = False
+        self.kcp_link: KcpLink | None = None  # a link that sheds: its queue budget
         self.rejected: Rejected | None = None
         # given up for silence (heartbeat_timeout): the router may be hung or gone
         self.silent = False
@@ -169,6 +171,7 @@ class RouterLink(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         kcp_link = transport.get_extra_info("kcp_link")
         self.sheds = kcp_link is not None and kcp_link.queue_budget is not None
+        self.kcp_link = kcp_link if self.sheds else None
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.type == socket.SOCK_STREAM:
             # after the TLS handshake, before the tunnel's data: a few packets on the default
@@ -291,6 +294,18 @@ class RouterLink(asyncio.Protocol):
             return
         if self.session.outbox:
             self.flush()
+
+    def urgent_of(self, packets: Sequence[Packet]) -> list[Packet]:
+        """Of packets read from the TUN while the queue is full, the urgent ones that its
+        headroom takes (KcpLink.urgent_budget)."""
+        kcp_link = self.kcp_link
+        if kcp_link is None or not self.session.ready:
+            return []
+        room = kcp_link.urgent_room()
+        if room <= 0:
+            return []
+        tun = self.gw.tun
+        return urgent_of(packets, room, _VNET if tun is not None and tun.vnet_hdr else 0)
 
     def send_packets(self, packets: Sequence[Packet]) -> None:
         """Packets as read from the TUN: with a virtio-net header when it has offloads."""
@@ -751,12 +766,16 @@ class Gateway:
                 self.stats.dropped_no_link += len(packets)
                 return
         elif link is None or not link.ready:
-            if link is not None and link.paused:
-                # its queue is full (a link that sheds: see RouterLink.sheds)
-                self.stats.dropped_link_busy += len(packets)
-            else:
+            if link is None or not link.paused:
                 self.stats.dropped_no_link += len(packets)
-            return
+                return
+            # its queue is full (a link that sheds: see RouterLink.sheds); urgent packets
+            # (a ping, a TCP ACK) still go, ahead of the queue, within its headroom
+            urgent = link.urgent_of(packets)
+            self.stats.dropped_link_busy += len(packets) - len(urgent)
+            if not urgent:
+                return
+            packets = urgent
         mss = self.mss
         if mss is not None:
             # before framing or segmenting: a NEEDS_CSUM SYN keeps its partial sum as it is

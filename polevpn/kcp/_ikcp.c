@@ -9,9 +9,12 @@
  *   .set_output(callable|None)  called with one bytes object per KCP output buffer
  *   .send(buf) -> int           ikcp_send (one message); ValueError when ikcp refuses
  *   .write(buf) -> int          messages of at most mss bytes each, as kcp-go writes
- *   .write_frames(buf, light=False) -> (n, aligned)  whole frames, packed into unordered
- *                               messages (light: only light frames so, see frame_light)
+ *   .write_frames(buf, light=False, urgent=False) -> (n, aligned)  whole frames, packed
+ *                               into unordered messages (light: only light frames so, see
+ *                               frame_light; urgent: small light ones ahead of the queue,
+ *                               see frame_urgent)
  *   .set_unordered(bool)        deliver unordered messages ahead of a hole (recv_all)
+ *   .set_urgent_dup(ms)         urgent segments go again ms after their first send (0: off)
  *   .input(buf) -> int          ikcp_input's result (< 0: not a valid segment for us)
  *   .update(ms) .check(ms) .flush()
  *   .recv() -> bytes|None       one message;  .recv_all() -> bytes: every message joined
@@ -479,13 +482,8 @@ static PyObject *Kcp_pace_debit(KcpObject *self, PyObject *arg)
    stay in order: a TCP receiver takes a segment a round trip late for a lost one, and
    its sender's congestion control (cubic, reno) halves its window for it. Anything not
    understood stays in order. */
-static int frame_light(const unsigned char *f, Py_ssize_t flen)
+static int ip_light(const unsigned char *ip, Py_ssize_t n)
 {
-    unsigned cmd = ((unsigned)f[2] << 8) | f[3];
-    const unsigned char *ip = f + WIRE_HEADER;
-    Py_ssize_t n = flen - WIRE_HEADER;
-    if (cmd != WIRE_S2C_IPDATA && cmd != WIRE_C2S_IPDATA)
-        return 0;  /* a super-packet is TCP bulk; control frames keep their order */
     if (n >= 20 && (ip[0] >> 4) == 4) {
         Py_ssize_t ihl = (Py_ssize_t)(ip[0] & 15) * 4;
         Py_ssize_t total = ((Py_ssize_t)ip[2] << 8) | ip[3];
@@ -512,6 +510,36 @@ static int frame_light(const unsigned char *f, Py_ssize_t flen)
     return 0;
 }
 
+static int frame_light(const unsigned char *f, Py_ssize_t flen)
+{
+    unsigned cmd = ((unsigned)f[2] << 8) | f[3];
+    if (cmd != WIRE_S2C_IPDATA && cmd != WIRE_C2S_IPDATA)
+        return 0;  /* a super-packet is TCP bulk; control frames keep their order */
+    return ip_light(f + WIRE_HEADER, flen - WIRE_HEADER);
+}
+
+/* An urgent frame: a light one whose IP packet is at most this long (a ping, a TCP ACK
+   with SACK blocks, a call's audio, a DNS query), not a bulk UDP flow's full-size
+   packets; see ikcp_send_urgent */
+#define URGENT_IP_MAX 320
+
+static int frame_urgent(const unsigned char *f, Py_ssize_t flen)
+{
+    return flen - WIRE_HEADER <= URGENT_IP_MAX && frame_light(f, flen);
+}
+
+/* urgent_packet(ip) -> bool: an IP packet that write_frames(urgent=True) sends urgent */
+static PyObject *urgent_packet(PyObject *Py_UNUSED(module), PyObject *arg)
+{
+    Py_buffer b;
+    int yes;
+    if (PyObject_GetBuffer(arg, &b, PyBUF_SIMPLE) < 0)
+        return NULL;
+    yes = b.len <= URGENT_IP_MAX && ip_light((const unsigned char *)b.buf, b.len);
+    PyBuffer_Release(&b);
+    return PyBool_FromLong(yes);
+}
+
 static int send_plain(ikcpcb *kcp, const char *p, Py_ssize_t len, Py_ssize_t mss, long *n)
 {
     while (len > 0) {
@@ -525,13 +553,20 @@ static int send_plain(ikcpcb *kcp, const char *p, Py_ssize_t len, Py_ssize_t mss
     return 0;
 }
 
-/* one message of whole frames: unordered, or plain (KCP fragments it if it is longer than
-   the MSS, and it goes up in order) */
-static int send_chunk(ikcpcb *kcp, const unsigned char *p, Py_ssize_t len, int unordered,
+/* what a run of frames goes as */
+#define KIND_PLAIN 0
+#define KIND_UNORDERED 1
+#define KIND_URGENT 2
+
+/* one message of whole frames: urgent (unordered, ahead of what waits), unordered, or
+   plain (KCP fragments it if it is longer than the MSS, and it goes up in order) */
+static int send_chunk(ikcpcb *kcp, const unsigned char *p, Py_ssize_t len, int kind,
                       long *n)
 {
     (*n)++;
-    if (unordered)
+    if (kind == KIND_URGENT)
+        return ikcp_send_urgent(kcp, (const char *)p, (int)len) < 0 ? -1 : 0;
+    if (kind == KIND_UNORDERED)
         return ikcp_send_unordered(kcp, (const char *)p, (int)len) < 0 ? -1 : 0;
     return ikcp_send(kcp, (const char *)p, (int)len) < 0 ? -1 : 0;
 }
@@ -539,19 +574,19 @@ static int send_chunk(ikcpcb *kcp, const unsigned char *p, Py_ssize_t len, int u
 static PyObject *Kcp_write_frames(KcpObject *self, PyObject *args)
 {
     Py_buffer b;
-    int light = 0;
-    if (!PyArg_ParseTuple(args, "y*|p:write_frames", &b, &light))
+    int light = 0, urgent = 0;
+    if (!PyArg_ParseTuple(args, "y*|pp:write_frames", &b, &light, &urgent))
         return NULL;
     ikcpcb *kcp = self->kcp;
     const unsigned char *p = (const unsigned char *)b.buf;
     const unsigned char *chunk = p;
     Py_ssize_t left = b.len, chunk_len = 0, mss = (Py_ssize_t)kcp->mss;
     long n = 0;
-    int aligned = 1, rc = 0, chunk_unordered = 1;
+    int aligned = 1, rc = 0, chunk_kind = KIND_UNORDERED;
     while (left > 0 && rc == 0) {
         Py_ssize_t flen;
         unsigned len, cmd;
-        int unordered;
+        int kind;
         if (left < WIRE_HEADER) {
             aligned = 0;
             break;
@@ -570,17 +605,20 @@ static PyObject *Kcp_write_frames(KcpObject *self, PyObject *args)
             aligned = 0;
             break;
         }
-        unordered = !light || frame_light(p, flen);
-        if (chunk_len && (unordered != chunk_unordered || chunk_len + flen > mss)) {
-            rc = send_chunk(kcp, chunk, chunk_len, chunk_unordered, &n);
+        if (urgent && frame_urgent(p, flen))
+            kind = KIND_URGENT;
+        else
+            kind = !light || frame_light(p, flen) ? KIND_UNORDERED : KIND_PLAIN;
+        if (chunk_len && (kind != chunk_kind || chunk_len + flen > mss)) {
+            rc = send_chunk(kcp, chunk, chunk_len, chunk_kind, &n);
             chunk_len = 0;
         }
         if (rc == 0 && flen > mss) {
-            rc = send_chunk(kcp, p, flen, unordered, &n);
+            rc = send_chunk(kcp, p, flen, kind, &n);
         } else if (rc == 0) {
             if (!chunk_len) {
                 chunk = p;
-                chunk_unordered = unordered;
+                chunk_kind = kind;
             }
             chunk_len += flen;
         }
@@ -588,7 +626,7 @@ static PyObject *Kcp_write_frames(KcpObject *self, PyObject *args)
         left -= flen;
     }
     if (rc == 0 && chunk_len)
-        rc = send_chunk(kcp, chunk, chunk_len, chunk_unordered, &n);
+        rc = send_chunk(kcp, chunk, chunk_len, chunk_kind, &n);
     if (rc == 0 && left > 0)
         rc = send_plain(kcp, (const char *)p, left, mss, &n);
     PyBuffer_Release(&b);
@@ -621,6 +659,19 @@ static PyObject *Kcp_set_repeat_acks(KcpObject *self, PyObject *arg)
         counted_free(r->rep);
         r->rep = NULL;
     }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Kcp_set_urgent_dup(KcpObject *self, PyObject *arg)
+{
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred())
+        return NULL;
+    if (n < 0 || n > 1000) {
+        PyErr_Format(PyExc_ValueError, "bad urgent copy delay %ld ms", n);
+        return NULL;
+    }
+    self->kcp->urgent_dup_ms = (IUINT32)n;
     Py_RETURN_NONE;
 }
 
@@ -701,9 +752,12 @@ static PyMethodDef Kcp_methods[] = {
     {"pace_debit", (PyCFunction)Kcp_pace_debit, METH_O,
      "take bytes sent outside KCP (FEC parity) from the pacing tokens"},
     {"set_minrto", (PyCFunction)Kcp_set_minrto, METH_O, "the least retransmission timeout (ms)"},
+    {"set_urgent_dup", (PyCFunction)Kcp_set_urgent_dup, METH_O,
+     "send each urgent segment again this many ms after its first transmission (0: not)"},
     {"write_frames", (PyCFunction)Kcp_write_frames, METH_VARARGS,
-     "write_frames(buf, light=False): whole frames as unordered messages of at most one "
-     "MSS (light: only ICMP, UDP and TCP without payload) -> (messages, aligned)"},
+     "write_frames(buf, light=False, urgent=False): whole frames as unordered messages of at "
+     "most one MSS (light: only ICMP, UDP and TCP without payload; urgent: small light ones "
+     "go ahead of what waits to be sent) -> (messages, aligned)"},
     {"set_unordered", (PyCFunction)Kcp_set_unordered, METH_O,
      "deliver unordered messages that arrive out of order at once (recv_all)"},
     {"set_repeat_acks", (PyCFunction)Kcp_set_repeat_acks, METH_O,
@@ -765,6 +819,10 @@ static PyGetSetDef Kcp_getset[] = {
     {"nsnd_que", (getter)Kcp_field, NULL, NULL, U32(nsnd_que)},
     {"early_segments", (getter)Kcp_field, NULL,
      "unordered messages delivered ahead of a hole", U32(early_segments)},
+    {"urgent_segments", (getter)Kcp_field, NULL,
+     "urgent messages that went ahead of queued data", U32(urgent_segments)},
+    {"urgent_dups", (getter)Kcp_field, NULL,
+     "urgent segments sent a second time (set_urgent_dup)", U32(urgent_dups)},
     {"unordered", (getter)Kcp_field, NULL, NULL, I32(unordered)},
     {"nodelay_mode", (getter)Kcp_field, NULL, NULL, U32(nodelay)},
     {"dead_link", (getter)Kcp_field, NULL, NULL, U32(dead_link)},
@@ -807,6 +865,8 @@ static PyObject *mod_allocated(PyObject *m, PyObject *Py_UNUSED(ignored))
 static PyMethodDef module_methods[] = {
     {"allocated", mod_allocated, METH_NOARGS,
      "(bytes, blocks) held by all KCP control blocks through ikcp's allocator"},
+    {"urgent_packet", urgent_packet, METH_O,
+     "urgent_packet(ip) -> bool: an IP packet write_frames(urgent=True) sends ahead"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -16,16 +16,23 @@ drops it, so offering costs nothing there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from polevpn.config import KcpParams
+from polevpn.kcp._ikcp import urgent_packet
 from polevpn.kcp.congestion import Bbr, RateSample
 from polevpn.kcp.kcp_pool import KcpPool
+from polevpn.packet.gso import Packet
+from polevpn.proto.wire import C2S_IPDATA, S2C_IPDATA
 
 if TYPE_CHECKING:
     from polevpn.kcp import fec as fec_mod
     from polevpn.kcp._ikcp import Kcp
+
+# the commands of frames that carry one IP packet, as bytes 2-3 of their header hold them
+_IPDATA = (S2C_IPDATA.to_bytes(2, "big"), C2S_IPDATA.to_bytes(2, "big"))
 
 CONV = 0  # PoleVPN uses conversation id 0 on every kcp:// session
 # KCP receive window (segments) towards a peer that has not authenticated yet: enough for
@@ -46,6 +53,16 @@ PACE_MIN_WAIT = 0.001  # s: timers no finer than this
 # flow in the tunnel, and TCP inside reads the drops beyond it as congestion
 QUEUE_TIME = 0.03  # s
 QUEUE_FLOOR_SEGMENTS = 16
+# urgent packets (a ping, a TCP ACK: _ikcp.c frame_urgent) are still taken when the queue
+# is at its budget, up to this share of the budget more: a full queue of bulk data must
+# not cost a call its audio or a download its ACKs (they go ahead of the queue, so this
+# headroom is not delay for them; it bounds what a flood of small packets may add)
+URGENT_HEADROOM = 0.5
+# ... and while the peer reports at least this loss on what we send (FEC's loss reports),
+# each goes a second time this long after the first (a later datagram): a lost ping or
+# ACK otherwise waits a round trip or more for its resend (the ping's p99 on a lossy line)
+URGENT_DUP_LOSS_PPM = 1000
+URGENT_DUP_MS = 10
 MIN_RTO_MS = 30  # ikcp's own floor in nodelay mode
 RTO_RTT_FACTOR = 1.5  # with congestion control: the RTO is at least this x the least RTT
 
@@ -147,6 +164,9 @@ class KcpLink:
         self.unordered_send = False
         # ... all of them, or only light ones (kcp.unordered "light": _ikcp.c, frame_light)
         self._unordered_light = params.unordered == "light"
+        # ... and small light packets ahead of the queue (kcp.urgent)
+        self._urgent = params.urgent
+        self._urgent_dup_ms = 0  # what Kcp.set_urgent_dup was last given
         self.misaligned_writes = 0
         if authenticated:
             self._repeat_acks()
@@ -206,6 +226,7 @@ class KcpLink:
         cc.on_sample(rs, kcp.inflight, now)
         if cc.round_start:
             fec = self.fec
+            self._update_urgent_dup(kcp)
             if fec is not None:
                 # a round trip that delivered most of what the line carries: parity would
                 # take data's place (fec.py). Not "no app-limited sample": a TCP flow inside
@@ -227,6 +248,20 @@ class KcpLink:
                 self._minrto = minrto
                 kcp.set_minrto(minrto)
         self._apply_cc()
+
+    def _update_urgent_dup(self, kcp: Kcp) -> None:
+        """Urgent segments go twice while the peer reports loss (URGENT_DUP_LOSS_PPM);
+        without FEC's loss reports, never."""
+        fec = self.fec
+        lossy = (
+            fec is not None
+            and self.fec_state == FEC_ON
+            and fec.stats.peer_loss_ppm >= URGENT_DUP_LOSS_PPM
+        )
+        ms = URGENT_DUP_MS if lossy and self.unordered_send and self._urgent else 0
+        if ms != self._urgent_dup_ms:
+            self._urgent_dup_ms = ms
+            kcp.set_urgent_dup(ms)
 
     def _repeat_acks(self) -> None:
         """As a receiver, with congestion control on: an ACK of a segment beyond a hole
@@ -289,7 +324,7 @@ class KcpLink:
         self._now = now
         self.stats.stream_bytes_out += len(data)
         if self.unordered_send:
-            if not kcp.write_frames(data, self._unordered_light)[1]:
+            if not kcp.write_frames(data, self._unordered_light, self._urgent)[1]:
                 self.unordered_send = False
                 self.misaligned_writes += 1
         else:
@@ -452,6 +487,31 @@ class KcpLink:
         return max(QUEUE_FLOOR_SEGMENTS * self.mss, int(rate * QUEUE_TIME))
 
     @property
+    def urgent_budget(self) -> int | None:
+        """The most ``queued_bytes`` may reach with urgent packets (``urgent_packet``)
+        once the queue is at its budget; None while they do not go ahead of the queue
+        (no congestion control, not agreed with the peer, or kcp.urgent off)."""
+        budget = self.queue_budget
+        if budget is None or not (self.unordered_send and self._urgent):
+            return None
+        return budget + int(budget * URGENT_HEADROOM)
+
+    def urgent_room(self) -> int:
+        """Bytes of urgent packets that may still be queued (0: none, or not agreed)."""
+        limit = self.urgent_budget
+        return max(0, limit - self.queued_bytes) if limit is not None else 0
+
+    @property
+    def urgent_segments(self) -> int:
+        """Urgent messages that went ahead of data waiting to be sent."""
+        return self.kcp.urgent_segments if self.kcp is not None else 0
+
+    @property
+    def urgent_copies(self) -> int:
+        """Urgent segments sent a second time (the peer reported loss)."""
+        return self.kcp.urgent_dups if self.kcp is not None else 0
+
+    @property
     def early_deliveries(self) -> int | None:
         """Messages delivered ahead of a hole (the peer sent them unordered)."""
         return self.kcp.early_segments if self.kcp is not None else None
@@ -495,3 +555,43 @@ class KcpLink:
             self.kcp = None
         if self.fec is not None:
             self.fec.release()
+
+
+def urgent_of(packets: Sequence[Packet], room: int, skip: int = 0) -> list[Packet]:
+    """The urgent packets (``urgent_packet``: small ICMP, UDP and TCP without payload)
+    among ``packets``, as many as ``room`` bytes take; for a queue that is full of bulk
+    data, and only then: a Python loop over the packets. ``skip``: bytes before each IP
+    packet (a virtio-net header, whose second byte, the GSO type, is 0 for one packet)."""
+    out: list[Packet] = []
+    for p in packets:
+        if room <= 0:
+            break
+        if skip:
+            if len(p) <= skip or p[1]:
+                continue
+            ip: Packet = memoryview(p)[skip:]
+        else:
+            ip = p
+        if urgent_packet(ip):
+            out.append(p)
+            room -= len(ip)
+    return out
+
+
+def urgent_frames(
+    parts: Sequence[bytes | memoryview], start: int, room: int
+) -> list[bytes | memoryview]:
+    """The same for frames (headers and bodies, alternating, from ``start``): the IPDATA
+    frames whose packet is urgent, headers with them, as many as ``room`` bytes take.
+    SUPER_IPDATA frames are TCP bulk and never urgent."""
+    out: list[bytes | memoryview] = []
+    for i in range(start, len(parts) - 1, 2):
+        if room <= 0:
+            break
+        head, body = parts[i], parts[i + 1]
+        if head[2:4] not in _IPDATA or not urgent_packet(body):
+            continue
+        out.append(head)
+        out.append(body)
+        room -= len(head) + len(body)
+    return out

@@ -48,6 +48,7 @@ from polevpn.io.kcp_transport import KcpServer
 from polevpn.io.tlsconf import server_context
 from polevpn.io.tun import Tun, TunDevice
 from polevpn.kcp import dtls
+from polevpn.kcp.kcp_link import urgent_frames
 from polevpn.kcp.kcp_pool import KcpPool
 from polevpn.packet.gso import VNET_HDR_LEN as _VNET
 from polevpn.packet.routing import IPAddress, NetworkSet, RouteTable, announcement_error
@@ -348,10 +349,16 @@ class GatewayConnection(asyncio.Protocol):
             # a slow gateway loses its own packets; it never holds up anyone else. The
             # limit holds for the batch as it is, however many frames one read turned into
             kept, supers = wire.fitting(parts, supers, room)
-            stats.dropped_queue_full += (len(parts) - kept) // 2
-            if not kept:
+            fitted = parts[:kept]
+            if kcp_link is not None and kept < len(parts):
+                # urgent packets (a ping, a TCP ACK) still go, ahead of the queue, within
+                # its headroom (KcpLink.urgent_budget)
+                used = sum(map(len, fitted))
+                fitted += urgent_frames(parts, kept, kcp_link.urgent_room() - used)
+            stats.dropped_queue_full += (len(parts) - len(fitted)) // 2
+            if not fitted:
                 return
-            parts = parts[:kept]
+            parts = fitted
             data = b"".join(parts)
         count = len(parts) // 2
         ip_bytes = len(data) - count * _HDR - supers * _VNET

@@ -282,6 +282,10 @@ ikcpcb* ikcp_create(IUINT32 conv, void *user)
 	kcp->early = NULL;
 	kcp->early_len = kcp->early_cap = 0;
 	kcp->early_segments = 0;
+	kcp->snd_msg_open = 0;  /* polevpn */
+	kcp->urgent_segments = 0;  /* polevpn */
+	kcp->urgent_dup_ms = 0;  /* polevpn */
+	kcp->urgent_dups = 0;  /* polevpn */
 	kcp->state = 0;
 	kcp->acklist = NULL;
 	kcp->ackblock = 0;
@@ -514,6 +518,7 @@ int ikcp_send(ikcpcb *kcp, const char *buffer, int len)
 				}
 				seg->len = old->len + extend;
 				seg->frg = 0;
+				seg->urgent = 0;  /* polevpn */
 				len -= extend;
 				iqueue_del_init(&old->node);
 				ikcp_segment_delete(kcp, old);
@@ -545,6 +550,7 @@ int ikcp_send(ikcpcb *kcp, const char *buffer, int len)
 		}
 		seg->len = size;
 		seg->frg = (kcp->stream == 0)? (count - i - 1) : 0;
+		seg->urgent = 0;  /* polevpn: see ikcp_send_urgent */
 		iqueue_init(&seg->node);
 		iqueue_add_tail(&seg->node, &kcp->snd_queue);
 		kcp->nsnd_que++;
@@ -582,6 +588,50 @@ int ikcp_send_unordered(ikcpcb *kcp, const char *buffer, int len)
 		if (count == 1) seg->frg = IKCP_FRG_UNORDERED;
 		else if (i == 0) seg->frg = IKCP_FRG_FIRST | (count - 1);
 		else seg->frg = IKCP_FRG_NEXT | (count - 1 - i);
+	}
+	return rc;
+}
+
+/* polevpn: does this segment end its message (plain, unordered single, or the last
+   fragment of an unordered message: IKCP_FRG_NEXT | 0)? */
+static int ikcp_ends_message(const IKCPSEG *seg)
+{
+	return seg->frg == 0 || seg->frg == IKCP_FRG_UNORDERED || seg->frg == IKCP_FRG_NEXT;
+}
+
+/* polevpn: an unordered message of one segment that goes ahead of what waits in
+   snd_queue: behind the urgent segments already there, at the first message boundary
+   (never between the fragments of a message, part of which may have gone already). A
+   ping or a TCP ACK otherwise waits behind up to a queue budget of bulk data (and a
+   burst of them would be dropped with it). At most IKCP_URGENT_MAX_AHEAD segments are
+   passed over: beyond that, a flood of small packets goes at the tail like the rest,
+   and cannot hold bulk data back for more than that many segments' time.
+   With urgent_dup_ms, an urgent segment goes a second time that long after its first
+   transmission (in another datagram, since a later flush sends it): a lost ping or ACK
+   otherwise waits a round trip or more for its resend, and those few were the ping's
+   p99 on a lossy line. Costs the bytes of small packets only. */
+int ikcp_send_urgent(ikcpcb *kcp, const char *buffer, int len)
+{
+	struct IQUEUEHEAD *p, *tail;
+	IKCPSEG *seg;
+	int boundary, scanned = 0, rc;
+	if (len <= 0 || len > (int)kcp->mss) return ikcp_send_unordered(kcp, buffer, len);
+	rc = ikcp_send_unordered(kcp, buffer, len);
+	if (rc < 0) return rc;
+	tail = kcp->snd_queue.prev;
+	seg = iqueue_entry(tail, IKCPSEG, node);
+	boundary = !kcp->snd_msg_open;
+	for (p = kcp->snd_queue.next; p != tail; p = p->next) {
+		IKCPSEG *s = iqueue_entry(p, IKCPSEG, node);
+		if (boundary && !s->urgent) break;
+		if (++scanned > IKCP_URGENT_MAX_AHEAD) return rc;  /* stays at the tail */
+		boundary = ikcp_ends_message(s);
+	}
+	seg->urgent = IKCP_URGENT;
+	if (p != tail) {
+		iqueue_del(tail);
+		iqueue_add_tail(&seg->node, p);  /* before p */
+		kcp->urgent_segments++;
 	}
 	return rc;
 }
@@ -1276,6 +1326,12 @@ void ikcp_flush(ikcpcb *kcp)
 		if (iqueue_is_empty(&kcp->snd_queue)) break;
 		/* polevpn: the controller's cap on bytes in flight */
 		if (kcp->rate.cwnd_bytes && kcp->rate.buf_bytes >= kcp->rate.cwnd_bytes) break;
+		/* polevpn: paced, no more than the tokens let go now: what waits for the pace
+		   waits in snd_queue, where an urgent segment can go ahead of it
+		   (ikcp_send_urgent); moved at once, up to a bandwidth-delay product waited in
+		   snd_buf, in sequence, and a ping behind it took 15-20 ms more on a full line */
+		if (kcp->rate.pace_rate > 0 &&
+			(IINT64)(kcp->rate.buf_bytes - kcp->rate.inflight) >= kcp->rate.pace_tokens) break;
 
 		newseg = iqueue_entry(kcp->snd_queue.next, IKCPSEG, node);
 		kcp->rate.buf_bytes += newseg->len;  /* polevpn */
@@ -1284,6 +1340,7 @@ void ikcp_flush(ikcpcb *kcp)
 		iqueue_add_tail(&newseg->node, &kcp->snd_buf);
 		kcp->nsnd_que--;
 		kcp->nsnd_buf++;
+		kcp->snd_msg_open = !ikcp_ends_message(newseg);  /* polevpn */
 
 		newseg->conv = kcp->conv;
 		newseg->cmd = IKCP_CMD_PUSH;
@@ -1307,12 +1364,17 @@ void ikcp_flush(ikcpcb *kcp)
 		int needsend = 0;
 		/* polevpn: paced out: what is left goes when the tokens allow (oldest first) */
 		if (kcp->rate.pace_rate > 0 && kcp->rate.pace_tokens <= 0) break;
+		int dup = 0;  /* polevpn */
 		if (segment->xmit == 0) {
 			needsend = 1;
 			segment->xmit++;
 			kcp->rate.inflight += segment->len;  /* polevpn */
 			segment->rto = kcp->rx_rto;
 			segment->resendts = current + segment->rto + rtomin;
+			if (segment->urgent && kcp->urgent_dup_ms) {  /* polevpn */
+				segment->urgent = IKCP_URGENT_DUP;
+				segment->dupts = current + kcp->urgent_dup_ms;
+			}
 		}
 		else if (_itimediff(current, segment->resendts) >= 0) {
 			needsend = 1;
@@ -1328,6 +1390,16 @@ void ikcp_flush(ikcpcb *kcp)
 			segment->resendts = current + segment->rto;
 			lost = 1;
 		}
+		/* polevpn: an urgent segment's copy (ikcp_send_urgent): not a resend, so neither
+		   xmit nor the rate sampler's record changes (its ACK stays a first
+		   transmission's for the controller; a copy that got through alone makes the
+		   RTT sample dupts later, which a minimum filter ignores) */
+		else if (segment->urgent == IKCP_URGENT_DUP &&
+			_itimediff(current, segment->dupts) >= 0) {
+			dup = 1;
+			segment->urgent = IKCP_URGENT;
+			kcp->urgent_dups++;
+		}
 		else if (segment->fastack >= resent) {
 			if ((int)segment->xmit <= kcp->fastlimit ||
 				kcp->fastlimit <= 0) {
@@ -1339,19 +1411,21 @@ void ikcp_flush(ikcpcb *kcp)
 			}
 		}
 
-		if (needsend) {
+		if (needsend || dup) {
 			int need;
 			struct IKCPRATE *r = &kcp->rate;  /* polevpn: the rate sampler's record */
-			if (r->inflight == segment->len && segment->xmit == 1) {
-				/* the first in flight: a new sample window starts now */
-				r->first_sent_us = r->now_us;
-				r->delivered_us = r->now_us;
+			if (!dup) {
+				if (r->inflight == segment->len && segment->xmit == 1) {
+					/* the first in flight: a new sample window starts now */
+					r->first_sent_us = r->now_us;
+					r->delivered_us = r->now_us;
+				}
+				segment->sent_us = r->now_us;
+				segment->tx_delivered = r->delivered;
+				segment->tx_delivered_us = r->delivered_us;
+				segment->tx_first_sent_us = r->first_sent_us;
+				segment->tx_app_limited = r->app_limited != 0;
 			}
-			segment->sent_us = r->now_us;
-			segment->tx_delivered = r->delivered;
-			segment->tx_delivered_us = r->delivered_us;
-			segment->tx_first_sent_us = r->first_sent_us;
-			segment->tx_app_limited = r->app_limited != 0;
 			r->pace_tokens -= segment->len;
 			r->sent_bytes += segment->len;
 			segment->ts = current;

@@ -289,6 +289,10 @@ struct IKCPSEG
 	/* polevpn: the rate sampler's state at this segment's last transmission (us) */
 	IINT64 sent_us, tx_delivered, tx_delivered_us, tx_first_sent_us;
 	int tx_app_limited;
+	/* polevpn: IKCP_URGENT (ikcp_send_urgent), IKCP_URGENT_DUP once sent while a copy is
+	   due at dupts (ms), else 0 */
+	int urgent;
+	IUINT32 dupts;
 	char data[1];
 };
 
@@ -390,6 +394,15 @@ struct IKCPCB
 	char *early;
 	int early_len, early_cap;
 	IUINT32 early_segments;
+	/* polevpn: urgent messages (ikcp_send_urgent). snd_msg_open: the last segment moved
+	   from snd_queue to snd_buf did not end its message, so the head of snd_queue is the
+	   rest of it and nothing may go in front */
+	int snd_msg_open;
+	IUINT32 urgent_segments;
+	/* polevpn: an urgent segment goes again this long (ms) after its first transmission,
+	   in a datagram of its own (0: not) */
+	IUINT32 urgent_dup_ms;
+	IUINT32 urgent_dups;
 };
 
 
@@ -489,6 +502,10 @@ void ikcp_log(ikcpcb *kcp, int mask, const char *fmt, ...);
 #define IKCP_MARK_FIRST 2
 #define IKCP_MARK_NEXT 3
 int ikcp_send_unordered(ikcpcb *kcp, const char *buffer, int len);
+#define IKCP_URGENT 1
+#define IKCP_URGENT_DUP 2
+#define IKCP_URGENT_MAX_AHEAD 32
+int ikcp_send_urgent(ikcpcb *kcp, const char *buffer, int len);
 /* polevpn: rate sampling, pacing, in-flight cap */
 void ikcp_rate_take(ikcpcb *kcp, struct IKCPSAMPLE *out);
 IINT64 ikcp_pace_wait_us(const ikcpcb *kcp);
