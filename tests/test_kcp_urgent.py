@@ -162,22 +162,31 @@ def test_urgent_frames_picks_whole_ipdata_frames():
     assert header[1] == wire.S2C_IPDATA
 
 
-def test_what_the_pacing_holds_waits_where_an_urgent_frame_can_pass_it():
-    """Paced, only what the tokens let go leaves snd_queue: the rest (a queue's worth of
-    bulk data) is not numbered yet, so a ping written later goes next."""
+def paced_then_ping(urgent_on: bool) -> tuple[int, list[tuple[int, int]]]:
     a, _b, oa, _ob = pair()
+    if urgent_on:
+        a.set_urgent_dup(0)  # KcpLink does so once unordered is agreed
     a.set_pacing(125_000, 2 * 1300)  # 1 Mbit/s, a burst of two segments
     a.tick(10_000)
     a.write_frames(b"".join(frame(BULK, i) for i in range(20)), True, True)
     a.tick(20_000)
-    first = marks(oa)
-    assert 1 <= len(first) <= 3
+    first = len(marks(oa))
     a.write_frames(frame(PING, 99), True, True)
     before = len(oa)
     a.tick(60_000)  # 40 ms at 1 Mbit/s: a few segments
-    later = marks(oa[before:])
-    assert later and later[0] == (len(first), 0xFF)
-    assert len(later) < 20 - len(first)  # the pacing still holds the rest
+    return first, marks(oa[before:])
+
+
+def test_what_the_pacing_holds_waits_where_an_urgent_frame_can_pass_it():
+    """Paced, only what the tokens let go leaves snd_queue: the rest (a queue's worth of
+    bulk data) is not numbered yet, so a ping written later goes next."""
+    first, later = paced_then_ping(True)
+    assert 1 <= first <= 3
+    assert later and later[0] == (first, 0xFF)
+    assert len(later) < 20 - first  # the pacing still holds the rest
+    # without urgent messages (the default: a Go peer), KCP numbers all of it at once
+    first, later = paced_then_ping(False)
+    assert later and later[0] == (first, 0)
 
 
 def test_an_urgent_segment_goes_twice_when_asked():

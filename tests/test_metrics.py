@@ -674,6 +674,8 @@ class FakeKcp:
     cc: object | None = None  # congestion control off
     kcp: object | None = None
     hole_seconds: float = 0.0
+    urgent_segments: int = 0
+    urgent_copies: int = 0
 
 
 @dataclasses.dataclass
@@ -1129,6 +1131,12 @@ def test_congestion_figures_of_a_kcp_link():
         if s.name == "link_kcp_hole_seconds_total"
     ]
     assert holes == [1.5]
+    urgent = {
+        s.labels["kind"]: s.value
+        for fam in _families_of(pathstats.kcp_figures(link)) for s in fam.samples
+        if s.name == "link_kcp_urgent_total"
+    }
+    assert urgent == {"ahead": 0, "copy": 0}
     off = KcpLink(KcpParams(fec=FecParams(mode="off"), congestion="off"), pool, 1363, 0.0)
     assert pathstats.kcp_figures(off).congestion is None
     link.close()

@@ -43,6 +43,8 @@ class FakeKcp:
     cc: object | None = None  # congestion control off
     kcp: object | None = None
     hole_seconds: float = 0.0
+    urgent_segments: int = 0
+    urgent_copies: int = 0
 
 
 FEC = FecStats(

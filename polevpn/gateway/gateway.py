@@ -1354,7 +1354,12 @@ class Gateway:
         if kcp is not None:
             fields.update(transport="kcp", fec=kcp.fec_state, srtt_ms=kcp.srtt_ms)
             # out-of-order delivery (kcp.unordered): whether we send so, and what came so
-            fields.update(kcp_unordered=int(kcp.unordered_send), kcp_early=kcp.early_deliveries)
+            fields.update(
+                kcp_unordered=int(kcp.unordered_send),
+                kcp_early=kcp.early_deliveries,
+                kcp_urgent=kcp.urgent_segments,
+                kcp_urgent_copies=kcp.urgent_copies,
+            )
             # what in-order delivery cost: time received data waited behind a hole
             fields["kcp_hole_ms"] = int(kcp.hole_seconds * 1000)
             cc = pathstats.congestion_figures(kcp)

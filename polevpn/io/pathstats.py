@@ -139,6 +139,8 @@ class KcpFigures:
     fec: FecFigures | None
     congestion: CongestionFigures | None = None
     hole_seconds: float = 0.0  # received data held behind a missing segment, in all
+    urgent_ahead: int = 0  # urgent messages that went ahead of queued data
+    urgent_copies: int = 0  # urgent segments sent a second time (the peer reported loss)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +194,8 @@ def kcp_figures(link: Any) -> KcpFigures:
         fec,
         congestion_figures(link),
         link.hole_seconds,
+        link.urgent_segments,
+        link.urgent_copies,
     )
 
 

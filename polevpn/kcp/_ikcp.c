@@ -14,7 +14,8 @@
  *                               frame_light; urgent: small light ones ahead of the queue,
  *                               see frame_urgent)
  *   .set_unordered(bool)        deliver unordered messages ahead of a hole (recv_all)
- *   .set_urgent_dup(ms)         urgent segments go again ms after their first send (0: off)
+ *   .set_urgent_dup(ms)         urgent segments go again ms after their first send (0: no
+ *                               copy; -1, the default: no urgent messages at all)
  *   .input(buf) -> int          ikcp_input's result (< 0: not a valid segment for us)
  *   .update(ms) .check(ms) .flush()
  *   .recv() -> bytes|None       one message;  .recv_all() -> bytes: every message joined
@@ -667,11 +668,11 @@ static PyObject *Kcp_set_urgent_dup(KcpObject *self, PyObject *arg)
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred())
         return NULL;
-    if (n < 0 || n > 1000) {
+    if (n < -1 || n > 1000) {
         PyErr_Format(PyExc_ValueError, "bad urgent copy delay %ld ms", n);
         return NULL;
     }
-    self->kcp->urgent_dup_ms = (IUINT32)n;
+    self->kcp->urgent_dup_ms = n < 0 ? IKCP_URGENT_OFF : (IUINT32)n;
     Py_RETURN_NONE;
 }
 
@@ -753,7 +754,8 @@ static PyMethodDef Kcp_methods[] = {
      "take bytes sent outside KCP (FEC parity) from the pacing tokens"},
     {"set_minrto", (PyCFunction)Kcp_set_minrto, METH_O, "the least retransmission timeout (ms)"},
     {"set_urgent_dup", (PyCFunction)Kcp_set_urgent_dup, METH_O,
-     "send each urgent segment again this many ms after its first transmission (0: not)"},
+     "send each urgent segment again this many ms after its first transmission (0: not; "
+     "-1: no urgent messages, and paced data is numbered at once, as KCP does)"},
     {"write_frames", (PyCFunction)Kcp_write_frames, METH_VARARGS,
      "write_frames(buf, light=False, urgent=False): whole frames as unordered messages of at "
      "most one MSS (light: only ICMP, UDP and TCP without payload; urgent: small light ones "

@@ -166,7 +166,7 @@ class KcpLink:
         self._unordered_light = params.unordered == "light"
         # ... and small light packets ahead of the queue (kcp.urgent)
         self._urgent = params.urgent
-        self._urgent_dup_ms = 0  # what Kcp.set_urgent_dup was last given
+        self._urgent_dup_ms = -1  # what Kcp.set_urgent_dup was last given (-1: its default)
         self.misaligned_writes = 0
         if authenticated:
             self._repeat_acks()
@@ -250,15 +250,18 @@ class KcpLink:
         self._apply_cc()
 
     def _update_urgent_dup(self, kcp: Kcp) -> None:
-        """Urgent segments go twice while the peer reports loss (URGENT_DUP_LOSS_PPM);
-        without FEC's loss reports, never."""
+        """Urgent messages once the peer agreed unordered (with kcp.urgent); each goes
+        twice while the peer reports loss (URGENT_DUP_LOSS_PPM; without FEC's loss
+        reports, never)."""
         fec = self.fec
         lossy = (
             fec is not None
             and self.fec_state == FEC_ON
             and fec.stats.peer_loss_ppm >= URGENT_DUP_LOSS_PPM
         )
-        ms = URGENT_DUP_MS if lossy and self.unordered_send and self._urgent else 0
+        ms = URGENT_DUP_MS if lossy else 0
+        if not (self.unordered_send and self._urgent):
+            ms = -1  # no urgent messages: paced data is numbered at once, as KCP does
         if ms != self._urgent_dup_ms:
             self._urgent_dup_ms = ms
             kcp.set_urgent_dup(ms)

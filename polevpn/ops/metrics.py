@@ -152,6 +152,12 @@ class _LinkMetrics:
             "what FEC did not repair waits for a resend), in all",
             labels=label_names,
         )
+        self.urgent = CounterMetricFamily(
+            f"{prefix}kcp_urgent",
+            "urgent packets (small ICMP, UDP, TCP without payload; kcp.urgent): ahead (went "
+            "ahead of data queued for sending), copy (sent a second time on a lossy line)",
+            labels=[*label_names, "kind"],
+        )
         self.cc_events = CounterMetricFamily(
             f"{prefix}kcp_congestion_events",
             "corrections of the controller's model: queue (a standing queue of its own cut "
@@ -172,6 +178,8 @@ class _LinkMetrics:
             self.retransmissions.add_metric(labels, kcp.retransmissions)
             self.srtt.add_metric(labels, kcp.srtt_ms / 1000)
             self.hole.add_metric(labels, kcp.hole_seconds)
+            self.urgent.add_metric([*labels, "ahead"], kcp.urgent_ahead)
+            self.urgent.add_metric([*labels, "copy"], kcp.urgent_copies)
         c = kcp.congestion
         if c is not None:
             self.pacing_rate.add_metric(labels, c.pacing_rate * 8)
@@ -203,6 +211,7 @@ class _LinkMetrics:
             self.retransmissions,
             self.srtt,
             self.hole,
+            self.urgent,
             self.pacing_rate,
             self.btl_bw,
             self.min_rtt,

@@ -284,7 +284,7 @@ ikcpcb* ikcp_create(IUINT32 conv, void *user)
 	kcp->early_segments = 0;
 	kcp->snd_msg_open = 0;  /* polevpn */
 	kcp->urgent_segments = 0;  /* polevpn */
-	kcp->urgent_dup_ms = 0;  /* polevpn */
+	kcp->urgent_dup_ms = IKCP_URGENT_OFF;  /* polevpn */
 	kcp->urgent_dups = 0;  /* polevpn */
 	kcp->state = 0;
 	kcp->acklist = NULL;
@@ -1330,7 +1330,7 @@ void ikcp_flush(ikcpcb *kcp)
 		   waits in snd_queue, where an urgent segment can go ahead of it
 		   (ikcp_send_urgent); moved at once, up to a bandwidth-delay product waited in
 		   snd_buf, in sequence, and a ping behind it took 15-20 ms more on a full line */
-		if (kcp->rate.pace_rate > 0 &&
+		if (kcp->urgent_dup_ms != IKCP_URGENT_OFF && kcp->rate.pace_rate > 0 &&
 			(IINT64)(kcp->rate.buf_bytes - kcp->rate.inflight) >= kcp->rate.pace_tokens) break;
 
 		newseg = iqueue_entry(kcp->snd_queue.next, IKCPSEG, node);
@@ -1371,7 +1371,8 @@ void ikcp_flush(ikcpcb *kcp)
 			kcp->rate.inflight += segment->len;  /* polevpn */
 			segment->rto = kcp->rx_rto;
 			segment->resendts = current + segment->rto + rtomin;
-			if (segment->urgent && kcp->urgent_dup_ms) {  /* polevpn */
+			if (segment->urgent && kcp->urgent_dup_ms &&  /* polevpn */
+				kcp->urgent_dup_ms != IKCP_URGENT_OFF) {
 				segment->urgent = IKCP_URGENT_DUP;
 				segment->dupts = current + kcp->urgent_dup_ms;
 			}

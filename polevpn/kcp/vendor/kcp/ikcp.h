@@ -400,7 +400,8 @@ struct IKCPCB
 	int snd_msg_open;
 	IUINT32 urgent_segments;
 	/* polevpn: an urgent segment goes again this long (ms) after its first transmission,
-	   in a datagram of its own (0: not) */
+	   in a later datagram (0: not); IKCP_URGENT_OFF: no urgent messages are sent, and
+	   paced data is numbered as KCP does, at once */
 	IUINT32 urgent_dup_ms;
 	IUINT32 urgent_dups;
 };
@@ -505,6 +506,7 @@ int ikcp_send_unordered(ikcpcb *kcp, const char *buffer, int len);
 #define IKCP_URGENT 1
 #define IKCP_URGENT_DUP 2
 #define IKCP_URGENT_MAX_AHEAD 32
+#define IKCP_URGENT_OFF 0xFFFFFFFFu
 int ikcp_send_urgent(ikcpcb *kcp, const char *buffer, int len);
 /* polevpn: rate sampling, pacing, in-flight cap */
 void ikcp_rate_take(ikcpcb *kcp, struct IKCPSAMPLE *out);
