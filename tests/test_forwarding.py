@@ -392,6 +392,56 @@ def test_the_queue_limit_holds_for_the_whole_batch(tmp_path) -> None:
     assert router.stats.bytes_forwarded == 16 * 4000 + 2 * (len(sp) - gso.VNET_HDR_LEN)
 
 
+class FakeKcpLink:
+    """What send_batch uses of a kcp:// link with congestion control."""
+
+    def __init__(self, transport: FakeTransport, budget: int) -> None:
+        self.transport = transport
+        self.queue_budget = budget
+
+    def urgent_room(self) -> int:
+        return self.queue_budget * 3 // 2 - self.transport.buffered
+
+
+def test_urgent_packets_pass_a_full_kcp_queue_within_its_headroom(tmp_path) -> None:
+    """A kcp:// gateway's queue at its time budget: bulk frames beyond it are dropped, the
+    pings among them (urgent: KcpLink.urgent_budget) still go, up to the headroom."""
+    from polevpn.config import Listener, RouterConfig
+    from polevpn.router.router import GatewayConnection, Router
+
+    off = Listener(False, "127.0.0.1", 0, None, None)
+    router = Router(RouterConfig(path=tmp_path / "r.json", tls=off, kcp=off, key="k"))
+    conn = GatewayConnection(router, "kcp")
+    transport = FakeTransport(buffered=1000)
+    conn.transport = transport  # type: ignore[assignment]
+    conn.kcp_link = FakeKcpLink(transport, 65536)  # type: ignore[assignment]
+    bulk = ipv4("198.18.10.2", "198.18.20.2", 4000)
+    ping = ipv4("198.18.10.2", "198.18.20.2", 84, proto=1)
+    parts: list = []
+    for i in range(40):
+        p = ping if i % 4 == 3 else bulk
+        parts += [wire.frame_header(wire.S2C_IPDATA, len(p)), p]
+    conn.send_batch(parts, 0)
+    (data,) = transport.written
+    sizes = [len(body) for _cmd, body in frames([data])]
+    wanted = [len(parts[i + 1]) for i in range(0, len(parts), 2)]
+    kept, used = 0, 0
+    while used + wanted[kept] + wire.HEADER_LEN <= 65536 - 1000:
+        used += wanted[kept] + wire.HEADER_LEN
+        kept += 1
+    # what fits of the batch's head, then every later ping
+    later_pings = wanted[kept:].count(84)
+    assert later_pings > 0 and kept + later_pings < 40
+    assert sizes == wanted[:kept] + [84] * later_pings
+    dropped = 40 - kept - later_pings
+    assert router.stats.dropped_queue_full == dropped
+    # past the headroom, not even a ping goes
+    transport.buffered = 65536 * 3 // 2
+    conn.send_batch(parts[6:8], 0)
+    assert len(transport.written) == 1
+    assert router.stats.dropped_queue_full == dropped + 1
+
+
 # ---- properties ----------------------------------------------------------------------------
 
 _ADDRS = st.sampled_from(

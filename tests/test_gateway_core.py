@@ -703,3 +703,30 @@ def test_kcp_connect_closes_its_socket_when_the_endpoint_fails(monkeypatch) -> N
     monkeypatch.setattr(linksock, "bound_socket", record)
     asyncio.run(main())
     assert len(made) == 1 and made[0].fileno() == -1
+
+
+# ---- issue 16: urgent packets pass a full kcp:// queue -----------------------------------
+
+
+def test_a_full_queue_still_takes_urgent_packets(tmp_path) -> None:
+    """What the gateway reads from its TUN while its link's queue is over its budget (the
+    link is paused and sheds): the urgent packets among them (a ping, a TCP ACK) go within
+    the headroom (KcpLink.urgent_room), the rest is dropped; none before registration."""
+    import types
+
+    from tests.test_kcp_unordered import ipv4
+
+    async def main() -> None:
+        cfg = load_gateway_config(write_config(tmp_path / "gateway.json"))
+        gw = Gateway(cfg)
+        link = RouterLink(gw, cfg.route_servers[0])
+        room = [1000]
+        link.kcp_link = types.SimpleNamespace(urgent_room=lambda: room[0])  # type: ignore[assignment]
+        bulk, ping, ack = ipv4(6, 1300), ipv4(1, 56), ipv4(6, 0)
+        assert link.urgent_of([bulk, ping, bulk, ack]) == []  # not registered yet
+        link.session = types.SimpleNamespace(ready=True)  # type: ignore[assignment]
+        assert link.urgent_of([bulk, ping, bulk, ack]) == [ping, ack]
+        room[0] = 0
+        assert link.urgent_of([ping]) == []
+
+    asyncio.run(main())
