@@ -714,7 +714,7 @@ def test_a_full_queue_still_takes_urgent_packets(tmp_path) -> None:
     the headroom (KcpLink.urgent_room), the rest is dropped; none before registration."""
     import types
 
-    from tests.test_kcp_unordered import ipv4
+    from test_kcp_unordered import ipv4
 
     async def main() -> None:
         cfg = load_gateway_config(write_config(tmp_path / "gateway.json"))

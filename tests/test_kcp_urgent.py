@@ -8,13 +8,13 @@ from __future__ import annotations
 import struct
 
 from polevpn.kcp._ikcp import Kcp, urgent_packet
+from test_kcp_unordered import HEAVY, LIGHT, ipv4, ipv6, marks, pair, run, seqs
 
 from polevpn.config import KcpParams
 from polevpn.kcp.kcp_link import URGENT_HEADROOM, KcpLink, urgent_frames, urgent_of
 from polevpn.kcp.kcp_pool import KcpPool
 from polevpn.packet.gso import VNET_HDR_LEN
 from polevpn.proto import wire
-from tests.test_kcp_unordered import HEAVY, LIGHT, ipv4, ipv6, marks, pair, run, seqs
 
 PING = ipv4(1, 56)
 BULK = ipv4(6, 1200)  # one frame per segment
