@@ -15,7 +15,8 @@
  *                               see frame_urgent)
  *   .set_unordered(bool)        deliver unordered messages ahead of a hole (recv_all)
  *   .set_urgent_dup(ms)         urgent segments go again ms after their first send (0: no
- *                               copy; -1, the default: no urgent messages at all)
+ *                               copy; -1, the default: no copy, and paced data is numbered
+ *                               at once, as KCP does)
  *   .input(buf) -> int          ikcp_input's result (< 0: not a valid segment for us)
  *   .update(ms) .check(ms) .flush()
  *   .recv() -> bytes|None       one message;  .recv_all() -> bytes: every message joined
@@ -755,7 +756,7 @@ static PyMethodDef Kcp_methods[] = {
     {"set_minrto", (PyCFunction)Kcp_set_minrto, METH_O, "the least retransmission timeout (ms)"},
     {"set_urgent_dup", (PyCFunction)Kcp_set_urgent_dup, METH_O,
      "send each urgent segment again this many ms after its first transmission (0: not; "
-     "-1: no urgent messages, and paced data is numbered at once, as KCP does)"},
+     "-1, the default: not, and paced data is numbered at once, as KCP does)"},
     {"write_frames", (PyCFunction)Kcp_write_frames, METH_VARARGS,
      "write_frames(buf, light=False, urgent=False): whole frames as unordered messages of at "
      "most one MSS (light: only ICMP, UDP and TCP without payload; urgent: small light ones "

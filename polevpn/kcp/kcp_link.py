@@ -261,7 +261,7 @@ class KcpLink:
         )
         ms = URGENT_DUP_MS if lossy else 0
         if not (self.unordered_send and self._urgent):
-            ms = -1  # no urgent messages: paced data is numbered at once, as KCP does
+            ms = -1  # no copies, and paced data is numbered at once, as KCP does
         if ms != self._urgent_dup_ms:
             self._urgent_dup_ms = ms
             kcp.set_urgent_dup(ms)

@@ -400,8 +400,8 @@ struct IKCPCB
 	int snd_msg_open;
 	IUINT32 urgent_segments;
 	/* polevpn: an urgent segment goes again this long (ms) after its first transmission,
-	   in a later datagram (0: not); IKCP_URGENT_OFF: no urgent messages are sent, and
-	   paced data is numbered as KCP does, at once */
+	   in a later datagram (0: not); IKCP_URGENT_OFF (the default, until the peer agreed
+	   urgent messages): not, and paced data is numbered as KCP does, at once */
 	IUINT32 urgent_dup_ms;
 	IUINT32 urgent_dups;
 };
